@@ -1,0 +1,30 @@
+"""cpattn: one attention call over every fast kernel, on one device or context-parallel over many.
+
+    import cpattn
+    with cpattn.attention_provider("flash"):
+        out = cpattn.attention_dispatch(q, k, v, is_causal=True)
+"""
+
+from .contract import AttentionCall, Capabilities, Provider
+from .dispatch import attention_dispatch, attention_provider, current_provider
+from .errors import (
+    CommTimeoutError,
+    CpattnError,
+    InvalidArgumentError,
+    ProviderUnavailableError,
+    RankMismatchError,
+    UnsupportedInputError,
+)
+from .names import AttentionProvider
+from .patch import is_sdpa_patched, patch_sdpa, sdpa_patched, unpatch_sdpa
+from .providers import PROVIDERS, get_provider
+from .reference import reference_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCall", "AttentionProvider", "Capabilities", "CommTimeoutError", "CpattnError",
+    "InvalidArgumentError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
+    "UnsupportedInputError", "attention_dispatch", "attention_provider", "current_provider", "get_provider",
+    "is_sdpa_patched", "patch_sdpa", "reference_attention", "sdpa_patched", "unpatch_sdpa",
+]

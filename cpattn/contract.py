@@ -1,0 +1,351 @@
+"""The kernel contract every provider implements, and the one form its results take.
+
+Layout: query, key, value and output are ``(B, H, S, D)``, the layout of ``F.scaled_dot_product_attention``
+(the value head dim may differ from the query head dim). Query heads ``Hq`` are a multiple of key/value
+heads ``Hkv`` (grouped-query attention); query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+
+Log-sum-exp: float32, natural log, shape ``(B, Hq, Sq)``, ``-inf`` on rows that see no key at all. A provider
+converts whatever its kernel returns (base 2, ``+inf`` or ``0`` for empty rows, padded or trailing-1 shapes)
+into this form at its boundary, so schedules and merges never know which kernel ran.
+
+A provider is an adapter with three entry points:
+
+* ``attention(call) -> out``: the single-device path. It may use the library's own autograd (fastest);
+  by default it wraps ``forward``/``backward`` in an autograd function.
+* ``forward(call) -> (out, lse)``: used by context-parallel schedules.
+* ``backward(call, dout, out, lse) -> (dq, dk, dv)``: gradients of this block given the *global* output and
+  log-sum-exp of the whole row (what ring backward hands it). Only where ``Capabilities.backward`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from einops import reduce, repeat
+
+from .errors import ProviderUnavailableError
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can take on one device type. Every field is checked before a kernel runs."""
+
+    dtypes: frozenset = FLOAT_DTYPES
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    min_compute_capability: tuple[int, int] | None = None
+    causal: bool = True
+    bool_mask: bool = False  # general boolean masks (True = attend)
+    additive_mask: bool = False  # float masks added to the scores
+    key_padding_mask: bool = False  # masks that only hide keys: shape (B or 1, 1, 1, Sk)
+    varlen: bool = False  # packed sequences with cu_seqlens
+    dropout: bool = False  # dropout_p > 0 on the single-device path
+    gqa: bool = True  # Hq != Hkv (natively or by expanding KV heads inside the adapter)
+    custom_scale: bool = True
+    returns_lse: bool = True  # forward() gives the true natural-log LSE (ring needs it)
+    backward: bool = False  # backward() with an externally supplied (out, lse) (ring backward needs it)
+    training: bool = False  # gradients flow through attention() on the single-device path
+    deterministic_backward: bool = True
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class AttentionCall:
+    """One attention problem, validated and with its scale resolved. Schedules build sub-calls from it."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None = None
+    is_causal: bool = False
+    scale: float = 1.0
+    dropout_p: float = 0.0
+    enable_gqa: bool = False
+
+    @property
+    def batch(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def q_heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[3]
+
+    @property
+    def value_dim(self) -> int:
+        return self.value.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.query, self.key, self.value)
+        )
+
+    @property
+    def mask_kind(self) -> str | None:
+        if self.attn_mask is None:
+            return None
+        if self.attn_mask.dtype == torch.bool:
+            return "key_padding" if is_key_padding_mask(self.attn_mask) else "bool"
+        return "key_padding_additive" if is_key_padding_mask(self.attn_mask) else "additive"
+
+    def replace(self, **changes) -> "AttentionCall":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Availability:
+    ok: bool
+    version: str | None = None
+    reason: str | None = None
+
+
+class Provider:
+    """Base class of provider adapters. Subclasses set the class attributes and implement the kernels."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    package: ClassVar[str | None] = None  # pip distribution behind it, None for torch itself
+    min_version: ClassVar[str | None] = None
+    supports: ClassVar[dict[str, Capabilities]] = {}
+    description: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self._availability: Availability | None = None
+
+    # -- availability -------------------------------------------------------------------------
+    def availability(self) -> Availability:
+        """Whether the library loads; computed once (imports are lazy so `import cpattn` never breaks)."""
+        if self._availability is None:
+            try:
+                self._availability = self._probe()
+            except Exception as exc:  # a broken library must not break cpattn
+                self._availability = Availability(False, None, f"{type(exc).__name__}: {exc}")
+        return self._availability
+
+    def _probe(self) -> Availability:
+        return Availability(True, torch.__version__)
+
+    def require_available(self) -> None:
+        avail = self.availability()
+        if not avail.ok:
+            raise ProviderUnavailableError(f"provider '{self.name}' is not available: {avail.reason}")
+
+    def capabilities(self, device_type: str) -> Capabilities | None:
+        return self.supports.get(device_type)
+
+    # -- input checks -------------------------------------------------------------------------
+    def reasons(self, call: AttentionCall, *, need_lse: bool = False, need_backward: bool = False) -> list[str]:
+        """Every reason, in words, why this provider cannot take `call` (empty list: it can)."""
+        avail = self.availability()
+        if not avail.ok:
+            return [f"its library is not usable here: {avail.reason}"]
+        caps = self.capabilities(call.device.type)
+        if caps is None:
+            return [f"it runs on {', '.join(sorted(self.supports))} only, the inputs are on {call.device.type}"]
+        out = capability_reasons(caps, call)
+        if caps.min_compute_capability and call.device.type == "cuda":
+            have = torch.cuda.get_device_capability(call.device)
+            if have < caps.min_compute_capability:
+                need = "sm%d%d" % caps.min_compute_capability
+                out.append(f"it needs a GPU of compute capability {need} or newer, this one is sm{have[0]}{have[1]}")
+        if call.needs_grad and not caps.training:
+            out.append("gradients were requested but it has no backward kernel (forward/inference only)")
+        if need_lse and not caps.returns_lse:
+            out.append("it returns no log-sum-exp, which ring attention needs to merge partial results")
+        if need_backward and call.needs_grad and not caps.backward:
+            out.append("it has no backward that takes an external (out, lse), which ring backward needs")
+        out += self.extra_reasons(call, caps)
+        return out
+
+    def extra_reasons(self, call: AttentionCall, caps: Capabilities) -> list[str]:
+        """Provider-specific limits not expressible as capabilities."""
+        return []
+
+    # -- kernels ------------------------------------------------------------------------------
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        """Single-device attention with autograd; default: forward/backward of the contract."""
+        caps = self.supports[call.device.type]
+        if call.needs_grad and caps.backward:
+            return ContractAttentionFunction.apply(self, call, call.query, call.key, call.value)
+        with torch.no_grad():
+            return self.forward(call)[0]
+
+    def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def backward(
+        self, call: AttentionCall, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"provider '{self.name}' has no backward kernel")
+
+    def __repr__(self) -> str:
+        return f"<provider {self.name}>"
+
+
+class ContractAttentionFunction(torch.autograd.Function):
+    """Autograd over a provider's forward/backward, for providers whose library has no autograd of its own."""
+
+    @staticmethod
+    def forward(ctx, provider, call, query, key, value):
+        out, lse = provider.forward(call.replace(query=query, key=key, value=value))
+        ctx.provider, ctx.call = provider, call
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, out, lse = ctx.saved_tensors
+        call = ctx.call.replace(query=query, key=key, value=value)
+        dq, dk, dv = ctx.provider.backward(call, dout.contiguous(), out, lse)
+        return None, None, dq, dk, dv
+
+
+def capability_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
+    out = []
+    if call.dtype not in caps.dtypes:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in caps.dtypes))
+        out.append(f"dtype {str(call.dtype).replace('torch.', '')} is not supported (supported: {names})")
+    for dim, what in ((call.head_dim, "query/key"), (call.value_dim, "value")):
+        if caps.max_head_dim is not None and dim > caps.max_head_dim:
+            out.append(f"{what} head dim {dim} exceeds its maximum {caps.max_head_dim}")
+        if dim % caps.head_dim_multiple:
+            out.append(f"{what} head dim {dim} is not a multiple of {caps.head_dim_multiple}")
+    if call.is_causal and not caps.causal:
+        out.append("is_causal=True is not supported")
+    kind = call.mask_kind
+    if kind == "bool" and not caps.bool_mask:
+        out.append("a boolean attn_mask is not supported" + _mask_hint(caps))
+    if kind == "additive" and not caps.additive_mask:
+        out.append("an additive (float) attn_mask is not supported" + _mask_hint(caps))
+    if kind == "key_padding" and not (caps.key_padding_mask or caps.bool_mask):
+        out.append("attn_mask (a key-padding mask) is not supported" + _mask_hint(caps))
+    if kind == "key_padding_additive" and not caps.additive_mask:
+        out.append("an additive attn_mask is not supported; pass key padding as a bool mask" + _mask_hint(caps))
+    if call.attn_mask is not None and call.attn_mask.requires_grad and call.needs_grad:
+        out.append("gradients with respect to attn_mask are not supported (only provider 'native' has them)")
+    if call.dropout_p > 0 and not caps.dropout:
+        out.append(f"dropout_p={call.dropout_p} is not supported")
+    if call.q_heads != call.kv_heads and not caps.gqa:
+        out.append(f"query heads ({call.q_heads}) != key/value heads ({call.kv_heads}) (GQA) is not supported")
+    return out
+
+
+def _mask_hint(caps: Capabilities) -> str:
+    if caps.key_padding_mask and not caps.bool_mask:
+        return " (only key-padding masks of shape (B, 1, 1, Sk))"
+    return ""
+
+
+def is_key_padding_mask(mask: torch.Tensor) -> bool:
+    """A 4-D mask that varies only along batch and key: it hides keys, never shapes rows differently."""
+    return mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+# -- helpers shared by adapters ----------------------------------------------------------------------
+
+
+def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Repeat each KV head `groups` times so a kernel without GQA sees Hq heads (query head h -> KV h // g)."""
+    if groups == 1:
+        return x
+    return repeat(x, "b h s d -> b (h g) s d", g=groups)
+
+
+def reduce_kv_grad(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of `expand_kv` for gradients: sum the copies of each KV head."""
+    if groups == 1:
+        return dx
+    return reduce(dx, "b (h g) s d -> b h s d", "sum", g=groups)
+
+
+def normalize_lse(
+    lse: torch.Tensor, q_len: int, *, empty_rows: torch.Tensor | None = None, base2: bool = False
+) -> torch.Tensor:
+    """Bring a kernel's log-sum-exp into the contract's form: float32 (B, H, Sq), natural log, -inf if empty.
+
+    Handles trailing-1 shapes (cuDNN), sequence padding (memory-efficient kernels), base-2 values, and the
+    empty-row conventions: +inf (flash-attn) becomes -inf; kernels that write 0 for empty rows pass
+    `empty_rows` (a boolean broadcastable to (B, H, Sq)) computed from the mask.
+    """
+    if lse.dim() == 4 and lse.shape[-1] == 1:
+        lse = lse.squeeze(-1)
+    if lse.shape[-1] != q_len:
+        lse = lse[..., :q_len]
+    lse = lse.float()
+    if base2:
+        lse = lse * math.log(2.0)
+    lse = torch.where(torch.isposinf(lse), float("-inf"), lse)
+    if empty_rows is not None:
+        lse = lse.masked_fill(empty_rows, float("-inf"))
+    return lse
+
+
+def lse_for_kernel_backward(lse: torch.Tensor) -> torch.Tensor:
+    """Empty rows as +inf so that exp(score - lse) is 0 for every score, finite or not, in backward kernels."""
+    return torch.where(torch.isneginf(lse), float("inf"), lse)
+
+
+def empty_query_rows(call: AttentionCall) -> torch.Tensor | None:
+    """Rows (B?, H?, Sq) with no key to attend to, from the mask (causal top-left never empties a row)."""
+    mask = call.attn_mask
+    if mask is None:
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+    if call.is_causal:
+        allowed = allowed & causal_mask(call.q_len, call.kv_len, mask.device)
+    rows = ~allowed.any(dim=-1)
+    return rows if bool(rows.any()) else None
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Top-left aligned causal mask, as F.scaled_dot_product_attention defines is_causal."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+
+
+@dataclass
+class ProviderInfo:
+    name: str
+    family: str
+    available: bool
+    version: str | None
+    reason: str | None
+    devices: list[str] = field(default_factory=list)

@@ -1,0 +1,195 @@
+"""`attention_dispatch`, the drop-in for F.scaled_dot_product_attention, and the `attention_provider` context.
+
+The active provider (and context-parallel setup) lives in a ContextVar: nesting restores the previous
+state, and threads and asyncio tasks each see their own. With no context the provider comes from the
+environment variable CPATTN_PROVIDER, else `native`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .contract import AttentionCall, Provider, default_scale
+from .errors import InvalidArgumentError, UnsupportedInputError
+from .names import AttentionProvider
+from .providers import get_provider, suggest
+
+ENV_PROVIDER = "CPATTN_PROVIDER"
+CP_OPTIONS = {
+    "cp_strategy": ("auto", "ring", "ulysses", "hybrid", "allgather"),
+    "cp_layout": ("zigzag", "contiguous"),
+    "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60)
+}
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    provider: Provider
+    cp: Any = None  # cpattn.cp.ContextParallel, or None for single-device dispatch
+    options: dict = field(default_factory=dict)
+
+
+_STATE: contextvars.ContextVar[DispatchState | None] = contextvars.ContextVar("cpattn_state", default=None)
+_ENV_CACHE: dict[str, DispatchState] = {}
+
+
+def _state_from_env() -> DispatchState:
+    name = os.environ.get(ENV_PROVIDER, "native") or "native"
+    state = _ENV_CACHE.get(name)
+    if state is None:
+        try:
+            provider = get_provider(name)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"environment variable {ENV_PROVIDER}={name!r} is invalid: {exc}") from None
+        state = _ENV_CACHE[name] = DispatchState(provider)
+    return state
+
+
+def current_state() -> DispatchState:
+    state = _STATE.get()
+    return state if state is not None else _state_from_env()
+
+
+def current_provider() -> Provider:
+    return current_state().provider
+
+
+def _validate_options(options: dict) -> dict:
+    for key, value in options.items():
+        if key not in CP_OPTIONS:
+            raise InvalidArgumentError(
+                f"unknown attention_provider option {key!r}; known options: {', '.join(CP_OPTIONS)}"
+            )
+        allowed = CP_OPTIONS[key]
+        if allowed is not None and value not in allowed:
+            raise InvalidArgumentError(f"option {key}={value!r} is invalid; choose one of {', '.join(allowed)}")
+        if key == "cp_timeout" and not (isinstance(value, (int, float)) and value > 0):
+            raise InvalidArgumentError(f"option cp_timeout={value!r} must be a positive number of seconds")
+    return dict(options)
+
+
+@contextlib.contextmanager
+def attention_provider(
+    provider: "str | AttentionProvider", cp_mesh=None, **options
+) -> Iterator[DispatchState]:
+    """Run `attention_dispatch` calls inside the block on `provider`, context-parallel over `cp_mesh` if given.
+
+    `cp_mesh` is a 1-D DeviceMesh or ProcessGroup (ring / Ulysses / all-gather) or a 2-D DeviceMesh with
+    dimensions ("ring", "ulysses") for the hybrid. Options: cp_strategy, cp_layout, cp_timeout.
+    """
+    adapter = get_provider(provider)
+    opts = _validate_options(options)
+    cp = None
+    if cp_mesh is not None:
+        from .cp import ContextParallel
+
+        cp = ContextParallel.from_mesh(cp_mesh, **opts)
+    elif any(k.startswith("cp_") for k in opts):
+        raise InvalidArgumentError(f"options {sorted(opts)} need cp_mesh to be given")
+    state = DispatchState(adapter, cp, opts)
+    token = _STATE.set(state)
+    try:
+        yield state
+    finally:
+        _STATE.reset(token)
+
+
+def make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> AttentionCall:
+    """Check the arguments as SDPA would (independent of provider) and resolve defaults."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise InvalidArgumentError(
+                f"{name} must have 4 dims (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}"
+            )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise InvalidArgumentError(
+            f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not query.dtype.is_floating_point:
+        raise InvalidArgumentError(f"attention needs floating-point inputs, got {query.dtype}")
+    if not (query.device == key.device == value.device):
+        raise InvalidArgumentError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    b, hq, sq, d = query.shape
+    _, hk, sk, dk = key.shape
+    if key.shape[0] != b or value.shape[0] != b:
+        raise InvalidArgumentError(f"batch sizes differ: query {b}, key {key.shape[0]}, value {value.shape[0]}")
+    if dk != d:
+        raise InvalidArgumentError(f"query head dim {d} != key head dim {dk}")
+    if value.shape[1] != hk or value.shape[2] != sk:
+        raise InvalidArgumentError(
+            f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in heads and seq_len"
+        )
+    if hq != hk:
+        if not enable_gqa:
+            raise InvalidArgumentError(
+                f"query has {hq} heads but key/value have {hk}: pass enable_gqa=True for grouped-query attention"
+            )
+        if hq % hk:
+            raise InvalidArgumentError(f"query heads {hq} must be a multiple of key/value heads {hk} for GQA")
+    if not 0.0 <= dropout_p < 1.0:
+        raise InvalidArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        _check_mask(attn_mask, query, (b, hq, sq, sk))
+    if scale is None:
+        scale = default_scale(d)
+    return AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa)
+
+
+def _check_mask(mask, query, full_shape) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise InvalidArgumentError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise InvalidArgumentError(f"attn_mask must be bool (True = attend) or float (added), got {mask.dtype}")
+    if mask.device != query.device:
+        raise InvalidArgumentError(f"attn_mask is on {mask.device} but query is on {query.device}")
+    if mask.dim() > 4:
+        raise InvalidArgumentError(f"attn_mask has {mask.dim()} dims; at most 4 (batch, heads, q_len, kv_len)")
+    for have, want in zip(reversed(mask.shape), reversed(full_shape)):
+        if have not in (1, want):
+            raise InvalidArgumentError(
+                f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, q_len, kv_len) = "
+                f"{full_shape}"
+            )
+
+
+def attention_dispatch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.scaled_dot_product_attention` on the active provider.
+
+    Inputs are (batch, heads, seq_len, head_dim). Under `attention_provider(..., cp_mesh=mesh)` with more
+    than one rank they are this rank's sequence shard and so is the result.
+    """
+    state = current_state()
+    call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if state.cp is not None and state.cp.world_size > 1:
+        return state.cp.run(state.provider, call)
+    return run_single(state.provider, call)
+
+
+def run_single(provider: Provider, call: AttentionCall) -> torch.Tensor:
+    reasons = provider.reasons(call)
+    if reasons:
+        raise UnsupportedInputError(f"provider '{provider.name}'", reasons, suggest(call, provider.name))
+    device = call.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):  # kernels launch on the tensors' GPU, not the current one
+            return provider.attention(call)
+    return provider.attention(call)

@@ -1,0 +1,51 @@
+"""Attention masks: conversions between the boolean and additive forms, and slicing by key positions.
+
+SDPA semantics throughout: a boolean mask is True where a query may attend; a float mask is added to the
+scores (``-inf`` hides a key). Masks broadcast to ``(B, H, Sq, Sk)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Float mask in `dtype` (0 where allowed, -inf where hidden); additive masks are only cast."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return out.masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean view of a mask: where a key is not hidden."""
+    return mask if mask.dtype == torch.bool else mask > float("-inf")
+
+
+def select_keys(mask: torch.Tensor | None, keys: slice | torch.Tensor) -> torch.Tensor | None:
+    """The columns of a (local rows x all keys) mask that belong to one KV block, keeping broadcast dims."""
+    if mask is None:
+        return None
+    if mask.shape[-1] == 1:  # broadcast over keys
+        return mask
+    if isinstance(keys, slice):
+        return mask[..., keys]
+    return mask.index_select(-1, keys.to(mask.device))
+
+
+def select_queries(mask: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
+    """The rows of a mask that belong to some of the local queries, keeping broadcast dims."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
+        return mask
+    if isinstance(rows, slice):
+        return mask[..., rows, :]
+    return mask.index_select(-2, rows.to(mask.device))
+
+
+def expand_to_4d(mask: torch.Tensor) -> torch.Tensor:
+    """View a mask with fewer than 4 dims as 4-D, as SDPA broadcasting does (leading dims of size 1)."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask

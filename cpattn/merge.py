@@ -1,0 +1,76 @@
+"""Merging partial attention results through their log-sum-exp, in float32, without ever making NaN.
+
+Attention over keys split into blocks b is exactly recovered from each block's output o_b and log-sum-exp
+l_b:  l = log(sum_b exp(l_b)),  o = sum_b exp(l_b - l) * o_b.
+The textbook incremental form (``o -= sigmoid(l_b - l) * (o - o_b)``) turns into NaN when the running l is
+-inf (a block where a row saw no key) and is poisoned by +inf. Here every exponent is shifted by the row
+maximum m, with m replaced by 0 where it is -inf, so an all-empty row gives weights 0, output 0 and
+log-sum-exp -inf; nothing divides by zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _shifted_max(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isneginf(m), 0.0, m)
+
+
+class PartialAttention:
+    """A running float32 (out, lse) that absorbs one block result after another (the ring's accumulator).
+
+    Always owns fresh float32 storage: the first block is copied, never aliased, so a reused communication
+    buffer or a float32 input can never be overwritten through it.
+    """
+
+    def __init__(self) -> None:
+        self.out: torch.Tensor | None = None
+        self.lse: torch.Tensor | None = None
+
+    def add(self, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        if self.out is None:
+            self.out = out_b.to(torch.float32, copy=True)
+            self.lse = lse_b.to(torch.float32, copy=True)
+            return
+        self.out, self.lse = merge_two(self.out, self.lse, out_b, lse_b)
+
+    def add_rows(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        """Merge a block that covered only some query rows (zigzag steps where only the later half attends)."""
+        assert self.out is not None, "add a block covering every row first"
+        out, lse = merge_two(self.out[:, :, rows], self.lse[:, :, rows], out_b, lse_b)
+        self.out[:, :, rows] = out
+        self.lse[:, :, rows] = lse
+
+    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.out is not None, "no block was added"
+        return self.out.to(dtype), self.lse
+
+
+def merge_two(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial results (out: (B, H, S, Dv), lse: (B, H, S)); returns float32 (out, lse)."""
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    m = _shifted_max(torch.maximum(lse_a, lse_b))
+    w_a = torch.exp(lse_a - m)
+    w_b = torch.exp(lse_b - m)
+    z = w_a + w_b
+    lse = torch.where(z > 0, m + torch.log(z), float("-inf"))
+    inv_z = 1.0 / z.clamp_min(_TINY)
+    out = out_a.float() * (w_a * inv_z).unsqueeze(-1) + out_b.float() * (w_b * inv_z).unsqueeze(-1)
+    return out, lse
+
+
+def merge_many(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge any number of partial results at once (rounds once, unlike W-1 pairwise merges)."""
+    lse = torch.stack([x.float() for x in lses])  # (N, B, H, S)
+    m = _shifted_max(lse.amax(dim=0))
+    w = torch.exp(lse - m)
+    z = w.sum(dim=0)
+    total = torch.where(z > 0, m + torch.log(z), float("-inf"))
+    w = w / z.clamp_min(_TINY)
+    out = sum(o.float() * w[i].unsqueeze(-1) for i, o in enumerate(outs))
+    return out, total

@@ -1,0 +1,322 @@
+"""PyTorch's own attention: SDPA (`native`) and its four backends called through their LSE-returning aten ops.
+
+The single-device path calls the aten op of the chosen backend directly (autograd comes from PyTorch's own
+derivative formulas), which skips the `sdpa_kernel` context manager and its host cost. The contract's
+forward/backward call the same ops and their backward ops with an external (out, lse).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..contract import (
+    FLOAT_DTYPES,
+    HALF_DTYPES,
+    AttentionCall,
+    Capabilities,
+    Provider,
+    causal_mask,
+    empty_query_rows,
+    expand_kv,
+    lse_for_kernel_backward,
+    normalize_lse,
+    reduce_kv_grad,
+)
+from ..masks import as_additive
+
+aten = torch.ops.aten
+# The C entry of F.scaled_dot_product_attention, captured so that patching F never makes `native` recurse.
+_C_SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+def _kv(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    return expand_kv(call.key, call.groups), expand_kv(call.value, call.groups)
+
+
+def _mask_with_causal(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
+    """Fold is_causal into the mask when both are given (the aten kernels take one or the other)."""
+    if call.attn_mask is None or not call.is_causal:
+        return call.attn_mask, call.is_causal
+    causal = causal_mask(call.q_len, call.kv_len, call.device)
+    mask = call.attn_mask
+    if mask.dtype == torch.bool:
+        return mask & causal, False
+    return mask.masked_fill(~causal, float("-inf")), False
+
+
+def _grads(call: AttentionCall, dq, dk, dv):
+    return dq, reduce_kv_grad(dk, call.groups), reduce_kv_grad(dv, call.groups)
+
+
+class NativeMath(Provider):
+    """SDPA's math backend: exact, every dtype and mask, materialises the (Sq, Sk) score matrix."""
+
+    name = "_native_math"
+    family = "native"
+    description = "PyTorch SDPA math backend (reference-exact, O(S^2) memory)"
+    _caps = Capabilities(
+        dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
+        backward=True, training=True,
+    )
+    supports = {"cpu": _caps, "cuda": _caps}
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        mask, causal = _mask_with_causal(call)
+        # The aten op reads a bool mask differently from F.sdpa: give it the additive form SDPA builds.
+        return aten._scaled_dot_product_attention_math(
+            call.query, call.key, call.value, as_additive(mask, call.dtype), call.dropout_p, causal, scale=call.scale,
+            enable_gqa=call.groups > 1,
+        )[0]
+
+    def _scores(self, call: AttentionCall, k: torch.Tensor) -> torch.Tensor:
+        acc = torch.float64 if call.dtype == torch.float64 else torch.float32
+        scores = (call.query.to(acc) @ k.to(acc).transpose(-1, -2)) * call.scale
+        mask, causal = _mask_with_causal(call)
+        if mask is not None:
+            scores = scores + as_additive(mask, acc)
+        if causal:
+            scores = scores.masked_fill(~causal_mask(call.q_len, call.kv_len, call.device), float("-inf"))
+        return scores
+
+    def forward(self, call):
+        k, v = _kv(call)
+        scores = self._scores(call, k)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+        out = (probs @ v.to(probs.dtype)).to(call.dtype)
+        return out, lse.float()
+
+    def backward(self, call, dout, out, lse):
+        # With the global (out, lse): P = exp(s - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)).
+        k, v = _kv(call)
+        scores = self._scores(call, k)
+        acc = scores.dtype
+        probs = torch.exp(scores - lse_for_kernel_backward(lse).to(acc).unsqueeze(-1))
+        dout_a = dout.to(acc)
+        delta = (dout_a * out.to(acc)).sum(dim=-1, keepdim=True)
+        dscores = probs * (dout_a @ v.to(acc).transpose(-1, -2) - delta)
+        dq = (dscores @ k.to(acc)) * call.scale
+        dk = (dscores.transpose(-1, -2) @ call.query.to(acc)) * call.scale
+        dv = probs.transpose(-1, -2) @ dout_a
+        return _grads(call, dq.to(call.dtype), dk.to(call.dtype), dv.to(call.dtype))
+
+
+class NativeFlash(Provider):
+    """SDPA's flash backend: FlashAttention-2 inside PyTorch on CUDA, a tiled C++ kernel on CPU."""
+
+    name = "_native_flash"
+    family = "native"
+    description = "PyTorch SDPA flash backend (FlashAttention-2 on CUDA; tiled kernel on CPU)"
+    supports = {
+        "cpu": Capabilities(
+            dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True,
+            backward=True, training=True,
+            notes=("CPU kernel takes masks as an additive bias; dropout is not supported on CPU",),
+        ),
+        "cuda": Capabilities(
+            dtypes=HALF_DTYPES, max_head_dim=256, head_dim_multiple=8, min_compute_capability=(8, 0),
+            dropout=True, backward=True, training=True, deterministic_backward=False,
+            notes=("no attn_mask on CUDA: use _native_efficient, _native_cudnn or flash_varlen for masks",),
+        ),
+    }
+
+    def extra_reasons(self, call, caps):
+        if call.device.type == "cuda" and call.head_dim != call.value_dim:
+            return [f"query head dim {call.head_dim} != value head dim {call.value_dim}"]
+        return []
+
+    def attention(self, call):
+        k, v = _kv(call)
+        if call.device.type == "cpu":
+            mask, causal = _mask_with_causal(call)
+            return aten._scaled_dot_product_flash_attention_for_cpu(
+                call.query, k, v, call.dropout_p, causal, attn_mask=as_additive(mask, call.dtype), scale=call.scale
+            )[0]
+        return aten._scaled_dot_product_flash_attention(
+            call.query, k, v, call.dropout_p, call.is_causal, False, scale=call.scale
+        )[0]
+
+    def forward(self, call):
+        k, v = _kv(call)
+        if call.device.type == "cpu":
+            mask, causal = _mask_with_causal(call)
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                call.query, k, v, 0.0, causal, attn_mask=as_additive(mask, call.dtype), scale=call.scale
+            )
+            # The CPU kernel writes lse = 0 for rows that see no key: find them from the mask.
+            return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
+        out, lse, *_ = aten._scaled_dot_product_flash_attention(
+            call.query, k, v, 0.0, call.is_causal, False, scale=call.scale
+        )
+        return out, normalize_lse(lse, call.q_len)
+
+    def backward(self, call, dout, out, lse):
+        k, v = _kv(call)
+        if call.device.type == "cpu":
+            mask, causal = _mask_with_causal(call)
+            acc = torch.float64 if call.dtype == torch.float64 else torch.float32
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout, call.query, k, v, out, lse_for_kernel_backward(lse).to(acc), 0.0, causal,
+                attn_mask=as_additive(mask, call.dtype), scale=call.scale,
+            )
+            return _grads(call, dq, dk, dv)
+        empty = torch.empty(0, dtype=torch.int32, device=call.device)
+        rng = torch.zeros(2, dtype=torch.uint64, device=call.device)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dout, call.query, k, v, out, lse_for_kernel_backward(lse), empty, empty, call.q_len, call.kv_len,
+            0.0, call.is_causal, rng, torch.empty(0, dtype=torch.uint64, device=call.device), scale=call.scale,
+        )
+        return _grads(call, dq, dk, dv)
+
+
+def _aligned_bias(call: AttentionCall) -> torch.Tensor | None:
+    """Additive bias for the CUDA kernels: (B, H, Sq, Sk) view over storage whose rows are 16-aligned."""
+    mask, _ = _mask_with_causal(call)
+    if mask is None:
+        return None
+    bias = as_additive(mask, call.dtype).expand(call.batch, call.q_heads, call.q_len, call.kv_len)
+    pad = (-call.kv_len) % 16
+    if pad:
+        bias = F.pad(bias, (0, pad))[..., : call.kv_len]
+    return bias
+
+
+class NativeEfficient(Provider):
+    """SDPA's memory-efficient backend (xformers' CUTLASS kernel inside PyTorch): masks as a bias, fp32 too."""
+
+    name = "_native_efficient"
+    family = "native"
+    description = "PyTorch SDPA memory-efficient backend (CUTLASS), takes an additive bias"
+    supports = {
+        "cuda": Capabilities(
+            dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_head_dim=512,
+            head_dim_multiple=8, min_compute_capability=(5, 0), bool_mask=True, additive_mask=True,
+            key_padding_mask=True, dropout=True, backward=True, training=True, deterministic_backward=False,
+        ),
+    }
+
+    def _causal(self, call):
+        return _mask_with_causal(call)[1]
+
+    def attention(self, call):
+        k, v = _kv(call)
+        return aten._scaled_dot_product_efficient_attention(
+            call.query, k, v, _aligned_bias(call), call.needs_grad, call.dropout_p, self._causal(call),
+            scale=call.scale,
+        )[0]
+
+    def forward(self, call):
+        k, v = _kv(call)
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
+            call.query, k, v, _aligned_bias(call), True, 0.0, self._causal(call), scale=call.scale
+        )
+        return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
+
+    def backward(self, call, dout, out, lse):
+        k, v = _kv(call)
+        bias = _aligned_bias(call)
+        # The kernel reads lse rows padded to a multiple of 32 on some versions; give it that storage.
+        lse_k = lse_for_kernel_backward(lse)
+        pad = (-call.q_len) % 32
+        if pad:
+            lse_k = F.pad(lse_k, (0, pad))
+        seed = torch.zeros((), dtype=torch.int64, device=call.device)
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, call.query, k, v, bias if bias is not None else torch.empty(0, device=call.device), out,
+            lse_k, seed, seed, 0.0, [True, True, True, False], self._causal(call), scale=call.scale,
+        )
+        return _grads(call, dq, dk, dv)
+
+
+class NativeCudnn(Provider):
+    """SDPA's cuDNN backend: the fastest PyTorch kernel on Hopper."""
+
+    name = "_native_cudnn"
+    family = "native"
+    description = "PyTorch SDPA cuDNN backend"
+    supports = {
+        "cuda": Capabilities(
+            dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8, min_compute_capability=(8, 0),
+            bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True, backward=True,
+            training=True, deterministic_backward=False,
+        ),
+    }
+
+    def extra_reasons(self, call, caps):
+        if call.head_dim != call.value_dim:
+            return [f"query head dim {call.head_dim} != value head dim {call.value_dim}"]
+        return []
+
+    def attention(self, call):
+        k, v = _kv(call)
+        mask, causal = _mask_with_causal(call)
+        bias = _aligned_bias(call)
+        return aten._scaled_dot_product_cudnn_attention(
+            call.query, k, v, bias, call.needs_grad, call.dropout_p, causal, False, scale=call.scale
+        )[0]
+
+    def forward(self, call):
+        k, v = _kv(call)
+        causal = _mask_with_causal(call)[1]
+        out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
+            call.query, k, v, _aligned_bias(call), True, 0.0, causal, False, scale=call.scale
+        )
+        return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
+
+    def backward(self, call, dout, out, lse):
+        k, v = _kv(call)
+        causal = _mask_with_causal(call)[1]
+        bias = _aligned_bias(call)
+        seed = torch.zeros((), dtype=torch.int64, device=call.device)
+        empty = torch.empty(0, dtype=torch.int32, device=call.device)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            dout, call.query, k, v, out, lse_for_kernel_backward(lse).unsqueeze(-1).contiguous(), seed, seed,
+            bias, empty, empty, call.q_len, call.kv_len, 0.0, causal, scale=call.scale,
+        )
+        return _grads(call, dq, dk, dv)
+
+
+class Native(Provider):
+    """`F.scaled_dot_product_attention` itself: PyTorch picks the backend. Under context parallelism the
+    block kernel is the first of cuDNN, flash, efficient, math (CUDA) or flash, math (CPU) that takes the call.
+    """
+
+    name = "native"
+    family = "native"
+    description = "torch.nn.functional.scaled_dot_product_attention (PyTorch chooses the backend)"
+    _caps = Capabilities(
+        dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
+        backward=True, training=True,
+        notes=("block kernel under CP: first of cuDNN/flash/efficient/math (CUDA), flash/math (CPU) that fits",),
+    )
+    supports = {"cpu": _caps, "cuda": _caps}
+
+    def __init__(self, candidates: dict[str, list[Provider]]):
+        super().__init__()
+        self._candidates = candidates
+
+    def attention(self, call):
+        return _C_SDPA(
+            call.query, call.key, call.value, call.attn_mask, call.dropout_p, call.is_causal,
+            scale=call.scale, enable_gqa=call.groups > 1,
+        )
+
+    def block_kernel(self, call: AttentionCall) -> Provider:
+        """The backend whose LSE-returning kernel runs `call` under context parallelism."""
+        for provider in self._candidates[call.device.type]:
+            if not provider.reasons(call, need_lse=True, need_backward=True):
+                return provider
+        return self._candidates[call.device.type][-1]
+
+    def forward(self, call):
+        return self.block_kernel(call).forward(call)
+
+    def backward(self, call, dout, out, lse):
+        return self.block_kernel(call).backward(call, dout, out, lse)
+
+
+def make_providers() -> list[Provider]:
+    math, flash, efficient, cudnn = NativeMath(), NativeFlash(), NativeEfficient(), NativeCudnn()
+    native = Native({"cpu": [flash, math], "cuda": [cudnn, flash, efficient, math]})
+    return [native, math, flash, efficient, cudnn]
