@@ -100,8 +100,14 @@ def attention_provider(
         _STATE.reset(token)
 
 
-def make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> AttentionCall:
-    """Check the arguments as SDPA would (independent of provider) and resolve defaults."""
+def make_call(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded: bool = False
+) -> AttentionCall:
+    """Check the arguments as SDPA would (independent of provider) and resolve defaults.
+
+    `sharded`: inputs are context-parallel shards; the mask covers local rows x all keys, and its row and
+    key lengths are checked by the schedule once the global length is known.
+    """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -139,13 +145,13 @@ def make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     if not 0.0 <= dropout_p < 1.0:
         raise InvalidArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if attn_mask is not None:
-        _check_mask(attn_mask, query, (b, hq, sq, sk))
+        _check_mask(attn_mask, query, (b, hq, sq, sk), sharded)
     if scale is None:
         scale = default_scale(d)
     return AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa)
 
 
-def _check_mask(mask, query, full_shape) -> None:
+def _check_mask(mask, query, full_shape, sharded: bool) -> None:
     if not isinstance(mask, torch.Tensor):
         raise InvalidArgumentError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
@@ -154,7 +160,8 @@ def _check_mask(mask, query, full_shape) -> None:
         raise InvalidArgumentError(f"attn_mask is on {mask.device} but query is on {query.device}")
     if mask.dim() > 4:
         raise InvalidArgumentError(f"attn_mask has {mask.dim()} dims; at most 4 (batch, heads, q_len, kv_len)")
-    for have, want in zip(reversed(mask.shape), reversed(full_shape)):
+    checked = list(zip(reversed(mask.shape), reversed(full_shape)))
+    for have, want in checked[2:] if sharded else checked:
         if have not in (1, want):
             raise InvalidArgumentError(
                 f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, q_len, kv_len) = "
@@ -178,8 +185,9 @@ def attention_dispatch(
     than one rank they are this rank's sequence shard and so is the result.
     """
     state = current_state()
-    call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if state.cp is not None and state.cp.world_size > 1:
+    sharded = state.cp is not None and state.cp.world_size > 1
+    call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded)
+    if sharded:
         return state.cp.run(state.provider, call)
     return run_single(state.provider, call)
 

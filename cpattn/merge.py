@@ -30,6 +30,14 @@ class PartialAttention:
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
 
+    @classmethod
+    def empty(cls, batch: int, heads: int, q_len: int, value_dim: int, device) -> "PartialAttention":
+        """An accumulator that has seen no key yet: out 0, lse -inf (merging into it is exact)."""
+        acc = cls()
+        acc.out = torch.zeros(batch, heads, q_len, value_dim, dtype=torch.float32, device=device)
+        acc.lse = torch.full((batch, heads, q_len), float("-inf"), dtype=torch.float32, device=device)
+        return acc
+
     def add(self, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
         if self.out is None:
             self.out = out_b.to(torch.float32, copy=True)
@@ -39,7 +47,10 @@ class PartialAttention:
 
     def add_rows(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
         """Merge a block that covered only some query rows (zigzag steps where only the later half attends)."""
-        assert self.out is not None, "add a block covering every row first"
+        assert self.out is not None, "start from PartialAttention.empty() or add a block covering every row"
+        if rows.start in (0, None) and rows.stop in (None, self.out.shape[2]):
+            self.out, self.lse = merge_two(self.out, self.lse, out_b, lse_b)
+            return
         out, lse = merge_two(self.out[:, :, rows], self.lse[:, :, rows], out_b, lse_b)
         self.out[:, :, rows] = out
         self.lse[:, :, rows] = lse

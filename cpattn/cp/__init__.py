@@ -1,0 +1,54 @@
+"""Context parallelism: ring, Ulysses, hybrid and all-gather schedules over any provider.
+
+Public helpers here shard and reassemble sequences in the layout the schedules assume.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .comm import all_gather_padded, gather_signatures
+from .context import STRATEGIES, ContextParallel
+from .layout import LAYOUTS, local_positions, shard_positions
+from .mesh import topology_from_mesh
+
+__all__ = ["ContextParallel", "LAYOUTS", "STRATEGIES", "gather_sequence", "local_position_ids", "shard_sequence"]
+
+
+def _topology(cp_mesh):
+    topo = topology_from_mesh(cp_mesh, "auto")
+    return topo
+
+
+def local_position_ids(total_len: int, cp_mesh, layout: str = "zigzag", device=None) -> torch.Tensor:
+    """Global positions (e.g. for RoPE) of the tokens this rank holds, in local order."""
+    t = _topology(cp_mesh)
+    return local_positions(total_len, t.ring_size, t.ulysses_size, t.ring_rank, t.ulysses_rank, layout, device)
+
+
+def shard_sequence(x: torch.Tensor, cp_mesh, seq_dim: int, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's shard of a full tensor along `seq_dim`, in the layout the schedules assume.
+
+    Any length works: shards differ by at most one token per chunk when it does not divide evenly.
+    """
+    positions = local_position_ids(x.shape[seq_dim], cp_mesh, layout, x.device)
+    return x.index_select(seq_dim, positions)
+
+
+@torch.no_grad()
+def gather_sequence(x_local: torch.Tensor, cp_mesh, seq_dim: int, layout: str = "zigzag",
+                    timeout: float = 60.0) -> torch.Tensor:
+    """Inverse of `shard_sequence`: the full tensor on every rank (not differentiable)."""
+    t = _topology(cp_mesh)
+    seq_dim = seq_dim % x_local.dim()
+    groups = [g for g in (t.ulysses, t.ring) if g is not None]
+    gathered = x_local
+    for group in groups:  # Ulysses parts first (they concatenate to a ring shard), then ring shards
+        lengths = gather_signatures([gathered.shape[seq_dim]], group, timeout, x_local.device)[:, 0].tolist()
+        parts = all_gather_padded(gathered, lengths, seq_dim, group, timeout)
+        gathered = torch.cat(parts, dim=seq_dim)
+    total = gathered.shape[seq_dim]
+    positions = torch.cat(shard_positions(total, t.ring_size, t.ulysses_size, layout)).to(x_local.device)
+    out = torch.empty_like(gathered)
+    out.index_copy_(seq_dim, positions, gathered)
+    return out

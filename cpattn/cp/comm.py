@@ -1,0 +1,124 @@
+"""Every byte the schedules move goes through here: ring exchanges, all-to-all, all-gather, agreement checks.
+
+All waits are bounded: a peer that never answers becomes a CommTimeoutError naming it, not a hang until a
+watchdog fires. With gloo and CUDA tensors, point-to-point traffic is staged through CPU tensors (gloo's
+send/recv of CUDA tensors crashes); collectives take CUDA tensors directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CommTimeoutError
+from .mesh import Group
+
+
+def _wait(work, timeout: float, what: str, group: Group) -> None:
+    try:
+        ok = work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        raise CommTimeoutError(f"rank {group.rank} of a {group.size}-rank group: {what} failed or timed out "
+                               f"after {timeout:.0f}s ({exc})") from exc
+    if ok is False:
+        raise CommTimeoutError(f"rank {group.rank} of a {group.size}-rank group: {what} timed out after {timeout:.0f}s")
+
+
+class CommStats(collections.Counter):
+    """Counts of what a ContextParallel instance sent (tests assert on them; cheap to keep)."""
+
+
+class PendingExchange:
+    """Sends and receives in flight; `wait()` returns the received tensors on their device."""
+
+    def __init__(self, works, received, staged, timeout, group, peers):
+        self._works, self._received, self._staged = works, received, staged
+        self._timeout, self._group, self._peers = timeout, group, peers
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self._works:
+            _wait(work, self._timeout, f"ring exchange (send to rank {self._peers[0]}, "
+                  f"receive from rank {self._peers[1]})", self._group)
+        if self._staged is not None:
+            for dst, src in zip(self._received, self._staged):
+                dst.copy_(src)
+        return self._received
+
+
+class RingChannel:
+    """Point-to-point exchange with the ring neighbours: send to rank+1, receive from rank-1."""
+
+    def __init__(self, group: Group, timeout: float, stats: CommStats):
+        self.group, self.timeout, self.stats = group, timeout, stats
+        self._next = group.global_rank(group.next)
+        self._prev = group.global_rank(group.prev)
+
+    def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor], kind: str) -> PendingExchange:
+        """Start sending `send` to the next rank and receiving into `recv` from the previous one."""
+        stage = self.group.backend == "gloo" and send[0].is_cuda
+        send_t = [t.cpu() for t in send] if stage else send
+        recv_t = [torch.empty(t.shape, dtype=t.dtype) for t in recv] if stage else recv
+        ops = [dist.P2POp(dist.isend, t, self._next, self.group.pg) for t in send_t]
+        ops += [dist.P2POp(dist.irecv, t, self._prev, self.group.pg) for t in recv_t]
+        works = dist.batch_isend_irecv(ops)
+        self.stats[f"{kind}_sends"] += 1
+        self.stats[f"{kind}_bytes"] += sum(t.numel() * t.element_size() for t in send)
+        return PendingExchange(works, recv, recv_t if stage else None, self.timeout, self.group,
+                               (self._next, self._prev))
+
+
+def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], group: Group, timeout: float):
+    """all_to_all_single on flat buffers with per-rank element counts (uneven splits allowed)."""
+    out = x.new_empty(sum(out_numel))
+    work = dist.all_to_all_single(out, x, out_numel, in_numel, group=group.pg, async_op=True)
+    _wait(work, timeout, "all-to-all", group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Differentiable all-to-all on flat buffers; its gradient is the all-to-all with splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_numel, in_numel, group, timeout, stats):
+        ctx.args = (out_numel, in_numel, group, timeout, stats)
+        stats["all_to_all"] += 1
+        return all_to_all_flat(x.contiguous(), out_numel, in_numel, group, timeout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_numel, in_numel, group, timeout, stats = ctx.args
+        stats["all_to_all"] += 1
+        return all_to_all_flat(grad.contiguous(), in_numel, out_numel, group, timeout), None, None, None, None, None
+
+
+def all_gather_padded(x: torch.Tensor, lengths: list[int], dim: int, group: Group, timeout: float) -> list[torch.Tensor]:
+    """All-gather tensors whose size along `dim` differs per rank (`lengths`); returns one per rank."""
+    longest = max(lengths)
+    pad = longest - x.shape[dim]
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    bufs = [torch.empty_like(x) for _ in range(group.size)]
+    work = dist.all_gather(bufs, x.contiguous(), group=group.pg, async_op=True)
+    _wait(work, timeout, "all-gather", group)
+    return [b.narrow(dim, 0, n) for b, n in zip(bufs, lengths)]
+
+
+def all_reduce_sum(x: torch.Tensor, group: Group, timeout: float) -> torch.Tensor:
+    work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
+    _wait(work, timeout, "all-reduce", group)
+    return x
+
+
+def gather_signatures(sig: list[int], group: Group, timeout: float, device: torch.device) -> torch.Tensor:
+    """Every rank's integer signature of a call, as a (ranks, len) tensor (one small all-gather)."""
+    on = device if group.backend != "gloo" else torch.device("cpu")
+    mine = torch.tensor(sig, dtype=torch.int64, device=on)
+    bufs = [torch.empty_like(mine) for _ in range(group.size)]
+    work = dist.all_gather(bufs, mine, group=group.pg, async_op=True)
+    _wait(work, timeout, "agreement check (a rank did not reach this attention call)", group)
+    return torch.stack(bufs).cpu()

@@ -1,0 +1,268 @@
+"""The context-parallel front: choose a schedule, check every rank agrees, run the schedule.
+
+Order of events in one call (every rank runs the same):
+1. Choose the schedule and collect, locally, every reason the provider or schedule cannot take the call.
+2. One small all-gather of an integer signature of the call (provider, schedule, dtype, heads, dims,
+   flags, local length, whether this rank refused). Any disagreement, or any rank refusing, raises the
+   same error on every rank, before any data moves. Waits are bounded (cp_timeout), never a hang.
+3. Run ring, Ulysses, hybrid (Ulysses inside, ring across) or all-gather.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+from ..contract import AttentionCall, Provider
+from ..errors import InvalidArgumentError, RankMismatchError, UnsupportedInputError
+from ..names import AttentionProvider
+from .allgather import AllGatherSpec, allgather_attention
+from .comm import CommStats, gather_signatures
+from .layout import LAYOUTS, local_len, ring_positions
+from .mesh import Group, Topology, topology_from_mesh
+from .ring import RingSpec, ring_attention
+from .ulysses import UlyssesSpec, ulysses_attention
+
+log = logging.getLogger("cpattn")
+
+STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
+_PROVIDER_CODES = {p.value: i for i, p in enumerate(AttentionProvider)}
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_MASK_CODES = {None: 0, "bool": 1, "additive": 2, "key_padding": 3, "key_padding_additive": 4}
+_FIELDS = (
+    "provider", "schedule", "layout", "dtype", "batch", "query heads", "key/value heads", "head dim",
+    "value head dim", "is_causal", "mask kind", "mask dim 0", "mask dim 1", "mask dim 2 (rows)",
+    "mask dim 3 (keys)", "dropout_p", "requires grad", "scale",
+)
+
+
+@dataclass
+class ContextParallel:
+    topology: Topology
+    strategy: str = "auto"
+    layout: str = "zigzag"
+    timeout: float = 60.0
+    stats: CommStats = field(default_factory=CommStats)
+
+    @classmethod
+    def from_mesh(cls, cp_mesh, cp_strategy: str = "auto", cp_layout: str = "zigzag", cp_timeout: float = 60.0):
+        if cp_strategy not in STRATEGIES:
+            raise InvalidArgumentError(f"cp_strategy={cp_strategy!r}; choose one of {STRATEGIES}")
+        if cp_layout not in LAYOUTS:
+            raise InvalidArgumentError(f"cp_layout={cp_layout!r}; choose one of {LAYOUTS}")
+        return cls(topology_from_mesh(cp_mesh, cp_strategy), cp_strategy, cp_layout, float(cp_timeout))
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    # -- step 1: schedule and local verdict ---------------------------------------------------
+    def choose_strategy(self, provider: Provider, call: AttentionCall) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        choice, why = self._auto(provider, call)
+        log.debug("cpattn auto schedule: %s (%s)", choice, why)
+        return choice
+
+    def _auto(self, provider: Provider, call: AttentionCall) -> tuple[str, str]:
+        if self.topology.mesh_dims == 2:
+            return "hybrid", "2-D mesh"
+        caps = provider.capabilities(call.device.type)
+        if caps is not None and (not caps.returns_lse or (call.needs_grad and not caps.backward)):
+            return "allgather", f"{provider.name} returns no LSE or has no LSE backward, so it cannot ring"
+        if call.dropout_p > 0:
+            return "ulysses", "dropout needs whole-sequence kernel calls"
+        w = self.world_size
+        if call.q_heads % w == 0 and call.kv_heads % w == 0:
+            ratio = w * call.kv_heads / (call.q_heads + call.kv_heads)  # ring bytes / Ulysses bytes
+            if ratio > 1:
+                return "ulysses", f"heads divide by {w} and ring would move {ratio:.1f}x Ulysses' bytes"
+        return "ring", "ring overlaps its transfers with compute"
+
+    def reasons(self, provider: Provider, call: AttentionCall, strategy: str) -> list[str]:
+        if call.q_len != call.kv_len:
+            return [f"query length {call.q_len} != key length {call.kv_len}: context parallelism shards "
+                    "self-attention (q, k, v of the same tokens)"]
+        mask = call.attn_mask
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] not in (1, call.q_len):
+            return [f"attn_mask has {mask.shape[-2]} rows; under context parallelism it covers this rank's "
+                    f"{call.q_len} local queries (or 1 row, broadcast) by all keys in global order"]
+        if strategy in ("ring", "hybrid"):
+            out = provider.reasons(call, need_lse=True, need_backward=True)
+            if call.dropout_p > 0:
+                out.append("dropout under ring attention is not supported (each block would need its own "
+                           "reproducible RNG stream)")
+        else:
+            out = provider.reasons(call)
+        ulysses_size = self.topology.ulysses_size if strategy == "hybrid" else self.world_size
+        if strategy in ("ulysses", "hybrid") and call.q_heads < ulysses_size:
+            out.append(f"Ulysses over {ulysses_size} ranks needs at least {ulysses_size} query heads, "
+                       f"got {call.q_heads}")
+        if strategy == "allgather" and (call.is_causal or call.attn_mask is not None):
+            caps = provider.capabilities(call.device.type)
+            takes = caps is not None and caps.bool_mask and (call.attn_mask is None or call.mask_kind in (
+                "bool", "key_padding") or caps.additive_mask)
+            if not takes:
+                out.append("all-gather expresses causal and masks as a positional attn_mask, which this "
+                           "provider does not take")
+        return out
+
+    def _suggestion(self, strategy: str) -> str:
+        return {
+            "ring": "cp_strategy='ulysses' or 'allgather', or a provider that returns an LSE and has a backward "
+                    "(e.g. 'flash', '_native_cudnn', '_native_flash', 'native')",
+            "hybrid": "a provider that returns an LSE and has a backward (e.g. 'flash', '_native_cudnn', 'native')",
+            "ulysses": "cp_strategy='ring', or another provider",
+            "allgather": "cp_strategy='ring' with a provider that returns an LSE, or a provider that takes masks",
+        }[strategy]
+
+    # -- step 2: agreement --------------------------------------------------------------------
+    def _signature(self, provider: Provider, call: AttentionCall, strategy: str, refused: bool) -> list[int]:
+        mask = call.attn_mask
+        dims = [0, 0, 0, 0]
+        if mask is not None:
+            dims = [0] * (4 - mask.dim()) + list(mask.shape)
+            dims[2] = min(dims[2], 2)  # rows: 1 (broadcast) or local length (checked separately)
+        bits = lambda x: struct.unpack("<q", struct.pack("<d", float(x)))[0]  # noqa: E731
+        return [
+            _PROVIDER_CODES[provider.name], STRATEGIES.index(strategy), LAYOUTS.index(self.layout),
+            _DTYPE_CODES.get(call.dtype, 0), call.batch, call.q_heads, call.kv_heads, call.head_dim,
+            call.value_dim, int(call.is_causal), _MASK_CODES[call.mask_kind], *dims, bits(call.dropout_p),
+            int(call.needs_grad), bits(call.scale),
+            # not compared field by field:
+            int(refused), call.q_len,
+        ]
+
+    def _agree(self, group: Group, sig: list[int], device) -> torch.Tensor:
+        table = gather_signatures(sig, group, self.timeout, device)
+        n = len(_FIELDS)
+        for i, name in enumerate(_FIELDS):
+            column = table[:, i].tolist()
+            if len(set(column)) > 1:
+                raise RankMismatchError(
+                    f"ranks of the context-parallel group disagree on {name}: "
+                    + ", ".join(f"rank {r}: {_show(name, x)}" for r, x in enumerate(column))
+                    + ". Every rank must make the same attention call on its own shard."
+                )
+        refused = [r for r, x in enumerate(table[:, n].tolist()) if x]
+        if refused:
+            self._refused_ranks = refused
+        return table[:, n + 1]
+
+    def agree(self, provider, call, strategy, refused: bool) -> int:
+        """Check all ranks agree; return the global sequence length. Same error on every rank if not."""
+        self._refused_ranks = []
+        sig = self._signature(provider, call, strategy, refused)
+        topo = self.topology
+        if topo.mesh_dims == 2:
+            u_lengths = self._agree(topo.ulysses, sig, call.device).tolist()
+            sig[len(_FIELDS) + 1] = sum(u_lengths)  # the ring stage compares ring-shard lengths
+            r_lengths = self._agree(topo.ring, sig, call.device).tolist()
+            total = sum(r_lengths)
+            self._check_lengths(u_lengths, [local_len(total, topo.ring_size, topo.ulysses_size, topo.ring_rank, u,
+                                                      self.layout) for u in range(topo.ulysses_size)], total)
+            expected = [sum(local_len(total, topo.ring_size, topo.ulysses_size, r, u, self.layout)
+                            for u in range(topo.ulysses_size)) for r in range(topo.ring_size)]
+            self._check_lengths(r_lengths, expected, total)
+        else:
+            lengths = self._agree(topo.ring, sig, call.device).tolist()
+            total = sum(lengths)
+            self._check_lengths(lengths, [local_len(total, topo.ring_size, 1, r, 0, self.layout)
+                                          for r in range(topo.ring_size)], total)
+        if self._refused_ranks and not refused:
+            raise UnsupportedInputError(
+                f"context-parallel attention (provider '{provider.name}', cp_strategy='{strategy}')",
+                [f"rank(s) {self._refused_ranks} refused this call; their error lists the reasons"],
+            )
+        self._check_mask(call, total)
+        return total
+
+    def _check_lengths(self, have: list[int], want: list[int], total: int) -> None:
+        if have != want:
+            raise RankMismatchError(
+                f"local sequence lengths {have} do not match the '{self.layout}' layout of {total} tokens over "
+                f"{self.world_size} ranks, which gives {want}. Shard inputs with cpattn.shard_sequence(x, "
+                f"cp_mesh, seq_dim, layout='{self.layout}') (the same layout as cp_layout)."
+            )
+
+    @staticmethod
+    def _check_mask(call: AttentionCall, total: int) -> None:
+        mask = call.attn_mask
+        if mask is None:
+            return
+        if mask.shape[-1] not in (1, total):
+            raise InvalidArgumentError(
+                f"under context parallelism attn_mask must be (local query rows x all keys): {total} keys "
+                f"(or 1) in global order; got shape {tuple(mask.shape)}"
+            )
+
+    # -- step 3: run --------------------------------------------------------------------------
+    def run(self, provider: Provider, call: AttentionCall) -> torch.Tensor:
+        strategy = self.choose_strategy(provider, call)
+        reasons = self.reasons(provider, call, strategy)
+        total = self.agree(provider, call, strategy, refused=bool(reasons))
+        if reasons:
+            raise UnsupportedInputError(
+                f"provider '{provider.name}' under cp_strategy='{strategy}'", reasons, self._suggestion(strategy)
+            )
+        self.stats["calls"] += 1
+        if strategy == "ring":
+            return ring_attention(provider, call, self._ring_spec(total))
+        if strategy == "hybrid":
+            inner = functools.partial(ring_attention, provider, spec=self._ring_spec(total))
+            return ulysses_attention(call, self._hybrid_ulysses_spec(total), inner)
+        if strategy == "ulysses":
+            return ulysses_attention(call, self._ulysses_spec(total, call.device), provider.attention)
+        return allgather_attention(provider, call, self._allgather_spec(total, call.device))
+
+    def _ring_spec(self, total: int) -> RingSpec:
+        return RingSpec(self.topology.ring, self.layout, total, self.timeout, self.stats)
+
+    def _gathered_order(self, total: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """1-D schedules that gather every rank's tokens: their concatenation's global positions."""
+        positions = _positions_cached(total, self.topology.ring_size, self.layout, device)
+        if bool((positions[1:] >= positions[:-1]).all()):
+            return None, positions
+        return torch.argsort(positions), positions
+
+    def _ulysses_spec(self, total: int, device) -> UlyssesSpec:
+        group = self.topology.ring
+        lengths = [local_len(total, group.size, 1, r, 0, self.layout) for r in range(group.size)]
+        order, positions = self._gathered_order(total, device)
+        return UlyssesSpec(group, lengths, self.timeout, self.stats, order, positions)
+
+    def _hybrid_ulysses_spec(self, total: int) -> UlyssesSpec:
+        topo = self.topology
+        lengths = [local_len(total, topo.ring_size, topo.ulysses_size, topo.ring_rank, u, self.layout)
+                   for u in range(topo.ulysses_size)]
+        return UlyssesSpec(topo.ulysses, lengths, self.timeout, self.stats)
+
+    def _allgather_spec(self, total: int, device) -> AllGatherSpec:
+        group = self.topology.ring
+        lengths = [local_len(total, group.size, 1, r, 0, self.layout) for r in range(group.size)]
+        order, positions = self._gathered_order(total, device)
+        if order is None:
+            order = torch.arange(total, device=device)
+        q_positions = ring_positions(total, group.size, group.rank, self.layout, device)
+        return AllGatherSpec(group, lengths, q_positions, order, positions, self.timeout, self.stats)
+
+
+@functools.lru_cache(maxsize=256)
+def _positions_cached(total: int, ring_size: int, layout: str, device) -> torch.Tensor:
+    return torch.cat([ring_positions(total, ring_size, r, layout, device) for r in range(ring_size)])
+
+
+def _show(name: str, code: int):
+    if name == "provider":
+        return list(_PROVIDER_CODES)[code]
+    if name == "schedule":
+        return STRATEGIES[code]
+    if name == "dtype":
+        return {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}.get(code, code)
+    if name in ("scale", "dropout_p"):
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    return code

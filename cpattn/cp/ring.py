@@ -1,0 +1,203 @@
+"""Ring attention: each rank keeps its queries, KV blocks travel round the ring, partial results merge.
+
+Forward, at step i of W, rank r holds the KV block of source s = (r - i) mod W. Before computing on it, the
+rank starts sending that block to rank r+1 and receiving the next one from rank r-1 (so the transfer
+overlaps the kernel), computes attention of its queries against the block, and merges the (out, lse) into
+a float32 accumulator. W-1 exchanges in all; the last block is never sent on.
+
+Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay put, KV rotates as in the
+forward, and each block's float32 dK/dV accumulator travels with the block: rank r adds its contribution
+to the accumulator of block s, passes both on, and after the last step one more hop returns every
+accumulator to its owner. Per-block gradients come from the provider's backward given the global
+(out, lse), which is exact: softmax probabilities of a block are exp(score - global lse).
+
+Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
+rank does one diagonal block and W-1 half blocks. This module never names a provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..contract import AttentionCall, Provider
+from ..masks import select_keys, select_queries
+from ..merge import PartialAttention
+from .comm import CommStats, RingChannel
+from .layout import ring_chunks, ring_positions
+from .mesh import Group
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Which local query rows attend which columns of a source's KV block, and whether causally."""
+
+    rows: slice
+    cols: slice
+    causal: bool
+
+
+@dataclass
+class RingSpec:
+    group: Group
+    layout: str
+    total: int  # global sequence length
+    timeout: float
+    stats: CommStats
+
+    def length(self, rank: int) -> int:
+        return sum(c.size for c in ring_chunks(self.total, self.group.size, rank, self.layout))
+
+    def first_chunk(self, rank: int) -> int:
+        return ring_chunks(self.total, self.group.size, rank, self.layout)[0].size
+
+    def key_positions(self, rank: int, device) -> torch.Tensor:
+        return ring_positions(self.total, self.group.size, rank, self.layout, device)
+
+
+def block_plan(spec: RingSpec, me: int, src: int, causal: bool) -> BlockPlan | None:
+    """The part of (my queries x source's keys) that causal attention does not mask out entirely."""
+    rows, cols = slice(0, spec.length(me)), slice(0, spec.length(src))
+    if not causal:
+        plan = BlockPlan(rows, cols, False)
+    elif src == me:  # local queries against local keys: same positions, so top-left causal is exact
+        plan = BlockPlan(rows, cols, True)
+    elif spec.layout == "contiguous":
+        plan = BlockPlan(rows, cols, False) if src < me else None
+    elif src < me:  # zigzag: only the source's first chunk precedes my queries
+        plan = BlockPlan(rows, slice(0, spec.first_chunk(src)), False)
+    else:  # zigzag, src > me: only my second (late) chunk follows all of the source's keys
+        plan = BlockPlan(slice(spec.first_chunk(me), spec.length(me)), cols, False)
+    if plan is None or plan.rows.stop <= plan.rows.start or plan.cols.stop <= plan.cols.start:
+        return None
+    return plan
+
+
+def _rows(x: torch.Tensor, rows: slice, full: int) -> torch.Tensor:
+    return x if rows.start == 0 and rows.stop == full else x[:, :, rows].contiguous()
+
+
+def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan) -> AttentionCall:
+    mask = call.attn_mask
+    if mask is not None:
+        key_pos = spec.key_positions(src, mask.device)[plan.cols]
+        mask = select_queries(select_keys(mask, key_pos), plan.rows)
+    full_cols = plan.cols.stop - plan.cols.start == k.shape[2]
+    return call.replace(
+        query=_rows(call.query, plan.rows, call.q_len),
+        key=k if full_cols else k[:, :, plan.cols],
+        value=v if full_cols else v[:, :, plan.cols],
+        attn_mask=mask,
+        is_causal=plan.causal,
+    )
+
+
+class _KVBuffers:
+    """Two flat receive buffers, used in turn, viewed at each incoming block's length."""
+
+    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int):
+        b, h, _, d = like_k.shape
+        dv = like_v.shape[-1]
+        self._shape = (b, h, d, dv)
+        self._bufs = [
+            (like_k.new_empty(b * h * max_len * d), like_v.new_empty(b * h * max_len * dv)) for _ in range(2)
+        ]
+        self._turn = 0
+
+    def next(self, length: int) -> list[torch.Tensor]:
+        b, h, d, dv = self._shape
+        kbuf, vbuf = self._bufs[self._turn]
+        self._turn ^= 1
+        return [kbuf[: b * h * length * d].view(b, h, length, d), vbuf[: b * h * length * dv].view(b, h, length, dv)]
+
+
+def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (out float32, lse) of attention over the whole ring's keys."""
+    group, world = spec.group, spec.group.size
+    channel = RingChannel(group, spec.timeout, spec.stats)
+    k, v = call.key.contiguous(), call.value.contiguous()
+    buffers = _KVBuffers(k, v, max(spec.length(r) for r in range(world)))
+    acc = PartialAttention.empty(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
+    for step in range(world):
+        src = (group.rank - step) % world
+        pending = None
+        if step < world - 1:  # start the next block's transfer before computing on this one
+            pending = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
+        plan = block_plan(spec, group.rank, src, call.is_causal)
+        if plan is not None:
+            out_b, lse_b = provider.forward(_block_call(call, spec, src, k, v, plan))
+            acc.add_rows(plan.rows, out_b, lse_b)
+        if pending is not None:
+            k, v = pending.wait()
+    return acc.out, acc.lse
+
+
+def ring_backward(
+    provider: Provider, call: AttentionCall, spec: RingSpec, dout: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of this rank's shard; dK/dV accumulators travel with their KV block."""
+    group, world = spec.group, spec.group.size
+    channel = RingChannel(group, spec.timeout, spec.stats)
+    k, v = call.key.contiguous(), call.value.contiguous()
+    buffers = _KVBuffers(k, v, max(spec.length(r) for r in range(world)))
+    dq = torch.zeros(call.query.shape, dtype=torch.float32, device=call.device)
+    dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=call.device)
+    dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=call.device)
+    pending_dkv = None
+    for step in range(world):
+        src = (group.rank - step) % world
+        prev_len = spec.length((src - 1) % world)
+        pending_kv = None
+        if step < world - 1:
+            pending_kv = channel.exchange([k, v], buffers.next(prev_len), "kv")
+        plan = block_plan(spec, group.rank, src, call.is_causal)
+        grads = None
+        if plan is not None:
+            block = _block_call(call, spec, src, k, v, plan)
+            n = call.q_len
+            grads = provider.backward(block, _rows(dout, plan.rows, n), _rows(out, plan.rows, n),
+                                      _rows(lse, plan.rows, n))
+        if pending_dkv is not None:  # the accumulators of block `src`, from the ranks that saw it before
+            dk_acc, dv_acc = pending_dkv.wait()
+        if grads is not None:
+            dq[:, :, plan.rows] += grads[0]
+            dk_acc[:, :, plan.cols] += grads[1]
+            dv_acc[:, :, plan.cols] += grads[2]
+        recv = [torch.empty((*k.shape[:2], prev_len, k.shape[3]), dtype=torch.float32, device=call.device),
+                torch.empty((*v.shape[:2], prev_len, v.shape[3]), dtype=torch.float32, device=call.device)]
+        # After the last step this is the final hop: every accumulator goes home to its owner.
+        pending_dkv = channel.exchange([dk_acc, dv_acc], recv, "dkv")
+        if pending_kv is not None:
+            k, v = pending_kv.wait()
+    dk, dv = pending_dkv.wait()
+    return dq, dk, dv
+
+
+class RingAttention(torch.autograd.Function):
+    """Autograd wrapper: forward merges blocks, backward rotates KV and dK/dV accumulators."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, provider, call, spec):
+        call = call.replace(query=query, key=key, value=value)
+        out, lse = ring_forward(provider, call, spec)
+        out = out.to(query.dtype)  # cast once, at the end
+        ctx.provider, ctx.call, ctx.spec = provider, call, spec
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, out, lse = ctx.saved_tensors
+        call = ctx.call.replace(query=query, key=key, value=value)
+        dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse)
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None
+
+
+def ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec) -> torch.Tensor:
+    if call.needs_grad:
+        return RingAttention.apply(call.query, call.key, call.value, provider, call, spec)
+    with torch.no_grad():
+        out, _ = ring_forward(provider, call, spec)
+    return out.to(call.dtype)
