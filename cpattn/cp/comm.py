@@ -102,8 +102,9 @@ def all_gather_padded(x: torch.Tensor, lengths: list[int], dim: int, group: Grou
         shape = list(x.shape)
         shape[dim] = pad
         x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    x = x.contiguous()  # before empty_like, which would copy a view's strides into the receive buffers
     bufs = [torch.empty_like(x) for _ in range(group.size)]
-    work = dist.all_gather(bufs, x.contiguous(), group=group.pg, async_op=True)
+    work = dist.all_gather(bufs, x, group=group.pg, async_op=True)
     _wait(work, timeout, "all-gather", group)
     return [b.narrow(dim, 0, n) for b, n in zip(bufs, lengths)]
 

@@ -73,13 +73,14 @@ def gather_mask_rows(mask: torch.Tensor | None, q_splits: list[int], spec: Ulyss
     """A (rows = local queries, cols = all keys) mask -> rows of the whole group, heads of this rank."""
     if mask is None:
         return None
-    if mask.dim() == 4 and mask.shape[1] > 1:
-        mask = mask[:, _head_range(q_splits, spec.group.rank)]
     if mask.dim() >= 2 and mask.shape[-2] > 1:
+        # every rank contributes its rows for all heads; each then keeps its own heads (below)
         rows = all_gather_padded(mask, spec.lengths, mask.dim() - 2, spec.group, spec.timeout)
         mask = torch.cat(rows, dim=-2)
         if spec.order is not None:
             mask = mask.index_select(-2, spec.order.to(mask.device))
+    if mask.dim() == 4 and mask.shape[1] > 1:
+        mask = mask[:, _head_range(q_splits, spec.group.rank)]
     return mask
 
 

@@ -1,0 +1,199 @@
+"""Run batches of context-parallel cases in W gloo processes and compare with the float64 reference.
+
+One spawn per world size runs many cases (process start-up dominates on small CPUs). Every case builds
+the whole problem from a seed on every rank, shards it with cpattn.shard_sequence, runs forward and
+backward through cpattn.attention_dispatch under attention_provider(..., cp_mesh=mesh), gathers output and
+gradients, and reports on rank 0 the max error against the float64 reference of the unsharded problem.
+Error cases report, from every rank, the exception each one raised and how long it took.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.multiprocessing as mp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Case:
+    provider: str = "native"
+    strategy: str = "ring"
+    layout: str = "zigzag"
+    causal: bool = True
+    mask: str | None = None  # None, "bool", "additive", "key_padding", "empty_rows"
+    batch: int = 2
+    q_heads: int = 4
+    kv_heads: int = 2
+    seq: int = 14
+    head_dim: int = 16
+    dtype: str = "float32"
+    grad: bool = True
+    dropout: float = 0.0
+    mesh: tuple = ()  # () = 1-D over all ranks; (R, U) = 2-D ("ring", "ulysses")
+    standin: str | None = None  # tests/standins module to install before running
+    fault: str | None = None  # error cases: what to break on one rank
+
+    @property
+    def name(self) -> str:
+        parts = [f"{k}={v}" for k, v in asdict(self).items() if v != getattr(Case, k, None)]
+        return ",".join(parts) or "default"
+
+
+@dataclass
+class Outcome:
+    errors: dict = field(default_factory=dict)  # what -> max abs error (rank 0)
+    stats: dict = field(default_factory=dict)
+    exception: str | None = None  # rank 0's exception type and message
+    rank_exceptions: list = field(default_factory=list)  # (type, message, seconds) per rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_mask(case: Case, gen) -> torch.Tensor | None:
+    b, s = case.batch, case.seq
+    if case.mask is None:
+        return None
+    if case.mask == "bool":
+        return torch.rand(b, 1, s, s, generator=gen) < 0.7
+    if case.mask == "additive":
+        return torch.randn(b, case.q_heads, s, s, generator=gen, dtype=torch.float64)
+    if case.mask == "key_padding":
+        m = torch.ones(b, 1, 1, s, dtype=torch.bool)
+        m[0, ..., s - max(1, s // 3):] = False
+        return m
+    if case.mask == "empty_rows":  # some query rows see no key at all
+        m = torch.rand(b, 1, s, s, generator=gen) < 0.7
+        m[:, :, ::3] = False
+        return m
+    raise ValueError(case.mask)
+
+
+def _problem(case: Case):
+    gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))  # same on every rank
+    shape = lambda h: (case.batch, h, case.seq, case.head_dim)  # noqa: E731
+    q = torch.randn(shape(case.q_heads), generator=gen, dtype=torch.float64)
+    k = torch.randn(shape(case.kv_heads), generator=gen, dtype=torch.float64)
+    v = torch.randn(shape(case.kv_heads), generator=gen, dtype=torch.float64)
+    dout = torch.randn(shape(case.q_heads), generator=gen, dtype=torch.float64)
+    return q, k, v, dout, _make_mask(case, gen)
+
+
+def _mesh(case: Case, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if case.mesh:
+        return init_device_mesh("cpu", case.mesh, mesh_dim_names=("ring", "ulysses"))
+    return init_device_mesh("cpu", (world,))
+
+
+def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
+    import cpattn
+    from cpattn.reference import reference_attention
+
+    if case.standin:
+        sys.path.insert(0, os.path.join(HERE, "standins"))
+        __import__(case.standin).install()
+    mesh = meshes.setdefault(case.mesh, _mesh(case, world))
+    dtype = getattr(torch, case.dtype)
+    q, k, v, dout, mask = _problem(case)
+    shard = lambda t: cpattn.shard_sequence(t, mesh, 2, case.layout)  # noqa: E731
+    ql, kl, vl = (shard(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
+    mask_l = None
+    if mask is not None:
+        mask_l = mask if mask.shape[2] == 1 else shard(mask)
+        mask_l = mask_l if mask_l.dtype == torch.bool else mask_l.to(dtype)
+    if case.fault == "head_dim" and rank == 0:
+        ql, kl, vl = (t.detach()[..., :-2].clone().requires_grad_(case.grad) for t in (ql, kl, vl))
+    if case.fault == "length" and rank == 0:
+        ql, kl, vl = (t.detach()[:, :, :-1].clone().requires_grad_(case.grad) for t in (ql, kl, vl))
+    if case.fault == "provider" and rank == world - 1:
+        case = Case(**{**asdict(case), "provider": "_native_math"})
+    with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy,
+                                   cp_layout=case.layout, cp_timeout=20) as state:
+        out = cpattn.attention_dispatch(ql, kl, vl, attn_mask=mask_l, is_causal=case.causal,
+                                        dropout_p=case.dropout, enable_gqa=case.q_heads != case.kv_heads)
+        if case.grad:
+            out.backward(shard(dout).to(dtype))
+    gather = lambda t: cpattn.gather_sequence(t, mesh, 2, case.layout)  # noqa: E731
+    result = Outcome(stats=dict(state.cp.stats) if state.cp is not None else {})
+    ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]
+    ref_out, _ = reference_attention(*ref_in, mask, case.causal)
+    result.errors["out"] = (gather(out).double() - ref_out).abs().max().item()
+    result.errors["out_finite"] = float(torch.isfinite(gather(out)).all())
+    if case.grad:
+        ref_out.backward(dout)
+        for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):
+            result.errors[name] = (gather(local.grad).double() - ref.grad).abs().max().item()
+    return result
+
+
+def _worker(rank: int, world: int, port: int, cases: list, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    meshes: dict = {}
+    for case in cases:
+        start = time.monotonic()
+        try:
+            outcome = _run_case(case, rank, world, meshes)
+        except Exception as exc:  # reported, asserted on by the test
+            outcome = Outcome(exception=f"{type(exc).__name__}: {exc}")
+            outcome.rank_exceptions = [(type(exc).__name__, str(exc), time.monotonic() - start)]
+            if os.environ.get("CPATTN_TEST_TRACEBACK"):
+                traceback.print_exc()
+        queue.put((rank, case.name, outcome))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_cases(world: int, cases: list[Case], timeout: float = 400.0) -> dict[str, Outcome]:
+    """Run `cases` on `world` gloo ranks; returns case name -> Outcome (rank 0's, with every rank's exception)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, cases, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    expected = world * len(cases)
+    results: dict[str, Outcome] = {}
+    per_rank: dict[str, list] = {}
+    deadline = time.monotonic() + timeout
+    got = 0
+    while got < expected:
+        if time.monotonic() > deadline:
+            break
+        if queue.empty():
+            if not any(p.is_alive() for p in procs):
+                break
+            time.sleep(0.05)
+            continue
+        rank, name, outcome = queue.get()
+        got += 1
+        per_rank.setdefault(name, []).extend(outcome.rank_exceptions or [(None, None, 0.0)])
+        if rank == 0:
+            results[name] = outcome
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+    for name, outcome in results.items():
+        outcome.rank_exceptions = per_rank.get(name, [])
+    if got < expected:
+        missing = [c.name for c in cases if c.name not in results]
+        raise TimeoutError(f"{world}-rank run finished {got}/{expected} case reports; missing: {missing[:5]}")
+    return results

@@ -1,0 +1,133 @@
+"""Context parallelism on CPU with gloo: every CPU provider x schedule, forward and backward, against the
+float64 reference of the whole unsharded problem, at world sizes 1, 2, 3 and 4 and on a 2 x 2 mesh."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from cp_harness import Case, run_cases
+from helpers import GRAD_ATOL, OUT_ATOL
+
+pytestmark = pytest.mark.distributed
+
+WORLD_SIZES = (1, 2, 3, 4)
+TRAINING_PROVIDERS = ("native", "_native_math", "_native_flash")
+SCHEDULES = ("ring", "ulysses", "allgather")
+
+
+def cases_for(world: int) -> list[Case]:
+    cases = []
+    # every training provider x schedule x (layout, causal); GQA 4:2 and a length not divisible by 2W
+    for provider in TRAINING_PROVIDERS:
+        for strategy in SCHEDULES:
+            for layout, causal in (("zigzag", True), ("contiguous", True), ("zigzag", False)):
+                cases.append(Case(provider=provider, strategy=strategy, layout=layout, causal=causal, seq=13))
+    for strategy in SCHEDULES:
+        for mask in ("bool", "additive", "key_padding", "empty_rows"):
+            cases.append(Case(strategy=strategy, mask=mask, seq=11, causal=mask != "additive"))
+        # heads == sequence length, and fewer KV heads than ranks
+        cases.append(Case(strategy=strategy, q_heads=8, kv_heads=8, seq=8, head_dim=8))
+        cases.append(Case(strategy=strategy, q_heads=4, kv_heads=1, seq=12))
+        cases.append(Case(strategy=strategy, dtype="bfloat16", seq=16, head_dim=32))
+        cases.append(Case(strategy=strategy, dtype="float64", seq=10, batch=1))
+        cases.append(Case(provider="flex", strategy=strategy, grad=False, seq=12))  # flex has no CPU backward
+    cases.append(Case(strategy="ulysses", q_heads=5, kv_heads=5, seq=9))  # heads not divisible by W
+    cases.append(Case(strategy="auto", seq=12))
+    cases.append(Case(strategy="ring", seq=3, q_heads=2, kv_heads=1))  # fewer tokens than chunks
+    cases.append(Case(strategy="ring", grad=False, seq=16))  # no backward: W-1 KV sends only
+    return cases
+
+
+def error_cases(world: int) -> list[Case]:
+    return [
+        Case(strategy="ring", dropout=0.1, fault="dropout"),
+        Case(strategy="ring", fault="head_dim"),
+        Case(strategy="ring", fault="length"),
+        Case(strategy="ulysses", fault="provider"),
+        Case(provider="flex", strategy="ring", fault="flex_grad"),
+        Case(provider="sage", strategy="allgather", grad=False, fault="missing_library"),
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def results(world: int):
+    return run_cases(world, cases_for(world) + (error_cases(world) if world > 1 else []))
+
+
+def _check(outcome, case: Case):
+    assert outcome.exception is None, outcome.exception
+    out_tol, grad_tol = OUT_ATOL[getattr(__import__("torch"), case.dtype)], GRAD_ATOL[getattr(__import__("torch"), case.dtype)]
+    assert outcome.errors["out_finite"] == 1.0, "non-finite output"
+    assert outcome.errors["out"] <= out_tol, f"out error {outcome.errors['out']:.3g} > {out_tol}"
+    if case.grad:
+        for name in ("dq", "dk", "dv"):
+            assert outcome.errors[name] <= grad_tol, f"{name} error {outcome.errors[name]:.3g} > {grad_tol}"
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_schedules_match_reference(world, subtests=None):
+    failures = []
+    outcomes = results(world)
+    for case in cases_for(world):
+        try:
+            _check(outcomes[case.name], case)
+        except AssertionError as exc:
+            failures.append(f"{case.name}: {exc}")
+    assert not failures, f"{len(failures)} of {len(cases_for(world))} cases failed at W={world}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ring_sends_w_minus_one_kv_blocks_per_forward(world):
+    outcome = results(world)[Case(strategy="ring", grad=False, seq=16).name]
+    assert outcome.exception is None, outcome.exception
+    assert outcome.stats["kv_sends"] == world - 1
+    assert "dkv_sends" not in outcome.stats
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ring_backward_returns_each_accumulator_home(world):
+    outcome = results(world)[Case(provider="native", strategy="ring", layout="zigzag", causal=True, seq=13).name]
+    assert outcome.stats["kv_sends"] == 2 * (world - 1)  # forward and backward rotations
+    assert outcome.stats["dkv_sends"] == world  # W-1 hops with the blocks, one final hop home
+
+
+def test_hybrid_on_a_2x2_mesh():
+    cases = [
+        Case(strategy="hybrid", mesh=(2, 2), layout=layout, causal=causal, seq=15, mask=mask)
+        for layout in ("zigzag", "contiguous") for causal in (True, False) for mask in (None, "bool")
+    ] + [Case(strategy="auto", mesh=(2, 2), q_heads=4, kv_heads=1, seq=10)]
+    outcomes = run_cases(4, cases)
+    failures = []
+    for case in cases:
+        try:
+            _check(outcomes[case.name], case)
+        except AssertionError as exc:
+            failures.append(f"{case.name}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+EXPECTED_ERRORS = {
+    "dropout": ("UnsupportedInputError", "dropout under ring attention"),
+    "head_dim": ("RankMismatchError", "disagree on head dim"),
+    "length": ("RankMismatchError", "local sequence lengths"),
+    "provider": ("RankMismatchError", "disagree on provider"),
+    "flex_grad": ("UnsupportedInputError", "provider 'flex'"),
+    "missing_library": ("UnsupportedInputError", "provider 'sage'"),
+}
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+@pytest.mark.parametrize("fault", sorted(EXPECTED_ERRORS))
+def test_bad_calls_raise_the_same_error_on_every_rank_quickly(world, fault):
+    case = next(c for c in error_cases(world) if c.fault == fault)
+    outcome = results(world)[case.name]
+    kind, text = EXPECTED_ERRORS[fault]
+    assert len(outcome.rank_exceptions) == world
+    for exc_type, message, seconds in outcome.rank_exceptions:
+        assert exc_type is not None, f"a rank did not raise for fault {fault}"
+        assert seconds < 10, f"took {seconds:.1f}s to raise"
+        if exc_type == kind:
+            assert text in message, message
+    assert any(t == kind and text in m for t, m, _ in outcome.rank_exceptions)
