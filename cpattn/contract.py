@@ -56,7 +56,7 @@ class Capabilities:
     notes: tuple[str, ...] = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class AttentionCall:
     """One attention problem, validated and with its scale resolved. Schedules build sub-calls from it."""
 
@@ -146,6 +146,18 @@ class Provider:
 
     def __init__(self) -> None:
         self._availability: Availability | None = None
+        # Input signatures this provider already accepted (see dispatch.call_signature); bounded.
+        self._accepted: dict[tuple, Availability] = {}
+
+    def accepted(self, signature: tuple) -> bool:
+        """Whether a call with this signature was checked and accepted under the current availability."""
+        avail = self._accepted.get(signature)
+        return avail is not None and avail is self._availability
+
+    def remember_accepted(self, signature: tuple) -> None:
+        if len(self._accepted) >= 4096:
+            self._accepted.clear()
+        self._accepted[signature] = self._availability
 
     # -- availability -------------------------------------------------------------------------
     def availability(self) -> Availability:

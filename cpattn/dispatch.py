@@ -185,17 +185,43 @@ def attention_dispatch(
     than one rank they are this rank's sequence shard and so is the result.
     """
     state = current_state()
-    sharded = state.cp is not None and state.cp.world_size > 1
-    call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded)
-    if sharded:
-        return state.cp.run(state.provider, call)
-    return run_single(state.provider, call)
+    provider = state.provider
+    if state.cp is not None and state.cp.world_size > 1:
+        call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True)
+        return state.cp.run(provider, call)
+    # Hot path: a signature this provider already accepted skips every check (they depend on nothing else).
+    signature = call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if provider.accepted(signature):
+        if scale is None:
+            scale = default_scale(query.shape[-1])
+        call = AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa)
+        return run_checked(provider, call)
+    call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out = run_single(provider, call)
+    provider.remember_accepted(signature)
+    return out
+
+
+def call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple:
+    """Everything the argument checks and a provider's verdict depend on (shapes, dtypes, devices, flags)."""
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    mask = None if attn_mask is None else (
+        attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.requires_grad
+    ) if isinstance(attn_mask, torch.Tensor) else type(attn_mask)
+    return (
+        query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
+        value.device, mask, dropout_p > 0, dropout_p, bool(is_causal), bool(enable_gqa), grad,
+    )
 
 
 def run_single(provider: Provider, call: AttentionCall) -> torch.Tensor:
     reasons = provider.reasons(call)
     if reasons:
         raise UnsupportedInputError(f"provider '{provider.name}'", reasons, suggest(call, provider.name))
+    return run_checked(provider, call)
+
+
+def run_checked(provider: Provider, call: AttentionCall) -> torch.Tensor:
     device = call.device
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):  # kernels launch on the tensors' GPU, not the current one

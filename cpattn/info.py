@@ -99,10 +99,13 @@ def print_info() -> None:
         print(render(rows, env))
         return
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not fold provider names into a narrow table
+        console = Console(width=220)
     for k, v in env.items():
         console.print(f"[bold]{k}[/bold]: {v}")
     table = Table(title="cpattn providers")
-    for col in ("provider", "family", "runs here", "library", "needs", "training", "why not / notes"):
+    table.add_column("provider", no_wrap=True)
+    for col in ("family", "runs here", "library", "needs", "training", "why not / notes"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r.name, r.family, "[green]yes[/green]" if r.available else "[red]no[/red]", r.version,

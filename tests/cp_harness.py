@@ -41,6 +41,7 @@ class Case:
     mesh: tuple = ()  # () = 1-D over all ranks; (R, U) = 2-D ("ring", "ulysses")
     standin: str | None = None  # tests/standins module to install before running
     fault: str | None = None  # error cases: what to break on one rank
+    device: str = "cpu"  # "cuda": every rank on cuda:0, gloo (several ranks on one GPU), mesh = the world group
 
     @property
     def name(self) -> str:
@@ -92,7 +93,11 @@ def _problem(case: Case):
 
 
 def _mesh(case: Case, world: int):
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+
+    if case.device == "cuda":
+        return dist.group.WORLD  # a ProcessGroup is a valid cp_mesh; gloo with CUDA tensors
 
     if case.mesh:
         return init_device_mesh("cpu", case.mesh, mesh_dim_names=("ring", "ulysses"))
@@ -106,15 +111,16 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     if case.standin:
         sys.path.insert(0, os.path.join(HERE, "standins"))
         __import__(case.standin).install()
-    mesh = meshes.setdefault(case.mesh, _mesh(case, world))
+    mesh = meshes.setdefault((case.mesh, case.device), _mesh(case, world))
     dtype = getattr(torch, case.dtype)
     q, k, v, dout, mask = _problem(case)
     shard = lambda t: cpattn.shard_sequence(t, mesh, 2, case.layout)  # noqa: E731
-    ql, kl, vl = (shard(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
+    device = torch.device(case.device)
+    ql, kl, vl = (shard(t).to(device=device, dtype=dtype).requires_grad_(case.grad) for t in (q, k, v))
     mask_l = None
     if mask is not None:
         mask_l = mask if mask.shape[2] == 1 else shard(mask)
-        mask_l = mask_l if mask_l.dtype == torch.bool else mask_l.to(dtype)
+        mask_l = (mask_l if mask_l.dtype == torch.bool else mask_l.to(dtype)).to(device)
     if case.fault == "head_dim" and rank == 0:
         ql, kl, vl = (t.detach()[..., :-2].clone().requires_grad_(case.grad) for t in (ql, kl, vl))
     if case.fault == "length" and rank == 0:
@@ -126,17 +132,18 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
         out = cpattn.attention_dispatch(ql, kl, vl, attn_mask=mask_l, is_causal=case.causal,
                                         dropout_p=case.dropout, enable_gqa=case.q_heads != case.kv_heads)
         if case.grad:
-            out.backward(shard(dout).to(dtype))
+            out.backward(shard(dout).to(device=device, dtype=dtype))
     gather = lambda t: cpattn.gather_sequence(t, mesh, 2, case.layout)  # noqa: E731
     result = Outcome(stats=dict(state.cp.stats) if state.cp is not None else {})
     ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]
     ref_out, _ = reference_attention(*ref_in, mask, case.causal)
-    result.errors["out"] = (gather(out).double() - ref_out).abs().max().item()
-    result.errors["out_finite"] = float(torch.isfinite(gather(out)).all())
+    full_out = gather(out).cpu()
+    result.errors["out"] = (full_out.double() - ref_out).abs().max().item()
+    result.errors["out_finite"] = float(torch.isfinite(full_out).all())
     if case.grad:
         ref_out.backward(dout)
         for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):
-            result.errors[name] = (gather(local.grad).double() - ref.grad).abs().max().item()
+            result.errors[name] = (gather(local.grad).cpu().double() - ref.grad).abs().max().item()
     return result
 
 

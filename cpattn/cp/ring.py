@@ -18,6 +18,7 @@ rank does one diagonal block and W-1 half blocks. This module never names a prov
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -45,6 +46,11 @@ class RingSpec:
     total: int  # global sequence length
     timeout: float
     stats: CommStats
+    # Builds the point-to-point channel; swappable so a benchmark can run one rank's work with no network.
+    channel_factory: Callable[..., RingChannel] = RingChannel
+
+    def channel(self) -> RingChannel:
+        return self.channel_factory(self.group, self.timeout, self.stats)
 
     def length(self, rank: int) -> int:
         return sum(c.size for c in ring_chunks(self.total, self.group.size, rank, self.layout))
@@ -115,7 +121,7 @@ class _KVBuffers:
 def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (out float32, lse) of attention over the whole ring's keys."""
     group, world = spec.group, spec.group.size
-    channel = RingChannel(group, spec.timeout, spec.stats)
+    channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, max(spec.length(r) for r in range(world)))
     acc = PartialAttention.empty(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
@@ -139,7 +145,7 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of this rank's shard; dK/dV accumulators travel with their KV block."""
     group, world = spec.group, spec.group.size
-    channel = RingChannel(group, spec.timeout, spec.stats)
+    channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, max(spec.length(r) for r in range(world)))
     dq = torch.zeros(call.query.shape, dtype=torch.float32, device=call.device)

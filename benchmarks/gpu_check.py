@@ -1,0 +1,191 @@
+"""GPU correctness check: every provider whose library runs on this GPU, against the float64 reference.
+
+    python benchmarks/gpu_check.py [--out benchmarks/results] [--cp-worlds 2 3 4]
+
+Single device: forward through `attention_dispatch` and backward where the provider trains, the contract's
+(out, lse) and its backward with an external (out, lse). Context parallel: several ranks on this one GPU
+over gloo (point-to-point staged through CPU), ring / Ulysses / all-gather, forward and backward.
+Writes gpu_check_<gpu>.json with every number and every failure message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import cpattn  # noqa: E402
+from cpattn.dispatch import make_call  # noqa: E402
+from helpers import GRAD_ATOL, OUT_ATOL, make_qkv, reference_with_grads  # noqa: E402
+
+LSE_ATOL = 2e-2
+
+
+def _err(a, b) -> float:
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(b)
+    if not finite.any():
+        return 0.0
+    if not torch.equal(torch.isfinite(a), finite):
+        return float("inf")
+    return (a[finite] - b[finite]).abs().max().item()
+
+
+def single_cases(provider, caps):
+    dtype = torch.bfloat16 if torch.bfloat16 in caps.dtypes else sorted(caps.dtypes, key=str)[0]
+    head_dim = 128 if (caps.max_head_dim or 512) >= 128 else 64
+    cases = []
+    for causal in (False, True):
+        cases.append(dict(name=f"B2 Hq8 Hkv8 S1000 D{head_dim} causal={causal}", shape=(2, 8, 8, 1000, 1000, head_dim),
+                          dtype=dtype, causal=causal, mask=None))
+    if caps.gqa:
+        cases.append(dict(name=f"GQA Hq8 Hkv2 S777 D{head_dim} causal", shape=(1, 8, 2, 777, 777, head_dim),
+                          dtype=dtype, causal=True, mask=None))
+    cases.append(dict(name="heads==seq H64 S64 D64", shape=(1, 64, 64, 64, 64, 64), dtype=dtype, causal=False,
+                      mask=None))
+    if caps.bool_mask or caps.key_padding_mask:
+        cases.append(dict(name=f"key padding (one batch row fully padded) S512 D{head_dim}",
+                          shape=(2, 4, 4, 512, 512, head_dim), dtype=dtype, causal=False, mask="key_padding"))
+    if caps.bool_mask:
+        cases.append(dict(name=f"bool mask with empty rows S300 D{head_dim}", shape=(2, 4, 4, 300, 300, head_dim),
+                          dtype=dtype, causal=False, mask="bool"))
+    return cases
+
+
+def build_mask(kind, b, sq, sk, device):
+    if kind is None:
+        return None
+    if kind == "key_padding":
+        m = torch.ones(b, 1, 1, sk, dtype=torch.bool, device=device)
+        m[0, ..., sk // 3:] = False
+        m[1, ..., :] = True
+        return m
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(b, 1, sq, sk, generator=g) < 0.6
+    m[:, :, 5] = False
+    return m.to(device)
+
+
+def check_provider(name, provider, device):
+    caps = provider.capabilities("cuda")
+    report = {"provider": name, "available": provider.availability().ok, "version": provider.availability().version,
+              "reason": provider.availability().reason, "cases": []}
+    if not report["available"] or caps is None:
+        return report
+    for case in single_cases(provider, caps):
+        b, hq, hkv, sq, sk, d = case["shape"]
+        dtype = case["dtype"]
+        entry = {"case": case["name"], "dtype": str(dtype).replace("torch.", "")}
+        try:
+            q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, device=device, requires_grad=caps.training)
+            mask = build_mask(case["mask"], b, sq, sk, device)
+            dout = torch.randn(b, hq, sq, d, device=device).to(dtype)
+            ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, mask, case["causal"])
+            reasons = provider.reasons(make_call(q, k, v, mask, 0.0, case["causal"], None, hq != hkv))
+            if reasons:
+                entry["refused"] = reasons
+                report["cases"].append(entry)
+                continue
+            with cpattn.attention_provider(name):
+                out = cpattn.attention_dispatch(q, k, v, attn_mask=mask, is_causal=case["causal"],
+                                                enable_gqa=hq != hkv)
+            entry["out_err"] = _err(out, ref_out)
+            ok = entry["out_err"] <= OUT_ATOL[dtype] * 2
+            if caps.training:
+                out.backward(dout)
+                entry["grad_err"] = max(_err(t.grad, r) for t, r in zip((q, k, v), ref_grads))
+                ok &= entry["grad_err"] <= GRAD_ATOL[dtype] * 2
+            call = make_call(q.detach(), k.detach(), v.detach(), mask, 0.0, case["causal"], None, hq != hkv)
+            if caps.returns_lse:
+                c_out, c_lse = provider.forward(call)
+                entry["contract_out_err"] = _err(c_out, ref_out)
+                entry["lse_err"] = _err(c_lse, ref_lse)
+                entry["lse_dtype"] = str(c_lse.dtype)
+                entry["lse_shape_ok"] = list(c_lse.shape) == [b, hq, sq]
+                ok &= entry["lse_err"] <= LSE_ATOL and entry["lse_shape_ok"] and c_lse.dtype == torch.float32
+                if caps.backward:
+                    grads = provider.backward(call, dout, c_out, c_lse)
+                    entry["contract_grad_err"] = max(_err(g, r) for g, r in zip(grads, ref_grads))
+                    ok &= entry["contract_grad_err"] <= GRAD_ATOL[dtype] * 2
+            entry["ok"] = bool(ok)
+        except Exception as exc:
+            entry["ok"] = False
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            entry["traceback"] = traceback.format_exc()[-3000:]
+        report["cases"].append(entry)
+        print(f"  {name:<32}{entry['case']:<48}{'ok' if entry.get('ok') else entry.get('refused') or 'FAIL'}",
+              flush=True)
+    return report
+
+
+def cp_checks(worlds):
+    from cp_harness import Case, run_cases
+
+    results = []
+    providers = [n for n, p in cpattn.PROVIDERS.items()
+                 if p.availability().ok and p.capabilities("cuda") is not None]
+    for world in worlds:
+        cases = []
+        for name in providers:
+            caps = cpattn.PROVIDERS[name].capabilities("cuda")
+            dtype = "bfloat16" if torch.bfloat16 in caps.dtypes else "float16"
+            if torch.cuda.get_device_capability() < (caps.min_compute_capability or (0, 0)):
+                continue
+            schedules = ["ulysses", "allgather"] + (["ring"] if caps.returns_lse else [])
+            for strategy in schedules:
+                causal = strategy != "allgather" or caps.bool_mask
+                grad = caps.training and (strategy != "ring" or caps.backward)
+                cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=1024 + world, head_dim=128,
+                                  q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype, grad=grad,
+                                  device="cuda", batch=1))
+        outcomes = run_cases(world, cases, timeout=500)
+        for case in cases:
+            o = outcomes[case.name]
+            tol_out, tol_grad = OUT_ATOL[getattr(torch, case.dtype)], GRAD_ATOL[getattr(torch, case.dtype)]
+            ok = o.exception is None and o.errors.get("out", 1) <= tol_out * 2 and (
+                not case.grad or max(o.errors.get(x, 1) for x in ("dq", "dk", "dv")) <= tol_grad * 2)
+            results.append({"world": world, "provider": case.provider, "schedule": case.strategy,
+                            "causal": case.causal, "backward": case.grad, "dtype": case.dtype, "errors": o.errors,
+                            "exception": o.exception, "ok": bool(ok)})
+            print(f"  W={world} {case.provider:<20}{case.strategy:<10} causal={case.causal} bwd={case.grad} "
+                  f"{'ok' if ok else 'FAIL ' + str(o.exception or o.errors)[:300]}", flush=True)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--cp-worlds", type=int, nargs="*", default=[2, 3, 4])
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    start = time.time()
+    gpu = torch.cuda.get_device_name()
+    print(f"gpu check on {gpu}, torch {torch.__version__}", flush=True)
+    single = [check_provider(n, p, device) for n, p in cpattn.PROVIDERS.items()]
+    cp = cp_checks(args.cp_worlds) if args.cp_worlds else []
+    result = {
+        "device": gpu, "capability": "sm%d%d" % torch.cuda.get_device_capability(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start, 1), "single_device": single,
+        "context_parallel_gloo_one_gpu": cp,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    tag = gpu.replace(" ", "_").replace("/", "_")
+    path = os.path.join(args.out, f"gpu_check_{tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    n_fail = sum(not c.get("ok", True) for r in single for c in r["cases"] if "refused" not in c)
+    n_fail += sum(not r["ok"] for r in cp)
+    print(f"wrote {path}; failures: {n_fail}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Markdown summary and PNG plots from a benchmarks/run.py JSON file, with every target's measured value.
+
+    python -m benchmarks.report benchmarks/results/bench_gpu_<device>.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+TARGETS = {
+    "dispatch_ratio_4k": "through attention_dispatch >= 99% of the direct kernel, S >= 4k (fwd and fwd+bwd)",
+    "dispatch_ratio_2k": "through attention_dispatch >= 95% of the direct kernel at S = 2k",
+    "host_overhead": "host overhead added by dispatch <= 5 us per call (p50), zero extra kernels",
+    "ring_split": "ring split efficiency at P=4, S=64k >= 97% of one kernel, forward+backward",
+}
+
+
+def _kernel_lines(rows) -> list[str]:
+    lines = ["| provider | D | S | causal | bwd | direct TFLOP/s | dispatch TFLOP/s | dispatch/direct |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['provider']} | {r['D']} | {r['S']} | {r['causal']} | {r['backward']} | error: "
+                         f"{r['error'][:80]} | | |")
+            continue
+        direct = f"{r['direct']['tflops']:.0f}" if "direct" in r else "-"
+        ratio = f"{r['dispatch_vs_direct']:.3f}" if "dispatch_vs_direct" in r else "-"
+        lines.append(f"| {r['provider']} | {r['D']} | {r['S']} | {r['causal']} | {r['backward']} | {direct} | "
+                     f"{r['dispatch']['tflops']:.0f} | {ratio} |")
+    return lines
+
+
+def _targets(result) -> list[str]:
+    lines = ["| target | measured | met |", "| --- | --- | --- |"]
+    kernels = [r for r in result.get("kernels", []) if "dispatch_vs_direct" in r]
+    for key, lo, hi, need in (("dispatch_ratio_4k", 4096, 10**9, 0.99), ("dispatch_ratio_2k", 2048, 2048, 0.95)):
+        sel = [r["dispatch_vs_direct"] for r in kernels if lo <= r["S"] <= hi]
+        if sel:
+            worst = min(sel)
+            lines.append(f"| {TARGETS[key]} | worst {worst:.3f} over {len(sel)} configs | "
+                         f"{'yes' if worst >= need else 'no'} |")
+    for o in result.get("overhead", []):
+        extra = ""
+        if o.get("kernels"):
+            extra = f", kernels direct {o['kernels']['direct']} vs dispatch {o['kernels']['dispatch']}"
+        met = o["overhead_us_p50"] <= 5 and (not o.get("kernels") or o["kernels"]["direct"] == o["kernels"]["dispatch"])
+        lines.append(f"| {TARGETS['host_overhead']} ({o['device']}, {o['provider']}) | "
+                     f"{o['overhead_us_p50']:.1f} us (direct {o['direct_us_p50']:.1f}, dispatch "
+                     f"{o['dispatch_us_p50']:.1f}){extra} | {'yes' if met else 'no'} |")
+    split = [r for r in result.get("ring_split", []) if r.get("P") == 4 and r.get("S") == 65536 and r.get("backward")]
+    for r in split:
+        if "efficiency" in r:
+            lines.append(f"| {TARGETS['ring_split']} ({r['provider']}) | {r['efficiency']:.3f} | "
+                         f"{'yes' if r['efficiency'] >= 0.97 else 'no'} |")
+    return lines
+
+
+def _split_lines(rows) -> list[str]:
+    lines = ["| provider | S | P | bwd | whole ms | split ms | efficiency |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "efficiency" in r:
+            lines.append(f"| {r['provider']} | {r['S']} | {r['P']} | {r['backward']} | {r['whole']['median_ms']:.2f} | "
+                         f"{r['split']['median_ms']:.2f} | {r['efficiency']:.3f} |")
+        else:
+            lines.append(f"| {r['provider']} | {r['S']} | {r['P']} | {r['backward']} | error: {r.get('error', '')[:80]} | | |")
+    return lines
+
+
+def _plot(result, png: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in result.get("kernels", []) if "dispatch" in r and r["D"] == 128]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    for ax, (causal, backward) in zip(axes.flat, [(False, False), (True, False), (False, True), (True, True)]):
+        for provider in sorted({r["provider"] for r in rows}):
+            sel = sorted((r for r in rows if r["provider"] == provider and r["causal"] == causal
+                          and r["backward"] == backward), key=lambda r: r["S"])
+            if sel:
+                ax.plot([r["S"] for r in sel], [r["dispatch"]["tflops"] for r in sel], marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{'causal' if causal else 'full'}, {'fwd+bwd' if backward else 'fwd'} (D=128, bf16)")
+        ax.set_ylabel("TFLOP/s through attention_dispatch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("sequence length")
+    fig.suptitle(result["environment"].get("gpu", "cpu"))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return True
+
+
+def write_report(path: str) -> str:
+    with open(path) as f:
+        result = json.load(f)
+    env = result["environment"]
+    lines = [f"# Benchmark summary: {env.get('gpu', 'cpu')}", "",
+             f"torch {env['torch']}, CUDA {env.get('cuda (torch build)')}, {env['date']}; providers: "
+             + ", ".join(f"{k} ({v})" for k, v in env.get("providers", {}).items()), "", "## Targets", ""]
+    lines += _targets(result)
+    if result.get("kernels"):
+        lines += ["", "## Kernels (bf16, H=16, B*H*S fixed)", ""] + _kernel_lines(result["kernels"])
+    if result.get("ring_split"):
+        lines += ["", "## Ring split efficiency on one GPU (zigzag causal; all P ranks' work, no communication)", ""]
+        lines += _split_lines(result["ring_split"])
+    if result.get("memory"):
+        lines += ["", "## Peak memory per rank (native provider, causal, fwd+bwd)", "",
+                  "| schedule | world | total S | peak MB per rank |", "| --- | --- | --- | --- |"]
+        for r in result["memory"]:
+            peaks = ", ".join(f"{x:.0f}" for x in r["peak_mb_per_rank"] if x is not None) or "n/a on CPU"
+            lines.append(f"| {r['schedule']} | {r['world']} | {r['total_seq']} | {peaks} |")
+    png = path.replace(".json", ".png")
+    if _plot(result, png):
+        lines += ["", f"![kernels]({os.path.basename(png)})"]
+    md = path.replace(".json", ".md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return md
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1]))

@@ -1,0 +1,375 @@
+"""Benchmarks: kernels, dispatch overhead, ring split efficiency, memory. Results as JSON, markdown and PNG.
+
+    python -m benchmarks.run --suite gpu     # on a GPU: kernels, overhead, ring split, memory
+    python -m benchmarks.run --suite cpu     # CPU: dispatch overhead and a small gloo CP run (CI-sized)
+
+Timing uses triton.testing.do_bench (median of repeated runs, CUDA events) on fresh random inputs. FLOPs:
+4*B*H*S^2*D forward (halved for causal), 3.5x that for forward+backward. Nothing here asserts speed: the
+summary records each target's measured value, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cpattn  # noqa: E402
+from cpattn.cp.comm import CommStats  # noqa: E402
+from cpattn.cp.mesh import Group  # noqa: E402
+from cpattn.cp.ring import RingSpec, ring_backward, ring_forward  # noqa: E402
+from cpattn.dispatch import make_call  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def progress(iterable, description: str):
+    try:
+        from rich.progress import track
+
+        return track(list(iterable), description=description)
+    except ImportError:
+        return iterable
+
+
+def flops(b, h, s, d, causal, backward) -> float:
+    f = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
+    return f * 3.5 if backward else f
+
+
+def bench_gpu(fn, rep_ms=60, warmup_ms=15) -> dict:
+    from triton.testing import do_bench
+
+    q20, q50, q80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    return {"median_ms": q50, "p20_ms": q20, "p80_ms": q80}
+
+
+# -- direct calls: each library as a user would call it without cpattn -----------------------------------
+
+
+def direct_callable(provider: str, q, k, v, causal: bool):
+    """The provider's kernel called directly in its native layout; None if not measured directly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"_native_flash": SDPBackend.FLASH_ATTENTION, "_native_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "_native_cudnn": SDPBackend.CUDNN_ATTENTION, "_native_math": SDPBackend.MATH}
+    sdpa = torch._C._nn.scaled_dot_product_attention
+    if provider in backends:
+        backend = backends[provider]
+
+        def run():
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, is_causal=causal)
+        return run, (q, k, v)
+    if provider == "native":
+        return (lambda: sdpa(q, k, v, is_causal=causal)), (q, k, v)
+    if provider == "flash":
+        from flash_attn.cute import flash_attn_func
+
+        qs, ks, vs = (t.transpose(1, 2).contiguous().detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+        return (lambda: flash_attn_func(qs, ks, vs, causal=causal)[0]), (qs, ks, vs)
+    if provider == "sage":
+        from sageattention import sageattn
+
+        return (lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=causal)), (q, k, v)
+    if provider == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        compiled = torch.compile(flex_attention)
+        s = q.shape[2]
+        block = create_block_mask(lambda b, h, i, j: i >= j, None, None, s, s, device=q.device) if causal else None
+        return (lambda: compiled(q, k, v, block_mask=block)), (q, k, v)
+    return None
+
+
+def kernels_suite(providers, seqs, head_dims, batch_heads_tokens) -> list[dict]:
+    rows = []
+    device = torch.device("cuda")
+    combos = [(p, d, s, c) for p in providers for d in head_dims for s in seqs for c in (False, True)]
+    for provider, d, s, causal in progress(combos, "kernels"):
+        adapter = cpattn.PROVIDERS[provider]
+        caps = adapter.capabilities("cuda")
+        h = 16
+        b = max(1, batch_heads_tokens // (h * s))
+        for backward in (False, True) if caps.training else (False,):
+            row = {"provider": provider, "B": b, "H": h, "S": s, "D": d, "causal": causal, "backward": backward}
+            try:
+                q, k, v = (torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, requires_grad=backward)
+                           for _ in range(3))
+                call = make_call(q, k, v, None, 0.0, causal, None, False)
+                if adapter.reasons(call):
+                    continue
+                dout = torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16)
+
+                def via_dispatch():
+                    with cpattn.attention_provider(provider):
+                        out = cpattn.attention_dispatch(q, k, v, is_causal=causal)
+                    if backward:
+                        out.backward(dout)
+                row["dispatch"] = bench_gpu(via_dispatch)
+                direct = direct_callable(provider, q, k, v, causal)
+                if direct is not None:
+                    fn, inputs = direct
+                    dout_direct = dout if inputs[0].shape == q.shape else dout.transpose(1, 2).contiguous()
+
+                    def run_direct():
+                        out = fn()
+                        if backward:
+                            out.backward(dout_direct)
+                    row["direct"] = bench_gpu(run_direct)
+                f = flops(b, h, s, d, causal, backward)
+                for key in ("dispatch", "direct"):
+                    if key in row:
+                        row[key]["tflops"] = f / (row[key]["median_ms"] * 1e-3) / 1e12
+                if "direct" in row:
+                    row["dispatch_vs_direct"] = row["direct"]["median_ms"] / row["dispatch"]["median_ms"]
+            except Exception as exc:  # record, keep going
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rows.append(row)
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -- dispatch overhead ----------------------------------------------------------------------------------
+
+
+def host_overhead(device: str, n: int = 2000) -> dict:
+    """Host time per call, median, through attention_dispatch vs the provider's direct aten call."""
+    q, k, v = (torch.randn(1, 2, 16, 16, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+               for _ in range(3))
+    provider = "_native_cudnn" if device == "cuda" else "_native_flash"
+    aten = torch.ops.aten
+    if device == "cuda":
+        direct = lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False)[0]  # noqa
+    else:
+        direct = lambda: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]  # noqa
+
+    def via():
+        return cpattn.attention_dispatch(q, k, v, is_causal=True)
+
+    def per_call(fn):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            fn()
+            times.append(time.perf_counter_ns() - t0)
+        return times
+
+    with cpattn.attention_provider(provider):
+        for _ in range(200):
+            via()
+            direct()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        d_times, v_times = per_call(direct), per_call(via)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        kernels = kernel_counts(direct, via) if device == "cuda" else None
+    p50_direct, p50_via = statistics.median(d_times) / 1e3, statistics.median(v_times) / 1e3
+    return {"device": device, "provider": provider, "direct_us_p50": p50_direct, "dispatch_us_p50": p50_via,
+            "overhead_us_p50": p50_via - p50_direct, "kernels": kernels}
+
+
+def kernel_counts(direct, via) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = {}
+    for name, fn in (("direct", direct), ("dispatch", via)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        counts[name] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    return counts
+
+
+# -- ring split efficiency -------------------------------------------------------------------------------
+
+
+class _LoopbackChannel:
+    """One rank's view of a ring with no network: 'receives' the KV block that rank r-1 would send."""
+
+    def __init__(self, blocks, rank):
+        self._blocks, self._rank = blocks, rank
+        self._step = {"kv": 0, "dkv": 0}
+
+    def __call__(self, group, timeout, stats):
+        return self
+
+    def exchange(self, send, recv, kind):
+        self._step[kind] += 1
+        world = len(self._blocks)
+        src = (self._rank - self._step[kind]) % world
+        if kind == "kv":
+            got = list(self._blocks[src])
+        else:
+            got = [torch.zeros_like(r) for r in recv]  # values do not matter for timing
+        return type("Done", (), {"wait": staticmethod(lambda: got)})()
+
+
+def ring_split_suite(provider: str, seqs, parts, causal=True) -> list[dict]:
+    """All P ranks' block kernels and merges run one after another on one GPU vs one whole-sequence call."""
+    rows = []
+    adapter = cpattn.PROVIDERS[provider]
+    device = torch.device("cuda")
+    h, d = 16, 128
+    for s, p, backward in progress([(s, p, bw) for s in seqs for p in parts for bw in (False, True)], "ring split"):
+        row = {"provider": provider, "S": s, "P": p, "causal": causal, "backward": backward, "H": h, "D": d}
+        try:
+            q, k, v = (torch.randn(1, h, s, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+            dout = torch.randn_like(q)
+            full = make_call(q, k, v, None, 0.0, causal, None, False)
+            out, lse = adapter.forward(full)
+
+            def whole():
+                o, l_ = adapter.forward(full)
+                if backward:
+                    adapter.backward(full, dout, o, l_)
+            shards = [cpattn.cp.layout.ring_positions(s, p, r, "zigzag", device) for r in range(p)]
+            local = [(q.index_select(2, i), k.index_select(2, i), v.index_select(2, i), dout.index_select(2, i),
+                      out.index_select(2, i), lse.index_select(2, i)) for i in shards]
+            blocks = [(lk.contiguous(), lv.contiguous()) for _, lk, lv, *_ in local]
+
+            def split():
+                for r in range(p):
+                    spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
+                                    channel_factory=_LoopbackChannel(blocks, r))
+                    lq, lk, lv, ldo, lo, ll = local[r]
+                    call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
+                    if backward:
+                        ring_backward(adapter, call, spec, ldo, lo, ll)
+                    else:
+                        ring_forward(adapter, call, spec)
+            row["whole"] = bench_gpu(whole)
+            row["split"] = bench_gpu(split)
+            row["efficiency"] = row["whole"]["median_ms"] / row["split"]["median_ms"]
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# -- memory (several ranks on one device) -----------------------------------------------------------------
+
+
+def _memory_worker(rank, world, port, device_type, total, schedule, queue):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device(device_type)
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    h, d = 8, 64
+    s_local = cpattn.cp.layout.local_len(total, world, 1, rank, 0, "zigzag")
+    q, k, v = (torch.randn(1, h, s_local, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    provider = "native"
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with cpattn.attention_provider(provider, cp_mesh=dist.group.WORLD, cp_strategy=schedule):
+        out = cpattn.attention_dispatch(q, k, v, is_causal=True)
+        out.sum().backward()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device_type == "cuda" else None
+    queue.put((rank, peak))
+    dist.destroy_process_group()
+
+
+def memory_suite(device_type: str, world: int, total: int) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    for schedule in ("ring", "ulysses", "allgather"):
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = [ctx.Process(target=_memory_worker, args=(r, world, port, device_type, total, schedule, queue))
+                 for r in range(world)]
+        [p.start() for p in procs]
+        [p.join(timeout=300) for p in procs]
+        peaks = [queue.get()[1] for _ in range(world) if not queue.empty()]
+        rows.append({"schedule": schedule, "world": world, "total_seq": total, "peak_mb_per_rank": peaks})
+    return rows
+
+
+# -- driver ------------------------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    from cpattn.info import environment as env
+
+    out = env()
+    out["date"] = time.strftime("%Y-%m-%d %H:%M")
+    out["platform"] = platform.platform()
+    out["providers"] = {n: p.availability().version for n, p in cpattn.PROVIDERS.items() if p.availability().ok}
+    return out
+
+
+def gpu_training_providers() -> list[str]:
+    names = []
+    for name in ("flash", "_native_cudnn", "_native_flash", "_native_efficient", "flex", "sage"):
+        p = cpattn.PROVIDERS[name]
+        caps = p.capabilities("cuda")
+        if p.availability().ok and caps is not None and torch.cuda.get_device_capability() >= (
+                caps.min_compute_capability or (0, 0)):
+            names.append(name)
+    return names
+
+
+def run_gpu(args) -> dict:
+    providers = args.providers or gpu_training_providers()
+    result = {"environment": environment()}
+    result["overhead"] = [host_overhead("cuda"), host_overhead("cpu")]
+    result["kernels"] = kernels_suite(providers, args.seqs, args.head_dims, args.tokens)
+    split_provider = "flash" if "flash" in providers else "_native_cudnn"
+    result["ring_split"] = ring_split_suite(split_provider, args.split_seqs, (2, 4, 8))
+    result["memory"] = memory_suite("cuda", 4, 32768)
+    return result
+
+
+def run_cpu(args) -> dict:
+    result = {"environment": environment(), "overhead": [host_overhead("cpu")]}
+    result["memory"] = memory_suite("cpu", 2, 4096)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("gpu", "cpu"), required=True)
+    parser.add_argument("--providers", nargs="*")
+    parser.add_argument("--seqs", type=int, nargs="*", default=[1024, 2048, 4096, 16384, 65536])
+    parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
+    parser.add_argument("--tokens", type=int, default=16 * 16384, help="B*H*S per kernel measurement")
+    parser.add_argument("--split-seqs", type=int, nargs="*", default=[16384, 65536])
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--tag", default=None)
+    args = parser.parse_args(argv)
+    result = run_gpu(args) if args.suite == "gpu" else run_cpu(args)
+    os.makedirs(args.out, exist_ok=True)
+    device = result["environment"].get("gpu", "cpu").replace(" ", "_")
+    tag = args.tag or f"{args.suite}_{device}"
+    path = os.path.join(args.out, f"bench_{tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    from benchmarks.report import write_report
+
+    write_report(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
