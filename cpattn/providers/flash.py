@@ -1,5 +1,883 @@
-"""Placeholder: this family's adapters are being written."""
+"""FlashAttention: `flash` (fixed-length batches) and `flash_varlen` (key padding, packed sequences).
+
+Generations
+    Both providers run on whichever FlashAttention generation is installed, found lazily the first time
+    availability is asked (never at ``import cpattn``):
+
+    * FlashAttention-2: ``flash_attn`` >= 2.6.3 (``pip install flash-attn``), sm80 and newer.
+    * FlashAttention-3: module ``flash_attn_interface`` (built from flash-attention/hopper), sm90.
+    * FlashAttention-4: ``flash_attn.cute`` (``pip install flash-attn-4``), CuTe-DSL kernels, sm90/sm100.
+
+    With several installed, the GPU of the current device picks the order (sm100+: 4, 2, 3; sm90: 3, 4, 2;
+    older: 2, 3, 4; no GPU: 3, 4, 2); an installed generation whose API does not match is skipped with a
+    warning. ``Availability.version`` says which one was found, e.g. ``"flash-attn-2 2.7.4"``.
+
+Private API
+    The contract's forward/backward need the log-sum-exp and a backward that takes an external (out, lse);
+    only the libraries' private functions give both, and their parameters changed between releases. The probe
+    reads every function's parameters (from the custom-op schema where the library registers one, else the
+    Python signature) and refuses the generation with a message naming it, the function and the parameter,
+    instead of a TypeError deep inside a kernel call. Calls pass keywords only; parameters without a default
+    that cpattn does not set get values that switch their feature off (no window, softcap or ALiBi).
+
+Layout and conventions
+    Inputs (B, H, S, D) go to the kernels as (B, S, H, D) transpose views, KV heads unexpanded (GQA is
+    native). Head dims are zero-padded to a multiple of 8 (the kernels' alignment; zeros change no score) and
+    sliced back. Rows that see no key come back with out 0 and lse +inf (FA2/FA3) or -inf (FA4): the contract
+    wants -inf, and +inf again when handed back to a backward kernel. flash-attn aligns causal masks to the
+    bottom-right corner, SDPA to the top-left: the two agree only when q_len == kv_len, the only causal case
+    these providers accept.
+
+flash_varlen
+    Takes SDPA-style padded inputs with a boolean key-padding mask (B or 1, 1, 1, Sk): keys and values are
+    unpadded into cu_seqlens, queries stay padded as B full-length sequences. Its varlen LSE, (H, total_q) in
+    flash-attn >= 2.6, FA3 and FA4 or (B, H, max_seqlen_q) before, is brought back to (B, H, Sq).
+    `flash_varlen_attention` is the packed API on (total, H, D) tensors.
+
+Testing without a GPU
+    A module that sets ``__cpattn_standin_devices__`` declares itself a stand-in (see
+    tests/standins/flash_attn_standin.py); only then do these adapters also accept the devices it lists, so
+    the glue can be tested on CPU. Real FlashAttention modules never set it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import inspect
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..contract import (
+    HALF_DTYPES,
+    AttentionCall,
+    Availability,
+    Capabilities,
+    ContractAttentionFunction,
+    Provider,
+    default_scale,
+    lse_for_kernel_backward,
+    normalize_lse,
+)
+from ..errors import InvalidArgumentError, UnsupportedInputError
+
+STANDIN_DEVICES_ATTR = "__cpattn_standin_devices__"
+MIN_FA2_VERSION = (2, 6, 3)
+HEAD_DIM_ALIGN = 8
+INSTALL_HINT = (
+    "pip install 'flash-attn>=2.6.3' --no-build-isolation (FlashAttention-2, sm80+), "
+    "pip install flash-attn-4 (FlashAttention-4, sm90/sm100), or build FlashAttention-3 from "
+    "flash-attention/hopper (sm90)"
+)
+
+# Values for kernel parameters that have no default and that cpattn never sets: each switches a feature off.
+_NEUTRAL_ARGS = {
+    "window_size": (-1, -1),
+    "window_size_left": -1,
+    "window_size_right": -1,
+    "softcap": 0.0,
+    "alibi_slopes": None,
+    "return_softmax": False,
+    "block_table": None,
+    "rng_state": None,
+    "leftpad_k": None,
+    "seqused_q": None,
+    "seqused_k": None,
+}
+
+_VARLEN_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
-def make_providers():
-    return []
+# -- binding library functions by parameter name ---------------------------------------------------------------
+
+
+class FlashApiError(Exception):
+    """An installed FlashAttention cannot be used as found (its private API changed, or it is too old)."""
+
+
+def _parameters(fn: Callable) -> dict[str, bool] | None:
+    """Parameter name -> whether it has a default. flash-attn >= 2.7 and FA3 wrap their private functions in
+    torch custom ops, whose Python signature is (*args, **kwargs): read the op schema there instead."""
+    schema = getattr(getattr(fn, "_opoverload", None), "_schema", None)
+    if schema is not None:
+        return {arg.name: arg.has_default_value() for arg in schema.arguments}
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {
+        p.name: p.default is not inspect.Parameter.empty
+        for p in signature.parameters.values()
+        if p.kind not in variadic
+    }
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One library function whose parameters were checked at probe time; called with keywords only."""
+
+    fn: Callable
+    where: str
+    renames: dict[str, str]  # the adapter's name -> the library's, where releases differ (causal / is_causal)
+    accepted: frozenset[str]
+    optional: frozenset[str]  # names the adapter passes only where the library has them
+    fill: dict[str, Any]  # neutral values for parameters without default that the adapter does not set
+
+    def __call__(self, **kwargs):
+        args = dict(self.fill)
+        for name, value in kwargs.items():
+            actual = self.renames.get(name, name)
+            if actual in self.accepted:
+                args[actual] = value
+            elif name not in self.optional:
+                raise TypeError(f"cpattn passes '{name}' to {self.where}, which was not checked at probe time")
+        return self.fn(**args)
+
+
+def _bind(
+    title: str, module: Any, module_name: str, fn_name: str, needs: Sequence[str | tuple[str, ...]],
+    optional: Sequence[str] = (),
+) -> _Entry:
+    """Check that `module.fn_name` takes every parameter in `needs` (a tuple lists accepted spellings, the
+    adapter's first) and nothing required beyond them; raise FlashApiError naming what differs."""
+    where = f"{module_name}.{fn_name}"
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise FlashApiError(f"{title}: {where} does not exist in this version (its private API changed)")
+    params = _parameters(fn)
+    if params is None:
+        raise FlashApiError(f"{title}: cannot read the parameters of {where}")
+    renames, passed = {}, set()
+    for need in needs:
+        spellings = (need,) if isinstance(need, str) else need
+        found = next((name for name in spellings if name in params), None)
+        if found is None:
+            raise FlashApiError(
+                f"{title}: {where} has no parameter '{spellings[0]}' (its private API changed; cpattn's adapter "
+                f"cannot call it safely)"
+            )
+        if found != spellings[0]:
+            renames[spellings[0]] = found
+        passed.add(found)
+    passed |= {name for name in optional if name in params}
+    fill = {}
+    for name, has_default in params.items():
+        if has_default or name in passed:
+            continue
+        if name not in _NEUTRAL_ARGS:
+            raise FlashApiError(
+                f"{title}: {where} has a new required parameter '{name}' that cpattn does not know how to set"
+            )
+        fill[name] = _NEUTRAL_ARGS[name]
+    return _Entry(fn, where, renames, frozenset(params), frozenset(optional), fill)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _import(title: str, name: str):
+    """The module, ModuleNotFoundError if it (or a parent package) is not installed, FlashApiError if it is
+    installed but fails to import (a missing CUDA extension, a driver error): that one is worth reporting."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise ModuleNotFoundError(f"{title}: {name} is not installed") from exc
+        raise FlashApiError(f"{title}: importing {name} failed ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:
+        raise FlashApiError(f"{title}: importing {name} failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _first(result):
+    """Public functions return out, or (out, lse, ...) depending on generation and release."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+@dataclass(frozen=True)
+class _Packing:
+    """cu_seqlens and maximum lengths of a varlen call (int32 tensors on the inputs' device)."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    def kwargs(self) -> dict:
+        return dict(zip(_VARLEN_ARGS, (self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)))
+
+
+# -- generations --------------------------------------------------------------------------------------------------
+
+
+class _Generation:
+    """The entry points of one FlashAttention generation, bound for the dense or the varlen provider.
+
+    Kernel methods take (B, S, H, D) tensors (varlen: (total, H, D)) whose head dims are already aligned,
+    and return the library's raw results (its LSE convention, its layouts).
+    """
+
+    title: ClassVar[str]
+    label: ClassVar[str]  # how Availability.version names it
+
+    def __init__(self, version: str, modules: Sequence[Any], varlen: bool):
+        self.version = version
+        self.varlen = varlen
+        self.standin_devices = tuple(
+            sorted({d for m in modules for d in getattr(m, STANDIN_DEVICES_ATTR, ())})
+        )
+
+    # What a subclass provides.
+    max_head_dim: ClassVar[int] = 256
+    min_compute_capability: ClassVar[tuple[int, int]] = (8, 0)
+    has_dropout: ClassVar[bool] = False
+
+    def capabilities(self) -> Capabilities:
+        notes = [
+            f"backed by {self.title} {self.version}",
+            "is_causal needs q_len == kv_len (flash-attn aligns causal masks to the bottom-right corner)",
+            "value head dim must equal the query head dim",
+            "backward is deterministic only under torch.use_deterministic_algorithms(True)",
+        ]
+        if self.varlen:
+            notes.append("key-padding masks become cu_seqlens; is_causal cannot be combined with a mask")
+        if self.standin_devices:
+            notes.append(f"STAND-IN library: also accepts {', '.join(self.standin_devices)} (adapter tests only)")
+        return Capabilities(
+            dtypes=HALF_DTYPES, max_head_dim=self.max_head_dim, min_compute_capability=self.min_compute_capability,
+            causal=True, key_padding_mask=self.varlen, varlen=self.varlen, dropout=self.has_dropout, gqa=True,
+            backward=True, training=True, deterministic_backward=False, notes=tuple(notes),
+        )
+
+    def limits(self, call: AttentionCall, compute_capability: tuple[int, int]) -> list[str]:
+        """Generation-specific reasons a CUDA call cannot run (beyond its Capabilities)."""
+        return []
+
+    def forward(self, q, k, v, scale, causal):
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+        raise NotImplementedError
+
+    def varlen_forward(self, q, k, v, packing: _Packing, scale, causal):
+        raise NotImplementedError
+
+    def varlen_backward(self, dout, q, k, v, out, lse, packing: _Packing, scale, causal, deterministic):
+        raise NotImplementedError
+
+    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
+        """The public autograd function; dropout_p > 0 only reaches generations with has_dropout."""
+        raise NotImplementedError
+
+    def varlen_function(self, q, k, v, packing: _Packing, scale, causal, dropout_p, deterministic):
+        raise NotImplementedError
+
+
+class _BufferBackward(_Generation):
+    """FA2 and FA3 backward kernels write into dq/dk/dv buffers the caller allocates (FA2 <= 2.6 also returns
+    them, FA2 >= 2.7 and FA3 return only softmax_d); the buffers keep the layout of q, k, v."""
+
+    backward_extra: ClassVar[dict] = {}
+
+    def _grads_into_buffers(self, dout, q, k, v, out, lse, scale, causal, deterministic, **varlen):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self._bwd(
+            dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv, **varlen, **self.backward_extra,
+            softmax_scale=scale, causal=causal, deterministic=deterministic,
+        )
+        return dq, dk, dv
+
+    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+        return self._grads_into_buffers(dout, q, k, v, out, lse, scale, causal, deterministic)
+
+    def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
+        return self._grads_into_buffers(dout, q, k, v, out, lse, scale, causal, deterministic, **packing.kwargs())
+
+
+class _FlashAttention2(_BufferBackward):
+    """flash_attn.flash_attn_interface: _flash_attn[_varlen]_forward/_backward and the public functions."""
+
+    title, label = "FlashAttention-2", "flash-attn-2"
+    min_compute_capability = (8, 0)
+    has_dropout = True
+    backward_extra = {"dropout_p": 0.0}  # contract backward: no dropout (forward() never applies it either)
+    api_name = "flash_attn.flash_attn_interface"
+
+    @classmethod
+    def load(cls, varlen: bool) -> "_FlashAttention2":
+        package = _import(cls.title, "flash_attn")
+        api = _import(cls.title, cls.api_name)
+        version = getattr(package, "__version__", None) or _dist_version("flash-attn") or "unknown"
+        if version != "unknown" and _version_tuple(version) < MIN_FA2_VERSION:
+            raise FlashApiError(
+                f"{cls.title}: flash-attn {version} is older than 2.6.3; "
+                "pip install -U 'flash-attn>=2.6.3' --no-build-isolation"
+            )
+        return cls(version, (package, api), varlen)
+
+    def __init__(self, version, modules, varlen):
+        super().__init__(version, modules, varlen)
+        api = modules[1]
+        kernel = ("dropout_p", "softmax_scale", "causal")
+        grads = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
+        bind = lambda name, needs: _bind(self.title, api, self.api_name, name, needs)  # noqa: E731
+        if varlen:
+            self._fwd = bind("_flash_attn_varlen_forward", ("q", "k", "v", *_VARLEN_ARGS, *kernel))
+            self._bwd = bind("_flash_attn_varlen_backward", (*grads, *_VARLEN_ARGS, *kernel, "deterministic"))
+            self._func = bind("flash_attn_varlen_func", ("q", "k", "v", *_VARLEN_ARGS, *kernel, "deterministic"))
+        else:
+            self._fwd = bind("_flash_attn_forward", ("q", "k", "v", *kernel))
+            self._bwd = bind("_flash_attn_backward", (*grads, *kernel, "deterministic"))
+            self._func = bind("flash_attn_func", ("q", "k", "v", *kernel, "deterministic"))
+
+    @classmethod
+    def _out_lse(cls, result):
+        # <= 2.6: (out, q, k, v, out_padded, lse, S_dmask, rng_state); >= 2.7: (out_padded, lse, S_dmask, rng_state)
+        if len(result) == 8:
+            return result[0], result[5]
+        if len(result) == 4:
+            return result[0], result[1]
+        raise FlashApiError(f"{cls.title}: the forward returned {len(result)} values; cpattn knows 4 and 8")
+
+    def forward(self, q, k, v, scale, causal):
+        return self._out_lse(self._fwd(q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal))
+
+    def varlen_forward(self, q, k, v, packing, scale, causal):
+        return self._out_lse(
+            self._fwd(q=q, k=k, v=v, **packing.kwargs(), dropout_p=0.0, softmax_scale=scale, causal=causal)
+        )
+
+    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
+        return _first(self._func(
+            q=q, k=k, v=v, dropout_p=dropout_p, softmax_scale=scale, causal=causal, deterministic=deterministic
+        ))
+
+    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
+        return _first(self._func(
+            q=q, k=k, v=v, **packing.kwargs(), dropout_p=dropout_p, softmax_scale=scale, causal=causal,
+            deterministic=deterministic,
+        ))
+
+
+class _FlashAttention3(_BufferBackward):
+    """flash_attn_interface (hopper/): _flash_attn_forward/_backward (dense and varlen) and public functions."""
+
+    title, label = "FlashAttention-3", "flash-attn-3"
+    min_compute_capability = (9, 0)
+    api_name = "flash_attn_interface"
+
+    @classmethod
+    def load(cls, varlen: bool) -> "_FlashAttention3":
+        api = _import(cls.title, cls.api_name)
+        version = getattr(api, "__version__", None) or _dist_version("flash-attn-3", "flash_attn_3") or "unknown"
+        return cls(version, (api,), varlen)
+
+    def __init__(self, version, modules, varlen):
+        super().__init__(version, modules, varlen)
+        api = modules[0]
+        bind = lambda name, needs: _bind(self.title, api, self.api_name, name, needs)  # noqa: E731
+        grads = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
+        # One private forward/backward pair serves both layouts (cu_seqlens=None is the dense case).
+        self._fwd = bind("_flash_attn_forward", ("q", "k", "v", *_VARLEN_ARGS, "softmax_scale", "causal"))
+        self._bwd = bind(
+            "_flash_attn_backward",
+            (*grads, *_VARLEN_ARGS, "softmax_scale", ("causal", "is_causal"), "deterministic"),
+        )
+        if varlen:
+            self._func = bind("flash_attn_varlen_func", ("q", "k", "v", *_VARLEN_ARGS, "softmax_scale", "causal",
+                                                        "deterministic"))
+        else:
+            self._func = bind("flash_attn_func", ("q", "k", "v", "softmax_scale", "causal", "deterministic"))
+
+    def limits(self, call, compute_capability):
+        if compute_capability[0] != 9:
+            sm = "sm%d%d" % compute_capability
+            return [f"FlashAttention-3 kernels are built for Hopper (sm90); this GPU is {sm}"]
+        return []
+
+    def forward(self, q, k, v, scale, causal):
+        out, lse, *_ = self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal)
+        return out, lse
+
+    def varlen_forward(self, q, k, v, packing, scale, causal):
+        out, lse, *_ = self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal)
+        return out, lse
+
+    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
+        return _first(self._func(q=q, k=k, v=v, softmax_scale=scale, causal=causal, deterministic=deterministic))
+
+    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
+        return _first(self._func(
+            q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
+        ))
+
+
+class _FlashAttention4(_Generation):
+    """flash_attn.cute: interface._flash_attn_fwd/_flash_attn_bwd and the public functions."""
+
+    title, label = "FlashAttention-4", "flash-attn-4"
+    min_compute_capability = (9, 0)
+    api_name = "flash_attn.cute.interface"
+    public_name = "flash_attn.cute"
+
+    @classmethod
+    def load(cls, varlen: bool) -> "_FlashAttention4":
+        public = _import(cls.title, cls.public_name)
+        api = _import(cls.title, cls.api_name)
+        version = getattr(public, "__version__", None)
+        if version in (None, "0.0.0"):  # its __init__ asks metadata for a name that varies between releases
+            version = _dist_version("flash-attn-4", "fa4", "flash-attn-cute") or "unknown"
+        return cls(version, (public, api), varlen)
+
+    def __init__(self, version, modules, varlen):
+        super().__init__(version, modules, varlen)
+        public, api = modules
+        extra = _VARLEN_ARGS if varlen else ()
+        self._fwd = _bind(self.title, api, self.api_name, "_flash_attn_fwd",
+                          ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
+        self._bwd = _bind(self.title, api, self.api_name, "_flash_attn_bwd",
+                          ("q", "k", "v", "out", "dout", "lse", *extra, "softmax_scale", "causal"),
+                          optional=("deterministic",))
+        name = "flash_attn_varlen_func" if varlen else "flash_attn_func"
+        self._func = _bind(self.title, public, self.public_name, name,
+                           ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",))
+
+    def limits(self, call, compute_capability):
+        out = []
+        hopper = compute_capability[0] == 9
+        if hopper and self.varlen and call.needs_grad:
+            out.append("FlashAttention-4 has no varlen backward on Hopper (sm90); use FlashAttention-2 or -3")
+        if hopper and call.needs_grad and torch.are_deterministic_algorithms_enabled():
+            out.append("FlashAttention-4 has a deterministic backward only on sm100/sm110")
+        return out
+
+    def forward(self, q, k, v, scale, causal):
+        return self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)
+
+    def varlen_forward(self, q, k, v, packing, scale, causal):
+        return self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, return_lse=True)
+
+    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+        return self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
+                         deterministic=deterministic)
+
+    def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
+        return self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(), softmax_scale=scale,
+                         causal=causal, deterministic=deterministic)
+
+    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
+        return _first(self._func(q=q, k=k, v=v, softmax_scale=scale, causal=causal, deterministic=deterministic))
+
+    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
+        return _first(self._func(
+            q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
+        ))
+
+
+def _preferred_generations() -> tuple[type[_Generation], ...]:
+    """The newest kernels the current GPU runs first: FA4 on Blackwell, FA3 on Hopper, FA2 before that."""
+    if not torch.cuda.is_available():
+        return (_FlashAttention3, _FlashAttention4, _FlashAttention2)
+    major = torch.cuda.get_device_capability()[0]
+    if major >= 10:
+        return (_FlashAttention4, _FlashAttention2, _FlashAttention3)
+    if major == 9:
+        return (_FlashAttention3, _FlashAttention4, _FlashAttention2)
+    return (_FlashAttention2, _FlashAttention3, _FlashAttention4)
+
+
+def _find_generation(varlen: bool) -> tuple[_Generation | None, list[str], list[str]]:
+    """The first usable generation, the generations not installed, and those installed but unusable."""
+    missing, unusable = [], []
+    for kind in _preferred_generations():
+        try:
+            return kind.load(varlen), missing, unusable
+        except ModuleNotFoundError as exc:
+            missing.append(str(exc))
+        except FlashApiError as exc:
+            unusable.append(str(exc))
+    return None, missing, unusable
+
+
+# -- layouts ------------------------------------------------------------------------------------------------------
+
+
+def _device_guard(device: torch.device):
+    """flash-attn launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def _align_head_dim(x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad the last dim to the kernels' alignment (zero q/k columns change no score, zero v columns are
+    sliced off the output)."""
+    pad = (-x.shape[-1]) % HEAD_DIM_ALIGN
+    return F.pad(x, (0, pad)) if pad else x
+
+
+def _to_kernel(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B, S, H, D) view, head dim aligned."""
+    return _align_head_dim(x.transpose(1, 2))
+
+
+def _from_kernel(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, S, H, D_aligned) -> (B, H, S, dim) view."""
+    return x[..., :dim].transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class _PaddedBatch:
+    """How a padded (B, H, S, D) batch maps to flash-attn's packed layout: queries stay B full-length
+    sequences, keys and values lose the positions a key-padding mask hides."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    keep: torch.Tensor | None  # (B, Sk) bool, None when no key is hidden
+    packing: _Packing
+    total_k: int
+    empty: torch.Tensor | None  # (B,) bool: batch rows without any key, None if there are none
+
+    @classmethod
+    def from_call(cls, call: AttentionCall) -> "_PaddedBatch":
+        b, sq, sk, device = call.batch, call.q_len, call.kv_len, call.device
+        steps = torch.arange(b + 1, dtype=torch.int32, device=device)
+        if call.attn_mask is None:
+            packing = _Packing(steps * sq, steps * sk, sq, sk)
+            return cls(b, sq, sk, None, packing, b * sk, None)
+        keep = call.attn_mask.expand(b, 1, 1, sk).reshape(b, sk)
+        lengths = keep.sum(dim=1, dtype=torch.int32)
+        cu_seqlens_k = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        host = lengths.tolist()  # one sync: the kernels take max_seqlen_k as a host integer
+        empty = lengths == 0 if min(host) == 0 else None
+        return cls(b, sq, sk, keep, _Packing(steps * sq, cu_seqlens_k, sq, max(host)), sum(host), empty)
+
+    def pack_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, Sq, D) -> (B*Sq, H, D_aligned); a copy, since packing merges batch and sequence dims."""
+        return _align_head_dim(x.transpose(1, 2).reshape(self.batch * self.q_len, x.shape[1], x.shape[3]))
+
+    def unpack_queries(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """(B*Sq, H, D_aligned) -> (B, H, Sq, dim)."""
+        return x.reshape(self.batch, self.q_len, x.shape[1], x.shape[2])[..., :dim].transpose(1, 2)
+
+    def pack_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, Sk, D) -> (total_k, H, D_aligned): only the keys the mask keeps."""
+        x = x.transpose(1, 2)
+        x = x.reshape(self.batch * self.kv_len, x.shape[2], x.shape[3]) if self.keep is None else x[self.keep]
+        return _align_head_dim(x)
+
+    def unpack_keys(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Gradients (total_k, H, D_aligned) -> (B, H, Sk, dim), zero at hidden keys."""
+        x = x[..., :dim]
+        if self.keep is None:
+            return x.reshape(self.batch, self.kv_len, x.shape[1], dim).transpose(1, 2)
+        full = x.new_zeros(self.batch, self.kv_len, x.shape[1], dim)
+        full[self.keep] = x
+        return full.transpose(1, 2)
+
+    def lse_from_kernel(self, lse: torch.Tensor) -> torch.Tensor:
+        """Varlen LSE -> (B, H, Sq): (H, total_q) from flash-attn >= 2.6, FA3, FA4; (B, H, max_seqlen_q) before."""
+        if lse.dim() == 2:
+            return lse.reshape(lse.shape[0], self.batch, self.q_len).permute(1, 0, 2)
+        return lse[..., : self.q_len]
+
+    def lse_to_kernel(self, lse: torch.Tensor) -> torch.Tensor:
+        """Contract LSE (B, H, Sq) -> the (H, total_q) layout every supported release's varlen backward reads."""
+        return lse_for_kernel_backward(lse).float().permute(1, 0, 2).reshape(lse.shape[1], -1).contiguous()
+
+    def zero_empty_rows(self, out: torch.Tensor, lse: torch.Tensor | None = None):
+        """Batch rows without keys: out 0, lse -inf, whatever the kernel left there."""
+        if self.empty is None:
+            return out, lse
+        out = out.masked_fill(self.empty.view(-1, 1, 1, 1), 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(self.empty.view(-1, 1, 1), float("-inf"))
+        return out, lse
+
+
+# -- providers ----------------------------------------------------------------------------------------------------
+
+
+class _FlashFamily(Provider):
+    """What `flash` and `flash_varlen` share: probing, capabilities, limits."""
+
+    family = "flash"
+    package = "flash-attn"
+    min_version = "2.6.3"
+    varlen: ClassVar[bool] = False
+    # Static description for messages before probing; capabilities() gives the found generation's.
+    supports = {
+        "cuda": Capabilities(
+            dtypes=HALF_DTYPES, max_head_dim=256, min_compute_capability=(8, 0), backward=True, training=True,
+            deterministic_backward=False, notes=("FlashAttention-2/3/4, whichever is installed",),
+        )
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._generation: _Generation | None = None
+
+    def _probe(self) -> Availability:
+        self._generation = None
+        found, missing, unusable = _find_generation(self.varlen)
+        if found is None:
+            if unusable:  # installed but unusable: that is the news, say it first
+                reason = f"{'; '.join(unusable)}. Other generations are not installed; or {INSTALL_HINT}"
+            else:
+                reason = f"FlashAttention is not installed: {INSTALL_HINT}"
+            return Availability(False, None, reason)
+        if unusable:  # a preferred generation is installed but broken or changed: say so, run on the next one
+            warnings.warn(f"provider '{self.name}' uses {found.title} {found.version}; skipped: {'; '.join(unusable)}",
+                          RuntimeWarning, stacklevel=3)
+        self._generation = found
+        return Availability(True, f"{found.label} {found.version}")
+
+    def generation(self) -> _Generation:
+        self.require_available()
+        return self._generation
+
+    def capabilities(self, device_type: str) -> Capabilities | None:
+        if not self.availability().ok:
+            return self.supports.get(device_type)
+        gen = self._generation
+        if device_type == "cuda" or device_type in gen.standin_devices:
+            return gen.capabilities()
+        return None
+
+    def extra_reasons(self, call: AttentionCall, caps: Capabilities) -> list[str]:
+        out = []
+        if call.head_dim != call.value_dim:
+            out.append(f"value head dim {call.value_dim} != query head dim {call.head_dim}")
+        if call.is_causal and call.q_len != call.kv_len:
+            out.append(
+                f"is_causal with q_len {call.q_len} != kv_len {call.kv_len}: flash-attn aligns the causal mask to "
+                "the bottom-right corner, SDPA to the top-left (they agree only for equal lengths)"
+            )
+        if call.device.type == "cuda":
+            out += self._generation.limits(call, torch.cuda.get_device_capability(call.device))
+        return out
+
+
+class Flash(_FlashFamily):
+    """FlashAttention on fixed-length batches: no attn_mask, causal, GQA, dropout where the generation has it."""
+
+    name = "flash"
+    description = "FlashAttention-2/3/4 (flash-attn), fixed-length batches without masks"
+    varlen = False
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        gen = self.generation()
+        q, k, v = (_to_kernel(t) for t in (call.query, call.key, call.value))
+        with _device_guard(call.device):
+            out = gen.function(q, k, v, call.scale, call.is_causal, call.dropout_p, _deterministic())
+        return _from_kernel(out, call.value_dim)
+
+    def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = self.generation()
+        q, k, v = (_to_kernel(t.detach()) for t in (call.query, call.key, call.value))
+        with torch.no_grad(), _device_guard(call.device):
+            out, lse = gen.forward(q, k, v, call.scale, call.is_causal)
+        return _from_kernel(out, call.value_dim), normalize_lse(lse, call.q_len)
+
+    def backward(self, call, dout, out, lse):
+        gen = self.generation()
+        # The kernels want out/dout in the input dtype (a ring may keep the global out in float32).
+        q, k, v, o, do = (
+            _to_kernel(t.detach().to(call.dtype)) for t in (call.query, call.key, call.value, out, dout)
+        )
+        lse_k = lse_for_kernel_backward(lse.detach()).float().contiguous()
+        with torch.no_grad(), _device_guard(call.device):
+            dq, dk, dv = gen.backward(do, q, k, v, o, lse_k, call.scale, call.is_causal, _deterministic())
+        return _from_kernel(dq, call.head_dim), _from_kernel(dk, call.head_dim), _from_kernel(dv, call.value_dim)
+
+
+class FlashVarlen(_FlashFamily):
+    """FlashAttention's varlen kernels: SDPA-style padded batches with key-padding masks (keys are unpadded
+    into cu_seqlens), and packed sequences through `flash_varlen_attention`."""
+
+    name = "flash_varlen"
+    description = "FlashAttention-2/3/4 varlen kernels: key-padding masks, packed sequences"
+    varlen = True
+
+    def extra_reasons(self, call, caps):
+        out = super().extra_reasons(call, caps)
+        if call.is_causal and call.attn_mask is not None:
+            out.append("is_causal together with a key-padding mask (unpadding keys would shift the causal diagonal)")
+        return out
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        batch = _PaddedBatch.from_call(call)
+        if batch.total_k == 0:  # every key hidden: no kernel call, the contract path gives zeros
+            if call.needs_grad:
+                return ContractAttentionFunction.apply(self, call, call.query, call.key, call.value)
+            return self.forward(call)[0]
+        gen = self.generation()
+        q = batch.pack_queries(call.query)
+        k, v = batch.pack_keys(call.key), batch.pack_keys(call.value)
+        with _device_guard(call.device):
+            out = gen.varlen_function(q, k, v, batch.packing, call.scale, call.is_causal, call.dropout_p,
+                                      _deterministic())
+        return batch.zero_empty_rows(batch.unpack_queries(out, call.value_dim))[0]
+
+    def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = _PaddedBatch.from_call(call)
+        if batch.total_k == 0:
+            out = call.query.new_zeros(call.batch, call.q_heads, call.q_len, call.value_dim)
+            lse = torch.full((call.batch, call.q_heads, call.q_len), float("-inf"), device=call.device)
+            return out, lse
+        gen = self.generation()
+        q = batch.pack_queries(call.query.detach())
+        k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
+        with torch.no_grad(), _device_guard(call.device):
+            out, lse = gen.varlen_forward(q, k, v, batch.packing, call.scale, call.is_causal)
+        out = batch.unpack_queries(out, call.value_dim)
+        lse = normalize_lse(batch.lse_from_kernel(lse), call.q_len)
+        return batch.zero_empty_rows(out, lse)
+
+    def backward(self, call, dout, out, lse):
+        batch = _PaddedBatch.from_call(call)
+        if batch.total_k == 0:
+            return torch.zeros_like(call.query), torch.zeros_like(call.key), torch.zeros_like(call.value)
+        gen = self.generation()
+        q, o, do = (batch.pack_queries(t.detach().to(call.dtype)) for t in (call.query, out, dout))
+        k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
+        with torch.no_grad(), _device_guard(call.device):
+            dq, dk, dv = gen.varlen_backward(do, q, k, v, o, batch.lse_to_kernel(lse.detach()), batch.packing,
+                                             call.scale, call.is_causal, _deterministic())
+        dq = batch.zero_empty_rows(batch.unpack_queries(dq, call.head_dim))[0]
+        return dq, batch.unpack_keys(dk, call.head_dim), batch.unpack_keys(dv, call.value_dim)
+
+
+# -- packed API ---------------------------------------------------------------------------------------------------
+
+
+def flash_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences on the `flash_varlen` provider, with autograd.
+
+    q: (total_q, Hq, D), k: (total_k, Hkv, D), v: (total_k, Hkv, D), Hq a multiple of Hkv. Sequence i owns
+    rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:cu_seqlens_k[i+1] of k and v; cu_seqlens
+    are int32, 1-D, start at 0, never decrease and end at total. `is_causal` needs every query sequence as long
+    as its key sequence (the causal diagonal is then the same in flash-attn and SDPA). Returns (total_q, Hq, D).
+    The checks read cu_seqlens on the host (one device sync).
+    """
+    from . import get_provider  # the registry imports this module
+
+    _check_packed_tensors(q, k, v)
+    lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", q.device)
+    lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", q.device)
+    if len(lengths_q) != len(lengths_k):
+        raise InvalidArgumentError(
+            f"cu_seqlens_q describes {len(lengths_q)} sequences but cu_seqlens_k {len(lengths_k)}; they must agree"
+        )
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths_k)
+    if is_causal and lengths_q != lengths_k:
+        raise InvalidArgumentError(
+            "is_causal=True needs every query sequence as long as its key sequence (flash-attn aligns the causal "
+            f"mask bottom-right, SDPA top-left); got query lengths {lengths_q} and key lengths {lengths_k}"
+        )
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    provider = get_provider("flash_varlen")
+    provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
+    # The provider's checks read a (1, H, total, D) view of the packed tensors.
+    view = AttentionCall(
+        q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2),
+        is_causal=bool(is_causal), scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    reasons = provider.reasons(view)
+    if reasons:
+        raise UnsupportedInputError("flash_varlen_attention", reasons)
+    gen = provider.generation()
+    packing = _Packing(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
+    with _device_guard(q.device):
+        out = gen.varlen_function(
+            _align_head_dim(q), _align_head_dim(k), _align_head_dim(v), packing, scale, bool(is_causal), 0.0,
+            _deterministic(),
+        )
+    return out[..., : v.shape[-1]]
+
+
+def _check_packed_tensors(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InvalidArgumentError(f"{name} must be a packed (total, heads, head_dim) tensor, got {shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidArgumentError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise InvalidArgumentError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[:2] != v.shape[:2]:
+        raise InvalidArgumentError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in tokens and heads")
+    if q.shape[2] != k.shape[2]:
+        raise InvalidArgumentError(f"q head dim {q.shape[2]} != k head dim {k.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise InvalidArgumentError(f"q heads {q.shape[1]} must be a multiple of k/v heads {k.shape[1]}")
+
+
+def _check_cu_seqlens(name: str, cu: Any, total: int, owner: str, device: torch.device) -> list[int]:
+    """Validate one cu_seqlens tensor; return the sequence lengths."""
+    if not isinstance(cu, torch.Tensor):
+        raise InvalidArgumentError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise InvalidArgumentError(f"{name} must be int32 (flash-attn reads it as int32), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise InvalidArgumentError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise InvalidArgumentError(f"{name} is on {cu.device} but q is on {device}")
+    bounds = cu.tolist()
+    if bounds[0] != 0:
+        raise InvalidArgumentError(f"{name} must start at 0, got {bounds[0]}")
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    for i, length in enumerate(lengths):
+        if length < 0:
+            raise InvalidArgumentError(
+                f"{name} must be non-decreasing; it drops from {bounds[i]} to {bounds[i + 1]} at index {i + 1}"
+            )
+    if bounds[-1] != total:
+        raise InvalidArgumentError(
+            f"{name} must end at the number of packed tokens of {owner} ({total}), got {bounds[-1]}"
+        )
+    return lengths
+
+
+def _check_max_seqlen(name: str, value: Any, lengths: list[int]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int, got {type(value).__name__}")
+    if value < max(lengths):
+        raise InvalidArgumentError(f"{name}={value} is smaller than the longest sequence ({max(lengths)})")
+
+
+def make_providers() -> list[Provider]:
+    return [Flash(), FlashVarlen()]
+
+
+__all__ = ["Flash", "FlashVarlen", "STANDIN_DEVICES_ATTR", "flash_varlen_attention", "make_providers"]
