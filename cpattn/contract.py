@@ -211,8 +211,8 @@ class Provider:
     # -- kernels ------------------------------------------------------------------------------
     def attention(self, call: AttentionCall) -> torch.Tensor:
         """Single-device attention with autograd; default: forward/backward of the contract."""
-        caps = self.supports[call.device.type]
-        if call.needs_grad and caps.backward:
+        caps = self.capabilities(call.device.type)
+        if call.needs_grad and caps is not None and caps.backward:
             return ContractAttentionFunction.apply(self, call, call.query, call.key, call.value)
         with torch.no_grad():
             return self.forward(call)[0]
