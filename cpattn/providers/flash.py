@@ -43,6 +43,7 @@ Testing without a GPU
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import inspect
@@ -717,6 +718,12 @@ class FlashVarlen(_FlashFamily):
     name = "flash_varlen"
     description = "FlashAttention-2/3/4 varlen kernels: key-padding masks, packed sequences"
     varlen = True
+    supports = {
+        "cuda": dataclasses.replace(
+            _FlashFamily.supports["cuda"], key_padding_mask=True, varlen=True,
+            notes=("FlashAttention-2/3/4 varlen kernels; masks: key padding (B, 1, 1, Sk) only",),
+        )
+    }
 
     def extra_reasons(self, call, caps):
         out = super().extra_reasons(call, caps)
