@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -36,6 +38,10 @@ class DispatchState:
 
 
 _STATE: contextvars.ContextVar[DispatchState | None] = contextvars.ContextVar("cpattn_state", default=None)
+# attention_provider blocks with a multi-rank cp_mesh open right now (all threads). torch.compile cannot read the
+# ContextVar; it guards on this count instead to trace CP calls eagerly (see cpattn/compiled.py).
+open_cp_contexts = 0
+_OPEN_CP_LOCK = threading.Lock()
 _ENV_CACHE: dict[str, DispatchState] = {}
 
 
@@ -69,8 +75,9 @@ def _validate_options(options: dict) -> dict:
         allowed = CP_OPTIONS[key]
         if allowed is not None and value not in allowed:
             raise InvalidArgumentError(f"option {key}={value!r} is invalid; choose one of {', '.join(allowed)}")
-        if key == "cp_timeout" and not (isinstance(value, (int, float)) and value > 0):
-            raise InvalidArgumentError(f"option cp_timeout={value!r} must be a positive number of seconds")
+        if key == "cp_timeout" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not 0 < value < math.inf):  # inf would fail at the first wait
+            raise InvalidArgumentError(f"option cp_timeout={value!r} must be a positive, finite number of seconds")
     return dict(options)
 
 
@@ -93,11 +100,22 @@ def attention_provider(
     elif any(k.startswith("cp_") for k in opts):
         raise InvalidArgumentError(f"options {sorted(opts)} need cp_mesh to be given")
     state = DispatchState(adapter, cp, opts)
+    multi_rank = cp is not None and cp.world_size > 1
+    if multi_rank:
+        _count_cp_context(+1)
     token = _STATE.set(state)
     try:
         yield state
     finally:
         _STATE.reset(token)
+        if multi_rank:
+            _count_cp_context(-1)
+
+
+def _count_cp_context(delta: int) -> None:
+    global open_cp_contexts
+    with _OPEN_CP_LOCK:
+        open_cp_contexts += delta
 
 
 def make_call(
@@ -184,6 +202,8 @@ def attention_dispatch(
     Inputs are (batch, heads, seq_len, head_dim). Under `attention_provider(..., cp_mesh=mesh)` with more
     than one rank they are this rank's sequence shard and so is the result.
     """
+    if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
+        return compiled_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     state = current_state()
     provider = state.provider
     if state.cp is not None and state.cp.world_size > 1:
@@ -204,6 +224,8 @@ def attention_dispatch(
 
 def call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple:
     """Everything the argument checks and a provider's verdict depend on (shapes, dtypes, devices, flags)."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return None  # never accepted: make_call raises the clear error
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     mask = None if attn_mask is None else (
         attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.requires_grad
@@ -227,3 +249,6 @@ def run_checked(provider: Provider, call: AttentionCall) -> torch.Tensor:
         with torch.cuda.device(device):  # kernels launch on the tensors' GPU, not the current one
             return provider.attention(call)
     return provider.attention(call)
+
+
+from .compiled import compiled_attention  # noqa: E402  (it imports this module)
