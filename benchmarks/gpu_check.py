@@ -28,6 +28,8 @@ from cpattn.dispatch import make_call  # noqa: E402
 from helpers import GRAD_ATOL, OUT_ATOL, make_qkv, reference_with_grads  # noqa: E402
 
 LSE_ATOL = 2e-2
+# The providers whose libraries run on the lent GPU and that differ in their CP path (native = its cuDNN block).
+CP_PROVIDERS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "flex", "sage")
 
 
 def _err(a, b) -> float:
@@ -86,11 +88,17 @@ def check_provider(name, provider, device):
         dtype = case["dtype"]
         entry = {"case": case["name"], "dtype": str(dtype).replace("torch.", "")}
         try:
-            q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, device=device, requires_grad=caps.training)
+            training = caps.training
+            q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype=dtype, device=device, requires_grad=training)
             mask = build_mask(case["mask"], b, sq, sk, device)
             dout = torch.randn(b, hq, sq, d, device=device).to(dtype)
             ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, mask, case["causal"])
             reasons = provider.reasons(make_call(q, k, v, mask, 0.0, case["causal"], None, hq != hkv))
+            if reasons and training:  # e.g. no backward for this shape on this GPU: check the forward alone
+                entry["refused_training"] = reasons
+                training = False
+                q, k, v = (t.detach() for t in (q, k, v))
+                reasons = provider.reasons(make_call(q, k, v, mask, 0.0, case["causal"], None, hq != hkv))
             if reasons:
                 entry["refused"] = reasons
                 report["cases"].append(entry)
@@ -100,7 +108,7 @@ def check_provider(name, provider, device):
                                                 enable_gqa=hq != hkv)
             entry["out_err"] = _err(out, ref_out)
             ok = entry["out_err"] <= OUT_ATOL[dtype] * 2
-            if caps.training:
+            if training:
                 out.backward(dout)
                 entry["grad_err"] = max(_err(t.grad, r) for t, r in zip((q, k, v), ref_grads))
                 ok &= entry["grad_err"] <= GRAD_ATOL[dtype] * 2
@@ -112,7 +120,7 @@ def check_provider(name, provider, device):
                 entry["lse_dtype"] = str(c_lse.dtype)
                 entry["lse_shape_ok"] = list(c_lse.shape) == [b, hq, sq]
                 ok &= entry["lse_err"] <= LSE_ATOL and entry["lse_shape_ok"] and c_lse.dtype == torch.float32
-                if caps.backward:
+                if caps.backward and training:
                     grads = provider.backward(call, dout, c_out, c_lse)
                     entry["contract_grad_err"] = max(_err(g, r) for g, r in zip(grads, ref_grads))
                     ok &= entry["contract_grad_err"] <= GRAD_ATOL[dtype] * 2
@@ -122,17 +130,17 @@ def check_provider(name, provider, device):
             entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             entry["traceback"] = traceback.format_exc()[-3000:]
         report["cases"].append(entry)
-        print(f"  {name:<32}{entry['case']:<48}{'ok' if entry.get('ok') else entry.get('refused') or 'FAIL'}",
-              flush=True)
+        verdict = "ok" if entry.get("ok") else entry.get("refused") or "FAIL " + str(
+            entry.get("error") or {k: v for k, v in entry.items() if k.endswith("err")})[:400]
+        print(f"  {name:<20}{entry['case']:<50}{verdict}", flush=True)
     return report
 
 
-def cp_checks(worlds):
+def cp_checks(worlds, on_progress=lambda results: None, only=None):
     from cp_harness import Case, run_cases
 
     results = []
-    providers = [n for n, p in cpattn.PROVIDERS.items()
-                 if p.availability().ok and p.capabilities("cuda") is not None]
+    providers = [n for n in (only or CP_PROVIDERS) if cpattn.PROVIDERS[n].availability().ok]
     for world in worlds:
         cases = []
         for name in providers:
@@ -144,7 +152,7 @@ def cp_checks(worlds):
             for strategy in schedules:
                 causal = strategy != "allgather" or caps.bool_mask
                 grad = caps.training and (strategy != "ring" or caps.backward)
-                cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=1024 + world, head_dim=128,
+                cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=256 * world, head_dim=128,
                                   q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype, grad=grad,
                                   device="cuda", batch=1))
         outcomes = run_cases(world, cases, timeout=500)
@@ -158,6 +166,7 @@ def cp_checks(worlds):
                             "exception": o.exception, "ok": bool(ok)})
             print(f"  W={world} {case.provider:<20}{case.strategy:<10} causal={case.causal} bwd={case.grad} "
                   f"{'ok' if ok else 'FAIL ' + str(o.exception or o.errors)[:300]}", flush=True)
+        on_progress(results)
     return results
 
 
@@ -165,23 +174,32 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--cp-worlds", type=int, nargs="*", default=[2, 3, 4])
+    parser.add_argument("--providers", nargs="*", help="single-device check of these only (default all)")
+    parser.add_argument("--cp-providers", nargs="*", help="context-parallel check of these only")
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     device = torch.device("cuda")
     start = time.time()
     gpu = torch.cuda.get_device_name()
     print(f"gpu check on {gpu}, torch {torch.__version__}", flush=True)
-    single = [check_provider(n, p, device) for n, p in cpattn.PROVIDERS.items()]
-    cp = cp_checks(args.cp_worlds) if args.cp_worlds else []
+    single = [check_provider(n, p, device) for n, p in cpattn.PROVIDERS.items()
+              if args.providers is None or n in args.providers]
     result = {
         "device": gpu, "capability": "sm%d%d" % torch.cuda.get_device_capability(), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start, 1), "single_device": single,
-        "context_parallel_gloo_one_gpu": cp,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "single_device": single, "context_parallel_gloo_one_gpu": [],
     }
     os.makedirs(args.out, exist_ok=True)
     tag = gpu.replace(" ", "_").replace("/", "_")
-    path = os.path.join(args.out, f"gpu_check_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    path = os.path.join(args.out, f"gpu_check_{tag}{args.tag}.json")
+
+    def save(cp_results):  # after each world size, so a run cut short keeps what it measured
+        result["context_parallel_gloo_one_gpu"] = cp_results
+        result["seconds"] = round(time.time() - start, 1)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    save([])
+    cp = cp_checks(args.cp_worlds, save, args.cp_providers) if args.cp_worlds else []
     n_fail = sum(not c.get("ok", True) for r in single for c in r["cases"] if "refused" not in c)
     n_fail += sum(not r["ok"] for r in cp)
     print(f"wrote {path}; failures: {n_fail}", flush=True)

@@ -245,10 +245,10 @@ def ring_split_suite(provider: str, seqs, parts, causal=True) -> list[dict]:
                                     channel_factory=_LoopbackChannel(blocks, r))
                     lq, lk, lv, ldo, lo, ll = local[r]
                     call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
-                    if backward:
+                    ring_forward(adapter, call, spec)
+                    if backward:  # the same rank's backward, with a fresh channel
+                        spec.channel_factory = _LoopbackChannel(blocks, r)
                         ring_backward(adapter, call, spec, ldo, lo, ll)
-                    else:
-                        ring_forward(adapter, call, spec)
             row["whole"] = bench_gpu(whole)
             row["split"] = bench_gpu(split)
             row["efficiency"] = row["whole"]["median_ms"] / row["split"]["median_ms"]
@@ -332,12 +332,18 @@ def gpu_training_providers() -> list[str]:
 
 def run_gpu(args) -> dict:
     providers = args.providers or gpu_training_providers()
+    only = set(args.only or ("overhead", "kernels", "ring_split", "memory"))
     result = {"environment": environment()}
-    result["overhead"] = [host_overhead("cuda"), host_overhead("cpu")]
-    result["kernels"] = kernels_suite(providers, args.seqs, args.head_dims, args.tokens)
-    split_provider = "flash" if "flash" in providers else "_native_cudnn"
-    result["ring_split"] = ring_split_suite(split_provider, args.split_seqs, (2, 4, 8))
-    result["memory"] = memory_suite("cuda", 4, 32768)
+    if "overhead" in only:
+        result["overhead"] = [host_overhead("cuda"), host_overhead("cpu")]
+    if "kernels" in only:
+        result["kernels"] = kernels_suite(providers, args.seqs, args.head_dims, args.tokens)
+    if "ring_split" in only:
+        result["ring_split"] = [row for p in args.split_providers or ["flash", "_native_cudnn"]
+                                if p in cpattn.PROVIDERS and cpattn.PROVIDERS[p].availability().ok
+                                for row in ring_split_suite(p, args.split_seqs, (2, 4, 8))]
+    if "memory" in only:
+        result["memory"] = memory_suite("cuda", 4, 32768)
     return result
 
 
@@ -355,6 +361,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--tokens", type=int, default=16 * 16384, help="B*H*S per kernel measurement")
     parser.add_argument("--split-seqs", type=int, nargs="*", default=[16384, 65536])
+    parser.add_argument("--only", nargs="*", choices=("overhead", "kernels", "ring_split", "memory"))
+    parser.add_argument("--split-providers", nargs="*")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--tag", default=None)
     args = parser.parse_args(argv)

@@ -468,19 +468,22 @@ class _FlashAttention4(_Generation):
             out.append("FlashAttention-4 has a deterministic backward only on sm100/sm110")
         return out
 
+    # _flash_attn_fwd returns (out, lse, ...) and _flash_attn_bwd (dq, dk, dv, ...); 4.0.0b36 added trailing
+    # values (p, row_max, o_lo / dqv, dsink), so keep only the leading ones.
     def forward(self, q, k, v, scale, causal):
-        return self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)
+        return tuple(self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2])
 
     def varlen_forward(self, q, k, v, packing, scale, causal):
-        return self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, return_lse=True)
+        return tuple(self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
+                               return_lse=True)[:2])
 
     def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
-        return self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
-                         deterministic=deterministic)
+        return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
+                               deterministic=deterministic)[:3])
 
     def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
-        return self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(), softmax_scale=scale,
-                         causal=causal, deterministic=deterministic)
+        return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(), softmax_scale=scale,
+                               causal=causal, deterministic=deterministic)[:3])
 
     def function(self, q, k, v, scale, causal, dropout_p, deterministic):
         return _first(self._func(q=q, k=k, v=v, softmax_scale=scale, causal=causal, deterministic=deterministic))

@@ -7,6 +7,8 @@ forward/backward call the same ops and their backward ops with an external (out,
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -102,6 +104,16 @@ class NativeMath(Provider):
         return _grads(call, dq.to(call.dtype), dk.to(call.dtype), dv.to(call.dtype))
 
 
+def _flash_breaks(call: AttentionCall) -> bool:
+    """Calls PyTorch's flash kernel gets wrong: a zero-length query or key sequence kills the process with
+    SIGFPE on CPU (a context-parallel rank holding no token passes exactly that), and on CPU is_causal with
+    scale 0 gives NaN. They go to the math path (exact; nothing to tile)."""
+    return call.q_len == 0 or call.kv_len == 0 or (call.is_causal and call.scale == 0 and call.device.type == "cpu")
+
+
+_MATH_FALLBACK = NativeMath()
+
+
 class NativeFlash(Provider):
     """SDPA's flash backend: FlashAttention-2 inside PyTorch on CUDA, a tiled C++ kernel on CPU."""
 
@@ -122,11 +134,13 @@ class NativeFlash(Provider):
     }
 
     def extra_reasons(self, call, caps):
-        if call.device.type == "cuda" and call.head_dim != call.value_dim:
+        if call.head_dim != call.value_dim:  # the CPU kernel refuses them too
             return [f"query head dim {call.head_dim} != value head dim {call.value_dim}"]
         return []
 
     def attention(self, call):
+        if _flash_breaks(call):
+            return _MATH_FALLBACK.attention(call)
         k, v = _kv(call)
         if call.device.type == "cpu":
             mask, causal = _mask_with_causal(call)
@@ -138,6 +152,8 @@ class NativeFlash(Provider):
         )[0]
 
     def forward(self, call):
+        if _flash_breaks(call):
+            return _MATH_FALLBACK.forward(call)
         k, v = _kv(call)
         if call.device.type == "cpu":
             mask, causal = _mask_with_causal(call)
@@ -152,6 +168,8 @@ class NativeFlash(Provider):
         return out, normalize_lse(lse, call.q_len)
 
     def backward(self, call, dout, out, lse):
+        if _flash_breaks(call):
+            return _MATH_FALLBACK.backward(call, dout, out, lse)
         k, v = _kv(call)
         if call.device.type == "cpu":
             mask, causal = _mask_with_causal(call)
@@ -161,10 +179,10 @@ class NativeFlash(Provider):
                 attn_mask=as_additive(mask, call.dtype), scale=call.scale,
             )
             return _grads(call, dq, dk, dv)
-        empty = torch.empty(0, dtype=torch.int32, device=call.device)
+        # cum_seq_q/k undefined (None): a defined tensor there selects the nested/varlen kernel.
         rng = torch.zeros(2, dtype=torch.uint64, device=call.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, call.query, k, v, out, lse_for_kernel_backward(lse), empty, empty, call.q_len, call.kv_len,
+            dout, call.query, k, v, out, lse_for_kernel_backward(lse), None, None, call.q_len, call.kv_len,
             0.0, call.is_causal, rng, torch.empty(0, dtype=torch.uint64, device=call.device), scale=call.scale,
         )
         return _grads(call, dq, dk, dv)
@@ -199,22 +217,29 @@ class NativeEfficient(Provider):
     def _causal(self, call):
         return _mask_with_causal(call)[1]
 
+    @staticmethod
+    def _kv(call):
+        # The CUTLASS backward reads K/V as dense (B, H, S, D): a ring's column slice of a KV block (a strided
+        # view) gave NaN gradients on an H100, so give it contiguous storage (a no-op when already dense).
+        k, v = self._kv(call)
+        return k.contiguous(), v.contiguous()
+
     def attention(self, call):
-        k, v = _kv(call)
+        k, v = self._kv(call)
         return aten._scaled_dot_product_efficient_attention(
             call.query, k, v, _aligned_bias(call), call.needs_grad, call.dropout_p, self._causal(call),
             scale=call.scale,
         )[0]
 
     def forward(self, call):
-        k, v = _kv(call)
+        k, v = self._kv(call)
         out, lse, *_ = aten._scaled_dot_product_efficient_attention(
             call.query, k, v, _aligned_bias(call), True, 0.0, self._causal(call), scale=call.scale
         )
         return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
 
     def backward(self, call, dout, out, lse):
-        k, v = _kv(call)
+        k, v = self._kv(call)
         bias = _aligned_bias(call)
         # The kernel reads lse rows padded to a multiple of 32 on some versions; give it that storage.
         lse_k = lse_for_kernel_backward(lse)
@@ -223,7 +248,7 @@ class NativeEfficient(Provider):
             lse_k = F.pad(lse_k, (0, pad))
         seed = torch.zeros((), dtype=torch.int64, device=call.device)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout, call.query, k, v, bias if bias is not None else torch.empty(0, device=call.device), out,
+            dout, call.query, k, v, bias, out,
             lse_k, seed, seed, 0.0, [True, True, True, False], self._causal(call), scale=call.scale,
         )
         return _grads(call, dq, dk, dv)
@@ -269,10 +294,10 @@ class NativeCudnn(Provider):
         causal = _mask_with_causal(call)[1]
         bias = _aligned_bias(call)
         seed = torch.zeros((), dtype=torch.int64, device=call.device)
-        empty = torch.empty(0, dtype=torch.int32, device=call.device)
+        # cum_seq_q/k undefined (None): a defined tensor there makes cuDNN expect nested (3-D) inputs.
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dout, call.query, k, v, out, lse_for_kernel_backward(lse).unsqueeze(-1).contiguous(), seed, seed,
-            bias, empty, empty, call.q_len, call.kv_len, 0.0, causal, scale=call.scale,
+            bias, None, None, call.q_len, call.kv_len, 0.0, causal, scale=call.scale,
         )
         return _grads(call, dq, dk, dv)
 
@@ -287,20 +312,33 @@ class Native(Provider):
     description = "torch.nn.functional.scaled_dot_product_attention (PyTorch chooses the backend)"
     _caps = Capabilities(
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
-        backward=True, training=True,
+        backward=True, training=True, mask_grad=True,
         notes=("block kernel under CP: first of cuDNN/flash/efficient/math (CUDA), flash/math (CPU) that fits",),
     )
-    supports = {"cpu": _caps, "cuda": _caps}
+    # On CUDA it runs cuDNN, flash or memory-efficient kernels, whose backward is not bitwise deterministic (each
+    # of those providers declares deterministic_backward=False): neither is native's there.
+    supports = {"cpu": _caps, "cuda": dataclasses.replace(_caps, deterministic_backward=False)}
 
     def __init__(self, candidates: dict[str, list[Provider]]):
         super().__init__()
         self._candidates = candidates
 
     def attention(self, call):
-        return _C_SDPA(
-            call.query, call.key, call.value, call.attn_mask, call.dropout_p, call.is_causal,
+        if _flash_breaks(call):  # SDPA would pick the flash kernel for these
+            return _MATH_FALLBACK.attention(call)
+        mask, causal = _mask_with_causal(call)  # SDPA refuses attn_mask together with is_causal
+        if mask is not None and mask.dtype != torch.bool and mask.dtype != call.dtype:
+            mask = mask.to(call.dtype)  # SDPA refuses a float mask of another dtype; every other provider casts
+        out = _C_SDPA(
+            call.query, call.key, call.value, mask, call.dropout_p, causal,
             scale=call.scale, enable_gqa=call.groups > 1,
         )
+        if mask is not None and call.device.type == "cuda":
+            # SDPA's CUDA backends disagree on rows that see no key (garbage was measured on an H100 with a
+            # bool mask); every cpattn provider returns 0 there. Costs a reduction over the mask, no sync.
+            allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+            out = out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+        return out
 
     def block_kernel(self, call: AttentionCall) -> Provider:
         """The backend whose LSE-returning kernel runs `call` under context parallelism."""
