@@ -221,7 +221,7 @@ class NativeEfficient(Provider):
     def _kv(call):
         # The CUTLASS backward reads K/V as dense (B, H, S, D): a ring's column slice of a KV block (a strided
         # view) gave NaN gradients on an H100, so give it contiguous storage (a no-op when already dense).
-        k, v = self._kv(call)
+        k, v = _kv(call)
         return k.contiguous(), v.contiguous()
 
     def attention(self, call):
