@@ -178,26 +178,7 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-def _spawned(rank: int, world: int, port: int, argv):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    code = main(argv)
-    if code:
-        sys.exit(code)
-
-
 if __name__ == "__main__":
-    if "RANK" in os.environ:  # started by torchrun
-        sys.exit(main())
-    import socket
+    from spawn import launch
 
-    import torch.multiprocessing as mp
-
-    nproc = parse_args().nproc
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free_port = s.getsockname()[1]
-    try:
-        mp.spawn(_spawned, args=(nproc, free_port, sys.argv[1:]), nprocs=nproc)
-    except mp.ProcessExitedException:
-        sys.exit(1)
+    launch(main, parse_args().nproc)
