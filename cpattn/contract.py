@@ -45,6 +45,7 @@ class Capabilities:
     bool_mask: bool = False  # general boolean masks (True = attend)
     additive_mask: bool = False  # float masks added to the scores
     key_padding_mask: bool = False  # masks that only hide keys: shape (B or 1, 1, 1, Sk)
+    mask_grad: bool = False  # gradients flow to a float attn_mask that requires grad (single-device path)
     varlen: bool = False  # packed sequences with cu_seqlens
     dropout: bool = False  # dropout_p > 0 on the single-device path
     gqa: bool = True  # Hq != Hkv (natively or by expanding KV heads inside the adapter)
@@ -268,7 +269,8 @@ def capability_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
         out.append("attn_mask (a key-padding mask) is not supported" + _mask_hint(caps))
     if kind == "key_padding_additive" and not caps.additive_mask:
         out.append("an additive attn_mask is not supported; pass key padding as a bool mask" + _mask_hint(caps))
-    if call.attn_mask is not None and call.attn_mask.requires_grad and call.needs_grad:
+    mask = call.attn_mask
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled() and not caps.mask_grad:
         out.append("gradients with respect to attn_mask are not supported (only provider 'native' has them)")
     if call.dropout_p > 0 and not caps.dropout:
         out.append(f"dropout_p={call.dropout_p} is not supported")

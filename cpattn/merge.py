@@ -69,7 +69,7 @@ def merge_two(
     w_a = torch.exp(lse_a - m)
     w_b = torch.exp(lse_b - m)
     z = w_a + w_b
-    lse = torch.where(z > 0, m + torch.log(z), float("-inf"))
+    lse = torch.where(z == 0, float("-inf"), m + torch.log(z))  # a NaN input row stays NaN, never "empty"
     inv_z = 1.0 / z.clamp_min(_TINY)
     out = out_a.float() * (w_a * inv_z).unsqueeze(-1) + out_b.float() * (w_b * inv_z).unsqueeze(-1)
     return out, lse
@@ -81,7 +81,7 @@ def merge_many(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torc
     m = _shifted_max(lse.amax(dim=0))
     w = torch.exp(lse - m)
     z = w.sum(dim=0)
-    total = torch.where(z > 0, m + torch.log(z), float("-inf"))
+    total = torch.where(z == 0, float("-inf"), m + torch.log(z))
     w = w / z.clamp_min(_TINY)
     out = sum(o.float() * w[i].unsqueeze(-1) for i, o in enumerate(outs))
     return out, total

@@ -32,7 +32,10 @@ def reference_attention(
             scores = scores + attn_mask.to(device=scores.device, dtype=torch.float64)
     if is_causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isneginf(lse), 0.0, lse)
-    probs = torch.exp(scores - safe.unsqueeze(-1))
-    return probs @ v, lse
+    # Rows that see no key get finite stand-in scores: logsumexp's backward at -inf is NaN, which an additive
+    # mask (unlike masked_fill) would pass on to the gradients of q and k.
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse).masked_fill(empty, 0.0)
+    return probs @ v, lse.masked_fill(empty, float("-inf")).squeeze(-1)

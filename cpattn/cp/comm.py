@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import time
 
 import torch
 import torch.distributed as dist
@@ -18,13 +19,48 @@ from .mesh import Group
 
 
 def _wait(work, timeout: float, what: str, group: Group) -> None:
+    start = time.monotonic()
     try:
-        ok = work.wait(timeout=datetime.timedelta(seconds=timeout))
+        ok, cause = work.wait(timeout=datetime.timedelta(seconds=timeout)), None
     except RuntimeError as exc:
-        raise CommTimeoutError(f"rank {group.rank} of a {group.size}-rank group: {what} failed or timed out "
-                               f"after {timeout:.0f}s ({exc})") from exc
+        ok, cause = False, exc
     if ok is False:
-        raise CommTimeoutError(f"rank {group.rank} of a {group.size}-rank group: {what} timed out after {timeout:.0f}s")
+        waited = time.monotonic() - start
+        how = "timed out" if waited >= timeout else "failed"
+        raise CommTimeoutError(
+            f"rank {group.rank} of a {group.size}-rank group: {what} {how} after {waited:.1f}s "
+            f"(cp_timeout={timeout:g}s); {_absent_peers(group, start + timeout + min(timeout, 2.0))}"
+            + (f" ({cause})" if cause else "")
+        ) from cause
+
+
+_FAILED_WAITS: collections.Counter = collections.Counter()
+
+
+def _absent_peers(group: Group, deadline: float) -> str:
+    """After a failed wait, name the peers that are gone. Every rank of the group whose wait fails reports in
+    through the torch.distributed store (its wait is bounded by the same timeout, so it does so by `deadline`);
+    a rank that died, hangs or never reached this call does not. Runs only on the failure path."""
+    absent = None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        members = [group.global_rank(r) for r in range(group.size)]
+        key = "cpattn/failed/" + ",".join(map(str, members))
+        _FAILED_WAITS[key] += 1
+        prefix = f"{key}/{_FAILED_WAITS[key]}/"
+        store.set(prefix + str(members[group.rank]), "1")
+        while True:
+            absent = [r for r, g in enumerate(members) if not store.check([prefix + str(g)])]
+            if not absent or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+    except Exception as exc:  # the store's host (global rank 0, or torchrun's agent) is gone too
+        if absent is None:
+            return f"could not reach the torch.distributed store to find the missing rank ({type(exc).__name__})"
+    if not absent:
+        return "every rank of the group reached this point, so the transfer itself failed"
+    ranks = ", ".join(f"{r} (global rank {members[r]})" for r in absent)
+    return f"no word from rank(s) {ranks}: dead, hung, or not making this call"
 
 
 class CommStats(collections.Counter):

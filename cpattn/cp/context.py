@@ -88,6 +88,9 @@ class ContextParallel:
             return [f"query length {call.q_len} != key length {call.kv_len}: context parallelism shards "
                     "self-attention (q, k, v of the same tokens)"]
         mask = call.attn_mask
+        if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+            return ["gradients with respect to attn_mask are not supported under context parallelism: pass "
+                    "attn_mask.detach(), or run this call on one device with provider 'native'"]
         if mask is not None and mask.dim() >= 2 and mask.shape[-2] not in (1, call.q_len):
             return [f"attn_mask has {mask.shape[-2]} rows; under context parallelism it covers this rank's "
                     f"{call.q_len} local queries (or 1 row, broadcast) by all keys in global order"]
@@ -124,14 +127,20 @@ class ContextParallel:
     def _signature(self, provider: Provider, call: AttentionCall, strategy: str, refused: bool) -> list[int]:
         mask = call.attn_mask
         dims = [0, 0, 0, 0]
+        kind = None
         if mask is not None:
             dims = [0] * (4 - mask.dim()) + list(mask.shape)
-            dims[2] = min(dims[2], 2)  # rows: 1 (broadcast) or local length (checked separately)
+            # rows: 1 = broadcast over queries, 2 = one row per local query (checked in reasons); a rank holding
+            # one query cannot tell them apart (-1, matches either). For the same reason the kind compared is
+            # bool or additive only: "key padding" (one row) would differ between such a rank and the others.
+            rows = mask.shape[-2] if mask.dim() >= 2 else 1
+            dims[2] = -1 if call.q_len == 1 else (1 if rows == 1 else 2)
+            kind = "bool" if mask.dtype == torch.bool else "additive"
         bits = lambda x: struct.unpack("<q", struct.pack("<d", float(x)))[0]  # noqa: E731
         return [
             _PROVIDER_CODES[provider.name], STRATEGIES.index(strategy), LAYOUTS.index(self.layout),
             _DTYPE_CODES.get(call.dtype, 0), call.batch, call.q_heads, call.kv_heads, call.head_dim,
-            call.value_dim, int(call.is_causal), _MASK_CODES[call.mask_kind], *dims, bits(call.dropout_p),
+            call.value_dim, int(call.is_causal), _MASK_CODES[kind], *dims, bits(call.dropout_p),
             int(call.needs_grad), bits(call.scale),
             # not compared field by field:
             int(refused), call.q_len,
@@ -142,6 +151,11 @@ class ContextParallel:
         n = len(_FIELDS)
         for i, name in enumerate(_FIELDS):
             column = table[:, i].tolist()
+            if name == "mask dim 2 (rows)":
+                known = {x for x in column if x != -1}
+                self._mask_rows = known.pop() if len(known) == 1 else (2 if not known else None)
+                if len(known) <= 1:
+                    continue
             if len(set(column)) > 1:
                 raise RankMismatchError(
                     f"ranks of the context-parallel group disagree on {name}: "
@@ -160,6 +174,7 @@ class ContextParallel:
         topo = self.topology
         if topo.mesh_dims == 2:
             u_lengths = self._agree(topo.ulysses, sig, call.device).tolist()
+            mask_rows = self._mask_rows  # what the Ulysses stage gathers
             sig[len(_FIELDS) + 1] = sum(u_lengths)  # the ring stage compares ring-shard lengths
             r_lengths = self._agree(topo.ring, sig, call.device).tolist()
             total = sum(r_lengths)
@@ -168,6 +183,7 @@ class ContextParallel:
             expected = [sum(local_len(total, topo.ring_size, topo.ulysses_size, r, u, self.layout)
                             for u in range(topo.ulysses_size)) for r in range(topo.ring_size)]
             self._check_lengths(r_lengths, expected, total)
+            self._mask_rows = mask_rows
         else:
             lengths = self._agree(topo.ring, sig, call.device).tolist()
             total = sum(lengths)
@@ -233,13 +249,13 @@ class ContextParallel:
         group = self.topology.ring
         lengths = [local_len(total, group.size, 1, r, 0, self.layout) for r in range(group.size)]
         order, positions = self._gathered_order(total, device)
-        return UlyssesSpec(group, lengths, self.timeout, self.stats, order, positions)
+        return UlyssesSpec(group, lengths, self.timeout, self.stats, order, positions, self._mask_rows == 2)
 
     def _hybrid_ulysses_spec(self, total: int) -> UlyssesSpec:
         topo = self.topology
         lengths = [local_len(total, topo.ring_size, topo.ulysses_size, topo.ring_rank, u, self.layout)
                    for u in range(topo.ulysses_size)]
-        return UlyssesSpec(topo.ulysses, lengths, self.timeout, self.stats)
+        return UlyssesSpec(topo.ulysses, lengths, self.timeout, self.stats, mask_per_query=self._mask_rows == 2)
 
     def _allgather_spec(self, total: int, device) -> AllGatherSpec:
         group = self.topology.ring
@@ -263,6 +279,10 @@ def _show(name: str, code: int):
         return STRATEGIES[code]
     if name == "dtype":
         return {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}.get(code, code)
+    if name == "layout":
+        return LAYOUTS[code]
+    if name == "mask kind":
+        return {v: k or "none" for k, v in _MASK_CODES.items()}.get(code, code)
     if name in ("scale", "dropout_p"):
         return struct.unpack("<d", struct.pack("<q", code))[0]
     return code

@@ -68,6 +68,13 @@ def topology_from_mesh(cp_mesh, strategy: str) -> Topology:
     dimension). 2-D DeviceMesh: dimensions named ("ring", "ulysses"), for the hybrid schedule."""
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError("cp_mesh was given but torch.distributed is not initialised")
+    if cp_mesh is dist.GroupMember.NON_GROUP_MEMBER or (
+        isinstance(cp_mesh, dist.ProcessGroup) and dist.get_rank(cp_mesh) < 0
+    ):  # what dist.new_group returns on ranks outside the group
+        raise InvalidArgumentError(
+            f"this process (global rank {dist.get_rank()}) is not a member of cp_mesh: pass each rank the "
+            "process group or DeviceMesh that contains it (the mesh does not match the world)"
+        )
     if isinstance(cp_mesh, dist.ProcessGroup):
         return _one_dim(Group.of(cp_mesh), strategy)
     ndim = getattr(cp_mesh, "ndim", None)

@@ -35,6 +35,9 @@ class UlyssesSpec:
     stats: CommStats
     order: torch.Tensor | None = None  # gathered index -> global order (None: already in order)
     positions: torch.Tensor | None = None  # global position of each gathered index (inverse of order)
+    # attn_mask has a row per query (gather rows) rather than one row for all; decided by every rank together,
+    # since a rank holding a single query cannot tell from its own mask (None: from the local shape)
+    mask_per_query: bool | None = None
 
 
 def seq_to_heads(x: torch.Tensor, head_splits: list[int], spec: UlyssesSpec) -> torch.Tensor:
@@ -73,7 +76,8 @@ def gather_mask_rows(mask: torch.Tensor | None, q_splits: list[int], spec: Ulyss
     """A (rows = local queries, cols = all keys) mask -> rows of the whole group, heads of this rank."""
     if mask is None:
         return None
-    if mask.dim() >= 2 and mask.shape[-2] > 1:
+    per_query = spec.mask_per_query if spec.mask_per_query is not None else mask.dim() >= 2 and mask.shape[-2] > 1
+    if mask.dim() >= 2 and per_query:
         # every rank contributes its rows for all heads; each then keeps its own heads (below)
         rows = all_gather_padded(mask, spec.lengths, mask.dim() - 2, spec.group, spec.timeout)
         mask = torch.cat(rows, dim=-2)
