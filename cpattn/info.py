@@ -77,6 +77,21 @@ def provider_rows() -> list[ProviderRow]:
     return rows
 
 
+def auto_choice() -> str:
+    """What provider 'auto' picks here for a typical training call (bf16 on GPU, float32 on CPU), and why."""
+    from .dispatch import make_call
+    from .providers import AUTO
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    q = torch.empty(1, 16, 4096, 128, device=device, dtype=dtype, requires_grad=True)
+    kv = torch.empty(1, 4, 4096, 128, device=device, dtype=dtype, requires_grad=True)
+    call = make_call(q, kv, kv, None, 0.0, True, None, True)
+    chosen = AUTO.choose(call)
+    head = f"auto picks {chosen.name if chosen else 'nothing'} for causal GQA 16:4, S=4096, D=128, {dtype} with gradients"
+    return head + "\n  " + AUTO.explain(call).replace("\n", "\n  ")
+
+
 def render(rows: list[ProviderRow], env: dict[str, str]) -> str:
     lines = [f"{k}: {v}" for k, v in env.items()]
     header = ("provider", "family", "runs here", "library", "needs", "training", "why not / notes")
@@ -97,6 +112,7 @@ def print_info() -> None:
         from rich.table import Table
     except ImportError:
         print(render(rows, env))
+        print(auto_choice())
         return
     console = Console()
     if not console.is_terminal:  # piped or captured: do not fold provider names into a narrow table
@@ -111,6 +127,7 @@ def print_info() -> None:
         table.add_row(r.name, r.family, "[green]yes[/green]" if r.available else "[red]no[/red]", r.version,
                       r.requirement, r.training, r.note)
     console.print(table)
+    console.print(auto_choice(), markup=False)
 
 
 # -- support matrix --------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def cases_for(world: int) -> list[Case]:
         cases.append(Case(provider="flex", strategy=strategy, grad=False, seq=12))  # flex has no CPU backward
     cases.append(Case(strategy="ulysses", q_heads=5, kv_heads=5, seq=9))  # heads not divisible by W
     cases.append(Case(strategy="auto", seq=12))
+    cases.append(Case(provider="auto", strategy="ring", seq=13))
     cases.append(Case(strategy="ring", seq=3, q_heads=2, kv_heads=1))  # fewer tokens than chunks
     cases.append(Case(strategy="ring", grad=False, seq=16))  # no backward: W-1 KV sends only
     return cases

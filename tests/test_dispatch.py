@@ -271,3 +271,22 @@ def test_broken_library_does_not_break_import_or_other_providers(monkeypatch):
     assert not rows["xformers"].available
     with attention_provider("native"):
         attention_dispatch(*make_qkv(1, 1, 1, 2, 2, 4))
+
+
+def test_auto_picks_the_fastest_provider_that_takes_the_call():
+    from cpattn.providers import AUTO
+
+    q, k, v = make_qkv(1, 4, 2, 9, 9, 16, requires_grad=True)
+    call = make_call(q, k, v, None, 0.0, True, None, True)
+    assert AUTO.choose(call).name == "_native_flash"  # CPU order: flash kernel, then math
+    q2, k2, v2 = make_qkv(1, 4, 2, 9, 9, 16, dv=8, requires_grad=True)  # CPU flash refuses Dv != D
+    assert AUTO.choose(make_call(q2, k2, v2, None, 0.0, True, None, True)).name == "_native_math"
+    dout = torch.randn(1, 4, 9, 8)
+    with attention_provider("auto"):
+        out = attention_dispatch(q2, k2, v2, is_causal=True, enable_gqa=True)
+    out.backward(dout)
+    ref_out, _, ref_grads = reference_with_grads(q2, k2, v2, dout, None, True)
+    assert_close(out, ref_out, OUT_ATOL[torch.float32], "out")
+    for t, g in zip((q2, k2, v2), ref_grads):
+        assert_close(t.grad, g, GRAD_ATOL[torch.float32], "grad")
+    assert "auto picks _native_flash" in __import__("cpattn.info", fromlist=["auto_choice"]).auto_choice()

@@ -30,7 +30,7 @@ from .ulysses import UlyssesSpec, ulysses_attention
 log = logging.getLogger("cpattn")
 
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
-_PROVIDER_CODES = {p.value: i for i, p in enumerate(AttentionProvider)}
+_PROVIDER_CODES = {p.value: i for i, p in enumerate(AttentionProvider)} | {"auto": len(AttentionProvider)}
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _MASK_CODES = {None: 0, "bool": 1, "additive": 2, "key_padding": 3, "key_padding_additive": 4}
 _FIELDS = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..contract import Provider
 from ..errors import InvalidArgumentError
 from ..names import AttentionProvider
-from . import flash, flex, native, sage, xformers
+from . import auto, flash, flex, native, sage, xformers
 
 _FAMILIES = (native, flex, flash, sage, xformers)
 
@@ -25,6 +25,10 @@ def _build() -> dict[str, Provider]:
 
 
 PROVIDERS: dict[str, Provider] = _build()
+# "auto" chooses among the providers above per call; it is a name users may pass, not a kernel, so it is
+# kept out of PROVIDERS (and of the AttentionProvider enum, whose values are the kernel providers).
+AUTO_NAME = "auto"
+AUTO = auto.make_auto(PROVIDERS)
 
 # Order in which an error message suggests alternatives (fast and general first).
 PREFERENCE = (
@@ -38,8 +42,10 @@ def get_provider(name: "str | AttentionProvider | Provider") -> Provider:
     if isinstance(name, Provider):
         return name
     key = name.value if isinstance(name, AttentionProvider) else name
+    if key == AUTO_NAME:
+        return AUTO
     if not isinstance(key, str) or key not in {p.value for p in AttentionProvider}:
-        valid = ", ".join(p.value for p in AttentionProvider)
+        valid = ", ".join([p.value for p in AttentionProvider] + [AUTO_NAME])
         raise InvalidArgumentError(f"unknown attention provider {name!r}; valid names: {valid}")
     if key not in PROVIDERS:
         raise InvalidArgumentError(f"provider '{key}' is named but has no adapter in this build of cpattn")

@@ -35,6 +35,9 @@ import torch
 from ..contract import AttentionCall, Availability, Capabilities, Provider, normalize_lse
 from ..errors import ProviderUnavailableError, UnsupportedInputError
 from ..masks import expand_to_4d
+from .native import NativeMath
+
+_EXACT = NativeMath()
 
 BLOCK_MASK_CACHE_SIZE = 16
 # Smaller tiles for variants whose default tiles overflow shared memory (fallback, see Flex._flex).
@@ -385,6 +388,8 @@ class Flex(Provider):
 
     # -- the contract -----------------------------------------------------------------------------------
     def attention(self, call: AttentionCall) -> torch.Tensor:
+        if _empty(call):
+            return _EXACT.attention(call)
         if call.device.type == "cuda":
             # flex's own autograd runs its fused backward: faster than the contract's recomputation.
             return self._flex(call, call.query, call.key, call.value)[0]
@@ -392,6 +397,8 @@ class Flex(Provider):
             return self._flex(call, *_detached(call))[0]
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        if _empty(call):
+            return _EXACT.forward(call)
         with torch.no_grad():
             out, lse = self._flex(call, *_detached(call))
         # flex already gives a natural-log lse with -inf on rows that see no key; only the dtype may differ.
@@ -400,11 +407,19 @@ class Flex(Provider):
     def backward(self, call, dout, out, lse):
         if call.device.type != "cuda":
             raise UnsupportedInputError(f"provider '{self.name}'", [CPU_NO_BACKWARD])
+        if _empty(call):
+            return _EXACT.backward(call, dout, out, lse)
 
         def block_forward(q, k, v):
             return self._flex(call, q, k, v)
 
         return recompute_block_grads(block_forward, call, dout, out, lse)
+
+
+def _empty(call: AttentionCall) -> bool:
+    """No queries or no keys (a context-parallel rank may hold no token): flex_attention raises IndexError on
+    these, so the exact math path answers them (nothing to tile; out 0 and lse -inf where rows see no key)."""
+    return call.q_len == 0 or call.kv_len == 0
 
 
 def _lse_request() -> dict:
