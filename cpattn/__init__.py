@@ -6,7 +6,7 @@
 """
 
 from .contract import AttentionCall, Capabilities, Provider
-from .cp import gather_sequence, local_position_ids, shard_sequence
+from .cp import document_mask, gather_sequence, local_position_ids, shard_sequence
 from .dispatch import attention_dispatch, attention_provider, current_provider
 from .errors import (
     CommTimeoutError,
@@ -27,6 +27,6 @@ __all__ = [
     "AttentionCall", "AttentionProvider", "Capabilities", "CommTimeoutError", "CpattnError",
     "InvalidArgumentError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
     "UnsupportedInputError", "attention_dispatch", "attention_provider", "current_provider", "get_provider",
-    "gather_sequence", "is_sdpa_patched", "local_position_ids", "patch_sdpa", "reference_attention",
+    "document_mask", "gather_sequence", "is_sdpa_patched", "local_position_ids", "patch_sdpa", "reference_attention",
     "sdpa_patched", "shard_sequence", "unpatch_sdpa",
 ]

@@ -75,11 +75,23 @@ def _make_mask(case: Case, gen) -> torch.Tensor | None:
         m = torch.ones(b, 1, 1, s, dtype=torch.bool)
         m[0, ..., s - max(1, s // 3):] = False
         return m
+    if case.mask == "documents":  # packed documents; boundaries fall inside shards
+        return cpattn_document_mask(_doc_bounds(s)).expand(b, 1, s, s)
     if case.mask == "empty_rows":  # some query rows see no key at all
         m = torch.rand(b, 1, s, s, generator=gen) < 0.7
         m[:, :, ::3] = False
         return m
     raise ValueError(case.mask)
+
+
+def _doc_bounds(s: int) -> list[int]:
+    return sorted({0, min(s, 3), s // 2 + 1, s})
+
+
+def cpattn_document_mask(cu, *args, **kwargs):
+    import cpattn
+
+    return cpattn.document_mask(cu, *args, **kwargs)
 
 
 def _problem(case: Case):
@@ -134,7 +146,12 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
         if case.grad:
             out.backward(shard(dout).to(device=device, dtype=dtype))
     gather = lambda t: cpattn.gather_sequence(t, mesh, 2, case.layout)  # noqa: E731
+    if case.mask == "documents":  # the local-rows helper must equal this rank's rows of the full mask
+        local = cpattn.document_mask(_doc_bounds(case.seq), mesh, case.layout)
+        doc_mask_ok = torch.equal(local.expand_as(mask_l).cpu(), mask_l.cpu())
     result = Outcome(stats=dict(state.cp.stats) if state.cp is not None else {})
+    if case.mask == "documents":
+        result.errors["document_mask_equal"] = float(doc_mask_ok)
     ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]
     ref_out, _ = reference_attention(*ref_in, mask, case.causal)
     full_out = gather(out).cpu()

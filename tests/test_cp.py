@@ -25,7 +25,7 @@ def cases_for(world: int) -> list[Case]:
             for layout, causal in (("zigzag", True), ("contiguous", True), ("zigzag", False)):
                 cases.append(Case(provider=provider, strategy=strategy, layout=layout, causal=causal, seq=13))
     for strategy in SCHEDULES:
-        for mask in ("bool", "additive", "key_padding", "empty_rows"):
+        for mask in ("bool", "additive", "key_padding", "empty_rows", "documents"):
             cases.append(Case(strategy=strategy, mask=mask, seq=11, causal=mask != "additive"))
         # heads == sequence length, and fewer KV heads than ranks
         cases.append(Case(strategy=strategy, q_heads=8, kv_heads=8, seq=8, head_dim=8))
@@ -61,6 +61,7 @@ def _check(outcome, case: Case):
     assert outcome.exception is None, outcome.exception
     out_tol, grad_tol = OUT_ATOL[getattr(__import__("torch"), case.dtype)], GRAD_ATOL[getattr(__import__("torch"), case.dtype)]
     assert outcome.errors["out_finite"] == 1.0, "non-finite output"
+    assert outcome.errors.get("document_mask_equal", 1.0) == 1.0, "document_mask rows differ from the shard"
     assert outcome.errors["out"] <= out_tol, f"out error {outcome.errors['out']:.3g} > {out_tol}"
     if case.grad:
         for name in ("dq", "dk", "dv"):

@@ -362,3 +362,15 @@ def test_reference_with_grads_matches_autograd_of_sdpa_for_a_fully_masked_row():
     ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, mask)
     assert torch.isneginf(ref_lse[0, 0, 2]) and (ref_out[0, 0, 2] == 0).all() and (out[0, 0, 2] == 0).all()
     assert (q.grad[0, 0, 2] == 0).all() and (ref_grads[0][0, 0, 2] == 0).all()
+
+
+def test_document_mask_rejects_bad_boundaries_and_builds_blocks():
+    import cpattn
+
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        cpattn.document_mask([0, 4, 2])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        cpattn.document_mask([1, 4])
+    m = cpattn.document_mask([0, 2, 5])
+    assert m.shape == (5, 5)
+    assert m[:2, :2].all() and m[2:, 2:].all() and not m[:2, 2:].any() and not m[2:, :2].any()

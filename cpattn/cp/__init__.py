@@ -12,7 +12,9 @@ from .context import STRATEGIES, ContextParallel
 from .layout import LAYOUTS, local_positions, shard_positions
 from .mesh import topology_from_mesh
 
-__all__ = ["ContextParallel", "LAYOUTS", "STRATEGIES", "gather_sequence", "local_position_ids", "shard_sequence"]
+__all__ = [
+    "ContextParallel", "LAYOUTS", "STRATEGIES", "document_mask", "gather_sequence", "local_position_ids", "shard_sequence",
+]
 
 
 def _topology(cp_mesh):
@@ -52,3 +54,25 @@ def gather_sequence(x_local: torch.Tensor, cp_mesh, seq_dim: int, layout: str = 
     out = torch.empty_like(gathered)
     out.index_copy_(seq_dim, positions, gathered)
     return out
+
+
+def document_mask(cu_seqlens: torch.Tensor, cp_mesh=None, layout: str = "zigzag", causal: bool = False,
+                  device=None) -> torch.Tensor:
+    """Boolean mask for packed documents: a token attends only to tokens of its own document.
+
+    `cu_seqlens` are the global document boundaries of the packed sequence (int, starting at 0, ending at the
+    total length; documents may cross shard boundaries). Without `cp_mesh` the mask is (S, S); with it, it is
+    this rank's rows x all keys in global order, (S_local, S): exactly what attn_mask takes under context
+    parallelism. `causal=True` also hides later tokens (then pass is_causal=False).
+    """
+    cu = torch.as_tensor(cu_seqlens, device=device).long()
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and never decrease; got {cu.tolist()}")
+    total = int(cu[-1])
+    keys = torch.arange(total, device=cu.device)
+    doc = torch.bucketize(keys, cu[1:], right=True)  # document index of every global position
+    rows = keys if cp_mesh is None else local_position_ids(total, cp_mesh, layout, cu.device)
+    mask = doc[rows].unsqueeze(1) == doc.unsqueeze(0)
+    if causal:
+        mask &= keys.unsqueeze(0) <= rows.unsqueeze(1)
+    return mask
