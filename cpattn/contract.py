@@ -112,9 +112,8 @@ class AttentionCall:
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(
-            t.requires_grad for t in (self.query, self.key, self.value)
-        )
+        return torch.is_grad_enabled() and (self.query.requires_grad or self.key.requires_grad
+                                            or self.value.requires_grad)
 
     @property
     def mask_kind(self) -> str | None:

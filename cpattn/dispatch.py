@@ -224,7 +224,8 @@ def attention_dispatch(
 
 def call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple:
     """Everything the argument checks and a provider's verdict depend on (shapes, dtypes, devices, flags)."""
-    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+    tensor = torch.Tensor
+    if not (isinstance(query, tensor) and isinstance(key, tensor) and isinstance(value, tensor)):
         return None  # never accepted: make_call raises the clear error
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     mask = None if attn_mask is None else (
@@ -244,9 +245,9 @@ def run_single(provider: Provider, call: AttentionCall) -> torch.Tensor:
 
 
 def run_checked(provider: Provider, call: AttentionCall) -> torch.Tensor:
-    device = call.device
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):  # kernels launch on the tensors' GPU, not the current one
+    query = call.query
+    if query.is_cuda and query.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(query.device):  # kernels launch on the tensors' GPU, not the current one
             return provider.attention(call)
     return provider.attention(call)
 

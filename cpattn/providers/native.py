@@ -27,13 +27,18 @@ from ..contract import (
 )
 from ..masks import as_additive
 
+# Overloads are called as `.default`: resolving the overload packet with keyword arguments costs ~2 us a call.
 aten = torch.ops.aten
 # The C entry of F.scaled_dot_product_attention, captured so that patching F never makes `native` recurse.
 _C_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 def _kv(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-    return expand_kv(call.key, call.groups), expand_kv(call.value, call.groups)
+    key, value = call.key, call.value
+    if key.shape[1] == call.query.shape[1]:  # no GQA: the common case, kept cheap (it is on the hot path)
+        return key, value
+    groups = call.groups
+    return expand_kv(key, groups), expand_kv(value, groups)
 
 
 def _mask_with_causal(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
@@ -66,7 +71,7 @@ class NativeMath(Provider):
     def attention(self, call: AttentionCall) -> torch.Tensor:
         mask, causal = _mask_with_causal(call)
         # The aten op reads a bool mask differently from F.sdpa: give it the additive form SDPA builds.
-        return aten._scaled_dot_product_attention_math(
+        return aten._scaled_dot_product_attention_math.default(
             call.query, call.key, call.value, as_additive(mask, call.dtype), call.dropout_p, causal, scale=call.scale,
             enable_gqa=call.groups > 1,
         )[0]
@@ -108,7 +113,8 @@ def _flash_breaks(call: AttentionCall) -> bool:
     """Calls PyTorch's flash kernel gets wrong: a zero-length query or key sequence kills the process with
     SIGFPE on CPU (a context-parallel rank holding no token passes exactly that), and on CPU is_causal with
     scale 0 gives NaN. They go to the math path (exact; nothing to tile)."""
-    return call.q_len == 0 or call.kv_len == 0 or (call.is_causal and call.scale == 0 and call.device.type == "cpu")
+    q, k = call.query, call.key
+    return q.shape[2] == 0 or k.shape[2] == 0 or (call.is_causal and call.scale == 0 and not q.is_cuda)
 
 
 _MATH_FALLBACK = NativeMath()
@@ -139,16 +145,21 @@ class NativeFlash(Provider):
         return []
 
     def attention(self, call):
+        # The hot path of single-device dispatch: read each field once, skip mask handling without a mask.
         if _flash_breaks(call):
             return _MATH_FALLBACK.attention(call)
         k, v = _kv(call)
-        if call.device.type == "cpu":
-            mask, causal = _mask_with_causal(call)
-            return aten._scaled_dot_product_flash_attention_for_cpu(
-                call.query, k, v, call.dropout_p, causal, attn_mask=as_additive(mask, call.dtype), scale=call.scale
+        q = call.query
+        if q.is_cuda:
+            return aten._scaled_dot_product_flash_attention.default(
+                q, k, v, call.dropout_p, call.is_causal, False, scale=call.scale
             )[0]
-        return aten._scaled_dot_product_flash_attention(
-            call.query, k, v, call.dropout_p, call.is_causal, False, scale=call.scale
+        mask, causal = call.attn_mask, call.is_causal
+        if mask is not None:
+            mask, causal = _mask_with_causal(call)
+            mask = as_additive(mask, q.dtype)
+        return aten._scaled_dot_product_flash_attention_for_cpu.default(
+            q, k, v, call.dropout_p, causal, attn_mask=mask, scale=call.scale
         )[0]
 
     def forward(self, call):
@@ -157,12 +168,12 @@ class NativeFlash(Provider):
         k, v = _kv(call)
         if call.device.type == "cpu":
             mask, causal = _mask_with_causal(call)
-            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
                 call.query, k, v, 0.0, causal, attn_mask=as_additive(mask, call.dtype), scale=call.scale
             )
             # The CPU kernel writes lse = 0 for rows that see no key: find them from the mask.
             return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
-        out, lse, *_ = aten._scaled_dot_product_flash_attention(
+        out, lse, *_ = aten._scaled_dot_product_flash_attention.default(
             call.query, k, v, 0.0, call.is_causal, False, scale=call.scale
         )
         return out, normalize_lse(lse, call.q_len)
@@ -174,14 +185,14 @@ class NativeFlash(Provider):
         if call.device.type == "cpu":
             mask, causal = _mask_with_causal(call)
             acc = torch.float64 if call.dtype == torch.float64 else torch.float32
-            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
                 dout, call.query, k, v, out, lse_for_kernel_backward(lse).to(acc), 0.0, causal,
                 attn_mask=as_additive(mask, call.dtype), scale=call.scale,
             )
             return _grads(call, dq, dk, dv)
         # cum_seq_q/k undefined (None): a defined tensor there selects the nested/varlen kernel.
         rng = torch.zeros(2, dtype=torch.uint64, device=call.device)
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward.default(
             dout, call.query, k, v, out, lse_for_kernel_backward(lse), None, None, call.q_len, call.kv_len,
             0.0, call.is_causal, rng, torch.empty(0, dtype=torch.uint64, device=call.device), scale=call.scale,
         )
@@ -226,14 +237,14 @@ class NativeEfficient(Provider):
 
     def attention(self, call):
         k, v = self._kv(call)
-        return aten._scaled_dot_product_efficient_attention(
+        return aten._scaled_dot_product_efficient_attention.default(
             call.query, k, v, _aligned_bias(call), call.needs_grad, call.dropout_p, self._causal(call),
             scale=call.scale,
         )[0]
 
     def forward(self, call):
         k, v = self._kv(call)
-        out, lse, *_ = aten._scaled_dot_product_efficient_attention(
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention.default(
             call.query, k, v, _aligned_bias(call), True, 0.0, self._causal(call), scale=call.scale
         )
         return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
@@ -247,7 +258,7 @@ class NativeEfficient(Provider):
         if pad:
             lse_k = F.pad(lse_k, (0, pad))
         seed = torch.zeros((), dtype=torch.int64, device=call.device)
-        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward.default(
             dout, call.query, k, v, bias, out,
             lse_k, seed, seed, 0.0, [True, True, True, False], self._causal(call), scale=call.scale,
         )
@@ -275,16 +286,17 @@ class NativeCudnn(Provider):
 
     def attention(self, call):
         k, v = _kv(call)
-        mask, causal = _mask_with_causal(call)
-        bias = _aligned_bias(call)
-        return aten._scaled_dot_product_cudnn_attention(
+        causal, bias = call.is_causal, None
+        if call.attn_mask is not None:
+            causal, bias = _mask_with_causal(call)[1], _aligned_bias(call)
+        return aten._scaled_dot_product_cudnn_attention.default(
             call.query, k, v, bias, call.needs_grad, call.dropout_p, causal, False, scale=call.scale
         )[0]
 
     def forward(self, call):
         k, v = _kv(call)
         causal = _mask_with_causal(call)[1]
-        out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
+        out, lse, *_ = aten._scaled_dot_product_cudnn_attention.default(
             call.query, k, v, _aligned_bias(call), True, 0.0, causal, False, scale=call.scale
         )
         return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
@@ -295,7 +307,7 @@ class NativeCudnn(Provider):
         bias = _aligned_bias(call)
         seed = torch.zeros((), dtype=torch.int64, device=call.device)
         # cum_seq_q/k undefined (None): a defined tensor there makes cuDNN expect nested (3-D) inputs.
-        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward.default(
             dout, call.query, k, v, out, lse_for_kernel_backward(lse).unsqueeze(-1).contiguous(), seed, seed,
             bias, None, None, call.q_len, call.kv_len, 0.0, causal, scale=call.scale,
         )
