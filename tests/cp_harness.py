@@ -39,7 +39,7 @@ class Case:
     grad: bool = True
     dropout: float = 0.0
     mesh: tuple = ()  # () = 1-D over all ranks; (R, U) = 2-D ("ring", "ulysses")
-    standin: str | None = None  # tests/standins module to install before running
+    standin: str | None = None  # a stand-in library to install first: "fa4", "fa2", "sage2", "xformers"
     fault: str | None = None  # error cases: what to break on one rank
     device: str = "cpu"  # "cuda": every rank on cuda:0, gloo (several ranks on one GPU), mesh = the world group
 
@@ -116,13 +116,44 @@ def _mesh(case: Case, world: int):
     return init_device_mesh("cpu", (world,))
 
 
+def _install_standin(kind: str) -> None:
+    """Put a named stand-in library (tests/standins/) in sys.modules in this worker and make cpattn probe again.
+    kind: "fa4", "fa2" (flash-attn), "sage2" (sageattention 2.x), "xformers"."""
+    import cpattn
+
+    sys.path.insert(0, os.path.join(HERE, "standins"))
+    if kind in ("fa2", "fa4"):
+        import flash_attn_standin as standin
+
+        modules = standin.fa4_modules() if kind == "fa4" else standin.fa2_modules()
+        for name in standin.MODULE_NAMES:
+            sys.modules[name] = modules.get(name)
+        names = ("flash", "flash_varlen")
+    elif kind == "sage2":
+        import sageattention_standin as standin
+
+        sys.modules["sageattention"] = standin.build("2.2.0")
+        names = ("sage", "sage_varlen", "_sage_qk_int8_pv_fp16_triton")
+    elif kind == "xformers":
+        import xformers_standin as standin
+
+        sys.modules.update(standin.build("0.0.35"))
+        names = ("xformers",)
+    else:
+        raise ValueError(kind)
+    for name in names:
+        provider = cpattn.get_provider(name)
+        provider._availability = None
+        if hasattr(provider, "_generation"):
+            provider._generation = None
+
+
 def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     import cpattn
     from cpattn.reference import reference_attention
 
     if case.standin:
-        sys.path.insert(0, os.path.join(HERE, "standins"))
-        __import__(case.standin).install()
+        _install_standin(case.standin)
     mesh = meshes.setdefault((case.mesh, case.device), _mesh(case, world))
     dtype = getattr(torch, case.dtype)
     q, k, v, dout, mask = _problem(case)

@@ -33,6 +33,16 @@ def cases_for(world: int) -> list[Case]:
         cases.append(Case(strategy=strategy, dtype="bfloat16", seq=16, head_dim=32))
         cases.append(Case(strategy=strategy, dtype="float64", seq=10, batch=1))
         cases.append(Case(provider="flex", strategy=strategy, grad=False, seq=12))  # flex has no CPU backward
+    # GPU-only libraries through their named stand-ins (tests/standins/): the adapters' CP glue on CPU
+    for strategy in SCHEDULES:
+        causal = strategy != "allgather"  # flash and sage take no mask, so all-gather runs them non-causal
+        for standin in ("fa4", "fa2"):
+            cases.append(Case(provider="flash", standin=standin, strategy=strategy, causal=causal,
+                              dtype="bfloat16", seq=16, head_dim=32))
+        cases.append(Case(provider="xformers", standin="xformers", strategy=strategy, dtype="bfloat16", seq=16,
+                          head_dim=32))
+        cases.append(Case(provider="sage", standin="sage2", strategy=strategy, causal=causal, dtype="bfloat16",
+                          seq=128, head_dim=64, grad=False))
     cases.append(Case(strategy="ulysses", q_heads=5, kv_heads=5, seq=9))  # heads not divisible by W
     cases.append(Case(strategy="auto", seq=12))
     cases.append(Case(provider="auto", strategy="ring", seq=13))
