@@ -119,6 +119,8 @@ class AttentionCall:
     def mask_kind(self) -> str | None:
         if self.attn_mask is None:
             return None
+        if not isinstance(self.attn_mask, torch.Tensor):
+            return "mask_mod"  # a callable: made a bool tensor before any kernel sees it
         if self.attn_mask.dtype == torch.bool:
             return "key_padding" if is_key_padding_mask(self.attn_mask) else "bool"
         return "key_padding_additive" if is_key_padding_mask(self.attn_mask) else "additive"
@@ -260,7 +262,7 @@ def capability_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
     if call.is_causal and not caps.causal:
         out.append("is_causal=True is not supported")
     kind = call.mask_kind
-    if kind == "bool" and not caps.bool_mask:
+    if kind in ("bool", "mask_mod") and not caps.bool_mask:
         out.append("a boolean attn_mask is not supported" + _mask_hint(caps))
     if kind == "additive" and not caps.additive_mask:
         out.append("an additive (float) attn_mask is not supported" + _mask_hint(caps))
@@ -269,7 +271,7 @@ def capability_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
     if kind == "key_padding_additive" and not caps.additive_mask:
         out.append("an additive attn_mask is not supported; pass key padding as a bool mask" + _mask_hint(caps))
     mask = call.attn_mask
-    if mask is not None and mask.requires_grad and torch.is_grad_enabled() and not caps.mask_grad:
+    if isinstance(mask, torch.Tensor) and mask.requires_grad and torch.is_grad_enabled() and not caps.mask_grad:
         out.append("gradients with respect to attn_mask are not supported (only provider 'native' has them)")
     if call.dropout_p > 0 and not caps.dropout:
         out.append(f"dropout_p={call.dropout_p} is not supported")

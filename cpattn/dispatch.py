@@ -19,6 +19,7 @@ import torch
 
 from .contract import AttentionCall, Provider, default_scale
 from .errors import InvalidArgumentError, UnsupportedInputError
+from .masks import is_mask_mod, materialize_mask_mod
 from .names import AttentionProvider
 from .providers import get_provider, suggest
 
@@ -162,7 +163,10 @@ def make_call(
             raise InvalidArgumentError(f"query heads {hq} must be a multiple of key/value heads {hk} for GQA")
     if not 0.0 <= dropout_p < 1.0:
         raise InvalidArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if attn_mask is not None:
+    if is_mask_mod(attn_mask):
+        if not sharded:
+            raise InvalidArgumentError("a callable attn_mask must be materialized before make_call")
+    elif attn_mask is not None:
         _check_mask(attn_mask, query, (b, hq, sq, sk), sharded)
     if scale is None:
         scale = default_scale(d)
@@ -203,12 +207,17 @@ def attention_dispatch(
     than one rank they are this rank's sequence shard and so is the result.
     """
     if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
+        if is_mask_mod(attn_mask):
+            raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
+                                       "pass a tensor mask, e.g. cpattn.masks.materialize_mask_mod(...)")
         return compiled_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     state = current_state()
     provider = state.provider
     if state.cp is not None and state.cp.world_size > 1:
         call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True)
         return state.cp.run(provider, call)
+    if is_mask_mod(attn_mask):  # single device: positions are 0..S-1
+        attn_mask = _single_device_mask(attn_mask, query, key)
     # Hot path: a signature this provider already accepted skips every check (they depend on nothing else).
     signature = call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if provider.accepted(signature):
@@ -220,6 +229,14 @@ def attention_dispatch(
     out = run_single(provider, call)
     provider.remember_accepted(signature)
     return out
+
+
+def _single_device_mask(mask_mod, query, key) -> torch.Tensor:
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == key.dim() == 4):
+        raise InvalidArgumentError("query and key must be 4-D tensors (batch, heads, seq_len, head_dim)")
+    device = query.device
+    return materialize_mask_mod(mask_mod, query.shape[0], query.shape[1], torch.arange(query.shape[2], device=device),
+                                torch.arange(key.shape[2], device=device))
 
 
 def call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple:

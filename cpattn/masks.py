@@ -49,3 +49,27 @@ def expand_to_4d(mask: torch.Tensor) -> torch.Tensor:
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     return mask
+
+
+def is_mask_mod(mask) -> bool:
+    """A flex-style callable `mask_mod(b, h, q_idx, kv_idx) -> bool` given as attn_mask."""
+    return mask is not None and not isinstance(mask, torch.Tensor) and callable(mask)
+
+
+def materialize_mask_mod(mask_mod, batch: int, heads: int, q_positions: torch.Tensor,
+                         kv_positions: torch.Tensor) -> torch.Tensor:
+    """Evaluate a mask_mod on broadcast index grids: a bool mask (B|1, H|1, Sq, Sk) in global positions.
+
+    Indices broadcast as (B,1,1,1), (1,H,1,1), (Sq,1) and (1,Sk), so a mask_mod that ignores b or h comes
+    back with size 1 there (nothing is expanded), and the same function gives the same mask on every rank for
+    its own query positions. The mask_mod must be written with elementwise tensor ops (as flex requires).
+    """
+    device = q_positions.device
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    q = q_positions.view(1, 1, -1, 1)
+    kv = kv_positions.to(device).view(1, 1, 1, -1)
+    out = torch.as_tensor(mask_mod(b, h, q, kv), device=device)
+    if out.dtype != torch.bool:
+        raise TypeError(f"mask_mod must return a bool tensor, got {out.dtype}")
+    return expand_to_4d(out).expand(-1, -1, q_positions.numel(), kv_positions.numel())

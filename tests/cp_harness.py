@@ -75,6 +75,10 @@ def _make_mask(case: Case, gen) -> torch.Tensor | None:
         m = torch.ones(b, 1, 1, s, dtype=torch.bool)
         m[0, ..., s - max(1, s // 3):] = False
         return m
+    if case.mask == "mask_mod":  # the reference gets the callable's full mask; ranks get the callable
+        import cpattn
+
+        return cpattn.masks.materialize_mask_mod(_mask_mod, b, case.q_heads, torch.arange(s), torch.arange(s))
     if case.mask == "documents":  # packed documents; boundaries fall inside shards
         return cpattn_document_mask(_doc_bounds(s)).expand(b, 1, s, s)
     if case.mask == "empty_rows":  # some query rows see no key at all
@@ -82,6 +86,11 @@ def _make_mask(case: Case, gen) -> torch.Tensor | None:
         m[:, :, ::3] = False
         return m
     raise ValueError(case.mask)
+
+
+def _mask_mod(b, h, q_idx, kv_idx):
+    """A head-dependent sliding window (flex-style): wrong global positions or head offsets change it."""
+    return (q_idx - kv_idx).abs() <= 2 + h
 
 
 def _doc_bounds(s: int) -> list[int]:
@@ -161,7 +170,9 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     device = torch.device(case.device)
     ql, kl, vl = (shard(t).to(device=device, dtype=dtype).requires_grad_(case.grad) for t in (q, k, v))
     mask_l = None
-    if mask is not None:
+    if case.mask == "mask_mod":
+        mask_l = _mask_mod
+    elif mask is not None:
         mask_l = mask if mask.shape[2] == 1 else shard(mask)
         mask_l = (mask_l if mask_l.dtype == torch.bool else mask_l.to(dtype)).to(device)
     if case.fault == "head_dim" and rank == 0:

@@ -25,7 +25,7 @@ def cases_for(world: int) -> list[Case]:
             for layout, causal in (("zigzag", True), ("contiguous", True), ("zigzag", False)):
                 cases.append(Case(provider=provider, strategy=strategy, layout=layout, causal=causal, seq=13))
     for strategy in SCHEDULES:
-        for mask in ("bool", "additive", "key_padding", "empty_rows", "documents"):
+        for mask in ("bool", "additive", "key_padding", "empty_rows", "documents", "mask_mod"):
             cases.append(Case(strategy=strategy, mask=mask, seq=11, causal=mask != "additive"))
         # heads == sequence length, and fewer KV heads than ranks
         cases.append(Case(strategy=strategy, q_heads=8, kv_heads=8, seq=8, head_dim=8))
@@ -108,7 +108,7 @@ def test_ring_backward_returns_each_accumulator_home(world):
 def test_hybrid_on_a_2x2_mesh():
     cases = [
         Case(strategy="hybrid", mesh=(2, 2), layout=layout, causal=causal, seq=15, mask=mask)
-        for layout in ("zigzag", "contiguous") for causal in (True, False) for mask in (None, "bool")
+        for layout in ("zigzag", "contiguous") for causal in (True, False) for mask in (None, "bool", "mask_mod")
     ] + [Case(strategy="auto", mesh=(2, 2), q_heads=4, kv_heads=1, seq=10)]
     outcomes = run_cases(4, cases)
     failures = []

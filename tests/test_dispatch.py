@@ -290,3 +290,31 @@ def test_auto_picks_the_fastest_provider_that_takes_the_call():
     for t, g in zip((q2, k2, v2), ref_grads):
         assert_close(t.grad, g, GRAD_ATOL[torch.float32], "grad")
     assert "auto picks _native_flash" in __import__("cpattn.info", fromlist=["auto_choice"]).auto_choice()
+
+
+@pytest.mark.parametrize("provider", CPU_TRAINING + ("flex",))
+def test_callable_mask_mod_matches_its_tensor_mask(provider):
+    from cpattn.masks import materialize_mask_mod
+
+    def window(b, h, q_idx, kv_idx):  # head-dependent, so a wrong head index changes the result
+        return (q_idx - kv_idx).abs() <= 1 + h
+
+    grad = provider != "flex"
+    q, k, v = make_qkv(2, 4, 2, 10, 10, 8, requires_grad=grad)
+    full = materialize_mask_mod(window, 2, 4, torch.arange(10), torch.arange(10))
+    assert full.shape == (1, 4, 10, 10)  # b is unused: not expanded
+    dout = torch.randn(2, 4, 10, 8)
+    with attention_provider(provider):
+        out = attention_dispatch(q, k, v, attn_mask=window, enable_gqa=True)
+    ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, full, False)
+    assert_close(out, ref_out, OUT_ATOL[torch.float32], "out")
+    if grad:
+        out.backward(dout)
+        for t, g in zip((q, k, v), ref_grads):
+            assert_close(t.grad, g, GRAD_ATOL[torch.float32], "grad")
+
+
+def test_mask_mod_must_return_bool():
+    q, k, v = make_qkv(1, 1, 1, 4, 4, 8)
+    with pytest.raises(TypeError, match="bool"):
+        attention_dispatch(q, k, v, attn_mask=lambda b, h, i, j: (i - j).float())

@@ -19,10 +19,11 @@ import torch
 
 from ..contract import AttentionCall, Provider
 from ..errors import InvalidArgumentError, RankMismatchError, UnsupportedInputError
+from ..masks import is_mask_mod, materialize_mask_mod
 from ..names import AttentionProvider
 from .allgather import AllGatherSpec, allgather_attention
 from .comm import CommStats, gather_signatures
-from .layout import LAYOUTS, local_len, ring_positions
+from .layout import LAYOUTS, local_len, local_positions, ring_positions
 from .mesh import Group, Topology, topology_from_mesh
 from .ring import RingSpec, ring_attention
 from .ulysses import UlyssesSpec, ulysses_attention
@@ -32,7 +33,7 @@ log = logging.getLogger("cpattn")
 STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 _PROVIDER_CODES = {p.value: i for i, p in enumerate(AttentionProvider)} | {"auto": len(AttentionProvider)}
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-_MASK_CODES = {None: 0, "bool": 1, "additive": 2, "key_padding": 3, "key_padding_additive": 4}
+_MASK_CODES = {None: 0, "bool": 1, "additive": 2, "key_padding": 3, "key_padding_additive": 4, "mask_mod": 5}
 _FIELDS = (
     "provider", "schedule", "layout", "dtype", "batch", "query heads", "key/value heads", "head dim",
     "value head dim", "is_causal", "mask kind", "mask dim 0", "mask dim 1", "mask dim 2 (rows)",
@@ -87,7 +88,7 @@ class ContextParallel:
         if call.q_len != call.kv_len:
             return [f"query length {call.q_len} != key length {call.kv_len}: context parallelism shards "
                     "self-attention (q, k, v of the same tokens)"]
-        mask = call.attn_mask
+        mask = call.attn_mask if isinstance(call.attn_mask, torch.Tensor) else None  # mask_mods: see run()
         if mask is not None and mask.requires_grad and torch.is_grad_enabled():
             return ["gradients with respect to attn_mask are not supported under context parallelism: pass "
                     "attn_mask.detach(), or run this call on one device with provider 'native'"]
@@ -128,7 +129,9 @@ class ContextParallel:
         mask = call.attn_mask
         dims = [0, 0, 0, 0]
         kind = None
-        if mask is not None:
+        if is_mask_mod(mask):  # materialized after the check as (local rows x all keys): one row per query
+            dims, kind = [0, 0, 2, 0], "mask_mod"
+        elif mask is not None:
             dims = [0] * (4 - mask.dim()) + list(mask.shape)
             # rows: 1 = broadcast over queries, 2 = one row per local query (checked in reasons); a rank holding
             # one query cannot tell them apart (-1, matches either). For the same reason the kind compared is
@@ -208,7 +211,7 @@ class ContextParallel:
     @staticmethod
     def _check_mask(call: AttentionCall, total: int) -> None:
         mask = call.attn_mask
-        if mask is None:
+        if mask is None or is_mask_mod(mask):
             return
         if mask.shape[-1] not in (1, total):
             raise InvalidArgumentError(
@@ -226,6 +229,8 @@ class ContextParallel:
                 f"provider '{provider.name}' under cp_strategy='{strategy}'", reasons, self._suggestion(strategy)
             )
         self.stats["calls"] += 1
+        if is_mask_mod(call.attn_mask):
+            call = call.replace(attn_mask=self._materialize(call, total))
         if strategy == "ring":
             return ring_attention(provider, call, self._ring_spec(total))
         if strategy == "hybrid":
@@ -234,6 +239,15 @@ class ContextParallel:
         if strategy == "ulysses":
             return ulysses_attention(call, self._ulysses_spec(total, call.device), provider.attention)
         return allgather_attention(provider, call, self._allgather_spec(total, call.device))
+
+    def _materialize(self, call: AttentionCall, total: int) -> torch.Tensor:
+        """A mask_mod as this rank's (local query rows x all keys) bool mask, in global positions: the form
+        every schedule slices (costs S_local x S bools, like a tensor mask of the same kind)."""
+        t = self.topology
+        rows = local_positions(total, t.ring_size, t.ulysses_size, t.ring_rank, t.ulysses_rank, self.layout,
+                               call.device)
+        return materialize_mask_mod(call.attn_mask, call.batch, call.q_heads, rows,
+                                    torch.arange(total, device=call.device))
 
     def _ring_spec(self, total: int) -> RingSpec:
         return RingSpec(self.topology.ring, self.layout, total, self.timeout, self.stats)
