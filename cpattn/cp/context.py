@@ -109,7 +109,7 @@ class ContextParallel:
         if strategy == "allgather" and (call.is_causal or call.attn_mask is not None):
             caps = provider.capabilities(call.device.type)
             takes = caps is not None and caps.bool_mask and (call.attn_mask is None or call.mask_kind in (
-                "bool", "key_padding") or caps.additive_mask)
+                "bool", "key_padding", "mask_mod") or caps.additive_mask)
             if not takes:
                 out.append("all-gather expresses causal and masks as a positional attn_mask, which this "
                            "provider does not take")
