@@ -28,6 +28,7 @@ CP_OPTIONS = {
     "cp_strategy": ("auto", "ring", "ulysses", "hybrid", "allgather"),
     "cp_layout": ("zigzag", "contiguous"),
     "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60)
+    "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
 }
 
 
@@ -76,6 +77,8 @@ def _validate_options(options: dict) -> dict:
         allowed = CP_OPTIONS[key]
         if allowed is not None and value not in allowed:
             raise InvalidArgumentError(f"option {key}={value!r} is invalid; choose one of {', '.join(allowed)}")
+        if key == "cp_replicated_prefix" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidArgumentError(f"option cp_replicated_prefix={value!r} must be a token count >= 0")
         if key == "cp_timeout" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                     or not 0 < value < math.inf):  # inf would fail at the first wait
             raise InvalidArgumentError(f"option cp_timeout={value!r} must be a positive, finite number of seconds")

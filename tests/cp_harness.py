@@ -42,6 +42,7 @@ class Case:
     standin: str | None = None  # a stand-in library to install first: "fa4", "fa2", "sage2", "xformers"
     fault: str | None = None  # error cases: what to break on one rank
     device: str = "cpu"  # "cuda": every rank on cuda:0, gloo (several ranks on one GPU), mesh = the world group
+    prefix: int = 0  # replicated leading tokens (joint attention): seq counts the sharded tokens only
 
     @property
     def name(self) -> str:
@@ -157,6 +158,44 @@ def _install_standin(kind: str) -> None:
             provider._generation = None
 
 
+def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
+    """Joint attention: P text tokens on every rank + a sharded sequence. The reference is full attention over
+    all P + S tokens; prefix outputs must be whole on every rank, prefix gradients summed over ranks."""
+    import torch.distributed as dist
+
+    import cpattn
+    from cpattn.reference import reference_attention
+
+    full = Case(**{**asdict(case), "seq": case.seq + case.prefix, "prefix": 0})
+    q, k, v, dout, _ = _problem(full)
+    dtype, p = getattr(torch, case.dtype), case.prefix
+    local = lambda t: torch.cat([t[:, :, :p], cpattn.shard_sequence(t[:, :, p:], mesh, 2, case.layout)], 2)  # noqa
+    ql, kl, vl = (local(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
+    dout_l = local(dout).clone()
+    dout_l[:, :, :p] /= world  # the prefix loss is computed on every rank: each contributes a W-th
+    with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_layout=case.layout,
+                                   cp_replicated_prefix=p, cp_timeout=20) as state:
+        out = cpattn.attention_dispatch(ql, kl, vl, enable_gqa=case.q_heads != case.kv_heads)
+        if case.grad:
+            out.backward(dout_l.to(dtype))
+    ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]
+    ref_out, _ = reference_attention(*ref_in)
+    result = Outcome(stats=dict(state.cp.stats))
+    image = cpattn.gather_sequence(out[:, :, p:].detach(), mesh, 2, case.layout)
+    result.errors["out"] = max((out[:, :, :p].double() - ref_out[:, :, :p]).abs().max().item(),
+                               (image.double() - ref_out[:, :, p:]).abs().max().item())
+    result.errors["out_finite"] = float(torch.isfinite(out).all())
+    if case.grad:
+        ref_out.backward(dout)
+        for name, t, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):
+            text = t.grad[:, :, :p].double().clone()
+            dist.all_reduce(text)  # replicated inputs: per-rank contributions sum to the gradient
+            img = cpattn.gather_sequence(t.grad[:, :, p:], mesh, 2, case.layout).double()
+            result.errors[name] = max((text - ref.grad[:, :, :p]).abs().max().item(),
+                                      (img - ref.grad[:, :, p:]).abs().max().item())
+    return result
+
+
 def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     import cpattn
     from cpattn.reference import reference_attention
@@ -164,6 +203,8 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     if case.standin:
         _install_standin(case.standin)
     mesh = meshes.setdefault((case.mesh, case.device), _mesh(case, world))
+    if case.prefix:
+        return _run_prefix_case(case, rank, world, mesh)
     dtype = getattr(torch, case.dtype)
     q, k, v, dout, mask = _problem(case)
     shard = lambda t: cpattn.shard_sequence(t, mesh, 2, case.layout)  # noqa: E731

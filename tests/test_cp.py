@@ -43,6 +43,10 @@ def cases_for(world: int) -> list[Case]:
                           head_dim=32))
         cases.append(Case(provider="sage", standin="sage2", strategy=strategy, causal=causal, dtype="bfloat16",
                           seq=128, head_dim=64, grad=False))
+    # joint attention: a replicated text prefix + a sharded sequence (text keys must count once, not W times)
+    for strategy in ("ring", "allgather", "auto"):
+        cases.append(Case(strategy=strategy, prefix=5, causal=False, seq=13))
+    cases.append(Case(strategy="ring", prefix=4, causal=False, seq=11, dtype="bfloat16", head_dim=32))
     cases.append(Case(strategy="ulysses", q_heads=5, kv_heads=5, seq=9))  # heads not divisible by W
     cases.append(Case(strategy="auto", seq=12))
     cases.append(Case(provider="auto", strategy="ring", seq=13))
@@ -59,6 +63,7 @@ def error_cases(world: int) -> list[Case]:
         Case(strategy="ulysses", fault="provider"),
         Case(provider="flex", strategy="ring", fault="flex_grad"),
         Case(provider="sage", strategy="allgather", grad=False, fault="missing_library"),
+        Case(strategy="ulysses", prefix=4, causal=False, seq=12, fault="prefix_ulysses"),
     ]
 
 
@@ -127,6 +132,7 @@ EXPECTED_ERRORS = {
     "provider": ("RankMismatchError", "disagree on provider"),
     "flex_grad": ("UnsupportedInputError", "provider 'flex'"),
     "missing_library": ("UnsupportedInputError", "provider 'sage'"),
+    "prefix_ulysses": ("UnsupportedInputError", "cp_replicated_prefix runs with cp_strategy 'ring' or 'allgather'"),
 }
 
 

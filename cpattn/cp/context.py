@@ -25,6 +25,7 @@ from .allgather import AllGatherSpec, allgather_attention
 from .comm import CommStats, gather_signatures
 from .layout import LAYOUTS, local_len, local_positions, ring_positions
 from .mesh import Group, Topology, topology_from_mesh
+from .prefix import prefix_allgather_attention, prefix_ring_attention
 from .ring import RingSpec, ring_attention
 from .ulysses import UlyssesSpec, ulysses_attention
 
@@ -37,7 +38,7 @@ _MASK_CODES = {None: 0, "bool": 1, "additive": 2, "key_padding": 3, "key_padding
 _FIELDS = (
     "provider", "schedule", "layout", "dtype", "batch", "query heads", "key/value heads", "head dim",
     "value head dim", "is_causal", "mask kind", "mask dim 0", "mask dim 1", "mask dim 2 (rows)",
-    "mask dim 3 (keys)", "dropout_p", "requires grad", "scale",
+    "mask dim 3 (keys)", "dropout_p", "requires grad", "scale", "replicated prefix",
 )
 
 
@@ -48,14 +49,17 @@ class ContextParallel:
     layout: str = "zigzag"
     timeout: float = 60.0
     stats: CommStats = field(default_factory=CommStats)
+    prefix: int = 0  # replicated leading tokens (joint attention), see cpattn/cp/prefix.py
 
     @classmethod
-    def from_mesh(cls, cp_mesh, cp_strategy: str = "auto", cp_layout: str = "zigzag", cp_timeout: float = 60.0):
+    def from_mesh(cls, cp_mesh, cp_strategy: str = "auto", cp_layout: str = "zigzag", cp_timeout: float = 60.0,
+                  cp_replicated_prefix: int = 0):
         if cp_strategy not in STRATEGIES:
             raise InvalidArgumentError(f"cp_strategy={cp_strategy!r}; choose one of {STRATEGIES}")
         if cp_layout not in LAYOUTS:
             raise InvalidArgumentError(f"cp_layout={cp_layout!r}; choose one of {LAYOUTS}")
-        return cls(topology_from_mesh(cp_mesh, cp_strategy), cp_strategy, cp_layout, float(cp_timeout))
+        return cls(topology_from_mesh(cp_mesh, cp_strategy), cp_strategy, cp_layout, float(cp_timeout),
+                   prefix=int(cp_replicated_prefix))
 
     @property
     def world_size(self) -> int:
@@ -73,6 +77,10 @@ class ContextParallel:
         if self.topology.mesh_dims == 2:
             return "hybrid", "2-D mesh"
         caps = provider.capabilities(call.device.type)
+        if self.prefix:
+            if caps is not None and caps.returns_lse and (caps.backward or not call.needs_grad):
+                return "ring", "a replicated prefix runs on ring (prefix KV as a local block)"
+            return "allgather", "a replicated prefix with a provider that cannot ring"
         if caps is not None and (not caps.returns_lse or (call.needs_grad and not caps.backward)):
             return "allgather", f"{provider.name} returns no LSE or has no LSE backward, so it cannot ring"
         if call.dropout_p > 0:
@@ -88,6 +96,10 @@ class ContextParallel:
         if call.q_len != call.kv_len:
             return [f"query length {call.q_len} != key length {call.kv_len}: context parallelism shards "
                     "self-attention (q, k, v of the same tokens)"]
+        if self.prefix:
+            prefix_reasons = self._prefix_reasons(call, strategy)
+            if prefix_reasons:
+                return prefix_reasons
         mask = call.attn_mask if isinstance(call.attn_mask, torch.Tensor) else None  # mask_mods: see run()
         if mask is not None and mask.requires_grad and torch.is_grad_enabled():
             return ["gradients with respect to attn_mask are not supported under context parallelism: pass "
@@ -113,6 +125,16 @@ class ContextParallel:
             if not takes:
                 out.append("all-gather expresses causal and masks as a positional attn_mask, which this "
                            "provider does not take")
+        return out
+
+    def _prefix_reasons(self, call: AttentionCall, strategy: str) -> list[str]:
+        out = []
+        if strategy not in ("ring", "allgather"):
+            out.append(f"cp_replicated_prefix runs with cp_strategy 'ring' or 'allgather', not '{strategy}'")
+        if call.is_causal or call.attn_mask is not None:
+            out.append("cp_replicated_prefix (joint attention) takes no is_causal and no attn_mask")
+        if call.q_len < self.prefix:
+            out.append(f"this rank holds {call.q_len} tokens, fewer than cp_replicated_prefix={self.prefix}")
         return out
 
     def _suggestion(self, strategy: str) -> str:
@@ -144,9 +166,9 @@ class ContextParallel:
             _PROVIDER_CODES[provider.name], STRATEGIES.index(strategy), LAYOUTS.index(self.layout),
             _DTYPE_CODES.get(call.dtype, 0), call.batch, call.q_heads, call.kv_heads, call.head_dim,
             call.value_dim, int(call.is_causal), _MASK_CODES[kind], *dims, bits(call.dropout_p),
-            int(call.needs_grad), bits(call.scale),
+            int(call.needs_grad), bits(call.scale), self.prefix,
             # not compared field by field:
-            int(refused), call.q_len,
+            int(refused), max(call.q_len - self.prefix, 0),
         ]
 
     def _agree(self, group: Group, sig: list[int], device) -> torch.Tensor:
@@ -231,6 +253,10 @@ class ContextParallel:
         self.stats["calls"] += 1
         if is_mask_mod(call.attn_mask):
             call = call.replace(attn_mask=self._materialize(call, total))
+        if self.prefix and strategy == "ring":
+            return prefix_ring_attention(provider, call, self._ring_spec(total), self.prefix)
+        if self.prefix:
+            return prefix_allgather_attention(provider, call, self._allgather_spec(total, call.device), self.prefix)
         if strategy == "ring":
             return ring_attention(provider, call, self._ring_spec(total))
         if strategy == "hybrid":

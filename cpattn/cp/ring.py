@@ -62,9 +62,10 @@ class RingSpec:
         return ring_positions(self.total, self.group.size, rank, self.layout, device)
 
 
-def block_plan(spec: RingSpec, me: int, src: int, causal: bool) -> BlockPlan | None:
-    """The part of (my queries x source's keys) that causal attention does not mask out entirely."""
-    rows, cols = slice(0, spec.length(me)), slice(0, spec.length(src))
+def block_plan(spec: RingSpec, me: int, src: int, causal: bool, q_len: int | None = None) -> BlockPlan | None:
+    """The part of (my queries x source's keys) that causal attention does not mask out entirely.
+    `q_len`: my query rows when they are more than my shard (a replicated prefix; non-causal only)."""
+    rows, cols = slice(0, spec.length(me) if q_len is None else q_len), slice(0, spec.length(src))
     if not causal:
         plan = BlockPlan(rows, cols, False)
     elif src == me:  # local queries against local keys: same positions, so top-left causal is exact
@@ -130,7 +131,7 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tup
         pending = None
         if step < world - 1:  # start the next block's transfer before computing on this one
             pending = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
-        plan = block_plan(spec, group.rank, src, call.is_causal)
+        plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         if plan is not None:
             out_b, lse_b = provider.forward(_block_call(call, spec, src, k, v, plan))
             acc.add_rows(plan.rows, out_b, lse_b)
@@ -158,7 +159,7 @@ def ring_backward(
         pending_kv = None
         if step < world - 1:
             pending_kv = channel.exchange([k, v], buffers.next(prev_len), "kv")
-        plan = block_plan(spec, group.rank, src, call.is_causal)
+        plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         grads = None
         if plan is not None:
             block = _block_call(call, spec, src, k, v, plan)
