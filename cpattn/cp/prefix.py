@@ -28,19 +28,22 @@ def _split(call: AttentionCall, prefix: int):
             key[:, :, prefix:].contiguous(), value[:, :, prefix:].contiguous())
 
 
-class PrefixRingAttention(torch.autograd.Function):
+def _prefix_ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int):
     """All local query rows against the local prefix KV block, merged with the ring over the sharded KV."""
+    k_pre, v_pre, k_shard, v_shard = _split(call, prefix)
+    out_p, lse_p = provider.forward(call.replace(key=k_pre, value=v_pre))
+    out_r, lse_r = ring_forward(provider, call.replace(key=k_shard, value=v_shard), spec)
+    out, lse = merge_two(out_p, lse_p, out_r, lse_r)
+    return out.to(call.dtype), lse
+
+
+class PrefixRingAttention(torch.autograd.Function):
+    """Autograd over `_prefix_ring_forward`; backward splits into the prefix block and the ring."""
 
     @staticmethod
     def forward(ctx, query, key, value, provider, call, spec, prefix):
         call = call.replace(query=query, key=key, value=value)
-        k_pre, v_pre, k_shard, v_shard = _split(call, prefix)
-        prefix_call = call.replace(key=k_pre, value=v_pre)
-        shard_call = call.replace(key=k_shard, value=v_shard)
-        out_p, lse_p = provider.forward(prefix_call)
-        out_r, lse_r = ring_forward(provider, shard_call, spec)
-        out, lse = merge_two(out_p, lse_p, out_r, lse_r)
-        out = out.to(query.dtype)
+        out, lse = _prefix_ring_forward(provider, call, spec, prefix)
         ctx.provider, ctx.spec, ctx.prefix, ctx.call = provider, spec, prefix, call
         ctx.save_for_backward(query, key, value, out, lse)
         return out
@@ -64,8 +67,7 @@ def prefix_ring_attention(provider: Provider, call: AttentionCall, spec: RingSpe
     if call.needs_grad:
         return PrefixRingAttention.apply(call.query, call.key, call.value, provider, call, spec, prefix)
     with torch.no_grad():
-        return PrefixRingAttention.forward(_NoCtx(), call.query, call.key, call.value, provider, call, spec,
-                                           prefix)
+        return _prefix_ring_forward(provider, call, spec, prefix)[0]
 
 
 def prefix_allgather_attention(provider: Provider, call: AttentionCall, spec: AllGatherSpec,
@@ -75,9 +77,3 @@ def prefix_allgather_attention(provider: Provider, call: AttentionCall, spec: Al
     value = torch.cat([call.value[:, :, :prefix], GatherSequence.apply(call.value[:, :, prefix:], spec)], dim=2)
     return provider.attention(call.replace(key=key, value=value))
 
-
-class _NoCtx:
-    """Stands in for autograd's ctx when the forward runs without gradients."""
-
-    def save_for_backward(self, *tensors):
-        pass

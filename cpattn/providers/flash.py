@@ -47,7 +47,6 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -67,9 +66,9 @@ from ..contract import (
     normalize_lse,
 )
 from ..errors import InvalidArgumentError, UnsupportedInputError
+from ._libs import STANDIN_DEVICES_ATTR, parse_version
 
-STANDIN_DEVICES_ATTR = "__cpattn_standin_devices__"
-MIN_FA2_VERSION = (2, 6, 3)
+MIN_FA2_VERSION = parse_version("2.6.3")
 HEAD_DIM_ALIGN = 8
 INSTALL_HINT = (
     "pip install 'flash-attn>=2.6.3' --no-build-isolation (FlashAttention-2, sm80+), "
@@ -178,10 +177,6 @@ def _bind(
             )
         fill[name] = _NEUTRAL_ARGS[name]
     return _Entry(fn, where, renames, frozenset(params), frozenset(optional), fill)
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def _dist_version(*names: str) -> str | None:
@@ -325,7 +320,7 @@ class _FlashAttention2(_BufferBackward):
         package = _import(cls.title, "flash_attn")
         api = _import(cls.title, cls.api_name)
         version = getattr(package, "__version__", None) or _dist_version("flash-attn") or "unknown"
-        if version != "unknown" and _version_tuple(version) < MIN_FA2_VERSION:
+        if version != "unknown" and parse_version(version) < MIN_FA2_VERSION:
             raise FlashApiError(
                 f"{cls.title}: flash-attn {version} is older than 2.6.3; "
                 "pip install -U 'flash-attn>=2.6.3' --no-build-isolation"
