@@ -5,25 +5,38 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.multiprocessing as mp
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank's process with `code`, skipping interpreter finalization.
+
+    Why: a gloo process group can outlive `destroy_process_group` (it does once torch._dynamo is imported after
+    `init_process_group`, which the optimizers do lazily), and its worker threads may still be releasing the
+    tensors of the last collective when Python starts finalizing. Releasing a tensor that has a Python object
+    needs the GIL, a finalizing interpreter never grants it, and the process aborts ("terminate called without
+    an active exception") after all its work succeeded: about one run in 50 of launch/train.py. Flush what was
+    printed and leave with os._exit instead; every rank has passed its final barrier by then.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _rank_entry(rank: int, world: int, port: int, main: Callable, argv: list[str]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # N ranks share the machine's cores, as torchrun arranges with OMP_NUM_THREADS
-    code = main(argv)
-    if code:
-        sys.exit(code)
+    exit_rank(main(argv))
 
 
 def launch(main: Callable[[list[str] | None], int], nproc: int) -> None:
     """torchrun set RANK: run `main` here. Otherwise spawn `nproc` ranks on a free loopback port."""
     if "RANK" in os.environ:
-        sys.exit(main(None))
+        exit_rank(main(None))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
