@@ -10,9 +10,34 @@ log-sum-exp -inf; nothing divides by zero.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _TINY = torch.finfo(torch.float32).tiny
+
+
+@functools.cache
+def _fused_merge():
+    """The one-launch Triton merge (cpattn/merge_kernel.py), or None where Triton cannot be imported."""
+    try:
+        from .merge_kernel import merge_into
+    except Exception:  # no Triton (CPU-only installs): the torch ops below do the same arithmetic
+        return None
+    return merge_into
+
+
+def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+    """Merge a block into a float32 (out, lse) accumulator in place; `acc_*` may be row slices (views).
+
+    On CUDA with Triton this is one kernel; elsewhere `merge_two` plus a copy into the views."""
+    fused = _fused_merge() if acc_out.is_cuda else None
+    if fused is not None and acc_out.dtype == acc_lse.dtype == torch.float32:
+        fused(acc_out, acc_lse, out_b, lse_b)
+        return
+    out, lse = merge_two(acc_out, acc_lse, out_b, lse_b)
+    acc_out.copy_(out)
+    acc_lse.copy_(lse)
 
 
 def _shifted_max(m: torch.Tensor) -> torch.Tensor:
@@ -46,14 +71,10 @@ class PartialAttention:
         self.out, self.lse = merge_two(self.out, self.lse, out_b, lse_b)
 
     def add_rows(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
-        """Merge a block that covered only some query rows (zigzag steps where only the later half attends)."""
+        """Merge a block that covered only some query rows (zigzag steps where only the later half attends),
+        in place: the accumulator keeps its storage."""
         assert self.out is not None, "start from PartialAttention.empty() or add a block covering every row"
-        if rows.start in (0, None) and rows.stop in (None, self.out.shape[2]):
-            self.out, self.lse = merge_two(self.out, self.lse, out_b, lse_b)
-            return
-        out, lse = merge_two(self.out[:, :, rows], self.lse[:, :, rows], out_b, lse_b)
-        self.out[:, :, rows] = out
-        self.lse[:, :, rows] = lse
+        merge_into(self.out[:, :, rows], self.lse[:, :, rows], out_b, lse_b)
 
     def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.out is not None, "no block was added"

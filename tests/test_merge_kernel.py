@@ -1,0 +1,45 @@
+"""The fused Triton merge (cpattn/merge_kernel.py, the ring's merge on CUDA) matches `merge_two`.
+
+No GPU in CI: the kernel runs in Triton's interpreter on CPU tensors, in a subprocess because
+TRITON_INTERPRET must be set before Triton compiles anything. tests/merge_kernel_check.py has the cases.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (dev extra pins it)")
+def test_fused_merge_matches_merge_two_in_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "merge_kernel_check.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checked 48 cases, 0 failed" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_cpu_tensors_take_the_torch_ops():
+    """Off CUDA the accumulator is merged by merge_two and written into the row-slice views in place."""
+    import torch
+
+    from cpattn.merge import PartialAttention, merge_two
+
+    torch.manual_seed(0)
+    acc = PartialAttention.empty(1, 2, 6, 4, "cpu")
+    first = (torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6))
+    acc.add_rows(slice(0, 6), *first)
+    late = (torch.randn(1, 2, 3, 4).bfloat16(), torch.randn(1, 2, 3))
+    storage = acc.out.data_ptr()
+    acc.add_rows(slice(3, 6), *late)
+    want_out, want_lse = merge_two(first[0][:, :, 3:], first[1][:, :, 3:], *late)
+    assert acc.out.data_ptr() == storage
+    torch.testing.assert_close(acc.out[:, :, :3], first[0][:, :, :3])
+    torch.testing.assert_close(acc.out[:, :, 3:], want_out)
+    torch.testing.assert_close(acc.lse[:, :, 3:], want_lse)
