@@ -212,7 +212,7 @@ class _LoopbackChannel:
         if kind == "kv":
             got = list(self._blocks[src])
         else:
-            got = [torch.zeros_like(r) for r in recv]  # values do not matter for timing
+            got = recv  # values do not matter for timing; a real ring fills these by transfer, no kernel
         return type("Done", (), {"wait": staticmethod(lambda: got)})()
 
 

@@ -17,6 +17,7 @@ rank does one diagonal block and W-1 half blocks. This module never names a prov
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,11 +53,19 @@ class RingSpec:
     def channel(self) -> RingChannel:
         return self.channel_factory(self.group, self.timeout, self.stats)
 
+    @functools.cached_property
+    def _chunks(self) -> tuple:
+        return tuple(ring_chunks(self.total, self.group.size, r, self.layout) for r in range(self.group.size))
+
     def length(self, rank: int) -> int:
-        return sum(c.size for c in ring_chunks(self.total, self.group.size, rank, self.layout))
+        return sum(c.size for c in self._chunks[rank])
 
     def first_chunk(self, rank: int) -> int:
-        return ring_chunks(self.total, self.group.size, rank, self.layout)[0].size
+        return self._chunks[rank][0].size
+
+    @functools.cached_property
+    def max_length(self) -> int:
+        return max(self.length(r) for r in range(self.group.size))
 
     def key_positions(self, rank: int, device) -> torch.Tensor:
         return ring_positions(self.total, self.group.size, rank, self.layout, device)
@@ -81,18 +90,34 @@ def block_plan(spec: RingSpec, me: int, src: int, causal: bool, q_len: int | Non
     return plan
 
 
-def _rows(x: torch.Tensor, rows: slice, full: int) -> torch.Tensor:
-    return x if rows.start == 0 and rows.stop == full else x[:, :, rows].contiguous()
+class _RowSlices:
+    """Dense copies of some query rows of the tensors that stay put, made once per distinct row range.
+
+    Zigzag steps with a later source all use the same rows (my late chunk), so a backward copies its query,
+    dO, out and lse rows once instead of at every such step."""
+
+    def __init__(self, full_rows: int, **tensors: torch.Tensor):
+        self._full, self._tensors, self._made = full_rows, tensors, {}
+
+    def get(self, name: str, rows: slice) -> torch.Tensor:
+        x = self._tensors[name]
+        if rows.start == 0 and rows.stop == self._full:
+            return x
+        key = (name, rows.start, rows.stop)
+        if key not in self._made:
+            self._made[key] = x[:, :, rows].contiguous()
+        return self._made[key]
 
 
-def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan) -> AttentionCall:
+def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan,
+                rows: _RowSlices) -> AttentionCall:
     mask = call.attn_mask
     if mask is not None:
         key_pos = spec.key_positions(src, mask.device)[plan.cols]
         mask = select_queries(select_keys(mask, key_pos), plan.rows)
     full_cols = plan.cols.stop - plan.cols.start == k.shape[2]
     return call.replace(
-        query=_rows(call.query, plan.rows, call.q_len),
+        query=rows.get("query", plan.rows),
         key=k if full_cols else k[:, :, plan.cols],
         value=v if full_cols else v[:, :, plan.cols],
         attn_mask=mask,
@@ -101,14 +126,18 @@ def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: Block
 
 
 class _KVBuffers:
-    """Two flat receive buffers, used in turn, viewed at each incoming block's length."""
+    """Two flat receive buffers, used in turn, viewed at each incoming block's length.
 
-    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int):
+    A buffer is reused two exchanges later, when the exchange that last used it has been waited for (a
+    wait covers its sends as well as its receives)."""
+
+    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int, dtype: torch.dtype | None = None):
         b, h, _, d = like_k.shape
         dv = like_v.shape[-1]
         self._shape = (b, h, d, dv)
+        opts = {"dtype": dtype or like_k.dtype, "device": like_k.device}
         self._bufs = [
-            (like_k.new_empty(b * h * max_len * d), like_v.new_empty(b * h * max_len * dv)) for _ in range(2)
+            (torch.empty(b * h * max_len * d, **opts), torch.empty(b * h * max_len * dv, **opts)) for _ in range(2)
         ]
         self._turn = 0
 
@@ -124,7 +153,8 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tup
     group, world = spec.group, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
-    buffers = _KVBuffers(k, v, max(spec.length(r) for r in range(world)))
+    buffers = _KVBuffers(k, v, spec.max_length)
+    rows = _RowSlices(call.q_len, query=call.query)
     acc = PartialAttention.empty(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
     for step in range(world):
         src = (group.rank - step) % world
@@ -133,7 +163,7 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tup
             pending = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
         plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         if plan is not None:
-            out_b, lse_b = provider.forward(_block_call(call, spec, src, k, v, plan))
+            out_b, lse_b = provider.forward(_block_call(call, spec, src, k, v, plan, rows))
             acc.add_rows(plan.rows, out_b, lse_b)
         if pending is not None:
             k, v = pending.wait()
@@ -148,7 +178,9 @@ def ring_backward(
     group, world = spec.group, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
-    buffers = _KVBuffers(k, v, max(spec.length(r) for r in range(world)))
+    buffers = _KVBuffers(k, v, spec.max_length)
+    grad_buffers = _KVBuffers(k, v, spec.max_length, torch.float32)  # the dK/dV accumulators in transit
+    rows = _RowSlices(call.q_len, query=call.query, dout=dout, out=out, lse=lse)
     dq = torch.zeros(call.query.shape, dtype=torch.float32, device=call.device)
     dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=call.device)
     dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=call.device)
@@ -162,20 +194,17 @@ def ring_backward(
         plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         grads = None
         if plan is not None:
-            block = _block_call(call, spec, src, k, v, plan)
-            n = call.q_len
-            grads = provider.backward(block, _rows(dout, plan.rows, n), _rows(out, plan.rows, n),
-                                      _rows(lse, plan.rows, n))
+            block = _block_call(call, spec, src, k, v, plan, rows)
+            grads = provider.backward(block, rows.get("dout", plan.rows), rows.get("out", plan.rows),
+                                      rows.get("lse", plan.rows))
         if pending_dkv is not None:  # the accumulators of block `src`, from the ranks that saw it before
             dk_acc, dv_acc = pending_dkv.wait()
         if grads is not None:
             dq[:, :, plan.rows] += grads[0]
             dk_acc[:, :, plan.cols] += grads[1]
             dv_acc[:, :, plan.cols] += grads[2]
-        recv = [torch.empty((*k.shape[:2], prev_len, k.shape[3]), dtype=torch.float32, device=call.device),
-                torch.empty((*v.shape[:2], prev_len, v.shape[3]), dtype=torch.float32, device=call.device)]
         # After the last step this is the final hop: every accumulator goes home to its owner.
-        pending_dkv = channel.exchange([dk_acc, dv_acc], recv, "dkv")
+        pending_dkv = channel.exchange([dk_acc, dv_acc], grad_buffers.next(prev_len), "dkv")
         if pending_kv is not None:
             k, v = pending_kv.wait()
     dk, dv = pending_dkv.wait()
