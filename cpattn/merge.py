@@ -27,11 +27,17 @@ def _fused_merge():
     return merge_into
 
 
+def _fuse_on(acc_out: torch.Tensor) -> bool:
+    """Where the Triton merge runs: CUDA tensors (tests/merge_kernel_check.py widens it to CPU tensors under
+    Triton's interpreter)."""
+    return acc_out.is_cuda
+
+
 def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
     """Merge a block into a float32 (out, lse) accumulator in place; `acc_*` may be row slices (views).
 
     On CUDA with Triton this is one kernel; elsewhere `merge_two` plus a copy into the views."""
-    fused = _fused_merge() if acc_out.is_cuda else None
+    fused = _fused_merge() if _fuse_on(acc_out) else None
     if fused is not None and acc_out.dtype == acc_lse.dtype == torch.float32:
         fused(acc_out, acc_lse, out_b, lse_b)
         return

@@ -12,8 +12,16 @@ import torch
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cpattn.merge  # noqa: E402
+from cpattn.cp.comm import CommStats  # noqa: E402
+from cpattn.cp.layout import ring_positions  # noqa: E402
+from cpattn.cp.mesh import Group  # noqa: E402
+from cpattn.cp.ring import RingSpec, ring_forward  # noqa: E402
+from cpattn.dispatch import make_call  # noqa: E402
 from cpattn.merge import merge_two  # noqa: E402
 from cpattn.merge_kernel import merge_into  # noqa: E402
+from cpattn.providers import get_provider  # noqa: E402
+from cpattn.reference import reference_attention  # noqa: E402
 
 
 def case(dtype: torch.dtype, dim: int, rows: slice, seed: int) -> str | None:
@@ -53,6 +61,41 @@ def case(dtype: torch.dtype, dim: int, rows: slice, seed: int) -> str | None:
     return None
 
 
+class _Loopback:
+    """One rank's ring with no network: each exchange 'receives' the block rank r-1 would send."""
+
+    def __init__(self, blocks, rank):
+        self._blocks, self._rank, self._step = blocks, rank, 0
+
+    def __call__(self, group, timeout, stats):
+        return self
+
+    def exchange(self, send, recv, kind):
+        self._step += 1
+        got = [t.clone() for t in self._blocks[(self._rank - self._step) % len(self._blocks)]]
+        return type("Done", (), {"wait": staticmethod(lambda: got)})()
+
+
+def ring_case(world: int, total: int, layout: str, causal: bool, hq: int, hkv: int) -> str | None:
+    """Every rank's ring forward, its merges done by the kernel, against the float64 reference."""
+    g = torch.Generator().manual_seed(world * 100 + total)
+    q = torch.randn(2, hq, total, 16, generator=g)
+    k, v = (torch.randn(2, hkv, total, 16, generator=g) for _ in range(2))
+    want, _ = reference_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    pos = [ring_positions(total, world, r, layout) for r in range(world)]
+    blocks = [(k[:, :, p].contiguous(), v[:, :, p].contiguous()) for p in pos]
+    provider = get_provider("_native_math")
+    for r in range(world):
+        spec = RingSpec(Group(None, r, world, "loopback"), layout, total, 60.0, CommStats(),
+                        channel_factory=_Loopback(blocks, r))
+        call = make_call(q[:, :, pos[r]], *blocks[r], None, 0.0, causal, None, hq != hkv)
+        out, _ = ring_forward(provider, call, spec)
+        err = (out.double() - want[:, :, pos[r]]).abs().max().item()
+        if err > 1e-5:
+            return f"rank {r}: max error {err:.2e}"
+    return None
+
+
 def main() -> int:
     checked, failures = 0, []
     grid = itertools.product((torch.float32, torch.bfloat16, torch.float16), (8, 40, 128, 256),
@@ -62,8 +105,25 @@ def main() -> int:
         checked += 1
         if problem:
             failures.append(f"{dtype} D={dim} rows={rows}: {problem}")
+    # The kernel inside the ring: zigzag steps merge into row slices of the accumulator.
+    launches = []
+
+    def counted(*args):
+        launches.append(1)
+        merge_into(*args)
+
+    cpattn.merge._fuse_on = lambda acc_out: True
+    cpattn.merge._fused_merge = lambda: counted
+    for world, total, layout, causal, hq, hkv in ((3, 23, "zigzag", True, 4, 2), (4, 16, "zigzag", True, 16, 16),
+                                                  (3, 20, "contiguous", False, 4, 4), (2, 9, "zigzag", False, 6, 3)):
+        problem = ring_case(world, total, layout, causal, hq, hkv)
+        checked += 1
+        if problem:
+            failures.append(f"ring W={world} S={total} {layout} causal={causal} Hq={hq} Hkv={hkv}: {problem}")
+    if not launches:
+        failures.append("the ring never called the fused merge")
     print("\n".join(failures))
-    print(f"checked {checked} cases, {len(failures)} failed")
+    print(f"checked {checked} cases ({len(launches)} kernel merges in rings), {len(failures)} failed")
     return 1 if failures else 0
 
 
