@@ -89,8 +89,12 @@ def _make_mask(case: Case, gen) -> torch.Tensor | None:
     raise ValueError(case.mask)
 
 
+_MASK_MOD_CELLS: list[int] = []  # (query x key) grid sizes _mask_mod was evaluated on, in this process
+
+
 def _mask_mod(b, h, q_idx, kv_idx):
     """A head-dependent sliding window (flex-style): wrong global positions or head offsets change it."""
+    _MASK_MOD_CELLS.append(q_idx.numel() * kv_idx.numel())
     return (q_idx - kv_idx).abs() <= 2 + h
 
 
@@ -213,6 +217,7 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     mask_l = None
     if case.mask == "mask_mod":
         mask_l = _mask_mod
+        _MASK_MOD_CELLS.clear()
     elif mask is not None:
         mask_l = mask if mask.shape[2] == 1 else shard(mask)
         mask_l = (mask_l if mask_l.dtype == torch.bool else mask_l.to(dtype)).to(device)
@@ -233,6 +238,8 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
         local = cpattn.document_mask(_doc_bounds(case.seq), mesh, case.layout)
         doc_mask_ok = torch.equal(local.expand_as(mask_l).cpu(), mask_l.cpu())
     result = Outcome(stats=dict(state.cp.stats) if state.cp is not None else {})
+    if case.mask == "mask_mod":
+        result.stats["mask_mod_max_cells"] = max(_MASK_MOD_CELLS)
     if case.mask == "documents":
         result.errors["document_mask_equal"] = float(doc_mask_ok)
     ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]

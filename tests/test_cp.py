@@ -8,6 +8,7 @@ import functools
 import pytest
 
 from cp_harness import Case, run_cases
+from cpattn.cp.layout import ring_shard_len
 from helpers import GRAD_ATOL, OUT_ATOL
 
 pytestmark = pytest.mark.distributed
@@ -108,6 +109,18 @@ def test_ring_backward_returns_each_accumulator_home(world):
     outcome = results(world)[Case(provider="native", strategy="ring", layout="zigzag", causal=True, seq=13).name]
     assert outcome.stats["kv_sends"] == 2 * (world - 1)  # forward and backward rotations
     assert outcome.stats["dkv_sends"] == world  # W-1 hops with the blocks, one final hop home
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ring_evaluates_a_mask_mod_per_block(world):
+    """Ring: a mask_mod is evaluated on (local rows x one KV block) at a time, never on (local rows x all keys);
+    all-gather needs the whole row."""
+    seq = 11
+    longest = max(ring_shard_len(seq, world, r, "zigzag") for r in range(world))
+    ring = results(world)[Case(strategy="ring", mask="mask_mod", seq=seq, causal=True).name]
+    allgather = results(world)[Case(strategy="allgather", mask="mask_mod", seq=seq, causal=True).name]
+    assert ring.stats["mask_mod_max_cells"] <= longest * longest
+    assert allgather.stats["mask_mod_max_cells"] >= seq * ring_shard_len(seq, world, 0, "zigzag")
 
 
 def test_hybrid_on_a_2x2_mesh():

@@ -251,7 +251,9 @@ class ContextParallel:
                 f"provider '{provider.name}' under cp_strategy='{strategy}'", reasons, self._suggestion(strategy)
             )
         self.stats["calls"] += 1
-        if is_mask_mod(call.attn_mask):
+        if is_mask_mod(call.attn_mask) and (strategy != "ring" or self.prefix):
+            # The plain ring evaluates a mask_mod per KV block (local rows x that block's keys); the others
+            # slice one (local rows x all keys) mask.
             call = call.replace(attn_mask=self._materialize(call, total))
         if self.prefix and strategy == "ring":
             return prefix_ring_attention(provider, call, self._ring_spec(total), self.prefix)

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..contract import AttentionCall, Provider
-from ..masks import select_keys, select_queries
+from ..masks import is_mask_mod, materialize_mask_mod, select_keys, select_queries
 from ..merge import PartialAttention
 from .comm import CommStats, RingChannel
 from .layout import ring_chunks, ring_positions
@@ -112,7 +112,11 @@ class _RowSlices:
 def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan,
                 rows: _RowSlices) -> AttentionCall:
     mask = call.attn_mask
-    if mask is not None:
+    if is_mask_mod(mask):  # evaluated on this block only: S_local x S_block bools, never S_local x S
+        q_pos = spec.key_positions(spec.group.rank, call.device)[plan.rows]
+        key_pos = spec.key_positions(src, call.device)[plan.cols]
+        mask = materialize_mask_mod(mask, call.batch, call.q_heads, q_pos, key_pos)
+    elif mask is not None:
         key_pos = spec.key_positions(src, mask.device)[plan.cols]
         mask = select_queries(select_keys(mask, key_pos), plan.rows)
     full_cols = plan.cols.stop - plan.cols.start == k.shape[2]
