@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-_TINY = torch.finfo(torch.float32).tiny
+from .merge import _TINY
 
 
 @triton.jit

@@ -252,9 +252,7 @@ def main(argv=None) -> int:
                   f"at step {worst}", flush=True)
         verdict[0] = float(not ok)
     dist.broadcast(verdict, src=0, group=group)  # every rank exits with the same code
-    # No rank tears down its connections while a peer may still be reading from them: gloo aborts the
-    # process ("terminate called without an active exception") when a pair closes under a live operation.
-    dist.barrier()
+    dist.barrier()  # every rank is done with every collective before any leaves (see spawn.exit_rank)
     dist.destroy_process_group()
     return int(verdict.item())
 

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import cpattn  # noqa: E402
 from model import ModelConfig, TinyLM, token_loss_sum  # noqa: E402
+from spawn import exit_rank  # noqa: E402
 
 SEQ = 17  # uneven shards
 
@@ -94,7 +95,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch"))
-    from spawn import exit_rank  # why not sys.exit: see its docstring
-
-    exit_rank(main())
+    exit_rank(main())  # why not sys.exit: see its docstring
