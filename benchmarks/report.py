@@ -14,7 +14,22 @@ TARGETS = {
     "dispatch_ratio_2k": "through attention_dispatch >= 95% of the direct kernel at S = 2k",
     "host_overhead": "host overhead added by dispatch <= 5 us per call (p50), zero extra kernels",
     "ring_split": "ring split efficiency at P=4, S=64k >= 97% of one kernel, forward+backward",
+    "auto": "provider 'auto' within 2% of the best provider measured per shape (through attention_dispatch)",
 }
+
+
+def auto_vs_best(kernels) -> list[dict]:
+    """Per shape measured with 'auto' and at least one other provider: auto's time over the best provider's."""
+    rows = []
+    key = lambda r: (r["D"], r["S"], r["causal"], r["backward"])  # noqa: E731
+    timed = [r for r in kernels if "dispatch" in r]
+    for r in (r for r in timed if r["provider"] == "auto"):
+        others = [o for o in timed if o["provider"] != "auto" and key(o) == key(r)]
+        if others:
+            best = min(others, key=lambda o: o["dispatch"]["median_ms"])
+            rows.append({"D": r["D"], "S": r["S"], "causal": r["causal"], "backward": r["backward"],
+                         "best": best["provider"], "auto_vs_best": best["dispatch"]["median_ms"] / r["dispatch"]["median_ms"]})
+    return rows
 
 
 def _kernel_lines(rows) -> list[str]:
@@ -49,6 +64,12 @@ def _targets(result) -> list[str]:
         lines.append(f"| {TARGETS['host_overhead']} ({o['device']}, {o['provider']}) | "
                      f"{o['overhead_us_p50']:.1f} us (direct {o['direct_us_p50']:.1f}, dispatch "
                      f"{o['dispatch_us_p50']:.1f}){extra} | {'yes' if met else 'no'} |")
+    auto = auto_vs_best(result.get("kernels", []))
+    if auto:
+        worst = min(auto, key=lambda r: r["auto_vs_best"])
+        lines.append(f"| {TARGETS['auto']} | worst {worst['auto_vs_best']:.3f} over {len(auto)} shapes (best there: "
+                     f"{worst['best']}, D={worst['D']} S={worst['S']} causal={worst['causal']} "
+                     f"bwd={worst['backward']}) | {'yes' if worst['auto_vs_best'] >= 0.98 else 'no'} |")
     split = [r for r in result.get("ring_split", []) if r.get("P") == 4 and r.get("S") == 65536 and r.get("backward")]
     for r in split:
         if "efficiency" in r:

@@ -96,7 +96,7 @@ def kernels_suite(providers, seqs, head_dims, batch_heads_tokens) -> list[dict]:
     device = torch.device("cuda")
     combos = [(p, d, s, c) for p in providers for d in head_dims for s in seqs for c in (False, True)]
     for provider, d, s, causal in progress(combos, "kernels"):
-        adapter = cpattn.PROVIDERS[provider]
+        adapter = cpattn.get_provider(provider)  # "auto" too: it is measured against the best provider per shape
         caps = adapter.capabilities("cuda")
         h = 16
         b = max(1, batch_heads_tokens // (h * s))
