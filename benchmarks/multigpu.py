@@ -42,8 +42,9 @@ from cpattn.reference import reference_attention  # noqa: E402
 GIB = 2.0**30
 SECTIONS = ("bandwidth", "check", "speed", "peers")
 # Providers that differ in their context-parallel path; the check runs those whose library loads here.
-CHECK_PROVIDERS = ("native", "_native_math", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "flex",
-                   "sage", "xformers")
+# flex last: it compiles a kernel per block shape, the slowest to check.
+CHECK_PROVIDERS = ("flash", "_native_cudnn", "native", "_native_flash", "_native_efficient", "_native_math", "sage",
+                   "xformers", "flex")
 SPEED_PROVIDERS = ("flash", "_native_cudnn")  # FA4 and cuDNN: the fastest kernels on Hopper
 ATOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
