@@ -370,17 +370,24 @@ def _speed_config(run, mesh, provider, b, h, s, d, causal, backward) -> list[dic
 # -- 4. peers ---------------------------------------------------------------------------------------------------
 
 
+def _torch_cp_module():
+    try:
+        from torch.distributed.tensor.experimental import _attention
+    except ImportError:
+        from torch.distributed.tensor.experimental._context_parallel import _attention
+    return _attention
+
+
 def _torch_cp_step(run, b, h, s, d, causal, backward, rotate):
     """PyTorch's context_parallel: shards the buffers in place (head-tail load balancing) and runs SDPA's ring."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    try:
-        from torch.distributed.tensor.experimental._attention import set_rotate_method
-    except ImportError:
-        from torch.distributed.tensor.experimental._context_parallel._attention import set_rotate_method
-    set_rotate_method(rotate)
+    attention = _torch_cp_module()
+    attention.set_rotate_method(rotate)
+    # Its head-tail load balancing refuses full attention ("Load balancing requires is_causal=True").
+    attention._cp_options.enable_load_balance = causal
     mesh = init_device_mesh(run.device.type, (run.world,))
     (q, k, v), dout = _inputs(run, b, h, s, d, False)
     backend = SDPBackend.CUDNN_ATTENTION if run.cuda else SDPBackend.MATH
@@ -428,10 +435,8 @@ def _peer_accuracy(run, mesh, b, h, s, d, causal) -> dict:
     from torch.distributed.tensor.experimental import context_parallel
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    try:
-        from torch.distributed.tensor.experimental._attention import context_parallel_unshard
-    except ImportError:
-        from torch.distributed.tensor.experimental._context_parallel._attention import context_parallel_unshard
+    context_parallel_unshard = _torch_cp_module().context_parallel_unshard
+    _torch_cp_module()._cp_options.enable_load_balance = causal
 
     backend = SDPBackend.CUDNN_ATTENTION if run.cuda else SDPBackend.MATH
     (q, k, v), _ = _inputs(run, b, h, s, d, False)

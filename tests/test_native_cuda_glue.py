@@ -55,3 +55,18 @@ def test_efficient_forward_and_backward_glue_hands_dense_kv(fake_efficient):
         args, _ = recorder.calls[-1]
         kernel_k = args[2] if recorder is fake_efficient._scaled_dot_product_efficient_attention_backward else args[1]
         assert kernel_k.is_contiguous(), "the CUTLASS kernel must get dense K/V"
+
+
+def test_efficient_backward_gets_out_stored_sequence_major(fake_efficient):
+    """The CUTLASS backward derives out's sequence stride as H*D; a ring's merged out is stored (B, H, S, D)."""
+    adapter = cpattn.get_provider("_native_efficient")
+    q, k, v = make_qkv(1, 3, 3, 8, 8, 8)  # H != S != D: a wrong stride cannot pass by coincidence
+    call = make_call(q, k, v, None, 0.0, False, None, False)
+    merged = torch.randn(1, 3, 8, 8)  # (B, H, S, D) storage, as the ring's float32 merge cast back produces
+    adapter.backward(call, torch.zeros_like(merged), merged, torch.zeros(1, 3, 8))
+    kernel_out = fake_efficient._scaled_dot_product_efficient_attention_backward.calls[-1][0][5]
+    assert kernel_out.transpose(1, 2).is_contiguous() and kernel_out.stride(2) == 3 * 8
+    assert torch.equal(kernel_out, merged)
+    kernel_own = torch.randn(1, 8, 3, 8).transpose(1, 2)  # the forward's own output: passed through, no copy
+    adapter.backward(call, torch.zeros_like(merged), kernel_own, torch.zeros(1, 3, 8))
+    assert fake_efficient._scaled_dot_product_efficient_attention_backward.calls[-1][0][5] is kernel_own

@@ -1,8 +1,9 @@
 """Every byte the schedules move goes through here: ring exchanges, all-to-all, all-gather, agreement checks.
 
-All waits are bounded: a peer that never answers becomes a CommTimeoutError naming it, not a hang until a
-watchdog fires. With gloo and CUDA tensors, point-to-point traffic is staged through CPU tensors (gloo's
-send/recv of CUDA tensors crashes); collectives take CUDA tensors directly.
+Host-side waits are bounded: a peer that never answers becomes a CommTimeoutError naming it, not a hang until a
+watchdog fires. On NCCL the data-moving waits are stream-ordered instead (see `_wait`); the agreement check that
+opens every call stays a bounded host wait on every backend. With gloo and CUDA tensors, point-to-point traffic is
+staged through CPU tensors (gloo's send/recv of CUDA tensors crashes); collectives take CUDA tensors directly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,22 @@ from ..errors import CommTimeoutError
 from .mesh import Group
 
 
-def _wait(work, timeout: float, what: str, group: Group) -> None:
+# Backends whose Work.wait() without a timeout only makes the current CUDA stream wait for the transfer.
+_STREAM_ORDERED = frozenset({"nccl"})
+
+
+def _wait(work, timeout: float, what: str, group: Group, host: bool = False) -> None:
+    """Wait for `work`; on a timeout or failure raise CommTimeoutError naming the peers that never reported.
+
+    On NCCL, unless `host`, the wait only orders the compute stream after the transfer and returns at once. A timed
+    wait there blocks the host and polls the transfer with sleeps (10 ms in PyTorch's ProcessGroupNCCL): on two
+    H200s that cost 6-8 ms per Ulysses call and left the GPU idle meanwhile. A peer that never arrives is then
+    reported by NCCL's watchdog after the process group's own timeout (init_process_group(timeout=...)); ranks
+    that disagree are still caught before any data moves, by the agreement check (`host=True`).
+    """
+    if group.backend in _STREAM_ORDERED and not host:
+        work.wait()
+        return
     start = time.monotonic()
     try:
         ok, cause = work.wait(timeout=datetime.timedelta(seconds=timeout)), None
@@ -157,5 +173,5 @@ def gather_signatures(sig: list[int], group: Group, timeout: float, device: torc
     mine = torch.tensor(sig, dtype=torch.int64, device=on)
     bufs = [torch.empty_like(mine) for _ in range(group.size)]
     work = dist.all_gather(bufs, mine, group=group.pg, async_op=True)
-    _wait(work, timeout, "agreement check (a rank did not reach this attention call)", group)
+    _wait(work, timeout, "agreement check (a rank did not reach this attention call)", group, host=True)
     return torch.stack(bufs).cpu()

@@ -4,7 +4,7 @@ Order of events in one call (every rank runs the same):
 1. Choose the schedule and collect, locally, every reason the provider or schedule cannot take the call.
 2. One small all-gather of an integer signature of the call (provider, schedule, dtype, heads, dims,
    flags, local length, whether this rank refused). Any disagreement, or any rank refusing, raises the
-   same error on every rank, before any data moves. Waits are bounded (cp_timeout), never a hang.
+   same error on every rank, before any data moves. This wait is bounded (cp_timeout) on every backend.
 3. Run ring, Ulysses, hybrid (Ulysses inside, ring across) or all-gather.
 """
 

@@ -211,6 +211,19 @@ def _aligned_bias(call: AttentionCall) -> torch.Tensor | None:
     return bias
 
 
+def _sequence_major(out: torch.Tensor) -> torch.Tensor:
+    """`out` (B, H, S, D) stored as (B, S, H, D), the layout the efficient forward returns.
+
+    The CUTLASS backward takes the strides of dO, Q, K and V from the tensors but derives out's sequence stride
+    as H * D, i.e. it assumes this storage. A ring passes its merged output, stored (B, H, S, D): on two H200s
+    that gave correct outputs and dV but dQ and dK off by up to 8.7 (the per-row dO . out term was read from
+    the wrong rows). One copy when the storage differs; none for the kernel's own output.
+    """
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 class NativeEfficient(Provider):
     """SDPA's memory-efficient backend (xformers' CUTLASS kernel inside PyTorch): masks as a bias, fp32 too."""
 
@@ -259,7 +272,7 @@ class NativeEfficient(Provider):
             lse_k = F.pad(lse_k, (0, pad))
         seed = torch.zeros((), dtype=torch.int64, device=call.device)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward.default(
-            dout, call.query, k, v, bias, out,
+            dout, call.query, k, v, bias, _sequence_major(out),
             lse_k, seed, seed, 0.0, [True, True, True, False], self._causal(call), scale=call.scale,
         )
         return _grads(call, dq, dk, dv)
