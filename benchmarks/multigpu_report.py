@@ -1,0 +1,129 @@
+"""Markdown summary of benchmarks/multigpu.py runs: bandwidth, correctness, scaling efficiency vs targets, peers.
+
+    python -m benchmarks.multigpu_report OUT.md RUN.json [LATER_RUN.json ...]
+
+Later runs take precedence: their check rows replace the earlier rows of the same provider, their speed and
+peer rows replace the earlier rows of the same configuration. Earlier numbers that were replaced stay in their
+own JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# (schedule, causal, backward, S, minimum efficiency) from the multi-GPU issue
+TARGETS = (("ring", True, True, 32768, 0.90), ("ring", True, True, 131072, 0.95), ("ulysses", False, None, 131072, 0.97))
+
+
+def _merge(runs: list[dict]) -> dict:
+    merged = {"bandwidth": [], "check": [], "speed": {}, "peers": {}, "accuracy": {}, "runs": []}
+    for run in runs:
+        merged["runs"].append(f"{run['device']}, {run['backend']}, torch {run['torch']}, {run['date']}")
+        merged["bandwidth"] = run.get("bandwidth") or merged["bandwidth"]
+        rechecked = {c["provider"] for c in run.get("check", [])}
+        merged["check"] = [c for c in merged["check"] if c["provider"] not in rechecked] + run.get("check", [])
+        for row in run.get("speed", []):
+            if "schedule" in row:
+                merged["speed"][(row["provider"], row["schedule"], row["S"], row["H"], row["causal"],
+                                 row["backward"])] = row
+        peers = run.get("peers") or {}
+        merged["accuracy"].update(peers.get("accuracy", {}))
+        for row in peers.get("rows", []):
+            if "causal" in row:
+                merged["peers"][(row["peer"], row["S"], row["H"], row["causal"], row["backward"])] = row
+    return merged
+
+
+def _check_lines(rows) -> list[str]:
+    table: dict = {}
+    for c in rows:
+        if "schedule" not in c or "skipped" in c:
+            key = (c["provider"], c.get("schedule", "-"))
+            table.setdefault(key, {"ok": 0, "fail": 0, "refused": 0, "skipped": 0})["skipped"] += 1
+            continue
+        cell = table.setdefault((c["provider"], c["schedule"]), {"ok": 0, "fail": 0, "refused": 0, "skipped": 0})
+        if c.get("ok"):
+            cell["ok"] += 1
+        elif "UnsupportedInputError" in str(c.get("error", "")):
+            cell["refused"] += 1
+        else:
+            cell["fail"] += 1
+    lines = ["| provider | schedule | ok | wrong | refused (clear error) | not run |", "| --- | --- | --- | --- | --- | --- |"]
+    for (provider, schedule), cell in table.items():
+        lines.append(f"| {provider} | {schedule} | {cell['ok']} | {cell['fail']} | {cell['refused']} | {cell['skipped']} |")
+    return lines
+
+
+def _speed_lines(speed: dict) -> list[str]:
+    lines = ["| provider | schedule | S | H | causal | bwd | one GPU ms | per rank ms | efficiency | peak extra GiB per rank (one GPU) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in speed.values():
+        if "efficiency" not in r:
+            lines.append(f"| {r['provider']} | {r['schedule']} | {r['S']} | {r['H']} | {r['causal']} | {r['backward']} | "
+                         f"error: {str(r.get('error'))[:60]} | | | |")
+            continue
+        lines.append(f"| {r['provider']} | {r['schedule']} | {r['S']} | {r['H']} | {r['causal']} | {r['backward']} | "
+                     f"{r['one_gpu']['median_ms']:.2f} | {r['per_rank']['median_ms']:.2f} | {r['efficiency']:.3f} | "
+                     f"{r['per_rank']['peak_extra_gib']:.2f} ({r['one_gpu']['peak_extra_gib']:.2f}) |")
+    return lines
+
+
+def _target_lines(speed: dict) -> list[str]:
+    lines = ["| target | provider | measured (each H, fwd and fwd+bwd where the target does not fix it) | met |",
+             "| --- | --- | --- | --- |"]
+    for schedule, causal, backward, s, need in TARGETS:
+        for provider in sorted({k[0] for k in speed}):
+            sel = [r for k, r in speed.items() if k[0] == provider and k[1] == schedule and k[2] == s
+                   and k[4] == causal and (backward is None or k[5] == backward) and "efficiency" in r]
+            if not sel:
+                continue
+            values = ", ".join(f"H{r['H']} {'fwd+bwd' if r['backward'] else 'fwd'} {r['efficiency']:.3f}" for r in sel)
+            met = all(r["efficiency"] >= need for r in sel)
+            what = f"{schedule} {'zigzag causal' if causal else 'full'} {'fwd+bwd ' if backward else ''}>= {need:.0%} at S={s // 1024}k"
+            lines.append(f"| {what} | {provider} | {values} | {'yes' if met else 'no'} |")
+    return lines
+
+
+def _peer_lines(merged: dict) -> list[str]:
+    speed = merged["speed"]
+    lines = ["| peer | S | H | causal | bwd | peer ms | cpattn ms (same kernel, cuDNN) | cpattn / peer time | peer GiB | cpattn GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (peer, s, h, causal, backward), row in merged["peers"].items():
+        schedule = "ulysses" if peer.endswith("ulysses") else "ring"
+        mine = speed.get(("_native_cudnn", schedule, s, h, causal, backward))
+        if not row.get("per_rank") or not mine or not mine.get("per_rank"):
+            lines.append(f"| {peer} | {s} | {h} | {causal} | {backward} | error: {str(row.get('error'))[:60]} | | | | |")
+            continue
+        p, c = row["per_rank"], mine["per_rank"]
+        lines.append(f"| {peer} | {s} | {h} | {causal} | {backward} | {p['median_ms']:.2f} | {c['median_ms']:.2f} "
+                     f"({schedule}) | {c['median_ms'] / p['median_ms']:.3f} | {p['peak_extra_gib']:.2f} | "
+                     f"{c['peak_extra_gib']:.2f} |")
+    return lines
+
+
+def write(out_md: str, paths: list[str]) -> str:
+    runs = [json.load(open(p)) for p in paths]
+    merged = _merge(runs)
+    lines = ["# Context parallelism across GPUs (NCCL)", ""] + [f"- run: {r}" for r in merged["runs"]] + [
+        f"- versions: {runs[-1]['versions']}", "",
+        "Efficiency = one-GPU time / (W x per-rank time), bf16, D=128, B=1; per-rank time is the slowest rank's, "
+        "median over iterations. Memory is the peak allocated during the timed calls above the inputs.", "",
+        "## Targets", ""] + _target_lines(merged["speed"])
+    if merged["bandwidth"]:
+        lines += ["", "## NCCL bandwidth per rank", "", "| op | MiB | GB/s |", "| --- | --- | --- |"]
+        lines += [f"| {b['op']} | {b['bytes'] // 2**20} | {b['GB_per_s']:.1f} |" for b in merged["bandwidth"]]
+    lines += ["", "## Correctness: CP over NCCL vs the same provider on one GPU and vs float64", "",
+              "Forward and backward; a case is ok when CP's error against float64 is within the one-GPU error plus "
+              "the dtype's tolerance, for the output and every gradient.", ""] + _check_lines(merged["check"])
+    lines += ["", "## Scaling", ""] + _speed_lines(merged["speed"])
+    if merged["peers"]:
+        lines += ["", "## Peers", "", f"Accuracy (max abs difference from cuDNN on one GPU): {merged['accuracy']}", ""]
+        lines += _peer_lines(merged)
+    with open(out_md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return out_md
+
+
+if __name__ == "__main__":
+    print(write(sys.argv[1], sys.argv[2:]))
