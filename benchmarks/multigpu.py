@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
 from cpattn.reference import reference_attention  # noqa: E402
+from launch.spawn import exit_rank  # noqa: E402
 
 GIB = 2.0**30
 SECTIONS = ("bandwidth", "check", "speed", "peers")
@@ -529,6 +530,7 @@ def main() -> None:
     run.log(f"wrote {run.path}")
     dist.barrier()
     dist.destroy_process_group()
+    exit_rank(0)  # see its docstring: a gloo group can outlive destroy_process_group once flex imported dynamo
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+"""benchmarks/multigpu.py on CPU ranks (gloo, tiny shapes): the script the multi-GPU results come from keeps working.
+
+The check section compares context-parallel forward and backward with the same provider on one device and with
+float64; the speed section must produce an efficiency per schedule. Bounded by the subprocess timeout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from launch_util import TORCHRUN, run
+
+pytestmark = pytest.mark.distributed
+
+
+def test_multigpu_script_smoke(tmp_path):
+    code, out = run(TORCHRUN + ["--standalone", "--nproc-per-node=2", "benchmarks/multigpu.py", "--smoke",
+                                "--out", str(tmp_path), "--sections", "check", "speed",
+                                "--check-providers", "native", "_native_math"], timeout=240)
+    assert code == 0, out[-4000:]
+    result = json.loads((tmp_path / "multigpu_cpu.json").read_text())
+    checked = [c for c in result["check"] if "schedule" in c]
+    assert {(c["provider"], c["schedule"]) for c in checked} == {
+        (p, s) for p in ("native", "_native_math") for s in ("ring", "ulysses", "allgather")}
+    assert all(c["ok"] and c["backward"] for c in checked), [c for c in checked if not c["ok"]]
+    assert all(c["dq_vs_one_gpu"] < 1e-4 for c in checked)
+    speed = [r for r in result["speed"] if "schedule" in r]
+    assert {r["schedule"] for r in speed} == {"ring", "ulysses"}
+    assert all(r["efficiency"] > 0 for r in speed), speed
