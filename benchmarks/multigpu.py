@@ -316,7 +316,7 @@ def _attention_step(q, k, v, dout, backward, call):
 def speed_shapes(run: Run):
     if run.smoke:
         return [(1, 2, 64 * run.world, 32)]
-    return [(1, h, s, 128) for s in (32768, 131072) for h in (16, 32)]
+    return [(1, h, s, 128) for s in run.args.seqs for h in (16, 32)]
 
 
 def speed(run: Run, mesh) -> list[dict]:
@@ -502,6 +502,7 @@ def main() -> None:
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--check-providers", nargs="*")
     parser.add_argument("--speed-providers", nargs="*")
+    parser.add_argument("--seqs", type=int, nargs="*", default=[32768, 131072], help="total lengths (speed, peers)")
     parser.add_argument("--budget", nargs="*", default=[], metavar="SECTION=SECONDS",
                         help="start no new measurement of a section after this many seconds (agreed by all ranks)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU ranks with gloo")

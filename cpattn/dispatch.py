@@ -266,7 +266,9 @@ def run_single(provider: Provider, call: AttentionCall) -> torch.Tensor:
 
 def run_checked(provider: Provider, call: AttentionCall) -> torch.Tensor:
     query = call.query
-    if query.is_cuda and query.get_device() != torch.cuda.current_device():
+    # torch._C._cuda_getDevice is what torch.cuda.current_device returns after its initialisation checks; a CUDA
+    # tensor exists, so CUDA is initialised, and this runs on every call (it is on the hot path).
+    if query.is_cuda and query.get_device() != torch._C._cuda_getDevice():
         with torch.cuda.device(query.device):  # kernels launch on the tensors' GPU, not the current one
             return provider.attention(call)
     return provider.attention(call)
