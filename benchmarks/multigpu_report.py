@@ -2,8 +2,8 @@
 
     python -m benchmarks.multigpu_report OUT.md RUN.json [LATER_RUN.json ...]
 
-Later runs take precedence: their check rows replace the earlier rows of the same provider, their speed and
-peer rows replace the earlier rows of the same configuration. Earlier numbers that were replaced stay in their
+Later runs take precedence: their check, speed and peer rows replace the earlier rows of the same case or
+configuration (a check case a later run skipped keeps its earlier result). Earlier numbers that were replaced stay in their
 own JSON file.
 """
 
@@ -17,12 +17,18 @@ TARGETS = (("ring", True, True, 32768, 0.90), ("ring", True, True, 131072, 0.95)
 
 
 def _merge(runs: list[dict]) -> dict:
-    merged = {"bandwidth": [], "check": [], "speed": {}, "peers": {}, "accuracy": {}, "runs": []}
+    merged = {"bandwidth": [], "check": {}, "speed": {}, "peers": {}, "accuracy": {}, "runs": []}
     for run in runs:
-        merged["runs"].append(f"{run['device']}, {run['backend']}, torch {run['torch']}, {run['date']}")
+        sections = [k for k in ("bandwidth", "check", "speed", "peers") if run.get(k)]
+        seqs = sorted({r["S"] for r in run.get("speed", []) if "S" in r})
+        merged["runs"].append(f"{run['device']}, {run['backend']}, torch {run['torch']}, {run['date']}: "
+                              f"{', '.join(sections)}{' at S=' + '/'.join(map(str, seqs)) if seqs else ''}; "
+                              f"libraries {run['versions']}")
         merged["bandwidth"] = run.get("bandwidth") or merged["bandwidth"]
-        rechecked = {c["provider"] for c in run.get("check", [])}
-        merged["check"] = [c for c in merged["check"] if c["provider"] not in rechecked] + run.get("check", [])
+        for c in run.get("check", []):
+            key = (c["provider"], c.get("schedule"), c.get("causal"), str(c.get("shape")))
+            if "skipped" not in c or key not in merged["check"]:  # a case skipped later keeps its earlier result
+                merged["check"][key] = c
         for row in run.get("speed", []):
             if "schedule" in row:
                 merged["speed"][(row["provider"], row["schedule"], row["S"], row["H"], row["causal"],
@@ -51,6 +57,8 @@ def _check_lines(rows) -> list[str]:
             cell["fail"] += 1
     lines = ["| provider | schedule | ok | wrong | refused (clear error) | not run |", "| --- | --- | --- | --- | --- | --- |"]
     for (provider, schedule), cell in table.items():
+        if schedule != "-" and cell["skipped"]:  # 2 shapes x causal or not per schedule; skips carry no case key
+            cell["skipped"] = max(0, 4 - cell["ok"] - cell["fail"] - cell["refused"])
         lines.append(f"| {provider} | {schedule} | {cell['ok']} | {cell['fail']} | {cell['refused']} | {cell['skipped']} |")
     return lines
 
@@ -105,8 +113,9 @@ def _peer_lines(merged: dict) -> list[str]:
 def write(out_md: str, paths: list[str]) -> str:
     runs = [json.load(open(p)) for p in paths]
     merged = _merge(runs)
-    lines = ["# Context parallelism across GPUs (NCCL)", ""] + [f"- run: {r}" for r in merged["runs"]] + [
-        f"- versions: {runs[-1]['versions']}", "",
+    lines = ["# Context parallelism across GPUs (NCCL)", "",
+             "Runs, oldest first; each row below comes from the latest run that measured it (the earlier numbers "
+             "stay in their JSON files):", ""] + [f"- {r}" for r in merged["runs"]] + ["",
         "Efficiency = one-GPU time / (W x per-rank time), bf16, D=128, B=1; per-rank time is the slowest rank's, "
         "median over iterations. Memory is the peak allocated during the timed calls above the inputs.", "",
         "## Targets", ""] + _target_lines(merged["speed"])
@@ -115,7 +124,7 @@ def write(out_md: str, paths: list[str]) -> str:
         lines += [f"| {b['op']} | {b['bytes'] // 2**20} | {b['GB_per_s']:.1f} |" for b in merged["bandwidth"]]
     lines += ["", "## Correctness: CP over NCCL vs the same provider on one GPU and vs float64", "",
               "Forward and backward; a case is ok when CP's error against float64 is within the one-GPU error plus "
-              "the dtype's tolerance, for the output and every gradient.", ""] + _check_lines(merged["check"])
+              "the dtype's tolerance, for the output and every gradient.", ""] + _check_lines(merged["check"].values())
     lines += ["", "## Scaling", ""] + _speed_lines(merged["speed"])
     if merged["peers"]:
         lines += ["", "## Peers", "", f"Accuracy (max abs difference from cuDNN on one GPU): {merged['accuracy']}", ""]
