@@ -19,6 +19,7 @@ from .errors import (
 from .names import AttentionProvider
 from .patch import is_sdpa_patched, patch_sdpa, sdpa_patched, unpatch_sdpa
 from .providers import PROVIDERS, get_provider
+from .providers.flash import flash_varlen_attention
 from .reference import reference_attention
 
 __version__ = "0.1.0"
@@ -27,6 +28,6 @@ __all__ = [
     "AttentionCall", "AttentionProvider", "Capabilities", "CommTimeoutError", "CpattnError",
     "InvalidArgumentError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
     "UnsupportedInputError", "attention_dispatch", "attention_provider", "current_provider", "get_provider",
-    "document_mask", "gather_sequence", "is_sdpa_patched", "local_position_ids", "patch_sdpa", "reference_attention",
+    "document_mask", "flash_varlen_attention", "gather_sequence", "is_sdpa_patched", "local_position_ids", "patch_sdpa", "reference_attention",
     "sdpa_patched", "shard_sequence", "unpatch_sdpa",
 ]

@@ -311,3 +311,65 @@ def run_cases(world: int, cases: list[Case], timeout: float = 400.0) -> dict[str
         missing = [c.name for c in cases if c.name not in results]
         raise TimeoutError(f"{world}-rank run finished {got}/{expected} case reports; missing: {missing[:5]}")
     return results
+
+
+# -- packed (varlen) streams under context parallelism ------------------------------------------------------------
+
+PACKED_BOUNDS = [0, 5, 6, 17, 17, 31]  # 31 tokens: not divisible by 2W; an empty document; documents cross shards
+PACKED_HEADS = (4, 2, 16)  # query heads, key/value heads, head dim
+
+
+def _packed_problem():  # a packed stream of documents PACKED_BOUNDS, GQA
+    hq, hkv, d = PACKED_HEADS
+    gen = torch.Generator().manual_seed(11)
+    total = PACKED_BOUNDS[-1]
+    q = torch.randn(total, hq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(total, hkv, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(total, hkv, d, generator=gen, dtype=torch.float64)
+    dout = torch.randn(total, hq, d, generator=gen, dtype=torch.float64)
+    return q, k, v, dout
+
+
+def _packed_reference(q, k, v, dout, causal):  # float64, SDPA layout with a document mask
+    import cpattn
+
+    doc = torch.bucketize(torch.arange(PACKED_BOUNDS[-1]), torch.tensor(PACKED_BOUNDS[1:]), right=True)
+    mask = doc[:, None] == doc[None, :]
+    if causal:
+        mask &= torch.ones_like(mask).tril()
+    sdpa = [t.clone().unsqueeze(0).transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    out, _ = cpattn.reference_attention(*sdpa, mask, False)
+    out.backward(dout.unsqueeze(0).transpose(1, 2))
+    packed = lambda t: t.squeeze(0).transpose(0, 1)  # noqa: E731
+    return packed(out.detach()), [packed(t.grad) for t in sdpa]
+
+
+def packed_rank(rank, world, payload):
+    """One rank of a packed-stream case (run with reliability_helpers.run_ranks); returns rank 0's max errors
+    against float64 and the CP stats. payload: layout, causal, cp_strategy, device ("cpu", or "cuda": every
+    rank on the one GPU over gloo), stand-in library to install or None, whether to run backward."""
+    import torch.distributed as dist
+
+    import cpattn
+
+    layout, causal, strategy, device, standin, grad = payload
+    if standin:
+        _install_standin(standin)
+    mesh = dist.group.WORLD  # a ProcessGroup is a valid cp_mesh (gloo, CPU or CUDA tensors)
+    q, k, v, dout = _packed_problem()
+    shard = lambda t: cpattn.shard_sequence(t, mesh, 0, layout)  # noqa: E731
+    ql, kl, vl = (shard(t).to(device=device, dtype=torch.bfloat16).requires_grad_(grad) for t in (q, k, v))
+    cu = torch.tensor(PACKED_BOUNDS, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(PACKED_BOUNDS, PACKED_BOUNDS[1:]))
+    with cpattn.attention_provider("flash_varlen", cp_mesh=mesh, cp_layout=layout, cp_strategy=strategy,
+                                   cp_timeout=20) as state:
+        out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, is_causal=causal)
+        if grad:
+            out.backward(shard(dout).to(device=device, dtype=torch.bfloat16))
+    gather = lambda t: cpattn.gather_sequence(t, mesh, 0, layout).double().cpu()  # noqa: E731
+    ref_out, ref_grads = _packed_reference(q, k, v, dout, causal)
+    errors = {"out": (gather(out.detach()) - ref_out).abs().max().item()}
+    for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_grads):
+        if grad:
+            errors[name] = (gather(local.grad) - ref).abs().max().item()
+    return errors, dict(state.cp.stats)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from .allgather import AllGatherSpec, allgather_attention
 from .comm import CommStats, gather_signatures
 from .layout import LAYOUTS, local_len, local_positions, ring_positions
 from .mesh import Group, Topology, topology_from_mesh
+from .packed import VarlenKernel, packed_attention
 from .prefix import prefix_allgather_attention, prefix_ring_attention
 from .ring import RingSpec, ring_attention
 from .ulysses import UlyssesSpec, ulysses_attention
@@ -267,6 +269,45 @@ class ContextParallel:
         if strategy == "ulysses":
             return ulysses_attention(call, self._ulysses_spec(total, call.device), provider.attention)
         return allgather_attention(provider, call, self._allgather_spec(total, call.device))
+
+    def run_packed(self, provider: Provider, call: AttentionCall, kernel: VarlenKernel, bounds: list[int]):
+        """Packed sequences with global document boundaries `bounds` (see cp/packed.py). `call` holds
+        (1, H, S_local, D) views of the packed local q, k, v; all-gather on a 1-D mesh."""
+        reasons = provider.reasons(call) + self._packed_reasons()
+        total = self.agree(provider, call, "allgather", refused=bool(reasons))
+        if reasons:
+            raise UnsupportedInputError(f"packed sequences on provider '{provider.name}' under context "
+                                        "parallelism", reasons)
+        self._agree_documents(bounds, call.device)
+        if bounds[-1] != total:
+            raise InvalidArgumentError(
+                f"cu_seqlens end at {bounds[-1]} tokens but the ranks hold {total} together: under context "
+                "parallelism cu_seqlens are the boundaries of the whole packed stream, not of this rank's shard"
+            )
+        self.stats["calls"] += 1
+        return packed_attention(kernel, call, bounds, self._allgather_spec(total, call.device))
+
+    def _packed_reasons(self) -> list[str]:
+        out = []
+        if self.topology.mesh_dims != 1:
+            out.append("packed sequences under context parallelism run all-gather on a 1-D cp_mesh; a 2-D mesh "
+                       "runs the hybrid schedule, which has no packed form")
+        if self.strategy not in ("auto", "allgather"):
+            out.append(f"packed sequences under context parallelism run all-gather, not cp_strategy="
+                       f"'{self.strategy}': pass cp_strategy='allgather' or 'auto', or use "
+                       "attention_dispatch with cpattn.document_mask(...) for ring or Ulysses")
+        if self.prefix:
+            out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
+        return out
+
+    def _agree_documents(self, bounds: list[int], device) -> None:
+        digest = zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds))
+        table = gather_signatures([len(bounds), digest], self.topology.ring, self.timeout, device)
+        if len({tuple(row) for row in table.tolist()}) > 1:
+            raise RankMismatchError(
+                "ranks of the context-parallel group pass different cu_seqlens (number of boundaries per rank: "
+                f"{table[:, 0].tolist()}): every rank must pass the boundaries of the whole packed stream"
+            )
 
     def _materialize(self, call: AttentionCall, total: int) -> torch.Tensor:
         """A mask_mod as this rank's (local query rows x all keys) bool mask, in global positions: the form

@@ -795,8 +795,13 @@ def flash_varlen_attention(
     The checks read cu_seqlens on the host (one device sync).
     """
     from . import get_provider  # the registry imports this module
+    from ..dispatch import current_state  # it imports the registry
 
     _check_packed_tensors(q, k, v)
+    cp = current_state().cp
+    if cp is not None and cp.world_size > 1:
+        return _packed_under_cp(cp, get_provider("flash_varlen"), q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                max_seqlen_q, max_seqlen_k, is_causal, scale)
     lengths_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", q.device)
     lengths_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", q.device)
     if len(lengths_q) != len(lengths_k):
@@ -829,6 +834,37 @@ def flash_varlen_attention(
             _deterministic(),
         )
     return out[..., : v.shape[-1]]
+
+
+def _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                     scale) -> torch.Tensor:
+    """q, k, v: this rank's shard of one packed stream; cu_seqlens: that stream's global boundaries (see
+    cpattn/cp/packed.py for the schedule)."""
+    if q.shape[0] != k.shape[0] or not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
+        raise InvalidArgumentError(
+            "under context parallelism flash_varlen_attention is self-attention over one packed stream: q, k and "
+            "v are shards of the same tokens and cu_seqlens_q must equal cu_seqlens_k"
+        )
+    lengths = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, int(cu_seqlens_q[-1]), "the whole packed stream",
+                                q.device)
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    provider.require_available()
+    view = AttentionCall(
+        q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2),
+        is_causal=bool(is_causal), scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    gen = provider.generation()
+
+    def kernel(qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as the schedule needs
+        packing = _Packing(cu_q, cu_k, max_q, max_k)
+        with _device_guard(qc.device):
+            out = gen.varlen_function(_align_head_dim(qc), _align_head_dim(kc), _align_head_dim(vc), packing, scale,
+                                      bool(is_causal), 0.0, _deterministic())
+        return out[..., : vc.shape[-1]]
+
+    return cp.run_packed(provider, view, kernel, cu_seqlens_q.tolist())
 
 
 def _check_packed_tensors(q, k, v) -> None:

@@ -1,0 +1,79 @@
+"""Packed (varlen) sequences under context parallelism: all-gather K/V, one varlen kernel call per run of queries.
+
+Every rank holds a shard of one packed token stream (`shard_sequence(x, cp_mesh, 0, layout)` of (total, H, D)
+tensors) and the stream's global document boundaries `bounds` (cu_seqlens, the same on every rank); documents may
+cross shard boundaries. K and V are all-gathered into global order (backward: summed over ranks, this rank's part
+kept, as in the all-gather schedule).
+
+A rank's queries are runs of consecutive global positions: one under the contiguous layout, two under zigzag. For
+a run [a, b), document [s, e) contributes query rows [max(s, a), min(e, b)) and keys [s, min(e, b)) with causal
+attention or [s, e) without. The documents a run touches are adjacent, so their keys are one contiguous slice of
+the gathered K/V, and the run's rows are a contiguous slice of the local queries: each run is one varlen call on
+views, with no repacking. A query segment shorter than its key segment ends where its keys end, which is how
+varlen kernels align causal attention (bottom-right), so no position offsets are needed.
+
+This module never names a provider: the caller passes the varlen kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..contract import AttentionCall
+from .allgather import AllGatherSpec, GatherSequence
+
+# kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> out, on packed (tokens, H, D) views
+VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int],
+                        torch.Tensor]
+
+
+def query_runs(positions: list[int]) -> list[tuple[int, int, int]]:
+    """(local start, global start, global end) of each run of consecutive global positions, in local order."""
+    runs = []
+    for local, pos in enumerate(positions):
+        if runs and pos == runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([local, pos, pos + 1])
+    return [tuple(r) for r in runs]
+
+
+def run_segments(bounds: list[int], a: int, b: int, causal: bool) -> tuple[list[int], list[int], int]:
+    """For the query run [a, b): cu_seqlens of its query rows and of its keys (both from 0), and the global
+    position of its first key."""
+    docs = [(s, e) for s, e in zip(bounds, bounds[1:]) if s < e and s < b and e > a]
+    key_start = docs[0][0]
+    cu_q, cu_k = [0], [0]
+    for s, e in docs:
+        cu_q.append(cu_q[-1] + min(e, b) - max(s, a))
+        cu_k.append((min(e, b) if causal else e) - key_start)
+    return cu_q, cu_k, key_start
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, S, D) -> (S, H, D), contiguous as varlen kernels need."""
+    return x.squeeze(0).transpose(0, 1).contiguous()
+
+
+def packed_attention(kernel: VarlenKernel, call: AttentionCall, bounds: list[int], spec: AllGatherSpec) -> torch.Tensor:
+    """This rank's packed output (local tokens, Hq, Dv). `call` holds (1, H, S_local, D) views of the packed
+    local q, k, v; every rank must call this (the K/V all-gather is a collective)."""
+    q = call.query.squeeze(0).transpose(0, 1)  # the caller's packed (S_local, Hq, D) tensor again
+    keys = _packed(GatherSequence.apply(call.key, spec))
+    values = _packed(GatherSequence.apply(call.value, spec))
+    outs = []
+    for local, a, b in query_runs(spec.q_positions.tolist()):
+        cu_q, cu_k, key_start = run_segments(bounds, a, b, call.is_causal)
+        lengths_q = [y - x for x, y in zip(cu_q, cu_q[1:])]
+        lengths_k = [y - x for x, y in zip(cu_k, cu_k[1:])]
+        as_tensor = lambda cu: torch.tensor(cu, dtype=torch.int32, device=q.device)  # noqa: E731
+        outs.append(kernel(
+            q[local:local + b - a], keys[key_start:key_start + cu_k[-1]], values[key_start:key_start + cu_k[-1]],
+            as_tensor(cu_q), as_tensor(cu_k), max(lengths_q), max(lengths_k),
+        ))
+    if not outs:  # this rank holds no token; its output still depends on the gathered K/V, so that its backward
+        # takes part in their reduce-scatter like every other rank's (a rank that skipped it would stall the rest)
+        return q.new_zeros(0, q.shape[1], call.value.shape[-1]) + (keys[:0].sum() + values[:0].sum())
+    return torch.cat(outs, dim=0)
