@@ -170,7 +170,7 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None):
     return results
 
 
-def packed_checks(worlds) -> list[dict]:
+def packed_checks(worlds, on_progress=lambda rows: None) -> list[dict]:
     """flash_varlen_attention on shards of one packed stream (documents across shards), ranks on this one GPU over
     gloo, against float64; forward and backward where the library has a varlen backward here."""
     from cp_harness import packed_rank
@@ -195,6 +195,7 @@ def packed_checks(worlds) -> list[dict]:
                         row["errors"].get(g, 0) < 5e-2 for g in ("dq", "dk", "dv"))
                 break
             rows.append(row)
+            on_progress(rows)
             print(f"  packed W={world} {layout:<11} causal={causal!s:<6} bwd={row.get('backward')} "
                   f"{'ok' if row.get('ok') else 'FAIL ' + str(row.get('error') or row.get('errors'))[:300]}",
                   flush=True)
@@ -234,9 +235,10 @@ def main():
     save([])
     cp = cp_checks(args.cp_worlds, save, args.cp_providers) if args.cp_worlds else []
     if args.packed_worlds:
-        result["packed_cp_gloo_one_gpu"] = packed_checks(args.packed_worlds)
-        save(cp)
-        cp = cp + result["packed_cp_gloo_one_gpu"]
+        def save_packed(rows):  # after each case, so a run cut short keeps what it checked
+            result["packed_cp_gloo_one_gpu"] = rows
+            save(cp)
+        cp = cp + packed_checks(args.packed_worlds, save_packed)
     n_fail = sum(not c.get("ok", True) for r in single for c in r["cases"] if "refused" not in c)
     n_fail += sum(not r["ok"] for r in cp)
     print(f"wrote {path}; failures: {n_fail}", flush=True)
