@@ -162,3 +162,18 @@ def test_bad_calls_raise_the_same_error_on_every_rank_quickly(world, fault):
         if exc_type == kind:
             assert text in message, message
     assert any(t == kind and text in m for t, m, _ in outcome.rank_exceptions)
+
+
+def test_ring_receive_buffers_are_allocated_at_first_use_and_reused():
+    """Two ranks exchange once per pass: only one receive buffer exists; a third exchange reuses the first."""
+    import torch
+
+    from cpattn.cp.ring import _KVBuffers
+
+    k, v = torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 3)
+    buffers = _KVBuffers(k, v, max_len=5)
+    first = buffers.next(5)
+    assert buffers._bufs[1] is None and [t.shape for t in first] == [(1, 2, 5, 4), (1, 2, 5, 3)]
+    second = buffers.next(4)
+    assert second[0].shape == (1, 2, 4, 4) and second[0].data_ptr() != first[0].data_ptr()
+    assert buffers.next(3)[0].data_ptr() == first[0].data_ptr()

@@ -133,20 +133,23 @@ class _KVBuffers:
     """Two flat receive buffers, used in turn, viewed at each incoming block's length.
 
     A buffer is reused two exchanges later, when the exchange that last used it has been waited for (a
-    wait covers its sends as well as its receives)."""
+    wait covers its sends as well as its receives). Each is allocated at its first use: two ranks exchange
+    once per pass and never need the second."""
 
     def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int, dtype: torch.dtype | None = None):
         b, h, _, d = like_k.shape
         dv = like_v.shape[-1]
         self._shape = (b, h, d, dv)
-        opts = {"dtype": dtype or like_k.dtype, "device": like_k.device}
-        self._bufs = [
-            (torch.empty(b * h * max_len * d, **opts), torch.empty(b * h * max_len * dv, **opts)) for _ in range(2)
-        ]
+        self._max_len = max_len
+        self._opts = {"dtype": dtype or like_k.dtype, "device": like_k.device}
+        self._bufs: list = [None, None]
         self._turn = 0
 
     def next(self, length: int) -> list[torch.Tensor]:
         b, h, d, dv = self._shape
+        if self._bufs[self._turn] is None:
+            numel = b * h * self._max_len
+            self._bufs[self._turn] = (torch.empty(numel * d, **self._opts), torch.empty(numel * dv, **self._opts))
         kbuf, vbuf = self._bufs[self._turn]
         self._turn ^= 1
         return [kbuf[: b * h * length * d].view(b, h, length, d), vbuf[: b * h * length * dv].view(b, h, length, dv)]
