@@ -719,7 +719,8 @@ class FlashVarlen(_FlashFamily):
     supports = {
         "cuda": dataclasses.replace(
             _FlashFamily.supports["cuda"], key_padding_mask=True, varlen=True,
-            notes=("FlashAttention-2/3/4 varlen kernels; masks: key padding (B, 1, 1, Sk) only",),
+            notes=("FlashAttention-2/3/4 varlen kernels; masks: key padding (B, 1, 1, Sk) only; packed streams "
+                   "under CP: flash_varlen_attention with global cu_seqlens (all-gather)",),
         )
     }
 
