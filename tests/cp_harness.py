@@ -319,10 +319,10 @@ PACKED_BOUNDS = [0, 5, 6, 17, 17, 31]  # 31 tokens: not divisible by 2W; an empt
 PACKED_HEADS = (4, 2, 16)  # query heads, key/value heads, head dim
 
 
-def _packed_problem():  # a packed stream of documents PACKED_BOUNDS, GQA
-    hq, hkv, d = PACKED_HEADS
+def _packed_problem(bounds, heads):  # a packed stream of documents `bounds`
+    hq, hkv, d = heads
     gen = torch.Generator().manual_seed(11)
-    total = PACKED_BOUNDS[-1]
+    total = bounds[-1]
     q = torch.randn(total, hq, d, generator=gen, dtype=torch.float64)
     k = torch.randn(total, hkv, d, generator=gen, dtype=torch.float64)
     v = torch.randn(total, hkv, d, generator=gen, dtype=torch.float64)
@@ -330,10 +330,10 @@ def _packed_problem():  # a packed stream of documents PACKED_BOUNDS, GQA
     return q, k, v, dout
 
 
-def _packed_reference(q, k, v, dout, causal):  # float64, SDPA layout with a document mask
+def _packed_reference(q, k, v, dout, causal, bounds):  # float64, SDPA layout with a document mask
     import cpattn
 
-    doc = torch.bucketize(torch.arange(PACKED_BOUNDS[-1]), torch.tensor(PACKED_BOUNDS[1:]), right=True)
+    doc = torch.bucketize(torch.arange(bounds[-1]), torch.tensor(bounds[1:]), right=True)
     mask = doc[:, None] == doc[None, :]
     if causal:
         mask &= torch.ones_like(mask).tril()
@@ -347,27 +347,29 @@ def _packed_reference(q, k, v, dout, causal):  # float64, SDPA layout with a doc
 def packed_rank(rank, world, payload):
     """One rank of a packed-stream case (run with reliability_helpers.run_ranks); returns rank 0's max errors
     against float64 and the CP stats. payload: layout, causal, cp_strategy, device ("cpu", or "cuda": every
-    rank on the one GPU over gloo), stand-in library to install or None, whether to run backward."""
+    rank on the one GPU over gloo), stand-in library to install or None, whether to run backward; optionally
+    document bounds and (query heads, key/value heads, head dim), PACKED_BOUNDS and PACKED_HEADS by default."""
     import torch.distributed as dist
 
     import cpattn
 
-    layout, causal, strategy, device, standin, grad = payload
+    layout, causal, strategy, device, standin, grad, *shape = payload
+    bounds, heads = shape if shape else (PACKED_BOUNDS, PACKED_HEADS)
     if standin:
         _install_standin(standin)
     mesh = dist.group.WORLD  # a ProcessGroup is a valid cp_mesh (gloo, CPU or CUDA tensors)
-    q, k, v, dout = _packed_problem()
+    q, k, v, dout = _packed_problem(bounds, heads)
     shard = lambda t: cpattn.shard_sequence(t, mesh, 0, layout)  # noqa: E731
     ql, kl, vl = (shard(t).to(device=device, dtype=torch.bfloat16).requires_grad_(grad) for t in (q, k, v))
-    cu = torch.tensor(PACKED_BOUNDS, dtype=torch.int32, device=device)
-    longest = max(b - a for a, b in zip(PACKED_BOUNDS, PACKED_BOUNDS[1:]))
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
     with cpattn.attention_provider("flash_varlen", cp_mesh=mesh, cp_layout=layout, cp_strategy=strategy,
                                    cp_timeout=20) as state:
         out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, is_causal=causal)
         if grad:
             out.backward(shard(dout).to(device=device, dtype=torch.bfloat16))
     gather = lambda t: cpattn.gather_sequence(t, mesh, 0, layout).double().cpu()  # noqa: E731
-    ref_out, ref_grads = _packed_reference(q, k, v, dout, causal)
+    ref_out, ref_grads = _packed_reference(q, k, v, dout, causal, bounds)
     errors = {"out": (gather(out.detach()) - ref_out).abs().max().item()}
     for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_grads):
         if grad:

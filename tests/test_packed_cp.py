@@ -27,6 +27,17 @@ def test_packed_documents_across_shards(world, layout, causal):
     assert stats["all_gather"] == 2 and stats["reduce_scatter"] == 2, stats  # K and V, forward and backward
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_packed_heads_equal_tokens(world):
+    """8 tokens and 8 heads: a mix-up of the packed (tokens, heads, head_dim) dims cannot pass on shapes."""
+    payload = ("zigzag", True, "auto", "cpu", "fa2", True, [0, 3, 8], (8, 8, 16))
+    result = run_ranks(world, packed_rank, payload, timeout=120)
+    for r in result.ranks:
+        assert r.error is None, f"rank {r.rank}: {r.error_type}: {r.error}"
+    errors, _ = result.ranks[0].value
+    assert errors["out"] < 2e-2 and max(errors["dq"], errors["dk"], errors["dv"]) < 3e-2, errors
+
+
 def test_packed_under_ring_is_refused_on_every_rank():
     result = run_ranks(2, packed_rank, ("zigzag", True, "ring", "cpu", "fa2", True), timeout=60)
     for r in result.ranks:
