@@ -27,7 +27,7 @@ ENV_PROVIDER = "CPATTN_PROVIDER"
 CP_OPTIONS = {
     "cp_strategy": ("auto", "ring", "ulysses", "hybrid", "allgather"),
     "cp_layout": ("zigzag", "contiguous"),
-    "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60)
+    "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60; given: bounded on NCCL too)
     "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
 }
 

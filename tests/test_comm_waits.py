@@ -1,15 +1,16 @@
-"""How comm waits on each backend: stream-ordered on NCCL (no host block), bounded host waits elsewhere.
+"""How comm waits: without cp_timeout, stream-ordered on NCCL (no host block) and bounded elsewhere; with it,
+bounded everywhere.
 
 A timed NCCL wait blocks the host and polls with sleeps (benchmarks/results/multigpu_h200x2: 6-8 ms per Ulysses
-call); gloo's waits are host waits by nature and must stay bounded. The agreement check is a bounded host wait
-on every backend, since it is what turns disagreeing ranks into the same error everywhere.
+call), so it is opt-in there; gloo's waits are host waits by nature and always bounded. The agreement check is
+given a timeout on every backend, since it is what turns disagreeing ranks into the same error everywhere.
 """
 
 import datetime
 
 import pytest
 
-from cpattn.cp.comm import _wait
+from cpattn.cp.comm import DEFAULT_TIMEOUT, _wait
 from cpattn.cp.mesh import Group
 from cpattn.errors import CommTimeoutError
 
@@ -27,17 +28,33 @@ def _group(backend: str) -> Group:
     return Group(pg=None, rank=0, size=2, backend=backend)
 
 
-def test_nccl_data_waits_are_stream_ordered():
+def test_nccl_waits_without_cp_timeout_are_stream_ordered():
     work = _Work()
-    _wait(work, 5.0, "ring exchange", _group("nccl"))
+    _wait(work, None, "ring exchange", _group("nccl"))
     assert work.calls == [None]
 
 
-@pytest.mark.parametrize("backend", ["gloo", "nccl"])
-def test_host_waits_are_bounded(backend):
+def test_gloo_waits_without_cp_timeout_are_bounded_by_the_default():
     work = _Work()
-    _wait(work, 5.0, "agreement check", _group(backend), host=backend == "nccl")
+    _wait(work, None, "ring exchange", _group("gloo"))
+    assert work.calls == [datetime.timedelta(seconds=DEFAULT_TIMEOUT)]
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_waits_with_a_timeout_are_bounded(backend):
+    work = _Work()
+    _wait(work, 5.0, "agreement check", _group(backend))
     assert work.calls == [datetime.timedelta(seconds=5.0)]
+
+
+def test_cp_timeout_given_makes_data_waits_bounded():
+    from cpattn.cp.context import ContextParallel
+    from cpattn.cp.mesh import Topology
+
+    topology = Topology(_group("nccl"), None, 1)
+    assert ContextParallel(topology).data_timeout is None
+    given = ContextParallel(topology, timeout=7.0, bounded_waits=True)
+    assert given.data_timeout == 7.0 and given._ring_spec(8).timeout == 7.0
 
 
 def test_a_bounded_wait_that_fails_raises_naming_what(monkeypatch):

@@ -26,7 +26,7 @@ class AllGatherSpec:
     q_positions: torch.Tensor  # global positions of this rank's queries
     order: torch.Tensor  # gathered (rank-major) index -> global order
     positions: torch.Tensor  # global position of each gathered index
-    timeout: float
+    timeout: float | None  # None: see comm._wait
     stats: CommStats
 
 

@@ -1,8 +1,8 @@
 """Every byte the schedules move goes through here: ring exchanges, all-to-all, all-gather, agreement checks.
 
 Host-side waits are bounded: a peer that never answers becomes a CommTimeoutError naming it, not a hang until a
-watchdog fires. On NCCL the data-moving waits are stream-ordered instead (see `_wait`); the agreement check that
-opens every call stays a bounded host wait on every backend. With gloo and CUDA tensors, point-to-point traffic is
+watchdog fires. On NCCL the data-moving waits are stream-ordered unless cp_timeout was given (see `_wait`); the
+agreement check that opens every call is a bounded host wait on every backend. With gloo and CUDA tensors, point-to-point traffic is
 staged through CPU tensors (gloo's send/recv of CUDA tensors crashes); collectives take CUDA tensors directly.
 """
 
@@ -21,20 +21,24 @@ from .mesh import Group
 
 # Backends whose Work.wait() without a timeout only makes the current CUDA stream wait for the transfer.
 _STREAM_ORDERED = frozenset({"nccl"})
+DEFAULT_TIMEOUT = 60.0  # seconds, where a wait is bounded and no cp_timeout was given
 
 
-def _wait(work, timeout: float, what: str, group: Group, host: bool = False) -> None:
+def _wait(work, timeout: float | None, what: str, group: Group) -> None:
     """Wait for `work`; on a timeout or failure raise CommTimeoutError naming the peers that never reported.
 
-    On NCCL, unless `host`, the wait only orders the compute stream after the transfer and returns at once. A timed
-    wait there blocks the host and polls the transfer with sleeps (10 ms in PyTorch's ProcessGroupNCCL): on two
-    H200s that cost 6-8 ms per Ulysses call and left the GPU idle meanwhile. A peer that never arrives is then
-    reported by NCCL's watchdog after the process group's own timeout (init_process_group(timeout=...)); ranks
-    that disagree are still caught before any data moves, by the agreement check (`host=True`).
+    `timeout=None` (no cp_timeout given): on NCCL the wait only orders the compute stream after the transfer
+    and returns at once; elsewhere it is bounded by DEFAULT_TIMEOUT. A timed NCCL wait blocks the host and
+    polls the transfer with sleeps (10 ms in PyTorch's ProcessGroupNCCL): on two H200s that cost 6-8 ms per
+    Ulysses call and left the GPU idle meanwhile. So on NCCL a peer lost mid-call is reported by NCCL's watchdog
+    after the process group's own timeout, unless the caller asked for bounded waits by giving cp_timeout.
+    Ranks that disagree are caught before any data moves by the agreement check, which is always bounded.
     """
-    if group.backend in _STREAM_ORDERED and not host:
-        work.wait()
-        return
+    if timeout is None:
+        if group.backend in _STREAM_ORDERED:
+            work.wait()
+            return
+        timeout = DEFAULT_TIMEOUT
     start = time.monotonic()
     try:
         ok, cause = work.wait(timeout=datetime.timedelta(seconds=timeout)), None
@@ -103,7 +107,7 @@ class PendingExchange:
 class RingChannel:
     """Point-to-point exchange with the ring neighbours: send to rank+1, receive from rank-1."""
 
-    def __init__(self, group: Group, timeout: float, stats: CommStats):
+    def __init__(self, group: Group, timeout: float | None, stats: CommStats):
         self.group, self.timeout, self.stats = group, timeout, stats
         self._next = group.global_rank(group.next)
         self._prev = group.global_rank(group.prev)
@@ -122,7 +126,8 @@ class RingChannel:
                                (self._next, self._prev))
 
 
-def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], group: Group, timeout: float):
+def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], group: Group,
+                   timeout: float | None):
     """all_to_all_single on flat buffers with per-rank element counts (uneven splits allowed)."""
     out = x.new_empty(sum(out_numel))
     work = dist.all_to_all_single(out, x, out_numel, in_numel, group=group.pg, async_op=True)
@@ -146,7 +151,8 @@ class AllToAll(torch.autograd.Function):
         return all_to_all_flat(grad.contiguous(), in_numel, out_numel, group, timeout), None, None, None, None, None
 
 
-def all_gather_padded(x: torch.Tensor, lengths: list[int], dim: int, group: Group, timeout: float) -> list[torch.Tensor]:
+def all_gather_padded(x: torch.Tensor, lengths: list[int], dim: int, group: Group,
+                      timeout: float | None) -> list[torch.Tensor]:
     """All-gather tensors whose size along `dim` differs per rank (`lengths`); returns one per rank."""
     longest = max(lengths)
     pad = longest - x.shape[dim]
@@ -161,7 +167,7 @@ def all_gather_padded(x: torch.Tensor, lengths: list[int], dim: int, group: Grou
     return [b.narrow(dim, 0, n) for b, n in zip(bufs, lengths)]
 
 
-def all_reduce_sum(x: torch.Tensor, group: Group, timeout: float) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, group: Group, timeout: float | None) -> torch.Tensor:
     work = dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group.pg, async_op=True)
     _wait(work, timeout, "all-reduce", group)
     return x
@@ -173,5 +179,5 @@ def gather_signatures(sig: list[int], group: Group, timeout: float, device: torc
     mine = torch.tensor(sig, dtype=torch.int64, device=on)
     bufs = [torch.empty_like(mine) for _ in range(group.size)]
     work = dist.all_gather(bufs, mine, group=group.pg, async_op=True)
-    _wait(work, timeout, "agreement check (a rank did not reach this attention call)", group, host=True)
+    _wait(work, timeout, "agreement check (a rank did not reach this attention call)", group)
     return torch.stack(bufs).cpu()

@@ -23,7 +23,7 @@ from ..errors import InvalidArgumentError, RankMismatchError, UnsupportedInputEr
 from ..masks import is_mask_mod, materialize_mask_mod
 from ..names import AttentionProvider
 from .allgather import AllGatherSpec, allgather_attention
-from .comm import CommStats, gather_signatures
+from .comm import DEFAULT_TIMEOUT, CommStats, gather_signatures
 from .layout import LAYOUTS, local_len, local_positions, ring_positions
 from .mesh import Group, Topology, topology_from_mesh
 from .packed import VarlenKernel, packed_attention
@@ -49,19 +49,26 @@ class ContextParallel:
     topology: Topology
     strategy: str = "auto"
     layout: str = "zigzag"
-    timeout: float = 60.0
+    timeout: float = DEFAULT_TIMEOUT
     stats: CommStats = field(default_factory=CommStats)
     prefix: int = 0  # replicated leading tokens (joint attention), see cpattn/cp/prefix.py
+    bounded_waits: bool = False  # cp_timeout was given: every wait is a bounded host wait, on NCCL too
 
     @classmethod
-    def from_mesh(cls, cp_mesh, cp_strategy: str = "auto", cp_layout: str = "zigzag", cp_timeout: float = 60.0,
+    def from_mesh(cls, cp_mesh, cp_strategy: str = "auto", cp_layout: str = "zigzag", cp_timeout: float | None = None,
                   cp_replicated_prefix: int = 0):
         if cp_strategy not in STRATEGIES:
             raise InvalidArgumentError(f"cp_strategy={cp_strategy!r}; choose one of {STRATEGIES}")
         if cp_layout not in LAYOUTS:
             raise InvalidArgumentError(f"cp_layout={cp_layout!r}; choose one of {LAYOUTS}")
-        return cls(topology_from_mesh(cp_mesh, cp_strategy), cp_strategy, cp_layout, float(cp_timeout),
-                   prefix=int(cp_replicated_prefix))
+        timeout = DEFAULT_TIMEOUT if cp_timeout is None else float(cp_timeout)
+        return cls(topology_from_mesh(cp_mesh, cp_strategy), cp_strategy, cp_layout, timeout,
+                   prefix=int(cp_replicated_prefix), bounded_waits=cp_timeout is not None)
+
+    @property
+    def data_timeout(self) -> float | None:
+        """What the schedules' transfers wait with: None (stream-ordered on NCCL) unless cp_timeout was given."""
+        return self.timeout if self.bounded_waits else None
 
     @property
     def world_size(self) -> int:
@@ -319,7 +326,7 @@ class ContextParallel:
                                     torch.arange(total, device=call.device))
 
     def _ring_spec(self, total: int) -> RingSpec:
-        return RingSpec(self.topology.ring, self.layout, total, self.timeout, self.stats)
+        return RingSpec(self.topology.ring, self.layout, total, self.data_timeout, self.stats)
 
     def _gathered_order(self, total: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
         """1-D schedules that gather every rank's tokens: their concatenation's global positions."""
@@ -332,13 +339,14 @@ class ContextParallel:
         group = self.topology.ring
         lengths = [local_len(total, group.size, 1, r, 0, self.layout) for r in range(group.size)]
         order, positions = self._gathered_order(total, device)
-        return UlyssesSpec(group, lengths, self.timeout, self.stats, order, positions, self._mask_rows == 2)
+        return UlyssesSpec(group, lengths, self.data_timeout, self.stats, order, positions, self._mask_rows == 2)
 
     def _hybrid_ulysses_spec(self, total: int) -> UlyssesSpec:
         topo = self.topology
         lengths = [local_len(total, topo.ring_size, topo.ulysses_size, topo.ring_rank, u, self.layout)
                    for u in range(topo.ulysses_size)]
-        return UlyssesSpec(topo.ulysses, lengths, self.timeout, self.stats, mask_per_query=self._mask_rows == 2)
+        return UlyssesSpec(topo.ulysses, lengths, self.data_timeout, self.stats,
+                           mask_per_query=self._mask_rows == 2)
 
     def _allgather_spec(self, total: int, device) -> AllGatherSpec:
         group = self.topology.ring
@@ -347,7 +355,7 @@ class ContextParallel:
         if order is None:
             order = torch.arange(total, device=device)
         q_positions = ring_positions(total, group.size, group.rank, self.layout, device)
-        return AllGatherSpec(group, lengths, q_positions, order, positions, self.timeout, self.stats)
+        return AllGatherSpec(group, lengths, q_positions, order, positions, self.data_timeout, self.stats)
 
 
 @functools.lru_cache(maxsize=256)

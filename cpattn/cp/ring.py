@@ -45,7 +45,7 @@ class RingSpec:
     group: Group
     layout: str
     total: int  # global sequence length
-    timeout: float
+    timeout: float | None  # None: see comm._wait
     stats: CommStats
     # Builds the point-to-point channel; swappable so a benchmark can run one rank's work with no network.
     channel_factory: Callable[..., RingChannel] = RingChannel

@@ -31,7 +31,7 @@ from .mesh import Group
 class UlyssesSpec:
     group: Group
     lengths: list[int]  # local sequence length of every rank of the group
-    timeout: float
+    timeout: float | None  # None: see comm._wait
     stats: CommStats
     order: torch.Tensor | None = None  # gathered index -> global order (None: already in order)
     positions: torch.Tensor | None = None  # global position of each gathered index (inverse of order)
