@@ -28,6 +28,6 @@ __all__ = [
     "AttentionCall", "AttentionProvider", "Capabilities", "CommTimeoutError", "CpattnError",
     "InvalidArgumentError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
     "UnsupportedInputError", "attention_dispatch", "attention_provider", "current_provider", "get_provider",
-    "document_mask", "flash_varlen_attention", "gather_sequence", "is_sdpa_patched", "local_position_ids", "patch_sdpa", "reference_attention",
-    "sdpa_patched", "shard_sequence", "unpatch_sdpa",
+    "document_mask", "flash_varlen_attention", "gather_sequence", "is_sdpa_patched", "local_position_ids",
+    "patch_sdpa", "reference_attention", "sdpa_patched", "shard_sequence", "unpatch_sdpa",
 ]

@@ -2,8 +2,9 @@
 
 Host-side waits are bounded: a peer that never answers becomes a CommTimeoutError naming it, not a hang until a
 watchdog fires. On NCCL the data-moving waits are stream-ordered unless cp_timeout was given (see `_wait`); the
-agreement check that opens every call is a bounded host wait on every backend. With gloo and CUDA tensors, point-to-point traffic is
-staged through CPU tensors (gloo's send/recv of CUDA tensors crashes); collectives take CUDA tensors directly.
+agreement check that opens every call is a bounded host wait on every backend. With gloo and CUDA tensors,
+point-to-point traffic is staged through CPU tensors (gloo's send/recv of CUDA tensors crashes); collectives take
+CUDA tensors directly.
 """
 
 from __future__ import annotations

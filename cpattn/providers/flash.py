@@ -816,23 +816,31 @@ def flash_varlen_attention(
             "is_causal=True needs every query sequence as long as its key sequence (flash-attn aligns the causal "
             f"mask bottom-right, SDPA top-left); got query lengths {lengths_q} and key lengths {lengths_k}"
         )
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     provider = get_provider("flash_varlen")
     provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
-    # The provider's checks read a (1, H, total, D) view of the packed tensors.
-    view = AttentionCall(
-        q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2),
-        is_causal=bool(is_causal), scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-    )
+    view = _packed_view(q, k, v, is_causal, scale)
     reasons = provider.reasons(view)
     if reasons:
         raise UnsupportedInputError("flash_varlen_attention", reasons)
-    gen = provider.generation()
     packing = _Packing(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
+    return _run_varlen(provider.generation(), q, k, v, packing, view.scale, view.is_causal)
+
+
+def _packed_view(q, k, v, is_causal, scale) -> AttentionCall:
+    """The call as (1, H, total, D) views of the packed tensors: what the provider's checks and the context-parallel
+    front read."""
+    return AttentionCall(
+        q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2),
+        is_causal=bool(is_causal), scale=default_scale(q.shape[-1]) if scale is None else float(scale),
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+def _run_varlen(gen, q, k, v, packing: _Packing, scale: float, causal: bool) -> torch.Tensor:
+    """One varlen kernel call on packed tensors (flash-attn's causal alignment: bottom-right)."""
     with _device_guard(q.device):
         out = gen.varlen_function(
-            _align_head_dim(q), _align_head_dim(k), _align_head_dim(v), packing, scale, bool(is_causal), 0.0,
-            _deterministic(),
+            _align_head_dim(q), _align_head_dim(k), _align_head_dim(v), packing, scale, causal, 0.0, _deterministic(),
         )
     return out[..., : v.shape[-1]]
 
@@ -850,20 +858,12 @@ def _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
                                 q.device)
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     provider.require_available()
-    view = AttentionCall(
-        q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2),
-        is_causal=bool(is_causal), scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-    )
+    view = _packed_view(q, k, v, is_causal, scale)
     gen = provider.generation()
 
     def kernel(qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as the schedule needs
-        packing = _Packing(cu_q, cu_k, max_q, max_k)
-        with _device_guard(qc.device):
-            out = gen.varlen_function(_align_head_dim(qc), _align_head_dim(kc), _align_head_dim(vc), packing, scale,
-                                      bool(is_causal), 0.0, _deterministic())
-        return out[..., : vc.shape[-1]]
+        return _run_varlen(gen, qc, kc, vc, _Packing(cu_q, cu_k, max_q, max_k), view.scale, view.is_causal)
 
     return cp.run_packed(provider, view, kernel, cu_seqlens_q.tolist())
 
