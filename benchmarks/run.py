@@ -216,47 +216,67 @@ class _LoopbackChannel:
         return type("Done", (), {"wait": staticmethod(lambda: got)})()
 
 
+def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, h=16, d=128):
+    """(whole, split): one kernel call on the whole sequence, and all P ranks' ring block kernels and merges one
+    after another on this GPU with no communication (each rank 'receives' the blocks from a loopback)."""
+    adapter = cpattn.PROVIDERS[provider]
+    device = torch.device("cuda")
+    q, k, v = (torch.randn(1, h, s, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    dout = torch.randn_like(q)
+    full = make_call(q, k, v, None, 0.0, causal, None, False)
+    out, lse = adapter.forward(full)
+
+    def whole():
+        o, l_ = adapter.forward(full)
+        if backward:
+            adapter.backward(full, dout, o, l_)
+    shards = [cpattn.cp.layout.ring_positions(s, p, r, "zigzag", device) for r in range(p)]
+    local = [(q.index_select(2, i), k.index_select(2, i), v.index_select(2, i), dout.index_select(2, i),
+              out.index_select(2, i), lse.index_select(2, i)) for i in shards]
+    blocks = [(lk.contiguous(), lv.contiguous()) for _, lk, lv, *_ in local]
+
+    def split():
+        for r in range(p):
+            spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
+                            channel_factory=_LoopbackChannel(blocks, r))
+            lq, lk, lv, ldo, lo, ll = local[r]
+            call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
+            ring_forward(adapter, call, spec)
+            if backward:  # the same rank's backward, with a fresh channel
+                spec.channel_factory = _LoopbackChannel(blocks, r)
+                ring_backward(adapter, call, spec, ldo, lo, ll)
+    return whole, split
+
+
 def ring_split_suite(provider: str, seqs, parts, causal=True) -> list[dict]:
     """All P ranks' block kernels and merges run one after another on one GPU vs one whole-sequence call."""
     rows = []
-    adapter = cpattn.PROVIDERS[provider]
-    device = torch.device("cuda")
     h, d = 16, 128
     for s, p, backward in progress([(s, p, bw) for s in seqs for p in parts for bw in (False, True)], "ring split"):
         row = {"provider": provider, "S": s, "P": p, "causal": causal, "backward": backward, "H": h, "D": d}
         try:
-            q, k, v = (torch.randn(1, h, s, d, device=device, dtype=torch.bfloat16) for _ in range(3))
-            dout = torch.randn_like(q)
-            full = make_call(q, k, v, None, 0.0, causal, None, False)
-            out, lse = adapter.forward(full)
-
-            def whole():
-                o, l_ = adapter.forward(full)
-                if backward:
-                    adapter.backward(full, dout, o, l_)
-            shards = [cpattn.cp.layout.ring_positions(s, p, r, "zigzag", device) for r in range(p)]
-            local = [(q.index_select(2, i), k.index_select(2, i), v.index_select(2, i), dout.index_select(2, i),
-                      out.index_select(2, i), lse.index_select(2, i)) for i in shards]
-            blocks = [(lk.contiguous(), lv.contiguous()) for _, lk, lv, *_ in local]
-
-            def split():
-                for r in range(p):
-                    spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
-                                    channel_factory=_LoopbackChannel(blocks, r))
-                    lq, lk, lv, ldo, lo, ll = local[r]
-                    call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
-                    ring_forward(adapter, call, spec)
-                    if backward:  # the same rank's backward, with a fresh channel
-                        spec.channel_factory = _LoopbackChannel(blocks, r)
-                        ring_backward(adapter, call, spec, ldo, lo, ll)
+            whole, split = ring_split_case(provider, s, p, backward, causal, h, d)
             row["whole"] = bench_gpu(whole)
             row["split"] = bench_gpu(split)
             row["efficiency"] = row["whole"]["median_ms"] / row["split"]["median_ms"]
+            row["split_host_ms"] = host_ms(split)
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
+
+
+def host_ms(fn, repeats: int = 5) -> float:
+    """Median host time to issue `fn`'s work (the GPU is drained first, so a full launch queue never blocks)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 # -- memory (several ranks on one device) -----------------------------------------------------------------

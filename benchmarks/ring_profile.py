@@ -1,0 +1,102 @@
+"""Where a ring split's time goes on one GPU: host time to issue it, GPU kernel time, and the host's top ops.
+
+    python benchmarks/ring_profile.py --providers flash _native_cudnn --seqs 16384 65536 --parts 4
+
+For each case, one split (all P ranks' block kernels and merges, no communication; see benchmarks/run.py)
+runs under torch.profiler after warm-up. When the host time to issue the work is close to the split's wall
+time, the GPU waits on Python and launch overhead; when kernel time is close to it, the kernels themselves
+(or extra copies and merges, listed by name) cost the difference to one whole-sequence call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.run import RESULTS, bench_gpu, environment, host_ms, ring_split_case  # noqa: E402
+
+
+def profile_case(provider: str, s: int, p: int, backward: bool, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    whole, split = ring_split_case(provider, s, p, backward)
+    row = {"provider": provider, "S": s, "P": p, "backward": backward}
+    row["whole_ms"] = bench_gpu(whole)["median_ms"]
+    row["split_ms"] = bench_gpu(split)["median_ms"]
+    row["split_host_ms"] = host_ms(split)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        split()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    row["kernel_ms"] = sum(e.self_device_time_total for e in kernels) / 1e3
+    row["kernel_launches"] = sum(e.count for e in kernels)
+    row["top_kernels"] = [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
+                          for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]]
+    cpu = [e for e in events if e.device_type.name == "CPU"]
+    row["top_host_ops"] = [{"name": e.key[:90], "count": e.count, "self_ms": e.self_cpu_time_total / 1e3}
+                           for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:top]]
+    row["top_python"] = python_profile(split, top)
+    return row
+
+
+def python_profile(fn, top: int, repeats: int = 5) -> list[dict]:
+    """The Python functions where issuing `fn` spends its host time (cProfile, own time per call of `fn`)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    for _ in range(repeats):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own, cumulative, callers)
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [{"function": f"{os.path.basename(f)}:{line}:{name}", "calls_per_run": calls / repeats,
+             "own_ms_per_run": own / repeats * 1e3, "cum_ms_per_run": cum / repeats * 1e3}
+            for (f, line, name), (calls, _, own, cum, _) in rows]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--providers", nargs="*", default=["flash", "_native_cudnn"])
+    parser.add_argument("--seqs", type=int, nargs="*", default=[16384, 65536])
+    parser.add_argument("--parts", type=int, nargs="*", default=[4])
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--tag", default="ring_profile")
+    args = parser.parse_args(argv)
+    rows = []
+    for provider in args.providers:
+        for s in args.seqs:
+            for p in args.parts:
+                for backward in (False, True):
+                    try:
+                        row = profile_case(provider, s, p, backward, args.top)
+                    except Exception as exc:  # record, keep going
+                        row = {"provider": provider, "S": s, "P": p, "backward": backward,
+                               "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                    rows.append(row)
+                    print(json.dumps(row, indent=1), flush=True)
+                    torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M"), "cases": rows}, f,
+                  indent=1, default=str)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
