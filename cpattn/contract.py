@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from einops import reduce, repeat
@@ -148,18 +148,34 @@ class Provider:
 
     def __init__(self) -> None:
         self._availability: Availability | None = None
-        # Input signatures this provider already accepted (see dispatch.call_signature); bounded.
-        self._accepted: dict[tuple, Availability] = {}
+        # Calls this provider already checked and accepted, keyed by dispatch.call_signature and scale: the
+        # availability they were accepted under and the function that runs them (see `runner`); bounded.
+        self._accepted: dict[tuple, tuple[Availability | None, Callable]] = {}
 
-    def accepted(self, signature: tuple) -> bool:
-        """Whether a call with this signature was checked and accepted under the current availability."""
-        avail = self._accepted.get(signature)
-        return avail is not None and avail is self._availability
+    def accepted_runner(self, key: tuple) -> Callable | None:
+        """The runner of a call with this key, if one was checked and accepted under the current availability."""
+        entry = self._accepted.get(key)
+        if entry is not None and entry[0] is self._availability:
+            return entry[1]
+        return None
 
-    def remember_accepted(self, signature: tuple) -> None:
+    def remember_accepted(self, key: tuple, call: AttentionCall) -> None:
         if len(self._accepted) >= 4096:
             self._accepted.clear()
-        self._accepted[signature] = self._availability
+        self._accepted[key] = (self._availability, self.runner(call))
+
+    def runner(self, call: AttentionCall) -> Callable:
+        """A function of (query, key, value, attn_mask) that does what `attention` does for `call` and for every
+        call that differs from it only in tensor values (same dispatch.call_signature and scale).
+
+        This default rebuilds the call; providers whose kernel needs nothing computed per call return the bare
+        kernel call instead, so a cached shape pays for no Python beyond the signature."""
+        causal, scale, dropout_p, gqa, attention = call.is_causal, call.scale, call.dropout_p, call.enable_gqa, \
+            self.attention
+
+        def run(query, key, value, attn_mask):
+            return attention(AttentionCall(query, key, value, attn_mask, causal, scale, dropout_p, gqa))
+        return run
 
     # -- availability -------------------------------------------------------------------------
     def availability(self) -> Availability:
@@ -313,13 +329,15 @@ def reduce_kv_grad(dx: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def normalize_lse(
-    lse: torch.Tensor, q_len: int, *, empty_rows: torch.Tensor | None = None, base2: bool = False
+    lse: torch.Tensor, q_len: int, *, empty_rows: torch.Tensor | None = None, base2: bool = False,
+    may_be_empty: bool = True,
 ) -> torch.Tensor:
     """Bring a kernel's log-sum-exp into the contract's form: float32 (B, H, Sq), natural log, -inf if empty.
 
     Handles trailing-1 shapes (cuDNN), sequence padding (memory-efficient kernels), base-2 values, and the
     empty-row conventions: +inf (flash-attn) becomes -inf; kernels that write 0 for empty rows pass
-    `empty_rows` (a boolean broadcastable to (B, H, Sq)) computed from the mask.
+    `empty_rows` (a boolean broadcastable to (B, H, Sq)) computed from the mask. `may_be_empty=False`
+    (see `rows_may_be_empty`) skips the +inf fix-up: two kernel launches per call, which a ring pays per block.
     """
     if lse.dim() == 4 and lse.shape[-1] == 1:
         lse = lse.squeeze(-1)
@@ -328,15 +346,25 @@ def normalize_lse(
     lse = lse.float()
     if base2:
         lse = lse * math.log(2.0)
-    lse = torch.where(torch.isposinf(lse), float("-inf"), lse)
+    if may_be_empty:
+        lse = torch.where(torch.isposinf(lse), float("-inf"), lse)
     if empty_rows is not None:
         lse = lse.masked_fill(empty_rows, float("-inf"))
     return lse
 
 
-def lse_for_kernel_backward(lse: torch.Tensor) -> torch.Tensor:
-    """Empty rows as +inf so that exp(score - lse) is 0 for every score, finite or not, in backward kernels."""
+def lse_for_kernel_backward(lse: torch.Tensor, may_be_empty: bool = True) -> torch.Tensor:
+    """Empty rows as +inf so that exp(score - lse) is 0 for every score, finite or not, in backward kernels.
+    With `may_be_empty=False` (see `rows_may_be_empty`) there are none and `lse` is returned as it is."""
+    if not may_be_empty:
+        return lse
     return torch.where(torch.isneginf(lse), float("inf"), lse)
+
+
+def rows_may_be_empty(call: AttentionCall) -> bool:
+    """Whether some query row of `call` can see no key at all: only under a mask, or with no key. Causal
+    attention is top-left aligned, so its row i always sees key 0."""
+    return call.attn_mask is not None or call.kv_len == 0
 
 
 def empty_query_rows(call: AttentionCall) -> torch.Tensor | None:

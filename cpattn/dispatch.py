@@ -221,16 +221,18 @@ def attention_dispatch(
         return state.cp.run(provider, call)
     if is_mask_mod(attn_mask):  # single device: positions are 0..S-1
         attn_mask = _single_device_mask(attn_mask, query, key)
-    # Hot path: a signature this provider already accepted skips every check (they depend on nothing else).
-    signature = call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    if provider.accepted(signature):
-        if scale is None:
-            scale = default_scale(query.shape[-1])
-        call = AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa)
-        return run_checked(provider, call)
+    # Hot path: a call this provider already accepted skips every check (they depend only on the cache key) and
+    # runs the function the provider made for it.
+    cache_key = (call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa), scale)
+    run = provider.accepted_runner(cache_key)
+    if run is not None:
+        if query.is_cuda and query.get_device() != torch._C._cuda_getDevice():
+            with torch.cuda.device(query.device):  # see run_checked
+                return run(query, key, value, attn_mask)
+        return run(query, key, value, attn_mask)
     call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out = run_single(provider, call)
-    provider.remember_accepted(signature)
+    provider.remember_accepted(cache_key, call)
     return out
 
 
@@ -243,7 +245,8 @@ def _single_device_mask(mask_mod, query, key) -> torch.Tensor:
 
 
 def call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple:
-    """Everything the argument checks and a provider's verdict depend on (shapes, dtypes, devices, flags)."""
+    """Everything the argument checks and a provider's verdict depend on (shapes, dtypes, devices, flags, and
+    whether deterministic algorithms are on: some backward kernels are refused then)."""
     tensor = torch.Tensor
     if not (isinstance(query, tensor) and isinstance(key, tensor) and isinstance(value, tensor)):
         return None  # never accepted: make_call raises the clear error
@@ -254,6 +257,7 @@ def call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gq
     return (
         query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
         value.device, mask, dropout_p > 0, dropout_p, bool(is_causal), bool(enable_gqa), grad,
+        torch.are_deterministic_algorithms_enabled(),
     )
 
 

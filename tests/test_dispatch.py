@@ -60,6 +60,65 @@ def test_forward_backward_match_reference(provider, shape, mask_kind, causal):
 
 
 @pytest.mark.parametrize("provider", CPU_TRAINING)
+@pytest.mark.parametrize("shape", [(1, 4, 4, 4, 4, 8), (1, 6, 2, 9, 9, 16)], ids=["heads_eq_seq", "gqa"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cached_calls_match_the_reference(monkeypatch, provider, shape, scale, causal):
+    """After a shape's first call, dispatch runs the provider's cached runner without checks (for most native
+    calls a bare aten call): on fresh values every such call, with and without gradients, matches float64."""
+    import cpattn.dispatch as dispatch
+
+    b, hq, hkv, sq, sk, d = shape
+    checked = []
+    monkeypatch.setattr(dispatch, "make_call", lambda *a, **kw: checked.append(1) or make_call(*a, **kw))
+    torch.manual_seed(0)  # the shape is fresh in this process: the scale differs from any other test's
+    scale = scale if scale is None else scale + 0.001 * sq
+    for seed in range(3):
+        for grad in (False, True):
+            q, k, v = make_qkv(b, hq, hkv, sq, sk, d, seed=seed, requires_grad=grad)
+            dout = torch.randn(b, hq, sq, d)
+            with attention_provider(provider):
+                out = attention_dispatch(q, k, v, is_causal=causal, scale=scale, enable_gqa=hq != hkv)
+            ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, None, causal, scale)
+            assert_close(out, ref_out, OUT_ATOL[torch.float32], f"out, seed {seed}")
+            if grad:
+                out.backward(dout)
+                for name, t, g in zip("qkv", (q, k, v), ref_grads):
+                    assert_close(t.grad, g, GRAD_ATOL[torch.float32], f"d{name}, seed {seed}")
+    assert len(checked) <= 2, "calls after the first of each (shape, grad) were checked again: no cache hit"
+
+
+def test_cache_never_skips_the_checks_a_changed_argument_needs():
+    """The cache key holds everything a check reads: a call that differs from an accepted one in dtype, mask,
+    dropout or gradient mode is checked (and refused or run) on its own."""
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 8)
+    with attention_provider("_native_flash"):
+        attention_dispatch(q, k, v)
+        attention_dispatch(q, k, v)
+        with pytest.raises(cpattn.InvalidArgumentError, match="share one dtype"):
+            attention_dispatch(q, k.double(), v)
+        with pytest.raises(cpattn.UnsupportedInputError, match="dropout_p=0.5 is not supported"):
+            attention_dispatch(q, k, v, dropout_p=0.5)
+        mask = random_bool_mask((5, 5))
+        ref_out, _, _ = reference_with_grads(q, k, v, torch.zeros(1, 2, 5, 8), mask)
+        assert_close(attention_dispatch(q, k, v, attn_mask=mask), ref_out, OUT_ATOL[torch.float32], "masked out")
+    with attention_provider("_native_cudnn"), pytest.raises(cpattn.UnsupportedInputError, match="runs on cuda"):
+        attention_dispatch(q, k, v)  # another provider: its own cache
+    sig = dispatch_signature(q, k, v)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert dispatch_signature(q, k, v) != sig  # some backward kernels are refused in deterministic mode
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def dispatch_signature(q, k, v):
+    from cpattn.dispatch import call_signature
+
+    return call_signature(q, k, v, None, 0.0, False, False)
+
+
+@pytest.mark.parametrize("provider", CPU_TRAINING)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_dtypes_and_custom_scale(provider, dtype):
     if dtype == torch.float16 and provider == "_native_flash":

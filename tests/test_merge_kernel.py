@@ -45,3 +45,32 @@ def test_cpu_tensors_take_the_torch_ops():
     torch.testing.assert_close(acc.out[:, :, :3], first[0][:, :, :3])
     torch.testing.assert_close(acc.out[:, :, 3:], want_out)
     torch.testing.assert_close(acc.lse[:, :, 3:], want_lse)
+
+
+def test_accumulator_for_rows_starts_from_its_first_block():
+    """`for_rows` allocates nothing up front: a first block over every row is copied (bitwise what merging into
+    out 0 / lse -inf gives, and never aliased), a first block over some rows merges into out 0 / lse -inf, and
+    an accumulator that saw nothing is out 0 / lse -inf."""
+    import torch
+
+    from cpattn.merge import PartialAttention
+
+    torch.manual_seed(0)
+    whole = (torch.randn(1, 2, 6, 4).bfloat16(), torch.randn(1, 2, 6))
+    lazy, eager = PartialAttention.for_rows(1, 2, 6, 4, "cpu"), PartialAttention.empty(1, 2, 6, 4, "cpu")
+    for acc in (lazy, eager):
+        acc.add_rows(slice(0, 6), *whole)
+    assert lazy.out.dtype == torch.float32 and lazy.out.is_contiguous()
+    assert lazy.lse.data_ptr() != whole[1].data_ptr()  # a copy: the block's storage may be reused
+    assert torch.equal(lazy.out, eager.out) and torch.equal(lazy.lse, eager.lse)
+
+    late = (torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3))
+    partial = PartialAttention.for_rows(1, 2, 6, 4, "cpu")
+    partial.add_rows(slice(3, 6), *late)
+    out, lse = partial.value()
+    assert torch.equal(out[:, :, :3], torch.zeros(1, 2, 3, 4)) and torch.isneginf(lse[:, :, :3]).all()
+    torch.testing.assert_close(out[:, :, 3:], late[0])
+    torch.testing.assert_close(lse[:, :, 3:], late[1])
+
+    out, lse = PartialAttention.for_rows(1, 2, 6, 4, "cpu").value()
+    assert out.shape == (1, 2, 6, 4) and not out.any() and torch.isneginf(lse).all() and lse.shape == (1, 2, 6)

@@ -104,6 +104,22 @@ def test_contract_lse_of_empty_rows_is_minus_inf(provider, kind):
     assert_close(out, ref_out, OUT_ATOL[torch.float32], "out")
 
 
+def test_empty_row_fixups_run_exactly_when_a_row_can_be_empty():
+    """The +inf/-inf fix-ups of the LSE are skipped only for calls where no row can be empty (no mask, some key);
+    a call with a mask or without keys keeps them."""
+    from cpattn.contract import lse_for_kernel_backward, normalize_lse, rows_may_be_empty
+
+    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, seed=1)
+    assert not rows_may_be_empty(make_call(q, k, v, None, 0.0, True, None, False))
+    assert rows_may_be_empty(make_call(q, k, v, torch.ones(4, 4, dtype=torch.bool), 0.0, False, None, False))
+    assert rows_may_be_empty(make_call(q, k[:, :, :0], v[:, :, :0], None, 0.0, False, None, False))
+    lse = torch.tensor([[[1.0, float("inf"), float("-inf")]]])
+    assert normalize_lse(lse, 3).tolist() == [[[1.0, float("-inf"), float("-inf")]]]
+    assert normalize_lse(lse, 3, may_be_empty=False).tolist() == lse.tolist()
+    assert lse_for_kernel_backward(lse).tolist() == [[[1.0, float("inf"), float("inf")]]]
+    assert lse_for_kernel_backward(lse, False) is lse
+
+
 @pytest.mark.parametrize("blocks", [2, 3, 8])
 def test_merges_keep_empty_rows_empty_and_scale_with_the_number_of_blocks(blocks):
     """Keys split into W blocks (some empty for some rows, one empty for every row), merged pairwise (the

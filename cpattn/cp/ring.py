@@ -162,7 +162,7 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tup
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, spec.max_length)
     rows = _RowSlices(call.q_len, query=call.query)
-    acc = PartialAttention.empty(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
+    acc = PartialAttention.for_rows(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
     for step in range(world):
         src = (group.rank - step) % world
         pending = None
@@ -174,7 +174,7 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tup
             acc.add_rows(plan.rows, out_b, lse_b)
         if pending is not None:
             k, v = pending.wait()
-    return acc.out, acc.lse
+    return acc.value()
 
 
 def ring_backward(
@@ -189,9 +189,7 @@ def ring_backward(
     buffers = _KVBuffers(k, v, spec.max_length)
     grad_buffers = _KVBuffers(k, v, spec.max_length, torch.float32)  # the dK/dV accumulators in transit
     rows = _RowSlices(call.q_len, query=call.query, dout=dout, out=out, lse=lse)
-    dq = torch.zeros(call.query.shape, dtype=torch.float32, device=call.device)
-    dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=call.device)
-    dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=call.device)
+    dq = dk_acc = dv_acc = None  # float32, made from the first block's gradients (see _accumulate)
     pending_dkv = None
     for step in range(world):
         src = (group.rank - step) % world
@@ -208,9 +206,11 @@ def ring_backward(
         if pending_dkv is not None:  # the accumulators of block `src`, from the ranks that saw it before
             dk_acc, dv_acc = pending_dkv.wait()
         if grads is not None:
-            dq[:, :, plan.rows] += grads[0]
-            dk_acc[:, :, plan.cols] += grads[1]
-            dv_acc[:, :, plan.cols] += grads[2]
+            dq = _accumulate(dq, plan.rows, grads[0], call.query.shape)
+            dk_acc = _accumulate(dk_acc, plan.cols, grads[1], k.shape)
+            dv_acc = _accumulate(dv_acc, plan.cols, grads[2], v.shape)
+        if dk_acc is None:  # step 0 and no query row here (an empty shard): this block's sums start at zero
+            dk_acc, dv_acc = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
         if step < world - 1:
             pending_dkv = channel.exchange([dk_acc, dv_acc], grad_buffers.next(prev_len), "dkv")
         else:  # the final hop home, after the last block's compute, so nothing overlaps it
@@ -218,7 +218,21 @@ def ring_backward(
         if pending_kv is not None:
             k, v = pending_kv.wait()
     dk, dv = pending_dkv.wait()
+    if dq is None:
+        dq = torch.zeros(call.query.shape, dtype=torch.float32, device=call.device)
     return dq, dk, dv
+
+
+def _accumulate(acc: torch.Tensor | None, index: slice, part: torch.Tensor, shape) -> torch.Tensor:
+    """`acc[:, :, index] += part` in float32. A missing accumulator starts as a contiguous float32 copy of a part
+    that covers it whole, else as zeros: at step 0 a rank's own diagonal block covers everything, which saves a
+    zero fill and an addition pass over each of dQ, dK and dV."""
+    if acc is None:
+        if part.shape[2] == shape[2]:
+            return part.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        acc = torch.zeros(shape, dtype=torch.float32, device=part.device)
+    acc[:, :, index] += part
+    return acc
 
 
 def _final_hop(dk_acc: torch.Tensor, dv_acc: torch.Tensor, dtype: torch.dtype, own_len: int):

@@ -64,6 +64,7 @@ from ..contract import (
     default_scale,
     lse_for_kernel_backward,
     normalize_lse,
+    rows_may_be_empty,
 )
 from ..errors import InvalidArgumentError, UnsupportedInputError
 from ._libs import STANDIN_DEVICES_ATTR, parse_version
@@ -695,7 +696,8 @@ class Flash(_FlashFamily):
         q, k, v = (_to_kernel(t.detach()) for t in (call.query, call.key, call.value))
         with torch.no_grad(), _device_guard(call.device):
             out, lse = gen.forward(q, k, v, call.scale, call.is_causal)
-        return _from_kernel(out, call.value_dim), normalize_lse(lse, call.q_len)
+        lse = normalize_lse(lse, call.q_len, may_be_empty=rows_may_be_empty(call))
+        return _from_kernel(out, call.value_dim), lse
 
     def backward(self, call, dout, out, lse):
         gen = self.generation()
@@ -703,7 +705,7 @@ class Flash(_FlashFamily):
         q, k, v, o, do = (
             _to_kernel(t.detach().to(call.dtype)) for t in (call.query, call.key, call.value, out, dout)
         )
-        lse_k = lse_for_kernel_backward(lse.detach()).float().contiguous()
+        lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
         with torch.no_grad(), _device_guard(call.device):
             dq, dk, dv = gen.backward(do, q, k, v, o, lse_k, call.scale, call.is_causal, _deterministic())
         return _from_kernel(dq, call.head_dim), _from_kernel(dk, call.head_dim), _from_kernel(dv, call.value_dim)

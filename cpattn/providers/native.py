@@ -19,11 +19,13 @@ from ..contract import (
     Capabilities,
     Provider,
     causal_mask,
+    default_scale,
     empty_query_rows,
     expand_kv,
     lse_for_kernel_backward,
     normalize_lse,
     reduce_kv_grad,
+    rows_may_be_empty,
 )
 from ..masks import as_additive
 
@@ -50,6 +52,12 @@ def _mask_with_causal(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
     if mask.dtype == torch.bool:
         return mask & causal, False
     return mask.masked_fill(~causal, float("-inf")), False
+
+
+def _scale_arg(call: AttentionCall) -> dict:
+    """The scale keyword for an aten call: none for the default 1/sqrt(head dim), which the kernels compute the
+    same way in double precision (same bits); passing the keyword costs ~0.6 us of argument parsing a call."""
+    return {} if call.scale == default_scale(call.head_dim) else {"scale": call.scale}
 
 
 def _grads(call: AttentionCall, dq, dk, dv):
@@ -144,8 +152,18 @@ class NativeFlash(Provider):
             return [f"query head dim {call.head_dim} != value head dim {call.value_dim}"]
         return []
 
+    def runner(self, call):
+        if _flash_breaks(call) or call.attn_mask is not None or call.groups > 1:
+            return super().runner(call)
+        dropout_p, causal, scale = call.dropout_p, call.is_causal, _scale_arg(call)
+        if call.query.is_cuda:
+            op = aten._scaled_dot_product_flash_attention.default
+            return lambda q, k, v, mask: op(q, k, v, dropout_p, causal, False, **scale)[0]
+        op = aten._scaled_dot_product_flash_attention_for_cpu.default
+        return lambda q, k, v, mask: op(q, k, v, dropout_p, causal, **scale)[0]
+
     def attention(self, call):
-        # The hot path of single-device dispatch: read each field once, skip mask handling without a mask.
+        # The path of a call's first dispatch (later ones take `runner`): skip mask handling without a mask.
         if _flash_breaks(call):
             return _MATH_FALLBACK.attention(call)
         k, v = _kv(call)
@@ -172,11 +190,12 @@ class NativeFlash(Provider):
                 call.query, k, v, 0.0, causal, attn_mask=as_additive(mask, call.dtype), scale=call.scale
             )
             # The CPU kernel writes lse = 0 for rows that see no key: find them from the mask.
-            return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
+            return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call),
+                                  may_be_empty=rows_may_be_empty(call))
         out, lse, *_ = aten._scaled_dot_product_flash_attention.default(
             call.query, k, v, 0.0, call.is_causal, False, scale=call.scale
         )
-        return out, normalize_lse(lse, call.q_len)
+        return out, normalize_lse(lse, call.q_len, may_be_empty=rows_may_be_empty(call))
 
     def backward(self, call, dout, out, lse):
         if _flash_breaks(call):
@@ -193,8 +212,9 @@ class NativeFlash(Provider):
         # cum_seq_q/k undefined (None): a defined tensor there selects the nested/varlen kernel.
         rng = torch.zeros(2, dtype=torch.uint64, device=call.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward.default(
-            dout, call.query, k, v, out, lse_for_kernel_backward(lse), None, None, call.q_len, call.kv_len,
-            0.0, call.is_causal, rng, torch.empty(0, dtype=torch.uint64, device=call.device), scale=call.scale,
+            dout, call.query, k, v, out, lse_for_kernel_backward(lse, rows_may_be_empty(call)), None, None,
+            call.q_len, call.kv_len, 0.0, call.is_causal, rng, torch.empty(0, dtype=torch.uint64, device=call.device),
+            scale=call.scale,
         )
         return _grads(call, dq, dk, dv)
 
@@ -260,13 +280,14 @@ class NativeEfficient(Provider):
         out, lse, *_ = aten._scaled_dot_product_efficient_attention.default(
             call.query, k, v, _aligned_bias(call), True, 0.0, self._causal(call), scale=call.scale
         )
-        return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
+        return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call),
+                                  may_be_empty=rows_may_be_empty(call))
 
     def backward(self, call, dout, out, lse):
         k, v = self._kv(call)
         bias = _aligned_bias(call)
         # The kernel reads lse rows padded to a multiple of 32 on some versions; give it that storage.
-        lse_k = lse_for_kernel_backward(lse)
+        lse_k = lse_for_kernel_backward(lse, rows_may_be_empty(call))
         pad = (-call.q_len) % 32
         if pad:
             lse_k = F.pad(lse_k, (0, pad))
@@ -297,6 +318,13 @@ class NativeCudnn(Provider):
             return [f"query head dim {call.head_dim} != value head dim {call.value_dim}"]
         return []
 
+    def runner(self, call):
+        if call.attn_mask is not None or call.groups > 1:
+            return super().runner(call)
+        op = aten._scaled_dot_product_cudnn_attention.default
+        lse, dropout_p, causal, scale = call.needs_grad, call.dropout_p, call.is_causal, _scale_arg(call)
+        return lambda q, k, v, mask: op(q, k, v, None, lse, dropout_p, causal, False, **scale)[0]
+
     def attention(self, call):
         k, v = _kv(call)
         causal, bias = call.is_causal, None
@@ -312,7 +340,8 @@ class NativeCudnn(Provider):
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention.default(
             call.query, k, v, _aligned_bias(call), True, 0.0, causal, False, scale=call.scale
         )
-        return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call))
+        return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call),
+                                  may_be_empty=rows_may_be_empty(call))
 
     def backward(self, call, dout, out, lse):
         k, v = _kv(call)
@@ -321,7 +350,8 @@ class NativeCudnn(Provider):
         seed = torch.zeros((), dtype=torch.int64, device=call.device)
         # cum_seq_q/k undefined (None): a defined tensor there makes cuDNN expect nested (3-D) inputs.
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward.default(
-            dout, call.query, k, v, out, lse_for_kernel_backward(lse).unsqueeze(-1).contiguous(), seed, seed,
+            dout, call.query, k, v, out,
+            lse_for_kernel_backward(lse, rows_may_be_empty(call)).unsqueeze(-1).contiguous(), seed, seed,
             bias, None, None, call.q_len, call.kv_len, 0.0, causal, scale=call.scale,
         )
         return _grads(call, dq, dk, dv)
@@ -347,6 +377,14 @@ class Native(Provider):
     def __init__(self, candidates: dict[str, list[Provider]]):
         super().__init__()
         self._candidates = candidates
+
+    def runner(self, call):
+        if _flash_breaks(call) or call.attn_mask is not None:
+            return super().runner(call)
+        dropout_p, causal, scale, gqa = call.dropout_p, call.is_causal, _scale_arg(call), call.groups > 1
+        if gqa:
+            return lambda q, k, v, mask: _C_SDPA(q, k, v, None, dropout_p, causal, enable_gqa=True, **scale)
+        return lambda q, k, v, mask: _C_SDPA(q, k, v, None, dropout_p, causal, **scale)
 
     def attention(self, call):
         if _flash_breaks(call):  # SDPA would pick the flash kernel for these
