@@ -112,6 +112,17 @@ def check_provider(name, provider, device):
                 out.backward(dout)
                 entry["grad_err"] = max(_err(t.grad, r) for t, r in zip((q, k, v), ref_grads))
                 ok &= entry["grad_err"] <= GRAD_ATOL[dtype] * 2
+            # The same call again: dispatch now runs the runner it cached at the first call, without checks.
+            q2, k2, v2 = (t.detach().clone().requires_grad_(training) for t in (q, k, v))
+            with cpattn.attention_provider(name):
+                out2 = cpattn.attention_dispatch(q2, k2, v2, attn_mask=mask, is_causal=case["causal"],
+                                                 enable_gqa=hq != hkv)
+            entry["cached_out_err"] = _err(out2, ref_out)
+            ok &= entry["cached_out_err"] <= OUT_ATOL[dtype] * 2
+            if training:
+                out2.backward(dout)
+                entry["cached_grad_err"] = max(_err(t.grad, r) for t, r in zip((q2, k2, v2), ref_grads))
+                ok &= entry["cached_grad_err"] <= GRAD_ATOL[dtype] * 2
             call = make_call(q.detach(), k.detach(), v.detach(), mask, 0.0, case["causal"], None, hq != hkv)
             if caps.returns_lse:
                 c_out, c_lse = provider.forward(call)

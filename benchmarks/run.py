@@ -195,6 +195,18 @@ def kernel_counts(direct, via) -> dict:
 # -- ring split efficiency -------------------------------------------------------------------------------
 
 
+class _Done:
+    """A finished exchange: waiting gives what was 'received'."""
+
+    __slots__ = ("got",)
+
+    def __init__(self, got):
+        self.got = got
+
+    def wait(self):
+        return self.got
+
+
 class _LoopbackChannel:
     """One rank's view of a ring with no network: 'receives' the KV block that rank r-1 would send."""
 
@@ -207,13 +219,9 @@ class _LoopbackChannel:
 
     def exchange(self, send, recv, kind):
         self._step[kind] += 1
-        world = len(self._blocks)
-        src = (self._rank - self._step[kind]) % world
         if kind == "kv":
-            got = list(self._blocks[src])
-        else:
-            got = recv  # values do not matter for timing; a real ring fills these by transfer, no kernel
-        return type("Done", (), {"wait": staticmethod(lambda: got)})()
+            return _Done(list(self._blocks[(self._rank - self._step[kind]) % len(self._blocks)]))
+        return _Done(recv)  # values do not matter for timing; a real ring fills these by transfer, no kernel
 
 
 def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, h=16, d=128):
