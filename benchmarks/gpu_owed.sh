@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The single-GPU measurements the README's hardware record still lacks, in one device call:
 #   1. dispatch host overhead with cached runners, and ring split efficiency with accumulators that start from
-#      their first block (performance targets), then the ring profile (where the split's time goes);
-#   2. correctness after those changes: every provider on one device (first and cached dispatch), and the ring,
-#      Ulysses and all-gather with 2 ranks on this GPU over gloo.
+#      their first block (performance targets), at least 10 timed runs per case;
+#   2. correctness after those changes: ring, Ulysses and all-gather with 2 and 3 ranks on this GPU over gloo.
 # With two GPUs or more, 1 (timed) runs on GPU 0 while 2 (correctness only) runs on GPU 1.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 # Run after the optional wheels are installed (../shared/gpu/fetch-wheels.sh); results go to $OUT if set.
@@ -18,13 +17,12 @@ step() {
     [ "$code" = 0 ] || echo "!! exit $code: $*"
 }
 timed() {
-    step 240 python -m benchmarks.run --suite gpu --only ring_split overhead --split-providers flash _native_cudnn \
-        --out "$out" --tag ring_split_runners
-    step 150 python benchmarks/ring_profile.py --seqs 16384 65536 --parts 4 --out "$out" --tag ring_profile_runners
+    step 300 python -m benchmarks.run --suite gpu --only ring_split overhead --split-providers flash _native_cudnn \
+        --out "$out" --tag ring_split_min10
 }
 checks() {
-    step 150 python benchmarks/gpu_check.py --cp-worlds 2 --cp-providers native _native_cudnn flash \
-        --out "$out" --tag _runners
+    step 240 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
+        --out "$out" --tag _ring_accumulators
 }
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     CUDA_VISIBLE_DEVICES=0 timed > "$out/owed_timed.log" 2>&1 &

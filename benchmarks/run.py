@@ -46,9 +46,18 @@ def flops(b, h, s, d, causal, backward) -> float:
     return f * 3.5 if backward else f
 
 
-def bench_gpu(fn, rep_ms=60, warmup_ms=15) -> dict:
+def bench_gpu(fn, rep_ms=60, warmup_ms=15, min_runs=10) -> dict:
+    """Median and spread of `fn` over at least `min_runs` timed runs (do_bench sizes its runs from `rep_ms`
+    alone, which gives one or two runs of a 100 ms function: too few for a median)."""
     from triton.testing import do_bench
 
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    rep_ms = max(rep_ms, min_runs * start.elapsed_time(end))
     q20, q50, q80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
     return {"median_ms": q50, "p20_ms": q20, "p80_ms": q80}
 

@@ -231,7 +231,7 @@ def _accumulate(acc: torch.Tensor | None, index: slice, part: torch.Tensor, shap
         if part.shape[2] == shape[2]:
             return part.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         acc = torch.zeros(shape, dtype=torch.float32, device=part.device)
-    acc[:, :, index] += part
+    acc.narrow(2, index.start, index.stop - index.start).add_(part)  # narrow: a view without tuple indexing
     return acc
 
 

@@ -702,8 +702,10 @@ class Flash(_FlashFamily):
     def backward(self, call, dout, out, lse):
         gen = self.generation()
         # The kernels want out/dout in the input dtype (a ring may keep the global out in float32).
+        dtype = call.dtype
         q, k, v, o, do = (
-            _to_kernel(t.detach().to(call.dtype)) for t in (call.query, call.key, call.value, out, dout)
+            _to_kernel(t.detach() if t.dtype == dtype else t.detach().to(dtype))
+            for t in (call.query, call.key, call.value, out, dout)
         )
         lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
         with torch.no_grad(), _device_guard(call.device):
