@@ -166,12 +166,18 @@ def host_overhead(device: str, n: int = 2000) -> dict:
     def via():
         return cpattn.attention_dispatch(q, k, v, is_causal=True)
 
-    def per_call(fn):
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter_ns()
-            fn()
-            times.append(time.perf_counter_ns() - t0)
+    def per_call(first, second):
+        """Host time of each call. The two functions alternate so that both see the same machine state, and the
+        GPU is drained every 32 pairs, untimed: a launch queue that fills up makes the host wait for the GPU,
+        and the time measured would be kernel time (tiny attention kernels take about as long as a launch)."""
+        times = ([], [])
+        for i in range(n):
+            if device == "cuda" and i % 32 == 0:
+                torch.cuda.synchronize()
+            for fn, out in ((first, times[0]), (second, times[1])):
+                t0 = time.perf_counter_ns()
+                fn()
+                out.append(time.perf_counter_ns() - t0)
         return times
 
     with cpattn.attention_provider(provider):
@@ -180,7 +186,7 @@ def host_overhead(device: str, n: int = 2000) -> dict:
             direct()
         if device == "cuda":
             torch.cuda.synchronize()
-        d_times, v_times = per_call(direct), per_call(via)
+        d_times, v_times = per_call(direct, via)
         if device == "cuda":
             torch.cuda.synchronize()
         kernels = kernel_counts(direct, via) if device == "cuda" else None
