@@ -47,6 +47,18 @@ def _kernel_lines(rows) -> list[str]:
     return lines
 
 
+def _auto_lines(rows) -> list[str]:
+    lines = ["| D | S | causal | bwd | chosen | best | auto / best | medians ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        head = f"| {r['D']} | {r['S']} | {r['causal']} | {r['backward']} |"
+        if "error" in r:
+            lines.append(f"{head} error: {r['error'][:80]} | | | |")
+            continue
+        times = ", ".join(f"{n} {t:.3f}" for n, t in r["median_ms"].items())
+        lines.append(f"{head} {r['chosen']} | {r['best']} | {r['auto_vs_best']:.3f} | {times} |")
+    return lines
+
+
 def _targets(result) -> list[str]:
     lines = ["| target | measured | met |", "| --- | --- | --- |"]
     kernels = [r for r in result.get("kernels", []) if "dispatch_vs_direct" in r]
@@ -64,7 +76,7 @@ def _targets(result) -> list[str]:
         lines.append(f"| {TARGETS['host_overhead']} ({o['device']}, {o['provider']}) | "
                      f"{o['overhead_us_p50']:.1f} us (direct {o['direct_us_p50']:.1f}, dispatch "
                      f"{o['dispatch_us_p50']:.1f}){extra} | {'yes' if met else 'no'} |")
-    auto = auto_vs_best(result.get("kernels", []))
+    auto = [r for r in result.get("auto", []) if "auto_vs_best" in r] or auto_vs_best(result.get("kernels", []))
     if auto:
         worst = min(auto, key=lambda r: r["auto_vs_best"])
         lines.append(f"| {TARGETS['auto']} | worst {worst['auto_vs_best']:.3f} over {len(auto)} shapes (best there: "
@@ -134,6 +146,9 @@ def write_report(path: str) -> str:
     lines += _targets(result)
     if result.get("kernels"):
         lines += ["", "## Kernels (bf16, H=16, B*H*S fixed)", ""] + _kernel_lines(result["kernels"])
+    if result.get("auto"):
+        lines += ["", "## auto vs every provider it chooses among (through attention_dispatch, alternating rounds)", ""]
+        lines += _auto_lines(result["auto"])
     if result.get("ring_split"):
         lines += ["", "## Ring split efficiency on one GPU (zigzag causal; all P ranks' work, no communication)", ""]
         lines += _split_lines(result["ring_split"])

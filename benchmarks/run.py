@@ -166,6 +166,51 @@ def kernels_suite(providers, seqs, head_dims, batch_heads_tokens) -> list[dict]:
     return rows
 
 
+# -- auto vs every provider it chooses among -------------------------------------------------------------
+
+
+AUTO_CANDIDATES = ("flash", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+def auto_suite(seqs, head_dims, batch_heads_tokens) -> list[dict]:
+    """Per shape, 'auto' and each candidate that takes the call, all through attention_dispatch, timed in
+    alternating rounds; which provider 'auto' chose; auto's time over the best candidate's."""
+    rows = []
+    device = torch.device("cuda")
+    auto = cpattn.get_provider("auto")
+    combos = [(d, s, c, bw) for d in head_dims for s in seqs for c in (False, True) for bw in (False, True)]
+    for d, s, causal, backward in progress(combos, "auto"):
+        h = 16
+        b = max(1, batch_heads_tokens // (h * s))
+        row = {"B": b, "H": h, "S": s, "D": d, "causal": causal, "backward": backward}
+        try:
+            q, k, v = (torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, requires_grad=backward)
+                       for _ in range(3))
+            dout = torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16)
+            call = make_call(q, k, v, None, 0.0, causal, None, False)
+            row["chosen"] = auto.choose(call).name
+
+            def via(name):
+                def run():
+                    with cpattn.attention_provider(name):
+                        out = cpattn.attention_dispatch(q, k, v, is_causal=causal)
+                    if backward:
+                        out.backward(dout)
+                return run
+            names = ["auto"] + [n for n in AUTO_CANDIDATES
+                                if cpattn.PROVIDERS[n].availability().ok and not cpattn.PROVIDERS[n].reasons(call)]
+            times = bench_alternating({n: via(n) for n in names})
+            row["median_ms"] = {n: t["median_ms"] for n, t in times.items()}
+            row["round_medians_ms"] = {n: t["round_medians_ms"] for n, t in times.items()}
+            best = min((n for n in names if n != "auto"), key=lambda n: row["median_ms"][n])
+            row["best"], row["auto_vs_best"] = best, row["median_ms"][best] / row["median_ms"]["auto"]
+        except Exception as exc:  # record, keep going
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 # -- dispatch overhead ----------------------------------------------------------------------------------
 
 
@@ -392,12 +437,14 @@ def gpu_training_providers() -> list[str]:
 
 def run_gpu(args) -> dict:
     providers = args.providers or gpu_training_providers()
-    only = set(args.only or ("overhead", "kernels", "ring_split", "memory"))
+    only = set(args.only or ("overhead", "kernels", "auto", "ring_split", "memory"))
     result = {"environment": environment()}
     if "overhead" in only:
         result["overhead"] = [host_overhead("cuda"), host_overhead("cpu")]
     if "kernels" in only:
         result["kernels"] = kernels_suite(providers, args.seqs, args.head_dims, args.tokens)
+    if "auto" in only:
+        result["auto"] = auto_suite(args.auto_seqs, args.head_dims, args.tokens)
     if "ring_split" in only:
         result["ring_split"] = [row for p in args.split_providers or ["flash", "_native_cudnn"]
                                 if p in cpattn.PROVIDERS and cpattn.PROVIDERS[p].availability().ok
@@ -421,7 +468,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--tokens", type=int, default=16 * 16384, help="B*H*S per kernel measurement")
     parser.add_argument("--split-seqs", type=int, nargs="*", default=[16384, 65536])
-    parser.add_argument("--only", nargs="*", choices=("overhead", "kernels", "ring_split", "memory"))
+    parser.add_argument("--only", nargs="*", choices=("overhead", "kernels", "auto", "ring_split", "memory"))
+    parser.add_argument("--auto-seqs", type=int, nargs="*", default=[2048, 4096, 16384])
     parser.add_argument("--split-providers", nargs="*")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--tag", default=None)

@@ -59,7 +59,7 @@ def test_forward_backward_match_reference(provider, shape, mask_kind, causal):
         assert_close(t.grad, g, GRAD_ATOL[dtype], f"d{name}")
 
 
-@pytest.mark.parametrize("provider", CPU_TRAINING)
+@pytest.mark.parametrize("provider", CPU_TRAINING + ("auto",))
 @pytest.mark.parametrize("shape", [(1, 4, 4, 4, 4, 8), (1, 6, 2, 9, 9, 16)], ids=["heads_eq_seq", "gqa"])
 @pytest.mark.parametrize("scale", [None, 0.3])
 @pytest.mark.parametrize("causal", [False, True])

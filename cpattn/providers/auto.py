@@ -64,6 +64,11 @@ class Auto(Provider):
     def attention(self, call):
         return self.choose(call).attention(call)
 
+    def runner(self, call):
+        # The choice depends only on what dispatch's cache key holds: a cached call runs the chosen provider's
+        # runner directly, without choosing again.
+        return self.choose(call).runner(call)
+
     # The contract path is what context-parallel schedules use: forward and backward of one block must run
     # on the same kernel, so both choose among providers that have an LSE and an external-LSE backward.
     def forward(self, call):
