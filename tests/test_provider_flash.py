@@ -465,28 +465,3 @@ def test_packed_api_checks_the_provider_limits(fa2):
     q, k, v, cu_q, cu_k = packed_problem([3, 5], [3, 5], dtype=torch.float32)
     with pytest.raises(UnsupportedInputError, match="dtype float32 is not supported"):
         flash_varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
-
-
-def test_auto_tries_cudnn_first_only_where_fa4_would_be_host_bound(monkeypatch):
-    """FA4's interface is Python: for CUDA problems whose work at 600 TFLOP/s takes less than its host time per
-    call (0.25 ms forward, 1 ms with backward), `auto` tries cuDNN first. Compiled generations, larger problems
-    and other devices keep the usual order."""
-    from types import SimpleNamespace
-
-    from cpattn.providers.auto import ORDER, SMALL_ORDER
-
-    auto = cpattn.get_provider("auto")
-
-    def call(b, s, d, causal, grad, device="cuda"):
-        return SimpleNamespace(device=torch.device(device), batch=b, q_heads=16, q_len=s, kv_len=s, head_dim=d,
-                               is_causal=causal, needs_grad=grad)
-
-    install(monkeypatch, standin.fa4_modules())
-    assert auto.order(call(8, 2048, 64, True, False)) is SMALL_ORDER  # 0.07 TFLOP: 0.11 ms of GPU work
-    assert auto.order(call(8, 2048, 128, True, True)) is SMALL_ORDER  # 0.48 TFLOP with backward: 0.8 ms
-    assert auto.order(call(8, 2048, 128, False, True)) == ORDER["cuda"]  # 0.96 TFLOP with backward: 1.6 ms
-    assert auto.order(call(1, 16384, 128, False, False)) == ORDER["cuda"]
-    assert auto.order(call(8, 2048, 64, True, False, "cpu")) == ORDER["cpu"]
-    assert SMALL_ORDER[:2] == ("_native_cudnn", "flash") and sorted(SMALL_ORDER) == sorted(ORDER["cuda"])
-    install(monkeypatch, standin.fa2_modules())  # a compiled extension: tens of microseconds a call
-    assert auto.order(call(8, 2048, 64, True, False)) == ORDER["cuda"]

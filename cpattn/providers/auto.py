@@ -16,10 +16,6 @@ ORDER = {
     "cuda": ("flash", "_native_cudnn", "flash_varlen", "_native_flash", "_native_efficient", "flex", "_native_math"),
     "cpu": ("_native_flash", "_native_math"),
 }
-# For problems so small that FlashAttention's host time per call sets the pace (FA4: its interface is Python),
-# cuDNN goes first: on an H100 it was faster in 6 of the 8 such shapes measured, by up to 1.75x, and FA4 in the
-# other two by 3% and 8%; FA4 was faster in all 16 larger shapes (benchmarks/results/h100/bench_auto_alternating.md).
-SMALL_ORDER = ("_native_cudnn", "flash") + ORDER["cuda"][2:]
 
 
 class Auto(Provider):
@@ -29,8 +25,7 @@ class Auto(Provider):
     _caps = Capabilities(
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
         backward=True, training=True, mask_grad=False,
-        notes=("picks per call: " + " > ".join(ORDER["cuda"]) + " on CUDA (cuDNN first for problems small enough "
-               "that FA4's host time per call dominates); " + " > ".join(ORDER["cpu"]) + " on CPU",),
+        notes=("picks per call: " + " > ".join(ORDER["cuda"]) + " on CUDA; " + " > ".join(ORDER["cpu"]) + " on CPU",),
     )
     supports = {"cpu": _caps, "cuda": _caps}
 
@@ -48,22 +43,13 @@ class Auto(Provider):
             if len(self._choices) > 4096:
                 self._choices.clear()
             self._choices[key] = next(
-                (self._registry[n] for n in self.order(call) if n in self._registry
+                (self._registry[n] for n in ORDER.get(call.device.type, ()) if n in self._registry
                  and not self._registry[n].reasons(call, **need)), None)
         return self._choices[key]
 
-    def order(self, call: AttentionCall) -> tuple[str, ...]:
-        """The providers to try for `call`, fastest first (see ORDER and SMALL_ORDER)."""
-        flash = self._registry.get("flash")
-        if call.device.type == "cuda" and flash is not None and flash.host_bound(call):
-            return SMALL_ORDER
-        return ORDER.get(call.device.type, ())
-
     def explain(self, call: AttentionCall) -> str:
         lines = []
-        if self.order(call) is SMALL_ORDER:
-            lines.append("small problem: flash's host time per call would set its pace, so cuDNN is tried first")
-        for name in self.order(call):
+        for name in ORDER.get(call.device.type, ()):
             reasons = self._registry[name].reasons(call)
             lines.append(f"{name}: " + ("takes it" if not reasons else "; ".join(reasons)))
             if not reasons:

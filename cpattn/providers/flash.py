@@ -244,9 +244,6 @@ class _Generation:
     max_head_dim: ClassVar[int] = 256
     min_compute_capability: ClassVar[tuple[int, int]] = (8, 0)
     has_dropout: ClassVar[bool] = False
-    # Host time of one call, (forward, forward+backward) in seconds, where it is large enough that small problems
-    # wait on the host rather than the GPU; None where the call is a compiled extension (tens of microseconds).
-    host_seconds: ClassVar[tuple[float, float] | None] = None
 
     def capabilities(self) -> Capabilities:
         notes = [
@@ -433,9 +430,6 @@ class _FlashAttention4(_Generation):
 
     title, label = "FlashAttention-4", "flash-attn-4"
     min_compute_capability = (9, 0)
-    # Its interface is Python (CuTe DSL): on an H100 host a forward call cost about 0.3 ms of host time, and a
-    # problem that small ran faster on cuDNN (benchmarks/results/h100/bench_auto_alternating.md).
-    host_seconds = (0.25e-3, 1.0e-3)
     api_name = "flash_attn.cute.interface"
     public_name = "flash_attn.cute"
 
@@ -660,16 +654,6 @@ class _FlashFamily(Provider):
     def generation(self) -> _Generation:
         self.require_available()
         return self._generation
-
-    def host_bound(self, call: AttentionCall) -> bool:
-        """Whether `call` is so small that this generation's host time per call, not the GPU, would set its pace:
-        its work at 600 TFLOP/s (what FA4 and cuDNN reach on Hopper at 16k) takes less than that host time."""
-        if not self.availability().ok or self._generation.host_seconds is None or call.device.type != "cuda":
-            return False
-        forward, training = self._generation.host_seconds
-        work = 4.0 * call.batch * call.q_heads * call.q_len * call.kv_len * call.head_dim
-        work *= (0.5 if call.is_causal else 1.0) * (3.5 if call.needs_grad else 1.0)
-        return work / 600e12 < (training if call.needs_grad else forward)
 
     def capabilities(self, device_type: str) -> Capabilities | None:
         if not self.availability().ok:
