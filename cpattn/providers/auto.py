@@ -6,6 +6,11 @@ last. Quantised kernels (SageAttention) are never picked: they change numerics, 
 A provider is skipped when it cannot take the inputs (mask, dtype, head dim, gradients, architecture), so
 `auto` never fails where some provider works, and never silently picks a lossy one. The choice is cached by
 input signature and explained by `explain()` (shown by `python -m cpattn info`).
+
+Not modelled: FlashAttention-4's interface is Python, so on small problems (well under a millisecond of GPU
+work) its host time per call can set the pace. On one H100 host cuDNN was then faster by up to 1.75x; on
+another, with the same code, FA4 stayed ahead in those shapes (benchmarks/results/h100/bench_auto_*.md). A fixed
+size threshold was right on one host and wrong on the other, so the order stays fixed.
 """
 
 from __future__ import annotations
