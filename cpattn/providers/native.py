@@ -381,10 +381,10 @@ class Native(Provider):
     def runner(self, call):
         if _flash_breaks(call) or call.attn_mask is not None:
             return super().runner(call)
-        dropout_p, causal, scale, gqa = call.dropout_p, call.is_causal, _scale_arg(call), call.groups > 1
-        if gqa:
-            return lambda q, k, v, mask: _C_SDPA(q, k, v, None, dropout_p, causal, enable_gqa=True, **scale)
-        return lambda q, k, v, mask: _C_SDPA(q, k, v, None, dropout_p, causal, **scale)
+        dropout_p, causal, keywords = call.dropout_p, call.is_causal, _scale_arg(call)
+        if call.groups > 1:
+            keywords["enable_gqa"] = True
+        return lambda q, k, v, mask: _C_SDPA(q, k, v, None, dropout_p, causal, **keywords)
 
     def attention(self, call):
         if _flash_breaks(call):  # SDPA would pick the flash kernel for these
