@@ -173,8 +173,11 @@ AUTO_CANDIDATES = ("flash", "_native_cudnn", "_native_flash", "_native_efficient
 
 
 def auto_suite(seqs, head_dims, batch_heads_tokens) -> list[dict]:
-    """Per shape, 'auto' and each candidate that takes the call, all through attention_dispatch, timed in
-    alternating rounds; which provider 'auto' chose; auto's time over the best candidate's."""
+    """Per shape, 'auto' (fixed order), 'auto' autotuned and each candidate that takes the call, all through
+    attention_dispatch, timed in alternating rounds; what each 'auto' chose; each one's time over the best
+    candidate's. The autotuned choice is made on the first (untimed) call, as in a training loop."""
+    from cpattn.providers import AUTO_TUNED
+
     rows = []
     device = torch.device("cuda")
     auto = cpattn.get_provider("auto")
@@ -190,20 +193,24 @@ def auto_suite(seqs, head_dims, batch_heads_tokens) -> list[dict]:
             call = make_call(q, k, v, None, 0.0, causal, None, False)
             row["chosen"] = auto.choose(call).name
 
-            def via(name):
+            def via(name, **options):
                 def run():
-                    with cpattn.attention_provider(name):
+                    with cpattn.attention_provider(name, **options):
                         out = cpattn.attention_dispatch(q, k, v, is_causal=causal)
                     if backward:
                         out.backward(dout)
                 return run
-            names = ["auto"] + [n for n in AUTO_CANDIDATES
-                                if cpattn.PROVIDERS[n].availability().ok and not cpattn.PROVIDERS[n].reasons(call)]
-            times = bench_alternating({n: via(n) for n in names})
+            names = [n for n in AUTO_CANDIDATES
+                     if cpattn.PROVIDERS[n].availability().ok and not cpattn.PROVIDERS[n].reasons(call)]
+            fns = {"auto": via("auto"), "auto_tuned": via("auto", autotune=True)} | {n: via(n) for n in names}
+            times = bench_alternating(fns)
+            row["chosen_tuned"] = AUTO_TUNED.choose(call).name
+            row["tuning_ms"] = AUTO_TUNED.timings(call)
             row["median_ms"] = {n: t["median_ms"] for n, t in times.items()}
             row["round_medians_ms"] = {n: t["round_medians_ms"] for n, t in times.items()}
-            best = min((n for n in names if n != "auto"), key=lambda n: row["median_ms"][n])
+            best = min(names, key=lambda n: row["median_ms"][n])
             row["best"], row["auto_vs_best"] = best, row["median_ms"][best] / row["median_ms"]["auto"]
+            row["tuned_vs_best"] = row["median_ms"][best] / row["median_ms"]["auto_tuned"]
         except Exception as exc:  # record, keep going
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)

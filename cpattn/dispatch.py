@@ -30,6 +30,9 @@ CP_OPTIONS = {
     "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60; given: bounded on NCCL too)
     "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
 }
+PROVIDER_OPTIONS = {
+    "autotune": (False, True),  # provider "auto" only: choose per input signature by timing the candidates
+}
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,16 @@ def current_provider() -> Provider:
 
 
 def _validate_options(options: dict) -> dict:
+    known = {**CP_OPTIONS, **PROVIDER_OPTIONS}
     for key, value in options.items():
-        if key not in CP_OPTIONS:
+        if key not in known:
             raise InvalidArgumentError(
-                f"unknown attention_provider option {key!r}; known options: {', '.join(CP_OPTIONS)}"
+                f"unknown attention_provider option {key!r}; known options: {', '.join(known)}"
             )
-        allowed = CP_OPTIONS[key]
-        if allowed is not None and value not in allowed:
-            raise InvalidArgumentError(f"option {key}={value!r} is invalid; choose one of {', '.join(allowed)}")
+        allowed = known[key]
+        if allowed is not None and (value not in allowed or type(value) is not type(allowed[0])):  # 1 == True
+            raise InvalidArgumentError(
+                f"option {key}={value!r} is invalid; choose one of {', '.join(map(str, allowed))}")
         if key == "cp_replicated_prefix" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise InvalidArgumentError(f"option cp_replicated_prefix={value!r} must be a token count >= 0")
         if key == "cp_timeout" and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -92,10 +97,13 @@ def attention_provider(
     """Run `attention_dispatch` calls inside the block on `provider`, context-parallel over `cp_mesh` if given.
 
     `cp_mesh` is a 1-D DeviceMesh or ProcessGroup (ring / Ulysses / all-gather) or a 2-D DeviceMesh with
-    dimensions ("ring", "ulysses") for the hybrid. Options: cp_strategy, cp_layout, cp_timeout.
+    dimensions ("ring", "ulysses") for the hybrid. Options: cp_strategy, cp_layout, cp_timeout,
+    cp_replicated_prefix; and autotune=True with provider "auto" (see cpattn.providers.auto).
     """
     adapter = get_provider(provider)
     opts = _validate_options(options)
+    if opts.pop("autotune", False):
+        adapter = _autotuned(adapter)
     cp = None
     if cp_mesh is not None:
         from .cp import ContextParallel
@@ -114,6 +122,17 @@ def attention_provider(
         _STATE.reset(token)
         if multi_rank:
             _count_cp_context(-1)
+
+
+def _autotuned(adapter: Provider) -> Provider:
+    from .providers import AUTO, AUTO_TUNED
+
+    if adapter is not AUTO and adapter is not AUTO_TUNED:
+        raise InvalidArgumentError(
+            f"option autotune=True applies to provider 'auto' only; provider '{adapter.name}' always runs its own "
+            "kernel: use attention_provider('auto', autotune=True) to choose among kernels by timing them"
+        )
+    return AUTO_TUNED
 
 
 def _count_cp_context(delta: int) -> None:

@@ -29,6 +29,7 @@ PROVIDERS: dict[str, Provider] = _build()
 # kept out of PROVIDERS (and of the AttentionProvider enum, whose values are the kernel providers).
 AUTO_NAME = "auto"
 AUTO = auto.make_auto(PROVIDERS)
+AUTO_TUNED = auto.make_auto(PROVIDERS, autotune=True)  # attention_provider("auto", autotune=True)
 
 # Order in which an error message suggests alternatives (fast and general first).
 PREFERENCE = (

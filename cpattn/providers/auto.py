@@ -10,10 +10,23 @@ input signature and explained by `explain()` (shown by `python -m cpattn info`).
 Not modelled: FlashAttention-4's interface is Python, so on small problems (well under a millisecond of GPU
 work) its host time per call can set the pace. On one H100 host cuDNN was then faster by up to 1.75x; on
 another, with the same code, FA4 stayed ahead in those shapes (benchmarks/results/h100/bench_auto_*.md). A fixed
-size threshold was right on one host and wrong on the other, so the order stays fixed.
+size threshold was right on one host and wrong on the other, so the order stays fixed by default.
+
+Autotuning (`attention_provider("auto", autotune=True)`) measures instead of assuming: the first call of each
+input signature times every provider that takes it (forward, or forward+backward when gradients are needed,
+on copies of the inputs) and the fastest one runs from then on, this call included. It is opt-in because that
+first call costs tens of milliseconds per candidate and because two hosts may then pick different kernels.
+Calls that cannot be timed keep the fixed order: dropout (timing would consume random numbers), CUDA graph
+capture, torch.compile tracing, and the context-parallel path (forward/backward with an external LSE), where
+each rank must make the same choice without talking to the others.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
 
 from ..contract import FLOAT_DTYPES, AttentionCall, Capabilities, Provider
 
@@ -34,31 +47,79 @@ class Auto(Provider):
     )
     supports = {"cpu": _caps, "cuda": _caps}
 
-    def __init__(self, registry: dict[str, Provider]):
+    def __init__(self, registry: dict[str, Provider], *, autotune: bool = False,
+                 measure: "Callable[[Provider, AttentionCall], float] | None" = None):
+        """`autotune`: choose by timing (see the module docstring). `measure(provider, call)` gives a
+        provider's time in ms for a call (default `measure_ms`; tests pass their own)."""
         super().__init__()
         self._registry = registry
+        self.autotune = autotune
+        self._measure = measure or measure_ms
         self._choices: dict[tuple, Provider | None] = {}
+        self._timings: dict[tuple, dict[str, float | str]] = {}
 
     def choose(self, call: AttentionCall, **need) -> Provider | None:
-        """The first provider in this device's order with no reason to refuse `call` (None if none takes it)."""
-        key = (call.device, call.dtype, call.query.shape, call.key.shape, call.value.shape, call.mask_kind,
-               None if call.attn_mask is None else tuple(call.attn_mask.shape), call.is_causal,
-               call.dropout_p > 0, call.needs_grad, tuple(sorted(need.items())))
+        """The provider that runs `call` (None if none takes it): the first in this device's order that has no
+        reason to refuse it or, when autotuning, the fastest of those that take it."""
+        key = self._key(call, need)
         if key not in self._choices:
             if len(self._choices) > 4096:
                 self._choices.clear()
-            self._choices[key] = next(
-                (self._registry[n] for n in ORDER.get(call.device.type, ()) if n in self._registry
-                 and not self._registry[n].reasons(call, **need)), None)
+                self._timings.clear()
+            if self.autotune and not any(need.values()) and can_time(call):
+                self._choices[key] = self._fastest(key, call)
+            else:
+                self._choices[key] = next(iter(self._takers(call, need)), None)
         return self._choices[key]
+
+    @staticmethod
+    def _key(call: AttentionCall, need: dict) -> tuple:
+        return (call.device, call.dtype, call.query.shape, call.key.shape, call.value.shape, call.mask_kind,
+                None if call.attn_mask is None else tuple(call.attn_mask.shape), call.is_causal,
+                call.dropout_p > 0, call.needs_grad, tuple(sorted(k for k, v in need.items() if v)))
+
+    def _takers(self, call: AttentionCall, need: dict):
+        """Providers in this device's order with no reason to refuse `call` (lazily: the fixed order stops at
+        the first)."""
+        return (self._registry[n] for n in ORDER.get(call.device.type, ())
+                if n in self._registry and not self._registry[n].reasons(call, **need))
+
+    def _fastest(self, key: tuple, call: AttentionCall) -> Provider | None:
+        takers = list(self._takers(call, {}))
+        if len(takers) < 2:
+            return takers[0] if takers else None
+        timings: dict[str, float | str] = {}
+        for provider in takers:
+            try:
+                timings[provider.name] = float(self._measure(provider, call))
+            except Exception as exc:  # a kernel that fails here is not chosen; explain() says why
+                timings[provider.name] = f"failed when timed: {type(exc).__name__}: {str(exc)[:200]}"
+        self._timings[key] = timings
+        timed = [p for p in takers if isinstance(timings[p.name], float) and math.isfinite(timings[p.name])]
+        # min keeps the first of equal times, so ties go to the fixed order
+        return min(timed, key=lambda p: timings[p.name]) if timed else takers[0]
+
+    def timings(self, call: AttentionCall) -> dict[str, float | str] | None:
+        """The times (ms) measured when autotuning chose for this call's signature; None if it was not timed."""
+        return self._timings.get(self._key(call, {}))
 
     def explain(self, call: AttentionCall) -> str:
         lines = []
+        timings = self.timings(call) if self.autotune else None
         for name in ORDER.get(call.device.type, ()):
             reasons = self._registry[name].reasons(call)
-            lines.append(f"{name}: " + ("takes it" if not reasons else "; ".join(reasons)))
-            if not reasons:
+            if reasons:
+                lines.append(f"{name}: " + "; ".join(reasons))
+            elif timings is None:
+                lines.append(f"{name}: takes it")
                 break
+            else:
+                t = timings.get(name)
+                lines.append(f"{name}: takes it, " + (f"{t:.3f} ms" if isinstance(t, float) else str(t)))
+        if timings is not None:
+            lines.append(f"autotuned: chose {self.choose(call).name}, the fastest measured")
+        elif self.autotune:
+            lines.append("autotune: not timed yet (or not timeable: dropout, graph capture, compile), fixed order")
         return "\n".join(lines)
 
     def reasons(self, call, *, need_lse: bool = False, need_backward: bool = False) -> list[str]:
@@ -83,5 +144,43 @@ class Auto(Provider):
         return self.choose(call, need_lse=True, need_backward=True).backward(call, dout, out, lse)
 
 
-def make_auto(registry: dict[str, Provider]) -> Auto:
-    return Auto(registry)
+def make_auto(registry: dict[str, Provider], autotune: bool = False) -> Auto:
+    return Auto(registry, autotune=autotune)
+
+
+def can_time(call: AttentionCall) -> bool:
+    """Whether timing candidates now is harmless: no random numbers consumed, no graph being captured or traced."""
+    if call.dropout_p > 0 or torch.compiler.is_compiling():
+        return False
+    if call.device.type == "cuda":
+        return not torch.cuda.is_current_stream_capturing()
+    return call.device.type == "cpu"
+
+
+def measure_ms(provider: Provider, call: AttentionCall) -> float:
+    """Median ms of `provider` running `call` as dispatch would (its runner): forward when no gradient is needed,
+    else forward+backward on detached copies of the inputs, so the caller's tensors and their .grad are untouched.
+    CUDA is timed with triton.testing.do_bench (what benchmarks/ uses), CPU with torch.utils.benchmark."""
+    run = provider.runner(call)
+    mask = call.attn_mask
+    if call.needs_grad:
+        q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (call.query, call.key, call.value))
+        inputs = [t for t in (q, k, v) if t.requires_grad]
+        dout = torch.randn_like(run(q, k, v, mask))
+
+        def step():
+            torch.autograd.grad(run(q, k, v, mask), inputs, dout)
+    else:
+        q, k, v = call.query, call.key, call.value
+
+        def step():
+            run(q, k, v, mask)
+    with torch.enable_grad() if call.needs_grad else torch.no_grad():
+        if call.device.type == "cuda":
+            from triton.testing import do_bench
+
+            with torch.cuda.device(call.device):
+                return float(do_bench(step, warmup=10, rep=40))
+        from torch.utils.benchmark import Timer
+
+        return Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.05).median * 1e3
