@@ -77,9 +77,10 @@ def build_mask(kind, b, sq, sk, device):
     return m.to(device)
 
 
-def check_provider(name, provider, device):
+def check_provider(name, provider, device, label=None, **options):
+    """`options` go to attention_provider (autotune=True for 'auto'); `label` names the run in the report."""
     caps = provider.capabilities("cuda")
-    report = {"provider": name, "available": provider.availability().ok, "version": provider.availability().version,
+    report = {"provider": label or name, "available": provider.availability().ok, "version": provider.availability().version,
               "reason": provider.availability().reason, "cases": []}
     if not report["available"] or caps is None:
         return report
@@ -103,7 +104,7 @@ def check_provider(name, provider, device):
                 entry["refused"] = reasons
                 report["cases"].append(entry)
                 continue
-            with cpattn.attention_provider(name):
+            with cpattn.attention_provider(name, **options):
                 out = cpattn.attention_dispatch(q, k, v, attn_mask=mask, is_causal=case["causal"],
                                                 enable_gqa=hq != hkv)
             entry["out_err"] = _err(out, ref_out)
@@ -114,7 +115,7 @@ def check_provider(name, provider, device):
                 ok &= entry["grad_err"] <= GRAD_ATOL[dtype] * 2
             # The same call again: dispatch now runs the runner it cached at the first call, without checks.
             q2, k2, v2 = (t.detach().clone().requires_grad_(training) for t in (q, k, v))
-            with cpattn.attention_provider(name):
+            with cpattn.attention_provider(name, **options):
                 out2 = cpattn.attention_dispatch(q2, k2, v2, attn_mask=mask, is_causal=case["causal"],
                                                  enable_gqa=hq != hkv)
             entry["cached_out_err"] = _err(out2, ref_out)
@@ -143,7 +144,7 @@ def check_provider(name, provider, device):
         report["cases"].append(entry)
         verdict = "ok" if entry.get("ok") else entry.get("refused") or "FAIL " + str(
             entry.get("error") or {k: v for k, v in entry.items() if k.endswith("err")})[:400]
-        print(f"  {name:<20}{entry['case']:<50}{verdict}", flush=True)
+        print(f"  {label or name:<20}{entry['case']:<50}{verdict}", flush=True)
     return report
 
 
@@ -229,6 +230,11 @@ def main():
     print(f"gpu check on {gpu}, torch {torch.__version__}", flush=True)
     single = [check_provider(n, p, device) for n, p in cpattn.PROVIDERS.items()
               if args.providers is None or n in args.providers]
+    if args.providers is None or "auto" in args.providers:  # both ways of choosing: fixed order and timed
+        from cpattn.providers import AUTO, AUTO_TUNED
+
+        single += [check_provider("auto", AUTO, device),
+                   check_provider("auto", AUTO_TUNED, device, label="auto autotune", autotune=True)]
     result = {
         "device": gpu, "capability": "sm%d%d" % torch.cuda.get_device_capability(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"), "single_device": single, "context_parallel_gloo_one_gpu": [],

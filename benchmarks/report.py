@@ -106,16 +106,18 @@ def _targets(result) -> list[str]:
 
 def _split_lines(rows) -> list[str]:
     # host ms: time to issue the split's work; when it is near split ms, the host, not the GPU, sets the pace.
-    lines = ["| provider | S | P | bwd | whole ms | split ms | host ms | efficiency |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # per round: whole/split of each alternating round (when the suite timed rounds), to show the spread
+    lines = ["| provider | S | P | bwd | whole ms | split ms | host ms | efficiency | per round |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "efficiency" in r:
             host = f"{r['split_host_ms']:.2f}" if "split_host_ms" in r else ""
+            rounds = ", ".join(f"{e:.3f}" for e in r.get("round_efficiencies", []))
             lines.append(f"| {r['provider']} | {r['S']} | {r['P']} | {r['backward']} | {r['whole']['median_ms']:.2f} | "
-                         f"{r['split']['median_ms']:.2f} | {host} | {r['efficiency']:.3f} |")
+                         f"{r['split']['median_ms']:.2f} | {host} | {r['efficiency']:.3f} | {rounds} |")
         else:
             lines.append(f"| {r['provider']} | {r['S']} | {r['P']} | {r['backward']} | "
-                         f"error: {r.get('error', '')[:80]} | | | |")
+                         f"error: {r.get('error', '')[:80]} | | | | |")
     return lines
 
 
