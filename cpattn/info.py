@@ -89,8 +89,8 @@ def auto_choice() -> str:
     call = make_call(q, kv, kv, None, 0.0, True, None, True)
     chosen = AUTO.choose(call)
     head = f"auto picks {chosen.name if chosen else 'nothing'} for causal GQA 16:4, S=4096, D=128, {dtype} with gradients"
-    tail = ("attention_provider('auto', autotune=True) times every provider that takes a call, once per input "
-            "signature, and runs the fastest")
+    tail = ("attention_provider('auto', autotune=True) times the first three providers that take a call, once "
+            "per input signature, and runs the fastest")
     return head + "\n  " + AUTO.explain(call).replace("\n", "\n  ") + "\n" + tail
 
 

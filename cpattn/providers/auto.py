@@ -13,8 +13,8 @@ another, with the same code, FA4 stayed ahead in those shapes (benchmarks/result
 size threshold was right on one host and wrong on the other, so the order stays fixed by default.
 
 Autotuning (`attention_provider("auto", autotune=True)`) measures instead of assuming: the first call of each
-input signature times every provider that takes it (forward, or forward+backward when gradients are needed,
-on copies of the inputs) and the fastest one runs from then on, this call included. It is opt-in because that
+input signature times the first MAX_TIMED providers in the order that take it (forward, or forward+backward when
+gradients are needed, on copies of the inputs) and the fastest one runs from then on, this call included. It is opt-in because that
 first call costs tens of milliseconds per candidate and because two hosts may then pick different kernels.
 Calls that cannot be timed keep the fixed order: dropout (timing would consume random numbers), CUDA graph
 capture, torch.compile tracing, and the context-parallel path (forward/backward with an external LSE), where
@@ -23,12 +23,18 @@ each rank must make the same choice without talking to the others.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
 import torch
 
 from ..contract import FLOAT_DTYPES, AttentionCall, Capabilities, Provider
+
+# Autotuning times at most this many candidates, the first in ORDER that take the call: it bounds the first
+# call's cost (flex compiles for seconds, math materialises the S x S scores), and in the suites under
+# benchmarks/results/ no provider further down the order was ever the fastest.
+MAX_TIMED = 3
 
 ORDER = {
     "cuda": ("flash", "_native_cudnn", "flash_varlen", "_native_flash", "_native_efficient", "flex", "_native_math"),
@@ -85,7 +91,7 @@ class Auto(Provider):
                 if n in self._registry and not self._registry[n].reasons(call, **need))
 
     def _fastest(self, key: tuple, call: AttentionCall) -> Provider | None:
-        takers = list(self._takers(call, {}))
+        takers = list(itertools.islice(self._takers(call, {}), MAX_TIMED))
         if len(takers) < 2:
             return takers[0] if takers else None
         timings: dict[str, float | str] = {}
