@@ -128,3 +128,13 @@ def test_measure_ms_times_forward_only_without_gradients():
     ms = measure_ms(PROVIDERS["_native_math"], call)
     assert 0 < ms < 1000
     assert call.query.grad is None
+
+
+def test_autotune_times_no_more_than_max_timed_candidates(monkeypatch):
+    import cpattn.providers.auto as auto_module
+
+    monkeypatch.setattr(auto_module, "MAX_TIMED", 1)
+    measure = FakeTimes(_native_flash=5.0, _native_math=1.0)
+    auto = Auto(PROVIDERS, autotune=True, measure=measure)
+    assert auto.choose(_call()).name == "_native_flash"  # one candidate left: nothing to compare, nothing timed
+    assert measure.timed == []
