@@ -19,7 +19,7 @@ step() {
     [ "$code" = 0 ] || echo "!! exit $code: $*"
 }
 timed() {
-    step 240 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_tuned
+    step 300 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_tuned_margin
     step 200 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 \
         --split-providers flash _native_cudnn --out "$out" --tag ring_split_alternating
     for run in 1 2; do
