@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The single-GPU measurements the README's hardware record still lacks, in one device call:
-#   1. correctness of 'auto' with its fixed order and with autotune=True (FA4 and cuDNN alongside), each case
-#      dispatched twice so the cached runner is checked too;
-#   2. 'auto' with autotune=True against every provider it chooses among (alternating rounds);
-#   3. ring split efficiency at S=64k with whole and split timed in alternating rounds;
-#   4. dispatch host overhead, twice (it varies from run to run on a shared host).
-# With two GPUs or more, the correctness check runs on GPU 1 while the timed steps run on GPU 0.
+#   1. the Triton gradient add (cpattn/gradsum_kernel.py) bit for bit against torch on CUDA tensors;
+#   2. correctness of the ring backward that uses it: ring, Ulysses and all-gather with 2 and 3 ranks on this GPU
+#      over gloo, forward and backward, against float64;
+#   3. ring split efficiency at S=64k (whole and split in alternating rounds) and where the split's time goes.
+# With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 # Run after the optional wheels are installed (../shared/gpu/fetch-wheels.sh); results go to $OUT if set.
 set -u
@@ -19,16 +18,14 @@ step() {
     [ "$code" = 0 ] || echo "!! exit $code: $*"
 }
 timed() {
-    step 300 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_tuned_margin
     step 200 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 \
-        --split-providers flash _native_cudnn --out "$out" --tag ring_split_alternating
-    for run in 1 2; do
-        step 60 python -m benchmarks.run --suite gpu --only overhead --out "$out" --tag "overhead_autotune_r$run"
-    done
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_gradsum
+    step 120 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_gradsum
 }
 checks() {
-    step 180 python benchmarks/gpu_check.py --providers auto flash _native_cudnn --cp-worlds --out "$out" \
-        --tag _auto
+    step 60 python tests/gradsum_kernel_check.py --cuda
+    step 240 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
+        --out "$out" --tag _gradsum
 }
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     CUDA_VISIBLE_DEVICES=0 timed > "$out/owed_timed.log" 2>&1 &

@@ -238,6 +238,7 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
         local = cpattn.document_mask(_doc_bounds(case.seq), mesh, case.layout)
         doc_mask_ok = torch.equal(local.expand_as(mask_l).cpu(), mask_l.cpu())
     result = Outcome(stats=dict(state.cp.stats) if state.cp is not None else {})
+    result.stats["fused_grad_adds"] = len(_FUSED_GRAD_ADDS)  # since the process started
     if case.mask == "mask_mod":
         result.stats["mask_mod_max_cells"] = max(_MASK_MOD_CELLS)
     if case.mask == "documents":
@@ -254,9 +255,31 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     return result
 
 
+_FUSED_GRAD_ADDS: list = []
+
+
+def _use_triton_kernels_on_cpu() -> None:
+    """For tests/gradsum_kernel_check.py (TRITON_INTERPRET=1): the ring's Triton kernels run on these CPU ranks'
+    tensors in Triton's interpreter, and the gradient adds are counted (reported as stats["fused_grad_adds"])."""
+    import cpattn.gradsum
+    import cpattn.merge
+
+    add = cpattn.gradsum._fused_add()
+
+    def counted(*args):
+        _FUSED_GRAD_ADDS.append(1)
+        add(*args)
+
+    cpattn.gradsum._fuse_on = lambda part: True
+    cpattn.gradsum._fused_add = lambda: counted
+    cpattn.merge._fuse_on = lambda acc_out: True
+
+
 def _worker(rank: int, world: int, port: int, cases: list, queue) -> None:
     import torch.distributed as dist
 
+    if os.environ.get("CPATTN_TEST_TRITON_ON_CPU") == "1":
+        _use_triton_kernels_on_cpu()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)

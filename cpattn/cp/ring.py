@@ -6,9 +6,10 @@ overlaps the kernel), computes attention of its queries against the block, and m
 a float32 accumulator. W-1 exchanges in all; the last block is never sent on.
 
 Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay put, KV rotates as in the
-forward, and each block's float32 dK/dV accumulator travels with the block: rank r adds its contribution
-to the accumulator of block s, passes both on, and after the last step one more hop returns every
-accumulator to its owner. Per-block gradients come from the provider's backward given the global
+forward, and each block's dK/dV accumulator travels with the block: rank r adds its contribution to the
+accumulator of block s, passes both on, and after the last step one more hop returns every accumulator to its
+owner. The sums are float32 (cpattn.gradsum); on the first hop an accumulator holds one block gradient, exact in
+the inputs' dtype, and on the final hop the finished sum, so those two hops carry the inputs' dtype. Per-block gradients come from the provider's backward given the global
 (out, lse), which is exact: softmax probabilities of a block are exp(score - global lse).
 
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
@@ -23,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .. import gradsum
 from ..contract import AttentionCall, Provider
 from ..masks import is_mask_mod, materialize_mask_mod, select_keys, select_queries
 from ..merge import PartialAttention
@@ -179,23 +181,29 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tup
 
 def ring_backward(
     provider: Provider, call: AttentionCall, spec: RingSpec, dout: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor, dq_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq float32, dk, dv in the inputs' dtype) of this rank's shard; dK/dV accumulators travel with their KV
-    block in float32 and make their final hop home in the inputs' dtype."""
+    """(dq in `dq_dtype`, dk, dv in the inputs' dtype) of this rank's shard.
+
+    Each sum is kept as `cpattn.gradsum` describes: a block's first part as it is, float32 from the second part
+    on, its last addition written in the final dtype. So a dK/dV accumulator makes its first hop in the inputs'
+    dtype (it holds one part, exactly), the middle hops in float32, and the final hop home in the inputs' dtype
+    (the sum is complete; the owner would only cast it)."""
     group, world = spec.group, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, spec.max_length)
-    grad_buffers = _KVBuffers(k, v, spec.max_length, torch.float32)  # the dK/dV accumulators in transit
+    first_hop = _KVBuffers(k, v, spec.max_length)  # the accumulators' first hop: one part, in the inputs' dtype
+    grad_buffers = _KVBuffers(k, v, spec.max_length, torch.float32)  # the middle hops: float32 sums
     rows = _RowSlices(call.q_len, query=call.query, dout=dout, out=out, lse=lse)
-    dq = dk_acc = dv_acc = None  # float32, made from the first block's gradients (see _accumulate)
+    dq = dk_acc = dv_acc = None
     pending_dkv = None
     for step in range(world):
         src = (group.rank - step) % world
         prev_len = spec.length((src - 1) % world)
+        last = step == world - 1
         pending_kv = None
-        if step < world - 1:
+        if not last:
             pending_kv = channel.exchange([k, v], buffers.next(prev_len), "kv")
         plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         grads = None
@@ -206,33 +214,33 @@ def ring_backward(
         if pending_dkv is not None:  # the accumulators of block `src`, from the ranks that saw it before
             dk_acc, dv_acc = pending_dkv.wait()
         if grads is not None:
-            dq = _accumulate(dq, plan.rows, grads[0], call.query.shape)
-            dk_acc = _accumulate(dk_acc, plan.cols, grads[1], k.shape)
-            dv_acc = _accumulate(dv_acc, plan.cols, grads[2], v.shape)
+            dq = _accumulate(dq, plan.rows, grads[0], call.q_len, dq_dtype if last else torch.float32)
+            dk_acc = _accumulate(dk_acc, plan.cols, grads[1], k.shape[2], k.dtype if last else torch.float32)
+            dv_acc = _accumulate(dv_acc, plan.cols, grads[2], v.shape[2], v.dtype if last else torch.float32)
         if dk_acc is None:  # step 0 and no query row here (an empty shard): this block's sums start at zero
-            dk_acc, dv_acc = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
-        if step < world - 1:
-            pending_dkv = channel.exchange([dk_acc, dv_acc], grad_buffers.next(prev_len), "dkv")
+            dk_acc, dv_acc = torch.zeros_like(k), torch.zeros_like(v)
+        if step == 0 and not last:
+            send = [gradsum.finish(dk_acc, k.dtype), gradsum.finish(dv_acc, v.dtype)]
+            pending_dkv = channel.exchange(send, first_hop.next(prev_len), "dkv")
+        elif not last:  # float32 on the wire even where this rank added nothing to a first-hop sum
+            send = [gradsum.finish(dk_acc, torch.float32), gradsum.finish(dv_acc, torch.float32)]
+            pending_dkv = channel.exchange(send, grad_buffers.next(prev_len), "dkv")
         else:  # the final hop home, after the last block's compute, so nothing overlaps it
             pending_dkv = channel.exchange(*_final_hop(dk_acc, dv_acc, call.dtype, prev_len), "dkv")
         if pending_kv is not None:
             k, v = pending_kv.wait()
     dk, dv = pending_dkv.wait()
     if dq is None:
-        dq = torch.zeros(call.query.shape, dtype=torch.float32, device=call.device)
-    return dq, dk, dv
+        dq = torch.zeros(call.query.shape, dtype=dq_dtype, device=call.device)
+    return gradsum.finish(dq, dq_dtype), dk, dv
 
 
-def _accumulate(acc: torch.Tensor | None, index: slice, part: torch.Tensor, shape) -> torch.Tensor:
-    """`acc[:, :, index] += part` in float32. A missing accumulator starts as a contiguous float32 copy of a part
-    that covers it whole, else as zeros: at step 0 a rank's own diagonal block covers everything, which saves a
-    zero fill and an addition pass over each of dQ, dK and dV."""
-    if acc is None:
-        if part.shape[2] == shape[2]:
-            return part.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        acc = torch.zeros(shape, dtype=torch.float32, device=part.device)
-    acc.narrow(2, index.start, index.stop - index.start).add_(part)  # narrow: a view without tuple indexing
-    return acc
+def _accumulate(total: torch.Tensor | None, index: slice, part: torch.Tensor, length: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """`total[:, :, index] += part` (see cpattn.gradsum); `out_dtype` is float32 until the last step."""
+    if total is None:
+        return gradsum.start(part, index, length)
+    return gradsum.add(total, index, part, out_dtype)
 
 
 def _final_hop(dk_acc: torch.Tensor, dv_acc: torch.Tensor, dtype: torch.dtype, own_len: int):
@@ -241,8 +249,8 @@ def _final_hop(dk_acc: torch.Tensor, dv_acc: torch.Tensor, dtype: torch.dtype, o
 
     Every contribution has been added by then and the owner only casts the sum to that dtype, so casting before
     the hop gives the same bits and halves the bytes of the one transfer that no compute hides (from bf16: on two
-    H200s at S=32k, H=16 that is 268 MB of float32 per rank)."""
-    send = [dk_acc.to(dtype), dv_acc.to(dtype)]
+    H200s at S=32k, H=16 that is 268 MB of float32 per rank). The last addition usually wrote that dtype already."""
+    send = [gradsum.finish(dk_acc, dtype), gradsum.finish(dv_acc, dtype)]
     receive = [t.new_empty(t.shape[:2] + (own_len,) + t.shape[3:]) for t in send]
     return send, receive
 
@@ -263,8 +271,8 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         query, key, value, out, lse = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
-        dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse)
-        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), None, None, None
+        dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse, query.dtype)
+        return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None
 
 
 def ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec) -> torch.Tensor:

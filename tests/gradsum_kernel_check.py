@@ -1,0 +1,115 @@
+"""Run by tests/test_gradsum_kernel.py in a process with TRITON_INTERPRET=1: the Triton gradient add on CPU
+tensors (Triton's interpreter) against the torch ops it replaces, bit for bit, over dtypes, head dims, row ranges
+and strides; then ring backwards at 2-4 gloo ranks with that kernel doing their adds, against float64."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import torch
+
+CUDA = "--cuda" in sys.argv  # on a GPU: the kernel cases alone, on CUDA tensors, compiled (no interpreter)
+assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1, or with --cuda on a GPU"
+DEVICE = "cuda" if CUDA else "cpu"
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import cpattn.gradsum as gradsum  # noqa: E402
+from cp_harness import Case, run_cases  # noqa: E402
+from cpattn.gradsum_kernel import add_rows_into  # noqa: E402
+from reliability_helpers import cp_tolerance  # noqa: E402
+
+
+def _tensor(shape, dtype, g, transposed: bool) -> torch.Tensor:
+    """Random values with some -0.0; `transposed`: a (B, H, S, D) view of (B, S, H, D) storage, as FA4 returns."""
+    b, h, s, d = shape
+    x = torch.randn(b, s, h, d, generator=g) if transposed else torch.randn(b, h, s, d, generator=g)
+    x[x.abs() < 0.05] = -0.0
+    x = x.to(dtype=dtype, device=DEVICE)
+    return x.transpose(1, 2) if transposed else x
+
+
+def case(total_dtype, part_dtype, out_dtype, dim, rows: slice, seed: int) -> str | None:
+    """None if the kernel gives the bits the torch ops give, else what differs."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, s = 2, 3, 29
+    n = len(range(s)[rows])
+    total = _tensor((b, h, s, dim), total_dtype, g, transposed=seed % 2 == 0)
+    part = _tensor((b, h, n, dim), part_dtype, g, transposed=seed % 3 == 0)
+    want = total.to(torch.float32, copy=True)
+    want.narrow(2, rows.start, n).add_(part)
+    want = want.to(out_dtype)
+    before = total.clone()
+    got = torch.empty(total.shape, dtype=out_dtype, device=DEVICE)
+    add_rows_into(got, total, part, rows.start)
+    if not torch.equal(total, before):
+        return "total changed"
+    as_bits = {2: torch.int16, 4: torch.int32}[out_dtype.itemsize]
+    if not torch.equal(got.view(as_bits), want.view(as_bits)):
+        return f"bits differ: max error {(got.double() - want.double()).abs().max().item():.2e}"
+    return None
+
+
+def main() -> int:
+    checked, failures = 0, []
+    dtypes = ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
+              (torch.float32, torch.float32))
+    grid = itertools.product(dtypes, (torch.float32, torch.bfloat16), (8, 24, 128),
+                             (slice(0, 29), slice(0, 14), slice(14, 29), slice(5, 6)))
+    for i, ((total_dtype, part_dtype), out_dtype, dim, rows) in enumerate(grid):
+        if total_dtype == part_dtype == torch.float32 and out_dtype == torch.float32:
+            continue  # gradsum.add does this one in place with torch, never with the kernel
+        problem = case(total_dtype, part_dtype, out_dtype, dim, rows, seed=i)
+        checked += 1
+        if problem:
+            failures.append(f"total {total_dtype} part {part_dtype} out {out_dtype} D={dim} rows={rows}: {problem}")
+    if CUDA:
+        print("\n".join(failures))
+        print(f"checked {checked} kernel cases on {torch.cuda.get_device_name()}, {len(failures)} failed")
+        return 1 if failures else 0
+    # gradsum.add through the kernel: a first part kept as it is, then float32, then the final dtype
+    gradsum._fuse_on = lambda part: True
+    g = torch.Generator().manual_seed(7)
+    parts = [torch.randn(1, 2, 10, 8, generator=g).bfloat16() for _ in range(3)]
+    total = gradsum.start(parts[0], slice(0, 10), 10)
+    total = gradsum.add(total, slice(0, 10), parts[1])
+    total = gradsum.add(total, slice(5, 10), parts[2][:, :, 5:], torch.bfloat16)
+    want = parts[0].float() + parts[1].float()
+    want[:, :, 5:] += parts[2][:, :, 5:].float()
+    checked += 1
+    if not (total.dtype == torch.bfloat16 and torch.equal(total, want.bfloat16())):
+        failures.append("gradsum start/add/add chain differs from the float32 sum")
+
+    # Ring backwards whose gradient adds (and merges) run in the kernels, at 2-4 ranks, against float64.
+    os.environ["CPATTN_TEST_TRITON_ON_CPU"] = "1"
+    adds = 0
+    for world in (2, 3, 4):
+        cases = [Case(strategy="ring", layout=layout, causal=causal, dtype="bfloat16", seq=seq, q_heads=4, kv_heads=2)
+                 for layout, causal, seq in (("zigzag", True, 4 * world + 3), ("contiguous", False, 3 * world),
+                                             ("contiguous", True, 2 * world + 1))]  # ranks that add nothing
+        cases.append(Case(strategy="ring", dtype="bfloat16", q_heads=world * 2, kv_heads=world * 2, seq=world * 2,
+                          head_dim=8))  # heads == seq_len
+        outcomes = run_cases(world, cases, timeout=240)
+        for c in cases:
+            o = outcomes[c.name]
+            checked += 1
+            if o.exception:
+                failures.append(f"ring W={world} {c.name}: {o.exception}")
+                continue
+            adds = max(adds, o.stats.get("fused_grad_adds", 0))
+            bad = {k: v for k, v in o.errors.items()
+                   if k in ("dq", "dk", "dv") and not v <= cp_tolerance(torch.bfloat16, world, "grad")}
+            if bad or not o.errors.get("out", 1) <= cp_tolerance(torch.bfloat16, world):
+                failures.append(f"ring W={world} {c.name}: errors {o.errors}")
+    if not adds:
+        failures.append("the ring backward never called the fused gradient add")
+    print("\n".join(failures))
+    print(f"checked {checked} cases ({adds} fused gradient adds on one rank), {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
