@@ -53,6 +53,9 @@ def cases_for(world: int) -> list[Case]:
     cases.append(Case(provider="auto", strategy="ring", seq=13))
     cases.append(Case(strategy="ring", seq=3, q_heads=2, kv_heads=1))  # fewer tokens than chunks
     cases.append(Case(strategy="ring", grad=False, seq=16))  # no backward: W-1 KV sends only
+    # bf16 gradient sums: ranks that add nothing to a block's sum at some step (contiguous causal), even shards
+    cases.append(Case(strategy="ring", layout="contiguous", dtype="bfloat16", seq=2 * world + 1))
+    cases.append(Case(strategy="ring", dtype="bfloat16", seq=4 * world))
     return cases
 
 
@@ -109,6 +112,17 @@ def test_ring_backward_returns_each_accumulator_home(world):
     outcome = results(world)[Case(provider="native", strategy="ring", layout="zigzag", causal=True, seq=13).name]
     assert outcome.stats["kv_sends"] == 2 * (world - 1)  # forward and backward rotations
     assert outcome.stats["dkv_sends"] == world  # W-1 hops with the blocks, one final hop home
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ring_gradient_sums_travel_in_bf16_on_their_first_and_final_hops(world):
+    """A dK/dV accumulator holds one block gradient on its first hop (exact in bf16) and the finished sum on its
+    final hop; only the hops between carry float32."""
+    case = Case(strategy="ring", dtype="bfloat16", seq=4 * world)  # zigzag: every shard holds 4 tokens
+    outcome = results(world)[case.name]
+    _check(outcome, case)
+    numel = case.batch * case.kv_heads * 4 * case.head_dim  # one rank's dK (or dV)
+    assert outcome.stats["dkv_bytes"] == 2 * numel * (2 + 4 * (world - 2) + 2)
 
 
 @pytest.mark.parametrize("world", (2, 3, 4))
