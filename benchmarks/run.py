@@ -479,7 +479,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seqs", type=int, nargs="*", default=[1024, 2048, 4096, 16384, 65536])
     parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--tokens", type=int, default=16 * 16384, help="B*H*S per kernel measurement")
-    parser.add_argument("--split-seqs", type=int, nargs="*", default=[16384, 65536])
+    parser.add_argument("--split-seqs", type=int, nargs="*", default=[16384, 65536, 131072])
     parser.add_argument("--only", nargs="*", choices=("overhead", "kernels", "auto", "ring_split", "memory"))
     parser.add_argument("--auto-seqs", type=int, nargs="*", default=[2048, 4096, 16384])
     parser.add_argument("--split-providers", nargs="*")
