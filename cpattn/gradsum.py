@@ -17,19 +17,14 @@ ops. Every float32 addition happens in the same order either way, so both give t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .triton_kernels import optional_kernel
 
-@functools.cache
+
 def _fused_add():
     """The one-launch Triton add (cpattn/gradsum_kernel.py), or None where Triton cannot be imported."""
-    try:
-        from .gradsum_kernel import add_rows_into
-    except Exception:  # no Triton (CPU-only installs): the torch ops below do the same arithmetic
-        return None
-    return add_rows_into
+    return optional_kernel("gradsum_kernel", "add_rows_into")
 
 
 def _fuse_on(part: torch.Tensor) -> bool:

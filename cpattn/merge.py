@@ -10,21 +10,16 @@ log-sum-exp -inf; nothing divides by zero.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .triton_kernels import optional_kernel
 
 _TINY = torch.finfo(torch.float32).tiny
 
 
-@functools.cache
 def _fused_merge():
     """The one-launch Triton merge (cpattn/merge_kernel.py), or None where Triton cannot be imported."""
-    try:
-        from .merge_kernel import merge_into
-    except Exception:  # no Triton (CPU-only installs): the torch ops below do the same arithmetic
-        return None
-    return merge_into
+    return optional_kernel("merge_kernel", "merge_into")
 
 
 def _fuse_on(acc_out: torch.Tensor) -> bool:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from cpattn import reference_attention
@@ -59,3 +63,11 @@ def assert_lse_close(actual, expected, atol, what="lse"):
     if finite.any():
         err = (actual.double()[finite] - expected[finite]).abs().max().item()
         assert err <= atol, f"{what}: max abs error {err:.3g} > {atol:.3g}"
+
+
+def run_in_triton_interpreter(script: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run tests/<script> with TRITON_INTERPRET=1 in its own process (the variable must be set before Triton
+    compiles anything): the Triton kernels then run on CPU tensors."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    return subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout)

@@ -8,24 +8,18 @@ must be set before Triton compiles anything. tests/gradsum_kernel_check.py has t
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from cpattn import gradsum
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers import run_in_triton_interpreter
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (dev extra pins it)")
 def test_fused_gradient_add_matches_torch_in_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "gradsum_kernel_check.py")], env=env,
-                          capture_output=True, text=True, timeout=500)
+    proc = run_in_triton_interpreter("gradsum_kernel_check.py", timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     found = re.search(r"checked 97 cases \((\d+) fused gradient adds on one rank\), 0 failed", proc.stdout)
     assert found and int(found.group(1)) > 0, proc.stdout[-3000:]

@@ -8,21 +8,16 @@ TRITON_INTERPRET must be set before Triton compiles anything. tests/merge_kernel
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers import run_in_triton_interpreter
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (dev extra pins it)")
 def test_fused_merge_matches_merge_two_in_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "merge_kernel_check.py")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_in_triton_interpreter("merge_kernel_check.py", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"checked 52 cases \(\d+ kernel merges in rings\), 0 failed", proc.stdout), proc.stdout[-3000:]
 

@@ -9,8 +9,9 @@ Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay p
 forward, and each block's dK/dV accumulator travels with the block: rank r adds its contribution to the
 accumulator of block s, passes both on, and after the last step one more hop returns every accumulator to its
 owner. The sums are float32 (cpattn.gradsum); on the first hop an accumulator holds one block gradient, exact in
-the inputs' dtype, and on the final hop the finished sum, so those two hops carry the inputs' dtype. Per-block gradients come from the provider's backward given the global
-(out, lse), which is exact: softmax probabilities of a block are exp(score - global lse).
+the inputs' dtype, and on the final hop the finished sum, so those two hops carry the inputs' dtype. Per-block
+gradients come from the provider's backward given the global (out, lse), which is exact: softmax probabilities
+of a block are exp(score - global lse).
 
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
 rank does one diagonal block and W-1 half blocks. This module never names a provider.
@@ -219,12 +220,10 @@ def ring_backward(
             dv_acc = _accumulate(dv_acc, plan.cols, grads[2], v.shape[2], v.dtype if last else torch.float32)
         if dk_acc is None:  # step 0 and no query row here (an empty shard): this block's sums start at zero
             dk_acc, dv_acc = torch.zeros_like(k), torch.zeros_like(v)
-        if step == 0 and not last:
-            send = [gradsum.finish(dk_acc, k.dtype), gradsum.finish(dv_acc, v.dtype)]
-            pending_dkv = channel.exchange(send, first_hop.next(prev_len), "dkv")
-        elif not last:  # float32 on the wire even where this rank added nothing to a first-hop sum
-            send = [gradsum.finish(dk_acc, torch.float32), gradsum.finish(dv_acc, torch.float32)]
-            pending_dkv = channel.exchange(send, grad_buffers.next(prev_len), "dkv")
+        if not last:  # later hops are float32 even where this rank added nothing to a first-hop sum
+            hop, dtype = (first_hop, k.dtype) if step == 0 else (grad_buffers, torch.float32)
+            send = [gradsum.finish(dk_acc, dtype), gradsum.finish(dv_acc, dtype)]
+            pending_dkv = channel.exchange(send, hop.next(prev_len), "dkv")
         else:  # the final hop home, after the last block's compute, so nothing overlaps it
             pending_dkv = channel.exchange(*_final_hop(dk_acc, dv_acc, call.dtype, prev_len), "dkv")
         if pending_kv is not None:

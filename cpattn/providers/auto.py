@@ -80,7 +80,7 @@ class Auto(Provider):
             if self.autotune and not any(need.values()) and can_time(call):
                 self._choices[key] = self._fastest(key, call)
             else:
-                self._choices[key] = next(iter(self._takers(call, need)), None)
+                self._choices[key] = next(self._takers(call, need), None)
         return self._choices[key]
 
     @staticmethod
