@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The single-GPU measurements the README's hardware record still lacks, in one device call:
-#   1. the Triton gradient add (cpattn/gradsum_kernel.py) bit for bit against torch on CUDA tensors;
-#   2. correctness of the ring backward that uses it: ring, Ulysses and all-gather with 2 and 3 ranks on this GPU
-#      over gloo, forward and backward, against float64;
+#   1. the Triton merge (cpattn/merge_kernel.py) and gradient add (cpattn/gradsum_kernel.py) on CUDA tensors:
+#      merge against merge_two, in place and into new storage, with the result dtype's rounding checked against
+#      torch's cast; the add bit for bit against torch;
+#   2. correctness of the ring that uses them: ring, Ulysses and all-gather with 2 and 3 ranks on this GPU over
+#      gloo, forward and backward, against float64;
 #   3. ring split efficiency at S=64k (whole and split in alternating rounds) and where the split's time goes.
+# `bash benchmarks/gpu_owed.sh noncausal` runs step 1, then step 3's efficiency without a mask.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 # Run after the optional wheels are installed (../shared/gpu/fetch-wheels.sh); results go to $OUT if set.
@@ -17,15 +20,25 @@ step() {
     local code=$?
     [ "$code" = 0 ] || echo "!! exit $code: $*"
 }
+kernel_checks() {
+    step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
+    step 60 python tests/gradsum_kernel_check.py --cuda
+}
+if [ "${1:-}" = noncausal ]; then
+    kernel_checks
+    step 450 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-causal noncausal \
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_noncausal
+    exit 0
+fi
 timed() {
-    step 200 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 \
-        --split-providers flash _native_cudnn --out "$out" --tag ring_split_gradsum
-    step 120 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_gradsum
+    step 230 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 \
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_views
+    step 100 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_views
 }
 checks() {
-    step 60 python tests/gradsum_kernel_check.py --cuda
-    step 240 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
-        --out "$out" --tag _gradsum
+    kernel_checks
+    step 200 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
+        --out "$out" --tag _views
 }
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     CUDA_VISIBLE_DEVICES=0 timed > "$out/owed_timed.log" 2>&1 &

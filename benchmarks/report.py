@@ -99,7 +99,8 @@ def _targets(result) -> list[str]:
     split = [r for r in result.get("ring_split", []) if r.get("P") == 4 and r.get("S") == 65536 and r.get("backward")]
     for r in split:
         if "efficiency" in r:
-            lines.append(f"| {TARGETS['ring_split']} ({r['provider']}) | {r['efficiency']:.3f} | "
+            mask = "zigzag causal" if r.get("causal", True) else "no mask"
+            lines.append(f"| {TARGETS['ring_split']} ({r['provider']}, {mask}) | {r['efficiency']:.3f} | "
                          f"{'yes' if r['efficiency'] >= 0.97 else 'no'} |")
     return lines
 
@@ -107,17 +108,17 @@ def _targets(result) -> list[str]:
 def _split_lines(rows) -> list[str]:
     # host ms: time to issue the split's work; when it is near split ms, the host, not the GPU, sets the pace.
     # per round: whole/split of each alternating round (when the suite timed rounds), to show the spread
-    lines = ["| provider | S | P | bwd | whole ms | split ms | host ms | efficiency | per round |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| provider | causal | S | P | bwd | whole ms | split ms | host ms | efficiency | per round |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        head = f"| {r['provider']} | {r.get('causal', True)} | {r['S']} | {r['P']} | {r['backward']} |"
         if "efficiency" in r:
             host = f"{r['split_host_ms']:.2f}" if "split_host_ms" in r else ""
             rounds = ", ".join(f"{e:.3f}" for e in r.get("round_efficiencies", []))
-            lines.append(f"| {r['provider']} | {r['S']} | {r['P']} | {r['backward']} | {r['whole']['median_ms']:.2f} | "
-                         f"{r['split']['median_ms']:.2f} | {host} | {r['efficiency']:.3f} | {rounds} |")
+            lines.append(f"{head} {r['whole']['median_ms']:.2f} | {r['split']['median_ms']:.2f} | {host} | "
+                         f"{r['efficiency']:.3f} | {rounds} |")
         else:
-            lines.append(f"| {r['provider']} | {r['S']} | {r['P']} | {r['backward']} | "
-                         f"error: {r.get('error', '')[:80]} | | | | |")
+            lines.append(f"{head} error: {r.get('error', '')[:80]} | | | | |")
     return lines
 
 
@@ -166,7 +167,7 @@ def write_report(path: str) -> str:
         lines += ["", "## auto vs every provider it chooses among (through attention_dispatch, alternating rounds)", ""]
         lines += _auto_lines(result["auto"])
     if result.get("ring_split"):
-        lines += ["", "## Ring split efficiency on one GPU (zigzag causal; all P ranks' work, no communication)", ""]
+        lines += ["", "## Ring split efficiency on one GPU (zigzag layout; all P ranks' work, no communication)", ""]
         lines += _split_lines(result["ring_split"])
     if result.get("memory"):
         lines += ["", "## Peak memory per rank (native provider, causal, fwd+bwd)", "",

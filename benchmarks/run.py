@@ -334,10 +334,10 @@ def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, 
                             channel_factory=_LoopbackChannel(blocks, r))
             lq, lk, lv, ldo, lo, ll = local[r]
             call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
-            ring_forward(adapter, call, spec)
+            ring_forward(adapter, call, spec, lq.dtype)  # dtypes as RingAttention asks for them
             if backward:  # the same rank's backward, with a fresh channel
                 spec.channel_factory = _LoopbackChannel(blocks, r)
-                ring_backward(adapter, call, spec, ldo, lo, ll)
+                ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype)
     return whole, split
 
 
@@ -458,9 +458,10 @@ def run_gpu(args) -> dict:
     if "auto" in only:
         result["auto"] = auto_suite(args.auto_seqs, args.head_dims, args.tokens)
     if "ring_split" in only:
-        result["ring_split"] = [row for p in args.split_providers or ["flash", "_native_cudnn"]
+        result["ring_split"] = [row for causal in args.split_causal
+                                for p in args.split_providers or ["flash", "_native_cudnn"]
                                 if p in cpattn.PROVIDERS and cpattn.PROVIDERS[p].availability().ok
-                                for row in ring_split_suite(p, args.split_seqs, (2, 4, 8))]
+                                for row in ring_split_suite(p, args.split_seqs, (2, 4, 8), causal == "causal")]
     if "memory" in only:
         result["memory"] = memory_suite("cuda", 4, 32768)
     return result
@@ -480,6 +481,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--tokens", type=int, default=16 * 16384, help="B*H*S per kernel measurement")
     parser.add_argument("--split-seqs", type=int, nargs="*", default=[16384, 65536, 131072])
+    parser.add_argument("--split-causal", nargs="*", choices=("causal", "noncausal"), default=["causal"],
+                        help="ring split masks: zigzag causal (the default), and/or none")
     parser.add_argument("--only", nargs="*", choices=("overhead", "kernels", "auto", "ring_split", "memory"))
     parser.add_argument("--auto-seqs", type=int, nargs="*", default=[2048, 4096, 16384])
     parser.add_argument("--split-providers", nargs="*")

@@ -16,6 +16,7 @@ A provider is an adapter with three entry points:
 * ``backward(call, dout, out, lse) -> (dq, dk, dv)``: gradients of this block given the *global* output and
   log-sum-exp of the whole row (what ring backward hands it). Only where ``Capabilities.backward`` is set.
   They are new tensors the caller owns (any strides): the ring keeps a block's first gradient as its running sum.
+  ``forward``'s results are new tensors too: the ring keeps its first block's output as its running result.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Capabilities:
     backward: bool = False  # backward() with an externally supplied (out, lse) (ring backward needs it)
     training: bool = False  # gradients flow through attention() on the single-device path
     deterministic_backward: bool = True
+    # forward()/backward() read row slices of (B, H, S, D) tensors as they are (strided views, no copy): a ring
+    # then passes views of the rows it needs instead of making dense copies of them
+    row_views: bool = False
     notes: tuple[str, ...] = ()
 
 

@@ -10,6 +10,8 @@ add per further part (2 + 4 + 4) and a final cast (4 + 2). Two things make it ch
   reads it in that dtype and writes the float32 sum (`add`: 2 + 2 + 4 bytes instead of 6 and 10).
 * The last add writes the sum in the final dtype (`add(..., out_dtype=torch.bfloat16)`: 4 + 2 + 2 bytes instead
   of 10 and 6).
+The adds between (float32 in place, 4 + 2 + 4 bytes) are the same kernel too: torch adds a bf16 part in a
+kernel's transposed layout to a float32 sum with its generic strided loop, slower than the Triton tile.
 
 On CUDA each of those is one Triton kernel (cpattn/gradsum_kernel.py); elsewhere the same arithmetic in torch
 ops. Every float32 addition happens in the same order either way, so both give the same bits.
@@ -48,10 +50,14 @@ def add(total: torch.Tensor, rows: slice, part: torch.Tensor, out_dtype: torch.d
 
     A float32 `total` that stays float32 is added to in place (it is the caller's accumulator); otherwise the
     result is a new contiguous tensor and `total` is left as it was."""
-    if total.dtype == torch.float32 and out_dtype == torch.float32:
-        total.narrow(2, rows.start, rows.stop - rows.start).add_(part)
-        return total
     fused = _fused_add() if _fuse_on(part) else None
+    if total.dtype == torch.float32 and out_dtype == torch.float32:
+        view = total.narrow(2, rows.start, rows.stop - rows.start)
+        if fused is not None:  # torch's mixed-dtype add of a transposed part takes its slow strided kernel
+            fused(view, view, part, 0)
+        else:
+            view.add_(part)
+        return total
     if fused is not None:
         out = torch.empty(total.shape, dtype=out_dtype, device=total.device)
         fused(out, total, part, rows.start)

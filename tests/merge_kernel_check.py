@@ -1,5 +1,7 @@
 """Run by tests/test_merge_kernel.py in a process with TRITON_INTERPRET=1: the Triton merge kernel on CPU
-tensors (Triton's interpreter) against `merge_two`, over dtypes, head dims, row slices and poisoned rows."""
+tensors (Triton's interpreter) against `merge_two`, over dtypes, head dims, row slices and poisoned rows, in
+place and into new storage; then ring forwards whose merges it does. With --cuda (on a GPU): the kernel cases on
+CUDA tensors."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import sys
 
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+CUDA = "--cuda" in sys.argv  # on a GPU: the kernel cases alone, on CUDA tensors, compiled (no interpreter)
+assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1, or with --cuda on a GPU"
+DEVICE = "cuda" if CUDA else "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cpattn.merge  # noqa: E402
@@ -19,45 +23,80 @@ from cpattn.cp.mesh import Group  # noqa: E402
 from cpattn.cp.ring import RingSpec, ring_forward  # noqa: E402
 from cpattn.dispatch import make_call  # noqa: E402
 from cpattn.merge import merge_two  # noqa: E402
-from cpattn.merge_kernel import merge_into  # noqa: E402
+from cpattn.merge_kernel import merge_rows_into  # noqa: E402
 from cpattn.providers import get_provider  # noqa: E402
 from cpattn.reference import reference_attention  # noqa: E402
 
 
-def case(dtype: torch.dtype, dim: int, rows: slice, seed: int) -> str | None:
-    """None if the kernel matches merge_two, else what differs."""
+def _differs(got: torch.Tensor, want: torch.Tensor, name: str, tol: float) -> str | None:
+    got, want = got.float(), want.float()
+    if not torch.equal(got.isnan(), want.isnan()):
+        return f"{name}: NaN in different places"
+    if not torch.equal(got.isinf(), want.isinf()) or not torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0)):
+        return f"{name}: infinities differ"
+    finite = want.isfinite()
+    err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+    if err > tol * max(1.0, want[finite].abs().max().item()):
+        return f"{name}: max error {err:.2e}"
+    return None
+
+
+def case(acc_dtype: torch.dtype, blk_dtype: torch.dtype, out_dtype: torch.dtype | None, dim: int, rows: slice,
+         seed: int) -> str | None:
+    """None if the kernel matches merge_two, else what differs. `out_dtype` None: in place on the block's rows
+    of a float32 accumulator; else into new storage of that dtype over every row (acc in `acc_dtype`, a
+    provider's first block kept as it came, here a transposed view)."""
     g = torch.Generator().manual_seed(seed)
     b, h, s = 2, 3, 29
-    acc_out = torch.randn(b, h, s, dim, generator=g)
-    acc_lse = torch.randn(b, h, s, generator=g) * 4
+    acc_out = torch.randn(b, s, h, dim, generator=g).to(device=DEVICE, dtype=acc_dtype).transpose(1, 2)  # (B, S, H, D)
+    acc_lse = (torch.randn(b, h, s, generator=g) * 4).to(DEVICE)
     n = len(range(s)[rows])
-    blk_out = torch.randn(b, h, n, dim, generator=g).to(dtype)
-    blk_lse = torch.randn(b, h, n, generator=g) * 4
+    blk_out = torch.randn(b, h, n, dim, generator=g).to(device=DEVICE, dtype=blk_dtype)
+    blk_lse = (torch.randn(b, h, n, generator=g) * 4).to(DEVICE)
     # Poisoned and empty rows: both empty, one empty, +inf, NaN, and a huge gap between the two lse.
     acc_lse[0, 0, rows][:2] = float("-inf")
     blk_lse[0, 0, :1] = float("-inf")
-    blk_lse[0, 1, 1 % n] = float("-inf")
+    blk_lse[0, 1, 1 % n] = float("nan")
     blk_lse[1, 0, 2 % n] = float("nan")
     acc_lse[1, 1, rows][3 % n] = float("inf")
     blk_lse[1, 2, 4 % n] = 500.0
-    want_out, want_lse = merge_two(acc_out[:, :, rows], acc_lse[:, :, rows], blk_out, blk_lse)
-    untouched = [acc_out.clone(), acc_lse.clone()]
-    merge_into(acc_out[:, :, rows], acc_lse[:, :, rows], blk_out, blk_lse)
-    got_out, got_lse = acc_out[:, :, rows], acc_lse[:, :, rows]
-    for name, got, want in (("out", got_out, want_out), ("lse", got_lse, want_lse)):
-        if not torch.equal(got.isnan(), want.isnan()):
-            return f"{name}: NaN in different places"
-        if not torch.equal(got.isinf(), want.isinf()) or not torch.equal(got.isinf() & (got > 0), want.isinf() & (want > 0)):
-            return f"{name}: infinities differ"
-        finite = want.isfinite()
-        err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
-        if err > 1e-5 * max(1.0, want[finite].abs().max().item()):
-            return f"{name}: max error {err:.2e}"
-    outside = torch.ones(s, dtype=torch.bool)
+    acc_out[1, 2, 0] = -0.0  # rows outside the block keep their bits
+    want_out, want_lse = acc_out.float().clone(), acc_lse.clone()
+    want_out[:, :, rows], want_lse[:, :, rows] = merge_two(acc_out[:, :, rows], acc_lse[:, :, rows], blk_out, blk_lse)
+    before = (acc_out.clone(), acc_lse.clone())
+    if out_dtype is None:
+        acc_out = acc_out.float()
+        view_out, view_lse = acc_out[:, :, rows], acc_lse[:, :, rows]
+        merge_rows_into(view_out, view_lse, view_out, view_lse, blk_out, blk_lse, 0)
+        got_out, got_lse = acc_out, acc_lse
+        tol = 1e-5
+    else:
+        got_out = torch.empty(acc_out.shape, dtype=out_dtype, device=DEVICE)
+        got_lse = torch.empty(acc_lse.shape, device=DEVICE)
+        merge_rows_into(got_out, got_lse, acc_out, acc_lse, blk_out, blk_lse, rows.start)
+        want_out = want_out.to(out_dtype)
+        tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+        if not (torch.equal(acc_out, before[0]) and torch.equal(acc_lse, before[1])):
+            return "the accumulator changed: a merge into new storage must leave it as it was"
+    for got, want, name in ((got_out, want_out, "out"), (got_lse, want_lse, "lse")):
+        problem = _differs(got, want, name, tol)
+        if problem:
+            return problem
+    outside = torch.ones(s, dtype=torch.bool, device=DEVICE)
     outside[rows] = False
-    if not (torch.equal(acc_out[:, :, outside], untouched[0][:, :, outside])
-            and torch.equal(acc_lse[:, :, outside], untouched[1][:, :, outside])):
-        return "rows outside the slice changed"
+    # Outside the block: the accumulator's rows, bit for bit (converted to the result dtype as torch would).
+    keep_out = before[0].float().to(got_out.dtype)[:, :, outside]
+    if not (torch.equal(got_out[:, :, outside], keep_out)
+            and torch.equal(got_out[:, :, outside].signbit(), keep_out.signbit())
+            and torch.equal(got_lse[:, :, outside], before[1][:, :, outside])):
+        return "rows outside the block changed"
+    if out_dtype in (torch.bfloat16, torch.float16):  # rounded once, as torch casts the float32 result
+        wide_out, wide_lse = torch.empty(acc_out.shape, device=DEVICE), torch.empty(acc_lse.shape, device=DEVICE)
+        merge_rows_into(wide_out, wide_lse, acc_out, acc_lse, blk_out, blk_lse, rows.start)
+        rounded = wide_out.to(out_dtype)
+        same = (got_out == rounded) | (got_out.isnan() & rounded.isnan())
+        if not bool(same.all()):
+            return f"{out_dtype} rounding differs from torch's cast of the float32 result"
     return None
 
 
@@ -98,19 +137,28 @@ def ring_case(world: int, total: int, layout: str, causal: bool, hq: int, hkv: i
 
 def main() -> int:
     checked, failures = 0, []
-    grid = itertools.product((torch.float32, torch.bfloat16, torch.float16), (8, 40, 128, 256),
+    # In place (float32 accumulator), and into new storage: from a float32 or a kept bf16 first block, to
+    # float32 (the first merge) or the result dtype (the last).
+    modes = ((torch.float32, None), (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16))
+    grid = itertools.product(modes, (torch.float32, torch.bfloat16), (8, 40, 128),
                              (slice(0, 29), slice(0, 14), slice(14, 29), slice(5, 6)))
-    for i, (dtype, dim, rows) in enumerate(grid):
-        problem = case(dtype, dim, rows, seed=i)
+    for i, ((acc_dtype, out_dtype), blk_dtype, dim, rows) in enumerate(grid):
+        problem = case(acc_dtype, blk_dtype, out_dtype, dim, rows, seed=i)
         checked += 1
         if problem:
-            failures.append(f"{dtype} D={dim} rows={rows}: {problem}")
+            failures.append(f"acc {acc_dtype} block {blk_dtype} -> {out_dtype or 'in place'} D={dim} rows={rows}: "
+                            f"{problem}")
+    if CUDA:
+        print("\n".join(failures))
+        print(f"checked {checked} kernel cases on {torch.cuda.get_device_name()}, {len(failures)} failed")
+        return 1 if failures else 0
     # The kernel inside the ring: zigzag steps merge into row slices of the accumulator.
     launches = []
 
     def counted(*args):
         launches.append(1)
-        merge_into(*args)
+        merge_rows_into(*args)
 
     cpattn.merge._fuse_on = lambda acc_out: True
     cpattn.merge._fused_merge = lambda: counted

@@ -94,22 +94,29 @@ def block_plan(spec: RingSpec, me: int, src: int, causal: bool, q_len: int | Non
 
 
 class _RowSlices:
-    """Dense copies of some query rows of the tensors that stay put, made once per distinct row range.
+    """Some query rows of the tensors that stay put (query; dO, out and lse in a backward), as the provider
+    takes them: views where its kernels read strided rows as they are (`Capabilities.row_views`), else dense
+    copies made once per distinct row range. Zigzag steps with a later source all use the same rows (my late
+    chunk), so a copy serves every such step."""
 
-    Zigzag steps with a later source all use the same rows (my late chunk), so a backward copies its query,
-    dO, out and lse rows once instead of at every such step."""
-
-    def __init__(self, full_rows: int, **tensors: torch.Tensor):
-        self._full, self._tensors, self._made = full_rows, tensors, {}
+    def __init__(self, full_rows: int, views: bool, **tensors: torch.Tensor):
+        self._full, self._views, self._tensors, self._made = full_rows, views, tensors, {}
 
     def get(self, name: str, rows: slice) -> torch.Tensor:
         x = self._tensors[name]
         if rows.start == 0 and rows.stop == self._full:
             return x
+        if self._views:
+            return x[:, :, rows]
         key = (name, rows.start, rows.stop)
         if key not in self._made:
             self._made[key] = x[:, :, rows].contiguous()
         return self._made[key]
+
+
+def _row_slices(provider: Provider, call: AttentionCall, **tensors: torch.Tensor) -> _RowSlices:
+    caps = provider.capabilities(call.device.type)
+    return _RowSlices(call.q_len, caps is not None and caps.row_views, **tensors)
 
 
 def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan,
@@ -158,26 +165,30 @@ class _KVBuffers:
         return [kbuf[: b * h * length * d].view(b, h, length, d), vbuf[: b * h * length * dv].view(b, h, length, dv)]
 
 
-def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (out float32, lse) of attention over the whole ring's keys."""
+def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec,
+                 out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (out in `out_dtype`, lse float32) of attention over the whole ring's keys. Merges are float32;
+    the last one writes `out_dtype` (see PartialAttention)."""
     group, world = spec.group, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, spec.max_length)
-    rows = _RowSlices(call.q_len, query=call.query)
+    rows = _row_slices(provider, call, query=call.query)
+    plans = [block_plan(spec, group.rank, (group.rank - step) % world, call.is_causal, call.q_len)
+             for step in range(world)]
+    last_block = max((step for step, plan in enumerate(plans) if plan is not None), default=-1)
     acc = PartialAttention.for_rows(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
-    for step in range(world):
+    for step, plan in enumerate(plans):
         src = (group.rank - step) % world
         pending = None
         if step < world - 1:  # start the next block's transfer before computing on this one
             pending = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
-        plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         if plan is not None:
             out_b, lse_b = provider.forward(_block_call(call, spec, src, k, v, plan, rows))
-            acc.add_rows(plan.rows, out_b, lse_b)
+            acc.add_rows(plan.rows, out_b, lse_b, out_dtype if step == last_block else torch.float32)
         if pending is not None:
             k, v = pending.wait()
-    return acc.value()
+    return acc.result(out_dtype)
 
 
 def ring_backward(
@@ -196,7 +207,7 @@ def ring_backward(
     buffers = _KVBuffers(k, v, spec.max_length)
     first_hop = _KVBuffers(k, v, spec.max_length)  # the accumulators' first hop: one part, in the inputs' dtype
     grad_buffers = _KVBuffers(k, v, spec.max_length, torch.float32)  # the middle hops: float32 sums
-    rows = _RowSlices(call.q_len, query=call.query, dout=dout, out=out, lse=lse)
+    rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     dq = dk_acc = dv_acc = None
     pending_dkv = None
     for step in range(world):
@@ -260,8 +271,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, provider, call, spec):
         call = call.replace(query=query, key=key, value=value)
-        out, lse = ring_forward(provider, call, spec)
-        out = out.to(query.dtype)  # cast once, at the end
+        out, lse = ring_forward(provider, call, spec, query.dtype)
         ctx.provider, ctx.call, ctx.spec = provider, call, spec
         ctx.save_for_backward(query, key, value, out, lse)
         return out
@@ -278,5 +288,4 @@ def ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec) -> t
     if call.needs_grad:
         return RingAttention.apply(call.query, call.key, call.value, provider, call, spec)
     with torch.no_grad():
-        out, _ = ring_forward(provider, call, spec)
-    return out.to(call.dtype)
+        return ring_forward(provider, call, spec, call.dtype)[0]

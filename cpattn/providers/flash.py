@@ -260,6 +260,7 @@ class _Generation:
             dtypes=HALF_DTYPES, max_head_dim=self.max_head_dim, min_compute_capability=self.min_compute_capability,
             causal=True, key_padding_mask=self.varlen, varlen=self.varlen, dropout=self.has_dropout, gqa=True,
             backward=True, training=True, deterministic_backward=False, notes=tuple(notes),
+            row_views=not self.varlen,  # (B, S, H, D) views with any row offset; varlen packing would copy
         )
 
     def limits(self, call: AttentionCall, compute_capability: tuple[int, int]) -> list[str]:

@@ -72,7 +72,7 @@ class NativeMath(Provider):
     description = "PyTorch SDPA math backend (reference-exact, O(S^2) memory)"
     _caps = Capabilities(
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
-        backward=True, training=True,
+        backward=True, training=True, row_views=True,  # plain matmuls: any strides
     )
     supports = {"cpu": _caps, "cuda": _caps}
 
