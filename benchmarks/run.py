@@ -63,12 +63,14 @@ def bench_gpu(fn, rep_ms=60, warmup_ms=15, min_runs=10) -> dict:
 
 
 def bench_alternating(fns: dict, rounds: int = 3) -> dict:
-    """`bench_gpu` of each function in turn, `rounds` times: the median of the rounds' medians per function.
+    """`bench_gpu` of each function in turn, `rounds` times (in reverse order every other round): the median of
+    the rounds' medians per function.
     Timed once each, one after the other, the same cuDNN kernel called directly and through dispatch gave ratios
     from 0.99 to 1.10 in one H100 run (clocks drift over seconds); alternating exposes both to the same drift."""
     runs = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for i in range(rounds):
+        order = list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]  # neither always goes first
+        for name, fn in order:
             runs[name].append(bench_gpu(fn))
     out = {}
     for name, results in runs.items():
@@ -116,7 +118,7 @@ def direct_callable(provider: str, q, k, v, causal: bool):
     return None
 
 
-def kernels_suite(providers, seqs, head_dims, batch_heads_tokens) -> list[dict]:
+def kernels_suite(providers, seqs, head_dims, batch_heads_tokens, rounds: int = 3) -> list[dict]:
     rows = []
     device = torch.device("cuda")
     combos = [(p, d, s, c) for p in providers for d in head_dims for s in seqs for c in (False, True)]
@@ -151,13 +153,18 @@ def kernels_suite(providers, seqs, head_dims, batch_heads_tokens) -> list[dict]:
                         if backward:
                             out.backward(dout_direct)
                     timed["direct"] = run_direct
-                row.update(bench_alternating(timed))
+                row.update(bench_alternating(timed, rounds))
                 f = flops(b, h, s, d, causal, backward)
                 for key in ("dispatch", "direct"):
                     if key in row:
                         row[key]["tflops"] = f / (row[key]["median_ms"] * 1e-3) / 1e12
                 if "direct" in row:
                     row["dispatch_vs_direct"] = row["direct"]["median_ms"] / row["dispatch"]["median_ms"]
+                    # paired: each round's ratio, so a clock change between rounds cancels; their median
+                    ratios = [a / b for a, b in zip(row["direct"]["round_medians_ms"],
+                                                    row["dispatch"]["round_medians_ms"])]
+                    row["round_ratios"] = ratios
+                    row["dispatch_vs_direct_paired"] = statistics.median(ratios)
             except Exception as exc:  # record, keep going
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.append(row)
@@ -454,7 +461,7 @@ def run_gpu(args) -> dict:
     if "overhead" in only:
         result["overhead"] = [host_overhead("cuda"), host_overhead("cpu")]
     if "kernels" in only:
-        result["kernels"] = kernels_suite(providers, args.seqs, args.head_dims, args.tokens)
+        result["kernels"] = kernels_suite(providers, args.seqs, args.head_dims, args.tokens, args.rounds)
     if "auto" in only:
         result["auto"] = auto_suite(args.auto_seqs, args.head_dims, args.tokens)
     if "ring_split" in only:
@@ -484,6 +491,7 @@ def main(argv=None) -> None:
     parser.add_argument("--split-causal", nargs="*", choices=("causal", "noncausal"), default=["causal"],
                         help="ring split masks: zigzag causal (the default), and/or none")
     parser.add_argument("--only", nargs="*", choices=("overhead", "kernels", "auto", "ring_split", "memory"))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per kernels-suite case")
     parser.add_argument("--auto-seqs", type=int, nargs="*", default=[2048, 4096, 16384])
     parser.add_argument("--split-providers", nargs="*")
     parser.add_argument("--out", default=RESULTS)
