@@ -26,6 +26,7 @@ from cpattn.merge import merge_two  # noqa: E402
 from cpattn.merge_kernel import merge_rows_into  # noqa: E402
 from cpattn.providers import get_provider  # noqa: E402
 from cpattn.reference import reference_attention  # noqa: E402
+from helpers import LoopbackRing  # noqa: E402
 
 
 def _differs(got: torch.Tensor, want: torch.Tensor, name: str, tol: float) -> str | None:
@@ -100,21 +101,6 @@ def case(acc_dtype: torch.dtype, blk_dtype: torch.dtype, out_dtype: torch.dtype 
     return None
 
 
-class _Loopback:
-    """One rank's ring with no network: each exchange 'receives' the block rank r-1 would send."""
-
-    def __init__(self, blocks, rank):
-        self._blocks, self._rank, self._step = blocks, rank, 0
-
-    def __call__(self, group, timeout, stats):
-        return self
-
-    def exchange(self, send, recv, kind):
-        self._step += 1
-        got = [t.clone() for t in self._blocks[(self._rank - self._step) % len(self._blocks)]]
-        return type("Done", (), {"wait": staticmethod(lambda: got)})()
-
-
 def ring_case(world: int, total: int, layout: str, causal: bool, hq: int, hkv: int) -> str | None:
     """Every rank's ring forward, its merges done by the kernel, against the float64 reference."""
     g = torch.Generator().manual_seed(world * 100 + total)
@@ -126,7 +112,7 @@ def ring_case(world: int, total: int, layout: str, causal: bool, hq: int, hkv: i
     provider = get_provider("_native_math")
     for r in range(world):
         spec = RingSpec(Group(None, r, world, "loopback"), layout, total, 60.0, CommStats(),
-                        channel_factory=_Loopback(blocks, r))
+                        channel_factory=LoopbackRing(blocks, r))
         call = make_call(q[:, :, pos[r]], *blocks[r], None, 0.0, causal, None, hq != hkv)
         out, _ = ring_forward(provider, call, spec)
         err = (out.double() - want[:, :, pos[r]]).abs().max().item()

@@ -14,23 +14,7 @@ from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_backward, ring_forward
 from cpattn.dispatch import make_call
 from cpattn.providers.native import NativeMath
-
-
-class _Loopback:
-    """Rank r's ring with no network: each exchange 'receives' the KV block rank r-1 would send."""
-
-    def __init__(self, blocks, rank):
-        self._blocks, self._rank, self._step = blocks, rank, 0
-
-    def __call__(self, group, timeout, stats):
-        return self
-
-    def exchange(self, send, recv, kind):
-        if kind != "kv":
-            return type("Done", (), {"wait": staticmethod(lambda: recv)})()
-        self._step += 1
-        got = list(self._blocks[(self._rank - self._step) % len(self._blocks)])
-        return type("Done", (), {"wait": staticmethod(lambda: got)})()
+from helpers import LoopbackRing
 
 
 class _Recording(NativeMath):
@@ -58,10 +42,10 @@ def _run(provider, world=2, total=12):
     lq = q[:, :, pos[0]].contiguous()
     call = make_call(lq, *blocks[0], None, 0.0, True, None, False)
     spec = RingSpec(Group(None, 0, world, "loopback"), "zigzag", total, 60.0, CommStats(),
-                    channel_factory=_Loopback(blocks, 0))
+                    channel_factory=LoopbackRing(blocks, 0))
     out, lse = ring_forward(provider, call, spec)
     dout = torch.randn_like(lq)
-    spec.channel_factory = _Loopback(blocks, 0)
+    spec.channel_factory = LoopbackRing(blocks, 0)
     grads = ring_backward(provider, call, spec, dout, out, lse)
     return lq, dout, out, grads
 
@@ -80,6 +64,6 @@ def test_row_views_reach_the_kernel_only_where_declared():
             if not row_views:
                 assert t.is_contiguous()
         results[row_views] = (out, grads)
-    # out and dQ are this rank's own (dK/dV need the other rank's sums, which a one-rank loopback does not have)
+    # out and dQ are this rank's own (see LoopbackRing)
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     torch.testing.assert_close(results[True][1][0], results[False][1][0], rtol=0, atol=0)
