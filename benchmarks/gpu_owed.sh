@@ -5,8 +5,11 @@
 #      torch's cast; the add bit for bit against torch;
 #   2. correctness of the ring that uses them: ring, Ulysses and all-gather with 2 and 3 ranks on this GPU over
 #      gloo, forward and backward, against float64;
-#   3. ring split efficiency at S=64k (whole and split in alternating rounds) and where the split's time goes.
-# `bash benchmarks/gpu_owed.sh noncausal` runs step 1, then step 3's efficiency without a mask.
+#   3. ring split efficiency at S=64k (whole and split in alternating rounds) and where the split's time goes,
+#      GPU idle gaps included.
+# `bash benchmarks/gpu_owed.sh checks` runs steps 1-2, `... timed` step 3, `... noncausal` step 3's efficiency
+# without a mask; several names run those steps in order (one device call is too short for all); no argument:
+# checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
 # Run after the optional wheels are installed (../shared/gpu/fetch-wheels.sh); results go to $OUT if set.
@@ -24,22 +27,29 @@ kernel_checks() {
     step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
     step 60 python tests/gradsum_kernel_check.py --cuda
 }
-if [ "${1:-}" = noncausal ]; then
-    kernel_checks
-    step 450 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-causal noncausal \
-        --split-providers flash _native_cudnn --out "$out" --tag ring_split_noncausal
-    exit 0
-fi
+noncausal() {
+    step 300 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-causal noncausal \
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_noncausal_nary
+}
 timed() {
     step 230 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 \
-        --split-providers flash _native_cudnn --out "$out" --tag ring_split_views
-    step 100 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_views
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_nary
+    step 100 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_nary
 }
 checks() {
     kernel_checks
     step 200 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
-        --out "$out" --tag _views
+        --out "$out" --tag _nary
 }
+if [ $# -gt 0 ]; then  # the steps named, in order
+    for mode in "$@"; do
+        case "$mode" in
+            checks|timed|noncausal) "$mode" ;;
+            *) echo "unknown step: $mode (checks, timed, noncausal)"; exit 2 ;;
+        esac
+    done
+    exit 0
+fi
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     CUDA_VISIBLE_DEVICES=0 timed > "$out/owed_timed.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 checks > "$out/owed_checks.log" 2>&1 &

@@ -45,8 +45,33 @@ def profile_case(provider: str, s: int, p: int, backward: bool, top: int) -> dic
     cpu = [e for e in events if e.device_type.name == "CPU"]
     row["top_host_ops"] = [{"name": e.key[:90], "count": e.count, "self_ms": e.self_cpu_time_total / 1e3}
                            for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:top]]
+    row.update(gpu_idle(prof, top))
+    with profile(activities=[ProfilerActivity.CUDA]) as whole_prof:  # the same measure of the whole call
+        whole()
+        torch.cuda.synchronize()
+    whole_kernels = [e for e in whole_prof.key_averages() if e.device_type.name == "CUDA"]
+    row["whole_kernel_ms"] = sum(e.self_device_time_total for e in whole_kernels) / 1e3
+    row["whole_gpu_span_ms"] = gpu_idle(whole_prof, 0).get("gpu_span_ms")
     row["top_python"] = python_profile(split, top)
     return row
+
+
+def gpu_idle(prof, top: int) -> dict:
+    """From the trace: the time between the split's first kernel start and last kernel end in which no kernel
+    ran, and its largest gaps with the kernels on either side (the GPU waiting on the host, or launch latency)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    if not spans:
+        return {}
+    gaps, busy_until, before = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, before[:60], name[:60]))
+        if end > busy_until:
+            busy_until, before = end, name
+    idle = sum(g for g, _, _ in gaps)
+    return {"gpu_span_ms": (busy_until - spans[0][0]) / 1e3, "gpu_idle_ms": idle / 1e3, "gpu_gaps": len(gaps),
+            "largest_gaps": [{"us": g, "after": a, "before": b} for g, a, b in sorted(gaps, reverse=True)[:top]]}
 
 
 def python_profile(fn, top: int, repeats: int = 5) -> list[dict]:

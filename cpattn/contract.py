@@ -15,8 +15,9 @@ A provider is an adapter with three entry points:
 * ``forward(call) -> (out, lse)``: used by context-parallel schedules.
 * ``backward(call, dout, out, lse) -> (dq, dk, dv)``: gradients of this block given the *global* output and
   log-sum-exp of the whole row (what ring backward hands it). Only where ``Capabilities.backward`` is set.
-  They are new tensors the caller owns (any strides): the ring keeps a block's first gradient as its running sum.
-  ``forward``'s results are new tensors too: the ring keeps its first block's output as its running result.
+  They are new tensors the caller owns (any strides): the ring keeps dQ parts until it adds them, and a block's
+  first dK/dV part as its running sum. ``forward``'s results are new tensors too: the ring keeps its blocks'
+  outputs until it merges them.
 """
 
 from __future__ import annotations

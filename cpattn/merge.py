@@ -17,9 +17,13 @@ from .triton_kernels import optional_kernel
 _TINY = torch.finfo(torch.float32).tiny
 
 
+MAX_BLOCKS = 4  # blocks one Triton launch merges (cpattn/merge_kernel.py); PartialAttention folds beyond that
+
+
 def _fused_merge():
-    """The one-launch Triton merge (cpattn/merge_kernel.py), or None where Triton cannot be imported."""
-    return optional_kernel("merge_kernel", "merge_rows_into")
+    """The one-launch Triton merge (cpattn/merge_kernel.py: `merge_blocks_into(out, lse, [(out_b, lse_b, first
+    row), ...])`), or None where Triton cannot be imported."""
+    return optional_kernel("merge_kernel", "merge_blocks_into")
 
 
 def _fuse_on(acc_out: torch.Tensor) -> bool:
@@ -28,105 +32,74 @@ def _fuse_on(acc_out: torch.Tensor) -> bool:
     return acc_out.is_cuda
 
 
-def merge_rows(acc_out: torch.Tensor, acc_lse: torch.Tensor, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor,
-               out_dtype: torch.dtype = torch.float32, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The accumulator (out, lse) with a block merged on `rows`: (out in `out_dtype`, lse float32).
-
-    `in_place` (a float32 accumulator the caller owns, a float32 result): only the block's rows are written,
-    into the accumulator itself. Otherwise the result is new storage over every row, the accumulator is left as
-    it was, and may be in any dtype and strides (a provider's first block, kept as it came). On CUDA with Triton
-    either is one kernel; elsewhere `merge_two` and copies."""
-    in_place = in_place and out_dtype == acc_out.dtype == acc_lse.dtype == torch.float32
-    fused = _fused_merge() if _fuse_on(acc_out) else None
-    if in_place:
-        out_view, lse_view = acc_out[:, :, rows], acc_lse[:, :, rows]
-        if fused is not None:
-            fused(out_view, lse_view, out_view, lse_view, out_b, lse_b, 0)
-        else:
-            merged_out, merged_lse = merge_two(out_view, lse_view, out_b, lse_b)
-            out_view.copy_(merged_out)
-            lse_view.copy_(merged_lse)
-        return acc_out, acc_lse
-    if fused is not None:
-        out = torch.empty(acc_out.shape, dtype=out_dtype, device=acc_out.device)
-        lse = torch.empty(acc_lse.shape, dtype=torch.float32, device=acc_lse.device)
-        fused(out, lse, acc_out, acc_lse, out_b, lse_b, rows.start)
-        return out, lse
-    out = acc_out.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    lse = acc_lse.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    out[:, :, rows], lse[:, :, rows] = merge_two(out[:, :, rows], lse[:, :, rows], out_b, lse_b)
-    return out.to(out_dtype), lse
-
-
 def _shifted_max(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(m), 0.0, m)
 
 
 class PartialAttention:
-    """A running (out, lse) that absorbs one block result after another (the ring's accumulator).
+    """A running (out, lse) over query rows that absorbs block results (the ring's accumulator).
 
-    A first block that covers every row is kept as the provider returned it, in its dtype and strides (a
-    provider's results are new tensors its caller owns): no copy. The first merge writes new float32 storage,
-    never the kept block's; later merges update that storage in place on their rows; and a merge told
-    `out_dtype` (the ring's last) writes the result in that dtype, so nothing casts afterwards. Rounding happens
-    once either way: a kept bf16 block is exact, and every merge computes in float32.
-    Made with `for_rows`, it allocates nothing until the first block; a first block over some rows only merges
-    into out 0, lse -inf.
+    The blocks are kept as the provider returned them, in their dtype and strides (a provider's results are new
+    tensors its caller owns), and merged when `result` asks: up to MAX_BLOCKS in one pass that reads each block
+    once and writes the result once, in the dtype asked for. Merging as blocks arrive would read and write a
+    float32 accumulator once per block instead (at W=4 zigzag blocks about 11 passes of the output's size
+    against 4). A block arriving when MAX_BLOCKS are held first folds them into float32 storage, so at most
+    MAX_BLOCKS are held: up to W=4 that is about the memory of a float32 accumulator and one block. Rounding to the result dtype happens once.
+    Rows no block covers come out as out 0, lse -inf.
     """
 
-    def __init__(self) -> None:
-        self.out: torch.Tensor | None = None
-        self.lse: torch.Tensor | None = None
-        self._shape: tuple | None = None  # (batch, heads, q_len, value_dim, device) for `for_rows`
-        self._owned = False  # out and lse are float32 storage this accumulator allocated (merged into in place)
-
-    @classmethod
-    def empty(cls, batch: int, heads: int, q_len: int, value_dim: int, device) -> "PartialAttention":
-        """An accumulator that has seen no key yet: out 0, lse -inf (merging into it is exact)."""
-        acc = cls()
-        acc.out = torch.zeros(batch, heads, q_len, value_dim, dtype=torch.float32, device=device)
-        acc.lse = torch.full((batch, heads, q_len), float("-inf"), dtype=torch.float32, device=device)
-        acc._owned = True
-        return acc
+    def __init__(self, batch: int, heads: int, q_len: int, value_dim: int, device) -> None:
+        self._shape = (batch, heads, q_len, value_dim)
+        self._device = device
+        self._blocks: list[tuple[slice, torch.Tensor, torch.Tensor]] = []  # (rows, out, lse), in arrival order
 
     @classmethod
     def for_rows(cls, batch: int, heads: int, q_len: int, value_dim: int, device) -> "PartialAttention":
-        """An accumulator of this shape whose storage comes with the first block (see the class docstring)."""
-        acc = cls()
-        acc._shape = (batch, heads, q_len, value_dim, device)
-        return acc
+        """An accumulator of this shape that has seen no key yet (out 0, lse -inf); allocates nothing."""
+        return cls(batch, heads, q_len, value_dim, device)
 
-    def add(self, out_b: torch.Tensor, lse_b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> None:
-        """Merge a block that covers every query row."""
-        self.add_rows(slice(0, out_b.shape[2]), out_b, lse_b, out_dtype)
+    empty = for_rows
 
-    def add_rows(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor,
-                 out_dtype: torch.dtype = torch.float32) -> None:
-        """Merge a block that covers some query rows (zigzag steps where only the later half attends).
-        `out_dtype`: the dtype the accumulator holds afterwards; float32 while more blocks follow."""
-        if self.out is None:
-            q_len = out_b.shape[2] if self._shape is None else self._shape[2]
-            if rows.start == 0 and rows.stop == q_len:
-                self.out, self.lse = out_b, lse_b.float()  # kept (see the class docstring)
-                return
-            assert self._shape is not None, "start from empty() or for_rows(), or add a block covering every row"
-            self.out, self.lse = PartialAttention.empty(*self._shape).value()
-            self._owned = True
-        self.out, self.lse = merge_rows(self.out, self.lse, rows, out_b, lse_b, out_dtype, self._owned)
-        self._owned = self.out.dtype == torch.float32
+    def add(self, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        """Add a block that covers every query row."""
+        self.add_rows(slice(0, self._shape[2]), out_b, lse_b)
+
+    def add_rows(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        """Add a block that covers some query rows (zigzag steps where only the later half attends). The block is
+        kept, not copied: the caller must not write to it afterwards."""
+        if len(self._blocks) == MAX_BLOCKS:  # a full hand folds when one more comes, not before: the last fold
+            self._fold(torch.float32)  # of a ring then writes the result dtype itself
+        self._blocks.append((rows, out_b, lse_b))
 
     def value(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (out, lse) so far, both float32; out 0 and lse -inf for an accumulator of `for_rows` that saw
-        nothing."""
+        """The (out, lse) so far, both float32."""
         return self.result(torch.float32)
 
     def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out in `dtype`, lse float32): the accumulator's own tensors where out has that dtype already."""
-        if self.out is None:
-            assert self._shape is not None, "no block was added"
-            empty = PartialAttention.empty(*self._shape)
-            return empty.out.to(dtype), empty.lse
-        return self.out.to(dtype), self.lse
+        """(out in `dtype`, lse float32): a lone block that covers every row as it is (cast where needed)."""
+        if not (len(self._blocks) == 1 and self._covers_all(self._blocks[0][0])):
+            self._fold(dtype)
+        _, out, lse = self._blocks[0]
+        return out.to(dtype), lse.float()
+
+    def _covers_all(self, rows: slice) -> bool:
+        return rows.start == 0 and rows.stop == self._shape[2]
+
+    def _fold(self, dtype: torch.dtype) -> None:
+        """Merge the blocks held into new storage over every row, which becomes the one block held."""
+        b, h, s, _ = self._shape
+        out = torch.empty(self._shape, dtype=dtype, device=self._device)
+        lse = torch.empty(b, h, s, dtype=torch.float32, device=self._device)
+        fused = _fused_merge() if self._blocks and _fuse_on(out) else None
+        if fused is not None:
+            fused(out, lse, [(o, l, rows.start) for rows, o, l in self._blocks])
+        else:  # merge_two from out 0, lse -inf (exact: the first block comes through as it is)
+            total = torch.zeros(self._shape, dtype=torch.float32, device=self._device)
+            lse.fill_(float("-inf"))
+            for rows, o, l in self._blocks:
+                total[:, :, rows], lse[:, :, rows] = merge_two(total[:, :, rows], lse[:, :, rows], o, l)
+            out.copy_(total)
+        self._blocks = [(slice(0, s), out, lse)]
 
 
 def merge_two(

@@ -1,6 +1,7 @@
 """Run by tests/test_gradsum_kernel.py in a process with TRITON_INTERPRET=1: the Triton gradient add on CPU
 tensors (Triton's interpreter) against the torch ops it replaces, bit for bit, over dtypes, head dims, row ranges
-and strides; then ring backwards at 2-4 gloo ranks with that kernel doing their adds, against float64."""
+and strides, for two parts and for `RowSum`'s three to MAX_PARTS; then ring backwards at 2-4 gloo ranks with that
+kernel doing their adds, against float64."""
 
 from __future__ import annotations
 
@@ -58,6 +59,38 @@ def case(total_dtype, part_dtype, out_dtype, dim, rows: slice, seed: int) -> str
     return None
 
 
+def row_sum_case(n: int, out_dtype, dim, spans: tuple, seed: int) -> str | None:
+    """None if `RowSum` over `n` parts (part i on rows spans[i % len]) gives, through the kernel, the bits of its
+    torch path (first part as it is, float32 adds in order, one rounding), and leaves the parts as they were."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, s = 2, 3, 29
+    parts = [(spans[i % len(spans)], _tensor((b, h, len(range(s)[spans[i % len(spans)]]), dim),
+                                               torch.bfloat16 if i % 3 else torch.float32, g, transposed=i % 2 == 0))
+             for i in range(n)]
+    before = [p.clone() for _, p in parts]
+    sums = {}
+    for fused in (True, False):
+        gradsum._fuse_on = lambda part, fused=fused: fused
+        total = gradsum.RowSum((b, h, s, dim), DEVICE)
+        for rows, part in parts:
+            total.add(rows, part)
+        sums[fused] = total.result(out_dtype)
+    gradsum._fuse_on = lambda part: part.is_cuda
+    if not all(torch.equal(p, q) and torch.equal(p.signbit(), q.signbit()) for (_, p), q in zip(parts, before)):
+        return "a part changed"
+    got, want = sums[True], sums[False]
+    as_bits = {2: torch.int16, 4: torch.int32}[out_dtype.itemsize]
+    if got.dtype != out_dtype or not torch.equal(got.view(as_bits), want.view(as_bits)):
+        return f"bits differ: max error {(got.double() - want.double()).abs().max().item():.2e}"
+    exact = torch.zeros(b, h, s, dim, dtype=torch.float64, device=DEVICE)
+    for rows, part in parts:
+        exact[:, :, rows] += part.double()
+    err = (got.double() - exact).abs().max().item()
+    if err > (1e-5 if out_dtype == torch.float32 else 2e-2) * max(1.0, exact.abs().max().item()):
+        return f"max error {err:.2e} against the float64 sum"
+    return None
+
+
 def main() -> int:
     checked, failures = 0, []
     dtypes = ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
@@ -69,6 +102,15 @@ def main() -> int:
         checked += 1
         if problem:
             failures.append(f"total {total_dtype} part {part_dtype} out {out_dtype} D={dim} rows={rows}: {problem}")
+    # RowSum (the ring's dQ): three parts to twice MAX_PARTS (folds in float32 between launches), zigzag halves,
+    # rows no part covers, a first part over some rows only.
+    spans = ((slice(0, 29), slice(14, 29)), (slice(0, 29), slice(0, 29), slice(14, 29)), (slice(3, 20), slice(10, 29)))
+    for i, (n, out_dtype, dim, span) in enumerate(itertools.product(
+            (3, gradsum.MAX_PARTS, 2 * gradsum.MAX_PARTS + 1), (torch.float32, torch.bfloat16), (8, 128), spans)):
+        problem = row_sum_case(n, out_dtype, dim, span, seed=500 + i)
+        checked += 1
+        if problem:
+            failures.append(f"RowSum of {n} parts -> {out_dtype} D={dim} rows={span}: {problem}")
     if CUDA:
         print("\n".join(failures))
         print(f"checked {checked} kernel cases on {torch.cuda.get_device_name()}, {len(failures)} failed")

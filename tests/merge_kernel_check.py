@@ -1,7 +1,7 @@
 """Run by tests/test_merge_kernel.py in a process with TRITON_INTERPRET=1: the Triton merge kernel on CPU
-tensors (Triton's interpreter) against `merge_two`, over dtypes, head dims, row slices and poisoned rows, in
-place and into new storage; then ring forwards whose merges it does. With --cuda (on a GPU): the kernel cases on
-CUDA tensors."""
+tensors (Triton's interpreter) against `merge_two` for two blocks, over dtypes, head dims, row slices and poisoned
+rows, in place and into new storage; for three and four blocks against a float64 merge; then ring forwards whose
+merges it does. With --cuda (on a GPU): the kernel cases on CUDA tensors."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from cpattn.cp.mesh import Group  # noqa: E402
 from cpattn.cp.ring import RingSpec, ring_forward  # noqa: E402
 from cpattn.dispatch import make_call  # noqa: E402
 from cpattn.merge import merge_two  # noqa: E402
-from cpattn.merge_kernel import merge_rows_into  # noqa: E402
+from cpattn.merge_kernel import merge_blocks_into, merge_rows_into  # noqa: E402
 from cpattn.providers import get_provider  # noqa: E402
 from cpattn.reference import reference_attention  # noqa: E402
 from helpers import LoopbackRing  # noqa: E402
@@ -101,6 +101,74 @@ def case(acc_dtype: torch.dtype, blk_dtype: torch.dtype, out_dtype: torch.dtype 
     return None
 
 
+def _merge_float64(blocks, shape):
+    """The guarded merge of merge_two over any number of blocks, each on its rows, in float64."""
+    b, h, s, d = shape
+    lses, outs = [], []
+    for out_b, lse_b, first in blocks:
+        lse = torch.full((b, h, s), float("-inf"), dtype=torch.float64, device=DEVICE)
+        out = torch.zeros(shape, dtype=torch.float64, device=DEVICE)
+        lse[:, :, first:first + out_b.shape[2]] = lse_b.double()
+        out[:, :, first:first + out_b.shape[2]] = out_b.double()
+        lses.append(lse)
+        outs.append(out)
+    lse = torch.stack(lses)
+    m = lse.amax(dim=0)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    w = torch.exp(lse - m)
+    z = w.sum(dim=0)
+    total = torch.where(z == 0, float("-inf"), m + torch.log(z))
+    w = w / z.clamp_min(torch.finfo(torch.float32).tiny)
+    return sum(o * w[i].unsqueeze(-1) for i, o in enumerate(outs)), total
+
+
+def many_case(n: int, out_dtype: torch.dtype, dim: int, spans: tuple, in_place: bool, seed: int) -> str | None:
+    """None if the kernel's merge of `n` blocks (block i on rows spans[i]; some bf16 in a kernel's transposed
+    layout) matches the float64 merge; blocks are never written unless `in_place` writes into the first."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, s = 2, 3, 29
+    blocks = []
+    for i in range(n):
+        rows = spans[i % len(spans)]
+        k = len(range(s)[rows])
+        dtype = torch.bfloat16 if i % 2 else torch.float32
+        out_b = torch.randn(b, k, h, dim, generator=g).to(device=DEVICE, dtype=dtype).transpose(1, 2)
+        lse_b = (torch.randn(b, h, k, generator=g) * 4).to(DEVICE)
+        blocks.append((out_b, lse_b, rows.start))
+    if in_place:  # the first block is float32 over every row and receives the merge
+        blocks[0] = (torch.randn(b, h, s, dim, generator=g).to(DEVICE), (torch.randn(b, h, s, generator=g) * 4).to(DEVICE), 0)
+    lse0 = blocks[0][1]
+    lse0[0, 0, :2] = float("-inf")  # empty in the first block (and maybe in all)
+    blocks[-1][1][0, 1, 0] = float("nan")
+    blocks[1][1][1, 2, -1] = 500.0
+    for _, lse_b, _ in blocks[1:]:
+        lse_b[1, 0, :1] = float("-inf")
+    blocks[0][1][1, 0, :1] = float("-inf")  # a row that is empty in every block covering it
+    want_out, want_lse = _merge_float64(blocks, (b, h, s, dim))
+    before = [(o.clone(), l.clone()) for o, l, _ in blocks]
+    if in_place:
+        got_out, got_lse = blocks[0][0], blocks[0][1]
+    else:
+        got_out = torch.empty(b, h, s, dim, dtype=out_dtype, device=DEVICE)
+        got_lse = torch.empty(b, h, s, device=DEVICE)
+    merge_blocks_into(got_out, got_lse, blocks)
+    if not in_place and not all(torch.equal(o, bo) and torch.allclose(l, bl, rtol=0, atol=0, equal_nan=True)
+                                for (o, l, _), (bo, bl) in zip(blocks, before)):
+        return "a block changed"
+    tol = 1e-5 if got_out.dtype == torch.float32 else 1e-2
+    for got, want, name in ((got_out, want_out, "out"), (got_lse, want_lse, "lse")):
+        problem = _differs(got, want, name, tol)
+        if problem:
+            return problem
+    if got_out.dtype == torch.bfloat16:  # rounded once, as torch casts the float32 result
+        wide_out, wide_lse = torch.empty(got_out.shape, device=DEVICE), torch.empty(got_lse.shape, device=DEVICE)
+        merge_blocks_into(wide_out, wide_lse, blocks)
+        same = (got_out == wide_out.bfloat16()) | (got_out.isnan() & wide_out.isnan())
+        if not bool(same.all()):
+            return "bf16 rounding differs from torch's cast of the float32 result"
+    return None
+
+
 def ring_case(world: int, total: int, layout: str, causal: bool, hq: int, hkv: int) -> str | None:
     """Every rank's ring forward, its merges done by the kernel, against the float64 reference."""
     g = torch.Generator().manual_seed(world * 100 + total)
@@ -135,6 +203,17 @@ def main() -> int:
         if problem:
             failures.append(f"acc {acc_dtype} block {blk_dtype} -> {out_dtype or 'in place'} D={dim} rows={rows}: "
                             f"{problem}")
+    # Three and four blocks in one launch (the ring's merge at the end): full and zigzag late-half rows, rows
+    # no block covers, new storage in float32 or bf16, or in place into a float32 first block.
+    spans = ((slice(0, 29), slice(14, 29)), (slice(0, 29), slice(0, 29), slice(14, 29)), (slice(3, 20), slice(10, 29)))
+    many = itertools.product((3, 4), ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)),
+                             (8, 128), spans)
+    for i, (n, (out_dtype, in_place), dim, span) in enumerate(many):
+        problem = many_case(n, out_dtype, dim, span, in_place, seed=1000 + i)
+        checked += 1
+        if problem:
+            failures.append(f"{n} blocks -> {out_dtype}{' in place' if in_place else ''} D={dim} rows={span}: "
+                            f"{problem}")
     if CUDA:
         print("\n".join(failures))
         print(f"checked {checked} kernel cases on {torch.cuda.get_device_name()}, {len(failures)} failed")
@@ -144,7 +223,7 @@ def main() -> int:
 
     def counted(*args):
         launches.append(1)
-        merge_rows_into(*args)
+        merge_blocks_into(*args)
 
     cpattn.merge._fuse_on = lambda acc_out: True
     cpattn.merge._fused_merge = lambda: counted

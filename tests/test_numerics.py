@@ -122,9 +122,9 @@ def test_empty_row_fixups_run_exactly_when_a_row_can_be_empty():
 
 @pytest.mark.parametrize("blocks", [2, 3, 8])
 def test_merges_keep_empty_rows_empty_and_scale_with_the_number_of_blocks(blocks):
-    """Keys split into W blocks (some empty for some rows, one empty for every row), merged pairwise (the
-    ring's accumulator) and at once: lse -inf exactly where the reference has it, no NaN, and the error within
-    the W-scaled tolerance; merging into PartialAttention.empty() is exact for the first block."""
+    """Keys split into W blocks (some empty for some rows, one empty for every row), merged by the ring's
+    accumulator, pairwise and at once: lse -inf exactly where the reference has it, no NaN, and the error within
+    the W-scaled tolerance."""
     b, h, sq, sk, d = 2, 2, 10, 8 * blocks, 16
     q, k, v = make_qkv(b, h, h, sq, sk, d, seed=blocks)
     mask = torch.rand(b, 1, sq, sk, generator=torch.Generator().manual_seed(4)) < 0.5
@@ -145,7 +145,7 @@ def test_merges_keep_empty_rows_empty_and_scale_with_the_number_of_blocks(blocks
     for part in parts[1:]:
         pairwise = merge_two(*pairwise, *part)
     tol = cp_tolerance(torch.float32, blocks)
-    for name, (out, lse) in {"accumulator": (acc.out, acc.lse), "merge_many": merged, "merge_two": pairwise}.items():
+    for name, (out, lse) in {"accumulator": acc.value(), "merge_many": merged, "merge_two": pairwise}.items():
         assert_lse_close(lse, ref_lse, tol, f"{name} lse")
         assert_close(out, ref_out, tol, f"{name} out")
         assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3])), f"{name}: empty row not 0"
@@ -244,7 +244,7 @@ def test_64k_keys_merged_from_8_blocks_with_empty_rows():
     mask[1, ..., 5 * LONG // blocks: 6 * LONG // blocks] = True
     mask[0, :, 7] = False
     provider = cpattn.get_provider("_native_flash")
-    acc = PartialAttention()
+    acc = PartialAttention(b, 1, sq, d, q.device)
     outs, lses = [], []
     for i in range(blocks):
         cols = slice(i * LONG // blocks, (i + 1) * LONG // blocks)
@@ -255,7 +255,7 @@ def test_64k_keys_merged_from_8_blocks_with_empty_rows():
         lses.append(lse_b)
     ref_out, ref_lse = cpattn.reference_attention(q, k, v, mask)
     tol = cp_tolerance(torch.float32, blocks)
-    for name, (out, lse) in {"pairwise": (acc.out, acc.lse), "merge_many": merge_many(outs, lses)}.items():
+    for name, (out, lse) in {"accumulator": acc.value(), "merge_many": merge_many(outs, lses)}.items():
         assert_lse_close(lse, ref_lse, 1e-4, f"{name} lse")
         assert torch.isneginf(lse[0, 0, 7]) and torch.equal(out[0, 0, 7], torch.zeros(d))
         assert_close(out, ref_out, tol, f"{name} out")

@@ -167,25 +167,23 @@ class _KVBuffers:
 
 def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec,
                  out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (out in `out_dtype`, lse float32) of attention over the whole ring's keys. Merges are float32;
-    the last one writes `out_dtype` (see PartialAttention)."""
+    """This rank's (out in `out_dtype`, lse float32) of attention over the whole ring's keys. The blocks' results
+    merge in float32, in one pass at the end that writes `out_dtype` (see PartialAttention)."""
     group, world = spec.group, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, spec.max_length)
     rows = _row_slices(provider, call, query=call.query)
-    plans = [block_plan(spec, group.rank, (group.rank - step) % world, call.is_causal, call.q_len)
-             for step in range(world)]
-    last_block = max((step for step, plan in enumerate(plans) if plan is not None), default=-1)
-    acc = PartialAttention.for_rows(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
-    for step, plan in enumerate(plans):
+    acc = PartialAttention(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
+    for step in range(world):
         src = (group.rank - step) % world
         pending = None
         if step < world - 1:  # start the next block's transfer before computing on this one
             pending = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
+        plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         if plan is not None:
             out_b, lse_b = provider.forward(_block_call(call, spec, src, k, v, plan, rows))
-            acc.add_rows(plan.rows, out_b, lse_b, out_dtype if step == last_block else torch.float32)
+            acc.add_rows(plan.rows, out_b, lse_b)
         if pending is not None:
             k, v = pending.wait()
     return acc.result(out_dtype)
@@ -197,10 +195,11 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq in `dq_dtype`, dk, dv in the inputs' dtype) of this rank's shard.
 
-    Each sum is kept as `cpattn.gradsum` describes: a block's first part as it is, float32 from the second part
-    on, its last addition written in the final dtype. So a dK/dV accumulator makes its first hop in the inputs'
-    dtype (it holds one part, exactly), the middle hops in float32, and the final hop home in the inputs' dtype
-    (the sum is complete; the owner would only cast it)."""
+    dQ's parts stay here, so they are summed once at the end (`gradsum.RowSum`). A dK/dV accumulator travels and
+    is added to at every step, as `cpattn.gradsum` describes: a block's first part as it is, float32 from the
+    second part on, its last addition written in the final dtype. So it makes its first hop in the inputs' dtype
+    (it holds one part, exactly), the middle hops in float32, and the final hop home in the inputs' dtype (the
+    sum is complete; the owner would only cast it)."""
     group, world = spec.group, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
@@ -208,7 +207,8 @@ def ring_backward(
     first_hop = _KVBuffers(k, v, spec.max_length)  # the accumulators' first hop: one part, in the inputs' dtype
     grad_buffers = _KVBuffers(k, v, spec.max_length, torch.float32)  # the middle hops: float32 sums
     rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
-    dq = dk_acc = dv_acc = None
+    dq = gradsum.RowSum(call.query.shape, call.device)
+    dk_acc = dv_acc = None
     pending_dkv = None
     for step in range(world):
         src = (group.rank - step) % world
@@ -226,7 +226,7 @@ def ring_backward(
         if pending_dkv is not None:  # the accumulators of block `src`, from the ranks that saw it before
             dk_acc, dv_acc = pending_dkv.wait()
         if grads is not None:
-            dq = _accumulate(dq, plan.rows, grads[0], call.q_len, dq_dtype if last else torch.float32)
+            dq.add(plan.rows, grads[0])
             dk_acc = _accumulate(dk_acc, plan.cols, grads[1], k.shape[2], k.dtype if last else torch.float32)
             dv_acc = _accumulate(dv_acc, plan.cols, grads[2], v.shape[2], v.dtype if last else torch.float32)
         if dk_acc is None:  # step 0 and no query row here (an empty shard): this block's sums start at zero
@@ -240,9 +240,7 @@ def ring_backward(
         if pending_kv is not None:
             k, v = pending_kv.wait()
     dk, dv = pending_dkv.wait()
-    if dq is None:
-        dq = torch.zeros(call.query.shape, dtype=dq_dtype, device=call.device)
-    return gradsum.finish(dq, dq_dtype), dk, dv
+    return dq.result(dq_dtype), dk, dv
 
 
 def _accumulate(total: torch.Tensor | None, index: slice, part: torch.Tensor, length: int,

@@ -310,6 +310,7 @@ class NativeCudnn(Provider):
             dtypes=HALF_DTYPES, max_head_dim=128, head_dim_multiple=8, min_compute_capability=(8, 0),
             bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True, backward=True,
             training=True, deterministic_backward=False,
+            row_views=True,  # SDPA hands cuDNN each tensor's strides; dO and out views share their parents' layout
         ),
     }
 
