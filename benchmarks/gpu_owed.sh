@@ -29,17 +29,17 @@ kernel_checks() {
 }
 noncausal() {
     step 300 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-causal noncausal \
-        --split-providers flash _native_cudnn --out "$out" --tag ring_split_noncausal_nary
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_noncausal_owner
 }
 timed() {
     step 230 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 \
-        --split-providers flash _native_cudnn --out "$out" --tag ring_split_nary
-    step 100 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_nary
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_owner
+    step 100 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_owner
 }
 checks() {
     kernel_checks
     step 200 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
-        --out "$out" --tag _nary
+        --out "$out" --tag _owner
 }
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do

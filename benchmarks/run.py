@@ -315,6 +315,9 @@ class _LoopbackChannel:
             return _Done(list(self._blocks[(self._rank - self._step[kind]) % len(self._blocks)]))
         return _Done(recv)  # values do not matter for timing; a real ring fills these by transfer, no kernel
 
+    def send_recv(self, send, to, recv, frm, kind):
+        return self.exchange(send, recv, kind)
+
 
 def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, h=16, d=128):
     """(whole, split): one kernel call on the whole sequence, and all P ranks' ring block kernels and merges one

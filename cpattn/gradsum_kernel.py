@@ -1,4 +1,4 @@
-"""`cpattn.gradsum`'s additions as one Triton kernel: out = part_0 + part_1 + ... (up to `MAX_PARTS`), each
+"""`cpattn.gradsum`'s sums as one Triton kernel: out = part_0 + part_1 + ... (up to `MAX_PARTS`), each
 part on its own row range, summed in float32 in the order given and stored in out's dtype.
 
 One program loads a tile of rows and, for each part, the rows of that part the tile meets (any strides: a
@@ -85,9 +85,3 @@ def add_parts_into(out: torch.Tensor, parts: list[tuple[torch.Tensor, int]]) -> 
     grid = (triton.cdiv(rows, block_s), batch * heads)
     _add_parts[grid](out, heads, rows, dim, *out.stride(), *args, PARTS=len(parts), BLOCK_S=block_s,
                      BLOCK_D=block_d, OUT_BF16=out.dtype == torch.bfloat16)
-
-
-def add_rows_into(out: torch.Tensor, total: torch.Tensor, part: torch.Tensor, start: int) -> None:
-    """out <- total + part on rows [start, start + part rows), one launch; rows of `total` outside the part are
-    converted, not added to."""
-    add_parts_into(out, [(total, 0), (part, start)])

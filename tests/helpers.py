@@ -76,7 +76,7 @@ def run_in_triton_interpreter(script: str, timeout: float) -> subprocess.Complet
 class LoopbackRing:
     """One rank's ring channel with no network (a `RingSpec.channel_factory`): each KV exchange 'receives' a copy
     of the block rank r-1 would send; a dK/dV exchange gets its receive buffers back unfilled (one rank has no
-    other rank's sums), so only this rank's out and dQ are meaningful in a backward."""
+    other rank's gradient parts), so only this rank's out and dQ are meaningful in a backward."""
 
     def __init__(self, blocks, rank: int):
         self._blocks, self._rank, self._step = blocks, rank, 0
@@ -91,3 +91,6 @@ class LoopbackRing:
             self._step += 1
             got = [t.clone() for t in self._blocks[(self._rank - self._step) % len(self._blocks)]]
         return type("Done", (), {"wait": staticmethod(lambda: got)})()
+
+    def send_recv(self, send, to, recv, frm, kind):
+        return self.exchange(send, recv, kind)

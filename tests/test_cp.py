@@ -108,21 +108,21 @@ def test_ring_sends_w_minus_one_kv_blocks_per_forward(world):
 
 
 @pytest.mark.parametrize("world", (2, 3, 4))
-def test_ring_backward_returns_each_accumulator_home(world):
+def test_ring_backward_sends_each_gradient_part_to_its_owner(world):
     outcome = results(world)[Case(provider="native", strategy="ring", layout="zigzag", causal=True, seq=13).name]
     assert outcome.stats["kv_sends"] == 2 * (world - 1)  # forward and backward rotations
-    assert outcome.stats["dkv_sends"] == world  # W-1 hops with the blocks, one final hop home
+    assert outcome.stats["dkv_sends"] == world - 1  # one part per step after the first, straight to its owner
 
 
 @pytest.mark.parametrize("world", (2, 3, 4))
-def test_ring_gradient_sums_travel_in_bf16_on_their_first_and_final_hops(world):
-    """A dK/dV accumulator holds one block gradient on its first hop (exact in bf16) and the finished sum on its
-    final hop; only the hops between carry float32."""
+def test_ring_gradient_parts_travel_once_in_the_inputs_dtype(world):
+    """Each dK/dV part goes to its block's owner in bf16, as the kernel computed it, and nothing else travels:
+    rank 0's zigzag parts are all against later blocks (every key of the block), so W-1 parts of a shard's size."""
     case = Case(strategy="ring", dtype="bfloat16", seq=4 * world)  # zigzag: every shard holds 4 tokens
     outcome = results(world)[case.name]
     _check(outcome, case)
     numel = case.batch * case.kv_heads * 4 * case.head_dim  # one rank's dK (or dV)
-    assert outcome.stats["dkv_bytes"] == 2 * numel * (2 + 4 * (world - 2) + 2)
+    assert outcome.stats["dkv_bytes"] == 2 * numel * 2 * (world - 1)
 
 
 @pytest.mark.parametrize("world", (2, 3, 4))

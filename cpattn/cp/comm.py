@@ -106,25 +106,31 @@ class PendingExchange:
 
 
 class RingChannel:
-    """Point-to-point exchange with the ring neighbours: send to rank+1, receive from rank-1."""
+    """Point-to-point exchanges of a ring: with the neighbours (send to rank+1, receive from rank-1) or with any
+    two ranks of the group (the ring backward sends each gradient part straight to its block's owner)."""
 
     def __init__(self, group: Group, timeout: float | None, stats: CommStats):
         self.group, self.timeout, self.stats = group, timeout, stats
-        self._next = group.global_rank(group.next)
-        self._prev = group.global_rank(group.prev)
 
     def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor], kind: str) -> PendingExchange:
         """Start sending `send` to the next rank and receiving into `recv` from the previous one."""
-        stage = self.group.backend == "gloo" and send[0].is_cuda
+        return self.send_recv(send, self.group.next, recv, self.group.prev, kind)
+
+    def send_recv(self, send: list[torch.Tensor], to: int, recv: list[torch.Tensor], frm: int,
+                  kind: str) -> PendingExchange:
+        """Start sending `send` to group rank `to` and receiving into `recv` from group rank `frm`; either list may
+        be empty (the peer's side posts nothing either)."""
+        peers = (self.group.global_rank(to), self.group.global_rank(frm))
+        stage = self.group.backend == "gloo" and any(t.is_cuda for t in send + recv)
         send_t = [t.cpu() for t in send] if stage else send
         recv_t = [torch.empty(t.shape, dtype=t.dtype) for t in recv] if stage else recv
-        ops = [dist.P2POp(dist.isend, t, self._next, self.group.pg) for t in send_t]
-        ops += [dist.P2POp(dist.irecv, t, self._prev, self.group.pg) for t in recv_t]
-        works = dist.batch_isend_irecv(ops)
-        self.stats[f"{kind}_sends"] += 1
-        self.stats[f"{kind}_bytes"] += sum(t.numel() * t.element_size() for t in send)
-        return PendingExchange(works, recv, recv_t if stage else None, self.timeout, self.group,
-                               (self._next, self._prev))
+        ops = [dist.P2POp(dist.isend, t, peers[0], self.group.pg) for t in send_t]
+        ops += [dist.P2POp(dist.irecv, t, peers[1], self.group.pg) for t in recv_t]
+        works = dist.batch_isend_irecv(ops) if ops else []
+        if send:
+            self.stats[f"{kind}_sends"] += 1
+            self.stats[f"{kind}_bytes"] += sum(t.numel() * t.element_size() for t in send)
+        return PendingExchange(works, recv, recv_t if stage else None, self.timeout, self.group, peers)
 
 
 def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], group: Group,

@@ -5,13 +5,14 @@ rank starts sending that block to rank r+1 and receiving the next one from rank 
 overlaps the kernel), computes attention of its queries against the block, and merges the (out, lse) into
 a float32 accumulator. W-1 exchanges in all; the last block is never sent on.
 
-Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay put, KV rotates as in the
-forward, and each block's dK/dV accumulator travels with the block: rank r adds its contribution to the
-accumulator of block s, passes both on, and after the last step one more hop returns every accumulator to its
-owner. The sums are float32 (cpattn.gradsum); on the first hop an accumulator holds one block gradient, exact in
-the inputs' dtype, and on the final hop the finished sum, so those two hops carry the inputs' dtype. Per-block
-gradients come from the provider's backward given the global (out, lse), which is exact: softmax probabilities
-of a block are exp(score - global lse).
+Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay put and KV rotates as in the
+forward. A step's dK/dV part belongs to the owner of the block it was computed against: at step i rank r sends
+its part for block s = r - i straight to rank s, in the inputs' dtype, while the next step computes, and receives
+the part of its own block from rank r + i. Each rank sums its own block's parts, and its dQ parts, once at the
+end in float32 (`gradsum.RowSum`). Accumulators travelling with the blocks instead would carry float32 on every
+middle hop and be read and written at every step: this sends half the bytes and sums each gradient in one pass.
+Per-block gradients come from the provider's backward given the global (out, lse), which is exact: softmax
+probabilities of a block are exp(score - global lse).
 
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
 rank does one diagonal block and W-1 half blocks. This module never names a provider.
@@ -146,12 +147,12 @@ class _KVBuffers:
     wait covers its sends as well as its receives). Each is allocated at its first use: two ranks exchange
     once per pass and never need the second."""
 
-    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int, dtype: torch.dtype | None = None):
+    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int):
         b, h, _, d = like_k.shape
         dv = like_v.shape[-1]
         self._shape = (b, h, d, dv)
         self._max_len = max_len
-        self._opts = {"dtype": dtype or like_k.dtype, "device": like_k.device}
+        self._opts = {"dtype": like_k.dtype, "device": like_k.device}
         self._bufs: list = [None, None]
         self._turn = 0
 
@@ -193,74 +194,59 @@ def ring_backward(
     provider: Provider, call: AttentionCall, spec: RingSpec, dout: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, dq_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq in `dq_dtype`, dk, dv in the inputs' dtype) of this rank's shard.
-
-    dQ's parts stay here, so they are summed once at the end (`gradsum.RowSum`). A dK/dV accumulator travels and
-    is added to at every step, as `cpattn.gradsum` describes: a block's first part as it is, float32 from the
-    second part on, its last addition written in the final dtype. So it makes its first hop in the inputs' dtype
-    (it holds one part, exactly), the middle hops in float32, and the final hop home in the inputs' dtype (the
-    sum is complete; the owner would only cast it)."""
-    group, world = spec.group, spec.group.size
+    """(dq in `dq_dtype`, dk, dv in the inputs' dtype) of this rank's shard (see the module docstring)."""
+    me, world = spec.group.rank, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
+    own_k, own_v = k, v
     buffers = _KVBuffers(k, v, spec.max_length)
-    first_hop = _KVBuffers(k, v, spec.max_length)  # the accumulators' first hop: one part, in the inputs' dtype
-    grad_buffers = _KVBuffers(k, v, spec.max_length, torch.float32)  # the middle hops: float32 sums
     rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
+    replicated = call.q_len - spec.length(me)  # query rows beyond the shard (a prefix): the same on every rank
     dq = gradsum.RowSum(call.query.shape, call.device)
-    dk_acc = dv_acc = None
-    pending_dkv = None
+    dk, dv = gradsum.RowSum(own_k.shape, call.device), gradsum.RowSum(own_v.shape, call.device)
+    coming_home = None  # the previous step's exchange of dK/dV parts, and the columns of what it receives
     for step in range(world):
-        src = (group.rank - step) % world
-        prev_len = spec.length((src - 1) % world)
-        last = step == world - 1
+        src = (me - step) % world
         pending_kv = None
-        if not last:
-            pending_kv = channel.exchange([k, v], buffers.next(prev_len), "kv")
-        plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
+        if step < world - 1:
+            pending_kv = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
+        plan = block_plan(spec, me, src, call.is_causal, call.q_len)
         grads = None
         if plan is not None:
             block = _block_call(call, spec, src, k, v, plan, rows)
             grads = provider.backward(block, rows.get("dout", plan.rows), rows.get("out", plan.rows),
                                       rows.get("lse", plan.rows))
-        if pending_dkv is not None:  # the accumulators of block `src`, from the ranks that saw it before
-            dk_acc, dv_acc = pending_dkv.wait()
-        if grads is not None:
             dq.add(plan.rows, grads[0])
-            dk_acc = _accumulate(dk_acc, plan.cols, grads[1], k.shape[2], k.dtype if last else torch.float32)
-            dv_acc = _accumulate(dv_acc, plan.cols, grads[2], v.shape[2], v.dtype if last else torch.float32)
-        if dk_acc is None:  # step 0 and no query row here (an empty shard): this block's sums start at zero
-            dk_acc, dv_acc = torch.zeros_like(k), torch.zeros_like(v)
-        if not last:  # later hops are float32 even where this rank added nothing to a first-hop sum
-            hop, dtype = (first_hop, k.dtype) if step == 0 else (grad_buffers, torch.float32)
-            send = [gradsum.finish(dk_acc, dtype), gradsum.finish(dv_acc, dtype)]
-            pending_dkv = channel.exchange(send, hop.next(prev_len), "dkv")
-        else:  # the final hop home, after the last block's compute, so nothing overlaps it
-            pending_dkv = channel.exchange(*_final_hop(dk_acc, dv_acc, call.dtype, prev_len), "dkv")
+        if step == 0:
+            if grads is not None:
+                dk.add(plan.cols, grads[1])
+                dv.add(plan.cols, grads[2])
+        else:
+            sender = (me + step) % world  # computed on my block at this step
+            theirs = block_plan(spec, sender, me, call.is_causal, spec.length(sender) + replicated)
+            send = [] if grads is None else [grads[1].contiguous(), grads[2].contiguous()]
+            recv = [] if theirs is None else [_cols_like(own_k, theirs.cols), _cols_like(own_v, theirs.cols)]
+            exchange = channel.send_recv(send, src, recv, sender, "dkv")
+            if coming_home is not None:
+                _take_home(*coming_home, dk, dv)
+            coming_home = (exchange, theirs)
         if pending_kv is not None:
             k, v = pending_kv.wait()
-    dk, dv = pending_dkv.wait()
-    return dq.result(dq_dtype), dk, dv
+    if coming_home is not None:
+        _take_home(*coming_home, dk, dv)
+    return dq.result(dq_dtype), dk.result(call.dtype), dv.result(call.dtype)
 
 
-def _accumulate(total: torch.Tensor | None, index: slice, part: torch.Tensor, length: int,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    """`total[:, :, index] += part` (see cpattn.gradsum); `out_dtype` is float32 until the last step."""
-    if total is None:
-        return gradsum.start(part, index, length)
-    return gradsum.add(total, index, part, out_dtype)
+def _cols_like(x: torch.Tensor, cols: slice) -> torch.Tensor:
+    return x.new_empty(x.shape[:2] + (cols.stop - cols.start,) + x.shape[3:])
 
 
-def _final_hop(dk_acc: torch.Tensor, dv_acc: torch.Tensor, dtype: torch.dtype, own_len: int):
-    """(send, receive) for the accumulators' last hop, in the inputs' dtype; what arrives is this rank's own
-    block's (`own_len` keys, which differs from the block sent when shards are uneven).
-
-    Every contribution has been added by then and the owner only casts the sum to that dtype, so casting before
-    the hop gives the same bits and halves the bytes of the one transfer that no compute hides (from bf16: on two
-    H200s at S=32k, H=16 that is 268 MB of float32 per rank). The last addition usually wrote that dtype already."""
-    send = [gradsum.finish(dk_acc, dtype), gradsum.finish(dv_acc, dtype)]
-    receive = [t.new_empty(t.shape[:2] + (own_len,) + t.shape[3:]) for t in send]
-    return send, receive
+def _take_home(exchange, plan: BlockPlan | None, dk: gradsum.RowSum, dv: gradsum.RowSum) -> None:
+    """Add the dK/dV parts of my block that `exchange` brings (none where the sender's plan was empty)."""
+    parts = exchange.wait()
+    if plan is not None:
+        dk.add(plan.cols, parts[0])
+        dv.add(plan.cols, parts[1])
 
 
 class RingAttention(torch.autograd.Function):
