@@ -8,7 +8,7 @@
 #   3. ring split efficiency at S=64k (whole and split in alternating rounds) and where the split's time goes,
 #      GPU idle gaps included.
 # `bash benchmarks/gpu_owed.sh checks` runs steps 1-2, `... timed` step 3, `... noncausal` step 3's efficiency
-# without a mask; several names run those steps in order (one device call is too short for all); no argument:
+# without a mask, `... auto` the auto-provider suite; several names run those steps in order (one device call is too short for all); no argument:
 # checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
@@ -27,6 +27,9 @@ kernel_checks() {
     step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
     step 60 python tests/gradsum_kernel_check.py --cuda
 }
+auto() {
+    step 280 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_owner
+}
 noncausal() {
     step 300 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-causal noncausal \
         --split-providers flash _native_cudnn --out "$out" --tag ring_split_noncausal_owner
@@ -44,8 +47,8 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal) "$mode" ;;
-            *) echo "unknown step: $mode (checks, timed, noncausal)"; exit 2 ;;
+            checks|timed|noncausal|auto) "$mode" ;;
+            *) echo "unknown step: $mode (checks, timed, noncausal, auto)"; exit 2 ;;
         esac
     done
     exit 0
