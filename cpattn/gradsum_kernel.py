@@ -16,6 +16,15 @@ import triton.language as tl
 
 from .gradsum import MAX_PARTS
 
+# Launch shape of this kernel and cpattn/merge_kernel.py: values per operand tile (rows = TILE_VALUES // head dim,
+# at most 64) and warps per program. benchmarks/sum_kernels.py measures other choices.
+TILE_VALUES = 4096
+WARPS = 4
+
+
+def tile_rows(dim: int, tile_values: int) -> int:
+    return max(1, min(64, tile_values // triton.next_power_of_2(dim)))
+
 
 @triton.jit
 def _load_part(ptr, b, h, s, d, in_tile, start, n, p_b, p_h, p_s, p_d):
@@ -68,7 +77,8 @@ def _bf16_round_nearest_even(x):
     return tl.where(x != x, x.to(tl.bfloat16), rounded)
 
 
-def add_parts_into(out: torch.Tensor, parts: list[tuple[torch.Tensor, int]]) -> None:
+def add_parts_into(out: torch.Tensor, parts: list[tuple[torch.Tensor, int]], tile_values: int = TILE_VALUES,
+                   warps: int = WARPS) -> None:
     """out <- the sum of `parts`, each (tensor, first row) covering rows [first row, first row + its rows) of out;
     all (B, H, S, D), any strides; one launch for up to MAX_PARTS parts. `out` may be the first part itself, or a
     view of it (each element is read before it is written, by one program)."""
@@ -80,8 +90,7 @@ def add_parts_into(out: torch.Tensor, parts: list[tuple[torch.Tensor, int]]) -> 
     args = []
     for x, first in slots:
         args += [x, first, x.shape[2], *x.stride()]
-    block_d = triton.next_power_of_2(dim)
-    block_s = max(1, min(64, 4096 // block_d))
+    block_s = tile_rows(dim, tile_values)
     grid = (triton.cdiv(rows, block_s), batch * heads)
     _add_parts[grid](out, heads, rows, dim, *out.stride(), *args, PARTS=len(parts), BLOCK_S=block_s,
-                     BLOCK_D=block_d, OUT_BF16=out.dtype == torch.bfloat16)
+                     BLOCK_D=triton.next_power_of_2(dim), OUT_BF16=out.dtype == torch.bfloat16, num_warps=warps)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gradsum_kernel import _bf16_round_nearest_even
+from .gradsum_kernel import TILE_VALUES, WARPS, _bf16_round_nearest_even, tile_rows
 from .merge import _TINY, MAX_BLOCKS
 
 
@@ -102,8 +102,8 @@ def _merge_blocks(
     tl.store(out_lse + b * ol_b + h * ol_h + s * ol_s, lse, mask=in_rows)
 
 
-def merge_blocks_into(out: torch.Tensor, out_lse: torch.Tensor,
-                      blocks: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+def merge_blocks_into(out: torch.Tensor, out_lse: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, int]],
+                      tile_values: int = TILE_VALUES, warps: int = WARPS) -> None:
     """(out, out_lse) <- the merge of `blocks`, each (out_b, lse_b, first row) covering rows [first row, first row
     + its rows); one launch for up to MAX_BLOCKS blocks.
 
@@ -118,12 +118,12 @@ def merge_blocks_into(out: torch.Tensor, out_lse: torch.Tensor,
     args = []
     for x, lse, first in slots:
         args += [x, lse, first, x.shape[2], *x.stride(), *lse.stride()]
-    block_d = triton.next_power_of_2(dim)
-    block_s = max(1, min(64, 4096 // block_d))  # a tile of at most 4096 float32 values per operand
+    block_s = tile_rows(dim, tile_values)
     grid = (triton.cdiv(rows, block_s), batch * heads)
     _merge_blocks[grid](
         out, out_lse, heads, rows, dim, *out.stride(), *out_lse.stride(), *args,
-        BLOCKS=len(blocks), TINY=_TINY, BLOCK_S=block_s, BLOCK_D=block_d, OUT_BF16=out.dtype == torch.bfloat16,
+        BLOCKS=len(blocks), TINY=_TINY, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim),
+        OUT_BF16=out.dtype == torch.bfloat16, num_warps=warps,
     )
 
 
