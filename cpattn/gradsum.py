@@ -45,8 +45,8 @@ def finish(total: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 
 class RowSum:
     """A sum of row parts that is needed only once all are known (a rank's dQ, dK or dV over the ring's steps):
-    the parts are kept as they come and added when `result` asks for the sum, up to MAX_PARTS in one pass (see the module
-    docstring). Holding W parts costs about what a float32 sum and one part cost, up to W=4; a part arriving
+    the parts are kept as they come and added when `result` asks for the sum, up to MAX_PARTS in one pass (see
+    the module docstring). Holding W parts costs about what a float32 sum and one part cost, up to W=4; a part arriving
     when MAX_PARTS are held first folds them into a float32 sum, so at most MAX_PARTS tensors are held."""
 
     def __init__(self, shape: tuple, device) -> None:

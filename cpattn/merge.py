@@ -44,21 +44,15 @@ class PartialAttention:
     once and writes the result once, in the dtype asked for. Merging as blocks arrive would read and write a
     float32 accumulator once per block instead (at W=4 zigzag blocks about 11 passes of the output's size
     against 4). A block arriving when MAX_BLOCKS are held first folds them into float32 storage, so at most
-    MAX_BLOCKS are held: up to W=4 that is about the memory of a float32 accumulator and one block. Rounding to the result dtype happens once.
-    Rows no block covers come out as out 0, lse -inf.
+    MAX_BLOCKS are held: up to W=4 that is about the memory of a float32 accumulator and one block. Rounding to
+    the result dtype happens once. Rows no block covers come out as out 0, lse -inf; nothing is allocated before
+    the result is asked for.
     """
 
     def __init__(self, batch: int, heads: int, q_len: int, value_dim: int, device) -> None:
         self._shape = (batch, heads, q_len, value_dim)
         self._device = device
         self._blocks: list[tuple[slice, torch.Tensor, torch.Tensor]] = []  # (rows, out, lse), in arrival order
-
-    @classmethod
-    def for_rows(cls, batch: int, heads: int, q_len: int, value_dim: int, device) -> "PartialAttention":
-        """An accumulator of this shape that has seen no key yet (out 0, lse -inf); allocates nothing."""
-        return cls(batch, heads, q_len, value_dim, device)
-
-    empty = for_rows
 
     def add(self, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
         """Add a block that covers every query row."""

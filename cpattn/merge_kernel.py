@@ -126,9 +126,3 @@ def merge_blocks_into(out: torch.Tensor, out_lse: torch.Tensor, blocks: list[tup
         OUT_BF16=out.dtype == torch.bfloat16, num_warps=warps,
     )
 
-
-def merge_rows_into(out: torch.Tensor, out_lse: torch.Tensor, acc: torch.Tensor, acc_lse: torch.Tensor,
-                    blk: torch.Tensor, blk_lse: torch.Tensor, start: int) -> None:
-    """(out, out_lse) <- acc with the block merged on rows [start, start + block rows); rows outside the block
-    keep acc's values (converted; a row whose lse is -inf gets out 0)."""
-    merge_blocks_into(out, out_lse, [(acc, acc_lse, 0), (blk, blk_lse, start)])

@@ -23,7 +23,7 @@ from cpattn.cp.mesh import Group  # noqa: E402
 from cpattn.cp.ring import RingSpec, ring_forward  # noqa: E402
 from cpattn.dispatch import make_call  # noqa: E402
 from cpattn.merge import merge_two  # noqa: E402
-from cpattn.merge_kernel import merge_blocks_into, merge_rows_into  # noqa: E402
+from cpattn.merge_kernel import merge_blocks_into  # noqa: E402
 from cpattn.providers import get_provider  # noqa: E402
 from cpattn.reference import reference_attention  # noqa: E402
 from helpers import LoopbackRing  # noqa: E402
@@ -68,13 +68,13 @@ def case(acc_dtype: torch.dtype, blk_dtype: torch.dtype, out_dtype: torch.dtype 
     if out_dtype is None:
         acc_out = acc_out.float()
         view_out, view_lse = acc_out[:, :, rows], acc_lse[:, :, rows]
-        merge_rows_into(view_out, view_lse, view_out, view_lse, blk_out, blk_lse, 0)
+        merge_blocks_into(view_out, view_lse, [(view_out, view_lse, 0), (blk_out, blk_lse, 0)])
         got_out, got_lse = acc_out, acc_lse
         tol = 1e-5
     else:
         got_out = torch.empty(acc_out.shape, dtype=out_dtype, device=DEVICE)
         got_lse = torch.empty(acc_lse.shape, device=DEVICE)
-        merge_rows_into(got_out, got_lse, acc_out, acc_lse, blk_out, blk_lse, rows.start)
+        merge_blocks_into(got_out, got_lse, [(acc_out, acc_lse, 0), (blk_out, blk_lse, rows.start)])
         want_out = want_out.to(out_dtype)
         tol = 1e-5 if out_dtype == torch.float32 else 1e-2
         if not (torch.equal(acc_out, before[0]) and torch.equal(acc_lse, before[1])):
@@ -93,7 +93,7 @@ def case(acc_dtype: torch.dtype, blk_dtype: torch.dtype, out_dtype: torch.dtype 
         return "rows outside the block changed"
     if out_dtype in (torch.bfloat16, torch.float16):  # rounded once, as torch casts the float32 result
         wide_out, wide_lse = torch.empty(acc_out.shape, device=DEVICE), torch.empty(acc_lse.shape, device=DEVICE)
-        merge_rows_into(wide_out, wide_lse, acc_out, acc_lse, blk_out, blk_lse, rows.start)
+        merge_blocks_into(wide_out, wide_lse, [(acc_out, acc_lse, 0), (blk_out, blk_lse, rows.start)])
         rounded = wide_out.to(out_dtype)
         same = (got_out == rounded) | (got_out.isnan() & rounded.isnan())
         if not bool(same.all()):
@@ -136,7 +136,8 @@ def many_case(n: int, out_dtype: torch.dtype, dim: int, spans: tuple, in_place: 
         lse_b = (torch.randn(b, h, k, generator=g) * 4).to(DEVICE)
         blocks.append((out_b, lse_b, rows.start))
     if in_place:  # the first block is float32 over every row and receives the merge
-        blocks[0] = (torch.randn(b, h, s, dim, generator=g).to(DEVICE), (torch.randn(b, h, s, generator=g) * 4).to(DEVICE), 0)
+        first_out = torch.randn(b, h, s, dim, generator=g).to(DEVICE)
+        blocks[0] = (first_out, (torch.randn(b, h, s, generator=g) * 4).to(DEVICE), 0)
     lse0 = blocks[0][1]
     lse0[0, 0, :2] = float("-inf")  # empty in the first block (and maybe in all)
     blocks[-1][1][0, 1, 0] = float("nan")

@@ -74,12 +74,12 @@ def test_accumulator_keeps_blocks_until_the_result_and_folds_every_max_blocks():
     assert all(torch.equal(o, ko) and torch.equal(l, kl) for (o, l), (ko, kl) in zip(blocks, kept))
 
     late = (torch.randn(1, 2, 3, 4).bfloat16(), torch.randn(1, 2, 3))
-    partial = PartialAttention.for_rows(1, 2, 6, 4, "cpu")
+    partial = PartialAttention(1, 2, 6, 4, "cpu")
     partial.add_rows(slice(3, 6), *late)
     out, lse = partial.value()
     assert torch.equal(out[:, :, :3], torch.zeros(1, 2, 3, 4)) and torch.isneginf(lse[:, :, :3]).all()
     torch.testing.assert_close(out[:, :, 3:], late[0].float())
     torch.testing.assert_close(lse[:, :, 3:], late[1])
 
-    out, lse = PartialAttention.for_rows(1, 2, 6, 4, "cpu").value()
+    out, lse = PartialAttention(1, 2, 6, 4, "cpu").value()
     assert out.shape == (1, 2, 6, 4) and not out.any() and torch.isneginf(lse).all() and lse.shape == (1, 2, 6)

@@ -137,7 +137,7 @@ def test_merges_keep_empty_rows_empty_and_scale_with_the_number_of_blocks(blocks
         parts.append(provider.forward(make_call(q, k[:, :, cols], v[:, :, cols], mask[..., cols], 0.0, False,
                                                 None, False)))
     ref_out, ref_lse = cpattn.reference_attention(q, k, v, mask)
-    acc = PartialAttention.empty(b, h, sq, d, q.device)
+    acc = PartialAttention(b, h, sq, d, q.device)
     for out_b, lse_b in parts:
         acc.add(out_b, lse_b)
     merged = merge_many([p[0] for p in parts], [p[1] for p in parts])
