@@ -154,7 +154,7 @@ class Provider:
 
     def __init__(self) -> None:
         self._availability: Availability | None = None
-        # Calls this provider already checked and accepted, keyed by dispatch.call_signature and scale: the
+        # Calls this provider already checked and accepted, keyed by dispatch.call_signature: the
         # availability they were accepted under and the function that runs them (see `runner`); bounded.
         self._accepted: dict[tuple, tuple[Availability | None, Callable]] = {}
 
@@ -165,14 +165,15 @@ class Provider:
             return entry[1]
         return None
 
-    def remember_accepted(self, key: tuple, call: AttentionCall) -> None:
+    def remember_accepted(self, key: tuple, run: Callable) -> None:
+        """Keep `run` (made by `runner` for an accepted call) for later calls with this key."""
         if len(self._accepted) >= 4096:
             self._accepted.clear()
-        self._accepted[key] = (self._availability, self.runner(call))
+        self._accepted[key] = (self._availability, run)
 
     def runner(self, call: AttentionCall) -> Callable:
         """A function of (query, key, value, attn_mask) that does what `attention` does for `call` and for every
-        call that differs from it only in tensor values (same dispatch.call_signature and scale).
+        call that differs from it only in tensor values (same dispatch.call_signature).
 
         This default rebuilds the call; providers whose kernel needs nothing computed per call return the bare
         kernel call instead, so a cached shape pays for no Python beyond the signature."""

@@ -238,20 +238,17 @@ def attention_dispatch(
     if state.cp is not None and state.cp.world_size > 1:
         call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True)
         return state.cp.run(provider, call)
-    if is_mask_mod(attn_mask):  # single device: positions are 0..S-1
+    if attn_mask is not None and is_mask_mod(attn_mask):  # single device: positions are 0..S-1
         attn_mask = _single_device_mask(attn_mask, query, key)
     # Hot path: a call this provider already accepted skips every check (they depend only on the cache key) and
     # runs the function the provider made for it.
-    cache_key = (call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa), scale)
+    cache_key = call_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     run = provider.accepted_runner(cache_key)
     if run is not None:
-        if query.is_cuda and query.get_device() != torch._C._cuda_getDevice():
-            with torch.cuda.device(query.device):  # see run_checked
-                return run(query, key, value, attn_mask)
         return run(query, key, value, attn_mask)
     call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out = run_single(provider, call)
-    provider.remember_accepted(cache_key, call)
+    provider.remember_accepted(cache_key, on_tensors_device(call.query, provider.runner(call)))
     return out
 
 
@@ -263,21 +260,42 @@ def _single_device_mask(mask_mod, query, key) -> torch.Tensor:
                                 torch.arange(key.shape[2], device=device))
 
 
-def call_signature(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> tuple:
+def call_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple | None:
     """Everything the argument checks and a provider's verdict depend on (shapes, dtypes, devices, flags, and
-    whether deterministic algorithms are on: some backward kernels are refused then)."""
+    whether deterministic algorithms are on: some backward kernels are refused then).
+
+    One flat tuple of the values as given: building and hashing it is most of what a cached call costs, so
+    nothing is normalised here (is_causal=1 and True, or dropout_p=0 and 0.0, hash and compare equal anyway).
+    """
     tensor = torch.Tensor
     if not (isinstance(query, tensor) and isinstance(key, tensor) and isinstance(value, tensor)):
         return None  # never accepted: make_call raises the clear error
-    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    mask = None if attn_mask is None else (
-        attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.requires_grad
-    ) if isinstance(attn_mask, torch.Tensor) else type(attn_mask)
+    if attn_mask is not None:
+        attn_mask = (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.requires_grad) \
+            if isinstance(attn_mask, tensor) else type(attn_mask)
     return (
         query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
-        value.device, mask, dropout_p > 0, dropout_p, bool(is_causal), bool(enable_gqa), grad,
+        value.device, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
         torch.are_deterministic_algorithms_enabled(),
     )
+
+
+def on_tensors_device(query: torch.Tensor, run):
+    """`run`, made to launch its kernels on `query`'s GPU when another GPU is current (as run_checked does).
+
+    With one GPU the current device is always the tensors' one, so the runner is returned as it is and a
+    cached call pays for no check."""
+    if not query.is_cuda or torch.cuda.device_count() < 2:
+        return run
+    index = query.get_device()
+
+    def run_on_tensors_device(q, k, v, mask):
+        if torch._C._cuda_getDevice() != index:
+            with torch.cuda.device(index):
+                return run(q, k, v, mask)
+        return run(q, k, v, mask)
+    return run_on_tensors_device
 
 
 def run_single(provider: Provider, call: AttentionCall) -> torch.Tensor:

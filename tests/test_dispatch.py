@@ -112,10 +112,39 @@ def test_cache_never_skips_the_checks_a_changed_argument_needs():
         torch.use_deterministic_algorithms(False)
 
 
+def test_cached_runner_launches_on_the_tensors_gpu(monkeypatch):
+    """With several GPUs a cached call switches to its tensors' GPU when another is current (as the first call
+    does); with one GPU the runner is kept bare, so a cached call pays for no device check."""
+    import contextlib
+    import types
+
+    from cpattn.dispatch import on_tensors_device
+
+    current, entered = [0], []
+
+    @contextlib.contextmanager
+    def switch_to(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: current[0], raising=False)
+    monkeypatch.setattr(torch.cuda, "device", switch_to)
+    query = types.SimpleNamespace(is_cuda=True, get_device=lambda: 1)  # stands in for a tensor on GPU 1
+    run = lambda q, k, v, mask: ("ran", q)  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert on_tensors_device(query, run) is run
+    assert on_tensors_device(types.SimpleNamespace(is_cuda=False), run) is run
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    wrapped = on_tensors_device(query, run)
+    assert wrapped("q", "k", "v", None) == ("ran", "q") and entered == [1]  # GPU 0 current: switched to 1
+    current[0] = 1
+    assert wrapped("q", "k", "v", None) == ("ran", "q") and entered == [1]  # already on GPU 1: no switch
+
+
 def dispatch_signature(q, k, v):
     from cpattn.dispatch import call_signature
 
-    return call_signature(q, k, v, None, 0.0, False, False)
+    return call_signature(q, k, v, None, 0.0, False, None, False)
 
 
 @pytest.mark.parametrize("provider", CPU_TRAINING)
