@@ -290,6 +290,35 @@ def test_flash_dispatch_uses_the_public_function_with_autograd(generation):
     assert standin.SEEN[FORWARD_NAME[generation]]["k"][2] == 2, "KV heads must not be expanded (GQA is native)"
 
 
+@pytest.mark.parametrize("d", [16, 12], ids=["runner", "padded-head-dim"])
+def test_flash_cached_calls_match_the_reference(generation, monkeypatch, d):
+    """After a shape's first call, dispatch runs the cached runner (aligned head dims: the public function with
+    its keywords bound once, on transpose views): every later call, with and without gradients, matches
+    float64, and none is checked again."""
+    import cpattn.dispatch as dispatch
+
+    checked = []
+    monkeypatch.setattr(dispatch, "make_call", lambda *a, **kw: checked.append(1) or make_call(*a, **kw))
+    dtype = torch.float16
+    for seed in range(3):
+        for grad in (False, True):
+            q, k, v = make_qkv(2, 8, 2, 8, 8, d, dtype=dtype, seed=seed, requires_grad=grad)  # heads == seq_len
+            with attention_provider("flash"):
+                out = attention_dispatch(q, k, v, is_causal=True, scale=0.21, enable_gqa=True)
+            dout = random_like(out, 7 + seed)
+            ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, causal=True, scale=0.21)
+            assert out.shape == (2, 8, 8, d)
+            assert_close(out, ref_out, OUT_ATOL[dtype], f"out, seed {seed}")
+            if grad:
+                out.backward(dout)
+                assert_grads_close((q.grad, k.grad, v.grad), ref_grads, dtype)
+    assert len(checked) == 2, "calls after the first of each (shape, grad) were checked again: no cache hit"
+    assert standin.CALLS["flash_attn_func"] == 6
+    assert standin.SEEN[FORWARD_NAME[generation]]["k"][2] == 2, "KV heads must not be expanded (GQA is native)"
+    runners = {run.__qualname__ for avail, run in FLASH._accepted.values() if avail is FLASH._availability}
+    assert runners == {"Flash.runner.<locals>.<lambda>" if d % 8 == 0 else "Provider.runner.<locals>.run"}
+
+
 def test_flash_refuses_masks_and_suggests_flash_varlen(generation):
     q, k, v = make_qkv(2, 2, 2, 4, 6, 8, dtype=BF16)
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -132,14 +133,22 @@ class _Entry:
     fill: dict[str, Any]  # neutral values for parameters without default that the adapter does not set
 
     def __call__(self, **kwargs):
-        args = dict(self.fill)
+        return self.fn(**self._arguments(kwargs, self.fill))
+
+    def partial(self, **fixed) -> Callable:
+        """The function with `fixed` bound once (renamed and filled as a call would): a cached runner calls it
+        with the remaining keywords and pays for no renaming."""
+        return functools.partial(self.fn, **self._arguments(fixed, self.fill))
+
+    def _arguments(self, kwargs: dict, start: dict) -> dict:
+        args = dict(start)
         for name, value in kwargs.items():
             actual = self.renames.get(name, name)
             if actual in self.accepted:
                 args[actual] = value
             elif name not in self.optional:
                 raise TypeError(f"cpattn passes '{name}' to {self.where}, which was not checked at probe time")
-        return self.fn(**args)
+        return args
 
 
 def _bind(
@@ -281,7 +290,16 @@ class _Generation:
 
     def function(self, q, k, v, scale, causal, dropout_p, deterministic):
         """The public autograd function; dropout_p > 0 only reaches generations with has_dropout."""
-        raise NotImplementedError
+        return _first(self._func(q=q, k=k, v=v, **self._function_options(scale, causal, dropout_p, deterministic)))
+
+    def function_of_qkv(self, scale, causal, dropout_p, deterministic) -> Callable:
+        """`function` with everything but q, k and v bound once, for a cached runner."""
+        kernel = self._func.partial(**self._function_options(scale, causal, dropout_p, deterministic))
+        return lambda q, k, v: _first(kernel(q=q, k=k, v=v))
+
+    def _function_options(self, scale, causal, dropout_p, deterministic) -> dict:
+        """The public function's keywords besides q, k, v (generations without dropout take none)."""
+        return {"softmax_scale": scale, "causal": causal, "deterministic": deterministic}
 
     def varlen_function(self, q, k, v, packing: _Packing, scale, causal, dropout_p, deterministic):
         raise NotImplementedError
@@ -361,10 +379,8 @@ class _FlashAttention2(_BufferBackward):
             self._fwd(q=q, k=k, v=v, **packing.kwargs(), dropout_p=0.0, softmax_scale=scale, causal=causal)
         )
 
-    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
-        return _first(self._func(
-            q=q, k=k, v=v, dropout_p=dropout_p, softmax_scale=scale, causal=causal, deterministic=deterministic
-        ))
+    def _function_options(self, scale, causal, dropout_p, deterministic):
+        return {"dropout_p": dropout_p, "softmax_scale": scale, "causal": causal, "deterministic": deterministic}
 
     def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
         return _first(self._func(
@@ -416,9 +432,6 @@ class _FlashAttention3(_BufferBackward):
     def varlen_forward(self, q, k, v, packing, scale, causal):
         out, lse, *_ = self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal)
         return out, lse
-
-    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
-        return _first(self._func(q=q, k=k, v=v, softmax_scale=scale, causal=causal, deterministic=deterministic))
 
     def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
         return _first(self._func(
@@ -481,9 +494,6 @@ class _FlashAttention4(_Generation):
     def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
         return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(), softmax_scale=scale,
                                causal=causal, deterministic=deterministic)[:3])
-
-    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
-        return _first(self._func(q=q, k=k, v=v, softmax_scale=scale, causal=causal, deterministic=deterministic))
 
     def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
         return _first(self._func(
@@ -684,6 +694,13 @@ class Flash(_FlashFamily):
     name = "flash"
     description = "FlashAttention-2/3/4 (flash-attn), fixed-length batches without masks"
     varlen = False
+
+    def runner(self, call: AttentionCall):
+        if call.head_dim % HEAD_DIM_ALIGN:  # padded head dims: the general path pads and slices
+            return super().runner(call)
+        # No device guard: dispatch wraps cached runners that need one (several GPUs) itself.
+        kernel = self.generation().function_of_qkv(call.scale, call.is_causal, call.dropout_p, _deterministic())
+        return lambda q, k, v, mask: kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         gen = self.generation()
