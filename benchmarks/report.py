@@ -81,10 +81,13 @@ def _targets(result) -> list[str]:
             lines.append(f"| {TARGETS[key]} | worst {worst:.3f} over {len(sel)} configs{extra} | "
                          f"{'yes' if worst >= need else 'no'} |")
     for o in result.get("overhead", []):
-        extra = ""
+        extra, counts = "", [c for c in (o.get("kernels"), o.get("kernels_fwd_bwd")) if c]
         if o.get("kernels"):
             extra = f", kernels direct {o['kernels']['direct']} vs dispatch {o['kernels']['dispatch']}"
-        met = o["overhead_us_p50"] <= 5 and (not o.get("kernels") or o["kernels"]["direct"] == o["kernels"]["dispatch"])
+        if o.get("kernels_fwd_bwd"):
+            extra += (f"; forward+backward {o['kernels_fwd_bwd']['direct']} vs "
+                      f"{o['kernels_fwd_bwd']['dispatch']}")
+        met = o["overhead_us_p50"] <= 5 and all(c["direct"] == c["dispatch"] for c in counts)
         lines.append(f"| {TARGETS['host_overhead']} ({o['device']}, {o['provider']}) | "
                      f"{o['overhead_us_p50']:.1f} us (direct {o['direct_us_p50']:.1f}, dispatch "
                      f"{o['dispatch_us_p50']:.1f}){extra} | {'yes' if met else 'no'} |")

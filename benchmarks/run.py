@@ -229,16 +229,31 @@ def auto_suite(seqs, head_dims, batch_heads_tokens) -> list[dict]:
 # -- dispatch overhead ----------------------------------------------------------------------------------
 
 
-def host_overhead(device: str, n: int = 2000) -> dict:
-    """Host time per call, median, through attention_dispatch vs the provider's direct aten call."""
-    q, k, v = (torch.randn(1, 2, 16, 16, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-               for _ in range(3))
-    provider = "_native_cudnn" if device == "cuda" else "_native_flash"
+OVERHEAD_PROVIDERS = {"cuda": ("_native_cudnn", "flash"), "cpu": ("_native_flash",)}
+
+
+def _small_direct_call(provider: str, q, k, v):
+    """A cached-shape call of the provider's kernel without cpattn: the aten op (native), or flash_attn_func on
+    (B, S, H, D) tensors, the layout a FlashAttention user holds."""
     aten = torch.ops.aten
-    if device == "cuda":
-        direct = lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False)[0]  # noqa
-    else:
-        direct = lambda: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]  # noqa
+    if provider == "_native_cudnn":
+        return lambda: aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, True, False)[0]
+    if provider == "_native_flash":
+        return lambda: aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]
+    from flash_attn.cute import flash_attn_func
+
+    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return lambda: flash_attn_func(qs, ks, vs, causal=True)[0]
+
+
+def host_overhead(device: str, provider: str, n: int = 2000) -> dict:
+    """Host time per call, median, through attention_dispatch vs the provider's direct call (causal, a small
+    shape so that the host, not the GPU, sets the pace); and on CUDA the kernels each launches, forward and
+    forward+backward."""
+    head_dim = 64 if provider == "flash" else 16
+    q, k, v = (torch.randn(1, 2, 128 if provider == "flash" else 16, head_dim, device=device,
+                           dtype=torch.bfloat16 if device == "cuda" else torch.float32) for _ in range(3))
+    direct = _small_direct_call(provider, q, k, v)
 
     def via():
         return cpattn.attention_dispatch(q, k, v, is_causal=True)
@@ -267,21 +282,41 @@ def host_overhead(device: str, n: int = 2000) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         kernels = kernel_counts(direct, via) if device == "cuda" else None
+        kernels_bwd = training_kernel_counts(provider, q, k, v) if device == "cuda" else None
     p50_direct, p50_via = statistics.median(d_times) / 1e3, statistics.median(v_times) / 1e3
     return {"device": device, "provider": provider, "direct_us_p50": p50_direct, "dispatch_us_p50": p50_via,
-            "overhead_us_p50": p50_via - p50_direct, "kernels": kernels}
+            "overhead_us_p50": p50_via - p50_direct, "kernels": kernels, "kernels_fwd_bwd": kernels_bwd}
 
 
 def kernel_counts(direct, via) -> dict:
+    """GPU activities (kernels, memsets, copies) one call of each launches, warm."""
     from torch.profiler import ProfilerActivity, profile
 
     counts = {}
     for name, fn in (("direct", direct), ("dispatch", via)):
+        fn()
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
         counts[name] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
     return counts
+
+
+def training_kernel_counts(provider: str, q, k, v) -> dict:
+    """kernel_counts of forward+backward: the direct call (kernels suite's, in the library's own layout) on leaf
+    tensors, against dispatch on (B, H, S, D) leaves; a layout copy on either path would show here."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+    fn, inputs = direct_callable(provider, q, k, v, True)
+    dout_direct = dout if inputs[0].shape == q.shape else dout.transpose(1, 2).contiguous()
+
+    def direct():
+        fn().backward(dout_direct)
+
+    def via():
+        cpattn.attention_dispatch(q, k, v, is_causal=True).backward(dout)
+    return kernel_counts(direct, via)
 
 
 # -- ring split efficiency -------------------------------------------------------------------------------
@@ -462,7 +497,8 @@ def run_gpu(args) -> dict:
     only = set(args.only or ("overhead", "kernels", "auto", "ring_split", "memory"))
     result = {"environment": environment()}
     if "overhead" in only:
-        result["overhead"] = [host_overhead("cuda"), host_overhead("cpu")]
+        result["overhead"] = [host_overhead(device, p) for device in ("cuda", "cpu")
+                              for p in OVERHEAD_PROVIDERS[device] if cpattn.PROVIDERS[p].availability().ok]
     if "kernels" in only:
         result["kernels"] = kernels_suite(providers, args.seqs, args.head_dims, args.tokens, args.rounds)
     if "auto" in only:
@@ -478,7 +514,7 @@ def run_gpu(args) -> dict:
 
 
 def run_cpu(args) -> dict:
-    result = {"environment": environment(), "overhead": [host_overhead("cpu")]}
+    result = {"environment": environment(), "overhead": [host_overhead("cpu", "_native_flash")]}
     result["memory"] = memory_suite("cpu", 2, 4096)
     return result
 
