@@ -8,7 +8,8 @@
 #   3. ring split efficiency at S=64k (whole and split in alternating rounds) and where the split's time goes,
 #      GPU idle gaps included.
 # `bash benchmarks/gpu_owed.sh checks` runs steps 1-2, `... timed` step 3, `... noncausal` step 3's efficiency
-# without a mask, `... auto` the auto-provider suite; several names run those steps in order (one device call is too short for all); no argument:
+# without a mask, `... auto` the auto-provider suite, `... dispatch` the cached-call checks, host overhead and
+# S = 2k / 4k through dispatch; several names run those steps in order (one device call is too short for all); no argument:
 # checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
@@ -26,6 +27,15 @@ step() {
 kernel_checks() {
     step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
     step 60 python tests/gradsum_kernel_check.py --cuda
+}
+dispatch() {  # the cached-call path: correctness on the real kernels, host overhead (three runs), S=2k and 4k
+    step 150 python benchmarks/gpu_check.py --providers flash _native_cudnn auto --cp-worlds --out "$out" \
+        --tag _flash_runner
+    for run in 1 2 3; do
+        step 60 python -m benchmarks.run --suite gpu --only overhead --out "$out" --tag overhead_flash_runner_r$run
+    done
+    step 240 python -m benchmarks.run --suite gpu --only kernels --providers flash _native_cudnn --seqs 2048 4096 \
+        --rounds 7 --out "$out" --tag kernels_flash_runner
 }
 auto() {
     step 280 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_owner
@@ -47,8 +57,8 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto) "$mode" ;;
-            *) echo "unknown step: $mode (checks, timed, noncausal, auto)"; exit 2 ;;
+            checks|timed|noncausal|auto|dispatch) "$mode" ;;
+            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch)"; exit 2 ;;
         esac
     done
     exit 0
