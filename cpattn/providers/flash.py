@@ -297,6 +297,11 @@ class _Generation:
         kernel = self._func.partial(**self._function_options(scale, causal, dropout_p, deterministic))
         return lambda q, k, v: _first(kernel(q=q, k=k, v=v))
 
+    def inference_of_qkv(self, scale, causal) -> Callable:
+        """For calls that need no gradient and no dropout: the cheapest call of the same kernel on (q, k, v),
+        everything else bound once. Here the public function; a generation may skip its autograd wrapper."""
+        return self.function_of_qkv(scale, causal, 0.0, False)
+
     def _function_options(self, scale, causal, dropout_p, deterministic) -> dict:
         """The public function's keywords besides q, k, v (generations without dropout take none)."""
         return {"softmax_scale": scale, "causal": causal, "deterministic": deterministic}
@@ -486,6 +491,12 @@ class _FlashAttention4(_Generation):
     def varlen_forward(self, q, k, v, packing, scale, causal):
         return tuple(self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
                                return_lse=True)[:2])
+
+    def inference_of_qkv(self, scale, causal):
+        # flash_attn_func runs this same forward (return_lse=False) inside an autograd.Function, whose Python
+        # costs more host time than the kernel launch at small shapes: without gradients, call it directly.
+        forward = self._fwd.partial(softmax_scale=scale, causal=causal, return_lse=False)
+        return lambda q, k, v: forward(q=q, k=k, v=v)[0]
 
     def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
         return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
@@ -699,7 +710,11 @@ class Flash(_FlashFamily):
         if call.head_dim % HEAD_DIM_ALIGN:  # padded head dims: the general path pads and slices
             return super().runner(call)
         # No device guard: dispatch wraps cached runners that need one (several GPUs) itself.
-        kernel = self.generation().function_of_qkv(call.scale, call.is_causal, call.dropout_p, _deterministic())
+        gen = self.generation()
+        if call.needs_grad or call.dropout_p:
+            kernel = gen.function_of_qkv(call.scale, call.is_causal, call.dropout_p, _deterministic())
+        else:  # the cache key holds the gradient flag: a call that needs one gets another runner
+            kernel = gen.inference_of_qkv(call.scale, call.is_causal)
         return lambda q, k, v, mask: kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
