@@ -94,9 +94,14 @@ def _targets(result) -> list[str]:
     auto = [r for r in result.get("auto", []) if "auto_vs_best" in r] or auto_vs_best(result.get("kernels", []))
     if auto:
         worst = min(auto, key=lambda r: r["auto_vs_best"])
+        within = sum(r["auto_vs_best"] >= 0.98 for r in auto)
+        same = [r["auto_vs_chosen"] for r in auto if "auto_vs_chosen" in r]
+        spread = (f"; auto against the provider it ran (the same kernel timed twice): {min(same):.3f} to "
+                  f"{max(same):.3f}" if same else "")
         lines.append(f"| {TARGETS['auto']} | worst {worst['auto_vs_best']:.3f} over {len(auto)} shapes (best there: "
                      f"{worst['best']}, D={worst['D']} S={worst['S']} causal={worst['causal']} "
-                     f"bwd={worst['backward']}) | {'yes' if worst['auto_vs_best'] >= 0.98 else 'no'} |")
+                     f"bwd={worst['backward']}), {within}/{len(auto)} within 2%{spread} | "
+                     f"{'yes' if worst['auto_vs_best'] >= 0.98 else 'no'} |")
     tuned = [r for r in result.get("auto", []) if "tuned_vs_best" in r]
     if tuned:
         worst = min(tuned, key=lambda r: r["tuned_vs_best"])

@@ -63,14 +63,17 @@ def bench_gpu(fn, rep_ms=60, warmup_ms=15, min_runs=10) -> dict:
 
 
 def bench_alternating(fns: dict, rounds: int = 3) -> dict:
-    """`bench_gpu` of each function in turn, `rounds` times (in reverse order every other round): the median of
-    the rounds' medians per function.
+    """`bench_gpu` of each function in turn, `rounds` times, the order rotated by one each round (two functions:
+    alternating): the median of the rounds' medians per function.
     Timed once each, one after the other, the same cuDNN kernel called directly and through dispatch gave ratios
-    from 0.99 to 1.10 in one H100 run (clocks drift over seconds); alternating exposes both to the same drift."""
+    from 0.99 to 1.10 in one H100 run (clocks drift over seconds); alternating exposes both to the same drift.
+    Rotating (rather than reversing) puts each function in each position equally often over len(fns) rounds:
+    in the auto suite the function timed first after a change of shape ran slowest (H100, 1.90 vs 1.72 ms)."""
     runs = {name: [] for name in fns}
+    items = list(fns.items())
     for i in range(rounds):
-        order = list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]  # neither always goes first
-        for name, fn in order:
+        shift = i % len(items)
+        for name, fn in items[shift:] + items[:shift]:
             runs[name].append(bench_gpu(fn))
     out = {}
     for name, results in runs.items():
@@ -210,8 +213,9 @@ def auto_suite(seqs, head_dims, batch_heads_tokens) -> list[dict]:
             names = [n for n in AUTO_CANDIDATES
                      if cpattn.PROVIDERS[n].availability().ok and not cpattn.PROVIDERS[n].reasons(call)]
             fns = {"auto": via("auto"), "auto_tuned": via("auto", autotune=True)} | {n: via(n) for n in names}
-            # five rounds: at S <= 4k one FA4 call measured 1.12 ms in one round and 1.84 ms in the next (H100)
-            times = bench_alternating(fns, rounds=5)
+            # as many rounds as functions (at least five), so that each is timed in each position once: at S <= 4k
+            # one FA4 call measured 1.12 ms in one round and 1.84 ms in the next (H100)
+            times = bench_alternating(fns, rounds=max(5, len(fns)))
             row["chosen_tuned"] = AUTO_TUNED.choose(call).name
             row["tuning_ms"] = AUTO_TUNED.timings(call)
             row["median_ms"] = {n: t["median_ms"] for n, t in times.items()}
@@ -219,6 +223,8 @@ def auto_suite(seqs, head_dims, batch_heads_tokens) -> list[dict]:
             best = min(names, key=lambda n: row["median_ms"][n])
             row["best"], row["auto_vs_best"] = best, row["median_ms"][best] / row["median_ms"]["auto"]
             row["tuned_vs_best"] = row["median_ms"][best] / row["median_ms"]["auto_tuned"]
+            if row["chosen"] in names:  # the same runner timed twice: how far apart this method puts equal work
+                row["auto_vs_chosen"] = row["median_ms"][row["chosen"]] / row["median_ms"]["auto"]
         except Exception as exc:  # record, keep going
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
