@@ -9,7 +9,8 @@
 #      GPU idle gaps included.
 # `bash benchmarks/gpu_owed.sh checks` runs steps 1-2, `... timed` step 3, `... noncausal` step 3's efficiency
 # without a mask, `... auto` the auto-provider suite, `... dispatch` the cached-call checks, host overhead and
-# S = 2k / 4k through dispatch; several names run those steps in order (one device call is too short for all); no argument:
+# S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
+# dispatch at S = 2k, 4k, 16k; several names run those steps in order (one device call is too short for all); no argument:
 # checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
@@ -38,7 +39,16 @@ dispatch() {  # the cached-call path: correctness on the real kernels, host over
         --rounds 7 --out "$out" --tag kernels_flash_runner
 }
 auto() {
-    step 280 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_owner
+    step 330 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_rotated
+}
+overhead() {  # three runs: the host's own speed moves the direct call by 50% between runs
+    for run in 1 2 3; do
+        step 60 python -m benchmarks.run --suite gpu --only overhead --out "$out" --tag overhead_final_r$run
+    done
+}
+kernels() {
+    step 420 python -m benchmarks.run --suite gpu --only kernels --providers flash _native_cudnn \
+        --seqs 2048 4096 16384 --rounds 7 --out "$out" --tag kernels_final
 }
 noncausal() {
     step 300 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-causal noncausal \
@@ -57,8 +67,8 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch) "$mode" ;;
-            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch)"; exit 2 ;;
+            checks|timed|noncausal|auto|dispatch|overhead|kernels) "$mode" ;;
+            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels)"; exit 2 ;;
         esac
     done
     exit 0
