@@ -39,7 +39,7 @@ dispatch() {  # the cached-call path: correctness on the real kernels, host over
         --rounds 7 --out "$out" --tag kernels_flash_runner
 }
 auto() {
-    step 330 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_rotated
+    step 420 python -m benchmarks.run --suite gpu --only auto --out "$out" --tag auto_balanced
 }
 overhead() {  # three runs: the host's own speed moves the direct call by 50% between runs
     for run in 1 2 3; do

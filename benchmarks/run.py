@@ -62,19 +62,38 @@ def bench_gpu(fn, rep_ms=60, warmup_ms=15, min_runs=10) -> dict:
     return {"median_ms": q50, "p20_ms": q20, "p80_ms": q80}
 
 
-def bench_alternating(fns: dict, rounds: int = 3) -> dict:
-    """`bench_gpu` of each function in turn, `rounds` times, the order rotated by one each round (two functions:
-    alternating): the median of the rounds' medians per function.
+def balanced_orders(n: int) -> list[list[int]]:
+    """Williams' balanced Latin square: n orders of range(n) in which each index takes each position once and,
+    for even n, follows each other index exactly once (odd n: over these orders and their reverses)."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    return [[(x + i) % n for x in first] for i in range(n)]
+
+
+def bench_alternating(fns: dict, rounds: int = 3, warmup_ms: float = 15) -> dict:
+    """`bench_gpu` of each function in turn, `rounds` times: the median of the rounds' medians per function.
+
     Timed once each, one after the other, the same cuDNN kernel called directly and through dispatch gave ratios
     from 0.99 to 1.10 in one H100 run (clocks drift over seconds); alternating exposes both to the same drift.
-    Rotating (rather than reversing) puts each function in each position equally often over len(fns) rounds:
-    in the auto suite the function timed first after a change of shape ran slowest (H100, 1.90 vs 1.72 ms)."""
+    Round i runs the functions in the order of a balanced Latin square (two functions: plain alternation), so
+    over len(fns) rounds each function takes each position once and follows each other one once. With a fixed
+    cyclic order `auto` always followed `_native_efficient` (the slowest, longest-running kernel) and measured
+    2-5% slower than `flash`, the same kernel through the same runner, at S=16k in 7 of 8 shapes (H100);
+    `warmup_ms` lets each function run alone that long before its timed runs."""
     runs = {name: [] for name in fns}
     items = list(fns.items())
+    orders = balanced_orders(len(items))
     for i in range(rounds):
-        shift = i % len(items)
-        for name, fn in items[shift:] + items[:shift]:
-            runs[name].append(bench_gpu(fn))
+        order = orders[i % len(items)]
+        if (i // len(items)) % 2:  # odd n needs the reversed orders too for each function to follow each other
+            order = order[::-1]
+        for name, fn in (items[j] for j in order):
+            runs[name].append(bench_gpu(fn, warmup_ms=warmup_ms))
     out = {}
     for name, results in runs.items():
         medians = [r["median_ms"] for r in results]
@@ -213,9 +232,10 @@ def auto_suite(seqs, head_dims, batch_heads_tokens) -> list[dict]:
             names = [n for n in AUTO_CANDIDATES
                      if cpattn.PROVIDERS[n].availability().ok and not cpattn.PROVIDERS[n].reasons(call)]
             fns = {"auto": via("auto"), "auto_tuned": via("auto", autotune=True)} | {n: via(n) for n in names}
-            # as many rounds as functions (at least five), so that each is timed in each position once: at S <= 4k
-            # one FA4 call measured 1.12 ms in one round and 1.84 ms in the next (H100)
-            times = bench_alternating(fns, rounds=max(5, len(fns)))
+            # at least six rounds: at S <= 4k one FA4 call measured 1.12 ms in one round and 1.84 ms in the next
+            # (H100); 100 ms alone before each timing, so the one before it (up to 28 ms a call) does not set the
+            # clocks it runs at
+            times = bench_alternating(fns, rounds=max(6, len(fns)), warmup_ms=100)
             row["chosen_tuned"] = AUTO_TUNED.choose(call).name
             row["tuning_ms"] = AUTO_TUNED.timings(call)
             row["median_ms"] = {n: t["median_ms"] for n, t in times.items()}
