@@ -226,8 +226,14 @@ def attention_dispatch(
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention` on the active provider.
 
     Inputs are (batch, heads, seq_len, head_dim). Under `attention_provider(..., cp_mesh=mesh)` with more
-    than one rank they are this rank's sequence shard and so is the result.
+    than one rank they are this rank's sequence shard and so is the result. Under `torch.autocast` the inputs
+    are cast as autocast casts SDPA's (see `_dispatch_under_autocast`).
     """
+    if _any_autocast_enabled():
+        autocast = _autocast_for(query)
+        if autocast is not None:
+            return _dispatch_under_autocast(*autocast, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                            enable_gqa)
     if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
         if is_mask_mod(attn_mask):
             raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
@@ -250,6 +256,38 @@ def attention_dispatch(
     out = run_single(provider, call)
     provider.remember_accepted(cache_key, on_tensors_device(call.query, provider.runner(call)))
     return out
+
+
+# One C call on the hot path; torch releases without it check the inputs' device type on every call.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast_for(query) -> tuple[str, torch.dtype] | None:
+    """(device type, autocast dtype) when autocast is on for the inputs' device type, else None."""
+    if not isinstance(query, torch.Tensor):
+        return None  # make_call raises the clear error
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return device_type, torch.get_autocast_dtype(device_type)
+
+
+def _dispatch_under_autocast(device_type, dtype, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                             enable_gqa) -> torch.Tensor:
+    """What autocast does to F.scaled_dot_product_attention, which is on its lower-precision list: every
+    floating-point tensor argument on that device type, float64 excepted, is cast to the autocast dtype (q, k, v
+    and a float mask; a bool mask stays). The call then runs with autocast off for that device type, as under
+    torch.amp.custom_fwd(cast_inputs=...): merges, log-sum-exp arithmetic and float64 references inside cpattn
+    keep the precision they were written for instead of being cast behind its back. Gradients flow back through
+    the casts to the inputs' dtypes."""
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type == device_type \
+            and t.dtype is not torch.float64 and t.dtype is not dtype
+        return t.to(dtype) if eligible else t
+
+    with torch.autocast(device_type, enabled=False):
+        return attention_dispatch(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p, is_causal,
+                                  scale, enable_gqa)
 
 
 def _single_device_mask(mask_mod, query, key) -> torch.Tensor:

@@ -43,6 +43,7 @@ class Case:
     fault: str | None = None  # error cases: what to break on one rank
     device: str = "cpu"  # "cuda": every rank on cuda:0, gloo (several ranks on one GPU), mesh = the world group
     prefix: int = 0  # replicated leading tokens (joint attention): seq counts the sharded tokens only
+    autocast: str | None = None  # run the forward under torch.autocast with this dtype (inputs stay in dtype)
 
     @property
     def name(self) -> str:
@@ -227,10 +228,13 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
         ql, kl, vl = (t.detach()[:, :, :-1].clone().requires_grad_(case.grad) for t in (ql, kl, vl))
     if case.fault == "provider" and rank == world - 1:
         case = Case(**{**asdict(case), "provider": "_native_math"})
+    autocast = torch.autocast(case.device, dtype=getattr(torch, case.autocast or "bfloat16"),
+                              enabled=case.autocast is not None)
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy,
                                    cp_layout=case.layout, cp_timeout=20) as state:
-        out = cpattn.attention_dispatch(ql, kl, vl, attn_mask=mask_l, is_causal=case.causal,
-                                        dropout_p=case.dropout, enable_gqa=case.q_heads != case.kv_heads)
+        with autocast:  # the forward only, as torch.autocast's documentation asks
+            out = cpattn.attention_dispatch(ql, kl, vl, attn_mask=mask_l, is_causal=case.causal,
+                                            dropout_p=case.dropout, enable_gqa=case.q_heads != case.kv_heads)
         if case.grad:
             out.backward(shard(dout).to(device=device, dtype=dtype))
     gather = lambda t: cpattn.gather_sequence(t, mesh, 2, case.layout)  # noqa: E731
@@ -248,10 +252,12 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     full_out = gather(out).cpu()
     result.errors["out"] = (full_out.double() - ref_out).abs().max().item()
     result.errors["out_finite"] = float(torch.isfinite(full_out).all())
+    result.stats["out_dtype"] = str(out.dtype)
     if case.grad:
         ref_out.backward(dout)
         for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):
             result.errors[name] = (gather(local.grad).cpu().double() - ref.grad).abs().max().item()
+            result.stats[f"{name}_dtype"] = str(local.grad.dtype)
     return result
 
 

@@ -56,6 +56,8 @@ def cases_for(world: int) -> list[Case]:
     # bf16 gradient sums: ranks that add nothing to a block's sum at some step (contiguous causal), even shards
     cases.append(Case(strategy="ring", layout="contiguous", dtype="bfloat16", seq=2 * world + 1))
     cases.append(Case(strategy="ring", dtype="bfloat16", seq=4 * world))
+    # under torch.autocast: float32 inputs (and a float mask) computed in bf16, as SDPA would be
+    cases += autocast_cases()
     return cases
 
 
@@ -71,6 +73,22 @@ def error_cases(world: int) -> list[Case]:
     ]
 
 
+def autocast_cases() -> list[Case]:
+    return [Case(strategy=strategy, autocast="bfloat16", seq=11, head_dim=32, mask=mask, causal=mask is None)
+            for strategy in SCHEDULES for mask in (None, "additive")]
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_autocast_computes_in_its_dtype_and_grads_keep_the_inputs(world):
+    """Under torch.autocast the shards are cast as SDPA's inputs would be: the output is bf16, the gradients
+    reach the float32 shards as float32, and both match float64 within bf16 tolerances (_check)."""
+    for case in autocast_cases():
+        outcome = results(world)[case.name]
+        _check(outcome, case)
+        assert outcome.stats["out_dtype"] == "torch.bfloat16", (case.name, outcome.stats["out_dtype"])
+        assert {outcome.stats[f"{g}_dtype"] for g in ("dq", "dk", "dv")} == {"torch.float32"}, case.name
+
+
 @functools.lru_cache(maxsize=None)
 def results(world: int):
     return run_cases(world, cases_for(world) + (error_cases(world) if world > 1 else []))
@@ -78,7 +96,8 @@ def results(world: int):
 
 def _check(outcome, case: Case):
     assert outcome.exception is None, outcome.exception
-    out_tol, grad_tol = OUT_ATOL[getattr(__import__("torch"), case.dtype)], GRAD_ATOL[getattr(__import__("torch"), case.dtype)]
+    computed_in = getattr(__import__("torch"), case.autocast or case.dtype)
+    out_tol, grad_tol = OUT_ATOL[computed_in], GRAD_ATOL[computed_in]
     assert outcome.errors["out_finite"] == 1.0, "non-finite output"
     assert outcome.errors.get("document_mask_equal", 1.0) == 1.0, "document_mask rows differ from the shard"
     assert outcome.errors["out"] <= out_tol, f"out error {outcome.errors['out']:.3g} > {out_tol}"
