@@ -77,6 +77,39 @@ def build_mask(kind, b, sq, sk, device):
     return m.to(device)
 
 
+AUTOCAST_PROVIDERS = ("flash", "_native_cudnn", "native", "auto")
+
+
+def check_autocast(name, device) -> dict:
+    """float32 leaves under torch.autocast(bf16), GQA and causal, dispatched twice (the second call runs the cached
+    runner): the output is bf16 and matches float64 on the bf16-cast inputs; gradients reach the leaves as
+    float32 and match too."""
+    entry = {"provider": name, "case": "autocast bf16, float32 inputs, GQA Hq8 Hkv2 S777 D128 causal"}
+    provider = cpattn.get_provider(name)
+    if not provider.availability().ok:
+        entry["skipped"] = provider.availability().reason
+        return entry
+    b, hq, hkv, s, d = 1, 8, 2, 777, 128
+    dout = torch.randn(b, hq, s, d, device=device).to(torch.bfloat16)
+    ok = True
+    for attempt in ("first", "cached"):
+        q, k, v = make_qkv(b, hq, hkv, s, s, d, device=device, seed=11, requires_grad=True)
+        rounded = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        ref_out, _, ref_grads = reference_with_grads(*rounded, dout, None, True)
+        with torch.autocast("cuda", dtype=torch.bfloat16), cpattn.attention_provider(name):
+            out = cpattn.attention_dispatch(q, k, v, is_causal=True, enable_gqa=True)
+        out.backward(dout)
+        entry[f"{attempt}_out_dtype"] = str(out.dtype)
+        entry[f"{attempt}_grad_dtypes"] = sorted({str(t.grad.dtype) for t in (q, k, v)})
+        entry[f"{attempt}_out_err"] = _err(out, ref_out)
+        entry[f"{attempt}_grad_err"] = max(_err(t.grad, r) for t, r in zip((q, k, v), ref_grads))
+        ok &= out.dtype == torch.bfloat16 and entry[f"{attempt}_grad_dtypes"] == ["torch.float32"]
+        ok &= entry[f"{attempt}_out_err"] <= OUT_ATOL[torch.bfloat16] * 2
+        ok &= entry[f"{attempt}_grad_err"] <= GRAD_ATOL[torch.bfloat16] * 2
+    entry["ok"] = bool(ok)
+    return entry
+
+
 def check_provider(name, provider, device, label=None, **options):
     """`options` go to attention_provider (autotune=True for 'auto'); `label` names the run in the report."""
     caps = provider.capabilities("cuda")
@@ -235,9 +268,19 @@ def main():
 
         single += [check_provider("auto", AUTO, device),
                    check_provider("auto", AUTO_TUNED, device, label="auto autotune", autotune=True)]
+    autocast = []
+    for name in AUTOCAST_PROVIDERS:
+        if args.providers is None or name in args.providers:
+            try:
+                autocast.append(check_autocast(name, device))
+            except Exception as exc:  # record, keep going
+                autocast.append({"provider": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]})
+            print(f"  {name:18s}  autocast bf16 from float32: {'ok' if autocast[-1].get('ok', True) else 'FAIL'}",
+                  flush=True)
     result = {
         "device": gpu, "capability": "sm%d%d" % torch.cuda.get_device_capability(), "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M"), "single_device": single, "context_parallel_gloo_one_gpu": [],
+        "date": time.strftime("%Y-%m-%d %H:%M"), "single_device": single, "autocast": autocast,
+        "context_parallel_gloo_one_gpu": [],
     }
     os.makedirs(args.out, exist_ok=True)
     tag = gpu.replace(" ", "_").replace("/", "_")
@@ -257,7 +300,7 @@ def main():
             save(cp)
         cp = cp + packed_checks(args.packed_worlds, save_packed)
     n_fail = sum(not c.get("ok", True) for r in single for c in r["cases"] if "refused" not in c)
-    n_fail += sum(not r["ok"] for r in cp)
+    n_fail += sum(not r["ok"] for r in cp) + sum(not r.get("ok", True) for r in autocast)
     print(f"wrote {path}; failures: {n_fail}", flush=True)
 
 
