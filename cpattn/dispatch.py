@@ -234,6 +234,8 @@ def attention_dispatch(
         if autocast is not None:
             return _dispatch_under_autocast(*autocast, query, key, value, attn_mask, dropout_p, is_causal, scale,
                                             enable_gqa)
+    if isinstance(query, torch.Tensor) and query.dim() != 4:
+        return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
         if is_mask_mod(attn_mask):
             raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
@@ -288,6 +290,33 @@ def _dispatch_under_autocast(device_type, dtype, query, key, value, attn_mask, d
     with torch.autocast(device_type, enabled=False):
         return attention_dispatch(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p, is_causal,
                                   scale, enable_gqa)
+
+
+def _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """SDPA takes (..., L, E) with any number of leading dims: (L, E), (N, L, E), (N, B, H, L, E), ...; the
+    providers take (B, H, L, E). Fewer than 4 dims gain leading 1s; more fold every dim before the heads (-3)
+    into one batch dim, after broadcasting those dims across query, key, value and a mask as SDPA does. The
+    result is unfolded to SDPA's output shape. Under context parallelism the sequence dim (-2) is the sharded
+    one either way."""
+    tensors = (query, key, value)
+    for name, t in zip(("query", "key", "value"), tensors):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise InvalidArgumentError(
+                f"{name} must have at least 2 dims (..., seq_len, head_dim), got shape {tuple(t.shape)}")
+    dims = max(t.dim() for t in tensors)
+    if dims < 4:
+        q, k, v = (t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) for t in tensors)
+        out = attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return out.reshape(tuple(query.shape[:-1]) + (out.shape[-1],))
+    batch = torch.broadcast_shapes(*(t.shape[:-3] for t in tensors))
+    q, k, v = (t.expand(*batch, *t.shape[-3:]).reshape(-1, *t.shape[-3:]) for t in tensors)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() > 3:
+        shape = torch.broadcast_shapes(attn_mask.shape, (*batch, 1, 1, 1))
+        attn_mask = attn_mask.expand(shape).reshape(-1, *shape[-3:])
+    out = attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return out.reshape(*batch, *out.shape[1:])
 
 
 def _single_device_mask(mask_mod, query, key) -> torch.Tensor:

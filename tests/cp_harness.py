@@ -44,6 +44,7 @@ class Case:
     device: str = "cpu"  # "cuda": every rank on cuda:0, gloo (several ranks on one GPU), mesh = the world group
     prefix: int = 0  # replicated leading tokens (joint attention): seq counts the sharded tokens only
     autocast: str | None = None  # run the forward under torch.autocast with this dtype (inputs stay in dtype)
+    dims: int = 4  # call dispatch with 3-D (batch must be 1) or 5-D (a leading 1) views of the shards
 
     @property
     def name(self) -> str:
@@ -201,6 +202,11 @@ def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
     return result
 
 
+def _with_dims(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """A view of a (B, H, S, D) shard with `dims` dims, as SDPA takes them: (H, S, D) for B=1, or (1, B, H, S, D)."""
+    return t.squeeze(0) if dims == 3 else t.unsqueeze(0)
+
+
 def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     import cpattn
     from cpattn.reference import reference_attention
@@ -233,8 +239,11 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy,
                                    cp_layout=case.layout, cp_timeout=20) as state:
         with autocast:  # the forward only, as torch.autocast's documentation asks
-            out = cpattn.attention_dispatch(ql, kl, vl, attn_mask=mask_l, is_causal=case.causal,
+            args = (ql, kl, vl) if case.dims == 4 else tuple(_with_dims(t, case.dims) for t in (ql, kl, vl))
+            out = cpattn.attention_dispatch(*args, attn_mask=mask_l, is_causal=case.causal,
                                             dropout_p=case.dropout, enable_gqa=case.q_heads != case.kv_heads)
+            result_dims = out.dim()
+            out = out.reshape(ql.shape[:-1] + out.shape[-1:])
         if case.grad:
             out.backward(shard(dout).to(device=device, dtype=dtype))
     gather = lambda t: cpattn.gather_sequence(t, mesh, 2, case.layout)  # noqa: E731
@@ -253,6 +262,7 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     result.errors["out"] = (full_out.double() - ref_out).abs().max().item()
     result.errors["out_finite"] = float(torch.isfinite(full_out).all())
     result.stats["out_dtype"] = str(out.dtype)
+    result.stats["out_dims"] = result_dims
     if case.grad:
         ref_out.backward(dout)
         for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):

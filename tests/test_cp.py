@@ -58,6 +58,8 @@ def cases_for(world: int) -> list[Case]:
     cases.append(Case(strategy="ring", dtype="bfloat16", seq=4 * world))
     # under torch.autocast: float32 inputs (and a float mask) computed in bf16, as SDPA would be
     cases += autocast_cases()
+    # SDPA's other ranks: 3-D (H, S, D) and 5-D (1, B, H, S, D) shards, folded to 4-D by dispatch
+    cases += dims_cases()
     return cases
 
 
@@ -87,6 +89,21 @@ def test_autocast_computes_in_its_dtype_and_grads_keep_the_inputs(world):
         _check(outcome, case)
         assert outcome.stats["out_dtype"] == "torch.bfloat16", (case.name, outcome.stats["out_dtype"])
         assert {outcome.stats[f"{g}_dtype"] for g in ("dq", "dk", "dv")} == {"torch.float32"}, case.name
+
+
+def dims_cases() -> list[Case]:
+    return [Case(strategy=strategy, dims=3, batch=1, seq=11) for strategy in SCHEDULES] + \
+        [Case(strategy=strategy, dims=5, seq=11, mask="bool") for strategy in SCHEDULES]
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_three_and_five_dim_shards_run_as_sdpa_takes_them(world):
+    """Shards with SDPA's other ranks run every schedule through the same 4-D path, forward and backward against
+    float64 (_check), and come back with the rank they went in with."""
+    for case in dims_cases():
+        outcome = results(world)[case.name]
+        _check(outcome, case)
+        assert outcome.stats["out_dims"] == case.dims, case.name
 
 
 @functools.lru_cache(maxsize=None)

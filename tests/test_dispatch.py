@@ -141,6 +141,67 @@ def test_cached_runner_launches_on_the_tensors_gpu(monkeypatch):
     assert wrapped("q", "k", "v", None) == ("ran", "q") and entered == [1]  # already on GPU 1: no switch
 
 
+RANK_CASES = {  # query, key, value shapes and a mask shape, as F.scaled_dot_product_attention takes them
+    "2d": ((5, 8), (6, 8), (6, 8), None),
+    "3d": ((3, 5, 8), (3, 6, 8), (3, 6, 8), (3, 5, 6)),
+    "5d_gqa": ((2, 3, 4, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8), (2, 1, 1, 5, 6)),
+    "5d_broadcast_batch": ((2, 1, 4, 5, 8), (1, 3, 4, 6, 8), (1, 3, 4, 6, 8), (5, 6)),
+    "3d_query_4d_kv": ((4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), None),
+}
+
+
+@pytest.mark.parametrize("provider", CPU_TRAINING)
+@pytest.mark.parametrize("case", list(RANK_CASES))
+def test_other_ranks_run_as_sdpa_takes_them(provider, case):
+    """Inputs with fewer or more than 4 dims (and leading dims that broadcast) give SDPA's output shape and
+    values, and gradients of the inputs' own shapes, on the first call and the cached one."""
+    q_shape, k_shape, v_shape, mask_shape = RANK_CASES[case]
+    gqa = q_shape[-3:-2] != k_shape[-3:-2] if len(q_shape) > 2 else False
+    for seed in range(2):
+        gen = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(shape, generator=gen, dtype=torch.float64).float().requires_grad_()
+                   for shape in (q_shape, k_shape, v_shape))
+        mask = None if mask_shape is None else torch.rand(mask_shape, generator=gen) > 0.3
+        if mask is not None:
+            mask[..., 0] = True
+        with attention_provider(provider):
+            out = attention_dispatch(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=gqa)
+        assert out.shape == ref.shape
+        assert_close(out, ref, OUT_ATOL[torch.float32], f"out, seed {seed}")
+        dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        out.backward(dout.float())
+        ref.backward(dout)
+        for name, t, r in zip("qkv", (q, k, v), ref_in):
+            assert t.grad.shape == t.shape
+            assert_close(t.grad, r.grad, GRAD_ATOL[torch.float32], f"d{name}, seed {seed}")
+
+
+@pytest.mark.parametrize("provider", CPU_TRAINING)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_three_dim_mask_on_every_cpu_provider(provider, kind):
+    """A (heads, q_len, kv_len) mask broadcasts over the batch as in SDPA, through dispatch and through the
+    contract's forward/backward (the CPU flash kernel itself takes only 2-D and 4-D masks)."""
+    q, k, v = make_qkv(2, 3, 3, 5, 6, 8, seed=4, requires_grad=True)
+    mask = random_bool_mask((3, 5, 6), seed=5, empty_row=2) if kind == "bool" else torch.randn(3, 5, 6)
+    dout = torch.randn(2, 3, 5, 8)
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, mask)
+    with attention_provider(provider):
+        out = attention_dispatch(q, k, v, attn_mask=mask)
+    out.backward(dout)
+    assert_close(out, ref_out, OUT_ATOL[torch.float32], "out")
+    for name, t, g in zip("qkv", (q, k, v), ref_grads):
+        assert_close(t.grad, g, GRAD_ATOL[torch.float32], f"d{name}")
+    adapter = cpattn.get_provider(provider)
+    call = make_call(q.detach(), k.detach(), v.detach(), mask, 0.0, False, None, False)
+    c_out, c_lse = adapter.forward(call)
+    assert_close(c_out, ref_out, OUT_ATOL[torch.float32], "contract out")
+    assert_lse_close(c_lse, ref_lse, 1e-4)
+    for name, got, g in zip("qkv", adapter.backward(call, dout, ref_out.float(), ref_lse.float()), ref_grads):
+        assert_close(got, g, GRAD_ATOL[torch.float32], f"contract d{name}")
+
+
 def dispatch_signature(q, k, v):
     from cpattn.dispatch import call_signature
 
@@ -226,7 +287,8 @@ def test_missing_library_names_the_package():
 @pytest.mark.parametrize(
     "args, match",
     [
-        (dict(query=torch.zeros(2, 4, 8)), "must have 4 dims"),
+        (dict(query=torch.zeros(8)), "at least 2 dims"),
+        (dict(key=torch.zeros(2, 4, 8), value=torch.zeros(2, 4, 8)), "must have 4 dims"),  # 4-D query
         (dict(key=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), "share one dtype"),
         (dict(key=torch.zeros(1, 3, 4, 8), value=torch.zeros(1, 3, 4, 8)), "enable_gqa=True"),
         (dict(attn_mask=torch.ones(4, 5, dtype=torch.bool)), "does not broadcast"),

@@ -54,6 +54,17 @@ def _mask_with_causal(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
     return mask.masked_fill(~causal, float("-inf")), False
 
 
+def _cpu_flash_bias(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
+    """The CPU flash kernel's (attn_mask, is_causal): the mask additive, with 2 or 4 dims (the kernel refuses the
+    1-D and 3-D masks SDPA broadcasts; leading 1s broadcast the same)."""
+    mask, causal = _mask_with_causal(call)
+    if mask is None:
+        return None, causal
+    if mask.dim() not in (2, 4):
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return as_additive(mask, call.dtype), causal
+
+
 def _scale_arg(call: AttentionCall) -> dict:
     """The scale keyword for an aten call: none for the default 1/sqrt(head dim), which the kernels compute the
     same way in double precision (same bits); passing the keyword costs ~0.6 us of argument parsing a call."""
@@ -172,10 +183,7 @@ class NativeFlash(Provider):
             return aten._scaled_dot_product_flash_attention.default(
                 q, k, v, call.dropout_p, call.is_causal, False, scale=call.scale
             )[0]
-        mask, causal = call.attn_mask, call.is_causal
-        if mask is not None:
-            mask, causal = _mask_with_causal(call)
-            mask = as_additive(mask, q.dtype)
+        mask, causal = _cpu_flash_bias(call)
         return aten._scaled_dot_product_flash_attention_for_cpu.default(
             q, k, v, call.dropout_p, causal, attn_mask=mask, scale=call.scale
         )[0]
@@ -185,9 +193,9 @@ class NativeFlash(Provider):
             return _MATH_FALLBACK.forward(call)
         k, v = _kv(call)
         if call.device.type == "cpu":
-            mask, causal = _mask_with_causal(call)
+            mask, causal = _cpu_flash_bias(call)
             out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(
-                call.query, k, v, 0.0, causal, attn_mask=as_additive(mask, call.dtype), scale=call.scale
+                call.query, k, v, 0.0, causal, attn_mask=mask, scale=call.scale
             )
             # The CPU kernel writes lse = 0 for rows that see no key: find them from the mask.
             return out, normalize_lse(lse, call.q_len, empty_rows=empty_query_rows(call),
@@ -202,11 +210,11 @@ class NativeFlash(Provider):
             return _MATH_FALLBACK.backward(call, dout, out, lse)
         k, v = _kv(call)
         if call.device.type == "cpu":
-            mask, causal = _mask_with_causal(call)
+            mask, causal = _cpu_flash_bias(call)
             acc = torch.float64 if call.dtype == torch.float64 else torch.float32
             dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
                 dout, call.query, k, v, out, lse_for_kernel_backward(lse).to(acc), 0.0, causal,
-                attn_mask=as_additive(mask, call.dtype), scale=call.scale,
+                attn_mask=mask, scale=call.scale,
             )
             return _grads(call, dq, dk, dv)
         # cum_seq_q/k undefined (None): a defined tensor there selects the nested/varlen kernel.
