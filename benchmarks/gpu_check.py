@@ -110,6 +110,36 @@ def check_autocast(name, device) -> dict:
     return entry
 
 
+def check_other_ranks(name, device) -> dict:
+    """bf16 inputs of 3 and 5 dims, as SDPA takes them ((H, S, D) and (2, B, H, S, D), GQA, causal): the output
+    keeps the input's rank and matches float64, and so do the gradients."""
+    entry = {"provider": name, "case": "3-D (H8 S513 D128) and 5-D (2 x B2 x Hq8/Hkv2 S513 D128) inputs, causal"}
+    provider = cpattn.get_provider(name)
+    if not provider.availability().ok:
+        entry["skipped"] = provider.availability().reason
+        return entry
+    ok = True
+    for label, q_shape, kv_shape in (("3d", (8, 513, 128), (8, 513, 128)),
+                                     ("5d", (2, 2, 8, 513, 128), (2, 2, 2, 513, 128))):
+        gen = torch.Generator().manual_seed(13)
+        q, k, v = (torch.randn(shape, generator=gen).to(device, torch.bfloat16).requires_grad_()
+                   for shape in (q_shape, kv_shape, kv_shape))
+        dout = torch.randn(q_shape, generator=gen).to(device, torch.bfloat16)
+        with cpattn.attention_provider(name):
+            out = cpattn.attention_dispatch(q, k, v, is_causal=True, enable_gqa=q_shape != kv_shape)
+        out.backward(dout)
+        fold = lambda t: t.reshape(-1, *t.shape[-3:]) if t.dim() > 3 else t.unsqueeze(0)  # noqa: E731
+        rq, rk, rv, rdout = (fold(t) for t in (q, k, v, dout))
+        ref_out, _, ref_grads = reference_with_grads(rq, rk, rv, rdout, None, True)
+        entry[f"{label}_out_shape_ok"] = tuple(out.shape) == q_shape
+        entry[f"{label}_out_err"] = _err(fold(out), ref_out)
+        entry[f"{label}_grad_err"] = max(_err(fold(t.grad), r) for t, r in zip((q, k, v), ref_grads))
+        ok &= entry[f"{label}_out_shape_ok"] and entry[f"{label}_out_err"] <= OUT_ATOL[torch.bfloat16] * 2
+        ok &= entry[f"{label}_grad_err"] <= GRAD_ATOL[torch.bfloat16] * 2
+    entry["ok"] = bool(ok)
+    return entry
+
+
 def check_provider(name, provider, device, label=None, **options):
     """`options` go to attention_provider (autotune=True for 'auto'); `label` names the run in the report."""
     caps = provider.capabilities("cuda")
@@ -268,15 +298,16 @@ def main():
 
         single += [check_provider("auto", AUTO, device),
                    check_provider("auto", AUTO_TUNED, device, label="auto autotune", autotune=True)]
-    autocast = []
+    autocast = []  # and other input ranks
     for name in AUTOCAST_PROVIDERS:
-        if args.providers is None or name in args.providers:
-            try:
-                autocast.append(check_autocast(name, device))
-            except Exception as exc:  # record, keep going
-                autocast.append({"provider": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]})
-            print(f"  {name:18s}  autocast bf16 from float32: {'ok' if autocast[-1].get('ok', True) else 'FAIL'}",
-                  flush=True)
+        for check, what in ((check_autocast, "autocast bf16 from float32"), (check_other_ranks, "3-D and 5-D")):
+            if args.providers is None or name in args.providers:
+                try:
+                    autocast.append(check(name, device))
+                except Exception as exc:  # record, keep going
+                    autocast.append({"provider": name, "case": what, "ok": False,
+                                     "error": f"{type(exc).__name__}: {exc}"[:400]})
+                print(f"  {name:18s}  {what}: {'ok' if autocast[-1].get('ok', True) else 'FAIL'}", flush=True)
     result = {
         "device": gpu, "capability": "sm%d%d" % torch.cuda.get_device_capability(), "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"), "single_device": single, "autocast": autocast,
