@@ -60,6 +60,7 @@ class Capabilities:
     # forward()/backward() read row slices of (B, H, S, D) tensors as they are (strided views, no copy): a ring
     # then passes views of the rows it needs instead of making dense copies of them
     row_views: bool = False
+    nested: bool = False  # jagged nested tensors (torch.nested, layout=torch.jagged) on the single-device path
     notes: tuple[str, ...] = ()
 
 
@@ -274,6 +275,9 @@ class ContractAttentionFunction(torch.autograd.Function):
 
 def capability_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
     out = []
+    if not caps.nested and (call.query.is_nested or call.key.is_nested or call.value.is_nested):
+        out.append("nested (jagged) tensors are not supported: it takes dense (B, H, S, D) tensors; use provider "
+                   "'native' (PyTorch SDPA takes them), or pack the sequences and call cpattn.flash_varlen_attention")
     if call.dtype not in caps.dtypes:
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in caps.dtypes))
         out.append(f"dtype {str(call.dtype).replace('torch.', '')} is not supported (supported: {names})")

@@ -162,6 +162,11 @@ def make_call(
         )
     if not query.dtype.is_floating_point:
         raise InvalidArgumentError(f"attention needs floating-point inputs, got {query.dtype}")
+    if sharded and (query.is_nested or key.is_nested or value.is_nested):
+        raise InvalidArgumentError(
+            "context parallelism shards dense sequences; nested (jagged) tensors cannot be sharded: pad them, or "
+            "pack the sequences and call cpattn.flash_varlen_attention with their global cu_seqlens"
+        )
     if not (query.device == key.device == value.device):
         raise InvalidArgumentError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"

@@ -376,8 +376,9 @@ class Native(Provider):
     description = "torch.nn.functional.scaled_dot_product_attention (PyTorch chooses the backend)"
     _caps = Capabilities(
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
-        backward=True, training=True, mask_grad=True,
-        notes=("block kernel under CP: first of cuDNN/flash/efficient/math (CUDA), flash/math (CPU) that fits",),
+        backward=True, training=True, mask_grad=True, nested=True,  # SDPA itself takes jagged tensors
+        notes=("block kernel under CP: first of cuDNN/flash/efficient/math (CUDA), flash/math (CPU) that fits",
+               "takes jagged nested tensors (torch.nested) on one device as SDPA does; the only provider that does"),
     )
     # On CUDA it runs cuDNN, flash or memory-efficient kernels, whose backward is not bitwise deterministic (each
     # of those providers declares deterministic_backward=False): neither is native's there.
