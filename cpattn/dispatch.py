@@ -242,6 +242,8 @@ def attention_dispatch(
     if isinstance(query, torch.Tensor) and query.dim() != 4:
         return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
+        if _batches_broadcast(query, key, value):
+            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if is_mask_mod(attn_mask):
             raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
                                        "pass a tensor mask, e.g. cpattn.masks.materialize_mask_mod(...)")
@@ -249,6 +251,8 @@ def attention_dispatch(
     state = current_state()
     provider = state.provider
     if state.cp is not None and state.cp.world_size > 1:
+        if _batches_broadcast(query, key, value):
+            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True)
         return state.cp.run(provider, call)
     if attn_mask is not None and is_mask_mod(attn_mask):  # single device: positions are 0..S-1
@@ -259,6 +263,8 @@ def attention_dispatch(
     run = provider.accepted_runner(cache_key)
     if run is not None:
         return run(query, key, value, attn_mask)
+    if _batches_broadcast(query, key, value):  # never cached: such a call always comes here
+        return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out = run_single(provider, call)
     provider.remember_accepted(cache_key, on_tensors_device(call.query, provider.runner(call)))
@@ -297,12 +303,20 @@ def _dispatch_under_autocast(device_type, dtype, query, key, value, attn_mask, d
                                   scale, enable_gqa)
 
 
+def _batches_broadcast(query, key, value) -> bool:
+    """4-D inputs whose batch sizes differ but broadcast (one of them 1), as SDPA takes them."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+        return False
+    sizes = {query.shape[0], key.shape[0], value.shape[0]}
+    return len(sizes) == 2 and 1 in sizes
+
+
 def _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """SDPA takes (..., L, E) with any number of leading dims: (L, E), (N, L, E), (N, B, H, L, E), ...; the
-    providers take (B, H, L, E). Fewer than 4 dims gain leading 1s; more fold every dim before the heads (-3)
-    into one batch dim, after broadcasting those dims across query, key, value and a mask as SDPA does. The
-    result is unfolded to SDPA's output shape. Under context parallelism the sequence dim (-2) is the sharded
-    one either way."""
+    providers take (B, H, L, E). Fewer than 4 dims gain leading 1s; 4 or more fold every dim before the heads
+    (-3) into one batch dim, after broadcasting those dims across query, key, value and a mask as SDPA does (a
+    batch of 1 against a batch of B included). The result is unfolded to SDPA's output shape. Under context
+    parallelism the sequence dim (-2) is the sharded one either way."""
     tensors = (query, key, value)
     for name, t in zip(("query", "key", "value"), tensors):
         if not isinstance(t, torch.Tensor):

@@ -3,6 +3,9 @@
 Single device: shapes (B, H_q, H_kv a divisor of H_q, S_q and S_k uneven and possibly 0, D and D_v), dtypes,
 masks (bool, additive, key padding, 2-D broadcast, with empty rows), causal, scale, provider, gradients.
 
+SDPA's other input ranks: 2 to 6 dims with broadcasting leading dims, GQA and masks of any broadcastable rank,
+against SDPA itself in float64 (test_other_ranks_match_sdpa).
+
 Context parallel: the same kind of draw over world size, schedule (ring, Ulysses, all-gather, auto), layout and
 provider. Process start-up dominates on CPU, so the cases are drawn first (hypothesis strategies, a fixed seed)
 and then run as ONE tests/cp_harness.run_cases batch per world size; a failure names every failing Case, which
@@ -170,6 +173,61 @@ def test_mask_dtype_other_than_query_dtype_regression():
     with cpattn.attention_provider("native"):  # ...this passes it as float64
         out = cpattn.attention_dispatch(q, k, v, attn_mask=torch.zeros(4, 4, dtype=torch.float64))
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@st.composite
+def ranked_problems(draw):
+    """SDPA's other input ranks: 2 to 6 dims, leading dims that broadcast (1 in q, k/v or the mask), GQA heads,
+    masks of any broadcastable rank."""
+    rank = draw(st.integers(2, 6))
+    leading = [draw(st.integers(1, 3)) for _ in range(max(0, rank - 3))]  # dims before the heads
+
+    def lead_of():  # each tensor keeps a leading dim or broadcasts it (1)
+        return [n if draw(st.booleans()) else 1 for n in leading]
+    kv_heads, groups = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    heads = [] if rank < 3 else [kv_heads * groups]
+    kv = [] if rank < 3 else [kv_heads]
+    sq, sk, d = draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.sampled_from([4, 8, 16]))
+    mask_rank = draw(st.sampled_from([None, 2, 3, rank, rank + 1]) if rank >= 3 else st.sampled_from([None, 2]))
+    return dict(q=lead_of() + heads + [sq, d], k=lead_of() + kv + [sk, d], v=lead_of() + kv + [sk, d],
+                mask_rank=mask_rank, mask_ones=[draw(st.booleans()) for _ in range(8)], gqa=groups > 1 and rank >= 3,
+                provider=draw(st.sampled_from(TRAINING)), causal=draw(st.booleans()) and sq == sk,
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=max(50, EXAMPLES // 3), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(ranked_problems())
+def test_other_ranks_match_sdpa(p):
+    """Whatever rank SDPA takes, dispatch gives its output shape and values and the inputs' gradients."""
+    gen = torch.Generator().manual_seed(p["seed"])
+    q, k, v = (torch.randn(p[n], generator=gen, dtype=torch.float64).float().requires_grad_() for n in "qkv")
+    batch = torch.broadcast_shapes(*(tuple(p[n][:-3]) for n in "qkv"))
+    scores = (*batch, *p["q"][-3:-2], p["q"][-2], p["k"][-2])  # (..., Hq, sq, sk) or (sq, sk)
+    mask = None
+    if p["mask_rank"] is not None:  # (..., sq, sk), each leading dim full or 1
+        full = scores[-p["mask_rank"]:] if p["mask_rank"] <= len(scores) else \
+            (1,) * (p["mask_rank"] - len(scores)) + scores
+        shape = [1 if i < len(full) - 2 and p["mask_ones"][i % 8] else n for i, n in enumerate(full)]
+        mask = torch.rand(shape, generator=gen) < 0.7
+        mask[..., 0] = True  # no empty rows: SDPA's math reference gives NaN there
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    try:
+        ref = torch.nn.functional.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=p["gqa"],
+                                                               is_causal=p["causal"] and mask is None)
+    except RuntimeError:
+        return  # SDPA itself refuses this combination
+    with cpattn.attention_provider(p["provider"]):
+        out = cpattn.attention_dispatch(q, k, v, attn_mask=mask, enable_gqa=p["gqa"],
+                                        is_causal=p["causal"] and mask is None)
+    assert out.shape == ref.shape
+    assert_within(out, ref, OUT_ATOL[torch.float32], "out")
+    dout = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref.backward(dout)
+    out.backward(dout.float())
+    for name, t, r in zip("qkv", (q, k, v), ref_in):
+        assert t.grad.shape == t.shape
+        assert_within(t.grad, r.grad, GRAD_ATOL[torch.float32], f"d{name}")
 
 
 # -- context parallel --------------------------------------------------------------------------------------------
