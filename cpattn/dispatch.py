@@ -239,10 +239,8 @@ def attention_dispatch(
         if autocast is not None:
             return _dispatch_under_autocast(*autocast, query, key, value, attn_mask, dropout_p, is_causal, scale,
                                             enable_gqa)
-    if isinstance(query, torch.Tensor) and query.dim() != 4:
-        return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
-        if _batches_broadcast(query, key, value):
+        if _needs_folding(query, key, value):
             return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if is_mask_mod(attn_mask):
             raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
@@ -251,11 +249,13 @@ def attention_dispatch(
     state = current_state()
     provider = state.provider
     if state.cp is not None and state.cp.world_size > 1:
-        if _batches_broadcast(query, key, value):
+        if _needs_folding(query, key, value):
             return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True)
         return state.cp.run(provider, call)
     if attn_mask is not None and is_mask_mod(attn_mask):  # single device: positions are 0..S-1
+        if _needs_folding(query, key, value):
+            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         attn_mask = _single_device_mask(attn_mask, query, key)
     # Hot path: a call this provider already accepted skips every check (they depend only on the cache key) and
     # runs the function the provider made for it.
@@ -263,7 +263,7 @@ def attention_dispatch(
     run = provider.accepted_runner(cache_key)
     if run is not None:
         return run(query, key, value, attn_mask)
-    if _batches_broadcast(query, key, value):  # never cached: such a call always comes here
+    if _needs_folding(query, key, value):  # never cached under its own key: such a call always comes here
         return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out = run_single(provider, call)
@@ -303,10 +303,15 @@ def _dispatch_under_autocast(device_type, dtype, query, key, value, attn_mask, d
                                   scale, enable_gqa)
 
 
-def _batches_broadcast(query, key, value) -> bool:
-    """4-D inputs whose batch sizes differ but broadcast (one of them 1), as SDPA takes them."""
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
-        return False
+def _needs_folding(query, key, value) -> bool:
+    """Inputs SDPA takes that providers do not: a rank other than 4, or 4-D batch sizes of 1 against B.
+
+    Checked off the hot path (compile, CP, mask_mod and cache-miss branches): such a call is never cached
+    under its own signature, and its folded form is."""
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
+        return False  # make_call raises the clear error
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return True
     sizes = {query.shape[0], key.shape[0], value.shape[0]}
     return len(sizes) == 2 and 1 in sizes
 

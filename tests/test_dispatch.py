@@ -202,6 +202,15 @@ def test_three_dim_mask_on_every_cpu_provider(provider, kind):
         assert_close(got, g, GRAD_ATOL[torch.float32], f"contract d{name}")
 
 
+def test_other_ranks_take_a_mask_mod():
+    """A mask_mod with 3-D inputs is evaluated on the folded (1, H, L, S) problem: here a causal one."""
+    q, k, v = (torch.randn(3, 6, 8) for _ in range(3))
+    with attention_provider("_native_math"):
+        out = attention_dispatch(q, k, v, attn_mask=lambda b, h, qi, ki: qi >= ki)
+    assert out.shape == (3, 6, 8)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), OUT_ATOL[torch.float32], "out")
+
+
 def dispatch_signature(q, k, v):
     from cpattn.dispatch import call_signature
 
@@ -288,7 +297,6 @@ def test_missing_library_names_the_package():
     "args, match",
     [
         (dict(query=torch.zeros(8)), "at least 2 dims"),
-        (dict(key=torch.zeros(2, 4, 8), value=torch.zeros(2, 4, 8)), "must have 4 dims"),  # 4-D query
         (dict(key=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), "share one dtype"),
         (dict(key=torch.zeros(1, 3, 4, 8), value=torch.zeros(1, 3, 4, 8)), "enable_gqa=True"),
         (dict(attn_mask=torch.ones(4, 5, dtype=torch.bool)), "does not broadcast"),
