@@ -43,7 +43,7 @@ auto() {
 }
 overhead() {  # three runs: the host's own speed moves the direct call by 50% between runs
     for run in 1 2 3; do
-        step 60 python -m benchmarks.run --suite gpu --only overhead --out "$out" --tag overhead_final_r$run
+        step 60 python -m benchmarks.run --suite gpu --only overhead --out "$out" --tag overhead_session_end_r$run
     done
 }
 kernels() {
