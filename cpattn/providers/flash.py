@@ -133,15 +133,16 @@ class _Entry:
     fill: dict[str, Any]  # neutral values for parameters without default that the adapter does not set
 
     def __call__(self, **kwargs):
-        return self.fn(**self._arguments(kwargs, self.fill))
+        return self.fn(**self._arguments(kwargs))
 
     def partial(self, **fixed) -> Callable:
         """The function with `fixed` bound once (renamed and filled as a call would): a cached runner calls it
         with the remaining keywords and pays for no renaming."""
-        return functools.partial(self.fn, **self._arguments(fixed, self.fill))
+        return functools.partial(self.fn, **self._arguments(fixed))
 
-    def _arguments(self, kwargs: dict, start: dict) -> dict:
-        args = dict(start)
+    def _arguments(self, kwargs: dict) -> dict:
+        """The library's keywords for the adapter's: renamed, filled with neutral values, checked."""
+        args = dict(self.fill)
         for name, value in kwargs.items():
             actual = self.renames.get(name, name)
             if actual in self.accepted:
