@@ -140,6 +140,42 @@ def check_other_ranks(name, device) -> dict:
     return entry
 
 
+def check_cuda_graph(name, device) -> dict:
+    """Dispatch captured in a CUDA graph (as inference servers run it) after two eager warm-up calls, replayed on
+    new values copied into the captured inputs: each replay matches float64 on those values."""
+    entry = {"provider": name, "case": "CUDA graph capture and replay, bf16 B2 Hq8 Hkv2 S512 D128 causal"}
+    provider = cpattn.get_provider(name)
+    if not provider.availability().ok:
+        entry["skipped"] = provider.availability().reason
+        return entry
+    static = list(make_qkv(2, 8, 2, 512, 512, 128, dtype=torch.bfloat16, device=device, seed=21))
+
+    def attend():
+        return cpattn.attention_dispatch(*static, is_causal=True, enable_gqa=True)
+    with cpattn.attention_provider(name):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                attend()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attend()
+    errors = []
+    for seed in (22, 23):
+        fresh = make_qkv(2, 8, 2, 512, 512, 128, dtype=torch.bfloat16, device=device, seed=seed)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, _, _ = reference_with_grads(*fresh, torch.zeros_like(fresh[0]), None, True)
+        errors.append(_err(out, ref_out))
+    entry["replay_out_errs"] = errors
+    entry["ok"] = bool(max(errors) <= OUT_ATOL[torch.bfloat16] * 2)
+    return entry
+
+
 def check_provider(name, provider, device, label=None, **options):
     """`options` go to attention_provider (autotune=True for 'auto'); `label` names the run in the report."""
     caps = provider.capabilities("cuda")
@@ -300,7 +336,8 @@ def main():
                    check_provider("auto", AUTO_TUNED, device, label="auto autotune", autotune=True)]
     autocast = []  # and other input ranks
     for name in AUTOCAST_PROVIDERS:
-        for check, what in ((check_autocast, "autocast bf16 from float32"), (check_other_ranks, "3-D and 5-D")):
+        for check, what in ((check_autocast, "autocast bf16 from float32"), (check_other_ranks, "3-D and 5-D"),
+                            (check_cuda_graph, "CUDA graph capture and replay")):
             if args.providers is None or name in args.providers:
                 try:
                     autocast.append(check(name, device))
