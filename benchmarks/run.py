@@ -81,8 +81,8 @@ def bench_alternating(fns: dict, rounds: int = 3, warmup_ms: float = 15) -> dict
     Timed once each, one after the other, the same cuDNN kernel called directly and through dispatch gave ratios
     from 0.99 to 1.10 in one H100 run (clocks drift over seconds); alternating exposes both to the same drift.
     Round i runs the functions in the order of a balanced Latin square (two functions: plain alternation), so
-    over len(fns) rounds each function takes each position once and follows each other one once. With a fixed
-    cyclic order `auto` always followed `_native_efficient` (the slowest, longest-running kernel) and measured
+    over len(fns) rounds each function takes each position once and follows each other one once. Rotated by one
+    each round, `auto` followed `_native_efficient` (the slowest, longest-running kernel) in 5 of 6 rounds and measured
     2-5% slower than `flash`, the same kernel through the same runner, at S=16k in 7 of 8 shapes (H100);
     `warmup_ms` lets each function run alone that long before its timed runs."""
     runs = {name: [] for name in fns}
