@@ -55,7 +55,9 @@ def _base(**changes):
     "changes, match",
     [
         (dict(query=[[1.0]]), "query must be a torch.Tensor, got list"),
-        (dict(key=torch.zeros(2, 2, 4, 8), value=torch.zeros(2, 2, 4, 8)), "batch sizes differ: query 1, key 2"),
+        # (a batch of 1 against 2 broadcasts, as in SDPA; 2 against 3 does not)
+        (dict(query=torch.zeros(2, 2, 4, 8), key=torch.zeros(3, 2, 4, 8), value=torch.zeros(3, 2, 4, 8)),
+         "batch sizes differ: query 2, key 3"),
         (dict(value=torch.zeros(1, 2, 5, 8)), r"key \(1, 2, 4, 8\) and value \(1, 2, 5, 8\) must agree"),
         (dict(query=torch.zeros(1, 3, 4, 8), enable_gqa=True), "query heads 3 must be a multiple of key/value heads 2"),
         (dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\), got -0.1"),
