@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .contract import AttentionCall, default_scale
+from .contract import AttentionCall, autocast_off, default_scale
 from .errors import CpattnError, UnsupportedInputError
 from .providers import PROVIDERS, suggest
 
@@ -92,13 +92,14 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     provider = PROVIDERS[_NAMES[int(provider_id)]]
     call = _call(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
-    if _has_contract_backward(provider, call):
-        dq, dk, dv = provider.backward(call, dout.contiguous(), out, lse)
-    else:  # library autograd only: recompute the forward with grad and differentiate it
-        with torch.enable_grad():
-            q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
-            o = provider.attention(call.replace(query=q, key=k, value=v))
-            dq, dk, dv = torch.autograd.grad(o, (q, k, v), dout)
+    with autocast_off(query.device):  # as in eager: the inputs were cast before the forward
+        if _has_contract_backward(provider, call):
+            dq, dk, dv = provider.backward(call, dout.contiguous(), out, lse)
+        else:  # library autograd only: recompute the forward with grad and differentiate it
+            with torch.enable_grad():
+                q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
+                o = provider.attention(call.replace(query=q, key=k, value=v))
+                dq, dk, dv = torch.autograd.grad(o, (q, k, v), dout)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

@@ -22,6 +22,7 @@ A provider is an adapter with three entry points:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -255,6 +256,18 @@ class Provider:
         return f"<provider {self.name}>"
 
 
+# One C call; torch releases without it check the device type each time.
+any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def autocast_off(device: torch.device):
+    """Autocast off for `device`'s type while cpattn computes, when it is on: a backward() called inside an
+    autocast block would otherwise cast its kernels' and merges' float32 arithmetic; no context otherwise."""
+    if any_autocast_enabled() and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class ContractAttentionFunction(torch.autograd.Function):
     """Autograd over a provider's forward/backward, for providers whose library has no autograd of its own."""
 
@@ -269,7 +282,8 @@ class ContractAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         query, key, value, out, lse = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
-        dq, dk, dv = ctx.provider.backward(call, dout.contiguous(), out, lse)
+        with autocast_off(query.device):
+            dq, dk, dv = ctx.provider.backward(call, dout.contiguous(), out, lse)
         return None, None, dq, dk, dv
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .contract import AttentionCall, Provider, default_scale
+from .contract import AttentionCall, Provider, any_autocast_enabled, default_scale
 from .errors import InvalidArgumentError, UnsupportedInputError
 from .masks import is_mask_mod, materialize_mask_mod
 from .names import AttentionProvider
@@ -234,7 +234,7 @@ def attention_dispatch(
     than one rank they are this rank's sequence shard and so is the result. Under `torch.autocast` the inputs
     are cast as autocast casts SDPA's (see `_dispatch_under_autocast`).
     """
-    if _any_autocast_enabled():
+    if any_autocast_enabled():  # one C call on the hot path
         autocast = _autocast_for(query)
         if autocast is not None:
             return _dispatch_under_autocast(*autocast, query, key, value, attn_mask, dropout_p, is_causal, scale,
@@ -269,10 +269,6 @@ def attention_dispatch(
     out = run_single(provider, call)
     provider.remember_accepted(cache_key, on_tensors_device(call.query, provider.runner(call)))
     return out
-
-
-# One C call on the hot path; torch releases without it check the inputs' device type on every call.
-_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast_for(query) -> tuple[str, torch.dtype] | None:

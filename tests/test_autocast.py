@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 import cpattn
 from cpattn import attention_dispatch, attention_provider
-from helpers import GRAD_ATOL, OUT_ATOL, assert_close, make_qkv
+from cpattn.contract import ContractAttentionFunction
+from cpattn.cp.comm import CommStats
+from cpattn.cp.layout import ring_positions
+from cpattn.cp.mesh import Group
+from cpattn.cp.ring import RingSpec, ring_attention
+from cpattn.dispatch import make_call
+from cpattn.providers.native import NativeMath
+from helpers import GRAD_ATOL, OUT_ATOL, LoopbackRing, assert_close, make_qkv
 
 PROVIDERS = ("native", "_native_math", "_native_flash")
 BF16 = torch.bfloat16
@@ -111,3 +118,38 @@ def test_compiled_call_under_autocast_matches_eager():
             compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v)
     assert compiled.dtype == eager.dtype == BF16
     assert_close(compiled, eager, OUT_ATOL[BF16], "compiled out")
+
+
+class _RecordsAutocast(NativeMath):
+    """_native_math recording whether autocast was on in each contract backward call."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast_in_backward = []
+
+    def backward(self, call, dout, out, lse):
+        self.autocast_in_backward.append(torch.is_autocast_enabled("cpu"))
+        return super().backward(call, dout, out, lse)
+
+
+def test_backward_called_inside_autocast_runs_with_it_off():
+    """`loss.backward()` inside an autocast block (on CPU it runs in the caller's thread, autocast on): the
+    contract backward and the ring backward still run their float32 arithmetic with autocast off."""
+    provider = _RecordsAutocast()
+    q, k, v = make_qkv(1, 3, 3, 12, 12, 8, requires_grad=True)
+    call = make_call(q.to(BF16), k.to(BF16), v.to(BF16), None, 0.0, True, None, False)
+    with _autocast():
+        out = ContractAttentionFunction.apply(provider, call, *(t.to(BF16) for t in (q, k, v)))
+        out.float().sum().backward()
+    world, total = 2, 12
+    pos = [ring_positions(total, world, r, "zigzag") for r in range(world)]
+    blocks = [(k.detach()[:, :, p].to(BF16), v.detach()[:, :, p].to(BF16)) for p in pos]
+    lq = q.detach()[:, :, pos[0]].to(BF16).requires_grad_()
+    spec = RingSpec(Group(None, 0, world, "loopback"), "zigzag", total, 60.0, CommStats(),
+                    channel_factory=LoopbackRing(blocks, 0))
+    with _autocast():
+        ring_call = make_call(lq, *(t.requires_grad_() for t in blocks[0]), None, 0.0, True, None, False)
+        ring_out = ring_attention(provider, ring_call, spec)
+        ring_out.float().sum().backward()
+    assert provider.autocast_in_backward and not any(provider.autocast_in_backward), provider.autocast_in_backward
+    assert len(provider.autocast_in_backward) == 1 + world  # one contract call, then one per ring step

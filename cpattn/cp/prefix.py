@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import AttentionCall, Provider
+from ..contract import AttentionCall, Provider, autocast_off
 from ..merge import merge_two
 from .allgather import AllGatherSpec, GatherSequence
 from .ring import RingSpec, ring_backward, ring_forward
@@ -54,12 +54,13 @@ class PrefixRingAttention(torch.autograd.Function):
         call = ctx.call.replace(query=query, key=key, value=value)
         k_pre, v_pre, k_shard, v_shard = _split(call, ctx.prefix)
         dout = dout.contiguous()
-        dq_p, dk_p, dv_p = ctx.provider.backward(call.replace(key=k_pre, value=v_pre), dout, out, lse)
-        dq_r, dk_r, dv_r = ring_backward(ctx.provider, call.replace(key=k_shard, value=v_shard), ctx.spec, dout,
-                                         out, lse)
-        dq = (dq_r + dq_p.float()).to(query.dtype)
-        dk = torch.cat([dk_p.float(), dk_r], dim=2).to(key.dtype)
-        dv = torch.cat([dv_p.float(), dv_r], dim=2).to(value.dtype)
+        with autocast_off(query.device):
+            dq_p, dk_p, dv_p = ctx.provider.backward(call.replace(key=k_pre, value=v_pre), dout, out, lse)
+            dq_r, dk_r, dv_r = ring_backward(ctx.provider, call.replace(key=k_shard, value=v_shard), ctx.spec,
+                                             dout, out, lse)
+            dq = (dq_r + dq_p.float()).to(query.dtype)
+            dk = torch.cat([dk_p.float(), dk_r], dim=2).to(key.dtype)
+            dv = torch.cat([dv_p.float(), dv_r], dim=2).to(value.dtype)
         return dq, dk, dv, None, None, None, None
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .. import gradsum
-from ..contract import AttentionCall, Provider
+from ..contract import AttentionCall, Provider, autocast_off
 from ..masks import is_mask_mod, materialize_mask_mod, select_keys, select_queries
 from ..merge import PartialAttention
 from .comm import CommStats, RingChannel
@@ -264,7 +264,8 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         query, key, value, out, lse = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
-        dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse, query.dtype)
+        with autocast_off(query.device):
+            dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse, query.dtype)
         return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None
 
 
