@@ -11,6 +11,7 @@ Writes gpu_check_<gpu>.json with every number and every failure message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -247,7 +248,7 @@ def check_provider(name, provider, device, label=None, **options):
     return report
 
 
-def cp_checks(worlds, on_progress=lambda results: None, only=None):
+def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True):
     from cp_harness import Case, run_cases
 
     results = []
@@ -266,16 +267,28 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None):
                 cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=256 * world, head_dim=128,
                                   q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype, grad=grad,
                                   device="cuda", batch=1))
+            if extras:  # float32 shards under autocast(bf16), and 5-D shards, on the provider's first schedule
+                base = cases[-len(schedules)]
+                cases.append(dataclasses.replace(base, dtype="float32", autocast=dtype))
+                cases.append(dataclasses.replace(base, dims=5))
         outcomes = run_cases(world, cases, timeout=500)
         for case in cases:
             o = outcomes[case.name]
-            tol_out, tol_grad = OUT_ATOL[getattr(torch, case.dtype)], GRAD_ATOL[getattr(torch, case.dtype)]
+            computed_in = getattr(torch, case.autocast or case.dtype)
+            tol_out, tol_grad = OUT_ATOL[computed_in], GRAD_ATOL[computed_in]
             ok = o.exception is None and o.errors.get("out", 1) <= tol_out * 2 and (
                 not case.grad or max(o.errors.get(x, 1) for x in ("dq", "dk", "dv")) <= tol_grad * 2)
+            if case.autocast:
+                ok &= o.stats.get("out_dtype") == str(computed_in)
+            if case.dims != 4:
+                ok &= o.stats.get("out_dims") == case.dims
             results.append({"world": world, "provider": case.provider, "schedule": case.strategy,
-                            "causal": case.causal, "backward": case.grad, "dtype": case.dtype, "errors": o.errors,
+                            "causal": case.causal, "backward": case.grad, "dtype": case.dtype,
+                            "autocast": case.autocast, "dims": case.dims, "errors": o.errors,
                             "exception": o.exception, "ok": bool(ok)})
-            print(f"  W={world} {case.provider:<20}{case.strategy:<10} causal={case.causal} bwd={case.grad} "
+            extra = (f" autocast={case.autocast}" if case.autocast else "") + (f" dims={case.dims}"
+                                                                               if case.dims != 4 else "")
+            print(f"  W={world} {case.provider:<20}{case.strategy:<10} causal={case.causal} bwd={case.grad}{extra} "
                   f"{'ok' if ok else 'FAIL ' + str(o.exception or o.errors)[:300]}", flush=True)
         on_progress(results)
     return results
