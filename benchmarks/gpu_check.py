@@ -86,10 +86,6 @@ def check_autocast(name, device) -> dict:
     runner): the output is bf16 and matches float64 on the bf16-cast inputs; gradients reach the leaves as
     float32 and match too."""
     entry = {"provider": name, "case": "autocast bf16, float32 inputs, GQA Hq8 Hkv2 S777 D128 causal"}
-    provider = cpattn.get_provider(name)
-    if not provider.availability().ok:
-        entry["skipped"] = provider.availability().reason
-        return entry
     b, hq, hkv, s, d = 1, 8, 2, 777, 128
     dout = torch.randn(b, hq, s, d, device=device).to(torch.bfloat16)
     ok = True
@@ -115,10 +111,6 @@ def check_other_ranks(name, device) -> dict:
     """bf16 inputs of 3 and 5 dims, as SDPA takes them ((H, S, D) and (2, B, H, S, D), GQA, causal): the output
     keeps the input's rank and matches float64, and so do the gradients."""
     entry = {"provider": name, "case": "3-D (H8 S513 D128) and 5-D (2 x B2 x Hq8/Hkv2 S513 D128) inputs, causal"}
-    provider = cpattn.get_provider(name)
-    if not provider.availability().ok:
-        entry["skipped"] = provider.availability().reason
-        return entry
     ok = True
     for label, q_shape, kv_shape in (("3d", (8, 513, 128), (8, 513, 128)),
                                      ("5d", (2, 2, 8, 513, 128), (2, 2, 2, 513, 128))):
@@ -145,10 +137,6 @@ def check_cuda_graph(name, device) -> dict:
     """Dispatch captured in a CUDA graph (as inference servers run it) after two eager warm-up calls, replayed on
     new values copied into the captured inputs: each replay matches float64 on those values."""
     entry = {"provider": name, "case": "CUDA graph capture and replay, bf16 B2 Hq8 Hkv2 S512 D128 causal"}
-    provider = cpattn.get_provider(name)
-    if not provider.availability().ok:
-        entry["skipped"] = provider.availability().reason
-        return entry
     static = list(make_qkv(2, 8, 2, 512, 512, 128, dtype=torch.bfloat16, device=device, seed=21))
 
     def attend():
@@ -352,6 +340,10 @@ def main():
         for check, what in ((check_autocast, "autocast bf16 from float32"), (check_other_ranks, "3-D and 5-D"),
                             (check_cuda_graph, "CUDA graph capture and replay")):
             if args.providers is None or name in args.providers:
+                availability = cpattn.get_provider(name).availability()
+                if not availability.ok:
+                    autocast.append({"provider": name, "case": what, "skipped": availability.reason})
+                    continue
                 try:
                     autocast.append(check(name, device))
                 except Exception as exc:  # record, keep going

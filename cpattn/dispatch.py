@@ -325,18 +325,15 @@ def _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, s
         if t.dim() < 2:
             raise InvalidArgumentError(
                 f"{name} must have at least 2 dims (..., seq_len, head_dim), got shape {tuple(t.shape)}")
-    dims = max(t.dim() for t in tensors)
-    if dims < 4:
-        q, k, v = (t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) for t in tensors)
-        out = attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        return out.reshape(tuple(query.shape[:-1]) + (out.shape[-1],))
-    batch = torch.broadcast_shapes(*(t.shape[:-3] for t in tensors))
-    q, k, v = (t.expand(*batch, *t.shape[-3:]).reshape(-1, *t.shape[-3:]) for t in tensors)
+    rank = max(t.dim() for t in tensors)  # SDPA's output has the largest input rank
+    padded = [t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t for t in tensors]
+    batch = torch.broadcast_shapes(*(t.shape[:-3] for t in padded))
+    q, k, v = (t.expand(*batch, *t.shape[-3:]).reshape(-1, *t.shape[-3:]) for t in padded)
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() > 3:
         shape = torch.broadcast_shapes(attn_mask.shape, (*batch, 1, 1, 1))
         attn_mask = attn_mask.expand(shape).reshape(-1, *shape[-3:])
     out = attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return out.reshape(*batch, *out.shape[1:])
+    return out.reshape((*batch, *out.shape[1:])[-rank:])  # the padding's leading 1s go again
 
 
 def _single_device_mask(mask_mod, query, key) -> torch.Tensor:
