@@ -236,48 +236,102 @@ def check_provider(name, provider, device, label=None, **options):
     return report
 
 
-def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True):
-    from cp_harness import Case, run_cases
+def cp_cases(world, providers, extras=True) -> list:
+    """The default context-parallel cases: per provider, each schedule it claims, causal where it can be, GQA 8:4
+    at 256 tokens per rank, D=128; with `extras`, float32 shards under autocast and 5-D shards on its first."""
+    from cp_harness import Case
+
+    cases = []
+    for name in providers:
+        caps = cpattn.PROVIDERS[name].capabilities("cuda")
+        dtype = "bfloat16" if torch.bfloat16 in caps.dtypes else "float16"
+        schedules = ["ulysses", "allgather"] + (["ring"] if caps.returns_lse else [])
+        for strategy in schedules:
+            causal = strategy != "allgather" or caps.bool_mask
+            grad = caps.training and (strategy != "ring" or caps.backward)
+            cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=256 * world, head_dim=128,
+                              q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype, grad=grad,
+                              device="cuda", batch=1))
+        if extras:  # float32 shards under autocast(bf16), and 5-D shards, on the provider's first schedule
+            base = cases[-len(schedules)]
+            cases.append(dataclasses.replace(base, dtype="float32", autocast=dtype))
+            cases.append(dataclasses.replace(base, dims=5))
+    return cases
+
+
+def matrix_cases(world, providers) -> list:
+    """Every provider x schedule it claims at this world size, forward and backward where it trains:
+    - causal and not (all-gather causal only where the provider takes a bool mask: it builds the causal mask);
+    - GQA 8:4 (8:8 where the provider has no GQA) at 256 tokens per rank, D=128 (64 where that is its limit);
+    - heads == sequence length (24 and 24, batch 2, D=64), so a (heads, sequence) mix-up cannot pass a shape check;
+    - a mask where the provider takes one: bool with fully masked rows, or key padding;
+    - at W=4, the hybrid schedule on a 2 x 2 (ring, ulysses) mesh."""
+    from cp_harness import Case
+
+    cases = []
+    for name in providers:
+        caps = cpattn.PROVIDERS[name].capabilities("cuda")
+        dtype = "bfloat16" if torch.bfloat16 in caps.dtypes else "float16"
+        head_dim = 128 if (caps.max_head_dim or 512) >= 128 else 64
+        with_lse = ["ring"] + (["hybrid"] if world == 4 else []) if caps.returns_lse else []
+        for strategy in ["ulysses", "allgather"] + with_lse:
+            grad = caps.training and (strategy in ("ulysses", "allgather") or caps.backward)
+            causal_options = (False, True) if strategy != "allgather" or caps.bool_mask else (False,)
+            base = Case(provider=name, strategy=strategy, mesh=(2, 2) if strategy == "hybrid" else (),
+                        seq=256 * world, head_dim=head_dim, q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype,
+                        grad=grad, device="cuda", batch=1)
+            cases += [dataclasses.replace(base, causal=causal) for causal in causal_options]
+            cases.append(dataclasses.replace(base, q_heads=24, kv_heads=24, seq=24, head_dim=64, batch=2,
+                                             causal=causal_options[-1]))
+            mask = "empty_rows" if caps.bool_mask else "key_padding" if caps.key_padding_mask else None
+            if mask:
+                cases.append(dataclasses.replace(base, mask=mask, causal=False, batch=2, seq=64 * world))
+    return cases
+
+
+REFUSALS = ("UnsupportedInputError", "InvalidArgumentError")
+
+
+def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, matrix=False):
+    """Run the cases of each world size on that many ranks on this GPU over gloo; a case is ok when its output and
+    gradients are within the dtype's tolerance of float64, and `refused` when every rank raised cpattn's error for
+    inputs it cannot take (recorded with the message, not counted as passed)."""
+    from cp_harness import run_cases
 
     results = []
-    providers = [n for n in (only or CP_PROVIDERS) if cpattn.PROVIDERS[n].availability().ok]
+    providers = [n for n in (only or (list(cpattn.PROVIDERS) if matrix else CP_PROVIDERS))
+                 if cpattn.PROVIDERS[n].availability().ok]
+    providers = [n for n in providers if torch.cuda.get_device_capability() >= (
+        cpattn.PROVIDERS[n].capabilities("cuda").min_compute_capability or (0, 0))]
     for world in worlds:
-        cases = []
-        for name in providers:
-            caps = cpattn.PROVIDERS[name].capabilities("cuda")
-            dtype = "bfloat16" if torch.bfloat16 in caps.dtypes else "float16"
-            if torch.cuda.get_device_capability() < (caps.min_compute_capability or (0, 0)):
-                continue
-            schedules = ["ulysses", "allgather"] + (["ring"] if caps.returns_lse else [])
-            for strategy in schedules:
-                causal = strategy != "allgather" or caps.bool_mask
-                grad = caps.training and (strategy != "ring" or caps.backward)
-                cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=256 * world, head_dim=128,
-                                  q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype, grad=grad,
-                                  device="cuda", batch=1))
-            if extras:  # float32 shards under autocast(bf16), and 5-D shards, on the provider's first schedule
-                base = cases[-len(schedules)]
-                cases.append(dataclasses.replace(base, dtype="float32", autocast=dtype))
-                cases.append(dataclasses.replace(base, dims=5))
-        outcomes = run_cases(world, cases, timeout=500)
+        cases = matrix_cases(world, providers) if matrix else cp_cases(world, providers, extras)
+        started = time.time()
+        outcomes = run_cases(world, cases, timeout=560)
         for case in cases:
             o = outcomes[case.name]
             computed_in = getattr(torch, case.autocast or case.dtype)
             tol_out, tol_grad = OUT_ATOL[computed_in], GRAD_ATOL[computed_in]
             ok = o.exception is None and o.errors.get("out", 1) <= tol_out * 2 and (
                 not case.grad or max(o.errors.get(x, 1) for x in ("dq", "dk", "dv")) <= tol_grad * 2)
+            ok &= o.errors.get("out_finite", 0) == 1.0
             if case.autocast:
                 ok &= o.stats.get("out_dtype") == str(computed_in)
             if case.dims != 4:
                 ok &= o.stats.get("out_dims") == case.dims
+            refused = bool(o.rank_exceptions) and all(t in REFUSALS for t, _, _ in o.rank_exceptions)
             results.append({"world": world, "provider": case.provider, "schedule": case.strategy,
-                            "causal": case.causal, "backward": case.grad, "dtype": case.dtype,
-                            "autocast": case.autocast, "dims": case.dims, "errors": o.errors,
-                            "exception": o.exception, "ok": bool(ok)})
+                            "mesh": list(case.mesh), "causal": case.causal, "backward": case.grad,
+                            "dtype": case.dtype, "autocast": case.autocast, "dims": case.dims,
+                            "shape": [case.batch, case.q_heads, case.kv_heads, case.seq, case.head_dim],
+                            "mask": case.mask, "errors": o.errors, "seconds": o.stats.get("seconds"),
+                            "exception": o.exception, "refused": refused, "ok": bool(ok)})
             extra = (f" autocast={case.autocast}" if case.autocast else "") + (f" dims={case.dims}"
                                                                                if case.dims != 4 else "")
-            print(f"  W={world} {case.provider:<20}{case.strategy:<10} causal={case.causal} bwd={case.grad}{extra} "
-                  f"{'ok' if ok else 'FAIL ' + str(o.exception or o.errors)[:300]}", flush=True)
+            shape = "B{}xHq{}xHkv{}xS{}xD{}".format(*results[-1]["shape"])
+            verdict = "ok" if ok else ("refused: " if refused else "FAIL ") + str(o.exception or o.errors)[:300]
+            print(f"  W={world} {case.provider:<20}{case.strategy:<10}{shape:<26}causal={case.causal!s:<6}"
+                  f"mask={case.mask} bwd={case.grad}{extra} {verdict}", flush=True)
+        print(f"W={world}: {len(cases)} cases in {time.time() - started:.0f} s", flush=True)
         on_progress(results)
     return results
 
@@ -320,6 +374,8 @@ def main():
     parser.add_argument("--cp-worlds", type=int, nargs="*", default=[2, 3, 4])
     parser.add_argument("--providers", nargs="*", help="single-device check of these only (default all)")
     parser.add_argument("--cp-providers", nargs="*", help="context-parallel check of these only")
+    parser.add_argument("--cp-matrix", action="store_true",
+                        help="the full context-parallel matrix (matrix_cases) instead of the default cases")
     parser.add_argument("--tag", default="")
     parser.add_argument("--packed-worlds", type=int, nargs="*", default=[],
                         help="flash_varlen_attention under CP with these world sizes (ranks on this GPU)")
@@ -366,15 +422,16 @@ def main():
             json.dump(result, f, indent=1, default=str)
 
     save([])
-    cp = cp_checks(args.cp_worlds, save, args.cp_providers) if args.cp_worlds else []
+    cp = cp_checks(args.cp_worlds, save, args.cp_providers, matrix=args.cp_matrix) if args.cp_worlds else []
     if args.packed_worlds:
         def save_packed(rows):  # after each case, so a run cut short keeps what it checked
             result["packed_cp_gloo_one_gpu"] = rows
             save(cp)
         cp = cp + packed_checks(args.packed_worlds, save_packed)
     n_fail = sum(not c.get("ok", True) for r in single for c in r["cases"] if "refused" not in c)
-    n_fail += sum(not r["ok"] for r in cp) + sum(not r.get("ok", True) for r in autocast)
-    print(f"wrote {path}; failures: {n_fail}", flush=True)
+    n_fail += sum(not r["ok"] and not r.get("refused") for r in cp) + sum(not r.get("ok", True) for r in autocast)
+    n_refused = sum(bool(r.get("refused")) for r in cp)
+    print(f"wrote {path}; failures: {n_fail}; refused: {n_refused}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 # `bash benchmarks/gpu_owed.sh checks` runs steps 1-2, `... timed` step 3, `... noncausal` step 3's efficiency
 # without a mask, `... auto` the auto-provider suite, `... dispatch` the cached-call checks, host overhead and
 # S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
-# dispatch at S = 2k, 4k, 16k; several names run those steps in order (one device call is too short for all); no argument:
+# dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS; several names run those steps in order (one device call is too short for all); no argument:
 # checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
@@ -25,7 +25,12 @@ step() {
     local code=$?
     [ "$code" = 0 ] || echo "!! exit $code: $*"
 }
-kernel_checks() {
+kernel_matrix() {  # every provider x schedule it claims, world sizes MATRIX_WORLDS (default 1 2 3 4), one JSON per call
+    local worlds=${MATRIX_WORLDS:-1 2 3 4}
+    step 580 python benchmarks/gpu_check.py --providers none --cp-matrix --cp-worlds $worlds --out "$out" \
+        --tag "_matrix_w${worlds// /}"
+}
+checks() {
     step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
     step 60 python tests/gradsum_kernel_check.py --cuda
 }
@@ -67,8 +72,9 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch|overhead|kernels) "$mode" ;;
-            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels)"; exit 2 ;;
+            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix) "$mode" ;;
+            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix)"
+               exit 2 ;;
         esac
     done
     exit 0

@@ -124,11 +124,10 @@ def _mesh(case: Case, world: int):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    if case.mesh:  # gloo groups; on "cuda" they carry the GPU tensors (point-to-point staged through CPU)
+        return init_device_mesh("cpu", case.mesh, mesh_dim_names=("ring", "ulysses"))
     if case.device == "cuda":
         return dist.group.WORLD  # a ProcessGroup is a valid cp_mesh; gloo with CUDA tensors
-
-    if case.mesh:
-        return init_device_mesh("cpu", case.mesh, mesh_dim_names=("ring", "ulysses"))
     return init_device_mesh("cpu", (world,))
 
 
@@ -213,7 +212,9 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
 
     if case.standin:
         _install_standin(case.standin)
-    mesh = meshes.setdefault((case.mesh, case.device), _mesh(case, world))
+    if (case.mesh, case.device) not in meshes:  # built once per process: every rank builds them in the same order
+        meshes[(case.mesh, case.device)] = _mesh(case, world)
+    mesh = meshes[(case.mesh, case.device)]
     if case.prefix:
         return _run_prefix_case(case, rank, world, mesh)
     dtype = getattr(torch, case.dtype)
@@ -309,6 +310,7 @@ def _worker(rank: int, world: int, port: int, cases: list, queue) -> None:
             outcome.rank_exceptions = [(type(exc).__name__, str(exc), time.monotonic() - start)]
             if os.environ.get("CPATTN_TEST_TRACEBACK"):
                 traceback.print_exc()
+        outcome.stats["seconds"] = round(time.monotonic() - start, 3)
         queue.put((rank, case.name, outcome))
     dist.barrier()
     dist.destroy_process_group()
