@@ -25,12 +25,12 @@ step() {
     local code=$?
     [ "$code" = 0 ] || echo "!! exit $code: $*"
 }
-kernel_matrix() {  # every provider x schedule it claims, world sizes MATRIX_WORLDS (default 1 2 3 4), one JSON per call
+matrix() {  # every provider x schedule it claims, world sizes MATRIX_WORLDS (default 1 2 3 4), one JSON per call
     local worlds=${MATRIX_WORLDS:-1 2 3 4}
     step 580 python benchmarks/gpu_check.py --providers none --cp-matrix --cp-worlds $worlds --out "$out" \
         --tag "_matrix_w${worlds// /}"
 }
-checks() {
+kernel_checks() {
     step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
     step 60 python tests/gradsum_kernel_check.py --cuda
 }
