@@ -273,6 +273,8 @@ def matrix_cases(world, providers) -> list:
         caps = cpattn.PROVIDERS[name].capabilities("cuda")
         dtype = "bfloat16" if torch.bfloat16 in caps.dtypes else "float16"
         head_dim = 128 if (caps.max_head_dim or 512) >= 128 else 64
+        if caps.training and not trains_here(name, getattr(torch, dtype), head_dim):
+            caps = dataclasses.replace(caps, training=False)  # e.g. no varlen backward on this GPU: forward only
         with_lse = ["ring"] + (["hybrid"] if world == 4 else []) if caps.returns_lse else []
         for strategy in ["ulysses", "allgather"] + with_lse:
             grad = caps.training and (strategy in ("ulysses", "allgather") or caps.backward)
@@ -287,6 +289,13 @@ def matrix_cases(world, providers) -> list:
             if mask:
                 cases.append(dataclasses.replace(base, mask=mask, causal=False, batch=2, seq=64 * world))
     return cases
+
+
+def trains_here(name, dtype, head_dim) -> bool:
+    """Whether the provider takes a call that needs gradients on this GPU (its capabilities are per device type,
+    not per architecture: FA4 has no varlen backward on sm90, for one)."""
+    q, k, v = make_qkv(1, 8, 4, 64, 64, head_dim, dtype=dtype, device="cuda", requires_grad=True)
+    return not cpattn.PROVIDERS[name].reasons(make_call(q, k, v, None, 0.0, True, None, True))
 
 
 REFUSALS = ("UnsupportedInputError", "InvalidArgumentError")

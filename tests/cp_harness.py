@@ -39,7 +39,7 @@ class Case:
     grad: bool = True
     dropout: float = 0.0
     mesh: tuple = ()  # () = 1-D over all ranks; (R, U) = 2-D ("ring", "ulysses")
-    standin: str | None = None  # a stand-in library to install first: "fa4", "fa2", "sage2", "xformers"
+    standin: str | None = None  # a stand-in library to install first: "fa4", "fa2", "sage1", "sage2", "xformers"
     fault: str | None = None  # error cases: what to break on one rank
     device: str = "cpu"  # "cuda": every rank on cuda:0, gloo (several ranks on one GPU), mesh = the world group
     prefix: int = 0  # replicated leading tokens (joint attention): seq counts the sharded tokens only
@@ -133,7 +133,7 @@ def _mesh(case: Case, world: int):
 
 def _install_standin(kind: str) -> None:
     """Put a named stand-in library (tests/standins/) in sys.modules in this worker and make cpattn probe again.
-    kind: "fa4", "fa2" (flash-attn), "sage2" (sageattention 2.x), "xformers"."""
+    kind: "fa4", "fa2" (flash-attn), "sage1" (sageattention 1.0.6), "sage2" (sageattention 2.x), "xformers"."""
     import cpattn
 
     sys.path.insert(0, os.path.join(HERE, "standins"))
@@ -144,10 +144,10 @@ def _install_standin(kind: str) -> None:
         for name in standin.MODULE_NAMES:
             sys.modules[name] = modules.get(name)
         names = ("flash", "flash_varlen")
-    elif kind == "sage2":
+    elif kind in ("sage1", "sage2"):
         import sageattention_standin as standin
 
-        sys.modules["sageattention"] = standin.build("2.2.0")
+        sys.modules["sageattention"] = standin.build("1.0.6" if kind == "sage1" else "2.2.0")
         names = ("sage", "sage_varlen", "_sage_qk_int8_pv_fp16_triton")
     elif kind == "xformers":
         import xformers_standin as standin

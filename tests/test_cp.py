@@ -44,6 +44,10 @@ def cases_for(world: int) -> list[Case]:
                           head_dim=32))
         cases.append(Case(provider="sage", standin="sage2", strategy=strategy, causal=causal, dtype="bfloat16",
                           seq=128, head_dim=64, grad=False))
+    # sageattention 1.0.6 under Ulysses with a key-padding mask: the kernel sees every key, so the 64-key-block
+    # rule counts the kept keys of the whole (replicated) mask, not of this rank's shard
+    cases.append(Case(provider="sage_varlen", standin="sage1", strategy="ulysses", mask="key_padding", causal=False,
+                      dtype="bfloat16", seq=192, head_dim=64, grad=False))
     # joint attention: a replicated text prefix + a sharded sequence (text keys must count once, not W times)
     for strategy in ("ring", "allgather", "auto"):
         cases.append(Case(strategy=strategy, prefix=5, causal=False, seq=13))

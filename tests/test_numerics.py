@@ -92,6 +92,41 @@ def test_fully_masked_rows_give_zero_out_zero_grad_and_no_nan(provider, kind):
     assert torch.equal(q.grad[empty], torch.zeros_like(q.grad[empty])), "dq of empty rows must be exactly 0"
 
 
+def _kernel_that_breaks_on_empty_rows(q, k, v, mask):
+    """Plain softmax attention: NaN outputs and NaN gradients on rows that see no key, as an H100's SDPA
+    backends gave (garbage outputs, NaN dQ)."""
+    bias = mask.logical_not().float().masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, -1) @ v
+
+
+@pytest.mark.parametrize("additive", (False, True))
+@pytest.mark.parametrize("kind", sorted(EMPTY_ROW_MASKS))
+def test_native_cuda_opens_empty_rows_for_the_kernel_and_zeroes_them_after(kind, additive):
+    """What `native` does around SDPA on CUDA (open_empty_rows, then zero those rows), around a kernel that makes
+    NaN on rows with no key: 0 output and exactly 0 gradient there, the reference everywhere else."""
+    from cpattn.providers.native import open_empty_rows
+
+    make, causal = EMPTY_ROW_MASKS[kind]
+    b, s = 2, 12
+    mask = make(b, s) & (torch.ones(s, s, dtype=torch.bool).tril() if causal else True)
+    q, k, v = make_qkv(b, 4, 2, s, s, 16, requires_grad=True, seed=1)
+    dout = torch.randn(b, 4, s, 16, generator=torch.Generator().manual_seed(2))
+    kernel_mask = mask if not additive else torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    broken = _kernel_that_breaks_on_empty_rows(q, k, v, kernel_mask)
+    assert broken.isnan().any(), "the stand-in kernel must break on empty rows for this test to mean anything"
+    opened, empty = open_empty_rows(kernel_mask)
+    out = _kernel_that_breaks_on_empty_rows(q, k, v, opened).masked_fill(empty, 0.0)
+    out.backward(dout)
+    ref_out, ref_lse, ref_grads = reference_with_grads(q, k, v, dout, mask, False)
+    rows = torch.isneginf(ref_lse)
+    assert torch.equal(empty.expand_as(ref_lse[..., None])[..., 0], rows.expand_as(ref_lse)), "empty rows found"
+    assert_close(out, ref_out, OUT_ATOL[torch.float32], "out")
+    for name, t, g in zip("qkv", (q, k, v), ref_grads):
+        assert_close(t.grad, g, GRAD_ATOL[torch.float32], f"d{name}")
+    assert torch.equal(q.grad[rows], torch.zeros_like(q.grad[rows])), "dq of empty rows must be exactly 0"
+
+
 @pytest.mark.parametrize("provider", FORWARD)
 @pytest.mark.parametrize("kind", sorted(EMPTY_ROW_MASKS))
 def test_contract_lse_of_empty_rows_is_minus_inf(provider, kind):

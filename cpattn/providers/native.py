@@ -54,6 +54,18 @@ def _mask_with_causal(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
     return mask.masked_fill(~causal, float("-inf")), False
 
 
+def open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask in which rows that see no key see every key, those rows (..., S_q, 1) bool).
+
+    A kernel then computes finite values on those rows; the caller zeroes them in the output. The zeroed rows
+    pass no gradient back, so their dQ and their share of dK and dV are exactly 0, which is what the reference
+    (and every cpattn provider) gives for a row with no key. Costs a reduction and an elementwise pass over the
+    mask, no sync."""
+    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    return (mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)), empty
+
+
 def _cpu_flash_bias(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
     """The CPU flash kernel's (attn_mask, is_causal): the mask additive, with 2 or 4 dims (the kernel refuses the
     1-D and 3-D masks SDPA broadcasts; leading 1s broadcast the same)."""
@@ -402,16 +414,16 @@ class Native(Provider):
         mask, causal = _mask_with_causal(call)  # SDPA refuses attn_mask together with is_causal
         if mask is not None and mask.dtype != torch.bool and mask.dtype != call.dtype:
             mask = mask.to(call.dtype)  # SDPA refuses a float mask of another dtype; every other provider casts
+        empty = None
+        if mask is not None and call.device.type == "cuda":
+            # SDPA's CUDA backends disagree on rows that see no key: garbage outputs and NaN gradients were
+            # measured on an H100 with a bool mask. Every cpattn provider returns 0 there, and a 0 gradient.
+            mask, empty = open_empty_rows(mask)
         out = _C_SDPA(
             call.query, call.key, call.value, mask, call.dropout_p, causal,
             scale=call.scale, enable_gqa=call.groups > 1,
         )
-        if mask is not None and call.device.type == "cuda":
-            # SDPA's CUDA backends disagree on rows that see no key (garbage was measured on an H100 with a
-            # bool mask); every cpattn provider returns 0 there. Costs a reduction over the mask, no sync.
-            allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
-            out = out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
-        return out
+        return out if empty is None else out.masked_fill(empty, 0.0)
 
     def block_kernel(self, call: AttentionCall) -> Provider:
         """The backend whose LSE-returning kernel runs `call` under context parallelism."""

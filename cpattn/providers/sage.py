@@ -393,10 +393,13 @@ def pad_head_dims(tensors, sizes: tuple[int, ...] | None):
 
 
 def kept_keys(call: AttentionCall) -> torch.Tensor | None:
-    """(B, Sk) bool of the keys a key-padding mask keeps; None without a mask."""
+    """(B, Sk) bool of the keys a key-padding mask keeps; None without a mask. Sk is the mask's own key length:
+    under context parallelism a rank's call holds its local keys while the mask covers every key, in global
+    order, which is what the kernel sees after Ulysses or all-gather."""
     if call.attn_mask is None:
         return None
-    return call.attn_mask[:, 0, 0, :].expand(call.batch, call.kv_len)
+    keep = call.attn_mask[:, 0, 0, :]
+    return keep.expand(call.batch, call.kv_len if keep.shape[-1] == 1 else keep.shape[-1])
 
 
 @dataclasses.dataclass
