@@ -215,6 +215,20 @@ def test_sageattention_1_0_6_non_causal_needs_key_lengths_in_blocks_of_64(instal
     assert_close(out, cpattn.reference_attention(q, k, v)[0], ATOL, name)
 
 
+@pytest.mark.parametrize("name", ["sage", "sage_varlen"])
+@pytest.mark.parametrize("seq", [24, 64, 100, 192, 256])
+def test_sageattention_1_0_6_causal_runs_whole_query_blocks(install_sage, name, seq):
+    """1.0.6's causal kernels read a K scale past their tensor when a sequence's last 128-query block holds at
+    most 64 rows (the stand-in makes those rows NaN): the adapter appends zero rows up to a whole block, which
+    the causal mask hides, and drops them from the output."""
+    install_sage("1.0.6")
+    q, k, v = make_qkv(2, 4, 2, seq, seq, 64, seed=4)
+    with cpattn.attention_provider(name):
+        out = cpattn.attention_dispatch(q, k, v, is_causal=True, enable_gqa=True)
+    assert out.shape == q.shape
+    assert_close(out, cpattn.reference_attention(q, k, v, None, True)[0], ATOL, name)
+
+
 def test_sageattention_1_0_6_varlen_checks_every_kept_length(install_sage):
     install_sage("1.0.6")
     q, k, v = _qkv(b=2, sk=128)

@@ -78,6 +78,8 @@ V1_HEAD_DIMS = (64, 96, 128)
 # never mask them: each padding key scores 0 and joins the softmax denominator, so the output is wrong
 # unless every key length is a multiple of 64 (causal kernels mask them). Seen on an H100.
 V1_BLOCK_N = 64
+# Its causal kernels take queries in blocks of 128 (see v1_causal_padding).
+V1_BLOCK_M = 128
 LAST_V1_WITH_PADDING_BUG = "1.0.6"
 V1_VARLEN_HEAD_DIMS = (64, 128)
 DENSE_PARAMS = ("tensor_layout", "is_causal", "sm_scale")
@@ -226,6 +228,7 @@ class _SageProvider(Provider):
             # The library smooths on its own here and its LSE correction q @ km^T cannot broadcast over GQA.
             key, value = expand_kv(key, call.groups), expand_kv(value, call.groups)
         query, key, value = pad_head_dims((call.query, key, value), None if self._is_v2 else self.v1_head_dims)
+        query, key, value = pad_sequences((query, key, value), self._causal_padding(call))
         kwargs = {"tensor_layout": "HND", "is_causal": call.is_causal, "sm_scale": call.scale}
         if key_mean is not None and "smooth_k" in self._params:
             kwargs["smooth_k"] = False  # K is already smoothed, with a shift the LSE correction below knows
@@ -233,10 +236,14 @@ class _SageProvider(Provider):
             kwargs["return_lse"] = True
         result = self._fn(query, key, value, **kwargs)
         if not want_lse:
-            return result[..., : call.value_dim], None
+            return result[..., : call.q_len, : call.value_dim], None
         out, lse = result
-        lse = normalize_lse(lse, call.q_len) + smoothing_shift(call, key_mean)
+        lse = normalize_lse(lse, call.q_len) + smoothing_shift(call, key_mean)  # 2.x only: never padded
         return out[..., : call.value_dim], lse
+
+    def _causal_padding(self, call: AttentionCall) -> int:
+        """Rows to append to q, k and v for 1.x's causal kernels (v1_causal_padding); 0 otherwise."""
+        return v1_causal_padding(call.q_len) if call.is_causal and not self._is_v2 else 0
 
 
 class Sage(_SageProvider):
@@ -282,18 +289,20 @@ class SageVarlen(_SageProvider):
         # and never in place on the caller's tensor (1.x).
         key, _ = smoothed_key(call.key, keep)
         query, key, value = pad_head_dims((call.query, key, call.value), None if self._is_v2 else self.v1_head_dims)
+        query, key, value = pad_sequences((query, key, value), self._causal_padding(call))  # no mask when causal
         keys = pack_keys(key, value, keep)
         if keys.max_len == 0:  # no sequence has a key: every output row is empty
             return call.query.new_zeros(*call.query.shape[:3], call.value_dim), None
         kwargs = {"is_causal": call.is_causal, "sm_scale": call.scale}
         if "smooth_k" in self._params:
             kwargs["smooth_k"] = False
+        q_len = query.shape[2]
         out = self._fn(
             rearrange(query, "b h s d -> (b s) h d"), keys.key, keys.value,
-            cu_seqlens_q=query_offsets(call), cu_seqlens_k=keys.offsets,
-            max_seqlen_q=call.q_len, max_seqlen_k=keys.max_len, **kwargs,
+            cu_seqlens_q=query_offsets(call.batch, q_len, call.device), cu_seqlens_k=keys.offsets,
+            max_seqlen_q=q_len, max_seqlen_k=keys.max_len, **kwargs,
         )
-        out = rearrange(out, "(b s) h d -> b h s d", b=call.batch)[..., : call.value_dim]
+        out = rearrange(out, "(b s) h d -> b h s d", b=call.batch)[..., : call.q_len, : call.value_dim]
         # A sequence without keys has no defined output in the kernel; the contract says 0.
         return out.masked_fill((keys.lengths == 0).view(-1, 1, 1, 1), 0.0), None
 
@@ -424,9 +433,27 @@ def pack_keys(key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None)
     return PackedKeys(k, v, offsets, lengths, int(lengths.max()) if batch else 0)
 
 
-def query_offsets(call: AttentionCall) -> torch.Tensor:
+def query_offsets(batch: int, q_len: int, device) -> torch.Tensor:
     """cu_seqlens_q: every sequence keeps all its q_len queries."""
-    return torch.arange(call.batch + 1, dtype=torch.int32, device=call.device) * call.q_len
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
+
+
+def v1_causal_padding(seq_len: int) -> int:
+    """Zero rows to append to q, k and v (one length, causal) before sageattention 1.x's causal kernels.
+
+    Their diagonal step walks the 64-key blocks up to the end of its 128-query block and loads each block's K
+    scale without a bounds check. When the last query block holds at most 64 rows, that walk loads one scale
+    past the end of the K-scale tensor for the last sequence and head; the key loads there are masked to 0,
+    but 0 times a NaN or Inf scale is NaN, and that row's softmax is NaN (seen on an H100 at 24 tokens per
+    sequence). A whole 128-row block keeps the walk inside. The appended keys come after every real query, so
+    the causal mask hides them from real rows; the appended query rows are dropped."""
+    tail = seq_len % V1_BLOCK_M
+    return V1_BLOCK_M - tail if 0 < tail <= V1_BLOCK_N else 0
+
+
+def pad_sequences(tensors, rows: int):
+    """(B, H, S, D) tensors with `rows` zero rows appended to the sequence; unchanged when rows is 0."""
+    return tensors if rows == 0 else tuple(F.pad(t, (0, 0, 0, rows)) for t in tensors)
 
 
 def make_providers() -> list[Provider]:

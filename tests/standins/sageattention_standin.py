@@ -17,7 +17,10 @@ adapter's calls, layouts and LSE handling can be checked without a GPU. What it 
   `corrects_lse=False` returns the smoothed-K LSE, the offset reported for other builds;
 * `sageattn` (2.x) does not pass smooth_k on to the kernel it picks (here always the Triton path);
 * `core.SM80_ENABLED` / `SM89_ENABLED` / `SM90_ENABLED` flags and the asserts that use them;
-* a varlen sequence with no key gives NaN rows (the real kernels leave them undefined).
+* a varlen sequence with no key gives NaN rows (the real kernels leave them undefined);
+* 1.x causal: when the last 128-query block of a sequence holds at most 64 rows, the last sequence's last
+  head gives NaN rows in that block. The 1.0.6 kernels load one K scale past the end of their tensor there,
+  and NaN came out when that memory held a NaN or Inf (seen on an H100); here it always does.
 
 Deliberate deviations: it runs on the devices in `__cpattn_standin_devices__` (the flag that tells cpattn
 this is a stand-in) and accepts float32 there, so tests can hold the adapter to float32 tolerances.
@@ -34,6 +37,13 @@ import torch.nn.functional as F
 LOG2E = 1.44269504  # the constant the 2.x wrappers divide the kernels' base-2 LSE by
 STANDIN_DEVICES = ("cpu", "cuda")
 V1_BLOCK_N = 64  # keys per block in the 1.0.6 Triton kernels
+V1_BLOCK_M = 128  # queries per block in its causal kernels
+
+
+def _v1_overread_rows(seq_len: int) -> slice | None:
+    """The rows of the last query block, when 1.0.6's causal walk reads a K scale past the end (see header)."""
+    tail = seq_len % V1_BLOCK_M
+    return slice(seq_len - tail, seq_len) if 0 < tail <= V1_BLOCK_N else None
 
 
 def build(
@@ -237,6 +247,9 @@ def _v1_api():
             k -= k.mean(dim=seq_dim, keepdim=True)  # in place, on the caller's tensor, as 1.x does
         sm_scale = headdim**-0.5 if sm_scale is None else sm_scale
         out, _ = _kernel(*(_to_hnd(t, tensor_layout) for t in (q, k, v)), is_causal, sm_scale, True)
+        rows = _v1_overread_rows(out.shape[2]) if is_causal else None
+        if rows is not None:
+            out[-1, -1, rows] = float("nan")
         return _to_hnd(out.to(q.dtype), tensor_layout)
 
     def sageattn_varlen(
@@ -250,6 +263,11 @@ def _v1_api():
         if smooth_k:
             k -= k.mean(dim=0, keepdim=True)
         sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-        return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, sm_scale, True)
+        out = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, sm_scale, True)
+        start, end = cu_seqlens_q[-2:].tolist()
+        rows = _v1_overread_rows(end - start) if is_causal else None
+        if rows is not None:
+            out[start + rows.start:start + rows.stop, -1] = float("nan")
+        return out
 
     return {"sageattn": sageattn, "sageattn_varlen": sageattn_varlen}
