@@ -48,6 +48,10 @@ def cases_for(world: int) -> list[Case]:
     # rule counts the kept keys of the whole (replicated) mask, not of this rank's shard
     cases.append(Case(provider="sage_varlen", standin="sage1", strategy="ulysses", mask="key_padding", causal=False,
                       dtype="bfloat16", seq=192, head_dim=64, grad=False))
+    # ... and causal at 24 tokens per sequence, where 1.0.6 reads past its K scales unless the adapter pads
+    for provider in ("sage", "sage_varlen"):
+        cases.append(Case(provider=provider, standin="sage1", strategy="ulysses", q_heads=24, kv_heads=24, seq=24,
+                          head_dim=64, dtype="bfloat16", grad=False))
     # joint attention: a replicated text prefix + a sharded sequence (text keys must count once, not W times)
     for strategy in ("ring", "allgather", "auto"):
         cases.append(Case(strategy=strategy, prefix=5, causal=False, seq=13))
