@@ -259,12 +259,13 @@ def cp_cases(world, providers, extras=True) -> list:
     return cases
 
 
-def matrix_cases(world, providers) -> list:
+def matrix_cases(world, providers, masks=False) -> list:
     """Every provider x schedule it claims at this world size, forward and backward where it trains:
     - causal and not (all-gather causal only where the provider takes a bool mask: it builds the causal mask);
     - GQA 8:4 (8:8 where the provider has no GQA) at 256 tokens per rank, D=128 (64 where that is its limit);
     - heads == sequence length (24 and 24, batch 2, D=64), so a (heads, sequence) mix-up cannot pass a shape check;
-    - a mask where the provider takes one: bool with fully masked rows, or key padding;
+    - a mask where the provider takes one: bool with fully masked rows, or key padding; with `masks`, also a
+      bool mask together with is_causal and an additive float mask;
     - at W=4, the hybrid schedule on a 2 x 2 (ring, ulysses) mesh."""
     from cp_harness import Case
 
@@ -288,6 +289,10 @@ def matrix_cases(world, providers) -> list:
             mask = "empty_rows" if caps.bool_mask else "key_padding" if caps.key_padding_mask else None
             if mask:
                 cases.append(dataclasses.replace(base, mask=mask, causal=False, batch=2, seq=64 * world))
+            if masks and caps.bool_mask:  # a mask together with is_causal (folded into one mask where needed)
+                cases.append(dataclasses.replace(base, mask="empty_rows", causal=True, batch=2, seq=64 * world))
+            if masks and caps.additive_mask and (strategy != "allgather" or caps.bool_mask):
+                cases.append(dataclasses.replace(base, mask="additive", causal=False, batch=2, seq=64 * world))
     return cases
 
 
@@ -301,7 +306,7 @@ def trains_here(name, dtype, head_dim) -> bool:
 REFUSALS = ("UnsupportedInputError", "InvalidArgumentError")
 
 
-def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, matrix=False):
+def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, matrix=False, masks=False):
     """Run the cases of each world size on that many ranks on this GPU over gloo; a case is ok when its output and
     gradients are within the dtype's tolerance of float64, and `refused` when every rank raised cpattn's error for
     inputs it cannot take (recorded with the message, not counted as passed)."""
@@ -313,7 +318,9 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, 
     providers = [n for n in providers if torch.cuda.get_device_capability() >= (
         cpattn.PROVIDERS[n].capabilities("cuda").min_compute_capability or (0, 0))]
     for world in worlds:
-        cases = matrix_cases(world, providers) if matrix else cp_cases(world, providers, extras)
+        cases = matrix_cases(world, providers, masks) if matrix else cp_cases(world, providers, extras)
+        if masks:  # the mask cases alone
+            cases = [c for c in cases if c.mask in ("additive",) or (c.mask and c.causal)]
         started = time.time()
         outcomes = run_cases(world, cases, timeout=560)
         for case in cases:
@@ -385,6 +392,8 @@ def main():
     parser.add_argument("--cp-providers", nargs="*", help="context-parallel check of these only")
     parser.add_argument("--cp-matrix", action="store_true",
                         help="the full context-parallel matrix (matrix_cases) instead of the default cases")
+    parser.add_argument("--cp-masks", action="store_true",
+                        help="with --cp-matrix: only the matrix's extra mask cases (bool mask with is_causal, additive)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--packed-worlds", type=int, nargs="*", default=[],
                         help="flash_varlen_attention under CP with these world sizes (ranks on this GPU)")
@@ -431,7 +440,8 @@ def main():
             json.dump(result, f, indent=1, default=str)
 
     save([])
-    cp = cp_checks(args.cp_worlds, save, args.cp_providers, matrix=args.cp_matrix) if args.cp_worlds else []
+    cp = cp_checks(args.cp_worlds, save, args.cp_providers, matrix=args.cp_matrix,
+                   masks=args.cp_masks) if args.cp_worlds else []
     if args.packed_worlds:
         def save_packed(rows):  # after each case, so a run cut short keeps what it checked
             result["packed_cp_gloo_one_gpu"] = rows
