@@ -2,8 +2,8 @@
 
     python benchmarks/matrix_report.py OUT.md RUN.json [RUN.json ...]
 
-Later files replace earlier ones' rows for the same (world, provider), so a re-run of some providers after a fix
-stands in for their first run. Writes a markdown table and the refusal reasons, one line each.
+A case run again in a later file (same world, provider, schedule, shape, causal, mask, dtype, backward) keeps
+only its later result, so a re-run after a fix stands in for the first run; cases new in a later file are added. Writes a markdown table and the refusal reasons, one line each.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import re
 import sys
 
 
+CASE_FIELDS = ("world", "provider", "schedule", "shape", "causal", "mask", "dtype", "backward")
+
+
 def latest_rows(paths: list[str]) -> list[dict]:
-    rows: dict[tuple, list[dict]] = {}
+    """Every case of every run; a case run again (same fields) keeps its latest result only."""
+    rows: dict[tuple, dict] = {}
     for path in paths:
-        run = collections.defaultdict(list)
         for row in json.load(open(path))["context_parallel_gloo_one_gpu"]:
-            run[(row["world"], row["provider"])].append(row)
-        rows.update(run)
-    return [r for group in rows.values() for r in group]
+            rows[tuple(str(row.get(f)) for f in CASE_FIELDS)] = row
+    return list(rows.values())
 
 
 def refusal_reason(message: str) -> str:

@@ -22,12 +22,13 @@ def _write(path, rows):
     return str(path)
 
 
-def test_a_rerun_replaces_the_first_run_for_its_providers_only(tmp_path):
+def test_a_rerun_replaces_the_same_cases_and_adds_new_ones(tmp_path):
     first = _write(tmp_path / "a.json", [_row(1, "native", False), _row(1, "flash", True), _row(2, "native", True)])
-    rerun = _write(tmp_path / "b.json", [_row(1, "native", True), _row(1, "native", True)])
+    rerun = _write(tmp_path / "b.json", [_row(1, "native", True), _row(1, "native", True, schedule="ulysses")])
     rows = matrix_report.latest_rows([first, rerun])
-    assert sorted((r["world"], r["provider"], r["ok"]) for r in rows) == [
-        (1, "flash", True), (1, "native", True), (1, "native", True), (2, "native", True)]
+    assert sorted((r["world"], r["provider"], r["schedule"], r["ok"]) for r in rows) == [
+        (1, "flash", "ring", True), (1, "native", "ring", True), (1, "native", "ulysses", True),
+        (2, "native", "ring", True)]
 
 
 def test_report_counts_passed_refused_failed_and_names_reasons_and_failures(tmp_path):
