@@ -36,7 +36,7 @@ def variants() -> dict:
         q, k, v = (t.detach().requires_grad_(backward) for t in views[:3])
 
         def run():
-            out = flash_attn_func(q, k, v, causal=CAUSAL)
+            out = flash_attn_func(q, k, v, causal=CAUSAL)[0]  # (out, lse)
             if backward:
                 out.backward(views[3])
         return run
