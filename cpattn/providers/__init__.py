@@ -43,6 +43,8 @@ def get_provider(name: "str | AttentionProvider | Provider") -> Provider:
     if isinstance(name, Provider):
         return name
     key = name.value if isinstance(name, AttentionProvider) else name
+    if isinstance(key, str) and key in PROVIDERS:  # attention_provider(...) per call: the common case first
+        return PROVIDERS[key]
     if key == AUTO_NAME:
         return AUTO
     if not isinstance(key, str) or key not in {p.value for p in AttentionProvider}:
