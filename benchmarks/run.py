@@ -500,7 +500,7 @@ def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, 
     return whole, split
 
 
-def ring_split_suite(provider: str, seqs, parts, causal=True) -> list[dict]:
+def ring_split_suite(provider: str, seqs, parts, causal=True, timing: str = "rounds") -> list[dict]:
     """All P ranks' block kernels and merges run one after another on one GPU vs one whole-sequence call."""
     rows = []
     h, d = 16, 128
@@ -510,8 +510,12 @@ def ring_split_suite(provider: str, seqs, parts, causal=True) -> list[dict]:
             whole, split = ring_split_case(provider, s, p, backward, causal, h, d)
             # alternating rounds: the same whole-sequence call measured 94.6 to 97.6 ms in one H100 run when
             # timed once per case, a spread as large as the gap being measured
-            times = bench_alternating({"whole": whole, "split": split})
-            row["whole"], row["split"] = times["whole"], times["split"]
+            if timing == "interleaved":  # whole and split take turns call by call
+                times = bench_interleaved({"whole": whole, "split": split}, budget_ms=6000, min_calls=12)
+                row["efficiency_paired"] = paired_ratio(times["whole"].pop("call_ms"), times["split"].pop("call_ms"))
+            else:
+                times = bench_alternating({"whole": whole, "split": split})
+            row["whole"], row["split"], row["timing"] = times["whole"], times["split"], timing
             row["efficiency"] = row["whole"]["median_ms"] / row["split"]["median_ms"]
             row["round_efficiencies"] = [w / x for w, x in zip(times["whole"]["round_medians_ms"],
                                                                times["split"]["round_medians_ms"])]
@@ -621,7 +625,8 @@ def run_gpu(args) -> dict:
         result["ring_split"] = [row for causal in args.split_causal
                                 for p in args.split_providers or ["flash", "_native_cudnn"]
                                 if p in cpattn.PROVIDERS and cpattn.PROVIDERS[p].availability().ok
-                                for row in ring_split_suite(p, args.split_seqs, (2, 4, 8), causal == "causal")]
+                                for row in ring_split_suite(p, args.split_seqs, args.split_parts, causal == "causal",
+                                                            args.timing)]
     if "memory" in only:
         result["memory"] = memory_suite("cuda", 4, 32768)
     return result
@@ -649,6 +654,7 @@ def main(argv=None) -> None:
                         help="kernels and auto suites: do_bench runs in alternating rounds, or calls taking turns")
     parser.add_argument("--auto-seqs", type=int, nargs="*", default=[2048, 4096, 16384])
     parser.add_argument("--split-providers", nargs="*")
+    parser.add_argument("--split-parts", type=int, nargs="*", default=[2, 4, 8], help="ring split block counts P")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--tag", default=None)
     args = parser.parse_args(argv)
