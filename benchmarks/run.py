@@ -651,7 +651,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", choices=("overhead", "kernels", "auto", "ring_split", "memory"))
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per kernels-suite case")
     parser.add_argument("--timing", choices=("rounds", "interleaved"), default="rounds",
-                        help="kernels and auto suites: do_bench runs in alternating rounds, or calls taking turns")
+                        help="kernels, auto and ring split suites: do_bench runs in alternating rounds, or calls taking turns")
     parser.add_argument("--auto-seqs", type=int, nargs="*", default=[2048, 4096, 16384])
     parser.add_argument("--split-providers", nargs="*")
     parser.add_argument("--split-parts", type=int, nargs="*", default=[2, 4, 8], help="ring split block counts P")
