@@ -20,38 +20,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cpattn  # noqa: E402
 
 D, S, CAUSAL, H = 64, 2048, True, 16
-B = 16 * 16384 // (H * S)
+B = 16 * 16384 // (H * S)  # as flash_layout sizes the batch
 
 
 def variants() -> dict:
-    from flash_attn.cute import flash_attn_func
+    """flash_layout's variants at this shape: FA4 on views and through dispatch, forward alone and with backward."""
+    from benchmarks.flash_layout import variants as layout_variants
 
-    bhsd = [torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-    views = [t.transpose(1, 2) for t in bhsd]
-
-    def direct(backward):
-        q, k, v = (t.detach().requires_grad_(backward) for t in views[:3])
-
-        def run():
-            out = flash_attn_func(q, k, v, causal=CAUSAL)[0]  # (out, lse)
-            if backward:
-                out.backward(views[3])
-        return run
-
-    def dispatch(backward):
-        q, k, v = (t.detach().requires_grad_(backward) for t in bhsd[:3])
-
-        def run():
-            with cpattn.attention_provider("flash"):
-                out = cpattn.attention_dispatch(q, k, v, is_causal=CAUSAL)
-            if backward:
-                out.backward(bhsd[3])
-        return run
-    return {"views_fwd": direct(False), "dispatch_fwd": dispatch(False),
-            "views": direct(True), "dispatch": dispatch(True)}
+    every = layout_variants(D, S, CAUSAL)
+    return {name: every[name] for name in ("views_fwd", "dispatch_fwd", "views", "dispatch")}
 
 
 def profile_block(fn, calls: int, cache) -> tuple[list[float], float, int]:

@@ -46,6 +46,7 @@ def variants(d: int, s: int, causal: bool) -> dict:
         def run():
             flash_attn_func(q, k, v, causal=causal)[0].backward(dout)
         return run
+
     def through_dispatch(backward):
         import cpattn
 

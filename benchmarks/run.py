@@ -169,12 +169,10 @@ def bench_interleaved(fns: dict, warmup_ms: float = 100, budget_ms: float = 2000
 
 
 def bench_functions(fns: dict, timing: str, rounds: int, warmup_ms: float = 15) -> dict:
-    """`bench_alternating` ("rounds") or `bench_interleaved` ("interleaved"), without the per-call lists."""
+    """`bench_alternating` ("rounds") or `bench_interleaved` ("interleaved", with its per-call `call_ms`)."""
     if timing == "interleaved":
-        times = bench_interleaved(fns, warmup_ms=max(warmup_ms, 100))
-    else:
-        times = bench_alternating(fns, rounds, warmup_ms)
-    return times
+        return bench_interleaved(fns, warmup_ms=max(warmup_ms, 100))
+    return bench_alternating(fns, rounds, warmup_ms)
 
 
 # -- direct calls: each library as a user would call it without cpattn -----------------------------------
