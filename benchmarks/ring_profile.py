@@ -46,14 +46,25 @@ def profile_case(provider: str, s: int, p: int, backward: bool, top: int) -> dic
     row["top_host_ops"] = [{"name": e.key[:90], "count": e.count, "self_ms": e.self_cpu_time_total / 1e3}
                            for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:top]]
     row.update(gpu_idle(prof, top))
+    row["kernel_sequence"] = kernel_sequence(prof)
     with profile(activities=[ProfilerActivity.CUDA]) as whole_prof:  # the same measure of the whole call
         whole()
         torch.cuda.synchronize()
     whole_kernels = [e for e in whole_prof.key_averages() if e.device_type.name == "CUDA"]
     row["whole_kernel_ms"] = sum(e.self_device_time_total for e in whole_kernels) / 1e3
+    row["whole_top_kernels"] = [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
+                                for e in sorted(whole_kernels, key=lambda e: -e.self_device_time_total)[:top]]
     row["whole_gpu_span_ms"] = gpu_idle(whole_prof, 0).get("gpu_span_ms")
     row["top_python"] = python_profile(split, top)
     return row
+
+
+def kernel_sequence(prof) -> list[list]:
+    """Every kernel of the trace in start order, as [name (60 characters), microseconds]: which block call or
+    merge took how long."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    return [[name[:60], end - start] for start, end, name in spans]
 
 
 def gpu_idle(prof, top: int) -> dict:
