@@ -10,7 +10,10 @@
 # `bash benchmarks/gpu_owed.sh checks` runs steps 1-2, `... timed` step 3, `... noncausal` step 3's efficiency
 # without a mask, `... auto` the auto-provider suite, `... dispatch` the cached-call checks, host overhead and
 # S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
-# dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS; several names run those steps in order (one device call is too short for all); no argument:
+# dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS,
+# `... split` the ring split at 64k three times, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
+# and auto record with call-by-call timing; several names run those steps in order (one device call is too short
+# for all); no argument:
 # checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
@@ -64,6 +67,22 @@ timed() {
         --split-providers flash _native_cudnn --out "$out" --tag ring_split_owner
     step 100 python benchmarks/ring_profile.py --seqs 65536 --out "$out" --tag ring_profile_owner
 }
+split() {  # ring split at S=64k, P=4: twice call by call, once in rounds (the two timings differ by up to 3%)
+    for run in 1 2; do
+        step 200 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-parts 4 \
+            --split-providers flash _native_cudnn --timing interleaved --out "$out" --tag ring_split_interleaved_r$run
+    done
+    step 200 python -m benchmarks.run --suite gpu --only ring_split --split-seqs 65536 --split-parts 4 \
+        --split-providers flash _native_cudnn --out "$out" --tag ring_split_rounds
+}
+record_kernels() {  # a GPU's record with the current code: host overhead three times, FA4 and cuDNN call by call
+    overhead
+    step 400 python -m benchmarks.run --suite gpu --only kernels --providers flash _native_cudnn \
+        --seqs 2048 4096 16384 --timing interleaved --out "$out" --tag kernels_interleaved
+}
+record_auto() {
+    step 500 python -m benchmarks.run --suite gpu --only auto --timing interleaved --out "$out" --tag auto_interleaved
+}
 checks() {
     kernel_checks
     step 200 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
@@ -72,8 +91,9 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix) "$mode" ;;
-            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix)"
+            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|split|record_kernels|record_auto) "$mode" ;;
+            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix, split,"\
+                    "record_kernels, record_auto)"
                exit 2 ;;
         esac
     done
