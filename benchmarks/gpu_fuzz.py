@@ -1,6 +1,7 @@
 """Random inputs through every provider on this GPU, each checked against float64 or refused by name.
 
     python benchmarks/gpu_fuzz.py [--seconds-per-provider 40] [--seed 0] [--out benchmarks/results] [--device cpu]
+    python benchmarks/gpu_fuzz.py --replay benchmarks/results/h100/gpu_fuzz_h100.json --providers   # failures again
 
 `benchmarks/gpu_check.py` runs fixed cases; this draws them, as tests/test_fuzz.py does on the CPU, but with the
 shapes models use on a GPU: head dims 32 to 256 (value head dim sometimes different), sequence lengths from 1 to
@@ -42,6 +43,10 @@ from helpers import GRAD_ATOL, OUT_ATOL, reference_with_grads  # noqa: E402
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)
 MASKS = (None, None, "bool", "bool_empty_rows", "additive", "key_padding")
+DRAWN = ("provider", "batch", "q_heads", "kv_heads", "sq", "sk", "d", "dv", "seed", "dtype", "mask", "causal", "scale",
+         "grad", "layout")  # a case, as drawn
+RECORD = ("provider", "outcome", "batch", "q_heads", "kv_heads", "sq", "sk", "d", "dv", "dtype", "mask", "causal",
+          "scale", "grad", "layout", "varied", "out_err", "dq_err")  # what each case's entry in "cases" keeps
 OPTIONS = ("mask", "causal", "scale", "dtype", "grad", "layout")  # what a repeated shape changes
 
 
@@ -184,12 +189,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--device", default="cuda", help="cpu: a quick run of the script itself")
+    parser.add_argument("--replay", help="a gpu_fuzz JSON file: run its failures again first")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "seed": args.seed,
-              "date": time.strftime("%Y-%m-%d %H:%M"), "providers": {}, "failures": [], "refusals": {}}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "providers": {}, "failures": [], "refusals": {},
+              "cases": []}
     path = os.path.join(args.out, f"gpu_fuzz{args.tag}.json")
-    for provider in args.providers or device_providers(device):
+    if args.replay:  # the failures of an earlier run, drawn again exactly: now ok, refused or still failing
+        with open(args.replay) as f:
+            earlier = json.load(f)["failures"]
+        report["replayed"] = [run_case({k: c[k] for k in DRAWN}, device) for c in earlier]
+        for result in report["replayed"]:
+            print(f"replay {result['provider']}: {result['outcome']} {result.get('why', '')}", flush=True)
+    for provider in args.providers if args.providers is not None else device_providers(device):
         rng = random.Random(f"{args.seed}/{provider}")
         counts, start, previous = {"ok": 0, "refused": 0, "failed": 0}, time.time(), None
         while time.time() - start < args.seconds_per_provider:
@@ -199,6 +212,7 @@ def main(argv=None) -> None:
             except Exception as exc:  # the check itself failed (out of memory in the reference, say)
                 result = case | {"outcome": "failed", "why": f"check raised {type(exc).__name__}: {exc}"[:800]}
             counts[result["outcome"]] += 1
+            report["cases"].append({k: result.get(k) for k in RECORD})
             if result["outcome"] == "failed":
                 report["failures"].append(result)
                 print(f"FAIL {provider}: {result.get('why')} {result.get('message', '')[:300]}", flush=True)

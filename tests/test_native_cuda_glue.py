@@ -70,3 +70,17 @@ def test_efficient_backward_gets_out_stored_sequence_major(fake_efficient):
     kernel_own = torch.randn(1, 8, 3, 8).transpose(1, 2)  # the forward's own output: passed through, no copy
     adapter.backward(call, torch.zeros_like(merged), kernel_own, torch.zeros(1, 3, 8))
     assert fake_efficient._scaled_dot_product_efficient_attention_backward.calls[-1][0][5] is kernel_own
+
+
+@pytest.mark.parametrize("q_len, kv_len, refused", [(30, 1739, True), (1930, 990, True), (64, 64, False)])
+def test_native_flash_refuses_unequal_causal_lengths_off_cpu(q_len, kv_len, refused):
+    """PyTorch's CUDA flash kernel aligns is_causal to the bottom-right corner, SDPA's is_causal is top-left: with
+    q_len != kv_len its outputs were off by up to 3.7 on an H100 (these lengths were two of the failing draws).
+    The reason is given for any device but the CPU, whose kernel aligns top-left (meta tensors stand for CUDA)."""
+    adapter = cpattn.get_provider("_native_flash")
+    q, k, v = (torch.empty(2, 2, n, 32, device="meta", dtype=torch.bfloat16) for n in (q_len, kv_len, kv_len))
+    reasons = adapter.extra_reasons(make_call(q, k, v, None, 0.0, True, None, False), adapter.capabilities("cuda"))
+    assert any("bottom-right" in r and "_native_efficient" in r for r in reasons) == refused
+    assert not adapter.extra_reasons(make_call(q, k, v, None, 0.0, False, None, False), adapter.capabilities("cuda"))
+    cpu = [t.new_empty(t.shape, device="cpu") for t in (q, k, v)]  # the CPU kernel takes it
+    assert not adapter.reasons(make_call(*cpu, None, 0.0, True, None, False))

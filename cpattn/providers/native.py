@@ -171,9 +171,17 @@ class NativeFlash(Provider):
     }
 
     def extra_reasons(self, call, caps):
+        reasons = []
         if call.head_dim != call.value_dim:  # the CPU kernel refuses them too
-            return [f"query head dim {call.head_dim} != value head dim {call.value_dim}"]
-        return []
+            reasons.append(f"query head dim {call.head_dim} != value head dim {call.value_dim}")
+        if call.device.type != "cpu" and call.is_causal and call.q_len != call.kv_len and call.q_len and call.kv_len:
+            # FlashAttention-2 aligns its causal mask to the bottom-right corner; SDPA's is_causal means top-left.
+            # On an H100 that gave outputs off by up to 3.7 (benchmarks/gpu_fuzz.py); SDPA itself never picks
+            # this backend for such a call. The CPU kernel aligns top-left.
+            reasons.append(
+                f"is_causal with q_len {call.q_len} != kv_len {call.kv_len}: the CUDA kernel aligns the causal mask "
+                "to the bottom-right corner, SDPA to the top-left; use _native_efficient, _native_cudnn or native")
+        return reasons
 
     def runner(self, call):
         if _flash_breaks(call) or call.attn_mask is not None or call.groups > 1:
