@@ -84,3 +84,47 @@ def test_native_flash_refuses_unequal_causal_lengths_off_cpu(q_len, kv_len, refu
     assert not adapter.extra_reasons(make_call(q, k, v, None, 0.0, False, None, False), adapter.capabilities("cuda"))
     cpu = [t.new_empty(t.shape, device="cpu") for t in (q, k, v)]  # the CPU kernel takes it
     assert not adapter.reasons(make_call(*cpu, None, 0.0, True, None, False))
+
+
+class _CudnnLike:
+    """torch.ops.aten with the cuDNN forward and backward replaced: the backward raises cuDNN's own error for
+    s_q = s_kv = 1, as cuDNN 9.19 did on an H100."""
+
+    def __init__(self):
+        def fwd(q, k, v, bias, lse_flag, *rest, **kwargs):
+            b, h, s, _ = q.shape
+            return torch.zeros(b, h, s, v.shape[-1]), torch.zeros(b, h, s, 1), None, None, 0, 0, None, None, None
+
+        def bwd(dout, q, k, v, *rest, **kwargs):
+            if q.shape[2] == 1 and k.shape[2] == 1:
+                raise RuntimeError("cuDNN Frontend error: s_q = s_kv = 1 is not supported.")
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        self._scaled_dot_product_cudnn_attention = _Recorder(fwd)
+        self._scaled_dot_product_cudnn_attention_backward = _Recorder(bwd)
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.aten, name)
+
+
+def test_cudnn_one_by_one_with_gradients_takes_the_math_path(monkeypatch):
+    import cpattn.providers.native as native
+
+    fake = _CudnnLike()
+    monkeypatch.setattr(native, "aten", fake)
+    adapter = cpattn.get_provider("_native_cudnn")
+    q, k, v = make_qkv(2, 4, 4, 1, 1, 8, requires_grad=True)
+    call = make_call(q, k, v, None, 0.0, True, None, False)
+    out = adapter.attention(call)  # single device, with autograd
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    assert not fake._scaled_dot_product_cudnn_attention.calls, "1 x 1 with gradients must not reach cuDNN"
+    torch.testing.assert_close(out, v.detach())  # one key: the output is its value
+    torch.testing.assert_close(v.grad, dout)
+    # the contract's backward (a ring's 1 x 1 block) too, with an external (out, lse)
+    lse = torch.zeros(2, 4, 1)
+    dq, dk, dv = adapter.backward(call, dout, out.detach(), lse + (q * k).sum(-1).detach() * call.scale)
+    torch.testing.assert_close(dv, dout)
+    assert not fake._scaled_dot_product_cudnn_attention_backward.calls
+    longer = make_call(*make_qkv(1, 2, 2, 2, 2, 8), None, 0.0, True, None, False)
+    adapter.backward(longer, torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2))
+    assert fake._scaled_dot_product_cudnn_attention_backward.calls, "other shapes keep cuDNN's backward"
