@@ -7,7 +7,7 @@
 shapes models use on a GPU: head dims 32 to 256 (value head dim sometimes different), sequence lengths from 1 to
 about 2k (odd, and queries != keys), GQA ratios 1 to 4, bf16 / fp16 / fp32, bool, additive and key-padding masks
 (with fully masked rows), causal, a drawn scale, gradients or not, and (B, S, H, D) views as well as contiguous
-(B, H, S, D) tensors. About a third of the draws repeat the previous draw's shapes with one option changed, so
+(B, H, S, D) tensors. Seven draws in ten take dtype, mask and gradients from what the provider declares it takes. About a third of the draws repeat the previous draw's shapes with one option changed, so
 dispatch's cached runner for that shape meets a call it must not serve.
 
 Each draw ends one of three ways:
@@ -50,20 +50,28 @@ RECORD = ("provider", "outcome", "batch", "q_heads", "kv_heads", "sq", "sk", "d"
 OPTIONS = ("mask", "causal", "scale", "dtype", "grad", "layout")  # what a repeated shape changes
 
 
-def draw_case(rng: random.Random, provider: str) -> dict:
+def draw_case(rng: random.Random, provider: str, caps=None) -> dict:
+    """A draw of everything; with `caps` (the provider's declared capabilities), dtype, mask and gradients come
+    from what it declares it takes, so that fewer draws end in a refusal."""
     kv_heads, groups = rng.choice((1, 2, 4)), rng.choice((1, 1, 2, 3, 4))
     sq = rng.choice((rng.randint(1, 64), rng.randint(65, 2100)))
     d = rng.choice(HEAD_DIMS)
     return dict(
         provider=provider, batch=rng.randint(1, 3), q_heads=kv_heads * groups, kv_heads=kv_heads, sq=sq,
         sk=sq if rng.random() < 0.7 else rng.randint(1, 2100), d=d, dv=d if rng.random() < 0.8 else rng.choice(HEAD_DIMS),
-        seed=rng.randint(0, 2**16), **draw_options(rng))
+        seed=rng.randint(0, 2**16), **draw_options(rng, caps))
 
 
-def draw_options(rng: random.Random) -> dict:
-    return dict(dtype=rng.choice(("bfloat16", "bfloat16", "float16", "float32")), mask=rng.choice(MASKS),
-                causal=rng.random() < 0.5, scale=None if rng.random() < 0.7 else round(rng.uniform(0.03, 0.3), 4),
-                grad=rng.random() < 0.6, layout=rng.choice(("bhsd", "bshd_view")))
+def draw_options(rng: random.Random, caps=None) -> dict:
+    dtypes, masks, grads = ("bfloat16", "bfloat16", "float16", "float32"), MASKS, (True, True, True, False, False)
+    if caps is not None:
+        dtypes = [n for n in dtypes if DTYPES[n] in caps.dtypes] or dtypes
+        masks = [m for m in MASKS if m is None or (m == "key_padding" and caps.key_padding_mask)
+                 or (m == "additive" and caps.additive_mask) or (m.startswith("bool") and caps.bool_mask)]
+        grads = grads if caps.training else (False,)
+    return dict(dtype=rng.choice(dtypes), mask=rng.choice(masks), causal=rng.random() < 0.5,
+                scale=None if rng.random() < 0.7 else round(rng.uniform(0.03, 0.3), 4), grad=rng.choice(grads),
+                layout=rng.choice(("bhsd", "bshd_view")))
 
 
 def vary(rng: random.Random, case: dict) -> dict:
@@ -171,6 +179,11 @@ def run_case(case: dict, device) -> dict:
     return result | {"outcome": "failed" if problems else "ok", **({"why": "; ".join(problems)} if problems else {})}
 
 
+def declared(provider: str, device: torch.device):
+    """The capabilities `provider` declares on `device` (None for auto)."""
+    return None if provider == "auto" else cpattn.PROVIDERS[provider].capabilities(device.type)
+
+
 def device_providers(device: torch.device) -> list[str]:
     names = []
     for name, adapter in cpattn.PROVIDERS.items():
@@ -208,7 +221,8 @@ def main(argv=None) -> None:
         rng = random.Random(f"{args.seed}/{provider}")
         counts, start, previous = {"ok": 0, "refused": 0, "failed": 0}, time.time(), None
         while time.time() - start < args.seconds_per_provider:
-            case = vary(rng, previous) if previous and rng.random() < 0.35 else draw_case(rng, provider)
+            caps = declared(provider, device) if rng.random() < 0.7 else None
+            case = vary(rng, previous) if previous and rng.random() < 0.35 else draw_case(rng, provider, caps)
             try:
                 result = run_case(case, device)
             except Exception as exc:  # the check itself failed (out of memory in the reference, say)
