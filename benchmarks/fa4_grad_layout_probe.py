@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", type=int, nargs="*", default=[64, 80, 96, 128])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     rows = []
     for d in args.head_dims:
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fa4_grad_layout_probe.json"), "w") as f:
+    with open(os.path.join(args.out, f"fa4_grad_layout_probe{args.tag}.json"), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, f,
                   indent=1)
 

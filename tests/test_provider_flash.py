@@ -499,3 +499,43 @@ def test_packed_api_checks_the_provider_limits(fa2):
     q, k, v, cu_q, cu_k = packed_problem([3, 5], [3, 5], dtype=torch.float32)
     with pytest.raises(UnsupportedInputError, match="dtype float32 is not supported"):
         flash_varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
+
+
+def test_fa4_backward_head_dims_are_padded_to_32_on_hopper():
+    """FA4 4.0.0b36's sm90 backward was wrong at head dims 16, 48, 72, 80 and right at multiples of 32 (H100,
+    benchmarks/fa4_grad_layout_probe.py): on sm90 its backward runs on head dims padded to a multiple of 32."""
+    from cpattn.providers.flash import HEAD_DIM_ALIGN, _FlashAttention4, _FlashAttention2
+
+    fa4 = _FlashAttention4.__new__(_FlashAttention4)
+    assert fa4.backward_head_dim_multiple((9, 0)) == 32
+    assert fa4.backward_head_dim_multiple((10, 0)) == fa4.backward_head_dim_multiple(None) == HEAD_DIM_ALIGN
+    assert _FlashAttention2.__new__(_FlashAttention2).backward_head_dim_multiple((9, 0)) == HEAD_DIM_ALIGN
+
+
+@pytest.mark.parametrize("d", [20, 64])
+def test_backward_runs_on_the_generations_head_dim_multiple(monkeypatch, d):
+    """With a generation whose backward needs head dims padded to 32 (FA4 on sm90), every path that runs the
+    backward kernel pads to it (first dispatch, the cached runner, the ring's contract backward), gradients still
+    match float64, and calls without gradients keep the usual alignment of 8."""
+    from cpattn.providers.flash import _FlashAttention4
+
+    install(monkeypatch, GENERATIONS["fa4"]())
+    monkeypatch.setattr(_FlashAttention4, "backward_head_dim_multiple", lambda self, cc: 32)
+    padded = -(-d // 32) * 32
+    dtype = torch.float16
+    for seed in range(2):  # the second call runs dispatch's cached runner
+        q, k, v = make_qkv(2, 4, 2, 24, 24, d, dtype=dtype, seed=seed, requires_grad=True)
+        with attention_provider("flash"):
+            out = attention_dispatch(q, k, v, is_causal=True, enable_gqa=True)
+        dout = random_like(out, 3 + seed)
+        out.backward(dout)
+        assert standin.SEEN["_flash_attn_bwd"]["q"][3] == padded
+        ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, causal=True)
+        assert_close(out, ref_out, OUT_ATOL[dtype], "out")
+        assert_grads_close((q.grad, k.grad, v.grad), ref_grads, dtype)
+    call = make_call(q.detach(), k.detach(), v.detach(), None, 0.0, True, None, True)
+    out, lse = FLASH.forward(call)
+    assert standin.SEEN["_flash_attn_fwd"]["q"][3] == -(-d // 8) * 8, "forward alone keeps the alignment of 8"
+    grads = FLASH.backward(call, dout, out, lse)
+    assert standin.SEEN["_flash_attn_bwd"]["q"][3] == padded
+    assert_grads_close(grads, ref_grads, dtype)

@@ -278,6 +278,11 @@ class _Generation:
         """Generation-specific reasons a CUDA call cannot run (beyond its Capabilities)."""
         return []
 
+    def backward_head_dim_multiple(self, compute_capability: tuple[int, int] | None) -> int:
+        """The multiple the head dims are padded to when the backward kernel runs (HEAD_DIM_ALIGN unless a
+        generation's backward is wrong at other head dims); `compute_capability` None off CUDA."""
+        return HEAD_DIM_ALIGN
+
     def forward(self, q, k, v, scale, causal):
         raise NotImplementedError
 
@@ -490,6 +495,13 @@ class _FlashAttention4(_Generation):
             out.append("FlashAttention-4 has a deterministic backward only on sm100/sm110")
         return out
 
+    def backward_head_dim_multiple(self, compute_capability):
+        # 4.0.0b36's sm90 backward gave dQ/dK/dV off by 0.5 to 2.2 at head dims 16, 48, 72 and 80 (forward right),
+        # and matched float64 at 32, 64, 96, 128, 192 and 256, with the public function too
+        # (benchmarks/fa4_grad_layout_probe.py on an H100). Padded with zero columns to a multiple of 32, the
+        # gradients are exact; it costs the padded columns' FLOPs.
+        return 32 if compute_capability is not None and compute_capability[0] == 9 else HEAD_DIM_ALIGN
+
     # _flash_attn_fwd returns (out, lse, ...) and _flash_attn_bwd (dq, dk, dv, ...); 4.0.0b36 added trailing
     # values (p, row_max, o_lo / dqv, dsink), so keep only the leading ones.
     def forward(self, q, k, v, scale, causal):
@@ -591,16 +603,16 @@ def _deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
-def _align_head_dim(x: torch.Tensor) -> torch.Tensor:
-    """Zero-pad the last dim to the kernels' alignment (zero q/k columns change no score, zero v columns are
-    sliced off the output)."""
-    pad = (-x.shape[-1]) % HEAD_DIM_ALIGN
+def _align_head_dim(x: torch.Tensor, multiple: int = HEAD_DIM_ALIGN) -> torch.Tensor:
+    """Zero-pad the last dim to a multiple of `multiple` (zero q/k columns change no score, zero v columns are
+    sliced off the output; the softmax scale is always passed, so it stays that of the real head dim)."""
+    pad = (-x.shape[-1]) % multiple
     return F.pad(x, (0, pad)) if pad else x
 
 
-def _to_kernel(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, D) -> (B, S, H, D) view, head dim aligned."""
-    return _align_head_dim(x.transpose(1, 2))
+def _to_kernel(x: torch.Tensor, multiple: int = HEAD_DIM_ALIGN) -> torch.Tensor:
+    """(B, H, S, D) -> (B, S, H, D) view, head dim padded to a multiple of `multiple`."""
+    return _align_head_dim(x.transpose(1, 2), multiple)
 
 
 def _from_kernel(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -727,6 +739,15 @@ class _FlashFamily(Provider):
             return gen.capabilities()
         return None
 
+    def head_dim_multiple(self, call: AttentionCall, backward: bool) -> int:
+        """What the head dims are padded to for `call`'s kernels: more where the backward runs and the
+        generation's backward needs it (see _Generation.backward_head_dim_multiple)."""
+        if not backward:
+            return HEAD_DIM_ALIGN
+        cuda = call.device.type == "cuda"
+        return self.generation().backward_head_dim_multiple(torch.cuda.get_device_capability(call.device) if cuda
+                                                            else None)
+
     def extra_reasons(self, call: AttentionCall, caps: Capabilities) -> list[str]:
         out = []
         if call.head_dim != call.value_dim:
@@ -749,7 +770,7 @@ class Flash(_FlashFamily):
     varlen = False
 
     def runner(self, call: AttentionCall):
-        if call.head_dim % HEAD_DIM_ALIGN:  # padded head dims: the general path pads and slices
+        if call.head_dim % self.head_dim_multiple(call, call.needs_grad):  # the general path pads and slices
             return super().runner(call)
         # No device guard: dispatch wraps cached runners that need one (several GPUs) itself.
         gen = self.generation()
@@ -765,7 +786,8 @@ class Flash(_FlashFamily):
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         gen = self.generation()
-        q, k, v = (_to_kernel(t) for t in (call.query, call.key, call.value))
+        multiple = self.head_dim_multiple(call, call.needs_grad)
+        q, k, v = (_to_kernel(t, multiple) for t in (call.query, call.key, call.value))
         with _device_guard(call.device):
             out = gen.function(q, k, v, call.scale, call.is_causal, call.dropout_p, _deterministic())
         return _from_kernel(out, call.value_dim)
@@ -781,9 +803,9 @@ class Flash(_FlashFamily):
     def backward(self, call, dout, out, lse):
         gen = self.generation()
         # The kernels want out/dout in the input dtype (a ring may keep the global out in float32).
-        dtype = call.dtype
-        q, k, v, o, do = (
-            _to_kernel(t.detach() if t.dtype == dtype else t.detach().to(dtype))
+        dtype, multiple = call.dtype, self.head_dim_multiple(call, backward=True)
+        q, k, v, o, do = (  # out and dO padded like v: zero columns add nothing to dO . out
+            _to_kernel(t.detach() if t.dtype == dtype else t.detach().to(dtype), multiple)
             for t in (call.query, call.key, call.value, out, dout)
         )
         lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
