@@ -166,7 +166,8 @@ class NativeFlash(Provider):
         "cuda": Capabilities(
             dtypes=HALF_DTYPES, max_head_dim=256, head_dim_multiple=8, min_compute_capability=(8, 0),
             dropout=True, backward=True, training=True, deterministic_backward=False,
-            notes=("no attn_mask on CUDA: use _native_efficient, _native_cudnn or flash_varlen for masks",),
+            notes=("no attn_mask on CUDA: use _native_efficient, _native_cudnn or flash_varlen for masks",
+                   "is_causal needs q_len == kv_len on CUDA (the kernel aligns causal masks bottom-right)"),
         ),
     }
 
@@ -345,6 +346,7 @@ class NativeCudnn(Provider):
             bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True, backward=True,
             training=True, deterministic_backward=False,
             row_views=True,  # SDPA hands cuDNN each tensor's strides; dO and out views share their parents' layout
+            notes=("with gradients, q_len == kv_len == 1 runs on the math path (cuDNN's backward refuses it)",),
         ),
     }
 
