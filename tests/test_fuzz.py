@@ -173,6 +173,23 @@ def test_single_device_matches_the_reference(p):
     check_problem(p)
 
 
+OPTIONS = ("mask", "causal", "scale", "dtype", "grad")  # what a call with the same shapes may change
+
+
+@settings(max_examples=max(40, EXAMPLES // 4), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@seed(int(os.environ.get("CPATTN_FUZZ_SEED", "0")))
+@given(problems(), st.sampled_from(OPTIONS), st.data())
+def test_same_shapes_with_one_option_changed_get_their_own_runner(p, option, data):
+    """Dispatch caches a runner per call signature: a call with the same shapes and one option changed must not
+    be served by the runner of the call before it, nor spoil that runner for the call's return (each of the three
+    calls is checked against float64). A GPU fuzz run draws such pairs too (benchmarks/gpu_fuzz.py)."""
+    changed = data.draw(problems().map(lambda other: other[option]).filter(lambda value: value != p[option]))
+    check_problem(p)
+    check_problem({**p, option: changed, "seed": p["seed"] + 1})
+    check_problem({**p, "seed": p["seed"] + 2})
+
+
 def test_mask_dtype_other_than_query_dtype_regression():
     """Found by the fuzzer: a float64 mask with float32 inputs crashed `native` inside SDPA."""
     check_problem(_regression(mask="additive", dtype="float32"))  # _mask builds the bias in the input dtype...
