@@ -24,6 +24,18 @@ def allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > float("-inf")
 
 
+def open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask in which rows that see no key see every key, those rows (..., S_q, 1) bool).
+
+    Kernels disagree on rows that see no key: SDPA's cuDNN backend gave garbage outputs and NaN gradients there
+    on an H100. With the rows opened, a kernel computes finite values on them and the caller zeroes them in the
+    output. The zeroed rows pass no gradient back, so their dQ and their share of dK and dV are exactly 0, which
+    is what the reference (and every cpattn provider) gives for a row with no key. Costs a reduction and an
+    elementwise pass over the mask, no sync."""
+    empty = ~allowed(mask).any(dim=-1, keepdim=True)
+    return (mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)), empty
+
+
 def select_keys(mask: torch.Tensor | None, keys: slice | torch.Tensor) -> torch.Tensor | None:
     """The columns of a (local rows x all keys) mask that belong to one KV block, keeping broadcast dims."""
     if mask is None:

@@ -105,7 +105,7 @@ def _kernel_that_breaks_on_empty_rows(q, k, v, mask):
 def test_native_cuda_opens_empty_rows_for_the_kernel_and_zeroes_them_after(kind, additive):
     """What `native` does around SDPA on CUDA (open_empty_rows, then zero those rows), around a kernel that makes
     NaN on rows with no key: 0 output and exactly 0 gradient there, the reference everywhere else."""
-    from cpattn.providers.native import open_empty_rows
+    from cpattn.masks import open_empty_rows
 
     make, causal = EMPTY_ROW_MASKS[kind]
     b, s = 2, 12

@@ -166,3 +166,22 @@ def test_without_the_library_the_error_names_the_package(monkeypatch):
                 cpattn.attention_dispatch(q, k, v)
     finally:
         _provider()._availability = None
+
+
+def test_rows_that_see_no_key_get_zero_output_and_zero_gradients(install_xformers):
+    """Single-device path with autograd: the stand-in's own backward makes NaN dQ/dK on a row that sees no key
+    (exp(s - lse) with both -inf), as kernels may; the adapter opens such rows for the kernel and zeroes them."""
+    install_xformers()
+    q, k, v = make_qkv(2, 2, 2, 5, 6, 8, requires_grad=True)
+    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    mask[:, :, 1] = False  # row 1 sees no key
+    mask[0, :, 3, 4:] = False
+    with cpattn.attention_provider("xformers"):
+        out = cpattn.attention_dispatch(q, k, v, attn_mask=mask)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, mask)
+    assert_close(out, ref_out, ATOL, "out")
+    assert (out[:, :, 1] == 0).all()
+    for got, want, name in zip((q.grad, k.grad, v.grad), ref_grads, "qkv"):
+        assert_close(got, want, GRAD_ATOL, f"d{name}")

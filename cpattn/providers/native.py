@@ -27,7 +27,7 @@ from ..contract import (
     reduce_kv_grad,
     rows_may_be_empty,
 )
-from ..masks import as_additive
+from ..masks import as_additive, open_empty_rows
 
 # Overloads are called as `.default`: resolving the overload packet with keyword arguments costs ~2 us a call.
 aten = torch.ops.aten
@@ -52,18 +52,6 @@ def _mask_with_causal(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
     if mask.dtype == torch.bool:
         return mask & causal, False
     return mask.masked_fill(~causal, float("-inf")), False
-
-
-def open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask in which rows that see no key see every key, those rows (..., S_q, 1) bool).
-
-    A kernel then computes finite values on those rows; the caller zeroes them in the output. The zeroed rows
-    pass no gradient back, so their dQ and their share of dK and dV are exactly 0, which is what the reference
-    (and every cpattn provider) gives for a row with no key. Costs a reduction and an elementwise pass over the
-    mask, no sync."""
-    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
-    empty = ~allowed.any(dim=-1, keepdim=True)
-    return (mask | empty if mask.dtype == torch.bool else mask.masked_fill(empty, 0.0)), empty
 
 
 def _cpu_flash_bias(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:

@@ -44,7 +44,7 @@ from ..contract import (
     reduce_kv_grad,
 )
 from ..errors import UnsupportedInputError
-from ..masks import as_additive, expand_to_4d
+from ..masks import as_additive, expand_to_4d, open_empty_rows
 from ._libs import (
     installed_version,
     is_missing_module,
@@ -132,11 +132,15 @@ class XFormers(Provider):
     # -- kernels ------------------------------------------------------------------------------
     def attention(self, call: AttentionCall) -> torch.Tensor:
         q, k, v = _bmhk_inputs(call)
+        if call.attn_mask is None:
+            bias, empty = self._bias(call), None
+        else:  # rows that see no key are opened for the kernel and zeroed after (masks.open_empty_rows): the
+            # stand-in's autograd gave NaN dQ/dK there from lse = -inf, as exp(s - lse) makes
+            bias, empty = tensor_bias(call, open_empty=True)
         out = self._run(
-            self._api().memory_efficient_attention, q, k, v,
-            attn_bias=self._bias(call), p=call.dropout_p, scale=call.scale,
-        )
-        return out.transpose(1, 2)
+            self._api().memory_efficient_attention, q, k, v, attn_bias=bias, p=call.dropout_p, scale=call.scale,
+        ).transpose(1, 2)
+        return out if empty is None else out.masked_fill(empty, 0.0)
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = _bmhk_inputs(call)
@@ -222,8 +226,9 @@ def _bmhk_inputs(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch
     return call.query.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def tensor_bias(call: AttentionCall) -> torch.Tensor:
-    """attn_mask (and is_causal) as the additive (B, H, Mq, Mk) bias xformers takes, in the query dtype.
+def tensor_bias(call: AttentionCall, open_empty: bool = False):
+    """attn_mask (and is_causal) as the additive (B, H, Mq, Mk) bias xformers takes, in the query dtype; with
+    `open_empty`, (bias with rows that see no key opened, those rows) as masks.open_empty_rows gives them.
 
     Only the key dim is materialised for broadcast masks (the kernel reads bias rows with stride 1); rows
     sit on 16-element boundaries, so every stride but the last is 128-bit aligned; broadcast dims keep
@@ -233,11 +238,15 @@ def tensor_bias(call: AttentionCall) -> torch.Tensor:
     if call.is_causal:
         causal = causal_mask(call.q_len, call.kv_len, call.device)
         mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+    empty = None
+    if open_empty:
+        mask, empty = open_empty_rows(mask)
     bias = as_additive(mask, call.dtype)
     bias = bias.expand(*bias.shape[:-1], call.kv_len)
     pad = (-call.kv_len) % _BIAS_ROW_ALIGNMENT
     storage = F.pad(bias, (0, pad)) if pad else bias.contiguous()
-    return storage[..., : call.kv_len].expand(call.batch, call.q_heads, call.q_len, call.kv_len)
+    bias = storage[..., : call.kv_len].expand(call.batch, call.q_heads, call.q_len, call.kv_len)
+    return (bias, empty) if open_empty else bias
 
 
 def make_providers() -> list[Provider]:
