@@ -173,6 +173,12 @@ class Provider:
             self._accepted.clear()
         self._accepted[key] = (self._availability, run)
 
+    def verdict_depends_on_values(self, call: AttentionCall) -> bool:
+        """Whether `reasons(call)` reads tensor values, not only what dispatch.call_signature holds (shapes,
+        dtypes, flags). Dispatch then checks every such call again instead of caching a runner for its signature:
+        a runner cached for one mask would otherwise serve another mask of the same shape that must be refused."""
+        return False
+
     def runner(self, call: AttentionCall) -> Callable:
         """A function of (query, key, value, attn_mask) that does what `attention` does for `call` and for every
         call that differs from it only in tensor values (same dispatch.call_signature).

@@ -267,7 +267,8 @@ def attention_dispatch(
         return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     out = run_single(provider, call)
-    provider.remember_accepted(cache_key, on_tensors_device(call.query, provider.runner(call)))
+    if not provider.verdict_depends_on_values(call):
+        provider.remember_accepted(cache_key, on_tensors_device(call.query, provider.runner(call)))
     return out
 
 

@@ -215,6 +215,22 @@ def test_sageattention_1_0_6_non_causal_needs_key_lengths_in_blocks_of_64(instal
     assert_close(out, cpattn.reference_attention(q, k, v)[0], ATOL, name)
 
 
+def test_sageattention_1_0_6_key_padding_is_checked_on_every_call(install_sage):
+    """The 64-key rule reads the key-padding mask's values, so dispatch must not serve a later call with a mask of
+    the same shape from the runner it cached for the first (found by tests/test_fuzz_standins.py)."""
+    install_sage("1.0.6")
+    q, k, v = _qkv(b=2, sk=128)
+    keeps = torch.ones(2, 1, 1, 128, dtype=torch.bool)
+    keeps[1, ..., 64:] = False  # 128 and 64 keys: both whole blocks
+    with cpattn.attention_provider("sage_varlen"):
+        out = cpattn.attention_dispatch(q, k, v, attn_mask=keeps, enable_gqa=True)
+        assert_close(out, cpattn.reference_attention(q, k, v, keeps)[0], ATOL, "64-key blocks")
+        uneven = keeps.clone()
+        uneven[1, ..., 64] = True  # 65 keys, same shape
+        with pytest.raises(cpattn.UnsupportedInputError, match="multiple of 64 \\(here 65\\)"):
+            cpattn.attention_dispatch(q, k, v, attn_mask=uneven, enable_gqa=True)
+
+
 @pytest.mark.parametrize("name", ["sage", "sage_varlen"])
 @pytest.mark.parametrize("seq", [24, 64, 100, 192, 256])
 def test_sageattention_1_0_6_causal_runs_whole_query_blocks(install_sage, name, seq):

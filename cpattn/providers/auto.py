@@ -153,6 +153,10 @@ class Auto(Provider):
     def attention(self, call):
         return self.choose(call).attention(call)
 
+    def verdict_depends_on_values(self, call):
+        chosen = self.choose(call)
+        return chosen is not None and chosen.verdict_depends_on_values(call)
+
     def runner(self, call):
         # The choice depends only on what dispatch's cache key holds: a cached call runs the chosen provider's
         # runner directly, without choosing again.

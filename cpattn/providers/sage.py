@@ -277,6 +277,11 @@ class SageVarlen(_SageProvider):
         keep = kept_keys(call)
         return [call.kv_len] if keep is None else keep.sum(dim=1).tolist()
 
+    def verdict_depends_on_values(self, call):
+        # 1.x's key-length rule counts the keys a key-padding mask keeps: another mask of the same shape may
+        # keep a length it must refuse
+        return self._counts_block_padding and not call.is_causal and call.attn_mask is not None
+
     def extra_reasons(self, call, caps):
         out = super().extra_reasons(call, caps)
         if call.is_causal and call.attn_mask is not None:
