@@ -93,14 +93,17 @@ def test_adapter_draws_match_the_reference_or_are_refused_by_name(setup):
     @seed(int(os.environ.get("CPATTN_FUZZ_SEED", "0")))
     @given(draws(providers))
     def check(case):
-        result = run_case(case, torch.device("cpu"))
-        assert result["outcome"] != "failed", {k: v for k, v in result.items() if k != "traceback"} | {
-            "traceback": result.get("traceback", "")[-1200:]}
-        verdicts[result["outcome"]] += 1
+        # then the same signature with other values (a mask that keeps other keys): dispatch's cached runner for
+        # the signature must give the same verdict a fresh check would
+        for values in (case, {**case, "seed": case["seed"] + 1}):
+            result = run_case(values, torch.device("cpu"))
+            assert result["outcome"] != "failed", {k: v for k, v in result.items() if k != "traceback"} | {
+                "traceback": result.get("traceback", "")[-1200:]}
+            verdicts[result["outcome"]] += 1
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         _install(monkeypatch, modules())
         for provider in providers:
             assert cpattn.get_provider(provider).availability().ok, cpattn.get_provider(provider).availability()
         check()
-    assert verdicts["ok"] >= EXAMPLES // 8, f"too few draws ran ({verdicts}): the check would prove little"
+    assert verdicts["ok"] >= EXAMPLES // 4, f"too few draws ran ({verdicts}): the check would prove little"
