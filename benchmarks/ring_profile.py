@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.run import RESULTS, bench_gpu, environment, host_ms, ring_split_case  # noqa: E402
+from benchmarks.run import RESULTS, bench_gpu, host_ms, ring_split_case, write_cases  # noqa: E402
 
 
 def profile_case(provider: str, s: int, p: int, backward: bool, top: int) -> dict:
@@ -126,12 +125,7 @@ def main(argv=None) -> None:
                     rows.append(row)
                     print(json.dumps(row, indent=1), flush=True)
                     torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump({"environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M"), "cases": rows}, f,
-                  indent=1, default=str)
-    print(f"wrote {path}")
+    print(f"wrote {write_cases(args.out, args.tag, rows)}")
 
 
 if __name__ == "__main__":

@@ -597,6 +597,16 @@ def environment() -> dict:
     return out
 
 
+def write_cases(out_dir: str, tag: str, cases: list[dict]) -> str:
+    """`cases` with the environment and date as <out_dir>/<tag>.json (the probe scripts' results); its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{tag}.json")
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M"), "cases": cases}, f,
+                  indent=1, default=str)
+    return path
+
+
 def gpu_training_providers() -> list[str]:
     names = []
     for name in ("flash", "_native_cudnn", "_native_flash", "_native_efficient", "flex", "sage"):

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -25,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
-from benchmarks.run import RESULTS, bench_interleaved, environment, paired_ratio  # noqa: E402
+from benchmarks.run import RESULTS, bench_interleaved, paired_ratio, write_cases  # noqa: E402
 from cpattn import gradsum  # noqa: E402
 from cpattn.cp.comm import CommStats  # noqa: E402
 from cpattn.cp.layout import ring_positions  # noqa: E402
@@ -139,12 +138,7 @@ def main(argv=None) -> None:
             print(json.dumps({key: val for key, val in row.items() if "efficiency" in key or key in
                               ("provider", "backward", "two_over_one_paired", "error")}), flush=True)
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump({"environment": environment(), "date": time.strftime("%Y-%m-%d %H:%M"), "cases": rows}, f,
-                  indent=1, default=str)
-    print(f"wrote {path}")
+    print(f"wrote {write_cases(args.out, args.tag, rows)}")
 
 
 if __name__ == "__main__":

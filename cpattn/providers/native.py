@@ -316,10 +316,10 @@ class NativeEfficient(Provider):
         return _grads(call, dq, dk, dv)
 
 
-def _cudnn_backward_breaks(call: AttentionCall) -> bool:
+def _cudnn_backward_refuses(call: AttentionCall) -> bool:
     """cuDNN's backward raises "s_q = s_kv = 1 is not supported" (cuDNN 9.19 on an H100, benchmarks/gpu_fuzz.py):
     a one-token sequence that needs gradients, or a 1 x 1 ring block, goes to the math path (exact; one score)."""
-    return call.needs_grad and call.q_len == 1 and call.kv_len == 1
+    return call.q_len == 1 and call.kv_len == 1
 
 
 class NativeCudnn(Provider):
@@ -344,14 +344,14 @@ class NativeCudnn(Provider):
         return []
 
     def runner(self, call):
-        if call.attn_mask is not None or call.groups > 1 or _cudnn_backward_breaks(call):
+        if call.attn_mask is not None or call.groups > 1 or (call.needs_grad and _cudnn_backward_refuses(call)):
             return super().runner(call)
         op = aten._scaled_dot_product_cudnn_attention.default
         lse, dropout_p, causal, scale = call.needs_grad, call.dropout_p, call.is_causal, _scale_arg(call)
         return lambda q, k, v, mask: op(q, k, v, None, lse, dropout_p, causal, False, **scale)[0]
 
     def attention(self, call):
-        if _cudnn_backward_breaks(call):
+        if call.needs_grad and _cudnn_backward_refuses(call):
             return _MATH_FALLBACK.attention(call)
         k, v = _kv(call)
         causal, bias = call.is_causal, None
@@ -371,7 +371,7 @@ class NativeCudnn(Provider):
                                   may_be_empty=rows_may_be_empty(call))
 
     def backward(self, call, dout, out, lse):
-        if call.q_len == 1 and call.kv_len == 1:  # see _cudnn_backward_breaks
+        if _cudnn_backward_refuses(call):
             return _MATH_FALLBACK.backward(call, dout, out, lse)
         k, v = _kv(call)
         causal = _mask_with_causal(call)[1]

@@ -136,7 +136,8 @@ class XFormers(Provider):
             bias, empty = self._bias(call), None
         else:  # rows that see no key are opened for the kernel and zeroed after (masks.open_empty_rows): the
             # stand-in's autograd gave NaN dQ/dK there from lse = -inf, as exp(s - lse) makes
-            bias, empty = tensor_bias(call, open_empty=True)
+            mask, empty = open_empty_rows(masked_with_causal(call))
+            bias = aligned_bias(mask, call)
         out = self._run(
             self._api().memory_efficient_attention, q, k, v, attn_bias=bias, p=call.dropout_p, scale=call.scale,
         ).transpose(1, 2)
@@ -226,27 +227,32 @@ def _bmhk_inputs(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch
     return call.query.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def tensor_bias(call: AttentionCall, open_empty: bool = False):
-    """attn_mask (and is_causal) as the additive (B, H, Mq, Mk) bias xformers takes, in the query dtype; with
-    `open_empty`, (bias with rows that see no key opened, those rows) as masks.open_empty_rows gives them.
+def tensor_bias(call: AttentionCall) -> torch.Tensor:
+    """attn_mask (and is_causal) as the additive (B, H, Mq, Mk) bias xformers takes, in the query dtype."""
+    return aligned_bias(masked_with_causal(call), call)
+
+
+def masked_with_causal(call: AttentionCall) -> torch.Tensor:
+    """attn_mask as 4-D, with is_causal folded in."""
+    mask = expand_to_4d(call.attn_mask)
+    if call.is_causal:
+        causal = causal_mask(call.q_len, call.kv_len, call.device)
+        mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
+    return mask
+
+
+def aligned_bias(mask: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    """A 4-D mask as the additive bias xformers takes, in the query dtype.
 
     Only the key dim is materialised for broadcast masks (the kernel reads bias rows with stride 1); rows
     sit on 16-element boundaries, so every stride but the last is 128-bit aligned; broadcast dims keep
     stride 0, which is aligned too.
     """
-    mask = expand_to_4d(call.attn_mask)
-    if call.is_causal:
-        causal = causal_mask(call.q_len, call.kv_len, call.device)
-        mask = mask & causal if mask.dtype == torch.bool else mask.masked_fill(~causal, float("-inf"))
-    empty = None
-    if open_empty:
-        mask, empty = open_empty_rows(mask)
     bias = as_additive(mask, call.dtype)
     bias = bias.expand(*bias.shape[:-1], call.kv_len)
     pad = (-call.kv_len) % _BIAS_ROW_ALIGNMENT
     storage = F.pad(bias, (0, pad)) if pad else bias.contiguous()
-    bias = storage[..., : call.kv_len].expand(call.batch, call.q_heads, call.q_len, call.kv_len)
-    return (bias, empty) if open_empty else bias
+    return storage[..., : call.kv_len].expand(call.batch, call.q_heads, call.q_len, call.kv_len)
 
 
 def make_providers() -> list[Provider]:
