@@ -12,8 +12,10 @@
 # S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
 # dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS,
 # `... split` the ring split at 64k three times, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
-# and auto record with call-by-call timing; several names run those steps in order (one device call is too short
-# for all); no argument:
+# and auto record with call-by-call timing, `... fuzz` random draws through every provider (seed $FUZZ_SEED, default
+# 3), `... padded_dims` auto against each candidate at head dims FA4 pads on sm90 (48, 80, 112), `... cp` ring,
+# Ulysses and all-gather over FA4, cuDNN and the efficient kernel at world sizes 2, 3 and 4; several names run those
+# steps in order (one device call is too short for all); no argument:
 # checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
 # Each step has its own time limit, so one slow step cannot take the others' results with it.
@@ -83,6 +85,18 @@ record_kernels() {  # a GPU's record with the current code: host overhead three 
 record_auto() {
     step 500 python -m benchmarks.run --suite gpu --only auto --timing interleaved --out "$out" --tag auto_interleaved
 }
+fuzz() {
+    step 420 python benchmarks/gpu_fuzz.py --seconds-per-provider 25 --seed "${FUZZ_SEED:-3}" --out "$out" \
+        --tag "_seed${FUZZ_SEED:-3}"
+}
+padded_dims() {  # FA4 pads these head dims for its sm90 backward: is it still the fastest, as auto assumes?
+    step 420 python -m benchmarks.run --suite gpu --only auto --head-dims 48 80 112 --auto-seqs 16384 \
+        --timing interleaved --out "$out" --tag auto_padded_dims
+}
+cp() {
+    step 560 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 4 \
+        --cp-providers flash _native_cudnn _native_efficient --out "$out" --tag _cp_w234
+}
 checks() {
     kernel_checks
     step 200 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
@@ -91,9 +105,9 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|split|record_kernels|record_auto) "$mode" ;;
+            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|split|record_kernels|record_auto|fuzz|padded_dims|cp) "$mode" ;;
             *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix, split,"\
-                    "record_kernels, record_auto)"
+                    "record_kernels, record_auto, fuzz, padded_dims, cp)"
                exit 2 ;;
         esac
     done
