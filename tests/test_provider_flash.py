@@ -20,6 +20,7 @@ from cpattn.dispatch import make_call
 from cpattn.errors import InvalidArgumentError
 from cpattn.providers import PROVIDERS
 from cpattn.providers.flash import _PaddedBatch, flash_varlen_attention
+from cpattn.reference import reference_attention
 from helpers import (
     GRAD_ATOL,
     OUT_ATOL,
@@ -510,6 +511,58 @@ def test_fa4_backward_head_dims_are_padded_to_32_on_hopper():
     assert fa4.backward_head_dim_multiple((9, 0)) == 32
     assert fa4.backward_head_dim_multiple((10, 0)) == fa4.backward_head_dim_multiple(None) == HEAD_DIM_ALIGN
     assert _FlashAttention2.__new__(_FlashAttention2).backward_head_dim_multiple((9, 0)) == HEAD_DIM_ALIGN
+
+
+def test_fa4_forward_pads_head_dims_97_to_104_to_128_on_hopper():
+    """FA4 4.0.0b36's sm90 forward at head dim 104 measured 1.5 to 1.75x slower than padded to 128
+    (benchmarks/head_dim_pad_probe.py, H100); at 80, 112 and 120 padding did not pay for its copy."""
+    from cpattn.providers.flash import HEAD_DIM_ALIGN, _FlashAttention2, _FlashAttention4
+
+    fa4 = _FlashAttention4.__new__(_FlashAttention4)
+    for d in (97, 100, 104):
+        assert fa4.forward_head_dim_multiple((9, 0), d) == 32, d
+    for d in (64, 80, 96, 105, 112, 120, 128):
+        assert fa4.forward_head_dim_multiple((9, 0), d) == HEAD_DIM_ALIGN, d
+    assert fa4.forward_head_dim_multiple((10, 0), 104) == fa4.forward_head_dim_multiple(None, 104) == HEAD_DIM_ALIGN
+    assert _FlashAttention2.__new__(_FlashAttention2).forward_head_dim_multiple((9, 0), 104) == HEAD_DIM_ALIGN
+
+
+def test_forward_runs_on_the_generations_forward_head_dim_multiple(monkeypatch):
+    """With a generation whose forward is padded wider for a head dim (FA4 on sm90 at 104), every forward path
+    pads to it (dispatch without gradients, its cached runner, the contract forward of CP, flash_varlen's
+    key-padding path) and slices back: outputs match float64, and with gradients both kernels see the width."""
+    from cpattn.providers.flash import _FlashAttention4
+
+    install(monkeypatch, GENERATIONS["fa4"]())
+    monkeypatch.setattr(_FlashAttention4, "forward_head_dim_multiple", lambda self, cc, d: 32 if d == 40 else 8)
+    dtype = torch.float16
+    for seed in range(2):  # the second call runs dispatch's cached runner
+        q, k, v = make_qkv(2, 4, 2, 24, 24, 40, dtype=dtype, seed=seed)
+        standin.SEEN.clear()
+        with attention_provider("flash"):
+            out = attention_dispatch(q, k, v, is_causal=True, enable_gqa=True)
+        assert {seen["q"][-1] for seen in standin.SEEN.values()} == {64}
+        ref_out, _ = reference_attention(q, k, v, is_causal=True)
+        assert out.shape == (2, 4, 24, 40)
+        assert_close(out, ref_out, OUT_ATOL[dtype], "out")
+    call = make_call(q, k, v, None, 0.0, True, None, True)
+    standin.SEEN.clear()
+    out, lse = FLASH.forward(call)
+    assert standin.SEEN["_flash_attn_fwd"]["q"][-1] == 64
+    assert_close(out, ref_out, OUT_ATOL[dtype], "contract forward out")
+    keep = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    keep[1, ..., 17:] = False
+    standin.SEEN.clear()
+    with attention_provider("flash_varlen"):
+        out = attention_dispatch(q, k, v, attn_mask=keep, enable_gqa=True)
+    assert {seen["q"][-1] for seen in standin.SEEN.values()} == {64}
+    assert_close(out, reference_attention(q, k, v, attn_mask=keep)[0], OUT_ATOL[dtype], "varlen out")
+    q, k, v = make_qkv(2, 4, 2, 24, 24, 40, dtype=dtype, seed=5, requires_grad=True)
+    standin.SEEN.clear()
+    with attention_provider("flash"):
+        out = attention_dispatch(q, k, v, is_causal=True, enable_gqa=True)
+    out.backward(random_like(out, 6))
+    assert {seen["q"][-1] for seen in standin.SEEN.values()} == {64}
 
 
 @pytest.mark.parametrize("d", [20, 64])

@@ -23,7 +23,8 @@ Private API
 Layout and conventions
     Inputs (B, H, S, D) go to the kernels as (B, S, H, D) transpose views, KV heads unexpanded (GQA is
     native). Head dims are zero-padded to a multiple of 8 (the kernels' alignment; zeros change no score) and
-    sliced back. Rows that see no key come back with out 0 and lse +inf (FA2/FA3) or -inf (FA4): the contract
+    sliced back; FA4 on sm90 pads wider where its backward is wrong or its forward slow otherwise
+    (`_Generation.backward_head_dim_multiple`, `forward_head_dim_multiple`). Rows that see no key come back with out 0 and lse +inf (FA2/FA3) or -inf (FA4): the contract
     wants -inf, and +inf again when handed back to a backward kernel. flash-attn aligns causal masks to the
     bottom-right corner, SDPA to the top-left: the two agree only when q_len == kv_len, the only causal case
     these providers accept.
@@ -48,6 +49,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
@@ -285,6 +287,11 @@ class _Generation:
         generation's backward is wrong at other head dims); `compute_capability` None off CUDA."""
         return HEAD_DIM_ALIGN
 
+    def forward_head_dim_multiple(self, compute_capability: tuple[int, int] | None, head_dim: int) -> int:
+        """The multiple `head_dim` is padded to when only the forward kernel runs (HEAD_DIM_ALIGN unless a
+        generation's forward measured faster on a wider head dim)."""
+        return HEAD_DIM_ALIGN
+
     def forward(self, q, k, v, scale, causal):
         raise NotImplementedError
 
@@ -464,7 +471,8 @@ class _FlashAttention4(_Generation):
     title, label = "FlashAttention-4", "flash-attn-4"
     min_compute_capability = (9, 0)
     extra_notes = ("with gradients on sm90, head dims are zero-padded to a multiple of 32 (the library's sm90 "
-                   "backward gave wrong gradients at 16, 48, 72, 80 and 112)",)
+                   "backward gave wrong gradients at 16, 48, 72, 80 and 112)",
+                   "on sm90, head dims 97 to 104 are zero-padded to 128 for the forward too (1.5 to 1.75x faster)")
     api_name = "flash_attn.cute.interface"
     public_name = "flash_attn.cute"
 
@@ -505,6 +513,14 @@ class _FlashAttention4(_Generation):
         # (benchmarks/fa4_grad_layout_probe.py on an H100). Padded with zero columns to a multiple of 32, the
         # gradients are exact; it costs the padded columns' FLOPs.
         return 32 if compute_capability is not None and compute_capability[0] == 9 else HEAD_DIM_ALIGN
+
+    def forward_head_dim_multiple(self, compute_capability, head_dim):
+        # 4.0.0b36's sm90 forward at head dim 104 ran 1.50 to 1.75x slower than the same call zero-padded to 128,
+        # which beat cuDNN there (H100, bf16, S = 4k and 16k, causal and not: benchmarks/head_dim_pad_probe.py).
+        # Head dims 97 to 103 run at 104 after alignment. At 80, 112 and 120 the padded kernel gained at most 4%,
+        # less than the copy that pads costs, or lost: those keep the alignment of 8.
+        hopper = compute_capability is not None and compute_capability[0] == 9
+        return 32 if hopper and -(-head_dim // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN == 104 else HEAD_DIM_ALIGN
 
     # _flash_attn_fwd returns (out, lse, ...) and _flash_attn_bwd (dq, dk, dv, ...); 4.0.0b36 added trailing
     # values (p, row_max, o_lo / dqv, dsink), so keep only the leading ones.
@@ -636,24 +652,26 @@ class _PaddedBatch:
     packing: _Packing
     total_k: int
     empty: torch.Tensor | None  # (B,) bool: batch rows without any key, None if there are none
+    multiple: int = HEAD_DIM_ALIGN  # head dims are zero-padded to a multiple of this
 
     @classmethod
-    def from_call(cls, call: AttentionCall) -> "_PaddedBatch":
+    def from_call(cls, call: AttentionCall, multiple: int = HEAD_DIM_ALIGN) -> "_PaddedBatch":
         b, sq, sk, device = call.batch, call.q_len, call.kv_len, call.device
         steps = torch.arange(b + 1, dtype=torch.int32, device=device)
         if call.attn_mask is None:
             packing = _Packing(steps * sq, steps * sk, sq, sk)
-            return cls(b, sq, sk, None, packing, b * sk, None)
+            return cls(b, sq, sk, None, packing, b * sk, None, multiple)
         keep = call.attn_mask.expand(b, 1, 1, sk).reshape(b, sk)
         lengths = keep.sum(dim=1, dtype=torch.int32)
         cu_seqlens_k = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
         host = lengths.tolist()  # one sync: the kernels take max_seqlen_k as a host integer
         empty = lengths == 0 if min(host) == 0 else None
-        return cls(b, sq, sk, keep, _Packing(steps * sq, cu_seqlens_k, sq, max(host)), sum(host), empty)
+        return cls(b, sq, sk, keep, _Packing(steps * sq, cu_seqlens_k, sq, max(host)), sum(host), empty, multiple)
 
     def pack_queries(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, Sq, D) -> (B*Sq, H, D_aligned); a copy, since packing merges batch and sequence dims."""
-        return _align_head_dim(x.transpose(1, 2).reshape(self.batch * self.q_len, x.shape[1], x.shape[3]))
+        return _align_head_dim(x.transpose(1, 2).reshape(self.batch * self.q_len, x.shape[1], x.shape[3]),
+                               self.multiple)
 
     def unpack_queries(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """(B*Sq, H, D_aligned) -> (B, H, Sq, dim)."""
@@ -663,7 +681,7 @@ class _PaddedBatch:
         """(B, H, Sk, D) -> (total_k, H, D_aligned): only the keys the mask keeps."""
         x = x.transpose(1, 2)
         x = x.reshape(self.batch * self.kv_len, x.shape[2], x.shape[3]) if self.keep is None else x[self.keep]
-        return _align_head_dim(x)
+        return _align_head_dim(x, self.multiple)
 
     def unpack_keys(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Gradients (total_k, H, D_aligned) -> (B, H, Sk, dim), zero at hidden keys."""
@@ -744,13 +762,13 @@ class _FlashFamily(Provider):
         return None
 
     def head_dim_multiple(self, call: AttentionCall, backward: bool) -> int:
-        """What the head dims are padded to for `call`'s kernels: more where the backward runs and the
-        generation's backward needs it (see _Generation.backward_head_dim_multiple)."""
-        if not backward:
-            return HEAD_DIM_ALIGN
-        cuda = call.device.type == "cuda"
-        return self.generation().backward_head_dim_multiple(torch.cuda.get_device_capability(call.device) if cuda
-                                                            else None)
+        """What the head dims are padded to for `call`'s kernels: HEAD_DIM_ALIGN unless the generation's backward
+        needs more where it runs, or its forward is faster wider (see _Generation.backward_head_dim_multiple and
+        forward_head_dim_multiple)."""
+        gen = self.generation()
+        cc = torch.cuda.get_device_capability(call.device) if call.device.type == "cuda" else None
+        forward = gen.forward_head_dim_multiple(cc, call.head_dim)
+        return math.lcm(forward, gen.backward_head_dim_multiple(cc)) if backward else forward
 
     def extra_reasons(self, call: AttentionCall, caps: Capabilities) -> list[str]:
         out = []
@@ -798,7 +816,8 @@ class Flash(_FlashFamily):
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         gen = self.generation()
-        q, k, v = (_to_kernel(t.detach()) for t in (call.query, call.key, call.value))
+        multiple = self.head_dim_multiple(call, backward=False)
+        q, k, v = (_to_kernel(t.detach(), multiple) for t in (call.query, call.key, call.value))
         with torch.no_grad(), _device_guard(call.device):
             out, lse = gen.forward(q, k, v, call.scale, call.is_causal)
         lse = normalize_lse(lse, call.q_len, may_be_empty=rows_may_be_empty(call))
@@ -840,7 +859,7 @@ class FlashVarlen(_FlashFamily):
         return out
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
-        batch = _PaddedBatch.from_call(call)
+        batch = _PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=call.needs_grad))
         if batch.total_k == 0:  # every key hidden: no kernel call, the contract path gives zeros
             if call.needs_grad:
                 return ContractAttentionFunction.apply(self, call, call.query, call.key, call.value)
@@ -854,7 +873,7 @@ class FlashVarlen(_FlashFamily):
         return batch.zero_empty_rows(batch.unpack_queries(out, call.value_dim))[0]
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = _PaddedBatch.from_call(call)
+        batch = _PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=False))
         if batch.total_k == 0:
             out = call.query.new_zeros(call.batch, call.q_heads, call.q_len, call.value_dim)
             lse = torch.full((call.batch, call.q_heads, call.q_len), float("-inf"), device=call.device)
@@ -869,7 +888,7 @@ class FlashVarlen(_FlashFamily):
         return batch.zero_empty_rows(out, lse)
 
     def backward(self, call, dout, out, lse):
-        batch = _PaddedBatch.from_call(call)
+        batch = _PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=True))
         if batch.total_k == 0:
             return torch.zeros_like(call.query), torch.zeros_like(call.key), torch.zeros_like(call.value)
         gen = self.generation()
