@@ -792,19 +792,29 @@ class Flash(_FlashFamily):
     varlen = False
 
     def runner(self, call: AttentionCall):
-        if call.head_dim % self.head_dim_multiple(call, call.needs_grad):  # the general path pads and slices
-            return super().runner(call)
         # No device guard: dispatch wraps cached runners that need one (several GPUs) itself.
+        kernel = self._kernel_of_bhsd(call)
+        pad = (-call.head_dim) % self.head_dim_multiple(call, call.needs_grad)
+        if not pad:
+            return lambda q, k, v, mask: kernel(q, k, v)
+        # Padded here rather than through `attention`: that path rebuilds the call and runs the public function
+        # on five autograd nodes, host time that set the pace at S = 4k with gradients.
+        dim = call.value_dim
+        return lambda q, k, v, mask: kernel(F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, pad)))[..., :dim]
+
+    def _kernel_of_bhsd(self, call: AttentionCall) -> Callable:
+        """The cheapest function of (B, H, S, D) q, k, v (head dims already aligned) that runs `call`'s kernels:
+        one autograd node for training where the generation has it, the bare forward without gradients."""
         gen = self.generation()
         if call.needs_grad and not call.dropout_p:
             training = gen.training_of_bhsd(call.scale, call.is_causal, _deterministic())
             if training is not None:
-                return lambda q, k, v, mask: training(q, k, v)
+                return training
         if call.needs_grad or call.dropout_p:
             kernel = gen.function_of_qkv(call.scale, call.is_causal, call.dropout_p, _deterministic())
         else:  # the cache key holds the gradient flag: a call that needs one gets another runner
             kernel = gen.inference_of_qkv(call.scale, call.is_causal)
-        return lambda q, k, v, mask: kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return lambda q, k, v: kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         gen = self.generation()
