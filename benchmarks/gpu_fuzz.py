@@ -50,15 +50,15 @@ RECORD = ("provider", "outcome", "batch", "q_heads", "kv_heads", "sq", "sk", "d"
 OPTIONS = ("mask", "causal", "scale", "dtype", "grad", "layout")  # what a repeated shape changes
 
 
-def draw_case(rng: random.Random, provider: str, caps=None) -> dict:
+def draw_case(rng: random.Random, provider: str, caps=None, head_dims=HEAD_DIMS) -> dict:
     """A draw of everything; with `caps` (the provider's declared capabilities), dtype, mask and gradients come
     from what it declares it takes, so that fewer draws end in a refusal."""
     kv_heads, groups = rng.choice((1, 2, 4)), rng.choice((1, 1, 2, 3, 4))
     sq = rng.choice((rng.randint(1, 64), rng.randint(65, 2100)))
-    d = rng.choice(HEAD_DIMS)
+    d = rng.choice(head_dims)
     return dict(
         provider=provider, batch=rng.randint(1, 3), q_heads=kv_heads * groups, kv_heads=kv_heads, sq=sq,
-        sk=sq if rng.random() < 0.7 else rng.randint(1, 2100), d=d, dv=d if rng.random() < 0.8 else rng.choice(HEAD_DIMS),
+        sk=sq if rng.random() < 0.7 else rng.randint(1, 2100), d=d, dv=d if rng.random() < 0.8 else rng.choice(head_dims),
         seed=rng.randint(0, 2**16), **draw_options(rng, caps))
 
 
@@ -205,9 +205,12 @@ def main(argv=None) -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--device", default="cuda", help="cpu: a quick run of the script itself")
     parser.add_argument("--replay", help="a gpu_fuzz JSON file: run its failures again first")
+    parser.add_argument("--head-dims", type=int, nargs="*", default=list(HEAD_DIMS),
+                        help="draw head dims from these (default: the common ones)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "seed": args.seed,
+              "head_dims": args.head_dims,
               "date": time.strftime("%Y-%m-%d %H:%M"), "providers": {}, "failures": [], "refusals": {},
               "cases": []}
     path = os.path.join(args.out, f"gpu_fuzz{args.tag}.json")
@@ -222,7 +225,10 @@ def main(argv=None) -> None:
         counts, start, previous = {"ok": 0, "refused": 0, "failed": 0}, time.time(), None
         while time.time() - start < args.seconds_per_provider:
             caps = declared(provider, device) if rng.random() < 0.7 else None
-            case = vary(rng, previous) if previous and rng.random() < 0.35 else draw_case(rng, provider, caps)
+            if previous and rng.random() < 0.35:
+                case = vary(rng, previous)
+            else:
+                case = draw_case(rng, provider, caps, args.head_dims)
             try:
                 result = run_case(case, device)
             except Exception as exc:  # the check itself failed (out of memory in the reference, say)

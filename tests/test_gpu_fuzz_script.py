@@ -55,11 +55,12 @@ def test_verdicts_ok_refused_and_failed(monkeypatch):
 
 def test_a_short_cpu_run_writes_its_report(tmp_path):
     gpu_fuzz.main(["--device", "cpu", "--seconds-per-provider", "0.5", "--providers", "_native_math",
-                   "--out", str(tmp_path), "--tag", "_t"])
+                   "--out", str(tmp_path), "--tag", "_t", "--head-dims", "20", "104"])
     report = json.loads((tmp_path / "gpu_fuzz_t.json").read_text())
     counts = report["providers"]["_native_math"]
     assert sum(counts.values()) == len(report["cases"]) >= 1
     assert counts["failed"] == 0, report["failures"]
+    assert {case["d"] for case in report["cases"]} <= {20, 104} == set(report["head_dims"])
 
 
 @pytest.mark.parametrize("layout", ["bhsd", "bshd_view"])
