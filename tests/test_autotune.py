@@ -151,3 +151,61 @@ def test_autotune_times_no_more_than_max_timed_candidates(monkeypatch):
     auto = Auto(PROVIDERS, autotune=True, measure=measure)
     assert auto.choose(_call()).name == "_native_flash"  # one candidate left: nothing to compare, nothing timed
     assert measure.timed == []
+
+
+class _FakeProvider:
+    """Takes every call; `pads` says whether it would zero-pad the call's head dim (as `flash` does)."""
+
+    def __init__(self, name, pads=False):
+        self.name, self.pads = name, pads
+
+    def availability(self):
+        from cpattn.contract import Availability
+
+        return Availability(True, "fake")
+
+    def pads_head_dim(self, call):
+        return self.pads
+
+    def reasons(self, call, **need):
+        return []
+
+
+@pytest.mark.parametrize("pads, kv_len, first", [
+    (True, 4096, "_native_cudnn"),  # a padded, short call: the padding's copies cost more than FA4 gains
+    (True, 4097, "flash"),
+    (False, 1024, "flash"),
+])
+def test_auto_tries_cudnn_first_for_short_calls_flash_would_pad(pads, kv_len, first):
+    from types import SimpleNamespace
+
+    from cpattn.providers.auto import ORDER, PADDED_FLASH_CUDNN_FIRST_UP_TO
+
+    assert PADDED_FLASH_CUDNN_FIRST_UP_TO == 4096
+    registry = {name: _FakeProvider(name, pads=pads and name == "flash") for name in ORDER["cuda"]}
+    auto = Auto(registry)
+    call = SimpleNamespace(device=torch.device("cuda"), kv_len=kv_len, head_dim=104)
+    order = auto.order(call)
+    assert order[0] == first and sorted(order) == sorted(ORDER["cuda"])
+    assert order[2:] == ORDER["cuda"][2:]
+    assert next(auto._takers(call, {})).name == first
+    text = auto.explain(call)
+    assert text.splitlines()[-1] == f"{first}: takes it"
+    assert ("_native_cudnn is tried first" in text) == (first == "_native_cudnn")
+    cpu = SimpleNamespace(device=torch.device("cpu"), kv_len=kv_len, head_dim=104)
+    assert auto.order(cpu) == ORDER["cpu"]
+
+
+def test_flash_says_when_it_pads_the_head_dim(monkeypatch):
+    """`pads_head_dim` follows head_dim_multiple: the alignment of 8, and wider where the generation asks (here
+    as FA4 on sm90 does: forward 104 to 128, backward to a multiple of 32)."""
+    from cpattn.providers.flash import _FlashAttention4
+
+    flash = PROVIDERS["flash"]
+    monkeypatch.setattr(type(flash), "generation", lambda self: _FlashAttention4.__new__(_FlashAttention4))
+    monkeypatch.setattr(_FlashAttention4, "forward_head_dim_multiple", lambda self, cc, d: 32 if d == 104 else 8)
+    monkeypatch.setattr(_FlashAttention4, "backward_head_dim_multiple", lambda self, cc: 32)
+    for d, grad, pads in ((104, False, True), (112, False, False), (100, False, True), (96, True, False),
+                          (80, True, True), (80, False, False), (20, False, True), (64, True, False)):
+        q, k, v = make_qkv(1, 2, 2, 8, 8, d, dtype=torch.float16, requires_grad=grad)
+        assert flash.pads_head_dim(make_call(q, k, v, None, 0.0, False, None, False)) == pads, (d, grad)

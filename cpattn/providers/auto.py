@@ -2,7 +2,9 @@
 
 The order comes from measured kernel throughput (benchmarks/results/, H100, bf16): FlashAttention (FA4/FA3)
 ahead of cuDNN, cuDNN ahead of PyTorch's own flash kernel, then the memory-efficient kernel and flex, math
-last. Quantised kernels (SageAttention) are never picked: they change numerics, so they are opt-in only.
+last; one exception, measured: cuDNN goes ahead of FlashAttention for calls of up to 4k keys whose head dim
+FlashAttention must zero-pad (PADDED_FLASH_CUDNN_FIRST_UP_TO). Quantised kernels (SageAttention) are never
+picked: they change numerics, so they are opt-in only.
 A provider is skipped when it cannot take the inputs (mask, dtype, head dim, gradients, architecture), so
 `auto` never fails where some provider works, and never silently picks a lossy one. The choice is cached by
 input signature and explained by `explain()` (shown by `python -m cpattn info`).
@@ -45,6 +47,12 @@ ORDER = {
     "cuda": ("flash", "_native_cudnn", "flash_varlen", "_native_flash", "_native_efficient", "flex", "_native_math"),
     "cpu": ("_native_flash", "_native_math"),
 }
+# `flash` zero-pads some head dims (FA4 on sm90: 97-104 always, others not a multiple of 32 with gradients), a
+# copy of q, k and v (and out, dO in the backward) whose cost falls with the sequence's share of the work. On an
+# H100 at S = 4k, cuDNN was faster in all 6 padded shapes (2% to 29%), at S = 16k FA4 in all 8 (6% to 14%)
+# (benchmarks/results/h100/bench_auto_head_dims_97_127_after.md, bench_auto_padded_dims.md). Up to this many
+# keys, a call `flash` pads tries cuDNN first.
+PADDED_FLASH_CUDNN_FIRST_UP_TO = 4096
 
 
 class Auto(Provider):
@@ -54,7 +62,9 @@ class Auto(Provider):
     _caps = Capabilities(
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
         backward=True, training=True, mask_grad=False,
-        notes=("picks per call: " + " > ".join(ORDER["cuda"]) + " on CUDA; " + " > ".join(ORDER["cpu"]) + " on CPU",),
+        notes=("picks per call: " + " > ".join(ORDER["cuda"]) + " on CUDA (cuDNN first where flash pads the head "
+               f"dim and there are at most {PADDED_FLASH_CUDNN_FIRST_UP_TO} keys); " + " > ".join(ORDER["cpu"])
+               + " on CPU",),
     )
     supports = {"cpu": _caps, "cuda": _caps}
 
@@ -89,10 +99,23 @@ class Auto(Provider):
                 None if call.attn_mask is None else tuple(call.attn_mask.shape), call.is_causal,
                 call.dropout_p > 0, call.needs_grad, tuple(sorted(k for k, v in need.items() if v)))
 
+    def order(self, call: AttentionCall) -> tuple[str, ...]:
+        """The providers tried for `call`, fastest first as measured (ORDER, with cuDNN ahead of `flash` for
+        short calls that `flash` would pad: PADDED_FLASH_CUDNN_FIRST_UP_TO)."""
+        order = ORDER.get(call.device.type, ())
+        flash = self._registry.get("flash")
+        if (call.device.type == "cuda" and call.kv_len <= PADDED_FLASH_CUDNN_FIRST_UP_TO and flash is not None
+                and flash.availability().ok and flash.pads_head_dim(call)):
+            first, second = order.index("flash"), order.index("_native_cudnn")
+            order = list(order)
+            order[first], order[second] = order[second], order[first]
+            order = tuple(order)
+        return order
+
     def _takers(self, call: AttentionCall, need: dict):
-        """Providers in this device's order with no reason to refuse `call` (lazily: the fixed order stops at
+        """Providers in this call's order with no reason to refuse `call` (lazily: the fixed order stops at
         the first)."""
-        return (self._registry[n] for n in ORDER.get(call.device.type, ())
+        return (self._registry[n] for n in self.order(call)
                 if n in self._registry and not self._registry[n].reasons(call, **need))
 
     def _fastest(self, key: tuple, call: AttentionCall) -> Provider | None:
@@ -128,7 +151,11 @@ class Auto(Provider):
     def explain(self, call: AttentionCall) -> str:
         lines = []
         timings = self.timings(call) if self.autotune else None
-        for name in ORDER.get(call.device.type, ()):
+        order = self.order(call)
+        if order != ORDER.get(call.device.type, ()):
+            lines.append(f"flash would zero-pad head dim {call.head_dim} and the call has at most "
+                         f"{PADDED_FLASH_CUDNN_FIRST_UP_TO} keys: _native_cudnn is tried first")
+        for name in order:
             reasons = self._registry[name].reasons(call)
             if reasons:
                 lines.append(f"{name}: " + "; ".join(reasons))
@@ -147,7 +174,7 @@ class Auto(Provider):
 
     def reasons(self, call, *, need_lse: bool = False, need_backward: bool = False) -> list[str]:
         if self.choose(call, need_lse=need_lse, need_backward=need_backward) is None:
-            return [f"no provider in {', '.join(ORDER.get(call.device.type, ()))} takes these inputs"]
+            return [f"no provider in {', '.join(self.order(call))} takes these inputs"]
         return []
 
     def attention(self, call):

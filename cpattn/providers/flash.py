@@ -770,6 +770,10 @@ class _FlashFamily(Provider):
         forward = gen.forward_head_dim_multiple(cc, call.head_dim)
         return math.lcm(forward, gen.backward_head_dim_multiple(cc)) if backward else forward
 
+    def pads_head_dim(self, call: AttentionCall) -> bool:
+        """Whether `call`'s kernels run on zero-padded copies of the inputs (see head_dim_multiple)."""
+        return call.head_dim % self.head_dim_multiple(call, call.needs_grad) != 0
+
     def extra_reasons(self, call: AttentionCall, caps: Capabilities) -> list[str]:
         out = []
         if call.head_dim != call.value_dim:
