@@ -72,11 +72,13 @@ def draws(draw, providers):
         masks = [m for m in MASKS if _takes(caps, m)]
         grads = grads if caps.training else [False]
     kv_heads, groups = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3]))
-    sq = draw(st.integers(1, 70))
+    # lengths of whole 64-key blocks too: the only key lengths sageattention 1.0.6 takes without causal
+    lengths = st.integers(1, 70) | st.sampled_from([64, 128])
+    sq = draw(lengths)
     d = draw(st.sampled_from([8, 12, 16, 20, 32, 48, 64, 80, 96]))
     return dict(
         provider=provider, batch=draw(st.integers(1, 3)), q_heads=kv_heads * groups,
-        kv_heads=kv_heads, sq=sq, sk=draw(st.just(sq) | st.just(sq) | st.integers(1, 70)), d=d,
+        kv_heads=kv_heads, sq=sq, sk=draw(st.just(sq) | st.just(sq) | lengths), d=d,
         dv=draw(st.just(d) | st.just(d) | st.sampled_from([16, 32])), seed=draw(st.integers(0, 2**16)),
         dtype=draw(st.sampled_from(dtypes)), mask=draw(st.sampled_from(masks)), causal=draw(st.booleans()),
         scale=draw(st.none() | st.floats(0.05, 0.4)), grad=draw(st.sampled_from(grads)),
@@ -87,7 +89,7 @@ def draws(draw, providers):
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_adapter_draws_match_the_reference_or_are_refused_by_name(setup):
     modules, providers = SETUPS[setup]
-    verdicts = {"ok": 0, "refused": 0}
+    verdicts, refusals = {"ok": 0, "refused": 0}, {}
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
     @seed(int(os.environ.get("CPATTN_FUZZ_SEED", "0")))
@@ -100,10 +102,18 @@ def test_adapter_draws_match_the_reference_or_are_refused_by_name(setup):
             assert result["outcome"] != "failed", {k: v for k, v in result.items() if k != "traceback"} | {
                 "traceback": result.get("traceback", "")[-1200:]}
             verdicts[result["outcome"]] += 1
+            if result["outcome"] == "refused":
+                lines = result["message"].splitlines()
+                reason = (lines[1] if len(lines) > 1 else lines[0]).strip()[:160]
+                refusals[reason] = refusals.get(reason, 0) + 1
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         _install(monkeypatch, modules())
         for provider in providers:
             assert cpattn.get_provider(provider).availability().ok, cpattn.get_provider(provider).availability()
         check()
-    assert verdicts["ok"] >= EXAMPLES // 4, f"too few draws ran ({verdicts}): the check would prove little"
+    # The draws of one seed still vary with what the process imported before (hypothesis also draws constants it
+    # finds in loaded modules), so the floor needs a margin: at seed 0, sageattention 1.0.6 ran 68 of 120 alone.
+    common = sorted(refusals.items(), key=lambda item: -item[1])[:5]
+    assert verdicts["ok"] >= EXAMPLES // 4, f"too few draws ran ({verdicts}): the check would prove little; " \
+        f"most common refusals: {common}"
