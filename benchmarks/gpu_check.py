@@ -236,9 +236,10 @@ def check_provider(name, provider, device, label=None, **options):
     return report
 
 
-def cp_cases(world, providers, extras=True) -> list:
+def cp_cases(world, providers, extras=True, head_dims=(128,)) -> list:
     """The default context-parallel cases: per provider, each schedule it claims, causal where it can be, GQA 8:4
-    at 256 tokens per rank, D=128; with `extras`, float32 shards under autocast and 5-D shards on its first."""
+    at 256 tokens per rank, at each of `head_dims` (D=128 by default; others reach the kernels' head-dim padding);
+    with `extras`, float32 shards under autocast and 5-D shards on its first schedule at the first head dim."""
     from cp_harness import Case
 
     cases = []
@@ -246,16 +247,17 @@ def cp_cases(world, providers, extras=True) -> list:
         caps = cpattn.PROVIDERS[name].capabilities("cuda")
         dtype = "bfloat16" if torch.bfloat16 in caps.dtypes else "float16"
         schedules = ["ulysses", "allgather"] + (["ring"] if caps.returns_lse else [])
-        for strategy in schedules:
-            causal = strategy != "allgather" or caps.bool_mask
-            grad = caps.training and (strategy != "ring" or caps.backward)
-            cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=256 * world, head_dim=128,
-                              q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype, grad=grad,
-                              device="cuda", batch=1))
-        if extras:  # float32 shards under autocast(bf16), and 5-D shards, on the provider's first schedule
-            base = cases[-len(schedules)]
-            cases.append(dataclasses.replace(base, dtype="float32", autocast=dtype))
-            cases.append(dataclasses.replace(base, dims=5))
+        for i, head_dim in enumerate(head_dims):
+            for strategy in schedules:
+                causal = strategy != "allgather" or caps.bool_mask
+                grad = caps.training and (strategy != "ring" or caps.backward)
+                cases.append(Case(provider=name, strategy=strategy, causal=causal, seq=256 * world, head_dim=head_dim,
+                                  q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype, grad=grad,
+                                  device="cuda", batch=1))
+            if extras and i == 0:  # float32 shards under autocast(bf16), and 5-D shards, on the first schedule
+                base = cases[-len(schedules)]
+                cases.append(dataclasses.replace(base, dtype="float32", autocast=dtype))
+                cases.append(dataclasses.replace(base, dims=5))
     return cases
 
 
@@ -306,7 +308,8 @@ def trains_here(name, dtype, head_dim) -> bool:
 REFUSALS = ("UnsupportedInputError", "InvalidArgumentError")
 
 
-def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, matrix=False, masks=False):
+def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, matrix=False, masks=False,
+              head_dims=(128,)):
     """Run the cases of each world size on that many ranks on this GPU over gloo; a case is ok when its output and
     gradients are within the dtype's tolerance of float64, and `refused` when every rank raised cpattn's error for
     inputs it cannot take (recorded with the message, not counted as passed)."""
@@ -318,7 +321,7 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, 
     providers = [n for n in providers if torch.cuda.get_device_capability() >= (
         cpattn.PROVIDERS[n].capabilities("cuda").min_compute_capability or (0, 0))]
     for world in worlds:
-        cases = matrix_cases(world, providers, masks) if matrix else cp_cases(world, providers, extras)
+        cases = matrix_cases(world, providers, masks) if matrix else cp_cases(world, providers, extras, head_dims)
         if masks:  # the mask cases alone
             cases = [c for c in cases if c.mask in ("additive",) or (c.mask and c.causal)]
         started = time.time()
@@ -394,6 +397,8 @@ def main():
                         help="the full context-parallel matrix (matrix_cases) instead of the default cases")
     parser.add_argument("--cp-masks", action="store_true",
                         help="with --cp-matrix: only the matrix's extra mask cases (bool mask with is_causal, additive)")
+    parser.add_argument("--cp-head-dims", type=int, nargs="*", default=[128],
+                        help="head dims of the default context-parallel cases")
     parser.add_argument("--tag", default="")
     parser.add_argument("--packed-worlds", type=int, nargs="*", default=[],
                         help="flash_varlen_attention under CP with these world sizes (ranks on this GPU)")
@@ -441,7 +446,7 @@ def main():
 
     save([])
     cp = cp_checks(args.cp_worlds, save, args.cp_providers, matrix=args.cp_matrix,
-                   masks=args.cp_masks) if args.cp_worlds else []
+                   masks=args.cp_masks, head_dims=args.cp_head_dims) if args.cp_worlds else []
     if args.packed_worlds:
         def save_packed(rows):  # after each case, so a run cut short keeps what it checked
             result["packed_cp_gloo_one_gpu"] = rows

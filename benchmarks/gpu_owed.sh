@@ -14,7 +14,8 @@
 # `... split` the ring split at 64k three times, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
 # and auto record with call-by-call timing, `... fuzz` random draws through every provider (seed $FUZZ_SEED, default
 # 3), `... padded_dims` auto against each candidate at head dims FA4 pads on sm90 (48, 80, 112), `... cp_worlds` ring,
-# Ulysses and all-gather over FA4, cuDNN and the efficient kernel at world sizes 2, 3 and 4; several names run those
+# Ulysses and all-gather over FA4, cuDNN and the efficient kernel at world sizes 2, 3 and 4 (`... cp_head_dims`: FA4
+# at head dims 80 and 104); several names run those
 # steps in order (one device call is too short for all); no argument:
 # checks and timed.
 # With two GPUs or more, the correctness steps run on GPU 1 while the timed steps run on GPU 0.
@@ -93,6 +94,10 @@ padded_dims() {  # FA4 pads these head dims for its sm90 backward: is it still t
     step 420 python -m benchmarks.run --suite gpu --only auto --head-dims 48 80 112 --auto-seqs 16384 \
         --timing interleaved --out "$out" --tag auto_padded_dims
 }
+cp_head_dims() {  # the same at head dims FA4 pads on sm90 (80: backward to 96; 104: both ways to 128)
+    step 560 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 4 --cp-providers flash \
+        --cp-head-dims 80 104 --out "$out" --tag _cp_head_dims
+}
 cp_worlds() {
     step 560 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 4 \
         --cp-providers flash _native_cudnn _native_efficient --out "$out" --tag _cp_w234
@@ -105,9 +110,9 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|split|record_kernels|record_auto|fuzz|padded_dims|cp_worlds) "$mode" ;;
+            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|split|record_kernels|record_auto|fuzz|padded_dims|cp_worlds|cp_head_dims) "$mode" ;;
             *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix, split,"\
-                    "record_kernels, record_auto, fuzz, padded_dims, cp_worlds)"
+                    "record_kernels, record_auto, fuzz, padded_dims, cp_worlds, cp_head_dims)"
                exit 2 ;;
         esac
     done
