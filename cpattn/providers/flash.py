@@ -24,8 +24,9 @@ Layout and conventions
     Inputs (B, H, S, D) go to the kernels as (B, S, H, D) transpose views, KV heads unexpanded (GQA is
     native). Head dims are zero-padded to a multiple of 8 (the kernels' alignment; zeros change no score) and
     sliced back; FA4 on sm90 pads wider where its backward is wrong or its forward slow otherwise
-    (`_Generation.backward_head_dim_multiple`, `forward_head_dim_multiple`). Rows that see no key come back with out 0 and lse +inf (FA2/FA3) or -inf (FA4): the contract
-    wants -inf, and +inf again when handed back to a backward kernel. flash-attn aligns causal masks to the
+    (`_Generation.backward_head_dim_multiple`, `forward_head_dim_multiple`). Rows that see no key come back
+    with out 0 and lse +inf (FA2/FA3) or -inf (FA4): the contract wants -inf, and +inf again when handed back
+    to a backward kernel. flash-attn aligns causal masks to the
     bottom-right corner, SDPA to the top-left: the two agree only when q_len == kv_len, the only causal case
     these providers accept.
 
