@@ -24,11 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.run import RESULTS, write_cases  # noqa: E402
-
-
-def padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    pad = (-x.shape[-1]) % multiple
-    return F.pad(x, (0, pad)) if pad else x
+from cpattn.providers.flash import _align_head_dim as padded  # noqa: E402  the zero padding cpattn itself uses
 
 
 def probe(d: int, s: int, causal: bool, tokens: int) -> dict:
