@@ -11,6 +11,9 @@ measured:
   speed      scaling efficiency = one-GPU time / (W x per-rank time) for the fastest providers (FA4 and cuDNN).
   peers      PyTorch's own context_parallel (SDPA on cuDNN) and diffusers' ring / Ulysses attention
              (its `_native_cudnn` backend) on the same shapes, against cpattn with the same kernel.
+  profile    where one sharded call's time goes on each rank (torch profiler): attention kernels, other
+             compute kernels, NCCL kernels, and the time the compute stream sat idle (waiting on a transfer or
+             on the host), next to the same call's kernels on one GPU. Off by default; name it in --sections.
 
 Timing: every rank runs the same number of iterations (do_bench chooses a count per process, and ranks that
 disagree on it would wait on each other's collectives forever); each iteration starts after a barrier and ends
@@ -40,7 +43,7 @@ from cpattn.reference import reference_attention  # noqa: E402
 from launch.spawn import exit_rank  # noqa: E402
 
 GIB = 2.0**30
-SECTIONS = ("bandwidth", "check", "speed", "peers")
+SECTIONS = ("bandwidth", "check", "speed", "peers", "profile")
 # Providers that differ in their context-parallel path; the check runs those whose library loads here.
 # flex last: it compiles a kernel per block shape, the slowest to check.
 CHECK_PROVIDERS = ("flash", "_native_cudnn", "native", "_native_flash", "_native_efficient", "_native_math", "sage",
@@ -494,14 +497,94 @@ def peers(run: Run, mesh) -> dict:
     return result
 
 
+# -- 5. profile ------------------------------------------------------------------------------------------------
+
+# (provider, schedule, S, H, causal, backward): the cases furthest from their targets in earlier runs
+PROFILE_CASES = (("flash", "ring", 32768, 16, True, True), ("_native_cudnn", "ring", 32768, 16, True, True),
+                 ("flash", "ulysses", 131072, 16, False, False), ("flash", "ring", 131072, 16, True, True))
+
+
+def _kernel_breakdown(step, cuda: bool, top: int = 12) -> dict:
+    """One call of `step` under the profiler: wall time, kernel time by kind, compute-stream idle time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.ring_profile import gpu_idle
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    nccl = lambda name: "nccl" in name.lower()  # noqa: E731
+    compute = [e for e in kernels if not nccl(e.key)]
+    row = {"wall_ms": wall * 1e3,
+           "compute_kernel_ms": sum(e.self_device_time_total for e in compute) / 1e3,
+           "nccl_kernel_ms": sum(e.self_device_time_total for e in kernels if nccl(e.key)) / 1e3,
+           "compute_launches": sum(e.count for e in compute),
+           "top_kernels": [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
+                           for e in sorted(compute, key=lambda e: -e.self_device_time_total)[:top]]}
+    # NCCL kernels run on their own streams for the whole transfer; idle is measured on the other kernels
+    row.update(gpu_idle(prof, top, exclude=nccl))
+    return row
+
+
+def profile_cases(run: Run, mesh) -> list[dict]:
+    rows = []
+    cases = PROFILE_CASES if not run.smoke else (("native", "ring", 64 * run.world, 2, True, True),)
+    for provider, schedule, s, h, causal, backward in cases:
+        if not cpattn.PROVIDERS[provider].availability().ok or run.out_of_time():
+            continue
+        b, d = 1, (32 if run.smoke else 128)
+        call = lambda q, k, v: cpattn.attention_dispatch(q, k, v, is_causal=causal)  # noqa: E731
+        layout = "zigzag" if causal else "contiguous"
+
+        def measure():
+            (q, k, v), dout = _inputs(run, b, h, s, d, backward)
+            with cpattn.attention_provider(provider):
+                step = _attention_step(q, k, v, dout, backward, call)
+                for _ in range(3):
+                    step()
+                whole = _kernel_breakdown(step, run.cuda)
+            del q, k, v, dout
+            (q, k, v), dout = _inputs(run, b, h, s, d, backward, layout, mesh)
+            with cpattn.attention_provider(provider, cp_mesh=mesh, cp_strategy=schedule, cp_layout=layout):
+                step = _attention_step(q, k, v, dout, backward, call)
+                for _ in range(3):
+                    step()
+                run.sync()
+                dist.barrier()
+                mine = _kernel_breakdown(step, run.cuda)
+            ranks = [None] * run.world
+            dist.all_gather_object(ranks, mine)
+            return {"one_gpu": whole, "ranks": ranks}
+
+        label = f"{provider} {schedule} S={s} H={h} causal={causal} bwd={backward}"
+        value, error = _guard(run, label, measure)
+        row = {"provider": provider, "schedule": schedule, "S": s, "H": h, "causal": causal, "backward": backward}
+        row.update(value or {"error": error})
+        rows.append(row)
+        run.save("profile", rows)
+        if value:
+            r0, one = value["ranks"][0], value["one_gpu"]
+            run.log(f"  {label}: rank 0 wall {r0['wall_ms']:.2f} ms, compute kernels {r0['compute_kernel_ms']:.2f}, "
+                    f"idle {r0.get('gpu_idle_ms', 0):.2f}; one GPU kernels {one['compute_kernel_ms']:.2f} ms")
+    return rows
+
+
 # -- main ---------------------------------------------------------------------------------------------------------
+
+
+SECTION_FUNCTIONS = {"check": check, "speed": speed, "peers": peers, "profile": profile_cases}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--tag", default="")
-    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS[:-1]), choices=SECTIONS)
     parser.add_argument("--check-providers", nargs="*")
     parser.add_argument("--speed-providers", nargs="*")
     parser.add_argument("--seqs", type=int, nargs="*", default=[32768, 131072], help="total lengths (speed, peers)")
@@ -526,7 +609,7 @@ def main() -> None:
         run.log(f"== {section}")
         t0 = time.time()
         run.start_section(section)
-        value = bandwidth(run) if section == "bandwidth" else globals()[section](run, mesh)
+        value = bandwidth(run) if section == "bandwidth" else SECTION_FUNCTIONS[section](run, mesh)
         run.save(section, value)
         run.save(f"{section}_seconds", round(time.time() - t0, 1))
     run.save("seconds", round(time.time() - started, 1))

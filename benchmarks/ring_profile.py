@@ -66,11 +66,12 @@ def kernel_sequence(prof) -> list[list]:
     return [[name[:60], end - start] for start, end, name in spans]
 
 
-def gpu_idle(prof, top: int) -> dict:
+def gpu_idle(prof, top: int, exclude=None) -> dict:
     """From the trace: the time between the split's first kernel start and last kernel end in which no kernel
-    ran, and its largest gaps with the kernels on either side (the GPU waiting on the host, or launch latency)."""
+    ran, and its largest gaps with the kernels on either side (the GPU waiting on the host, or launch latency).
+    `exclude(name)`: kernels left out of the count (NCCL's, which span a whole transfer on their own stream)."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type.name == "CUDA")
+                   if e.device_type.name == "CUDA" and not (exclude and exclude(e.name)))
     if not spans:
         return {}
     gaps, busy_until, before = [], spans[0][1], spans[0][2]

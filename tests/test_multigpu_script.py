@@ -1,7 +1,8 @@
 """benchmarks/multigpu.py on CPU ranks (gloo, tiny shapes): the script the multi-GPU results come from keeps working.
 
 The check section compares context-parallel forward and backward with the same provider on one device and with
-float64; the speed section must produce an efficiency per schedule. Bounded by the subprocess timeout.
+float64; the speed section must produce an efficiency per schedule, and the profile section a
+breakdown from every rank. Bounded by the subprocess timeout.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.distributed
 
 def test_multigpu_script_smoke(tmp_path):
     code, out = run(TORCHRUN + ["--standalone", "--nproc-per-node=2", "benchmarks/multigpu.py", "--smoke",
-                                "--out", str(tmp_path), "--sections", "check", "speed",
+                                "--out", str(tmp_path), "--sections", "check", "speed", "profile",
                                 "--check-providers", "native", "_native_math"], timeout=240)
     assert code == 0, out[-4000:]
     result = json.loads((tmp_path / "multigpu_cpu.json").read_text())
@@ -28,3 +29,6 @@ def test_multigpu_script_smoke(tmp_path):
     speed = [r for r in result["speed"] if "schedule" in r]
     assert {r["schedule"] for r in speed} == {"ring", "ulysses"}
     assert all(r["efficiency"] > 0 for r in speed), speed
+    (profiled,) = result["profile"]
+    assert "error" not in profiled, profiled
+    assert len(profiled["ranks"]) == 2 and all(r["wall_ms"] > 0 for r in profiled["ranks"])
