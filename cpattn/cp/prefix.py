@@ -19,7 +19,7 @@ import torch
 from ..contract import AttentionCall, Provider, autocast_off
 from ..merge import merge_two
 from .allgather import AllGatherSpec, GatherSequence
-from .ring import RingSpec, ring_backward, ring_forward
+from .ring import RingSpec, ring_backward, ring_forward_keeping_last
 
 
 def _split(call: AttentionCall, prefix: int):
@@ -32,9 +32,9 @@ def _prefix_ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec
     """All local query rows against the local prefix KV block, merged with the ring over the sharded KV."""
     k_pre, v_pre, k_shard, v_shard = _split(call, prefix)
     out_p, lse_p = provider.forward(call.replace(key=k_pre, value=v_pre))
-    out_r, lse_r = ring_forward(provider, call.replace(key=k_shard, value=v_shard), spec)
+    out_r, lse_r, last = ring_forward_keeping_last(provider, call.replace(key=k_shard, value=v_shard), spec)
     out, lse = merge_two(out_p, lse_p, out_r, lse_r)
-    return out.to(call.dtype), lse
+    return out.to(call.dtype), lse, last
 
 
 class PrefixRingAttention(torch.autograd.Function):
@@ -43,21 +43,21 @@ class PrefixRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, provider, call, spec, prefix):
         call = call.replace(query=query, key=key, value=value)
-        out, lse = _prefix_ring_forward(provider, call, spec, prefix)
+        out, lse, last = _prefix_ring_forward(provider, call, spec, prefix)
         ctx.provider, ctx.spec, ctx.prefix, ctx.call = provider, spec, prefix, call
-        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.save_for_backward(query, key, value, out, lse, *(last or ()))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        query, key, value, out, lse = ctx.saved_tensors
+        query, key, value, out, lse, *last = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
         k_pre, v_pre, k_shard, v_shard = _split(call, ctx.prefix)
         dout = dout.contiguous()
         with autocast_off(query.device):
             dq_p, dk_p, dv_p = ctx.provider.backward(call.replace(key=k_pre, value=v_pre), dout, out, lse)
             dq_r, dk_r, dv_r = ring_backward(ctx.provider, call.replace(key=k_shard, value=v_shard), ctx.spec,
-                                             dout, out, lse)
+                                             dout, out, lse, last_block=tuple(last) or None)
             dq = (dq_r + dq_p.float()).to(query.dtype)
             dk = torch.cat([dk_p.float(), dk_r], dim=2).to(key.dtype)
             dv = torch.cat([dv_p.float(), dv_r], dim=2).to(value.dtype)

@@ -5,10 +5,15 @@ rank starts sending that block to rank r+1 and receiving the next one from rank 
 overlaps the kernel), computes attention of its queries against the block, and merges the (out, lse) into
 a float32 accumulator. W-1 exchanges in all; the last block is never sent on.
 
-Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay put and KV rotates as in the
-forward. A step's dK/dV part belongs to the owner of the block it was computed against: at step i rank r sends
-its part for block s = r - i straight to rank s, in the inputs' dtype, while the next step computes, and receives
-the part of its own block from rank r + i. Each rank sums its own block's parts, and its dQ parts, once at the
+Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay put and the forward's steps run
+in reverse. The forward's last block (source r + 1) is kept for the backward, which starts on it, passes each
+block on to rank r - 1 and receives the next from rank r + 1, and ends on the rank's own block: W-2 transfers
+of KV instead of W-1, none before the first kernel, and the own block's kernel (the diagonal one under zigzag)
+covers the last gradient transfer instead of leaving it exposed at the end (on two H200s at S=32k that wait
+was 0.4-0.8 ms of a 14 ms call). The kept block costs one KV shard of memory from forward to backward.
+A step's dK/dV part belongs to the owner of the block it was computed against: at step i rank r sends its part
+for block s = r + 1 + i straight to rank s, in the inputs' dtype, while the next step computes, and receives the
+part of its own block from rank r - 1 - i. Each rank sums its own block's parts, and its dQ parts, once at the
 end in float32 (`gradsum.RowSum`). Accumulators travelling with the blocks instead would carry float32 on every
 middle hop and be read and written at every step: this sends half the bytes and sums each gradient in one pass.
 Per-block gradients come from the provider's backward given the global (out, lse), which is exact: softmax
@@ -170,6 +175,14 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec,
                  out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (out in `out_dtype`, lse float32) of attention over the whole ring's keys. The blocks' results
     merge in float32, in one pass at the end that writes `out_dtype` (see PartialAttention)."""
+    out, lse, _ = ring_forward_keeping_last(provider, call, spec, out_dtype)
+    return out, lse
+
+
+def ring_forward_keeping_last(provider: Provider, call: AttentionCall, spec: RingSpec,
+                              out_dtype: torch.dtype = torch.float32):
+    """`ring_forward`, and the last KV block it received (source rank + 1; None on one rank), which
+    `ring_backward` starts from."""
     group, world = spec.group, spec.group.size
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
@@ -187,29 +200,35 @@ def ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec,
             acc.add_rows(plan.rows, out_b, lse_b)
         if pending is not None:
             k, v = pending.wait()
-    return acc.result(out_dtype)
+    out, lse = acc.result(out_dtype)
+    return out, lse, ((k, v) if world > 1 else None)
 
 
 def ring_backward(
     provider: Provider, call: AttentionCall, spec: RingSpec, dout: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, dq_dtype: torch.dtype = torch.float32,
+    lse: torch.Tensor, dq_dtype: torch.dtype = torch.float32, last_block: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq in `dq_dtype`, dk, dv in the inputs' dtype) of this rank's shard (see the module docstring)."""
-    me, world = spec.group.rank, spec.group.size
+    """(dq in `dq_dtype`, dk, dv in the inputs' dtype) of this rank's shard (see the module docstring).
+    `last_block`: the forward's last KV block (`ring_forward_keeping_last`); without it, it is fetched first."""
+    group, me, world = spec.group, spec.group.rank, spec.group.size
     channel = spec.channel()
-    k, v = call.key.contiguous(), call.value.contiguous()
-    own_k, own_v = k, v
-    buffers = _KVBuffers(k, v, spec.max_length)
+    own_k, own_v = call.key.contiguous(), call.value.contiguous()
+    buffers = _KVBuffers(own_k, own_v, spec.max_length)
     rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     replicated = call.q_len - spec.length(me)  # query rows beyond the shard (a prefix): the same on every rank
     dq = gradsum.RowSum(call.query.shape, call.device)
     dk, dv = gradsum.RowSum(own_k.shape, call.device), gradsum.RowSum(own_v.shape, call.device)
+    sources = [(me + 1 + step) % world for step in range(world)]  # the forward's order reversed: mine last
+    k, v = own_k, own_v
+    if world > 1:
+        k, v = last_block if last_block is not None else channel.send_recv(
+            [own_k, own_v], group.prev, buffers.next(spec.length(sources[0])), group.next, "kv").wait()
     coming_home = None  # the previous step's exchange of dK/dV parts, and the columns of what it receives
-    for step in range(world):
-        src = (me - step) % world
+    for step, src in enumerate(sources):
         pending_kv = None
-        if step < world - 1:
-            pending_kv = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
+        if step < world - 2:  # pass this block on backwards round the ring; the last step's block is mine
+            pending_kv = channel.send_recv([k, v], group.prev, buffers.next(spec.length(sources[step + 1])),
+                                           group.next, "kv")
         plan = block_plan(spec, me, src, call.is_causal, call.q_len)
         grads = None
         if plan is not None:
@@ -217,12 +236,12 @@ def ring_backward(
             grads = provider.backward(block, rows.get("dout", plan.rows), rows.get("out", plan.rows),
                                       rows.get("lse", plan.rows))
             dq.add(plan.rows, grads[0])
-        if step == 0:
+        if src == me:
             if grads is not None:
                 dk.add(plan.cols, grads[1])
                 dv.add(plan.cols, grads[2])
         else:
-            sender = (me + step) % world  # computed on my block at this step
+            sender = (me - 1 - step) % world  # computes on my block at this step
             theirs = block_plan(spec, sender, me, call.is_causal, spec.length(sender) + replicated)
             send = [] if grads is None else [grads[1].contiguous(), grads[2].contiguous()]
             recv = [] if theirs is None else [_cols_like(own_k, theirs.cols), _cols_like(own_v, theirs.cols)]
@@ -232,6 +251,8 @@ def ring_backward(
             coming_home = (exchange, theirs)
         if pending_kv is not None:
             k, v = pending_kv.wait()
+        elif step == world - 2:
+            k, v = own_k, own_v
     if coming_home is not None:
         _take_home(*coming_home, dk, dv)
     return dq.result(dq_dtype), dk.result(call.dtype), dv.result(call.dtype)
@@ -250,22 +271,23 @@ def _take_home(exchange, plan: BlockPlan | None, dk: gradsum.RowSum, dv: gradsum
 
 
 class RingAttention(torch.autograd.Function):
-    """Autograd wrapper: forward merges blocks, backward rotates KV and dK/dV accumulators."""
+    """Autograd wrapper: forward merges blocks and keeps its last one; backward runs the steps in reverse."""
 
     @staticmethod
     def forward(ctx, query, key, value, provider, call, spec):
         call = call.replace(query=query, key=key, value=value)
-        out, lse = ring_forward(provider, call, spec, query.dtype)
+        out, lse, last = ring_forward_keeping_last(provider, call, spec, query.dtype)
         ctx.provider, ctx.call, ctx.spec = provider, call, spec
-        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.save_for_backward(query, key, value, out, lse, *(last or ()))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        query, key, value, out, lse = ctx.saved_tensors
+        query, key, value, out, lse, *last = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
         with autocast_off(query.device):
-            dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse, query.dtype)
+            dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse, query.dtype,
+                                       tuple(last) or None)
         return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None
 
 
