@@ -25,6 +25,7 @@ i.e. the working memory of the attention call itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -227,8 +228,9 @@ def _check_case(run: Run, provider: str, schedule: str, causal: bool, grad: bool
     shard = lambda t: cpattn.shard_sequence(t, mesh, 2, layout)  # noqa: E731
     gather = lambda t: cpattn.gather_sequence(t, mesh, 2, layout)  # noqa: E731
     ql, kl, vl = (dev(shard(t)) for t in (q, k, v))
-    with cpattn.attention_provider(provider, cp_mesh=mesh, cp_strategy=schedule, cp_layout=layout,
-                                   cp_timeout=120) as state:
+    strategy, chunks = ("ulysses", CHUNKED) if schedule == "ulysses_chunked" else (schedule, None)
+    with _head_chunks(chunks), cpattn.attention_provider(provider, cp_mesh=mesh, cp_strategy=strategy,
+                                                          cp_layout=layout, cp_timeout=120) as state:
         out = cpattn.attention_dispatch(ql, kl, vl, is_causal=causal, enable_gqa=gqa)
         if grad:
             out.backward(shard(dout).to(run.device, dtype))
@@ -252,6 +254,24 @@ def _check_case(run: Run, provider: str, schedule: str, causal: bool, grad: bool
     return row
 
 
+CHUNKED = 4  # "ulysses_chunked": Ulysses in this many head chunks, which cpattn picks only for large transfers
+
+
+@contextlib.contextmanager
+def _head_chunks(chunks: int | None):
+    """Make cpattn's Ulysses use `chunks` head chunks whatever the size (None: its own choice), so the check's
+    small shapes run the pipelined path that the 128k speed cases take."""
+    import cpattn.cp.context as context
+
+    chosen = context.head_chunks_for
+    if chunks:
+        context.head_chunks_for = lambda *_: chunks
+    try:
+        yield
+    finally:
+        context.head_chunks_for = chosen
+
+
 def check(run: Run, mesh) -> list[dict]:
     rows = []
     shapes = [(1, 8, 4, 64 * run.world, 64), (1, 4, 4, 4, 16)] if run.smoke else [
@@ -268,9 +288,14 @@ def check(run: Run, mesh) -> list[dict]:
             continue
         dtype = torch.float32 if not run.cuda else (torch.bfloat16 if torch.bfloat16 in caps.dtypes else torch.float16)
         schedules = ["ulysses", "allgather"] + (["ring"] if caps.returns_lse else [])
+        if provider in SPEED_PROVIDERS or run.smoke:
+            schedules.append("ulysses_chunked")
         for schedule in schedules:
             for causal in (True, False):
-                for shape in shapes:
+                # chunked: every rank's query and KV heads cut in CHUNKED (GQA 16:8), and an uneven length
+                for shape in shapes if schedule != "ulysses_chunked" else [(1, 4 * CHUNKED * run.world,
+                                                                             2 * CHUNKED * run.world,
+                                                                             shapes[0][3], shapes[0][4])]:
                     b, hq, hkv, s, d = shape
                     if not caps.gqa and hq != hkv or (caps.max_head_dim and d > caps.max_head_dim):
                         continue

@@ -24,9 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
-from cpattn.cp.comm import CommStats  # noqa: E402
+from cpattn.cp.comm import CommStats, LoopbackRing  # noqa: E402
 from cpattn.cp.mesh import Group  # noqa: E402
-from cpattn.cp.ring import RingSpec, ring_backward, ring_forward  # noqa: E402
+from cpattn.cp.ring import RingSpec, ring_backward, ring_forward_keeping_last  # noqa: E402
 from cpattn.dispatch import make_call  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -434,38 +434,6 @@ def training_kernel_counts(provider: str, q, k, v) -> dict:
 # -- ring split efficiency -------------------------------------------------------------------------------
 
 
-class _Done:
-    """A finished exchange: waiting gives what was 'received'."""
-
-    __slots__ = ("got",)
-
-    def __init__(self, got):
-        self.got = got
-
-    def wait(self):
-        return self.got
-
-
-class _LoopbackChannel:
-    """One rank's view of a ring with no network: 'receives' the KV block that rank r-1 would send."""
-
-    def __init__(self, blocks, rank):
-        self._blocks, self._rank = blocks, rank
-        self._step = {"kv": 0, "dkv": 0}
-
-    def __call__(self, group, timeout, stats):
-        return self
-
-    def exchange(self, send, recv, kind):
-        self._step[kind] += 1
-        if kind == "kv":
-            return _Done(list(self._blocks[(self._rank - self._step[kind]) % len(self._blocks)]))
-        return _Done(recv)  # values do not matter for timing; a real ring fills these by transfer, no kernel
-
-    def send_recv(self, send, to, recv, frm, kind):
-        return self.exchange(send, recv, kind)
-
-
 def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, h=16, d=128):
     """(whole, split): one kernel call on the whole sequence, and all P ranks' ring block kernels and merges one
     after another on this GPU with no communication (each rank 'receives' the blocks from a loopback)."""
@@ -488,13 +456,13 @@ def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, 
     def split():
         for r in range(p):
             spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
-                            channel_factory=_LoopbackChannel(blocks, r))
+                            channel_factory=LoopbackRing(blocks, r))
             lq, lk, lv, ldo, lo, ll = local[r]
             call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
-            ring_forward(adapter, call, spec, lq.dtype)  # dtypes as RingAttention asks for them
-            if backward:  # the same rank's backward, with a fresh channel
-                spec.channel_factory = _LoopbackChannel(blocks, r)
-                ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype)
+            # dtypes as RingAttention asks for them, and its backward starts on the forward's last block
+            _, _, last = ring_forward_keeping_last(adapter, call, spec, lq.dtype)
+            if backward:
+                ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype, last)
     return whole, split
 
 

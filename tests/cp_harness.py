@@ -45,6 +45,7 @@ class Case:
     prefix: int = 0  # replicated leading tokens (joint attention): seq counts the sharded tokens only
     autocast: str | None = None  # run the forward under torch.autocast with this dtype (inputs stay in dtype)
     dims: int = 4  # call dispatch with 3-D (batch must be 1) or 5-D (a leading 1) views of the shards
+    head_chunks: int = 0  # Ulysses head chunks asked for whatever the size (0: cpattn's own choice by size)
 
     @property
     def name(self) -> str:
@@ -237,6 +238,9 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
         case = Case(**{**asdict(case), "provider": "_native_math"})
     autocast = torch.autocast(case.device, dtype=getattr(torch, case.autocast or "bfloat16"),
                               enabled=case.autocast is not None)
+    import cpattn.cp.context as cp_context
+
+    cp_context.head_chunks_for = _CHUNKS_BY_SIZE if not case.head_chunks else lambda *_: case.head_chunks
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy,
                                    cp_layout=case.layout, cp_timeout=20) as state:
         with autocast:  # the forward only, as torch.autocast's documentation asks
@@ -273,6 +277,7 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
 
 
 _FUSED_GRAD_ADDS: list = []
+_CHUNKS_BY_SIZE = __import__("cpattn.cp.ulysses", fromlist=["head_chunks_for"]).head_chunks_for
 
 
 def _use_triton_kernels_on_cpu() -> None:

@@ -71,26 +71,3 @@ def run_in_triton_interpreter(script: str, timeout: float) -> subprocess.Complet
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
     return subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-class LoopbackRing:
-    """One rank's ring channel with no network (a `RingSpec.channel_factory`): each KV exchange 'receives' a copy
-    of the block rank r-1 would send; a dK/dV exchange gets its receive buffers back unfilled (one rank has no
-    other rank's gradient parts), so only this rank's out and dQ are meaningful in a backward."""
-
-    def __init__(self, blocks, rank: int):
-        self._blocks, self._rank, self._step = blocks, rank, 0
-
-    def __call__(self, group, timeout, stats):
-        return self
-
-    def exchange(self, send, recv, kind):
-        if kind != "kv":
-            got = recv
-        else:
-            self._step += 1
-            got = [t.clone() for t in self._blocks[(self._rank - self._step) % len(self._blocks)]]
-        return type("Done", (), {"wait": staticmethod(lambda: got)})()
-
-    def send_recv(self, send, to, recv, frm, kind):
-        return self.exchange(send, recv, kind)

@@ -17,7 +17,8 @@ from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_attention
 from cpattn.dispatch import make_call
 from cpattn.providers.native import NativeMath
-from helpers import GRAD_ATOL, OUT_ATOL, LoopbackRing, assert_close, make_qkv
+from cpattn.cp.comm import LoopbackRing
+from helpers import GRAD_ATOL, OUT_ATOL, assert_close, make_qkv
 
 PROVIDERS = ("native", "_native_math", "_native_flash")
 BF16 = torch.bfloat16

@@ -57,6 +57,7 @@ def cases_for(world: int) -> list[Case]:
         cases.append(Case(strategy=strategy, prefix=5, causal=False, seq=13))
     cases.append(Case(strategy="ring", prefix=4, causal=False, seq=11, dtype="bfloat16", head_dim=32))
     cases.append(Case(strategy="ulysses", q_heads=5, kv_heads=5, seq=9))  # heads not divisible by W
+    cases += head_chunk_cases(world)
     cases.append(Case(strategy="auto", seq=12))
     cases.append(Case(provider="auto", strategy="ring", seq=13))
     cases.append(Case(strategy="ring", seq=3, q_heads=2, kv_heads=1))  # fewer tokens than chunks
@@ -81,6 +82,30 @@ def error_cases(world: int) -> list[Case]:
         Case(provider="sage", strategy="allgather", grad=False, fault="missing_library"),
         Case(strategy="ulysses", prefix=4, causal=False, seq=12, fault="prefix_ulysses"),
     ]
+
+
+def head_chunk_cases(world: int) -> list[Case]:
+    """Ulysses in pipelined head chunks (cpattn chooses them for large transfers only): GQA with every rank's
+    KV heads cut too, heads == sequence length, zigzag causal, 12 heads that 5 chunks cannot cut (fewer chunks)."""
+    return [Case(strategy="ulysses", q_heads=4 * world, kv_heads=2 * world, seq=13, head_chunks=2),
+            Case(strategy="ulysses", q_heads=8 * world, kv_heads=8 * world, seq=8 * world, head_chunks=4,
+                 dtype="float64", batch=1),
+            Case(strategy="ulysses", q_heads=12, kv_heads=12, seq=11, head_chunks=5, causal=False,
+                 layout="contiguous")]
+
+
+@pytest.mark.parametrize("world", (2, 3, 4))
+def test_ulysses_head_chunks_match_reference_and_move_each_chunk(world):
+    """Chunked Ulysses: forward and backward against float64 (_check); each chunk makes its own all-to-alls
+    (q, k, v and out forward, their gradients backward), so a silent fall-back to one chunk fails here."""
+    for case in head_chunk_cases(world):
+        outcome = results(world)[case.name]
+        _check(outcome, case)
+        heads_per_rank = case.q_heads // world if case.q_heads % world == 0 else None
+        kv_per_rank = case.kv_heads // world if case.kv_heads % world == 0 else None
+        chunks = max(n for n in range(case.head_chunks, 0, -1)
+                     if heads_per_rank and kv_per_rank and heads_per_rank % n == 0 and kv_per_rank % n == 0)
+        assert outcome.stats["all_to_all"] == 8 * chunks, (case.name, outcome.stats["all_to_all"], chunks)
 
 
 def autocast_cases() -> list[Case]:

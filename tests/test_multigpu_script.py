@@ -23,9 +23,11 @@ def test_multigpu_script_smoke(tmp_path):
     result = json.loads((tmp_path / "multigpu_cpu.json").read_text())
     checked = [c for c in result["check"] if "schedule" in c]
     assert {(c["provider"], c["schedule"]) for c in checked} == {
-        (p, s) for p in ("native", "_native_math") for s in ("ring", "ulysses", "allgather")}
+        (p, s) for p in ("native", "_native_math") for s in ("ring", "ulysses", "allgather", "ulysses_chunked")}
     assert all(c["ok"] and c["backward"] for c in checked), [c for c in checked if not c["ok"]]
     assert all(c["dq_vs_one_gpu"] < 1e-4 for c in checked)
+    chunked = [c for c in checked if c["schedule"] == "ulysses_chunked"]
+    assert all(c["stats"]["all_to_all"] == 8 * 4 for c in chunked), chunked  # 4 chunks, q/k/v/out both ways
     speed = [r for r in result["speed"] if "schedule" in r]
     assert {r["schedule"] for r in speed} == {"ring", "ulysses"}
     assert all(r["efficiency"] > 0 for r in speed), speed

@@ -14,7 +14,7 @@ from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_backward, ring_forward
 from cpattn.dispatch import make_call
 from cpattn.providers.native import NativeMath
-from helpers import LoopbackRing
+from cpattn.cp.comm import LoopbackRing
 
 
 class _Recording(NativeMath):

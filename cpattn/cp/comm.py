@@ -133,6 +133,46 @@ class RingChannel:
         return PendingExchange(works, recv, recv_t if stage else None, self.timeout, self.group, peers)
 
 
+class _Received:
+    __slots__ = ("got",)
+
+    def __init__(self, got):
+        self.got = got
+
+    def wait(self):
+        return self.got
+
+
+class LoopbackRing:
+    """A stand-in ring channel with no network, to run one rank's ring steps alone (benchmarks, tests); usable
+    as `RingSpec.channel_factory`. A KV exchange 'receives' the block the sending peer holds at that moment,
+    known from the block being sent: the forward passes blocks on to rank r+1 and gets the one before, the
+    backward passes them to rank r-1 and gets the one after. A dK/dV exchange hands its receive buffers back
+    unfilled (no other rank computed parts), so of a backward only this rank's dQ is meaningful.
+
+    `blocks`: every rank's (key, value), the very tensors the ring is given (they are recognised by storage)."""
+
+    def __init__(self, blocks, rank: int):
+        self._blocks, self._rank = blocks, rank
+
+    def __call__(self, group, timeout, stats):
+        return self
+
+    def exchange(self, send, recv, kind):
+        world = len(self._blocks)
+        return self.send_recv(send, (self._rank + 1) % world, recv, (self._rank - 1) % world, kind)
+
+    def send_recv(self, send, to, recv, frm, kind):
+        if kind != "kv":
+            return _Received(recv)
+        world = len(self._blocks)
+        held = [i for i, (k, _) in enumerate(self._blocks) if k.data_ptr() == send[0].data_ptr()]
+        if not held:
+            raise ValueError("LoopbackRing: the block sent is none of the blocks it was given")
+        step = -1 if to == (self._rank + 1) % world else 1
+        return _Received(list(self._blocks[(held[0] + step) % world]))
+
+
 def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], group: Group,
                    timeout: float | None):
     """all_to_all_single on flat buffers with per-rank element counts (uneven splits allowed)."""
@@ -142,20 +182,45 @@ def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], 
     return out
 
 
-class AllToAll(torch.autograd.Function):
-    """Differentiable all-to-all on flat buffers; its gradient is the all-to-all with splits swapped."""
+class InFlight:
+    """An all-to-all started by `AllToAllStart` and not yet waited for by `AllToAllWait`."""
+
+    work = None
+
+
+class AllToAllStart(torch.autograd.Function):
+    """Differentiable start of an all-to-all on flat buffers: returns the receive buffer, which holds the data only
+    after `AllToAllWait`, so the caller can queue other work between the two (Ulysses overlaps one head chunk's
+    transfer with another's attention). Its gradient is the all-to-all with splits swapped, waited at once."""
 
     @staticmethod
-    def forward(ctx, x, out_numel, in_numel, group, timeout, stats):
+    def forward(ctx, x, out_numel, in_numel, group, timeout, stats, flight):
         ctx.args = (out_numel, in_numel, group, timeout, stats)
         stats["all_to_all"] += 1
-        return all_to_all_flat(x.contiguous(), out_numel, in_numel, group, timeout)
+        out = x.new_empty(sum(out_numel))
+        flight.work = dist.all_to_all_single(out, x.contiguous(), out_numel, in_numel, group=group.pg,
+                                             async_op=True)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         out_numel, in_numel, group, timeout, stats = ctx.args
         stats["all_to_all"] += 1
-        return all_to_all_flat(grad.contiguous(), in_numel, out_numel, group, timeout), None, None, None, None, None
+        return (all_to_all_flat(grad.contiguous(), in_numel, out_numel, group, timeout),) + (None,) * 6
+
+
+class AllToAllWait(torch.autograd.Function):
+    """Waits for the all-to-all that filled `received` (see `_wait`); the identity for gradients."""
+
+    @staticmethod
+    def forward(ctx, received, flight, group, timeout):
+        _wait(flight.work, timeout, "all-to-all", group)
+        flight.work = None
+        return received.view_as(received)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
 
 
 def all_gather_padded(x: torch.Tensor, lengths: list[int], dim: int, group: Group,

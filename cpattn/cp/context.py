@@ -29,7 +29,7 @@ from .mesh import Group, Topology, topology_from_mesh
 from .packed import VarlenKernel, packed_attention
 from .prefix import prefix_allgather_attention, prefix_ring_attention
 from .ring import RingSpec, ring_attention
-from .ulysses import UlyssesSpec, ulysses_attention
+from .ulysses import UlyssesSpec, head_chunks_for, ulysses_attention
 
 log = logging.getLogger("cpattn")
 
@@ -274,7 +274,7 @@ class ContextParallel:
             inner = functools.partial(ring_attention, provider, spec=self._ring_spec(total))
             return ulysses_attention(call, self._hybrid_ulysses_spec(total), inner)
         if strategy == "ulysses":
-            return ulysses_attention(call, self._ulysses_spec(total, call.device), provider.attention)
+            return ulysses_attention(call, self._ulysses_spec(total, call), provider.attention)
         return allgather_attention(provider, call, self._allgather_spec(total, call.device))
 
     def run_packed(self, provider: Provider, call: AttentionCall, kernel: VarlenKernel, bounds: list[int]):
@@ -335,16 +335,18 @@ class ContextParallel:
             return None, positions
         return torch.argsort(positions), positions
 
-    def _ulysses_spec(self, total: int, device) -> UlyssesSpec:
+    def _ulysses_spec(self, total: int, call: AttentionCall) -> UlyssesSpec:
         group = self.topology.ring
         lengths = [local_len(total, group.size, 1, r, 0, self.layout) for r in range(group.size)]
-        order, positions = self._gathered_order(total, device)
-        return UlyssesSpec(group, lengths, self.data_timeout, self.stats, order, positions, self._mask_rows == 2)
+        order, positions = self._gathered_order(total, call.device)
+        return UlyssesSpec(group, lengths, self.data_timeout, self.stats, order, positions, self._mask_rows == 2,
+                           head_chunks_for(call, total, group.size))
 
     def _hybrid_ulysses_spec(self, total: int) -> UlyssesSpec:
         topo = self.topology
         lengths = [local_len(total, topo.ring_size, topo.ulysses_size, topo.ring_rank, u, self.layout)
                    for u in range(topo.ulysses_size)]
+        # one head chunk: each chunk would run the whole inner ring again
         return UlyssesSpec(topo.ulysses, lengths, self.data_timeout, self.stats,
                            mask_per_query=self._mask_rows == 2)
 

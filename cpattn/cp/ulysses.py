@@ -11,6 +11,12 @@ divide evenly; otherwise KV heads are repeated up to the query heads first (grad
 
 The concatenated sequence is in the order of the ranks' layout positions; `order` (when given) permutes
 it into global order so causal masks and user masks apply by position, and back afterwards.
+
+Overlap: with `head_chunks` > 1 each rank's heads are cut into that many chunks, every chunk's q/k/v transfers
+are started first, and the chunks then run in turn: a chunk's attention overlaps the next chunk's incoming
+transfers and the previous chunk's outgoing one, so only the first chunk's inputs and the last chunk's output
+wait in the open. (A transfer started after a kernel was queued would wait for that kernel: NCCL orders its
+stream after the caller's when a collective starts, which is why every input transfer starts up front.)
 This module never names a provider.
 """
 
@@ -22,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..contract import AttentionCall, expand_kv
-from .comm import AllToAll, CommStats, all_gather_padded
+from .comm import AllToAllStart, AllToAllWait, CommStats, InFlight, all_gather_padded
 from .layout import even_sizes
 from .mesh import Group
 
@@ -38,33 +44,85 @@ class UlyssesSpec:
     # attn_mask has a row per query (gather rows) rather than one row for all; decided by every rank together,
     # since a rank holding a single query cannot tell from its own mask (None: from the local shape)
     mask_per_query: bool | None = None
+    head_chunks: int = 1  # pipelined chunks of each rank's heads (module docstring); the same on every rank
 
 
-def seq_to_heads(x: torch.Tensor, head_splits: list[int], spec: UlyssesSpec) -> torch.Tensor:
-    """(B, H, S_local, D) on every rank -> (B, H_mine, S_group, D)."""
+# Chunks no smaller than this per rank and tensor: on two H200s an all-to-all of a 64 MiB buffer ran at 149 GB/s
+# and of a 256 MiB one at 234 GB/s (benchmarks/results/multigpu_h200x2), so cutting smaller costs more transfer
+# time than the overlap hides.
+MIN_CHUNK_BYTES = 64 * 2**20
+MAX_HEAD_CHUNKS = 4
+
+
+def head_chunks_for(call: AttentionCall, total: int, world: int) -> int:
+    """How many head chunks to pipeline: the most (up to MAX_HEAD_CHUNKS) whose query transfer per rank stays
+    at least MIN_CHUNK_BYTES. From quantities every rank agrees on, so every rank picks the same."""
+    per_rank = call.batch * call.q_heads * (total // world) * call.head_dim * call.query.element_size()
+    chunks = MAX_HEAD_CHUNKS
+    while chunks > 1 and per_rank // chunks < MIN_CHUNK_BYTES:
+        chunks //= 2
+    return chunks
+
+
+def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' elements one after another in a flat buffer: one copy of each (reshape then cat copied
+    strided parts twice)."""
+    flat = parts[0].new_empty(sum(p.numel() for p in parts))
+    offset = 0
+    for p in parts:
+        flat[offset:offset + p.numel()].view(p.shape).copy_(p)
+        offset += p.numel()
+    return flat
+
+
+def _count(heads: slice) -> int:
+    return heads.stop - heads.start
+
+
+def _start(send: torch.Tensor, out_numel: list[int], in_numel: list[int], spec: UlyssesSpec):
+    """Start an all-to-all of `send`; returns the function that waits for it and gives the received buffer."""
+    flight = InFlight()
+    received = AllToAllStart.apply(send, out_numel, in_numel, spec.group, spec.timeout, spec.stats, flight)
+    return lambda: AllToAllWait.apply(received, flight, spec.group, spec.timeout)
+
+
+def start_seq_to_heads(x: torch.Tensor, heads: list[slice], spec: UlyssesSpec):
+    """Start turning (B, H, S_local, D) on every rank into (B, heads[me], S_group, D), where `heads[r]` are
+    the heads rank r receives; returns the function that waits and assembles."""
     me = spec.group.rank
     b, _, s_local, d = x.shape
-    parts = torch.split(x, head_splits, dim=1)
-    send = torch.cat([p.reshape(-1) for p in parts])
-    in_numel = [b * h * s_local * d for h in head_splits]
-    out_numel = [b * head_splits[me] * n * d for n in spec.lengths]
-    recv = AllToAll.apply(send, out_numel, in_numel, spec.group, spec.timeout, spec.stats)
-    chunks = torch.split(recv, out_numel)
-    return torch.cat([c.view(b, head_splits[me], n, d) for c, n in zip(chunks, spec.lengths)], dim=2)
+    mine = _count(heads[me])
+    in_numel = [b * _count(h) * s_local * d for h in heads]
+    out_numel = [b * mine * n * d for n in spec.lengths]
+    received = _start(_pack([x[:, h] for h in heads]), out_numel, in_numel, spec)
+
+    def finish() -> torch.Tensor:
+        parts = torch.split(received(), out_numel)
+        return torch.cat([p.view(b, mine, n, d) for p, n in zip(parts, spec.lengths)], dim=2)
+    return finish
 
 
-def heads_to_seq(x: torch.Tensor, head_splits: list[int], spec: UlyssesSpec) -> torch.Tensor:
-    """Inverse of `seq_to_heads`: (B, H_mine, S_group, D) -> (B, H, S_local, D)."""
+def start_heads_to_seq(x: torch.Tensor, heads: list[slice], spec: UlyssesSpec):
+    """Inverse of `start_seq_to_heads`: (B, heads[me], S_group, D) -> for every rank r, the (B, heads[r],
+    S_local, D) part of this rank's sequence; returns the function that waits and gives that list."""
     me = spec.group.rank
-    b, h_mine, _, d = x.shape
-    parts = torch.split(x, spec.lengths, dim=2)
-    send = torch.cat([p.reshape(-1) for p in parts])
-    in_numel = [b * h_mine * n * d for n in spec.lengths]
+    b, mine, _, d = x.shape
     s_local = spec.lengths[me]
-    out_numel = [b * h * s_local * d for h in head_splits]
-    recv = AllToAll.apply(send, out_numel, in_numel, spec.group, spec.timeout, spec.stats)
-    chunks = torch.split(recv, out_numel)
-    return torch.cat([c.view(b, h, s_local, d) for c, h in zip(chunks, head_splits)], dim=1)
+    in_numel = [b * mine * n * d for n in spec.lengths]
+    out_numel = [b * _count(h) * s_local * d for h in heads]
+    received = _start(_pack(list(torch.split(x, spec.lengths, dim=2))), out_numel, in_numel, spec)
+
+    def finish() -> list[torch.Tensor]:
+        parts = torch.split(received(), out_numel)
+        return [p.view(b, _count(h), s_local, d) for p, h in zip(parts, heads)]
+    return finish
+
+
+def _chunk_heads(splits: list[int], chunks: int) -> list[list[slice]]:
+    """[chunk][rank]: the global heads rank r receives in that chunk (rank r's heads in `chunks` equal runs)."""
+    starts = [sum(splits[:r]) for r in range(len(splits))]
+    return [[slice(s + c * n // chunks, s + (c + 1) * n // chunks) for s, n in zip(starts, splits)]
+            for c in range(chunks)]
 
 
 def _head_range(splits: list[int], rank: int) -> slice:
@@ -91,7 +149,8 @@ def gather_mask_rows(mask: torch.Tensor | None, q_splits: list[int], spec: Ulyss
 def ulysses_attention(
     call: AttentionCall, spec: UlyssesSpec, inner: Callable[[AttentionCall], torch.Tensor]
 ) -> torch.Tensor:
-    """All-to-all to head shards, `inner` attention on whole sequences, all-to-all back."""
+    """All-to-all to head shards, `inner` attention on whole sequences, all-to-all back (in head chunks that
+    overlap each other's transfers, see the module docstring)."""
     world = spec.group.size
     q_splits = even_sizes(call.q_heads, world)
     key, value = call.key, call.value
@@ -100,13 +159,21 @@ def ulysses_attention(
         kv_splits = even_sizes(call.kv_heads, world)
     else:  # repeat KV heads so every rank's query heads find their KV heads locally
         key, value, kv_splits = expand_kv(key, call.groups), expand_kv(value, call.groups), q_splits
-    q = seq_to_heads(call.query, q_splits, spec)
-    k = seq_to_heads(key, kv_splits, spec)
-    v = seq_to_heads(value, kv_splits, spec)
-    if spec.order is not None:
-        q, k, v = (t.index_select(2, spec.order.to(t.device)) for t in (q, k, v))
+    # chunks cut every rank's heads evenly; a mask's rows and heads are gathered whole, so masked calls run whole
+    chunks = 1 if call.attn_mask is not None else max(
+        n for n in range(spec.head_chunks, 0, -1) if all(h % n == 0 for h in q_splits + kv_splits))
+    q_heads, kv_heads = _chunk_heads(q_splits, chunks), _chunk_heads(kv_splits, chunks)
+    started = [[start_seq_to_heads(t, heads, spec) for t, heads in ((call.query, qh), (key, kh), (value, kh))]
+               for qh, kh in zip(q_heads, kv_heads)]
     mask = gather_mask_rows(call.attn_mask, q_splits, spec)
-    out = inner(call.replace(query=q, key=k, value=v, attn_mask=mask))
-    if spec.order is not None:
-        out = out.index_select(2, spec.positions.to(out.device))
-    return heads_to_seq(out, q_splits, spec)
+    returning = []
+    for inputs, qh in zip(started, q_heads):
+        q, k, v = (finish() for finish in inputs)
+        if spec.order is not None:
+            q, k, v = (t.index_select(2, spec.order.to(t.device)) for t in (q, k, v))
+        out = inner(call.replace(query=q, key=k, value=v, attn_mask=mask))
+        if spec.order is not None:
+            out = out.index_select(2, spec.positions.to(out.device))
+        returning.append(start_heads_to_seq(out, qh, spec))
+    parts = [finish() for finish in returning]  # [chunk][rank]: heads in global order are rank-major
+    return torch.cat([parts[c][r] for r in range(world) for c in range(chunks)], dim=1)
