@@ -258,6 +258,10 @@ def cp_cases(world, providers, extras=True, head_dims=(128,)) -> list:
                 base = cases[-len(schedules)]
                 cases.append(dataclasses.replace(base, dtype="float32", autocast=dtype))
                 cases.append(dataclasses.replace(base, dims=5))
+                # Ulysses in two head chunks (cpattn pipelines them only for large transfers): every rank's
+                # query and KV heads cut in two
+                cases.append(dataclasses.replace(base, q_heads=4 * world, kv_heads=(2 if caps.gqa else 4) * world,
+                                                 head_chunks=2))
     return cases
 
 
@@ -339,13 +343,17 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, 
                 ok &= o.stats.get("out_dims") == case.dims
             refused = bool(o.rank_exceptions) and all(t in REFUSALS for t, _, _ in o.rank_exceptions)
             results.append({"world": world, "provider": case.provider, "schedule": case.strategy,
+                            "head_chunks": case.head_chunks or None, "all_to_all": o.stats.get("all_to_all"),
                             "mesh": list(case.mesh), "causal": case.causal, "backward": case.grad,
                             "dtype": case.dtype, "autocast": case.autocast, "dims": case.dims,
                             "shape": [case.batch, case.q_heads, case.kv_heads, case.seq, case.head_dim],
                             "mask": case.mask, "errors": o.errors, "seconds": o.stats.get("seconds"),
                             "exception": o.exception, "refused": refused, "ok": bool(ok)})
+            if case.head_chunks:  # each chunk moved its own q, k, v and out (and their gradients)
+                ok &= o.stats.get("all_to_all") == (8 if case.grad else 4) * case.head_chunks
             extra = (f" autocast={case.autocast}" if case.autocast else "") + (f" dims={case.dims}"
                                                                                if case.dims != 4 else "")
+            extra += f" head_chunks={case.head_chunks}" if case.head_chunks else ""
             shape = "B{}xHq{}xHkv{}xS{}xD{}".format(*results[-1]["shape"])
             verdict = "ok" if ok else ("refused: " if refused else "FAIL ") + str(o.exception or o.errors)[:300]
             print(f"  W={world} {case.provider:<20}{case.strategy:<10}{shape:<26}causal={case.causal!s:<6}"

@@ -6,17 +6,20 @@ from benchmarks import gpu_check
 
 
 def test_cp_cases_cover_every_head_dim_asked_for():
-    """--cp-head-dims: each schedule at each head dim (80 and 104 reach FA4's padding on sm90), the autocast and
-    5-D extras once, on the first head dim."""
+    """--cp-head-dims: each schedule at each head dim (80 and 104 reach FA4's padding on sm90), the autocast,
+    5-D and chunked-Ulysses extras once, on the first head dim."""
     cases = gpu_check.cp_cases(3, ["_native_efficient", "native"], extras=True, head_dims=(128, 80, 104))
     for name in ("_native_efficient", "native"):
         mine = [c for c in cases if c.provider == name]
-        plain = [c for c in mine if c.autocast is None and c.dims == 4]
+        plain = [c for c in mine if c.autocast is None and c.dims == 4 and not c.head_chunks]
         schedules = {c.strategy for c in plain}
         assert schedules >= {"ulysses", "allgather"}
         assert sorted((c.head_dim, c.strategy) for c in plain) == sorted(
             (d, s) for d in (128, 80, 104) for s in schedules)
-        extras = [c for c in mine if c.autocast is not None or c.dims != 4]
-        assert len(extras) == 2 and {c.head_dim for c in extras} == {128}
+        extras = [c for c in mine if c.autocast is not None or c.dims != 4 or c.head_chunks]
+        assert len(extras) == 3 and {c.head_dim for c in extras} == {128}
+        (chunked,) = [c for c in extras if c.head_chunks]
+        assert chunked.strategy == "ulysses" and chunked.q_heads % (3 * chunked.head_chunks) == 0
+        assert chunked.kv_heads % (3 * chunked.head_chunks) == 0
         assert all(c.seq == 256 * 3 for c in mine)
     assert [c.head_dim for c in gpu_check.cp_cases(2, ["native"], extras=False)] == [128] * 3
