@@ -17,14 +17,15 @@ TARGETS = (("ring", True, True, 32768, 0.90), ("ring", True, True, 131072, 0.95)
 
 
 def _merge(runs: list[dict]) -> dict:
-    merged = {"bandwidth": [], "check": {}, "speed": {}, "peers": {}, "accuracy": {}, "runs": []}
+    merged = {"bandwidth": [], "check": {}, "speed": {}, "peers": {}, "accuracy": {}, "runs": [], "profile": []}
     for run in runs:
-        sections = [k for k in ("bandwidth", "check", "speed", "peers") if run.get(k)]
+        sections = [k for k in ("bandwidth", "check", "speed", "peers", "profile") if run.get(k)]
         seqs = sorted({r["S"] for r in run.get("speed", []) if "S" in r})
         merged["runs"].append(f"{run['device']}, {run['backend']}, torch {run['torch']}, {run['date']}: "
                               f"{', '.join(sections)}{' at S=' + '/'.join(map(str, seqs)) if seqs else ''}; "
                               f"libraries {run['versions']}")
         merged["bandwidth"] = run.get("bandwidth") or merged["bandwidth"]
+        merged["profile"] = run.get("profile") or merged["profile"]
         for c in run.get("check", []):
             key = (c["provider"], c.get("schedule"), c.get("causal"), str(c.get("shape")))
             if "skipped" not in c or key not in merged["check"]:  # a case skipped later keeps its earlier result
@@ -110,6 +111,20 @@ def _peer_lines(merged: dict) -> list[str]:
     return lines
 
 
+def _profile_lines(rows) -> list[str]:
+    lines = ["| provider | schedule | S | H | causal | bwd | rank | wall ms | compute kernels ms | NCCL kernels ms | "
+             "compute stream idle ms | largest idle gaps (us, before which kernel) | one GPU kernels ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        for rank, r in enumerate(row.get("ranks") or []):
+            gaps = "; ".join(f"{g['us']:.0f} ({g['before'][:28]})" for g in r.get("largest_gaps", [])[:3])
+            lines.append(f"| {row['provider']} | {row['schedule']} | {row['S']} | {row['H']} | {row['causal']} | "
+                         f"{row['backward']} | {rank} | {r['wall_ms']:.2f} | {r['compute_kernel_ms']:.2f} | "
+                         f"{r['nccl_kernel_ms']:.2f} | {r.get('gpu_idle_ms', 0):.2f} | {gaps} | "
+                         f"{row['one_gpu']['compute_kernel_ms']:.2f} |")
+    return lines
+
+
 def write(out_md: str, paths: list[str]) -> str:
     runs = [json.load(open(p)) for p in paths]
     merged = _merge(runs)
@@ -126,6 +141,11 @@ def write(out_md: str, paths: list[str]) -> str:
               "Forward and backward; a case is ok when CP's error against float64 is within the one-GPU error plus "
               "the dtype's tolerance, for the output and every gradient.", ""] + _check_lines(merged["check"].values())
     lines += ["", "## Scaling", ""] + _speed_lines(merged["speed"])
+    if merged["profile"]:
+        lines += ["", "## Where the time goes (torch profiler, one call after warm-up)", "",
+                  "The profiler itself slows the host (wall times here exceed the timed ones); kernel times and "
+                  "the gaps between kernels on the compute stream are what to read.", ""]
+        lines += _profile_lines(merged["profile"])
     if merged["peers"]:
         lines += ["", "## Peers", "", f"Accuracy (max abs difference from cuDNN on one GPU): {merged['accuracy']}", ""]
         lines += _peer_lines(merged)

@@ -34,3 +34,12 @@ def test_multigpu_script_smoke(tmp_path):
     (profiled,) = result["profile"]
     assert "error" not in profiled, profiled
     assert len(profiled["ranks"]) == 2 and all(r["wall_ms"] > 0 for r in profiled["ranks"])
+    # the summary renders every section, the profile with a row per rank
+    from benchmarks.multigpu_report import write
+
+    summary = (tmp_path / "summary.md")
+    write(str(summary), [str(tmp_path / "multigpu_cpu.json")])
+    text = summary.read_text()
+    assert "ulysses_chunked" in text and "## Scaling" in text
+    for rank in (0, 1):
+        assert f"| native | ring | 128 | 2 | True | True | {rank} |" in text
