@@ -1,4 +1,5 @@
-"""How many head chunks Ulysses pipelines: only where each chunk's transfer stays large (cpattn/cp/ulysses.py)."""
+"""How many head chunks Ulysses pipelines: only where each chunk's transfer stays large, and only without
+gradients, whose backward transfers would not overlap (cpattn/cp/ulysses.py)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,10 @@ def test_chunks_only_where_each_stays_large(total, heads, world, dtype, want):
     chunks = head_chunks_for(call, total, world)
     assert chunks == want
     assert chunks == 1 or q.numel() * q.element_size() // chunks >= MIN_CHUNK_BYTES
+
+
+def test_no_chunks_when_gradients_are_needed():
+    q = torch.empty(1, 16, 65536, 128, dtype=torch.bfloat16, device="meta")
+    with_grad = q.clone().requires_grad_()
+    assert head_chunks_for(make_call(q, q, q, None, 0.0, False, None, False), 131072, 2) == 4
+    assert head_chunks_for(make_call(with_grad, q, q, None, 0.0, False, None, False), 131072, 2) == 1

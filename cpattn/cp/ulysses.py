@@ -12,10 +12,10 @@ divide evenly; otherwise KV heads are repeated up to the query heads first (grad
 The concatenated sequence is in the order of the ranks' layout positions; `order` (when given) permutes
 it into global order so causal masks and user masks apply by position, and back afterwards.
 
-Overlap: with `head_chunks` > 1 each rank's heads are cut into that many chunks, every chunk's q/k/v transfers
-are started first, and the chunks then run in turn: a chunk's attention overlaps the next chunk's incoming
-transfers and the previous chunk's outgoing one, so only the first chunk's inputs and the last chunk's output
-wait in the open. (A transfer started after a kernel was queued would wait for that kernel: NCCL orders its
+Overlap (calls without gradients, see `head_chunks_for`): with `head_chunks` > 1 each rank's heads are cut
+into that many chunks, every chunk's q/k/v transfers are started first, and the chunks then run in turn: a
+chunk's attention overlaps the next chunk's incoming transfers and the previous chunk's outgoing one, so only
+the first chunk's inputs and the last chunk's output wait in the open. (A transfer started after a kernel was queued would wait for that kernel: NCCL orders its
 stream after the caller's when a collective starts, which is why every input transfer starts up front.)
 This module never names a provider.
 """
@@ -56,7 +56,15 @@ MAX_HEAD_CHUNKS = 4
 
 def head_chunks_for(call: AttentionCall, total: int, world: int) -> int:
     """How many head chunks to pipeline: the most (up to MAX_HEAD_CHUNKS) whose query transfer per rank stays
-    at least MIN_CHUNK_BYTES. From quantities every rank agrees on, so every rank picks the same."""
+    at least MIN_CHUNK_BYTES, and one for calls that need gradients. From quantities every rank agrees on, so
+    every rank picks the same.
+
+    Why not with gradients: autograd runs each chunk's backward all-to-all right after the chunk's backward
+    kernel is queued, so NCCL orders it behind that kernel and nothing overlaps, while the smaller kernels cost a
+    little (one H200, benchmarks/ulysses_chunk_probe.py: forward+backward in 2 or 4 calls took 0.98-1.01 of one
+    call at 128k and down to 0.93 at 32k). The forward alone in chunks took 0.98-1.08 of one call at 128k."""
+    if call.needs_grad:
+        return 1
     per_rank = call.batch * call.q_heads * (total // world) * call.head_dim * call.query.element_size()
     chunks = MAX_HEAD_CHUNKS
     while chunks > 1 and per_rank // chunks < MIN_CHUNK_BYTES:
