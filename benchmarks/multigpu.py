@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -257,19 +258,14 @@ def _check_case(run: Run, provider: str, schedule: str, causal: bool, grad: bool
 CHUNKED = 4  # "ulysses_chunked": Ulysses in this many head chunks, which cpattn picks only for large transfers
 
 
-@contextlib.contextmanager
 def _head_chunks(chunks: int | None):
     """Make cpattn's Ulysses use `chunks` head chunks whatever the size (None: its own choice), so the check's
     small shapes run the pipelined path that the 128k speed cases take."""
     import cpattn.cp.context as context
 
-    chosen = context.head_chunks_for
-    if chunks:
-        context.head_chunks_for = lambda *_: chunks
-    try:
-        yield
-    finally:
-        context.head_chunks_for = chosen
+    if not chunks:
+        return contextlib.nullcontext()
+    return mock.patch.object(context, "head_chunks_for", lambda *_: chunks)
 
 
 def check(run: Run, mesh) -> list[dict]:

@@ -9,6 +9,7 @@ Error cases report, from every rank, the exception each one raised and how long 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -16,6 +17,7 @@ import time
 import traceback
 import zlib
 from dataclasses import asdict, dataclass, field
+from unittest import mock
 
 import torch
 import torch.multiprocessing as mp
@@ -240,9 +242,10 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
                               enabled=case.autocast is not None)
     import cpattn.cp.context as cp_context
 
-    cp_context.head_chunks_for = _CHUNKS_BY_SIZE if not case.head_chunks else lambda *_: case.head_chunks
-    with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy,
-                                   cp_layout=case.layout, cp_timeout=20) as state:
+    chunks = (mock.patch.object(cp_context, "head_chunks_for", lambda *_: case.head_chunks) if case.head_chunks
+              else contextlib.nullcontext())
+    with chunks, cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy,
+                                           cp_layout=case.layout, cp_timeout=20) as state:
         with autocast:  # the forward only, as torch.autocast's documentation asks
             args = (ql, kl, vl) if case.dims == 4 else tuple(_with_dims(t, case.dims) for t in (ql, kl, vl))
             out = cpattn.attention_dispatch(*args, attn_mask=mask_l, is_causal=case.causal,
@@ -277,7 +280,6 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
 
 
 _FUSED_GRAD_ADDS: list = []
-_CHUNKS_BY_SIZE = __import__("cpattn.cp.ulysses", fromlist=["head_chunks_for"]).head_chunks_for
 
 
 def _use_triton_kernels_on_cpu() -> None:

@@ -15,8 +15,9 @@ it into global order so causal masks and user masks apply by position, and back 
 Overlap (calls without gradients, see `head_chunks_for`): with `head_chunks` > 1 each rank's heads are cut
 into that many chunks, every chunk's q/k/v transfers are started first, and the chunks then run in turn: a
 chunk's attention overlaps the next chunk's incoming transfers and the previous chunk's outgoing one, so only
-the first chunk's inputs and the last chunk's output wait in the open. (A transfer started after a kernel was queued would wait for that kernel: NCCL orders its
-stream after the caller's when a collective starts, which is why every input transfer starts up front.)
+the first chunk's inputs and the last chunk's output wait in the open. (A transfer started after a kernel was
+queued would wait for that kernel: NCCL orders its stream after the caller's when a collective starts, which is
+why every input transfer starts up front.)
 This module never names a provider.
 """
 
