@@ -341,6 +341,8 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, 
                 ok &= o.stats.get("out_dtype") == str(computed_in)
             if case.dims != 4:
                 ok &= o.stats.get("out_dims") == case.dims
+            if case.head_chunks:  # each chunk moved its own q, k, v and out (and their gradients)
+                ok &= o.stats.get("all_to_all") == (8 if case.grad else 4) * case.head_chunks
             refused = bool(o.rank_exceptions) and all(t in REFUSALS for t, _, _ in o.rank_exceptions)
             results.append({"world": world, "provider": case.provider, "schedule": case.strategy,
                             "head_chunks": case.head_chunks or None, "all_to_all": o.stats.get("all_to_all"),
@@ -349,8 +351,6 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, 
                             "shape": [case.batch, case.q_heads, case.kv_heads, case.seq, case.head_dim],
                             "mask": case.mask, "errors": o.errors, "seconds": o.stats.get("seconds"),
                             "exception": o.exception, "refused": refused, "ok": bool(ok)})
-            if case.head_chunks:  # each chunk moved its own q, k, v and out (and their gradients)
-                ok &= o.stats.get("all_to_all") == (8 if case.grad else 4) * case.head_chunks
             extra = (f" autocast={case.autocast}" if case.autocast else "") + (f" dims={case.dims}"
                                                                                if case.dims != 4 else "")
             extra += f" head_chunks={case.head_chunks}" if case.head_chunks else ""
