@@ -10,7 +10,7 @@
 # `bash benchmarks/gpu_owed.sh checks` runs steps 1-2, `... timed` step 3, `... noncausal` step 3's efficiency
 # without a mask, `... auto` the auto-provider suite, `... dispatch` the cached-call checks, host overhead and
 # S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
-# dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS,
+# dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS (`... matrix_parallel`: 2, 3 and 4 at once),
 # `... split` the ring split at 64k three times, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
 # and auto record with call-by-call timing, `... fuzz` random draws through every provider (seed $FUZZ_SEED, default
 # 3), `... padded_dims` auto against each candidate at head dims FA4 pads on sm90 (48, 80, 112), `... cp_worlds` ring,
@@ -35,6 +35,22 @@ matrix() {  # every provider x schedule it claims, world sizes MATRIX_WORLDS (de
     local worlds=${MATRIX_WORLDS:-1 2 3 4}
     step 580 python benchmarks/gpu_check.py --providers none --cp-matrix --cp-worlds $worlds --out "$out" \
         --tag "_matrix_w${worlds// /}"
+}
+matrix_parallel() {  # the matrix at world sizes 2, 3 and 4 at once (W=4 in two provider groups), one log each:
+    # ranks on one GPU over gloo spend their time on host staging, so four jobs fit one call where one after
+    # another took three
+    local check="python benchmarks/gpu_check.py --providers none --cp-matrix --out $out"
+    timeout 570 $check --cp-worlds 2 --tag _matrix_rev_w2 > "$out/matrix_rev_w2.log" 2>&1 &
+    timeout 570 $check --cp-worlds 3 --tag _matrix_rev_w3 > "$out/matrix_rev_w3.log" 2>&1 &
+    timeout 570 $check --cp-worlds 4 --cp-providers native _native_math _native_flash _native_efficient \
+        _native_cudnn flash flash_varlen --tag _matrix_rev_w4a > "$out/matrix_rev_w4a.log" 2>&1 &
+    timeout 570 $check --cp-worlds 4 --cp-providers flex sage sage_varlen xformers --tag _matrix_rev_w4b \
+        > "$out/matrix_rev_w4b.log" 2>&1 &
+    wait
+    for log in "$out"/matrix_rev_w*.log; do
+        echo "== $log: $(grep -c ' ok$' "$log") ok"
+        grep -E "FAIL|refused|cases in|Traceback" "$log" | head -20
+    done
 }
 kernel_checks() {
     step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
@@ -110,8 +126,9 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|split|record_kernels|record_auto|fuzz|padded_dims|cp_worlds|cp_head_dims) "$mode" ;;
-            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix, split,"\
+            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|matrix_parallel|split|record_kernels|record_auto|fuzz|padded_dims|cp_worlds|cp_head_dims) "$mode" ;;
+            *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix,"\
+                    "matrix_parallel, split,"\
                     "record_kernels, record_auto, fuzz, padded_dims, cp_worlds, cp_head_dims)"
                exit 2 ;;
         esac
