@@ -262,6 +262,13 @@ def cp_cases(world, providers, extras=True, head_dims=(128,)) -> list:
                 # query and KV heads cut in two
                 cases.append(dataclasses.replace(base, q_heads=4 * world, kv_heads=(2 if caps.gqa else 4) * world,
                                                  head_chunks=2))
+            if caps.gqa and caps.backward and caps.training and i == 0:
+                # the ring backward with as many KV heads as query heads (FA4 on sm90 then keeps one dQ
+                # accumulator per rank: providers/fa4_rows.py), causal and not; and at 250 tokens per rank, where
+                # zigzag halves start off the kernel's 64-row tiles and those steps take the per-block path
+                ring = Case(provider=name, strategy="ring", causal=True, seq=256 * world, head_dim=head_dim,
+                            q_heads=8, kv_heads=8, dtype=dtype, grad=True, device="cuda", batch=1)
+                cases += [ring, dataclasses.replace(ring, causal=False), dataclasses.replace(ring, seq=250 * world)]
     return cases
 
 

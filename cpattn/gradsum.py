@@ -53,6 +53,11 @@ class RowSum:
         self._shape, self._device = tuple(shape), device
         self._parts: list[tuple[torch.Tensor, int]] = []  # (part, first row), in the order added
 
+    @property
+    def empty(self) -> bool:
+        """Whether no part was added."""
+        return not self._parts
+
     def add(self, rows: slice, part: torch.Tensor) -> None:
         """Add `part` on `rows` (kept, not copied: the caller must not write to it afterwards)."""
         if len(self._parts) == MAX_PARTS:  # fold a full hand when one more comes: the last fold writes the result

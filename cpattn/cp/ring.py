@@ -17,7 +17,9 @@ part of its own block from rank r - 1 - i. Each rank sums its own block's parts,
 end in float32 (`gradsum.RowSum`). Accumulators travelling with the blocks instead would carry float32 on every
 middle hop and be read and written at every step: this sends half the bytes and sums each gradient in one pass.
 Per-block gradients come from the provider's backward given the global (out, lse), which is exact: softmax
-probabilities of a block are exp(score - global lse).
+probabilities of a block are exp(score - global lse). They go through the provider's `row_backward`, which sums
+dQ over the steps: by default the parts as above; a kernel with a float32 dQ accumulator of its own may keep one
+for all the steps (see contract.RowBackward).
 
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
 rank does one diagonal block and W-1 half blocks. This module never names a provider.
@@ -216,7 +218,7 @@ def ring_backward(
     buffers = _KVBuffers(own_k, own_v, spec.max_length)
     rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     replicated = call.q_len - spec.length(me)  # query rows beyond the shard (a prefix): the same on every rank
-    dq = gradsum.RowSum(call.query.shape, call.device)
+    query_grads = provider.row_backward(call, dout, out, lse)  # dQ summed over the steps, asked for at the end
     dk, dv = gradsum.RowSum(own_k.shape, call.device), gradsum.RowSum(own_v.shape, call.device)
     sources = [(me + 1 + step) % world for step in range(world)]  # the forward's order reversed: mine last
     k, v = own_k, own_v
@@ -230,20 +232,19 @@ def ring_backward(
             pending_kv = channel.send_recv([k, v], group.prev, buffers.next(spec.length(sources[step + 1])),
                                            group.next, "kv")
         plan = block_plan(spec, me, src, call.is_causal, call.q_len)
-        grads = None
+        grads = None  # this step's (dK, dV) part of the source's block
         if plan is not None:
             block = _block_call(call, spec, src, k, v, plan, rows)
-            grads = provider.backward(block, rows.get("dout", plan.rows), rows.get("out", plan.rows),
+            grads = query_grads.block(block, plan.rows, rows.get("dout", plan.rows), rows.get("out", plan.rows),
                                       rows.get("lse", plan.rows))
-            dq.add(plan.rows, grads[0])
         if src == me:
             if grads is not None:
-                dk.add(plan.cols, grads[1])
-                dv.add(plan.cols, grads[2])
+                dk.add(plan.cols, grads[0])
+                dv.add(plan.cols, grads[1])
         else:
             sender = (me - 1 - step) % world  # computes on my block at this step
             theirs = block_plan(spec, sender, me, call.is_causal, spec.length(sender) + replicated)
-            send = [] if grads is None else [grads[1].contiguous(), grads[2].contiguous()]
+            send = [] if grads is None else [grads[0].contiguous(), grads[1].contiguous()]
             recv = [] if theirs is None else [_cols_like(own_k, theirs.cols), _cols_like(own_v, theirs.cols)]
             exchange = channel.send_recv(send, src, recv, sender, "dkv")
             if coming_home is not None:
@@ -255,7 +256,7 @@ def ring_backward(
             k, v = own_k, own_v
     if coming_home is not None:
         _take_home(*coming_home, dk, dv)
-    return dq.result(dq_dtype), dk.result(call.dtype), dv.result(call.dtype)
+    return query_grads.dq(dq_dtype), dk.result(call.dtype), dv.result(call.dtype)
 
 
 def _cols_like(x: torch.Tensor, cols: slice) -> torch.Tensor:

@@ -72,6 +72,7 @@ from ..contract import (
     rows_may_be_empty,
 )
 from ..errors import InvalidArgumentError, UnsupportedInputError
+from . import fa4_rows
 from ._libs import STANDIN_DEVICES_ATTR, parse_version
 
 MIN_FA2_VERSION = parse_version("2.6.3")
@@ -293,6 +294,11 @@ class _Generation:
         generation's forward measured faster on a wider head dim)."""
         return HEAD_DIM_ALIGN
 
+    def row_backward_kernels(self) -> "fa4_rows.Sm90BackwardKernels | None":
+        """The kernels a ring rank's backward can launch one by one around one dQ accumulator (fa4_rows), or
+        None: then each ring step runs the whole backward."""
+        return None
+
     def forward(self, q, k, v, scale, causal):
         raise NotImplementedError
 
@@ -489,6 +495,8 @@ class _FlashAttention4(_Generation):
     def __init__(self, version, modules, varlen):
         super().__init__(version, modules, varlen)
         public, api = modules
+        self._row_kernels = None if varlen or self.standin_devices else fa4_rows.Sm90BackwardKernels.load(
+            api, version)
         extra = _VARLEN_ARGS if varlen else ()
         self._fwd = _bind(self.title, api, self.api_name, "_flash_attn_fwd",
                           ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
@@ -507,6 +515,9 @@ class _FlashAttention4(_Generation):
         if hopper and call.needs_grad and torch.are_deterministic_algorithms_enabled():
             out.append("FlashAttention-4 has a deterministic backward only on sm100/sm110")
         return out
+
+    def row_backward_kernels(self):
+        return self._row_kernels
 
     def backward_head_dim_multiple(self, compute_capability):
         # 4.0.0b36's sm90 backward gave dQ/dK/dV off by 0.5 to 2.2 at head dims 16, 48, 72 and 80 (forward right),
@@ -850,6 +861,12 @@ class Flash(_FlashFamily):
         with torch.no_grad(), _device_guard(call.device):
             dq, dk, dv = gen.backward(do, q, k, v, o, lse_k, call.scale, call.is_causal, _deterministic())
         return _from_kernel(dq, call.head_dim), _from_kernel(dk, call.head_dim), _from_kernel(dv, call.value_dim)
+
+    def row_backward(self, call, dout, out, lse):
+        # FA4 on sm90 keeps one dQ accumulator over a ring rank's steps where it can (fa4_rows)
+        shared = fa4_rows.shared_accumulator(self, self.generation().row_backward_kernels(), call, dout, out, lse,
+                                             self.head_dim_multiple(call, backward=True))
+        return shared if shared is not None else super().row_backward(call, dout, out, lse)
 
 
 class FlashVarlen(_FlashFamily):

@@ -1,0 +1,114 @@
+"""FA4's ring backward with one dQ accumulator per rank (cpattn/providers/fa4_rows.py) against one whole
+backward per ring step, on one GPU.
+
+    python benchmarks/fa4_rows_probe.py [--seqs 65536] [--parts 2 4] [--out DIR] [--tag TAG]
+
+Per case: all P ranks' ring forward+backward one after another with no communication (the ring split of
+benchmarks/run.py: zigzag causal, H=16, D=128, bf16), with the shared accumulator ("shared") and with the
+provider's per-step backward ("per_step", the generation's row_backward_kernels patched to None for the
+probe), timed in balanced alternating rounds with one whole-sequence call; `efficiency` = whole / split. And each
+rank's dQ from both ways against the whole call's dQ at that rank's rows (dK/dV parts travel between ranks,
+which this one-process split does not do; the gloo checks in benchmarks/gpu_check.py cover them). Writes
+fa4_rows_probe<tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from unittest import mock
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import cpattn  # noqa: E402
+from benchmarks.run import RESULTS, bench_alternating, write_cases  # noqa: E402
+from cpattn.cp.comm import CommStats, LoopbackRing  # noqa: E402
+from cpattn.cp.mesh import Group  # noqa: E402
+from cpattn.cp.ring import RingSpec, ring_backward, ring_forward_keeping_last  # noqa: E402
+from cpattn.dispatch import make_call  # noqa: E402
+
+
+def per_step(adapter):
+    """The provider's per-step ring backward: no kernels for a shared accumulator."""
+    return mock.patch.object(adapter.generation(), "row_backward_kernels", lambda: None)
+
+
+def case(s: int, p: int, h: int = 16, d: int = 128):
+    """(whole, split, split_dq): one whole-sequence forward+backward, all P ranks' ring split, and the split's
+    per-rank dQ, over one set of random inputs."""
+    adapter = cpattn.PROVIDERS["flash"]
+    q, k, v, dout = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    full = make_call(q, k, v, None, 0.0, True, None, False)
+    out, lse = adapter.forward(full)
+
+    def whole():
+        o, l_ = adapter.forward(full)
+        return adapter.backward(full, dout, o, l_)[0]
+    shards = [cpattn.cp.layout.ring_positions(s, p, r, "zigzag", q.device) for r in range(p)]
+    local = [[t.index_select(2, i) for t in (q, k, v, dout, out)] + [lse.index_select(2, i)] for i in shards]
+    blocks = [(lk.contiguous(), lv.contiguous()) for _, lk, lv, *_ in local]
+
+    def split_dq():
+        dqs = []
+        for r in range(p):
+            spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
+                            channel_factory=LoopbackRing(blocks, r))
+            lq, lk, lv, ldo, lo, ll = local[r]
+            call = make_call(lq, lk, lv, None, 0.0, True, None, False)
+            _, _, last = ring_forward_keeping_last(adapter, call, spec, lq.dtype)
+            dqs.append(ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype, last)[0])
+        return dqs
+    return adapter, whole, split_dq, shards
+
+
+def run_case(s: int, p: int) -> dict:
+    adapter, whole, split_dq, shards = case(s, p)
+    reference = whole()
+    row = {"provider": "flash", "S": s, "P": p, "causal": True, "H": 16, "D": 128, "layout": "zigzag"}
+    for name, patch in (("shared", contextlib.nullcontext), ("per_step", lambda: per_step(adapter))):
+        with patch():
+            dqs = split_dq()
+        row[f"{name}_dq_max_error"] = max((dq.float() - reference.index_select(2, i).float()).abs().max().item()
+                                         for dq, i in zip(dqs, shards))
+    row["dq_scale"] = reference.float().abs().max().item()
+
+    def timed(patch):
+        def run():
+            with patch():
+                split_dq()
+        return run
+    times = bench_alternating({"whole": whole, "shared": timed(contextlib.nullcontext),
+                               "per_step": timed(lambda: per_step(adapter))}, rounds=6)
+    row["times"] = times
+    for name in ("shared", "per_step"):
+        row[f"{name}_efficiency"] = times["whole"]["median_ms"] / times[name]["median_ms"]
+        row[f"{name}_round_efficiencies"] = [w / x for w, x in zip(times["whole"]["round_medians_ms"],
+                                                                   times[name]["round_medians_ms"])]
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="*", default=[65536])
+    parser.add_argument("--parts", type=int, nargs="*", default=[2, 4])
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args(argv)
+    rows = []
+    for s in args.seqs:
+        for p in args.parts:
+            row = run_case(s, p)
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "times"},
+                  flush=True)
+            torch.cuda.empty_cache()
+    print("wrote", write_cases(args.out, f"fa4_rows_probe{args.tag}", rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""One float32 dQ accumulator for all of a ring rank's FlashAttention-4 backward calls on Hopper (sm90).
+
+Why
+    A ring backward calls the kernel once per step, on the rank's query rows (or the later half of them under
+    zigzag) against each KV block. flash_attn.cute's `_flash_attn_bwd` runs three kernels per call: a
+    preprocess that computes dO . out per row and log2 of the log-sum-exp and clears a float32 dQ accumulator,
+    the main kernel, which writes dK and dV and adds into that accumulator, and a postprocess that rounds the
+    accumulator to dQ. At W=4 a rank paid the first and last four times and then summed four dQ parts: on an
+    H100 at S=64k (all four ranks' work on one GPU) that was 1.3 ms of preprocess, 0.9 ms of postprocess and
+    about 0.4 ms of dQ sums in a 101 ms forward+backward, where one whole-sequence call spends 0.4 and 0.3 ms
+    (benchmarks/results/h100/ring_profile_sequence.json). Here the preprocess runs once on the rank's rows,
+    the main kernel once per step on views of the accumulator and of the row statistics, and the postprocess
+    once, when dQ is asked for.
+
+The tile
+    The accumulator is stored tile by tile in the order of the kernel's tile, so every block must use the same
+    tile. At head dim 128 flash_attn.cute 4.0.0b36 picks 64 x 128 for causal blocks and 80 x 128 with dQ stored
+    swapped for the others, and a zigzag rank's later half starts on a multiple of 64, not of 80. So every
+    block here runs on the tile the library picks for causal ones. benchmarks/fa4_bwd_tile_probe.py timed the
+    main kernel on the ring's non-causal block shapes with that tile at 1.009 (16k x 8k) and 0.969 (8k x 16k) of
+    the library's own (H100, bf16, H=16).
+
+When
+    sm90, the library version this was checked against (the kernels are private API: their arguments, and the
+    accumulator's layout, may change between releases), Hq == Hkv (with grouped heads the library sums dK/dV in
+    accumulators too), head dims the provider does not pad, fp16/bf16, no deterministic algorithms. Otherwise
+    `shared_accumulator` returns None and the provider's per-block backward runs. A block whose rows start
+    off a tile boundary, or end before the shared rows do off one (the kernel adds whole tiles: rows past a
+    block's end would land on other rows), runs the per-block backward too, and its dQ is added at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+
+from ..contract import AttentionCall, Provider, RowBackward, lse_for_kernel_backward, rows_may_be_empty
+
+CHECKED_VERSIONS = frozenset({"4.0.0b36"})
+# What the launches below read from flash_attn.cute.interface: without any of them, the per-block path runs.
+_NEEDED = ("_tile_size_bwd_sm90", "_bwd_preprocess", "_bwd_postprocess_convert", "_get_device_arch",
+           "FlashAttentionBackwardSm90", "to_cute_tensor", "get_broadcast_dims", "torch2cute_dtype_map", "AuxData",
+           "cute")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def shares_rows(rows: slice, q_len: int, tile_m: int) -> bool:
+    """Whether a block on `rows` of `q_len` shared rows can add into the shared accumulator: it starts on a tile
+    boundary, and its last tile (the kernel adds whole tiles) ends on one or runs past every shared row."""
+    return rows.start % tile_m == 0 and (rows.stop == q_len or rows.stop % tile_m == 0)
+
+
+class Sm90BackwardKernels:
+    """flash_attn.cute's sm90 backward kernels, launched one at a time (see the module docstring)."""
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+        self._compiled: dict[tuple, Any] = {}  # main kernels by configuration, compiled on first use
+
+    @classmethod
+    def load(cls, api: Any, version: str) -> "Sm90BackwardKernels | None":
+        if version not in CHECKED_VERSIONS or any(not hasattr(api, name) for name in _NEEDED):
+            return None
+        return cls(api)
+
+    def config(self, head_dim: int, head_dim_v: int):
+        """The tile configuration every block uses: the library's for causal blocks."""
+        return self._api._tile_size_bwd_sm90(head_dim, head_dim_v, True, False)
+
+    @staticmethod
+    def head_dim_rounded(config, head_dim: int) -> int:
+        """The accumulator's columns per row, as the library sizes them."""
+        return _round_up(head_dim, 64 if config.dKV_swapAB else 32)
+
+    def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum) -> None:
+        """dpsum = rowsum(dout * out), lse_log2 = lse * log2(e), accum = 0; tensors in the library's layout."""
+        api = self._api
+        api._bwd_preprocess(out, dout, dpsum, lse, lse_log2, accum, None, None, None,
+                            api.torch2cute_dtype_map[out.dtype], out.shape[-1], out.shape[-1],
+                            config.m_block_size, hdim_multiple_of=self._multiple(config), fake_mode=False)
+
+    def main(self, config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale: float, causal: bool) -> None:
+        """dK and dV of one block into `dk`, `dv`; its dQ added into `accum` (a view of the shared one)."""
+        api = self._api
+        single_q = accum.shape[-1] // self.head_dim_rounded(config, q.shape[-1]) == config.m_block_size
+        single_k = _round_up(k.shape[1], config.n_block_size) == config.n_block_size
+        key = (q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
+               *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv,
+                                                scale)
+        self._compiled[key](q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, None, None, None, None, None,
+                            None, None, None, None, api.AuxData(None, None), None, None)
+
+    def postprocess(self, config, accum, dq, scale: float) -> None:
+        """dq = the accumulator rounded to dq's dtype (the library applies the softmax scale here)."""
+        api = self._api
+        threads = 128 if config.dQ_single_wg else config.num_wg * 128
+        api._bwd_postprocess_convert(accum, dq, scale, None, None, api._get_device_arch(),
+                                     api.torch2cute_dtype_map[dq.dtype], dq.shape[-1], config.m_block_size,
+                                     threads, config.AtomLayoutMdQ, config.dQ_swapAB, use_2cta_instrs=False,
+                                     cluster_size=1, accum_order=None, cu_total_m_blocks=None, sink_tensors=None,
+                                     hdim_multiple_of=self._multiple(config), fake_mode=False)
+
+    @staticmethod
+    def _multiple(config) -> int:
+        return 64 if config.dKV_swapAB else 32
+
+    def _compile(self, config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale):
+        api = self._api
+        kernel = api.FlashAttentionBackwardSm90(
+            api.torch2cute_dtype_map[q.dtype], q.shape[-1], v.shape[-1], 1, causal, is_local=False,
+            deterministic=False, tile_m=config.m_block_size, tile_n=config.n_block_size,
+            Q_stage=config.num_stages_Q, dO_stage=config.num_stages_dO, PdS_stage=config.num_stages_PdS,
+            SdP_swapAB=config.SdP_swapAB, dKV_swapAB=config.dKV_swapAB, dQ_swapAB=config.dQ_swapAB,
+            AtomLayoutMSdP=config.AtomLayoutMSdP, AtomLayoutNdKV=config.AtomLayoutNdKV,
+            AtomLayoutMdQ=config.AtomLayoutMdQ, num_threads=(config.num_wg + 1) * 128, V_in_regs=False,
+            score_mod=None, score_mod_bwd=None, mask_mod=None, has_aux_tensors=False, q_subtile_factor=2,
+            dQ_single_wg=config.dQ_single_wg)
+        tensors = [api.to_cute_tensor(t) for t in (q, k, v, dout, lse_log2, dpsum, accum, dk, dv)]
+        stream = api.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+        return api.cute.compile(kernel, *tensors, scale, None, None, None, None, None, None, None, None, None,
+                                api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
+
+
+class SharedAccumulatorBackward(RowBackward):
+    """contract.RowBackward with one FA4 dQ accumulator for every block whose rows allow it (`shares_rows`)."""
+
+    def __init__(self, provider: Provider, call: AttentionCall, dout: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, kernels: Sm90BackwardKernels) -> None:
+        super().__init__(provider, call)  # sums the dQ of blocks that cannot share the accumulator
+        self._kernels, self._q_len, self._scale = kernels, call.q_len, call.scale
+        self._config = kernels.config(call.head_dim, call.value_dim)
+        self._tile = self._config.m_block_size
+        self._dim_rounded = kernels.head_dim_rounded(self._config, call.head_dim)
+        dtype = call.dtype
+        self._query = _kernel_layout(call.query)
+        o, do = (_kernel_layout(t if t.dtype == dtype else t.to(dtype)) for t in (out, dout))
+        b, h, rows = call.batch, call.q_heads, _round_up(call.q_len, self._tile)
+        opts = {"dtype": torch.float32, "device": call.device}
+        self._accum = torch.empty(b, h, rows * self._dim_rounded, **opts)
+        self._dpsum, self._lse_log2 = torch.empty(b, h, rows, **opts), torch.empty(b, h, rows, **opts)
+        lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
+        with _on_device(call.device):
+            kernels.preprocess(self._config, o, do, lse_k, self._dpsum, self._lse_log2, self._accum)
+        self._added = False
+
+    def block(self, call: AttentionCall, rows: slice, dout: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not shares_rows(rows, self._q_len, self._tile):
+            return super().block(call, rows, dout, out, lse)
+        q, k, v, do = (_kernel_layout(t if t.dtype == call.dtype else t.to(call.dtype))
+                       for t in (call.query, call.key, call.value, dout))
+        first, count = rows.start, _round_up(rows.stop - rows.start, self._tile)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        with _on_device(call.device):
+            self._kernels.main(self._config, q, k, v, do, self._lse_log2[:, :, first:first + count],
+                               self._dpsum[:, :, first:first + count],
+                               self._accum[:, :, first * self._dim_rounded:(first + count) * self._dim_rounded],
+                               dk, dv, self._scale, call.is_causal)
+        self._added = True
+        return dk.transpose(1, 2), dv.transpose(1, 2)
+
+    def dq(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self._added:
+            return super().dq(dtype)
+        dq = torch.empty_like(self._query)  # (B, S, H, D) view of (B, H, S, D) storage, as the query
+        with _on_device(dq.device):
+            self._kernels.postprocess(self._config, self._accum, dq, self._scale)
+        dq = dq.transpose(1, 2)
+        if self._dq.empty:
+            return dq if dq.dtype == dtype else dq.to(dtype)
+        self._dq.add(slice(0, self._q_len), dq)
+        return super().dq(dtype)
+
+
+def _on_device(device: torch.device):
+    """The library launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> the (B, S, H, D) view FA4 takes."""
+    return x.detach().transpose(1, 2)
+
+
+def shared_accumulator(provider: Provider, kernels: Sm90BackwardKernels | None, call: AttentionCall,
+                       dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       head_dim_multiple: int) -> SharedAccumulatorBackward | None:
+    """A SharedAccumulatorBackward for `call`'s rows where it applies (see the module docstring), else None."""
+    if kernels is None or call.device.type != "cuda" or torch.cuda.get_device_capability(call.device)[0] != 9:
+        return None
+    if (call.q_heads != call.kv_heads or call.head_dim != call.value_dim or call.head_dim % head_dim_multiple
+            or call.dtype not in (torch.float16, torch.bfloat16) or torch.are_deterministic_algorithms_enabled()
+            or call.attn_mask is not None or math.prod(call.query.shape) == 0):
+        return None
+    return SharedAccumulatorBackward(provider, call, dout, out, lse, kernels)

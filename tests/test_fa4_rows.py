@@ -1,0 +1,178 @@
+"""The shared dQ accumulator of a ring rank's FA4 backward (cpattn/providers/fa4_rows.py), on CPU.
+
+FA4's kernels need a Hopper GPU, so `StandInKernels` (a stand-in, named as such) does what the three launches do
+to their tensors, in float64 torch: the preprocess fills dpsum and lse_log2 and clears the accumulator, the main
+kernel adds a block's dQ (unscaled) into whole tiles of the accumulator view it is given, and the postprocess
+scales the accumulator into dQ. What is tested is cpattn's side: which rows' views each block gets, which blocks
+take the per-block path, and how the two sums meet. benchmarks/gpu_check.py and benchmarks/fa4_rows_probe.py check
+the real kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import cpattn
+from cpattn.contract import RowBackward
+from cpattn.dispatch import make_call
+from cpattn.providers import fa4_rows
+from cpattn.providers.fa4_rows import SharedAccumulatorBackward, Sm90BackwardKernels, shares_rows
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    m_block_size: int = 4
+    dKV_swapAB: bool = False
+
+
+class StandInKernels:
+    """STAND-IN for Sm90BackwardKernels (float64 torch on CPU; tiles of 4 rows): the same tensors in and out."""
+
+    def __init__(self):
+        self.main_calls = 0
+        self.postprocess_calls = 0
+
+    def config(self, head_dim, head_dim_v):
+        return TileConfig()
+
+    head_dim_rounded = staticmethod(Sm90BackwardKernels.head_dim_rounded)
+
+    def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum):
+        s = out.shape[1]
+        dpsum.fill_(float("nan"))  # rows past the shared ones must never be read
+        lse_log2.fill_(float("nan"))
+        dpsum[:, :, :s] = (out.double() * dout.double()).sum(-1).transpose(1, 2)
+        lse_log2[:, :, :s] = lse * LOG2E
+        accum.zero_()
+
+    def main(self, config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, causal):
+        self.main_calls += 1
+        b, sq, h, d = q.shape
+        sk = k.shape[1]
+        assert lse_log2.shape[-1] == dpsum.shape[-1] == -(-sq // config.m_block_size) * config.m_block_size
+        qh, kh, vh, doh = (t.double().transpose(1, 2) for t in (q, k, v, dout))
+        scores = qh @ kh.transpose(-1, -2) * scale
+        if causal:
+            scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
+        p = torch.exp2(scores * LOG2E - lse_log2[:, :, :sq, None].double())
+        ds = p * (doh @ vh.transpose(-1, -2) - dpsum[:, :, :sq, None].double())
+        tiles = accum.view(b, h, -1, self.head_dim_rounded(config, d))
+        tiles[:, :, :sq, :d] += (ds @ kh).float()
+        dk.copy_((ds.transpose(-1, -2) @ qh * scale).transpose(1, 2))
+        dv.copy_((p.transpose(-1, -2) @ doh).transpose(1, 2))
+
+    def postprocess(self, config, accum, dq, scale):
+        self.postprocess_calls += 1
+        b, s, h, d = dq.shape
+        dq.copy_((accum.view(b, h, -1, self.head_dim_rounded(config, d))[:, :, :s, :d] * scale).transpose(1, 2))
+
+
+def _rows_and_blocks(q_len=12, d=32, h=3, seed=0):
+    """A rank's rows (q, dout, and the global out and lse over the union of its blocks) and three KV blocks:
+    all rows causal against a block as long as the rows, rows 4.. against another, rows 6.. against a third
+    (6 is off the stand-in's 4-row tiles)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    q, dout = rand(1, h, q_len, d), rand(1, h, q_len, d)
+    blocks = [(slice(0, q_len), rand(1, h, q_len, d), rand(1, h, q_len, d), True),
+              (slice(4, q_len), rand(1, h, 8, d), rand(1, h, 8, d), False),
+              (slice(6, q_len), rand(1, h, 5, d), rand(1, h, 5, d), False)]
+    # the global (out, lse) of each row over the blocks that cover it
+    scale = d ** -0.5
+    scores = torch.full((1, h, q_len, sum(k.shape[2] for _, k, _, _ in blocks)), float("-inf"), dtype=torch.float64)
+    values = torch.cat([v for _, _, v, _ in blocks], dim=2)
+    col = 0
+    for rows, k, _, causal in blocks:
+        s = q[:, :, rows] @ k.transpose(-1, -2) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        scores[:, :, rows, col:col + k.shape[2]] = s
+        col += k.shape[2]
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ values
+    return q, dout, out, lse, blocks, scale
+
+
+def _run(session_of, q, dout, out, lse, blocks, scale, dtype=torch.float32):
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    call = make_call(cast(q), cast(blocks[0][1]), cast(blocks[0][2]), None, 0.0, False, scale, False)
+    session = session_of(call, cast(dout), cast(out), lse.float())
+    kv_grads = []
+    for rows, k, v, causal in blocks:
+        block = make_call(cast(q[:, :, rows]), cast(k), cast(v), None, 0.0, causal, scale, False)
+        kv_grads.append(session.block(block, rows, cast(dout[:, :, rows]), cast(out[:, :, rows]), lse[:, :, rows].float()))
+    return session.dq(dtype), kv_grads
+
+
+def test_shared_accumulator_matches_the_per_block_sum():
+    provider = cpattn.PROVIDERS["_native_math"]
+    q, dout, out, lse, blocks, scale = _rows_and_blocks()
+    kernels = StandInKernels()
+    dq, kv = _run(lambda c, do, o, l_: SharedAccumulatorBackward(provider, c, do, o, l_, kernels),
+                  q, dout, out, lse, blocks, scale)
+    dq_ref, kv_ref = _run(lambda c, do, o, l_: RowBackward(provider, c), q, dout, out, lse, blocks, scale)
+    assert kernels.main_calls == 2 and kernels.postprocess_calls == 1  # rows 6.. took the per-block path
+    torch.testing.assert_close(dq, dq_ref, atol=1e-5, rtol=1e-5)
+    for (dk, dv), (dk_ref, dv_ref) in zip(kv, kv_ref):
+        torch.testing.assert_close(dk, dk_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dv, dv_ref, atol=1e-5, rtol=1e-5)
+    # and the per-block sum is the float64 gradient of the rows' attention
+    qg = q.clone().requires_grad_()
+    scores = []
+    for rows, k, _, causal in blocks:
+        s = torch.full((1, q.shape[1], q.shape[2], k.shape[2]), float("-inf"), dtype=torch.float64)
+        part = qg[:, :, rows] @ k.transpose(-1, -2) * scale
+        if causal:
+            part = part.masked_fill(torch.ones(part.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        s = torch.cat([s[:, :, :rows.start], part], dim=2)
+        scores.append(s)
+    values = torch.cat([v for _, _, v, _ in blocks], dim=2)
+    (torch.softmax(torch.cat(scores, dim=-1), dim=-1) @ values).backward(dout)
+    torch.testing.assert_close(dq.double(), qg.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_only_per_block_rows_leave_the_accumulator_unused():
+    provider = cpattn.PROVIDERS["_native_math"]
+    q, dout, out, lse, blocks, scale = _rows_and_blocks()
+    kernels = StandInKernels()
+    dq, _ = _run(lambda c, do, o, l_: SharedAccumulatorBackward(provider, c, do, o, l_, kernels),
+                 q, dout, out, lse, blocks[2:], scale)
+    dq_ref, _ = _run(lambda c, do, o, l_: RowBackward(provider, c), q, dout, out, lse, blocks[2:], scale)
+    assert kernels.main_calls == 0 and kernels.postprocess_calls == 0
+    torch.testing.assert_close(dq, dq_ref)
+
+
+@pytest.mark.parametrize("rows,q_len,ok", [
+    (slice(0, 12), 12, True),    # all rows
+    (slice(64, 130), 130, True),  # a later half that runs to the end: its last tile's spare rows are padding
+    (slice(0, 64), 130, True),   # ends on a tile boundary
+    (slice(0, 70), 130, False),  # ends mid-tile before the last row: its last tile would add into rows 70..127
+    (slice(65, 130), 130, False),  # starts off a tile boundary
+])
+def test_which_rows_share_the_accumulator(rows, q_len, ok):
+    assert shares_rows(rows, q_len, 64) is ok
+
+
+def test_cpu_calls_never_take_the_shared_path():
+    provider = cpattn.PROVIDERS["_native_math"]
+    q, dout, out, lse, blocks, scale = _rows_and_blocks()
+    call = make_call(q.float(), blocks[0][1].float(), blocks[0][2].float(), None, 0.0, False, scale, False)
+    assert fa4_rows.shared_accumulator(provider, StandInKernels(), call, dout, out, lse, 8) is None
+    assert fa4_rows.shared_accumulator(provider, None, call, dout, out, lse, 8) is None
+
+
+def test_kernels_load_only_for_the_checked_version():
+    class Api:  # has every name the launches read
+        pass
+    for name in fa4_rows._NEEDED:
+        setattr(Api, name, object())
+    assert Sm90BackwardKernels.load(Api, "4.0.0b36") is not None
+    assert Sm90BackwardKernels.load(Api, "4.0.1") is None
+    del Api._bwd_preprocess
+    assert Sm90BackwardKernels.load(Api, "4.0.0b36") is None
