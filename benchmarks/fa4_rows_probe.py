@@ -4,7 +4,7 @@ backward per ring step, on one GPU.
     python benchmarks/fa4_rows_probe.py [--seqs 65536] [--parts 2 4] [--out DIR] [--tag TAG]
 
 Per case: all P ranks' ring forward+backward one after another with no communication (the ring split of
-benchmarks/run.py: zigzag causal, H=16, D=128, bf16), with the shared accumulator ("shared") and with the
+benchmarks/run.py: zigzag, causal unless --causal says otherwise, H=16, D=128, bf16), with the shared accumulator ("shared") and with the
 provider's per-step backward ("per_step", the generation's row_backward_kernels patched to None for the
 probe), timed in balanced alternating rounds with one whole-sequence call; `efficiency` = whole / split. And each
 rank's dQ from both ways against the whole call's dQ at that rank's rows (dK/dV parts travel between ranks,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 from unittest import mock
@@ -38,12 +39,12 @@ def per_step(adapter):
     return mock.patch.object(adapter.generation(), "row_backward_kernels", lambda: None)
 
 
-def case(s: int, p: int, h: int = 16, d: int = 128):
+def case(s: int, p: int, causal: bool, h: int = 16, d: int = 128):
     """(whole, split, split_dq): one whole-sequence forward+backward, all P ranks' ring split, and the split's
     per-rank dQ, over one set of random inputs."""
     adapter = cpattn.PROVIDERS["flash"]
     q, k, v, dout = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    full = make_call(q, k, v, None, 0.0, True, None, False)
+    full = make_call(q, k, v, None, 0.0, causal, None, False)
     out, lse = adapter.forward(full)
 
     def whole():
@@ -59,17 +60,17 @@ def case(s: int, p: int, h: int = 16, d: int = 128):
             spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
                             channel_factory=LoopbackRing(blocks, r))
             lq, lk, lv, ldo, lo, ll = local[r]
-            call = make_call(lq, lk, lv, None, 0.0, True, None, False)
+            call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
             _, _, last = ring_forward_keeping_last(adapter, call, spec, lq.dtype)
             dqs.append(ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype, last)[0])
         return dqs
     return adapter, whole, split_dq, shards
 
 
-def run_case(s: int, p: int) -> dict:
-    adapter, whole, split_dq, shards = case(s, p)
+def run_case(s: int, p: int, causal: bool) -> dict:
+    adapter, whole, split_dq, shards = case(s, p, causal)
     reference = whole()
-    row = {"provider": "flash", "S": s, "P": p, "causal": True, "H": 16, "D": 128, "layout": "zigzag"}
+    row = {"provider": "flash", "S": s, "P": p, "causal": causal, "H": 16, "D": 128, "layout": "zigzag"}
     for name, patch in (("shared", contextlib.nullcontext), ("per_step", lambda: per_step(adapter))):
         with patch():
             dqs = split_dq()
@@ -96,17 +97,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="*", default=[65536])
     parser.add_argument("--parts", type=int, nargs="*", default=[2, 4])
+    parser.add_argument("--causal", choices=("causal", "noncausal", "both"), default="causal")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
     rows = []
-    for s in args.seqs:
-        for p in args.parts:
-            row = run_case(s, p)
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "times"},
-                  flush=True)
-            torch.cuda.empty_cache()
+    causal_options = {"causal": [True], "noncausal": [False], "both": [True, False]}[args.causal]
+    for causal, s, p in itertools.product(causal_options, args.seqs, args.parts):
+        row = run_case(s, p, causal)
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "times"}, flush=True)
+        torch.cuda.empty_cache()
     print("wrote", write_cases(args.out, f"fa4_rows_probe{args.tag}", rows))
 
 

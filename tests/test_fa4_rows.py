@@ -38,7 +38,7 @@ class StandInKernels:
         self.main_calls = 0
         self.postprocess_calls = 0
 
-    def config(self, head_dim, head_dim_v):
+    def config(self, head_dim, head_dim_v, causal):
         return TileConfig()
 
     head_dim_rounded = staticmethod(Sm90BackwardKernels.head_dim_rounded)
@@ -176,3 +176,53 @@ def test_kernels_load_only_for_the_checked_version():
     assert Sm90BackwardKernels.load(Api, "4.0.1") is None
     del Api._bwd_preprocess
     assert Sm90BackwardKernels.load(Api, "4.0.0b36") is None
+
+
+def test_a_kernel_is_compiled_per_tile_configuration():
+    """A causal ring's non-causal blocks run on the causal tile, a non-causal ring's on the library's own: the
+    same block shape must not reuse the other's kernel, which would add into the accumulator in the other
+    tile's order (on an H100 that gave dQ errors of 0.6 before the key held the configuration)."""
+    compiled_for = []
+
+    class Api:  # records which tile each compiled kernel was built for; the launch does nothing
+        class FlashAttentionBackwardSm90:
+            def __init__(self, *args, tile_m, **kwargs):
+                self.tile_m = tile_m
+
+        class cute:
+            class runtime:
+                make_fake_stream = staticmethod(lambda **kwargs: None)
+
+            @staticmethod
+            def compile(kernel, *args, **kwargs):
+                compiled_for.append(kernel.tile_m)
+                return lambda *call_args: None
+
+        to_cute_tensor = staticmethod(lambda t: t)
+        get_broadcast_dims = staticmethod(lambda t: ())
+        torch2cute_dtype_map = {torch.bfloat16: "bf16"}
+        AuxData = staticmethod(lambda *args: None)
+
+    @dataclass
+    class Config:
+        m_block_size: int
+        n_block_size: int = 128
+        num_stages_Q: int = 2
+        num_stages_dO: int = 2
+        num_stages_PdS: int = 2
+        SdP_swapAB: bool = True
+        dKV_swapAB: bool = False
+        dQ_swapAB: bool = False
+        AtomLayoutMSdP: int = 1
+        AtomLayoutNdKV: int = 2
+        AtomLayoutMdQ: int = 1
+        num_wg: int = 2
+        dQ_single_wg: bool = False
+
+    kernels = Sm90BackwardKernels(Api)
+    q = k = v = dout = torch.zeros(1, 256, 8, 128, dtype=torch.bfloat16)
+    stats = torch.zeros(1, 8, 320)
+    for config in (Config(64), Config(80, dQ_swapAB=True), Config(64)):
+        accum = torch.zeros(1, 8, 320 * 128)
+        kernels.main(config, q, k, v, dout, stats, stats, accum, k, v, 0.1, False)
+    assert compiled_for == [64, 80]

@@ -15,10 +15,15 @@ Why
 The tile
     The accumulator is stored tile by tile in the order of the kernel's tile, so every block must use the same
     tile. At head dim 128 flash_attn.cute 4.0.0b36 picks 64 x 128 for causal blocks and 80 x 128 with dQ stored
-    swapped for the others, and a zigzag rank's later half starts on a multiple of 64, not of 80. So every
-    block here runs on the tile the library picks for causal ones. benchmarks/fa4_bwd_tile_probe.py timed the
-    main kernel on the ring's non-causal block shapes with that tile at 1.009 (16k x 8k) and 0.969 (8k x 16k) of
-    the library's own (H100, bf16, H=16).
+    swapped for the others. A ring without causality has only non-causal blocks over all of a rank's rows: they
+    keep the library's tile. A causal ring has one causal block per rank and non-causal ones, some on the later
+    half of the rows, which under zigzag starts on a multiple of 64, not of 80: all of them run on the causal
+    tile. That costs the non-causal blocks' main kernel time: on an H100 at S=64k, P=4 (all ranks' work on one
+    GPU, H=16, D=128, bf16) those kernels took about 3% longer than with the library's tile, against a whole
+    call in the same run (ring_profile_fa4_rows.json, ring_profile_sequence.json); in alternating rounds the
+    causal split's efficiency went from 0.954 to 0.960 at P=4 and from 0.979 to 0.977 at P=2, within the
+    rounds' spread (fa4_rows_probe.json). benchmarks/fa4_bwd_tile_probe.py, timing single blocks, had put that
+    cost at 1.009 (16k x 8k) and 0.969 (8k x 16k) of the library's tile.
 
 When
     sm90, the library version this was checked against (the kernels are private API: their arguments, and the
@@ -50,6 +55,11 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _config_key(config) -> tuple:
+    """A hashable key of the library's tile configuration (a dataclass of plain values)."""
+    return tuple(sorted(vars(config).items()))
+
+
 def shares_rows(rows: slice, q_len: int, tile_m: int) -> bool:
     """Whether a block on `rows` of `q_len` shared rows can add into the shared accumulator: it starts on a tile
     boundary, and its last tile (the kernel adds whole tiles) ends on one or runs past every shared row."""
@@ -69,9 +79,10 @@ class Sm90BackwardKernels:
             return None
         return cls(api)
 
-    def config(self, head_dim: int, head_dim_v: int):
-        """The tile configuration every block uses: the library's for causal blocks."""
-        return self._api._tile_size_bwd_sm90(head_dim, head_dim_v, True, False)
+    def config(self, head_dim: int, head_dim_v: int, causal: bool):
+        """The tile configuration every block of a rank uses: the library's for causal blocks in a causal ring
+        (some of whose blocks are not causal), else the library's for non-causal blocks."""
+        return self._api._tile_size_bwd_sm90(head_dim, head_dim_v, causal, False)
 
     @staticmethod
     def head_dim_rounded(config, head_dim: int) -> int:
@@ -90,7 +101,9 @@ class Sm90BackwardKernels:
         api = self._api
         single_q = accum.shape[-1] // self.head_dim_rounded(config, q.shape[-1]) == config.m_block_size
         single_k = _round_up(k.shape[1], config.n_block_size) == config.n_block_size
-        key = (q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
+        # the tile configuration is part of the key: a kernel compiled for another tile would add into the
+        # accumulator in another order than this rank's postprocess reads
+        key = (_config_key(config), q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
                *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
         if key not in self._compiled:
             self._compiled[key] = self._compile(config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv,
@@ -136,7 +149,7 @@ class SharedAccumulatorBackward(RowBackward):
                  lse: torch.Tensor, kernels: Sm90BackwardKernels) -> None:
         super().__init__(provider, call)  # sums the dQ of blocks that cannot share the accumulator
         self._kernels, self._q_len, self._scale = kernels, call.q_len, call.scale
-        self._config = kernels.config(call.head_dim, call.value_dim)
+        self._config = kernels.config(call.head_dim, call.value_dim, call.is_causal)
         self._tile = self._config.m_block_size
         self._dim_rounded = kernels.head_dim_rounded(self._config, call.head_dim)
         dtype = call.dtype
