@@ -239,7 +239,8 @@ def check_provider(name, provider, device, label=None, **options):
 def cp_cases(world, providers, extras=True, head_dims=(128,)) -> list:
     """The default context-parallel cases: per provider, each schedule it claims, causal where it can be, GQA 8:4
     at 256 tokens per rank, at each of `head_dims` (D=128 by default; others reach the kernels' head-dim padding);
-    with `extras`, float32 shards under autocast and 5-D shards on its first schedule at the first head dim."""
+    with `extras`, float32 shards under autocast and 5-D shards on its first schedule at the first head dim, and
+    the ring without GQA."""
     from cp_harness import Case
 
     cases = []
@@ -262,7 +263,7 @@ def cp_cases(world, providers, extras=True, head_dims=(128,)) -> list:
                 # query and KV heads cut in two
                 cases.append(dataclasses.replace(base, q_heads=4 * world, kv_heads=(2 if caps.gqa else 4) * world,
                                                  head_chunks=2))
-            if caps.gqa and caps.backward and caps.training and i == 0:
+            if extras and caps.gqa and caps.backward and caps.training and i == 0:
                 # the ring backward with as many KV heads as query heads (FA4 on sm90 then keeps one dQ
                 # accumulator per rank: providers/fa4_rows.py), causal and not; and at 250 tokens per rank, where
                 # zigzag halves start off the kernel's 64-row tiles and those steps take the per-block path

@@ -122,7 +122,7 @@ class ContextParallel:
                 out.append("dropout under ring attention is not supported (each block would need its own "
                            "reproducible RNG stream)")
         else:
-            out = provider.reasons(call)
+            out = provider.reasons(self._as_the_kernel_sees_it(call, strategy))
         ulysses_size = self.topology.ulysses_size if strategy == "hybrid" else self.world_size
         if strategy in ("ulysses", "hybrid") and call.q_heads < ulysses_size:
             out.append(f"Ulysses over {ulysses_size} ranks needs at least {ulysses_size} query heads, "
@@ -134,6 +134,50 @@ class ContextParallel:
             if not takes:
                 out.append("all-gather expresses causal and masks as a positional attn_mask, which this "
                            "provider does not take")
+        return out
+
+    def _as_the_kernel_sees_it(self, call: AttentionCall, strategy: str) -> AttentionCall:
+        """The shard's call with the lengths its kernel gets, for the check before the ranks agree (when the
+        total is not known yet): W times the shard's tokens under Ulysses, and as keys under all-gather without
+        causality. Exact when every rank holds as many tokens; `kernel_reasons` checks the exact lengths after
+        the agreement. Without this, sageattention 1.0.6 under Ulysses was refused at 96 tokens per rank of 192,
+        which its kernel takes. Calls with a mask, and 2-D meshes, are checked as they are."""
+        if call.attn_mask is not None or self.topology.mesh_dims != 1:
+            return call
+        w, sharded = self.world_size, call.q_len - self.prefix
+        if strategy == "ulysses":
+            return _with_lengths(call, w * sharded, w * sharded, call.is_causal)
+        if strategy == "allgather" and not call.is_causal:
+            return _with_lengths(call, call.q_len, w * sharded + self.prefix, False)
+        return call
+
+    def kernel_reasons(self, provider: Provider, call: AttentionCall, strategy: str, total: int) -> list[str]:
+        """What the provider says of the calls its kernel will get, where their lengths are not the shard's:
+        Ulysses attends over all `total` tokens, all-gather over all keys (and the prefix), ring over each rank's
+        block (and the prefix block). `reasons` saw the shard only; a rule on lengths (sageattention 1.0.6's
+        64-key blocks without causal) could pass there and fail here: a 28-token prefix and 100 tokens per rank
+        make 128 keys on the shard and 228 in the kernel. The lengths come from the agreed `total`, so every
+        rank reaches the same verdict with no further collective. Calls with a mask, causal ring and all-gather
+        calls (whose blocks the shard check covers or whose causality becomes a mask) and 2-D meshes are left to
+        `reasons`."""
+        if call.attn_mask is not None or self.topology.mesh_dims != 1:
+            return []
+        w, prefix = self.world_size, self.prefix
+        lengths = [n for n in (local_len(total, w, 1, r, 0, self.layout) for r in range(w)) if n]
+        if strategy == "ulysses":
+            shapes = {(total, total, call.is_causal)}
+        elif strategy == "allgather" and not call.is_causal:
+            shapes = {(n + prefix, total + prefix, False) for n in lengths}
+        elif strategy == "ring" and not call.is_causal:
+            shapes = {(n + prefix, m, False) for n in lengths for m in lengths + ([prefix] if prefix else [])}
+        else:
+            return []
+        out = []
+        for q_len, kv_len, causal in sorted(shapes):
+            for reason in provider.reasons(_with_lengths(call, q_len, kv_len, causal)):
+                text = f"its kernel gets {q_len} queries x {kv_len} keys here: {reason}"
+                if text not in out:
+                    out.append(text)
         return out
 
     def _prefix_reasons(self, call: AttentionCall, strategy: str) -> list[str]:
@@ -255,6 +299,7 @@ class ContextParallel:
         strategy = self.choose_strategy(provider, call)
         reasons = self.reasons(provider, call, strategy)
         total = self.agree(provider, call, strategy, refused=bool(reasons))
+        reasons = reasons or self.kernel_reasons(provider, call, strategy, total)
         if reasons:
             raise UnsupportedInputError(
                 f"provider '{provider.name}' under cp_strategy='{strategy}'", reasons, self._suggestion(strategy)
@@ -379,3 +424,13 @@ def _show(name: str, code: int):
     if name in ("scale", "dropout_p"):
         return struct.unpack("<d", struct.pack("<q", code))[0]
     return code
+
+
+def _with_lengths(call: AttentionCall, q_len: int, kv_len: int, causal: bool) -> AttentionCall:
+    """`call` with q_len queries and kv_len keys, for the providers' checks only: views of every row repeated
+    (zero strides; the checks read shapes, dtypes and flags, never these values)."""
+    def view(x: torch.Tensor, length: int) -> torch.Tensor:
+        base = x if x.numel() else x.new_empty(x.shape[-1]).requires_grad_(x.requires_grad)
+        return base.as_strided(x.shape[:2] + (length, x.shape[3]), (0, 0, 0, 1))
+    return call.replace(query=view(call.query, q_len), key=view(call.key, kv_len), value=view(call.value, kv_len),
+                        is_causal=causal)
