@@ -36,18 +36,19 @@ matrix() {  # every provider x schedule it claims, world sizes MATRIX_WORLDS (de
     step 580 python benchmarks/gpu_check.py --providers none --cp-matrix --cp-worlds $worlds --out "$out" \
         --tag "_matrix_w${worlds// /}"
 }
-matrix_parallel() {  # the matrix at world sizes 2, 3 and 4 at once (W=4 in two provider groups), one log each:
+matrix_parallel() {  # the matrix at world sizes 2, 3 and 4 at once (W=4 in two provider groups), one log each,
+    # tagged $MATRIX_TAG (default _matrix):
     # ranks on one GPU over gloo spend their time on host staging, so four jobs fit one call where one after
     # another took three
-    local check="python benchmarks/gpu_check.py --providers none --cp-matrix --out $out"
-    timeout 570 $check --cp-worlds 2 --tag _matrix_rev_w2 > "$out/matrix_rev_w2.log" 2>&1 &
-    timeout 570 $check --cp-worlds 3 --tag _matrix_rev_w3 > "$out/matrix_rev_w3.log" 2>&1 &
+    local check="python benchmarks/gpu_check.py --providers none --cp-matrix --out $out" tag=${MATRIX_TAG:-_matrix}
+    timeout 570 $check --cp-worlds 2 --tag "${tag}_w2" > "$out/${tag#_}_w2.log" 2>&1 &
+    timeout 570 $check --cp-worlds 3 --tag "${tag}_w3" > "$out/${tag#_}_w3.log" 2>&1 &
     timeout 570 $check --cp-worlds 4 --cp-providers native _native_math _native_flash _native_efficient \
-        _native_cudnn flash flash_varlen --tag _matrix_rev_w4a > "$out/matrix_rev_w4a.log" 2>&1 &
-    timeout 570 $check --cp-worlds 4 --cp-providers flex sage sage_varlen xformers --tag _matrix_rev_w4b \
-        > "$out/matrix_rev_w4b.log" 2>&1 &
+        _native_cudnn flash flash_varlen --tag "${tag}_w4a" > "$out/${tag#_}_w4a.log" 2>&1 &
+    timeout 570 $check --cp-worlds 4 --cp-providers flex sage sage_varlen xformers --tag "${tag}_w4b" \
+        > "$out/${tag#_}_w4b.log" 2>&1 &
     wait
-    for log in "$out"/matrix_rev_w*.log; do
+    for log in "$out/${tag#_}"_w*.log; do
         echo "== $log: $(grep -c ' ok$' "$log") ok"
         grep -E "FAIL|refused|cases in|Traceback" "$log" | head -20
     done
