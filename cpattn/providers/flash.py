@@ -497,6 +497,10 @@ class _FlashAttention4(_Generation):
         public, api = modules
         self._row_kernels = None if varlen or self.standin_devices else fa4_rows.Sm90BackwardKernels.load(
             api, version)
+        if self._row_kernels is not None:
+            self.extra_notes = self.extra_notes + (
+                "under ring attention on sm90, one float32 dQ accumulator per rank for all steps (Hq == Hkv, "
+                "unpadded head dims)",)
         extra = _VARLEN_ARGS if varlen else ()
         self._fwd = _bind(self.title, api, self.api_name, "_flash_attn_fwd",
                           ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
