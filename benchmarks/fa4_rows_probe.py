@@ -7,7 +7,8 @@ Per case: all P ranks' ring forward+backward one after another with no communica
 benchmarks/run.py: zigzag, causal unless --causal says otherwise, H=16, D=128, bf16), with the shared accumulator ("shared") and with the
 provider's per-step backward ("per_step", the generation's row_backward_kernels patched to None for the
 probe), timed in balanced alternating rounds with one whole-sequence call; `efficiency` = whole / split. And each
-rank's dQ from both ways against the whole call's dQ at that rank's rows (dK/dV parts travel between ranks,
+rank's dQ from both ways against the whole call's dQ at that rank's rows, and the peak memory each way allocates
+above the inputs while all ranks' steps run (dK/dV parts travel between ranks,
 which this one-process split does not do; the gloo checks in benchmarks/gpu_check.py cover them). Writes
 fa4_rows_probe<tag>.json.
 """
@@ -72,8 +73,13 @@ def run_case(s: int, p: int, causal: bool) -> dict:
     reference = whole()
     row = {"provider": "flash", "S": s, "P": p, "causal": causal, "H": 16, "D": 128, "layout": "zigzag"}
     for name, patch in (("shared", contextlib.nullcontext), ("per_step", lambda: per_step(adapter))):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         with patch():
             dqs = split_dq()
+        torch.cuda.synchronize()
+        row[f"{name}_peak_mib_above_inputs"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
         row[f"{name}_dq_max_error"] = max((dq.float() - reference.index_select(2, i).float()).abs().max().item()
                                          for dq, i in zip(dqs, shards))
     row["dq_scale"] = reference.float().abs().max().item()
