@@ -13,7 +13,9 @@ Why
     once, when dQ is asked for (after: 0.37 and 0.27 ms over the four ranks, ring_profile_fa4_rows.json).
     Measured on that H100 in alternating rounds against one whole call, per-step
     backward -> shared accumulator (benchmarks/fa4_rows_probe.py, results/h100/fa4_rows_probe*.json): without
-    causality 0.969 -> 0.980 at P=4 and 0.921 -> 0.945 at P=8; zigzag causal, see "The tile".
+    causality 0.969 -> 0.980 at P=4 and 0.921 -> 0.945 at P=8; zigzag causal, see "The tile". Peak memory
+    above the inputs for all four ranks' steps at P=4 fell from 1411 to 1283 MiB (causal): one float32
+    accumulator held across the steps instead of the library's per call plus the dQ parts kept for their sum.
 
 The tile
     The accumulator is stored tile by tile in the order of the kernel's tile, so every block must use the same
@@ -24,8 +26,8 @@ The tile
     tile. That costs the non-causal blocks' main kernel time: on an H100 at S=64k, P=4 (all ranks' work on one
     GPU, H=16, D=128, bf16) those kernels took about 3% longer than with the library's tile, against a whole
     call in the same run (ring_profile_fa4_rows.json, ring_profile_sequence.json); in alternating rounds the
-    causal split's efficiency went from 0.954 to 0.960 at P=4 and from 0.979 to 0.977 at P=2, within the
-    rounds' spread (fa4_rows_probe.json). benchmarks/fa4_bwd_tile_probe.py, timing single blocks, had put that
+    causal split's efficiency went from 0.954 to 0.960 at P=4 (0.957 to 0.964 in a second run) and from 0.979
+    to 0.977 at P=2, within the rounds' spread (fa4_rows_probe.json, fa4_rows_probe_memory.json). benchmarks/fa4_bwd_tile_probe.py, timing single blocks, had put that
     cost at 1.009 (16k x 8k) and 0.969 (8k x 16k) of the library's tile.
 
 When
