@@ -60,6 +60,9 @@ def cases_for(world: int) -> list[Case]:
     # 64-key blocks in the kernel, which sees all 192
     cases.append(Case(provider="sage", standin="sage1", strategy="ulysses", causal=False, seq=192, q_heads=12,
                       kv_heads=12, batch=1, head_dim=64, dtype="bfloat16", grad=False))
+    # ... and at 128 tokens, which W=3 shards as 43, 43 and 42 (W times a shard is never 128)
+    cases.append(Case(provider="sage", standin="sage1", strategy="ulysses", causal=False, seq=128, q_heads=12,
+                      kv_heads=12, batch=1, head_dim=64, dtype="bfloat16", grad=False))
     # sageattention 1.0.6 (no LSE: all-gather) with a prefix whose keys make whole 64-key blocks in the kernel
     cases.append(Case(provider="sage", standin="sage1", strategy="allgather", prefix=64, causal=False, seq=64 * world,
                       q_heads=4, kv_heads=4, batch=1, head_dim=64, dtype="bfloat16", grad=False))

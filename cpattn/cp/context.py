@@ -122,7 +122,7 @@ class ContextParallel:
                 out.append("dropout under ring attention is not supported (each block would need its own "
                            "reproducible RNG stream)")
         else:
-            out = provider.reasons(self._as_the_kernel_sees_it(call, strategy))
+            out = self._reasons_for_any_total(provider, call, strategy)
         ulysses_size = self.topology.ulysses_size if strategy == "hybrid" else self.world_size
         if strategy in ("ulysses", "hybrid") and call.q_heads < ulysses_size:
             out.append(f"Ulysses over {ulysses_size} ranks needs at least {ulysses_size} query heads, "
@@ -136,20 +136,23 @@ class ContextParallel:
                            "provider does not take")
         return out
 
-    def _as_the_kernel_sees_it(self, call: AttentionCall, strategy: str) -> AttentionCall:
-        """The shard's call with the lengths its kernel gets, for the check before the ranks agree (when the
-        total is not known yet): W times the shard's tokens under Ulysses, and as keys under all-gather without
-        causality. Exact when every rank holds as many tokens; `kernel_reasons` checks the exact lengths after
-        the agreement. Without this, sageattention 1.0.6 under Ulysses was refused at 96 tokens per rank of 192,
-        which its kernel takes. Calls with a mask, and 2-D meshes, are checked as they are."""
-        if call.attn_mask is not None or self.topology.mesh_dims != 1:
-            return call
+    def _reasons_for_any_total(self, provider: Provider, call: AttentionCall, strategy: str) -> list[str]:
+        """The provider's reasons before the ranks agree, when the total length (what the kernel gets under
+        Ulysses, and as keys under all-gather without causality) is not known yet: the reasons it gives for every
+        total within W - 1 of W times this shard. A reason about lengths names them and so differs from one total
+        to another: it is left to `kernel_reasons`, which checks the exact lengths after the agreement, the same
+        on every rank; the rest (dtype, head dim, gradients, ...) stands. Checked on the shard as it is, sageattention 1.0.6
+        under Ulysses was refused at 96 tokens per rank of 192, which its kernel takes. Calls with a mask, and
+        2-D meshes, are checked on the shard."""
+        if call.attn_mask is not None or self.topology.mesh_dims != 1 or not (
+                strategy == "ulysses" or (strategy == "allgather" and not call.is_causal)):
+            return provider.reasons(call)
         w, sharded = self.world_size, call.q_len - self.prefix
-        if strategy == "ulysses":
-            return _with_lengths(call, w * sharded, w * sharded, call.is_causal)
-        if strategy == "allgather" and not call.is_causal:
-            return _with_lengths(call, call.q_len, w * sharded + self.prefix, False)
-        return call
+        verdicts = []
+        for total in range(max(w * sharded - w + 1, 0), w * sharded + w):  # shards differ by under one per rank
+            shape = (total, total) if strategy == "ulysses" else (call.q_len, total + self.prefix)
+            verdicts.append(provider.reasons(_with_lengths(call, *shape, call.is_causal)))
+        return [reason for reason in verdicts[0] if all(reason in other for other in verdicts[1:])]
 
     def kernel_reasons(self, provider: Provider, call: AttentionCall, strategy: str, total: int) -> list[str]:
         """What the provider says of the calls its kernel will get, where their lengths are not the shard's:
