@@ -138,10 +138,10 @@ class ContextParallel:
 
     def _reasons_for_any_total(self, provider: Provider, call: AttentionCall, strategy: str) -> list[str]:
         """The provider's reasons before the ranks agree, when the total length (what the kernel gets under
-        Ulysses, and as keys under all-gather without causality) is not known yet: the reasons it gives for every
-        total within W - 1 of W times this shard. A reason about lengths names them and so differs from one total
-        to another: it is left to `kernel_reasons`, which checks the exact lengths after the agreement, the same
-        on every rank; the rest (dtype, head dim, gradients, ...) stands. Checked on the shard as it is, sageattention 1.0.6
+        Ulysses, and as keys under all-gather without causality) is not known yet: the reasons it gives both for
+        W times this shard and for one more token. A reason about lengths names them and so differs between the
+        two: it is left to `kernel_reasons`, which checks the exact lengths after the agreement, the same on every
+        rank; the rest (dtype, head dim, gradients, ...) stands. Checked on the shard as it is, sageattention 1.0.6
         under Ulysses was refused at 96 tokens per rank of 192, which its kernel takes. Calls with a mask, and
         2-D meshes, are checked on the shard."""
         if call.attn_mask is not None or self.topology.mesh_dims != 1 or not (
@@ -149,7 +149,7 @@ class ContextParallel:
             return provider.reasons(call)
         w, sharded = self.world_size, call.q_len - self.prefix
         verdicts = []
-        for total in range(max(w * sharded - w + 1, 0), w * sharded + w):  # shards differ by under one per rank
+        for total in (w * sharded, w * sharded + 1):
             shape = (total, total) if strategy == "ulysses" else (call.q_len, total + self.prefix)
             verdicts.append(provider.reasons(_with_lengths(call, *shape, call.is_causal)))
         return [reason for reason in verdicts[0] if all(reason in other for other in verdicts[1:])]
