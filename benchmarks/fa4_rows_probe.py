@@ -28,11 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
-from benchmarks.run import RESULTS, bench_alternating, write_cases  # noqa: E402
-from cpattn.cp.comm import CommStats, LoopbackRing  # noqa: E402
-from cpattn.cp.mesh import Group  # noqa: E402
-from cpattn.cp.ring import RingSpec, ring_backward, ring_forward_keeping_last  # noqa: E402
-from cpattn.dispatch import make_call  # noqa: E402
+from benchmarks.run import RESULTS, bench_alternating, ring_split_case, write_cases  # noqa: E402
 
 
 def per_step(adapter):
@@ -40,32 +36,12 @@ def per_step(adapter):
     return mock.patch.object(adapter.generation(), "row_backward_kernels", lambda: None)
 
 
-def case(s: int, p: int, causal: bool, h: int = 16, d: int = 128):
-    """(whole, split, split_dq): one whole-sequence forward+backward, all P ranks' ring split, and the split's
-    per-rank dQ, over one set of random inputs."""
-    adapter = cpattn.PROVIDERS["flash"]
-    q, k, v, dout = (torch.randn(1, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    full = make_call(q, k, v, None, 0.0, causal, None, False)
-    out, lse = adapter.forward(full)
-
-    def whole():
-        o, l_ = adapter.forward(full)
-        return adapter.backward(full, dout, o, l_)[0]
-    shards = [cpattn.cp.layout.ring_positions(s, p, r, "zigzag", q.device) for r in range(p)]
-    local = [[t.index_select(2, i) for t in (q, k, v, dout, out)] + [lse.index_select(2, i)] for i in shards]
-    blocks = [(lk.contiguous(), lv.contiguous()) for _, lk, lv, *_ in local]
-
-    def split_dq():
-        dqs = []
-        for r in range(p):
-            spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
-                            channel_factory=LoopbackRing(blocks, r))
-            lq, lk, lv, ldo, lo, ll = local[r]
-            call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
-            _, _, last = ring_forward_keeping_last(adapter, call, spec, lq.dtype)
-            dqs.append(ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype, last)[0])
-        return dqs
-    return adapter, whole, split_dq, shards
+def case(s: int, p: int, causal: bool):
+    """(adapter, whole, split, shards): benchmarks/run.py's ring split of `flash` with backward (`whole` and
+    `split` return dQ: the whole call's, and each rank's) and each rank's global positions."""
+    whole, split = ring_split_case("flash", s, p, True, causal)
+    shards = [cpattn.cp.layout.ring_positions(s, p, r, "zigzag", "cuda") for r in range(p)]
+    return cpattn.PROVIDERS["flash"], whole, split, shards
 
 
 def run_case(s: int, p: int, causal: bool) -> dict:

@@ -436,7 +436,9 @@ def training_kernel_counts(provider: str, q, k, v) -> dict:
 
 def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, h=16, d=128):
     """(whole, split): one kernel call on the whole sequence, and all P ranks' ring block kernels and merges one
-    after another on this GPU with no communication (each rank 'receives' the blocks from a loopback)."""
+    after another on this GPU with no communication (each rank 'receives' the blocks from a loopback). `whole`
+    returns dQ (the output without `backward`); `split` each rank's, in zigzag order (only dQ is meaningful: a
+    loopback brings no other rank's dK/dV parts)."""
     adapter = cpattn.PROVIDERS[provider]
     device = torch.device("cuda")
     q, k, v = (torch.randn(1, h, s, d, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -446,23 +448,23 @@ def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, 
 
     def whole():
         o, l_ = adapter.forward(full)
-        if backward:
-            adapter.backward(full, dout, o, l_)
+        return adapter.backward(full, dout, o, l_)[0] if backward else o
     shards = [cpattn.cp.layout.ring_positions(s, p, r, "zigzag", device) for r in range(p)]
     local = [(q.index_select(2, i), k.index_select(2, i), v.index_select(2, i), dout.index_select(2, i),
               out.index_select(2, i), lse.index_select(2, i)) for i in shards]
     blocks = [(lk.contiguous(), lv.contiguous()) for _, lk, lv, *_ in local]
 
     def split():
+        results = []
         for r in range(p):
             spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
                             channel_factory=LoopbackRing(blocks, r))
             lq, lk, lv, ldo, lo, ll = local[r]
             call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
             # dtypes as RingAttention asks for them, and its backward starts on the forward's last block
-            _, _, last = ring_forward_keeping_last(adapter, call, spec, lq.dtype)
-            if backward:
-                ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype, last)
+            o, _, last = ring_forward_keeping_last(adapter, call, spec, lq.dtype)
+            results.append(ring_backward(adapter, call, spec, ldo, lo, ll, lq.dtype, last)[0] if backward else o)
+        return results
     return whole, split
 
 

@@ -148,11 +148,10 @@ class ContextParallel:
                 strategy == "ulysses" or (strategy == "allgather" and not call.is_causal)):
             return provider.reasons(call)
         w, sharded = self.world_size, call.q_len - self.prefix
-        verdicts = []
-        for total in (w * sharded, w * sharded + 1):
-            shape = (total, total) if strategy == "ulysses" else (call.q_len, total + self.prefix)
-            verdicts.append(provider.reasons(_with_lengths(call, *shape, call.is_causal)))
-        return [reason for reason in verdicts[0] if all(reason in other for other in verdicts[1:])]
+        verdicts = [[reason for shape in self._kernel_shapes(call, strategy, total, [sharded])
+                     for reason in provider.reasons(_with_lengths(call, *shape))]
+                    for total in (w * sharded, w * sharded + 1)]
+        return [reason for reason in verdicts[0] if reason in verdicts[1]]
 
     def kernel_reasons(self, provider: Provider, call: AttentionCall, strategy: str, total: int) -> list[str]:
         """What the provider says of the calls its kernel will get, where their lengths are not the shard's:
@@ -165,23 +164,28 @@ class ContextParallel:
         `reasons`."""
         if call.attn_mask is not None or self.topology.mesh_dims != 1:
             return []
-        w, prefix = self.world_size, self.prefix
+        w = self.world_size
         lengths = [n for n in (local_len(total, w, 1, r, 0, self.layout) for r in range(w)) if n]
-        if strategy == "ulysses":
-            shapes = {(total, total, call.is_causal)}
-        elif strategy == "allgather" and not call.is_causal:
-            shapes = {(n + prefix, total + prefix, False) for n in lengths}
-        elif strategy == "ring" and not call.is_causal:
-            shapes = {(n + prefix, m, False) for n in lengths for m in lengths + ([prefix] if prefix else [])}
-        else:
-            return []
         out = []
-        for q_len, kv_len, causal in sorted(shapes):
+        for q_len, kv_len, causal in sorted(self._kernel_shapes(call, strategy, total, lengths)):
             for reason in provider.reasons(_with_lengths(call, q_len, kv_len, causal)):
                 text = f"its kernel gets {q_len} queries x {kv_len} keys here: {reason}"
                 if text not in out:
                     out.append(text)
         return out
+
+    def _kernel_shapes(self, call: AttentionCall, strategy: str, total: int, lengths: list[int]) -> set:
+        """(queries, keys, causal) of the calls `strategy`'s kernel gets, for shards of `lengths` tokens out of
+        `total` (plus the replicated prefix): empty where the shard check covers them (causal ring and
+        all-gather, and the hybrid)."""
+        prefix = self.prefix
+        if strategy == "ulysses":
+            return {(total, total, call.is_causal)}
+        if strategy == "allgather" and not call.is_causal:
+            return {(n + prefix, total + prefix, False) for n in lengths}
+        if strategy == "ring" and not call.is_causal:
+            return {(n + prefix, m, False) for n in lengths for m in lengths + ([prefix] if prefix else [])}
+        return set()
 
     def _prefix_reasons(self, call: AttentionCall, strategy: str) -> list[str]:
         out = []

@@ -92,7 +92,7 @@ class Sm90BackwardKernels:
     @staticmethod
     def head_dim_rounded(config, head_dim: int) -> int:
         """The accumulator's columns per row, as the library sizes them."""
-        return _round_up(head_dim, 64 if config.dKV_swapAB else 32)
+        return _round_up(head_dim, Sm90BackwardKernels._multiple(config))
 
     def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum) -> None:
         """dpsum = rowsum(dout * out), lse_log2 = lse * log2(e), accum = 0; tensors in the library's layout."""
@@ -157,9 +157,8 @@ class SharedAccumulatorBackward(RowBackward):
         self._config = kernels.config(call.head_dim, call.value_dim, call.is_causal)
         self._tile = self._config.m_block_size
         self._dim_rounded = kernels.head_dim_rounded(self._config, call.head_dim)
-        dtype = call.dtype
-        self._query = _kernel_layout(call.query)
-        o, do = (_kernel_layout(t if t.dtype == dtype else t.to(dtype)) for t in (out, dout))
+        self._query = _kernel_layout(call.query, call.dtype)
+        o, do = (_kernel_layout(t, call.dtype) for t in (out, dout))
         b, h, rows = call.batch, call.q_heads, _round_up(call.q_len, self._tile)
         opts = {"dtype": torch.float32, "device": call.device}
         self._accum = torch.empty(b, h, rows * self._dim_rounded, **opts)
@@ -173,8 +172,7 @@ class SharedAccumulatorBackward(RowBackward):
               lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not shares_rows(rows, self._q_len, self._tile):
             return super().block(call, rows, dout, out, lse)
-        q, k, v, do = (_kernel_layout(t if t.dtype == call.dtype else t.to(call.dtype))
-                       for t in (call.query, call.key, call.value, dout))
+        q, k, v, do = (_kernel_layout(t, call.dtype) for t in (call.query, call.key, call.value, dout))
         first, count = rows.start, _round_up(rows.stop - rows.start, self._tile)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         with _on_device(call.device):
@@ -203,9 +201,9 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, D) -> the (B, S, H, D) view FA4 takes."""
-    return x.detach().transpose(1, 2)
+def _kernel_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, S, D) -> the (B, S, H, D) view FA4 takes, in `dtype` (a ring may keep the global out in float32)."""
+    return x.detach().to(dtype).transpose(1, 2)
 
 
 def shared_accumulator(provider: Provider, kernels: Sm90BackwardKernels | None, call: AttentionCall,
