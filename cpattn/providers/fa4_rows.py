@@ -16,6 +16,8 @@ Why
     causality 0.969 -> 0.980 at P=4 and 0.921 -> 0.945 at P=8; zigzag causal, see "The tile". Peak memory
     above the inputs for all four ranks' steps at P=4 fell from 1411 to 1283 MiB (causal): one float32
     accumulator held across the steps instead of the library's per call plus the dQ parts kept for their sum.
+    With fewer steps that trade goes the other way: at S=16k, P=2 it rose from 353 to 385 MiB (causal) and
+    from 386 to 418 MiB (fa4_rows_probe_16k.json).
 
 The tile
     The accumulator is stored tile by tile in the order of the kernel's tile, so every block must use the same
