@@ -434,11 +434,12 @@ def training_kernel_counts(provider: str, q, k, v) -> dict:
 # -- ring split efficiency -------------------------------------------------------------------------------
 
 
-def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, h=16, d=128):
+def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, h=16, d=128, step_streams=None):
     """(whole, split): one kernel call on the whole sequence, and all P ranks' ring block kernels and merges one
     after another on this GPU with no communication (each rank 'receives' the blocks from a loopback). `whole`
     returns dQ (the output without `backward`); `split` each rank's, in zigzag order (only dQ is meaningful: a
-    loopback brings no other rank's dK/dV parts)."""
+    loopback brings no other rank's dK/dV parts). `step_streams`: the backward's streams (RingSpec's default
+    when None)."""
     adapter = cpattn.PROVIDERS[provider]
     device = torch.device("cuda")
     q, k, v = (torch.randn(1, h, s, d, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -459,6 +460,8 @@ def ring_split_case(provider: str, s: int, p: int, backward: bool, causal=True, 
         for r in range(p):
             spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
                             channel_factory=LoopbackRing(blocks, r))
+            if step_streams is not None:
+                spec.step_streams = step_streams
             lq, lk, lv, ldo, lo, ll = local[r]
             call = make_call(lq, lk, lv, None, 0.0, causal, None, False)
             # dtypes as RingAttention asks for them, and its backward starts on the forward's last block

@@ -50,8 +50,13 @@ class RowSum:
     when MAX_PARTS are held first folds them into a float32 sum, so at most MAX_PARTS tensors are held."""
 
     def __init__(self, shape: tuple, device) -> None:
-        self._shape, self._device = tuple(shape), device
+        self._shape, self._device = tuple(shape), torch.device(device)
         self._parts: list[tuple[torch.Tensor, int]] = []  # (part, first row), in the order added
+        # Parts may be made on other CUDA streams than this sum's home stream (a ring backward's steps take
+        # streams in turn, cpattn/cp/streams.py): per part, (stream, event recorded when it was added), or None
+        # for parts added on the home stream. Whichever stream adds the parts up waits for those first.
+        self._home = torch.cuda.current_stream(self._device) if self._device.type == "cuda" else None
+        self._made: list[tuple | None] = []
 
     @property
     def empty(self) -> bool:
@@ -63,6 +68,7 @@ class RowSum:
         if len(self._parts) == MAX_PARTS:  # fold a full hand when one more comes: the last fold writes the result
             self._fold(torch.float32)
         self._parts.append((part, rows.start))
+        self._made.append(self._made_here())
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         """The sum in `dtype`, contiguous, rounded once; zeros if no part was added."""
@@ -71,9 +77,35 @@ class RowSum:
         part, first = self._parts[0]
         if len(self._parts) > 1 or first != 0 or part.shape[2] != self._shape[2]:
             self._fold(dtype)
+        else:
+            self._read_here()
         return finish(self._parts[0][0], dtype)
 
+    def _made_here(self) -> tuple | None:
+        """(stream, event) where the current stream is not the home stream, else None."""
+        if self._home is None:
+            return None
+        stream = torch.cuda.current_stream(self._device)
+        return None if stream == self._home else (stream, stream.record_event())
+
+    def _read_here(self) -> None:
+        """Order the current stream after every part made on another stream, and keep each such part's memory
+        from being reused before this stream has read it."""
+        if self._home is None:
+            return
+        current = torch.cuda.current_stream(self._device)
+        for (part, _), made in zip(self._parts, self._made):
+            stream, event = made or (self._home, None)
+            if stream == current:
+                continue
+            if event is None:
+                current.wait_stream(self._home)
+            else:
+                current.wait_event(event)
+            part.record_stream(current)
+
     def _fold(self, dtype: torch.dtype) -> None:
+        self._read_here()
         out = torch.empty(self._shape, dtype=dtype, device=self._device)
         first_part = self._parts[0][0]
         fused = _fused_add() if _fuse_on(first_part) else None
@@ -88,4 +120,4 @@ class RowSum:
                 else:
                     rows.add_(part)
             out.copy_(total)
-        self._parts = [(out, 0)]
+        self._parts, self._made = [(out, 0)], [self._made_here()]

@@ -19,7 +19,9 @@ middle hop and be read and written at every step: this sends half the bytes and 
 Per-block gradients come from the provider's backward given the global (out, lse), which is exact: softmax
 probabilities of a block are exp(score - global lse). They go through the provider's `row_backward`, which sums
 dQ over the steps: by default the parts as above; a kernel with a float32 dQ accumulator of its own may keep one
-for all the steps (see contract.RowBackward).
+for all the steps (see contract.RowBackward). On CUDA the backward's steps take two streams in turn, so that a
+step's kernel starts while the previous one's last wave still runs (cpattn/cp/streams.py says why and what keeps
+that exact); the forward runs on one.
 
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
 rank does one diagonal block and W-1 half blocks. This module never names a provider.
@@ -40,6 +42,7 @@ from ..merge import PartialAttention
 from .comm import CommStats, RingChannel
 from .layout import ring_chunks, ring_positions
 from .mesh import Group
+from .streams import StepStreams
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class RingSpec:
     stats: CommStats
     # Builds the point-to-point channel; swappable so a benchmark can run one rank's work with no network.
     channel_factory: Callable[..., RingChannel] = RingChannel
+    # CUDA streams the backward's steps take in turn (cpattn/cp/streams.py); 1 runs every step on one stream.
+    step_streams: int = 2
 
     def channel(self) -> RingChannel:
         return self.channel_factory(self.group, self.timeout, self.stats)
@@ -148,19 +153,20 @@ def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: Block
 
 
 class _KVBuffers:
-    """Two flat receive buffers, used in turn, viewed at each incoming block's length.
+    """`count` flat receive buffers (two by default), used in turn, viewed at each incoming block's length.
 
-    A buffer is reused two exchanges later, when the exchange that last used it has been waited for (a
-    wait covers its sends as well as its receives). Each is allocated at its first use: two ranks exchange
-    once per pass and never need the second."""
+    A buffer is reused `count` exchanges later, when the exchange that last used it has been waited for (a
+    wait covers its sends as well as its receives) and, where steps run on several streams, the kernel that
+    read it last has been waited for (see ring_backward). Each is allocated at its first use: two ranks
+    exchange once per pass and never need the second."""
 
-    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int):
+    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, max_len: int, count: int = 2):
         b, h, _, d = like_k.shape
         dv = like_v.shape[-1]
         self._shape = (b, h, d, dv)
         self._max_len = max_len
         self._opts = {"dtype": like_k.dtype, "device": like_k.device}
-        self._bufs: list = [None, None]
+        self._bufs: list = [None] * count
         self._turn = 0
 
     def next(self, length: int) -> list[torch.Tensor]:
@@ -169,7 +175,7 @@ class _KVBuffers:
             numel = b * h * self._max_len
             self._bufs[self._turn] = (torch.empty(numel * d, **self._opts), torch.empty(numel * dv, **self._opts))
         kbuf, vbuf = self._bufs[self._turn]
-        self._turn ^= 1
+        self._turn = (self._turn + 1) % len(self._bufs)
         return [kbuf[: b * h * length * d].view(b, h, length, d), vbuf[: b * h * length * dv].view(b, h, length, dv)]
 
 
@@ -215,7 +221,9 @@ def ring_backward(
     group, me, world = spec.group, spec.group.rank, spec.group.size
     channel = spec.channel()
     own_k, own_v = call.key.contiguous(), call.value.contiguous()
-    buffers = _KVBuffers(own_k, own_v, spec.max_length)
+    steps = StepStreams(call.device, spec.step_streams)
+    # one buffer more than streams: the one a receive refills was last read on the stream its step is about to use
+    buffers = _KVBuffers(own_k, own_v, spec.max_length, steps.count + 1)
     rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     replicated = call.q_len - spec.length(me)  # query rows beyond the shard (a prefix): the same on every rank
     query_grads = provider.row_backward(call, dout, out, lse)  # dQ summed over the steps, asked for at the end
@@ -226,36 +234,42 @@ def ring_backward(
         k, v = last_block if last_block is not None else channel.send_recv(
             [own_k, own_v], group.prev, buffers.next(spec.length(sources[0])), group.next, "kv").wait()
     coming_home = None  # the previous step's exchange of dK/dV parts, and the columns of what it receives
-    for step, src in enumerate(sources):
-        pending_kv = None
-        if step < world - 2:  # pass this block on backwards round the ring; the last step's block is mine
-            pending_kv = channel.send_recv([k, v], group.prev, buffers.next(spec.length(sources[step + 1])),
-                                           group.next, "kv")
-        plan = block_plan(spec, me, src, call.is_causal, call.q_len)
-        grads = None  # this step's (dK, dV) part of the source's block
-        if plan is not None:
-            block = _block_call(call, spec, src, k, v, plan, rows)
-            grads = query_grads.block(block, plan.rows, rows.get("dout", plan.rows), rows.get("out", plan.rows),
-                                      rows.get("lse", plan.rows))
-        if src == me:
-            if grads is not None:
-                dk.add(plan.cols, grads[0])
-                dv.add(plan.cols, grads[1])
-        else:
-            sender = (me - 1 - step) % world  # computes on my block at this step
-            theirs = block_plan(spec, sender, me, call.is_causal, spec.length(sender) + replicated)
-            send = [] if grads is None else [grads[0].contiguous(), grads[1].contiguous()]
-            recv = [] if theirs is None else [_cols_like(own_k, theirs.cols), _cols_like(own_v, theirs.cols)]
-            exchange = channel.send_recv(send, src, recv, sender, "dkv")
-            if coming_home is not None:
-                _take_home(*coming_home, dk, dv)
-            coming_home = (exchange, theirs)
-        if pending_kv is not None:
-            k, v = pending_kv.wait()
-        elif step == world - 2:
-            k, v = own_k, own_v
-    if coming_home is not None:
-        _take_home(*coming_home, dk, dv)
+    try:
+        for step, src in enumerate(sources):
+            pending_kv = None
+            if step < world - 2:  # pass this block on backwards round the ring; the last step's block is mine
+                steps.home_waits_for(step)  # the kernel that read the buffer this receive refills
+                pending_kv = channel.send_recv([k, v], group.prev, buffers.next(spec.length(sources[step + 1])),
+                                               group.next, "kv")
+            plan = block_plan(spec, me, src, call.is_causal, call.q_len)
+            if plan is not None:  # the step's inputs are made on the home stream: later steps may share them
+                block = _block_call(call, spec, src, k, v, plan, rows)
+                row_args = (rows.get("dout", plan.rows), rows.get("out", plan.rows), rows.get("lse", plan.rows))
+            if src != me:
+                sender = (me - 1 - step) % world  # computes on my block at this step
+                theirs = block_plan(spec, sender, me, call.is_causal, spec.length(sender) + replicated)
+                recv = [] if theirs is None else [_cols_like(own_k, theirs.cols), _cols_like(own_v, theirs.cols)]
+            with steps.on(step):
+                grads = None if plan is None else query_grads.block(block, plan.rows, *row_args)  # (dK, dV) part
+                if src == me:
+                    if grads is not None:
+                        dk.add(plan.cols, grads[0])
+                        dv.add(plan.cols, grads[1])
+                else:  # sent from the step's stream, so the transfer waits for its kernel
+                    send = [] if grads is None else [grads[0].contiguous(), grads[1].contiguous()]
+                    exchange = channel.send_recv(send, src, recv, sender, "dkv")
+            if src != me:
+                if coming_home is not None:
+                    _take_home(*coming_home, dk, dv)
+                coming_home = (exchange, theirs)
+            if pending_kv is not None:
+                k, v = pending_kv.wait()
+            elif step == world - 2:
+                k, v = own_k, own_v
+        if coming_home is not None:
+            _take_home(*coming_home, dk, dv)
+    finally:
+        steps.join()
     return query_grads.dq(dq_dtype), dk.result(call.dtype), dv.result(call.dtype)
 
 

@@ -1,0 +1,61 @@
+"""CUDA streams that a ring rank's backward steps take in turn.
+
+Why
+    A block kernel's last wave leaves part of the GPU idle until its slowest tile ends, and on one stream the
+    next step's kernel waits for that. A ring step's backward needs only its KV block and the rank's rows, not
+    the previous step's kernel, so step i runs on stream i mod n and the next kernel starts on the SMs the
+    current one's tail frees. On an H100 (S=64k, P=4, zigzag causal, H=16, D=128: all ranks' block backwards
+    on one GPU, FA4's per-block backward given the global out and LSE) the blocks took 0.961 of one whole
+    backward's throughput on one stream and 0.977 on two, 0.974 on three
+    (benchmarks/step_streams_probe.py, results/h100/step_streams_probe_h100.json). The forward's block
+    kernels gained nothing there (0.980 on one stream, 0.979 on two), so the forward stays on one.
+
+What keeps it exact
+    - A step's stream first waits for everything issued on the home stream (the one current when the
+      backward started) up to that point: its KV block's arrival and the rank's rows, and nothing of the other
+      step streams' later work.
+    - What a step hands on is ordered explicitly: sums of gradient parts wait for each part's event
+      (gradsum.RowSum); a step's sends are issued while its stream is current (the transfer waits for it); a
+      KV receive buffer is refilled only after the home stream waited for the stream whose kernel read it last
+      (`home_waits_for`; with n streams the ring keeps n + 1 buffers so that this is the stream the step is
+      about to use, not the one still computing); and the home stream waits for every step stream before the
+      gradients are read (`join`).
+Off CUDA, or with one stream, everything runs on the current stream and these calls do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class StepStreams:
+    """`count` CUDA streams taken in turn by the steps of one ring backward on `device` (see the module
+    docstring); one stream, the current one, off CUDA or with `count` 1."""
+
+    def __init__(self, device: torch.device, count: int) -> None:
+        self.count = count if device.type == "cuda" and count > 1 else 1
+        self._home = torch.cuda.current_stream(device) if self.count > 1 else None
+        self._streams = [torch.cuda.Stream(device) for _ in range(self.count)] if self.count > 1 else []
+
+    @contextlib.contextmanager
+    def on(self, step: int):
+        """Run the body on step `step`'s stream, after what the home stream holds so far."""
+        if not self._streams:
+            yield
+            return
+        stream = self._streams[step % self.count]
+        stream.wait_stream(self._home)
+        with torch.cuda.stream(stream):
+            yield
+
+    def home_waits_for(self, step: int) -> None:
+        """The home stream waits for what step `step`'s stream holds so far (earlier steps' kernels on it)."""
+        if self._streams:
+            self._home.wait_stream(self._streams[step % self.count])
+
+    def join(self) -> None:
+        """The home stream waits for every step stream."""
+        for stream in self._streams:
+            self._home.wait_stream(stream)
