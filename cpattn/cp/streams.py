@@ -9,6 +9,10 @@ Why
     backward's throughput on one stream and 0.977 on two, 0.974 on three
     (benchmarks/step_streams_probe.py, results/h100/step_streams_probe_h100.json). The forward's block
     kernels gained nothing there (0.980 on one stream, 0.979 on two), so the forward stays on one.
+    The ring itself, forward+backward, all ranks' work against one whole call in the same alternating rounds
+    (`--ring`, step_streams_ring_h100.json), one stream -> two: FA4 0.982 -> 0.982 at P=2, 0.961 -> 0.965 at
+    P=4, 0.909 -> 0.918 at P=8; cuDNN 0.986 -> 0.989, 0.965 -> 0.975, 0.895 -> 0.916; dQ the same; peak memory
+    the same at P=2 and 4, 64 MiB more at P=8 (steps in flight on two streams keep their own temporaries).
 
 What keeps it exact
     - A step's stream first waits for everything issued on the home stream (the one current when the
