@@ -30,6 +30,7 @@ Off CUDA, or with one stream, everything runs on the current stream and these ca
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -41,7 +42,7 @@ class StepStreams:
     def __init__(self, device: torch.device, count: int) -> None:
         self.count = count if device.type == "cuda" and count > 1 else 1
         self._home = torch.cuda.current_stream(device) if self.count > 1 else None
-        self._streams = [torch.cuda.Stream(device) for _ in range(self.count)] if self.count > 1 else []
+        self._streams = _streams_of(self._home.device, self.count) if self.count > 1 else ()
 
     @contextlib.contextmanager
     def on(self, step: int):
@@ -63,3 +64,11 @@ class StepStreams:
         """The home stream waits for every step stream."""
         for stream in self._streams:
             self._home.wait_stream(stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _streams_of(device: torch.device, count: int) -> tuple:
+    """The same `count` streams for every ring backward on `device`. The caching allocator keeps memory freed on
+    a stream for that stream's later allocations, and PyTorch's pool hands out 32 streams in turn: new ones at
+    every call would leave each layer's step temporaries cached on streams no later call uses."""
+    return tuple(torch.cuda.Stream(device) for _ in range(count))
