@@ -11,6 +11,10 @@ kernel; all ranks' block forwards (with their merge) and block backwards (per bl
 LSE) on one stream; and the same on 2 and 3 streams taken in turn, each rank's steps joining the home stream
 before its merge. Writes step_streams_probe<tag>.json.
 
+--reserved N: memory the caching allocator reserves after N ring splits in a row (N layers' backwards) at
+S=16k, P=4, with the backward's two streams the same at every call (as cpattn/cp/streams.py keeps them) and with
+two new streams from PyTorch's pool at every call. Writes step_streams_reserved<tag>.json.
+
 --ring: the ring itself (benchmarks/run.py's ring split, forward+backward, the provider's ring backward) with its
 backward's steps on one stream and on two (cpattn/cp/streams.py), against one whole call in balanced alternating
 rounds; each way's dQ against the whole call's, and the peak memory each allocates above the inputs while all
@@ -137,6 +141,32 @@ def ring_case(provider: str, s: int, p: int, causal: bool, rounds: int) -> dict:
     return row
 
 
+def reserved_case(calls: int, s: int = 16384, p: int = 4) -> dict:
+    """Reserved memory after `calls` ring splits with the same streams each time and with new ones each time."""
+    from unittest import mock
+
+    from cpattn.cp import streams
+
+    row = {"provider": "flash", "S": s, "P": p, "calls": calls, "causal": True}
+    for name in ("same_streams", "new_streams_per_call"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        _, split = ring_split_case("flash", s, p, True, True, step_streams=2)
+        split()
+        torch.cuda.synchronize()
+        first = torch.cuda.memory_reserved()
+        fresh = streams._streams_of.__wrapped__ if name == "new_streams_per_call" else streams._streams_of
+        with mock.patch.object(streams, "_streams_of", fresh):
+            for _ in range(calls):
+                split()
+        torch.cuda.synchronize()
+        row[f"{name}_reserved_mib_after_first"] = first / 2 ** 20
+        row[f"{name}_reserved_mib_after_all"] = torch.cuda.memory_reserved() / 2 ** 20
+        del split
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=65536)
@@ -150,7 +180,13 @@ def main() -> None:
     parser.add_argument("--ring-parts", type=int, nargs="+", default=[4])
     parser.add_argument("--ring-providers", nargs="+", default=["flash"])
     parser.add_argument("--noncausal", action="store_true", help="with --ring: also without causality")
+    parser.add_argument("--reserved", type=int, default=0, help="reserved memory after this many ring splits")
     args = parser.parse_args()
+    if args.reserved:
+        row = reserved_case(args.reserved)
+        print(row, flush=True)
+        print("wrote", write_cases(args.out, f"step_streams_reserved{args.tag}", [row]))
+        return
     if args.ring:
         rows = []
         for causal in (True, False) if args.noncausal else (True,):
