@@ -239,8 +239,8 @@ def check_provider(name, provider, device, label=None, **options):
 def cp_cases(world, providers, extras=True, head_dims=(128,)) -> list:
     """The default context-parallel cases: per provider, each schedule it claims, causal where it can be, GQA 8:4
     at 256 tokens per rank, at each of `head_dims` (D=128 by default; others reach the kernels' head-dim padding);
-    with `extras`, float32 shards under autocast and 5-D shards on its first schedule at the first head dim, and
-    the ring without GQA."""
+    with `extras`, float32 shards under autocast and 5-D shards on its first schedule at the first head dim, the
+    ring without GQA, and the ring with a replicated prefix (cp_replicated_prefix)."""
     from cp_harness import Case
 
     cases = []
@@ -270,6 +270,11 @@ def cp_cases(world, providers, extras=True, head_dims=(128,)) -> list:
                 ring = Case(provider=name, strategy="ring", causal=True, seq=256 * world, head_dim=head_dim,
                             q_heads=8, kv_heads=8, dtype=dtype, grad=True, device="cuda", batch=1)
                 cases += [ring, dataclasses.replace(ring, causal=False), dataclasses.replace(ring, seq=250 * world)]
+            if extras and caps.returns_lse and caps.backward and caps.training and i == 0:
+                # joint attention: a 64-token prefix replicated on every rank, as a local block of the ring
+                cases.append(Case(provider=name, strategy="ring", causal=False, seq=192 * world, prefix=64,
+                                  head_dim=head_dim, q_heads=8, kv_heads=4 if caps.gqa else 8, dtype=dtype,
+                                  grad=True, device="cuda", batch=1))
     return cases
 
 

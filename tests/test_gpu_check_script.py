@@ -7,8 +7,8 @@ from benchmarks import gpu_check
 
 def test_cp_cases_cover_every_head_dim_asked_for():
     """--cp-head-dims: each schedule at each head dim (80 and 104 reach FA4's padding on sm90), the autocast,
-    5-D and chunked-Ulysses extras once, on the first head dim, and the ring without GQA (causal, not, and at
-    250 tokens per rank) once."""
+    5-D and chunked-Ulysses extras once, on the first head dim, the ring without GQA (causal, not, and at
+    250 tokens per rank) once, and the ring with a replicated prefix once."""
     cases = gpu_check.cp_cases(3, ["_native_efficient", "native"], extras=True, head_dims=(128, 80, 104))
     for name in ("_native_efficient", "native"):
         mine = [c for c in cases if c.provider == name]
@@ -16,6 +16,10 @@ def test_cp_cases_cover_every_head_dim_asked_for():
         assert sorted((c.causal, c.seq, c.head_dim, c.grad) for c in mha_ring) == [
             (False, 768, 128, True), (True, 750, 128, True), (True, 768, 128, True)]
         mine = [c for c in mine if c not in mha_ring]
+        prefixed = [c for c in mine if c.prefix]
+        assert [(c.strategy, c.causal, c.prefix, c.seq, c.head_dim, c.grad) for c in prefixed] == [
+            ("ring", False, 64, 576, 128, True)]
+        mine = [c for c in mine if not c.prefix]
         plain = [c for c in mine if c.autocast is None and c.dims == 4 and not c.head_chunks]
         schedules = {c.strategy for c in plain}
         assert schedules >= {"ulysses", "allgather"}
