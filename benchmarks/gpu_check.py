@@ -350,6 +350,7 @@ def cp_checks(worlds, on_progress=lambda results: None, only=None, extras=True, 
             ok = o.exception is None and o.errors.get("out", 1) <= tol_out * 2 and (
                 not case.grad or max(o.errors.get(x, 1) for x in ("dq", "dk", "dv")) <= tol_grad * 2)
             ok &= o.errors.get("out_finite", 0) == 1.0
+            ok &= o.stats.get("out_device") == "cuda"  # the case ran on the GPU, not on the harness's CPU default
             if case.autocast:
                 ok &= o.stats.get("out_dtype") == str(computed_in)
             if case.dims != 4:

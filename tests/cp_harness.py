@@ -178,9 +178,11 @@ def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
     q, k, v, dout, _ = _problem(full)
     dtype, p = getattr(torch, case.dtype), case.prefix
     local = lambda t: torch.cat([t[:, :, :p], cpattn.shard_sequence(t[:, :, p:], mesh, 2, case.layout)], 2)  # noqa
-    ql, kl, vl = (local(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
+    device = torch.device(case.device)
+    ql, kl, vl = (local(t).to(device=device, dtype=dtype).requires_grad_(case.grad) for t in (q, k, v))
     dout_l = local(dout).clone()
     dout_l[:, :, :p] /= world  # the prefix loss is computed on every rank: each contributes a W-th
+    dout_l = dout_l.to(device)
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_layout=case.layout,
                                    cp_replicated_prefix=p, cp_timeout=20) as state:
         out = cpattn.attention_dispatch(ql, kl, vl, enable_gqa=case.q_heads != case.kv_heads)
@@ -189,16 +191,17 @@ def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
     ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]
     ref_out, _ = reference_attention(*ref_in)
     result = Outcome(stats=dict(state.cp.stats))
-    image = cpattn.gather_sequence(out[:, :, p:].detach(), mesh, 2, case.layout)
-    result.errors["out"] = max((out[:, :, :p].double() - ref_out[:, :, :p]).abs().max().item(),
+    image = cpattn.gather_sequence(out[:, :, p:].detach(), mesh, 2, case.layout).cpu()
+    result.errors["out"] = max((out[:, :, :p].double().cpu() - ref_out[:, :, :p]).abs().max().item(),
                                (image.double() - ref_out[:, :, p:]).abs().max().item())
+    result.stats["out_device"] = out.device.type
     result.errors["out_finite"] = float(torch.isfinite(out).all())
     if case.grad:
         ref_out.backward(dout)
         for name, t, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):
-            text = t.grad[:, :, :p].double().clone()
+            text = t.grad[:, :, :p].to("cpu", torch.float64, copy=True)
             dist.all_reduce(text)  # replicated inputs: per-rank contributions sum to the gradient
-            img = cpattn.gather_sequence(t.grad[:, :, p:], mesh, 2, case.layout).double()
+            img = cpattn.gather_sequence(t.grad[:, :, p:], mesh, 2, case.layout).double().cpu()
             result.errors[name] = max((text - ref.grad[:, :, :p]).abs().max().item(),
                                       (img - ref.grad[:, :, p:]).abs().max().item())
     return result
@@ -270,6 +273,7 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     result.errors["out"] = (full_out.double() - ref_out).abs().max().item()
     result.errors["out_finite"] = float(torch.isfinite(full_out).all())
     result.stats["out_dtype"] = str(out.dtype)
+    result.stats["out_device"] = out.device.type
     result.stats["out_dims"] = result_dims
     if case.grad:
         ref_out.backward(dout)
