@@ -11,7 +11,7 @@
 # without a mask, `... auto` the auto-provider suite, `... dispatch` the cached-call checks, host overhead and
 # S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
 # dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS (`... matrix_parallel`: 2, 3 and 4 at once),
-# `... split` the ring split at 64k three times, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
+# `... split` the ring split at 64k three times, `... streams` the ring backward on one and two streams, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
 # and auto record with call-by-call timing, `... fuzz` random draws through every provider (seed $FUZZ_SEED, default
 # 3), `... padded_dims` auto against each candidate at head dims FA4 pads on sm90 (48, 80, 112), `... cp_worlds` ring,
 # Ulysses and all-gather over FA4, cuDNN and the efficient kernel at world sizes 2, 3 and 4 (`... cp_head_dims`: FA4
@@ -119,6 +119,13 @@ cp_worlds() {
     step 560 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 4 \
         --cp-providers flash _native_cudnn _native_efficient --out "$out" --tag _cp_w234
 }
+streams() {  # the ring backward on one and on two streams (cpattn/cp/streams.py): block kernels alone, the ring
+    # split at P=2/4/8 for FA4 and cuDNN, and reserved memory with kept against new streams per call
+    step 120 python benchmarks/step_streams_probe.py --out "$out" --tag _"${STREAMS_TAG:-run}"
+    step 300 python benchmarks/step_streams_probe.py --ring --ring-parts 2 4 8 --ring-providers flash _native_cudnn \
+        --rounds 6 --out "$out" --tag _"${STREAMS_TAG:-run}"
+    step 120 python benchmarks/step_streams_probe.py --reserved 24 --out "$out" --tag _"${STREAMS_TAG:-run}"
+}
 checks() {
     kernel_checks
     step 200 python benchmarks/gpu_check.py --providers none --cp-worlds 2 3 --cp-providers native _native_cudnn flash \
@@ -127,9 +134,9 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|matrix_parallel|split|record_kernels|record_auto|fuzz|padded_dims|cp_worlds|cp_head_dims) "$mode" ;;
+            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|matrix_parallel|split|streams|record_kernels|record_auto|fuzz|padded_dims|cp_worlds|cp_head_dims) "$mode" ;;
             *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix,"\
-                    "matrix_parallel, split,"\
+                    "matrix_parallel, split, streams,"\
                     "record_kernels, record_auto, fuzz, padded_dims, cp_worlds, cp_head_dims)"
                exit 2 ;;
         esac
