@@ -17,8 +17,8 @@ two new streams from PyTorch's pool at every call. Writes step_streams_reserved<
 
 --ring: the ring itself (benchmarks/run.py's ring split, forward+backward, the provider's ring backward) with its
 backward's steps on one stream and on two (cpattn/cp/streams.py), against one whole call in balanced alternating
-rounds; each way's dQ against the whole call's, and the peak memory each allocates above the inputs while all
-ranks' steps run. Writes step_streams_ring<tag>.json.
+rounds; each way's dQ against the whole call's, the peak memory each allocates above the inputs while all
+ranks' steps run, and the host time each takes to issue them. Writes step_streams_ring<tag>.json.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
-from benchmarks.run import RESULTS, bench_alternating, ring_split_case, write_cases  # noqa: E402
+from benchmarks.run import RESULTS, bench_alternating, host_ms, ring_split_case, write_cases  # noqa: E402
 from cpattn.cp.comm import CommStats  # noqa: E402
 from cpattn.cp.layout import ring_positions  # noqa: E402
 from cpattn.cp.mesh import Group  # noqa: E402
@@ -133,6 +133,8 @@ def ring_case(provider: str, s: int, p: int, causal: bool, rounds: int) -> dict:
         row[f"{name}_peak_mib_above_inputs"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
         row[f"{name}_dq_max_error"] = max((dq.float() - reference.index_select(2, i).float()).abs().max().item()
                                          for dq, i in zip(dqs, shards))
+    for name, split in (("streams_1", split_1), ("streams_2", split_2)):
+        row[f"{name}_host_ms"] = host_ms(split, repeats=9)  # time to issue all ranks' work (GPU drained first)
     times = bench_alternating({"whole": whole, "streams_1": split_1, "streams_2": split_2}, rounds=rounds)
     row["times"] = times
     row["efficiency"] = {k: times["whole"]["median_ms"] / t["median_ms"] for k, t in times.items() if k != "whole"}
@@ -197,7 +199,8 @@ def main() -> None:
                     print(name, "causal" if causal else "noncausal", f"P={p}",
                           {k: round(v, 3) for k, v in r["efficiency"].items()},
                           {k: round(r[f"{k}_peak_mib_above_inputs"]) for k in r["efficiency"]},
-                          {k: r[f"{k}_dq_max_error"] for k in r["efficiency"]}, flush=True)
+                          {k: r[f"{k}_dq_max_error"] for k in r["efficiency"]},
+                          {k: round(r[f"{k}_host_ms"], 2) for k in r["efficiency"]}, flush=True)
                     torch.cuda.empty_cache()
         print("wrote", write_cases(args.out, f"step_streams_ring{args.tag}", rows))
         return
