@@ -4,7 +4,8 @@ after; a stand-in provider (the math kernel) that records what each step's kerne
 a stand-in channel that copies KV blocks into the ring's receive buffers as a transfer would, ordered after the
 stream current when it was issued. At W = 5 and 6 (where receive buffers are refilled), with 2 and 3 streams:
 every refill of a buffer comes after every kernel that read it, every dK/dV send after the kernel that made it,
-no step's kernel waits for the previous step's, and dQ equals the float64 reference."""
+no step's kernel waits for the previous step's, and dQ equals the float64 reference. And which rings take a
+second stream at all."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from cpattn import reference_attention
-from cpattn.cp import ring
-from cpattn.cp.comm import CommStats
+from cpattn.cp import ring, streams
+from cpattn.cp.comm import CommStats, LoopbackRing
 from cpattn.cp.layout import ring_positions
 from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_backward, ring_forward_keeping_last
@@ -153,3 +154,27 @@ def test_steps_on_streams_keep_buffers_and_sends_ordered(world, count, layout, c
         for (before, _, _), (label, _, deps) in itertools.pairwise(kernels):
             assert before not in deps, f"rank {r}: {label} waits for the step before it"
         assert {label for label, _, _ in kernels} <= streams.after["home"]  # joined before the sums are read
+
+
+def test_second_stream_only_where_a_step_has_enough_work(monkeypatch):
+    """Host-bound rings (small shards) stay on one stream: at 4096 rows per rank x 16 heads two streams lost
+    10-17% on an H100, at 8192 they gained (cpattn/cp/streams.py). The ring asks with its shard's work."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert streams.stream_count(cuda, 2, streams.MIN_STEP_WORK) == 2
+    assert streams.stream_count(cuda, 2, streams.MIN_STEP_WORK - 1) == 1
+    assert streams.stream_count(cuda, 2, 4096 * 4096 * 16) == 1
+    assert streams.stream_count(cuda, 2, 8192 * 8192 * 16) == 2
+    assert streams.stream_count(cpu, 2, 10 ** 12) == 1
+    asked = []
+    monkeypatch.setattr(ring, "stream_count", lambda device, n, work: asked.append((n, work)) or 1)
+    world, total = 3, 18
+    q, k, v, dout = (torch.randn(2, 4, total, 8, dtype=torch.float64) for _ in range(4))
+    pos = ring_positions(total, world, 0, "zigzag")
+    blocks = [(k[:, :, p].contiguous(), v[:, :, p].contiguous())
+              for p in (ring_positions(total, world, r, "zigzag") for r in range(world))]
+    spec = RingSpec(Group(None, 0, world, "loopback"), "zigzag", total, 60.0, CommStats(),
+                    channel_factory=LoopbackRing(blocks, 0))
+    call = make_call(q[:, :, pos].contiguous(), *blocks[0], None, 0.0, True, None, False)
+    out, lse, last = ring_forward_keeping_last(NativeMath(), call, spec, torch.float64)
+    ring_backward(NativeMath(), call, spec, dout[:, :, pos], out, lse, torch.float64, last)
+    assert asked == [(2, 2 * 4 * 6 * 6)]  # batch x heads x the shard's rows x its keys

@@ -20,8 +20,8 @@ Per-block gradients come from the provider's backward given the global (out, lse
 probabilities of a block are exp(score - global lse). They go through the provider's `row_backward`, which sums
 dQ over the steps: by default the parts as above; a kernel with a float32 dQ accumulator of its own may keep one
 for all the steps (see contract.RowBackward). On CUDA the backward's steps take two streams in turn, so that a
-step's kernel starts while the previous one's last wave still runs (cpattn/cp/streams.py says why and what keeps
-that exact); the forward runs on one.
+step's kernel starts while the previous one's last wave still runs (cpattn/cp/streams.py says why, what keeps
+that exact, and from what size of shard); the forward runs on one.
 
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
 rank does one diagonal block and W-1 half blocks. This module never names a provider.
@@ -42,7 +42,7 @@ from ..merge import PartialAttention
 from .comm import CommStats, RingChannel
 from .layout import ring_chunks, ring_positions
 from .mesh import Group
-from .streams import StepStreams
+from .streams import StepStreams, stream_count
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class RingSpec:
     stats: CommStats
     # Builds the point-to-point channel; swappable so a benchmark can run one rank's work with no network.
     channel_factory: Callable[..., RingChannel] = RingChannel
-    # CUDA streams the backward's steps take in turn (cpattn/cp/streams.py); 1 runs every step on one stream.
+    # CUDA streams the backward's steps take in turn (cpattn/cp/streams.py), for shards with enough work per
+    # step (streams.MIN_STEP_WORK); 1 runs every step on one stream.
     step_streams: int = 2
 
     def channel(self) -> RingChannel:
@@ -221,7 +222,8 @@ def ring_backward(
     group, me, world = spec.group, spec.group.rank, spec.group.size
     channel = spec.channel()
     own_k, own_v = call.key.contiguous(), call.value.contiguous()
-    steps = StepStreams(call.device, spec.step_streams)
+    work = call.batch * call.q_heads * call.q_len * call.kv_len
+    steps = StepStreams(call.device, stream_count(call.device, spec.step_streams, work))
     # one buffer more than streams: the one a receive refills was last read on the stream its step is about to use
     buffers = _KVBuffers(own_k, own_v, spec.max_length, steps.count + 1)
     rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)

@@ -25,6 +25,15 @@ What keeps it exact
       about to use, not the one still computing); and the home stream waits for every step stream before the
       gradients are read (`join`).
 Off CUDA, or with one stream, everything runs on the current stream and these calls do nothing.
+
+When not
+    Where the host, not the kernels, sets the pace, the second stream's events and waits cost more than the
+    tails it fills. At S=16k (4096 rows per rank at P=4, H=16, D=128) two streams took the ring split from
+    0.494 to 0.442 of one whole call (FA4) and from 0.730 to 0.611 (cuDNN), and lost at P=8 too; at 8192 rows
+    per rank they gained at S=64k, P=8 (FA4 0.909 -> 0.918, cuDNN 0.895 -> 0.916) and were mixed at S=16k, P=2
+    (FA4 0.927 -> 0.918, cuDNN 0.924 -> 0.945) (step_streams_ring_16k_h100.json, step_streams_ring_h100.json).
+    So a rank takes the second stream only from `MIN_STEP_WORK` (its query rows x its keys x heads x batch:
+    8192 x 8192 x 16) on.
 """
 
 from __future__ import annotations
@@ -33,6 +42,15 @@ import contextlib
 import functools
 
 import torch
+
+
+MIN_STEP_WORK = 8192 * 8192 * 16  # query rows x keys x heads x batch of a rank's shard (see "When not")
+
+
+def stream_count(device: torch.device, requested: int, work: int) -> int:
+    """How many streams a ring backward on `device` takes: `requested` on CUDA from MIN_STEP_WORK of `work`
+    (the rank's query rows x keys x heads x batch) on, else 1."""
+    return requested if device.type == "cuda" and work >= MIN_STEP_WORK else 1
 
 
 class StepStreams:
