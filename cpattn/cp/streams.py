@@ -32,8 +32,14 @@ When not
     0.494 to 0.442 of one whole call (FA4) and from 0.730 to 0.611 (cuDNN), and lost at P=8 too; at 8192 rows
     per rank they gained at S=64k, P=8 (FA4 0.909 -> 0.918, cuDNN 0.895 -> 0.916) and were mixed at S=16k, P=2
     (FA4 0.927 -> 0.918, cuDNN 0.924 -> 0.945) (step_streams_ring_16k_h100.json, step_streams_ring_h100.json).
-    So a rank takes the second stream only from `MIN_STEP_WORK` (its query rows x its keys x heads x batch:
-    8192 x 8192 x 16) on.
+    The host took longer to issue the split on two streams there (cuDNN at P=4: 9.6 -> 12.6 ms for all ranks),
+    and under the profiler at S=16k, P=2 the allocator's `empty` took 2.9 ms of host time on two streams
+    against 0.3-0.5 ms on one. So a rank takes the second stream only from `MIN_STEP_WORK` (its query rows x its
+    keys x heads x batch: 8192 x 8192 x 16) on. Afterwards (step_streams_ring_16k_gated_h100.json, both ways
+    now one stream at P=4) the same code timed twice in one run differed by up to 0.037 at S=16k, P=4: host-bound
+    rings are noisy, and the losses above are larger than that for cuDNN, about as large for FA4. Above the
+    threshold the gain held in that run (S=64k, P=8: FA4 0.927 -> 0.948, cuDNN 0.924 -> 0.938,
+    step_streams_ring_64k_p8_gated_h100.json).
 """
 
 from __future__ import annotations
