@@ -308,6 +308,11 @@ def _worker(rank: int, world: int, port: int, cases: list, queue) -> None:
 
     if os.environ.get("CPATTN_TEST_TRITON_ON_CPU") == "1":
         _use_triton_kernels_on_cpu()
+    # The checks' shards are far below the work per step from which a ring backward takes a second CUDA stream
+    # (cpattn/cp/streams.py): lowered here so that GPU cases run the two-stream path, as large shards do.
+    import cpattn.cp.streams
+
+    cpattn.cp.streams.MIN_STEP_WORK = 0
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
