@@ -29,6 +29,7 @@ CP_OPTIONS = {
     "cp_layout": ("zigzag", "contiguous"),
     "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60; given: bounded on NCCL too)
     "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
+    "cp_ring_streams": (2, 1),  # CUDA streams a ring backward's steps take in turn (cpattn/cp/streams.py)
 }
 PROVIDER_OPTIONS = {
     "autotune": (False, True),  # provider "auto" only: choose per input signature by timing the candidates
@@ -98,7 +99,8 @@ def attention_provider(
 
     `cp_mesh` is a 1-D DeviceMesh or ProcessGroup (ring / Ulysses / all-gather) or a 2-D DeviceMesh with
     dimensions ("ring", "ulysses") for the hybrid. Options: cp_strategy, cp_layout, cp_timeout,
-    cp_replicated_prefix; and autotune=True with provider "auto" (see cpattn.providers.auto).
+    cp_replicated_prefix, cp_ring_streams (2, the default, or 1: see cpattn/cp/streams.py); and autotune=True
+    with provider "auto" (see cpattn.providers.auto).
     """
     adapter = get_provider(provider)
     opts = _validate_options(options)

@@ -15,6 +15,7 @@ import itertools
 import pytest
 import torch
 
+import cpattn
 from cpattn import reference_attention
 from cpattn.cp import ring, streams
 from cpattn.cp.comm import CommStats, LoopbackRing
@@ -178,3 +179,19 @@ def test_second_stream_only_where_a_step_has_enough_work(monkeypatch):
     out, lse, last = ring_forward_keeping_last(NativeMath(), call, spec, torch.float64)
     ring_backward(NativeMath(), call, spec, dout[:, :, pos], out, lse, torch.float64, last)
     assert asked == [(2, 2 * 4 * 6 * 6)]  # batch x heads x the shard's rows x its keys
+
+
+def test_cp_ring_streams_option_reaches_the_ring(monkeypatch):
+    """attention_provider(..., cp_ring_streams=1) keeps the ring backward on one stream; only 1 and 2 are taken."""
+    from cpattn.cp.context import ContextParallel
+    from cpattn.cp.mesh import Topology
+    from cpattn.dispatch import _validate_options
+
+    group = Group(None, 0, 2, "nccl")
+    assert ContextParallel(Topology(group, None, 1))._ring_spec(8).step_streams == 2
+    monkeypatch.setattr("cpattn.cp.context.topology_from_mesh", lambda mesh, strategy: Topology(group, None, 1))
+    assert ContextParallel.from_mesh(object(), cp_ring_streams=1)._ring_spec(8).step_streams == 1
+    assert _validate_options({"cp_ring_streams": 1}) == {"cp_ring_streams": 1}
+    for bad in (3, 0, True, "2"):
+        with pytest.raises(cpattn.InvalidArgumentError, match="cp_ring_streams"):
+            _validate_options({"cp_ring_streams": bad})

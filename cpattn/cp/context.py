@@ -53,17 +53,19 @@ class ContextParallel:
     stats: CommStats = field(default_factory=CommStats)
     prefix: int = 0  # replicated leading tokens (joint attention), see cpattn/cp/prefix.py
     bounded_waits: bool = False  # cp_timeout was given: every wait is a bounded host wait, on NCCL too
+    ring_streams: int = 2  # CUDA streams the ring backward's steps take in turn (cpattn/cp/streams.py)
 
     @classmethod
     def from_mesh(cls, cp_mesh, cp_strategy: str = "auto", cp_layout: str = "zigzag", cp_timeout: float | None = None,
-                  cp_replicated_prefix: int = 0):
+                  cp_replicated_prefix: int = 0, cp_ring_streams: int = 2):
         if cp_strategy not in STRATEGIES:
             raise InvalidArgumentError(f"cp_strategy={cp_strategy!r}; choose one of {STRATEGIES}")
         if cp_layout not in LAYOUTS:
             raise InvalidArgumentError(f"cp_layout={cp_layout!r}; choose one of {LAYOUTS}")
         timeout = DEFAULT_TIMEOUT if cp_timeout is None else float(cp_timeout)
         return cls(topology_from_mesh(cp_mesh, cp_strategy), cp_strategy, cp_layout, timeout,
-                   prefix=int(cp_replicated_prefix), bounded_waits=cp_timeout is not None)
+                   prefix=int(cp_replicated_prefix), bounded_waits=cp_timeout is not None,
+                   ring_streams=int(cp_ring_streams))
 
     @property
     def data_timeout(self) -> float | None:
@@ -378,7 +380,8 @@ class ContextParallel:
                                     torch.arange(total, device=call.device))
 
     def _ring_spec(self, total: int) -> RingSpec:
-        return RingSpec(self.topology.ring, self.layout, total, self.data_timeout, self.stats)
+        return RingSpec(self.topology.ring, self.layout, total, self.data_timeout, self.stats,
+                        step_streams=self.ring_streams)
 
     def _gathered_order(self, total: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
         """1-D schedules that gather every rank's tokens: their concatenation's global positions."""
