@@ -9,6 +9,10 @@ import sys
 import torch
 
 from cpattn import reference_attention
+from cpattn.cp.comm import CommStats
+from cpattn.cp.layout import ring_positions
+from cpattn.cp.mesh import Group
+from cpattn.cp.ring import RingSpec
 
 # Absolute tolerances against the float64 reference, per input dtype (outputs are O(1)).
 OUT_ATOL = {torch.float64: 1e-6, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
@@ -39,6 +43,17 @@ def reference_with_grads(q, k, v, dout, mask=None, causal=False, scale=None):
     out, lse = reference_attention(q64, k64, v64, mask, causal, scale)
     grads = torch.autograd.grad(out, (q64, k64, v64), dout.double())
     return out.detach(), lse.detach(), grads
+
+
+def ring_shards(k, v, world: int, layout: str):
+    """Every rank's global positions and its (key, value) shard, as a ring is given them."""
+    pos = [ring_positions(k.shape[2], world, r, layout) for r in range(world)]
+    return pos, [(k[:, :, p].contiguous(), v[:, :, p].contiguous()) for p in pos]
+
+
+def loopback_spec(rank: int, world: int, layout: str, total: int, channel) -> RingSpec:
+    """A RingSpec for one rank's steps run alone, with `channel` (a loopback stand-in) for its transfers."""
+    return RingSpec(Group(None, rank, world, "loopback"), layout, total, 60.0, CommStats(), channel_factory=channel)
 
 
 def max_err(a, b) -> float:

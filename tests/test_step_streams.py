@@ -16,14 +16,13 @@ import pytest
 import torch
 
 import cpattn
-from cpattn import reference_attention
 from cpattn.cp import ring, streams
-from cpattn.cp.comm import CommStats, LoopbackRing
-from cpattn.cp.layout import ring_positions
+from cpattn.cp.comm import LoopbackRing
 from cpattn.cp.mesh import Group
-from cpattn.cp.ring import RingSpec, ring_backward, ring_forward_keeping_last
+from cpattn.cp.ring import ring_backward, ring_forward_keeping_last
 from cpattn.dispatch import make_call
 from cpattn.providers.native import NativeMath
+from helpers import loopback_spec, reference_with_grads, ring_shards
 
 
 class StandInStreams:
@@ -129,22 +128,19 @@ def test_steps_on_streams_keep_buffers_and_sends_ordered(world, count, layout, c
     total = 4 * world
     g = torch.Generator().manual_seed(world + count)
     q, k, v, dout = (torch.randn(1, 2, total, 8, generator=g, dtype=torch.float64) for _ in range(4))
-    ref = [t.clone().requires_grad_() for t in (q, k, v)]
-    want, _ = reference_attention(*ref, is_causal=causal)
-    want.backward(dout)
-    pos = [ring_positions(total, world, r, layout) for r in range(world)]
-    blocks = [(k[:, :, p].contiguous(), v[:, :, p].contiguous()) for p in pos]
+    _, _, (want_dq, _, _) = reference_with_grads(q, k, v, dout, causal=causal)
+    pos, blocks = ring_shards(k, v, world, layout)
     for r in range(world):
         streams = StandInStreams(count)
         monkeypatch.setattr(ring, "StepStreams", lambda device, n: streams)
         provider = RecordingMath(streams)
         channel = CopyingLoopback(blocks, r, streams, provider)
-        spec = RingSpec(Group(None, r, world, "loopback"), layout, total, 60.0, CommStats(), channel_factory=channel)
+        spec = loopback_spec(r, world, layout, total, channel)
         call = make_call(q[:, :, pos[r]].contiguous(), *blocks[r], None, 0.0, causal, None, False)
         out, lse, _ = ring_forward_keeping_last(NativeMath(), call, spec, torch.float64)
         channel.refills.clear()
         dq, _, _ = ring_backward(provider, call, spec, dout[:, :, pos[r]], out, lse, torch.float64, None)
-        torch.testing.assert_close(dq, ref[0].grad[:, :, pos[r]], rtol=0, atol=1e-6)
+        torch.testing.assert_close(dq, want_dq[:, :, pos[r]], rtol=0, atol=1e-6)
         assert len({ptr for ptr, _, _ in channel.refills}) == count + 1  # the buffers were reused
         for ptr, launched, deps in channel.refills:
             readers = [label for label, reads, _ in launched if reads == ptr]
@@ -170,11 +166,8 @@ def test_second_stream_only_where_a_step_has_enough_work(monkeypatch):
     monkeypatch.setattr(ring, "stream_count", lambda device, n, work: asked.append((n, work)) or 1)
     world, total = 3, 18
     q, k, v, dout = (torch.randn(2, 4, total, 8, dtype=torch.float64) for _ in range(4))
-    pos = ring_positions(total, world, 0, "zigzag")
-    blocks = [(k[:, :, p].contiguous(), v[:, :, p].contiguous())
-              for p in (ring_positions(total, world, r, "zigzag") for r in range(world))]
-    spec = RingSpec(Group(None, 0, world, "loopback"), "zigzag", total, 60.0, CommStats(),
-                    channel_factory=LoopbackRing(blocks, 0))
+    (pos, *_), blocks = ring_shards(k, v, world, "zigzag")
+    spec = loopback_spec(0, world, "zigzag", total, LoopbackRing(blocks, 0))
     call = make_call(q[:, :, pos].contiguous(), *blocks[0], None, 0.0, True, None, False)
     out, lse, last = ring_forward_keeping_last(NativeMath(), call, spec, torch.float64)
     ring_backward(NativeMath(), call, spec, dout[:, :, pos], out, lse, torch.float64, last)
