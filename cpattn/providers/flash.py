@@ -72,7 +72,7 @@ from ..contract import (
     rows_may_be_empty,
 )
 from ..errors import InvalidArgumentError, UnsupportedInputError
-from . import fa4_rows
+from . import fa4_forward, fa4_rows
 from ._libs import STANDIN_DEVICES_ATTR, parse_version
 
 MIN_FA2_VERSION = parse_version("2.6.3")
@@ -497,6 +497,9 @@ class _FlashAttention4(_Generation):
         public, api = modules
         self._row_kernels = None if varlen or self.standin_devices else fa4_rows.Sm90BackwardKernels.load(
             api, version)
+        # dense forwards on sm90 skip _flash_attn_fwd's per-call Python where they can (fa4_forward)
+        self._direct_forward = None if varlen or self.standin_devices else fa4_forward.Sm90Forward.load(
+            api, version)
         if self._row_kernels is not None:
             self.extra_notes = self.extra_notes + (
                 "under ring attention on sm90, one float32 dQ accumulator per rank for all steps (Hq == Hkv, "
@@ -541,6 +544,9 @@ class _FlashAttention4(_Generation):
     # _flash_attn_fwd returns (out, lse, ...) and _flash_attn_bwd (dq, dk, dv, ...); 4.0.0b36 added trailing
     # values (p, row_max, o_lo / dqv, dsink), so keep only the leading ones.
     def forward(self, q, k, v, scale, causal):
+        direct = self._direct_forward
+        if direct is not None and direct.takes(q, k, v):
+            return direct(q, k, v, scale, causal, return_lse=True)
         return tuple(self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2])
 
     def varlen_forward(self, q, k, v, packing, scale, causal):
@@ -549,9 +555,14 @@ class _FlashAttention4(_Generation):
 
     def inference_of_qkv(self, scale, causal):
         # flash_attn_func runs this same forward (return_lse=False) inside an autograd.Function, whose Python
-        # costs more host time than the kernel launch at small shapes: without gradients, call it directly.
+        # costs more host time than the kernel launch at small shapes: without gradients, call it directly,
+        # and where fa4_forward takes the tensors, without _flash_attn_fwd's Python too.
         forward = self._fwd.partial(softmax_scale=scale, causal=causal, return_lse=False)
-        return lambda q, k, v: forward(q=q, k=k, v=v)[0]
+        direct = self._direct_forward
+        if direct is None:
+            return lambda q, k, v: forward(q=q, k=k, v=v)[0]
+        return lambda q, k, v: (direct(q, k, v, scale, causal, return_lse=False)[0] if direct.takes(q, k, v)
+                                else forward(q=q, k=k, v=v)[0])
 
     def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
         return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
@@ -561,9 +572,8 @@ class _FlashAttention4(_Generation):
         # The public function on transpose views is five autograd nodes (its own and four transposes); through
         # _TransposedFlash it is one, which saved 37 us of host time per forward and 66 us per forward+backward
         # in a stand-in measurement (cpattn's side only). At small shapes FA4's calls are host-bound on an H100.
-        forward = self._fwd.partial(softmax_scale=scale, causal=causal, return_lse=True)
         backward = self._bwd.partial(softmax_scale=scale, causal=causal, deterministic=deterministic)
-        kernels = (lambda q, k, v: forward(q=q, k=k, v=v)[:2],
+        kernels = (lambda q, k, v: self.forward(q, k, v, scale, causal),
                    lambda dout, q, k, v, out, lse: backward(q=q, k=k, v=v, out=out, dout=dout, lse=lse)[:3])
         return lambda q, k, v: _TransposedFlash.apply(q, k, v, kernels)
 

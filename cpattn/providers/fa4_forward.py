@@ -1,0 +1,114 @@
+"""FlashAttention-4's sm90 forward kernel, launched without the library's Python interface.
+
+Why
+    flash_attn.cute's `_flash_attn_fwd` rebuilds, on every call, what only changes with the shape class: about
+    a hundred lines of argument checks, the tile heuristic, a compile-cache key of some sixty values, alignment
+    checks on each tensor. The kernel itself, once compiled, is a TVM-FFI function that takes torch tensors.
+    On an H100 that Python cost more than the kernel at small shapes (flash_host_time_*.json), and a ring
+    pays it once per step and rank: at S=16k, P=4 the sixteen forward block calls of all ranks spent about
+    4.4 ms in `_flash_attn_fwd` under cProfile (ring_profile_runners.json), where the GPU work was 6 ms.
+    Here the kernel is compiled once per shape class, with the arguments and the tile the library itself
+    would choose, and called directly; everything the library would decide differently falls back to it.
+
+What is the same
+    The kernel class (FlashAttentionForwardSm90), its constructor arguments, the tile (`_tile_size_fwd_sm90`)
+    and the call's argument list are those of `_flash_attn_fwd` in the checked version for a dense call
+    without window, softcap, sink, score/mask mod, paging or block sparsity. So the output and the
+    log-sum-exp are the library's, bit for bit; tests/fa4_forward_check.py checks that on a GPU.
+
+When
+    sm90, the checked library version, q/k/v in float16 or bfloat16 of one dtype, 4-D (B, S, H, D) with the
+    last dim contiguous and every other stride (and the address) 16-byte aligned (the kernel assumes that; the
+    library would copy otherwise), non-empty, and Hq a multiple of Hkv. `Sm90Forward.takes` checks that per
+    call; otherwise the provider calls `_flash_attn_fwd`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+CHECKED_VERSIONS = frozenset({"4.0.0b36"})
+# What the launch below reads from flash_attn.cute.interface: without any of them the library's function runs.
+_NEEDED = ("_tile_size_fwd_sm90", "FlashAttentionForwardSm90", "to_cute_tensor", "get_broadcast_dims",
+           "torch2cute_dtype_map", "AuxData", "cute")
+_ALIGN_BYTES = 16
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Sm90Forward:
+    """flash_attn.cute's sm90 forward kernel, compiled per shape class and called with torch tensors."""
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+        self._compiled: dict[tuple, Any] = {}
+        self._hopper: dict[int, bool] = {}  # device index -> compute capability 9.x
+
+    @classmethod
+    def load(cls, api: Any, version: str) -> "Sm90Forward | None":
+        if version not in CHECKED_VERSIONS or any(not hasattr(api, name) for name in _NEEDED):
+            return None
+        return cls(api)
+
+    def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether the direct launch runs this call exactly as `_flash_attn_fwd` would (see the module
+        docstring); cheap enough to ask on every call."""
+        if not (q.is_cuda and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4):
+            return False
+        index = q.device.index
+        hopper = self._hopper.get(index)
+        if hopper is None:
+            hopper = self._hopper[index] = torch.cuda.get_device_capability(q.device)[0] == 9
+        if not hopper or q.shape[2] % k.shape[2] or k.shape[:3] != v.shape[:3] or 0 in q.shape or 0 in k.shape:
+            return False
+        return all(_aligned(t) for t in (q, k, v))
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
+                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out (B, Sq, H, Dv) in q's dtype, lse (B, H, Sq) float32 or None), from (B, S, H, D) q, k, v that
+        `takes` accepted; on the current CUDA device's current stream."""
+        api = self._api
+        batch, q_len, heads, head_dim = q.shape
+        head_dim_v = v.shape[-1]
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        out = torch.empty(batch, q_len, heads, head_dim_v, dtype=q.dtype, device=q.device)
+        lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device) if return_lse else None
+        key = (q.dtype, head_dim, head_dim_v, heads // k.shape[2], causal, return_lse,
+               api.get_broadcast_dims(q), api.get_broadcast_dims(k), api.get_broadcast_dims(v))
+        kernel = self._compiled.get(key)
+        if kernel is None:
+            kernel = self._compiled[key] = self._compile(q, k, v, out, lse, scale, causal)
+        kernel(q.detach(), k.detach(), v.detach(), out, lse, scale, None, None, None, None, None, None, None, None,
+               None, api.AuxData(None, None), None, None)
+        return out, lse
+
+    def _compile(self, q, k, v, out, lse, scale, causal):
+        """As `_flash_attn_fwd` compiles a dense sm90 call (see the module docstring)."""
+        api = self._api
+        head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+        per_kv_head = q.shape[2] // k.shape[2]
+        config = api._tile_size_fwd_sm90(head_dim, head_dim_v, causal, False)
+        kernel = api.FlashAttentionForwardSm90(
+            api.torch2cute_dtype_map[q.dtype], head_dim, head_dim_v, per_kv_head, is_causal=causal, is_local=False,
+            pack_gqa=per_kv_head > 1, tile_m=config.m_block_size, tile_n=config.n_block_size, num_stages=2,
+            num_threads=384, Q_in_regs=False, intra_wg_overlap=config.intra_wg_overlap,
+            mma_pv_is_rs=config.mma_pv_is_rs, mask_mod=None, score_mod=None, has_aux_tensors=False,
+            q_subtile_factor=1, paged_kv_non_tma=False)
+        tensors = [api.to_cute_tensor(t) for t in (q, k, v)]
+        tensors.append(api.to_cute_tensor(out, assumed_align=_ALIGN_BYTES))
+        tensors.append(api.to_cute_tensor(lse, assumed_align=4) if lse is not None else None)
+        stream = api.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+        return api.cute.compile(kernel, *tensors, scale, None, None, None, None, None, None, None, None, None,
+                                api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """The layout the kernel assumes: last dim contiguous, address and other strides 16-byte aligned (stride 0,
+    a broadcast dim, is allowed: it is part of the compile key)."""
+    if t.stride(-1) != 1 or t.data_ptr() % _ALIGN_BYTES:
+        return False
+    multiple = _ALIGN_BYTES // t.element_size()
+    return all(s % multiple == 0 for s in t.stride()[:-1])
