@@ -4,7 +4,7 @@ The kernel needs a Hopper GPU, so `StandInApi` (a stand-in, named as such) is th
 the launch reads: its "compiled kernel" writes float64 attention into the output and log-sum-exp it is handed.
 What is tested is cpattn's side: which tensors the launch accepts, one compile per shape class, the arguments it
 compiles and calls with, and that the provider never takes the direct way for a stand-in library or varlen.
-tests/fa4_forward_check.py compares the real kernel with the library's forward bit for bit on a GPU.
+tests/fa4_direct_check.py compares the real kernel with the library's forward bit for bit on a GPU.
 """
 
 from __future__ import annotations

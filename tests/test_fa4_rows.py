@@ -226,3 +226,78 @@ def test_a_kernel_is_compiled_per_tile_configuration():
         accum = torch.zeros(1, 8, 320 * 128)
         kernels.main(config, q, k, v, dout, stats, stats, accum, k, v, 0.1, False)
     assert compiled_for == [64, 80]
+
+
+class StandInWholeKernels(Sm90BackwardKernels):
+    """STAND-IN: Sm90BackwardKernels' own `whole`, over StandInKernels' three launches (float64 torch, CPU)."""
+
+    def __init__(self):
+        super().__init__(api=None)
+        self.launches = StandInKernels()
+        self.seen = []  # the tensors `whole` handed the launches
+
+    def config(self, head_dim, head_dim_v, causal):
+        return TileConfig()
+
+    def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum):
+        self.seen += [out, dout]
+        self.launches.preprocess(config, out, dout, lse, dpsum, lse_log2, accum)
+
+    def main(self, config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, causal):
+        self.seen += [q, k, v]
+        self.launches.main(config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, causal)
+
+    def postprocess(self, config, accum, dq, scale):
+        self.launches.postprocess(config, accum, dq, scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dout_kind", ["random", "stride 0", "unaligned view"])
+def test_whole_backward_is_the_gradient_of_one_call(causal, dout_kind):
+    """One call's backward through the three launches, in the (B, S, H, D) views dispatch hands FA4, with the
+    kernel-form lse: dQ, dK, dV against float64 autograd. A dO of stride 0 (what `.sum()` hands back) and one on
+    an address off 16 bytes are made contiguous first, as the library does (the kernels assume that layout)."""
+    g = torch.Generator().manual_seed(3)
+    b, h, s, d = 2, 3, 10, 16  # 10 rows: off the stand-in's 4-row tile
+    q, k, v = (torch.randn(b, h, s, d, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    scores = q @ k.transpose(-1, -2) * d ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    out = scores.softmax(-1) @ v
+    if dout_kind == "random":
+        dout = torch.randn(b, h, s, d, generator=g, dtype=torch.float64)
+    elif dout_kind == "stride 0":
+        dout = torch.ones((), dtype=torch.float64).expand(b, h, s, d)
+    else:
+        dout = torch.randn(b * h * s * d + 1, generator=g, dtype=torch.float64)[1:].view(b, h, s, d)
+    out.backward(dout)
+    kernels = StandInWholeKernels()
+    view = lambda t: t.detach().transpose(1, 2)  # noqa: E731
+    dq, dk, dv = kernels.whole(view(q), view(k), view(v), view(out), view(dout),
+                               scores.logsumexp(-1).detach().float(), None, causal)
+    for got, want in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        assert got.shape == (b, s, h, d)
+        torch.testing.assert_close(got.transpose(1, 2).double(), want, atol=1e-5, rtol=1e-5)
+    assert all(fa4_rows._maybe_contiguous(t) is t for t in kernels.seen)  # what the launches saw was aligned
+    assert kernels.launches.main_calls == 1 and kernels.launches.postprocess_calls == 1
+
+
+def test_whole_backward_takes_only_sm90_calls_it_runs_as_the_library():
+    kernels = StandInWholeKernels()
+    q = torch.zeros(1, 8, 4, 64, dtype=torch.bfloat16)
+    assert not kernels.takes_whole(q, q, q)  # CPU tensors: the library's function runs
+
+
+@pytest.mark.parametrize("make, copied", [
+    (lambda: torch.randn(2, 8, 4, 64, dtype=torch.bfloat16), False),
+    (lambda: torch.randn(2, 4, 8, 64, dtype=torch.bfloat16).transpose(1, 2), False),
+    (lambda: torch.randn(2, 1, 4, 64, dtype=torch.bfloat16).expand(2, 8, 4, 64), False),  # stride-0 dim kept
+    (lambda: torch.ones((), dtype=torch.bfloat16).expand(2, 8, 4, 64), True),  # last dim of stride 0
+    (lambda: torch.randn(2, 8, 4, 68, dtype=torch.bfloat16)[..., :64], True),
+    (lambda: torch.randn(2 * 8 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 8, 4, 64), True),
+])
+def test_maybe_contiguous_copies_what_the_library_copies(make, copied):
+    t = make()
+    got = fa4_rows._maybe_contiguous(t)
+    assert (got is not t) is copied
+    assert torch.equal(got, t)

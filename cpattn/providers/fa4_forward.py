@@ -14,7 +14,7 @@ What is the same
     The kernel class (FlashAttentionForwardSm90), its constructor arguments, the tile (`_tile_size_fwd_sm90`)
     and the call's argument list are those of `_flash_attn_fwd` in the checked version for a dense call
     without window, softcap, sink, score/mask mod, paging or block sparsity. So the output and the
-    log-sum-exp are the library's, bit for bit; tests/fa4_forward_check.py checks that on a GPU.
+    log-sum-exp are the library's, bit for bit; tests/fa4_direct_check.py checks that on a GPU.
 
 When
     sm90, the checked library version, q/k/v in float16 or bfloat16 of one dtype, 4-D (B, S, H, D) with the
@@ -55,7 +55,9 @@ class Sm90Forward:
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether the direct launch runs this call exactly as `_flash_attn_fwd` would (see the module
         docstring); cheap enough to ask on every call."""
-        if not (q.is_cuda and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype and q.dim() == k.dim() == v.dim() == 4):
+        # (8 elements of these dtypes are the 16 bytes `_aligned` checks strides against)
+        if not (q.is_cuda and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
+                and q.dim() == k.dim() == v.dim() == 4):
             return False
         index = q.device.index
         hopper = self._hopper.get(index)
@@ -106,9 +108,8 @@ class Sm90Forward:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """The layout the kernel assumes: last dim contiguous, address and other strides 16-byte aligned (stride 0,
-    a broadcast dim, is allowed: it is part of the compile key)."""
-    if t.stride(-1) != 1 or t.data_ptr() % _ALIGN_BYTES:
-        return False
-    multiple = _ALIGN_BYTES // t.element_size()
-    return all(s % multiple == 0 for s in t.stride()[:-1])
+    """The layout the kernel assumes, for a 4-D fp16/bf16 tensor: last dim contiguous, address and other strides
+    16-byte aligned (stride 0, a broadcast dim, is allowed: it is part of the compile key). Written out, not
+    looped: the provider asks this three times per call."""
+    s = t.stride()
+    return s[3] == 1 and t.data_ptr() % _ALIGN_BYTES == 0 and s[0] % 8 == 0 and s[1] % 8 == 0 and s[2] % 8 == 0

@@ -52,6 +52,7 @@ import torch
 from ..contract import AttentionCall, Provider, RowBackward, lse_for_kernel_backward, rows_may_be_empty
 
 CHECKED_VERSIONS = frozenset({"4.0.0b36"})
+_HALF = (torch.float16, torch.bfloat16)
 # What the launches below read from flash_attn.cute.interface: without any of them, the per-block path runs.
 _NEEDED = ("_tile_size_bwd_sm90", "_bwd_preprocess", "_bwd_postprocess_convert", "_get_device_arch",
            "FlashAttentionBackwardSm90", "to_cute_tensor", "get_broadcast_dims", "torch2cute_dtype_map", "AuxData",
@@ -79,6 +80,9 @@ class Sm90BackwardKernels:
     def __init__(self, api: Any) -> None:
         self._api = api
         self._compiled: dict[tuple, Any] = {}  # main kernels by configuration, compiled on first use
+        self._configs: dict[tuple, Any] = {}  # the library's tile configuration by (head dims, causal)
+        self._config_keys: dict[int, tuple] = {}  # id(config) -> its hashable key (configs are kept above)
+        self._hopper: dict[int, bool] = {}  # device index -> compute capability 9.x
 
     @classmethod
     def load(cls, api: Any, version: str) -> "Sm90BackwardKernels | None":
@@ -89,7 +93,12 @@ class Sm90BackwardKernels:
     def config(self, head_dim: int, head_dim_v: int, causal: bool):
         """The tile configuration every block of a rank uses: the library's for causal blocks in a causal ring
         (some of whose blocks are not causal), else the library's for non-causal blocks."""
-        return self._api._tile_size_bwd_sm90(head_dim, head_dim_v, causal, False)
+        key = (head_dim, head_dim_v, causal)
+        config = self._configs.get(key)
+        if config is None:
+            config = self._configs[key] = self._api._tile_size_bwd_sm90(head_dim, head_dim_v, causal, False)
+            self._config_keys[id(config)] = _config_key(config)
+        return config
 
     @staticmethod
     def head_dim_rounded(config, head_dim: int) -> int:
@@ -110,13 +119,49 @@ class Sm90BackwardKernels:
         single_k = _round_up(k.shape[1], config.n_block_size) == config.n_block_size
         # the tile configuration is part of the key: a kernel compiled for another tile would add into the
         # accumulator in another order than this rank's postprocess reads
-        key = (_config_key(config), q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
+        config_key = self._config_keys.get(id(config))
+        key = (config_key if config_key is not None else _config_key(config), q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
                *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
         if key not in self._compiled:
             self._compiled[key] = self._compile(config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv,
                                                 scale)
         self._compiled[key](q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, None, None, None, None, None,
                             None, None, None, None, api.AuxData(None, None), None, None)
+
+    def takes_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether `whole` runs this (B, S, H, D) call as `_flash_attn_bwd` does: an sm90 GPU, fp16/bf16,
+        Hq == Hkv (with grouped heads the library sums dK/dV in accumulators of its own), one head dim, and
+        something to compute."""
+        if not (q.is_cuda and q.dtype in _HALF and q.dim() == 4 and q.shape[2] == k.shape[2]
+                and q.shape[-1] == v.shape[-1] and 0 not in q.shape and 0 not in k.shape):
+            return False
+        index = q.device.index
+        hopper = self._hopper.get(index)
+        if hopper is None:
+            hopper = self._hopper[index] = torch.cuda.get_device_capability(q.device)[0] == 9
+        return hopper
+
+    def whole(self, q, k, v, out, dout, lse, scale: float | None, causal: bool):
+        """(dq, dk, dv) of one whole call: the library's three launches (preprocess, main, postprocess) with
+        the library's tile for `causal`, on (B, S, H, D) tensors and the kernel-form lse (B, H, S) float32, made
+        contiguous where the library would (its `maybe_contiguous`), without `_flash_attn_bwd`'s per-call
+        Python. dK and dV are the library's bits and dQ differs by at most the order of its float32 atomic adds
+        (tests/fa4_direct_check.py checks both on a GPU)."""
+        q, k, v, out, dout, lse = (_maybe_contiguous(t) for t in (q, k, v, out, dout, lse))
+        batch, q_len, heads, head_dim = q.shape
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        config = self.config(head_dim, head_dim, causal)
+        rows = _round_up(q_len, config.m_block_size)
+        opts = {"dtype": torch.float32, "device": q.device}
+        accum = torch.empty(batch, heads, rows * self.head_dim_rounded(config, head_dim), **opts)
+        dpsum, lse_log2 = torch.empty(batch, heads, rows, **opts), torch.empty(batch, heads, rows, **opts)
+        self.preprocess(config, out, dout, lse, dpsum, lse_log2, accum)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        self.main(config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, causal)
+        dq = torch.empty_like(q)
+        self.postprocess(config, accum, dq, scale)
+        return dq, dk, dv
 
     def postprocess(self, config, accum, dq, scale: float) -> None:
         """dq = the accumulator rounded to dq's dtype (the library applies the softmax scale here)."""
@@ -196,6 +241,15 @@ class SharedAccumulatorBackward(RowBackward):
             return dq if dq.dtype == dtype else dq.to(dtype)
         self._dq.add(slice(0, self._q_len), dq)
         return super().dq(dtype)
+
+
+def _maybe_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """As the library's maybe_contiguous: a copy unless the last dim is contiguous and the address and every
+    other stride are 16-byte aligned (stride 0 allowed: it is part of the compile key)."""
+    stride, multiple = t.stride(), 16 // t.element_size()
+    if stride[-1] == 1 and t.data_ptr() % 16 == 0 and all(s % multiple == 0 for s in stride[:-1]):
+        return t
+    return t.contiguous() if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _on_device(device: torch.device):

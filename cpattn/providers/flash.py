@@ -565,6 +565,9 @@ class _FlashAttention4(_Generation):
                                 else forward(q=q, k=k, v=v)[0])
 
     def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+        rows = self._row_kernels  # the same three launches without _flash_attn_bwd's per-call Python
+        if rows is not None and not deterministic and rows.takes_whole(q, k, v):
+            return rows.whole(q, k, v, out, dout, lse, scale, causal)
         return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
                                deterministic=deterministic)[:3])
 
@@ -572,9 +575,9 @@ class _FlashAttention4(_Generation):
         # The public function on transpose views is five autograd nodes (its own and four transposes); through
         # _TransposedFlash it is one, which saved 37 us of host time per forward and 66 us per forward+backward
         # in a stand-in measurement (cpattn's side only). At small shapes FA4's calls are host-bound on an H100.
-        backward = self._bwd.partial(softmax_scale=scale, causal=causal, deterministic=deterministic)
         kernels = (lambda q, k, v: self.forward(q, k, v, scale, causal),
-                   lambda dout, q, k, v, out, lse: backward(q=q, k=k, v=v, out=out, dout=dout, lse=lse)[:3])
+                   lambda dout, q, k, v, out, lse: self.backward(dout, q, k, v, out, lse, scale, causal,
+                                                                 deterministic))
         return lambda q, k, v: _TransposedFlash.apply(q, k, v, kernels)
 
     def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
