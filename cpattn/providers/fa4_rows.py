@@ -32,6 +32,12 @@ The tile
     to 0.977 at P=2, within the rounds' spread (fa4_rows_probe.json, fa4_rows_probe_memory.json). benchmarks/fa4_bwd_tile_probe.py, timing single blocks, had put that
     cost at 1.009 (16k x 8k) and 0.969 (8k x 16k) of the library's tile.
 
+One whole call
+    `Sm90BackwardKernels.whole` runs the same three launches for one call's backward (the `flash` provider's
+    backward and its training path), without `_flash_attn_bwd`'s per-call Python: on an H100 at a small shape
+    87-137 us through the library, 70-109 us this way (fa4_direct_check_h100*.json). dK and dV came out bit
+    for bit the library's and dQ within its own run-to-run difference (float32 atomic adds).
+
 When
     sm90, the library version this was checked against (the kernels are private API: their arguments, and the
     accumulator's layout, may change between releases), Hq == Hkv (with grouped heads the library sums dK/dV in

@@ -19,6 +19,10 @@ Private API
     Python signature) and refuses the generation with a message naming it, the function and the parameter,
     instead of a TypeError deep inside a kernel call. Calls pass keywords only; parameters without a default
     that cpattn does not set get values that switch their feature off (no window, softcap or ALiBi).
+    FA4 on sm90, at the release it was checked with, goes one level lower where it can: its forward kernel is
+    compiled per shape class and called directly (fa4_forward), and one call's backward runs its three kernels
+    (fa4_rows), which skips about 60 us of the library's per-call Python on an H100; the outputs are the
+    library's (tests/fa4_direct_check.py).
 
 Layout and conventions
     Inputs (B, H, S, D) go to the kernels as (B, S, H, D) transpose views, KV heads unexpanded (GQA is
