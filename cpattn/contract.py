@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -228,7 +229,7 @@ class Provider:
             return [f"it runs on {', '.join(sorted(self.supports))} only, the inputs are on {call.device.type}"]
         out = capability_reasons(caps, call)
         if caps.min_compute_capability and call.device.type == "cuda":
-            have = torch.cuda.get_device_capability(call.device)
+            have = device_capability(call.device)
             if have < caps.min_compute_capability:
                 need = "sm%d%d" % caps.min_compute_capability
                 out.append(f"it needs a GPU of compute capability {need} or newer, this one is sm{have[0]}{have[1]}")
@@ -282,6 +283,25 @@ def autocast_off(device: torch.device):
     if any_autocast_enabled() and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, read once per device: providers ask for it on every call (a ring on
+    every step), and torch.cuda.get_device_capability goes through device lookups each time."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def on_device(device: torch.device):
+    """Make `device` the current CUDA device inside the block (libraries launch on the current one); nothing to
+    do, and no context switch to pay, when it already is or the tensors are not on CUDA."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 class ContractAttentionFunction(torch.autograd.Function):

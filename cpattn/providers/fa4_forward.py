@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..contract import device_capability
+
 CHECKED_VERSIONS = frozenset({"4.0.0b36"})
 # What the launch below reads from flash_attn.cute.interface: without any of them the library's function runs.
 _NEEDED = ("_tile_size_fwd_sm90", "FlashAttentionForwardSm90", "to_cute_tensor", "get_broadcast_dims",
@@ -62,7 +64,7 @@ class Sm90Forward:
         index = q.device.index
         hopper = self._hopper.get(index)
         if hopper is None:
-            hopper = self._hopper[index] = torch.cuda.get_device_capability(q.device)[0] == 9
+            hopper = self._hopper[index] = device_capability(q.device)[0] == 9
         if not hopper or q.shape[2] % k.shape[2] or k.shape[:3] != v.shape[:3] or 0 in q.shape or 0 in k.shape:
             return False
         return all(_aligned(t) for t in (q, k, v))

@@ -50,13 +50,13 @@ When
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
 import torch
 
-from ..contract import AttentionCall, Provider, RowBackward, lse_for_kernel_backward, rows_may_be_empty
+from ..contract import (AttentionCall, Provider, RowBackward, device_capability, lse_for_kernel_backward, on_device,
+                        rows_may_be_empty)
 
 CHECKED_VERSIONS = frozenset({"4.0.0b36"})
 _HALF = (torch.float16, torch.bfloat16)
@@ -145,7 +145,7 @@ class Sm90BackwardKernels:
         index = q.device.index
         hopper = self._hopper.get(index)
         if hopper is None:
-            hopper = self._hopper[index] = torch.cuda.get_device_capability(q.device)[0] == 9
+            hopper = self._hopper[index] = device_capability(q.device)[0] == 9
         return hopper
 
     def whole(self, q, k, v, out, dout, lse, scale: float | None, causal: bool):
@@ -218,7 +218,7 @@ class SharedAccumulatorBackward(RowBackward):
         self._accum = torch.empty(b, h, rows * self._dim_rounded, **opts)
         self._dpsum, self._lse_log2 = torch.empty(b, h, rows, **opts), torch.empty(b, h, rows, **opts)
         lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
-        with _on_device(call.device):
+        with on_device(call.device):
             kernels.preprocess(self._config, o, do, lse_k, self._dpsum, self._lse_log2, self._accum)
         self._added = False
 
@@ -229,7 +229,7 @@ class SharedAccumulatorBackward(RowBackward):
         q, k, v, do = (_kernel_layout(t, call.dtype) for t in (call.query, call.key, call.value, dout))
         first, count = rows.start, _round_up(rows.stop - rows.start, self._tile)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        with _on_device(call.device):
+        with on_device(call.device):
             self._kernels.main(self._config, q, k, v, do, self._lse_log2[:, :, first:first + count],
                                self._dpsum[:, :, first:first + count],
                                self._accum[:, :, first * self._dim_rounded:(first + count) * self._dim_rounded],
@@ -241,7 +241,7 @@ class SharedAccumulatorBackward(RowBackward):
         if not self._added:
             return super().dq(dtype)
         dq = torch.empty_like(self._query)  # (B, S, H, D) view of (B, H, S, D) storage, as the query
-        with _on_device(dq.device):
+        with on_device(dq.device):
             self._kernels.postprocess(self._config, self._accum, dq, self._scale)
         dq = dq.transpose(1, 2)
         if self._dq.empty:
@@ -259,9 +259,6 @@ def _maybe_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-def _on_device(device: torch.device):
-    """The library launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _kernel_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -273,7 +270,7 @@ def shared_accumulator(provider: Provider, kernels: Sm90BackwardKernels | None, 
                        dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                        head_dim_multiple: int) -> SharedAccumulatorBackward | None:
     """A SharedAccumulatorBackward for `call`'s rows where it applies (see the module docstring), else None."""
-    if kernels is None or call.device.type != "cuda" or torch.cuda.get_device_capability(call.device)[0] != 9:
+    if kernels is None or call.device.type != "cuda" or device_capability(call.device)[0] != 9:
         return None
     if (call.q_heads != call.kv_heads or call.head_dim != call.value_dim or call.head_dim % head_dim_multiple
             or call.dtype not in (torch.float16, torch.bfloat16) or torch.are_deterministic_algorithms_enabled()

@@ -48,7 +48,6 @@ Testing without a GPU
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib
@@ -71,8 +70,10 @@ from ..contract import (
     Provider,
     autocast_off,
     default_scale,
+    device_capability,
     lse_for_kernel_backward,
     normalize_lse,
+    on_device,
     rows_may_be_empty,
 )
 from ..errors import InvalidArgumentError, UnsupportedInputError
@@ -649,7 +650,7 @@ def _find_generation(varlen: bool) -> tuple[_Generation | None, list[str], list[
 
 def _device_guard(device: torch.device):
     """flash-attn launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return on_device(device)
 
 
 def _deterministic() -> bool:
@@ -799,7 +800,7 @@ class _FlashFamily(Provider):
         needs more where it runs, or its forward is faster wider (see _Generation.backward_head_dim_multiple and
         forward_head_dim_multiple)."""
         gen = self.generation()
-        cc = torch.cuda.get_device_capability(call.device) if call.device.type == "cuda" else None
+        cc = device_capability(call.device) if call.device.type == "cuda" else None
         forward = gen.forward_head_dim_multiple(cc, call.head_dim)
         return math.lcm(forward, gen.backward_head_dim_multiple(cc)) if backward else forward
 
@@ -817,7 +818,7 @@ class _FlashFamily(Provider):
                 "the bottom-right corner, SDPA to the top-left (they agree only for equal lengths)"
             )
         if call.device.type == "cuda":
-            out += self._generation.limits(call, torch.cuda.get_device_capability(call.device))
+            out += self._generation.limits(call, device_capability(call.device))
         return out
 
 

@@ -36,7 +36,6 @@ No backward exists: gradients are refused before any kernel runs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 from typing import ClassVar
@@ -51,8 +50,10 @@ from ..contract import (
     Availability,
     Capabilities,
     Provider,
+    device_capability,
     expand_kv,
     normalize_lse,
+    on_device,
 )
 from ..errors import UnsupportedInputError
 from ._libs import (
@@ -330,7 +331,7 @@ class SageFp8CudaSm90(_SageProvider):
     def extra_reasons(self, call, caps):
         out = super().extra_reasons(call, caps)
         if call.device.type == "cuda":
-            have = torch.cuda.get_device_capability(call.device)
+            have = device_capability(call.device)
             if have != (9, 0):
                 out.append(f"its kernels run on compute capability 9.0 (Hopper) only, this GPU is sm{have[0]}{have[1]}")
         return out
@@ -371,7 +372,7 @@ def _at_most(version: str, limit: str) -> bool:
 
 def _on_tensors_device(device: torch.device):
     """sageattention calls torch.cuda.set_device(v.device); this restores the caller's current GPU after."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return on_device(device)
 
 
 def smoothed_key(key: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ from ..contract import (
     Capabilities,
     Provider,
     causal_mask,
+    device_capability,
     empty_query_rows,
     expand_kv,
     lse_for_kernel_backward,
@@ -124,7 +125,7 @@ class XFormers(Provider):
 
     def extra_reasons(self, call: AttentionCall, caps: Capabilities) -> list[str]:
         if call.device.type == "cuda" and call.dtype == torch.bfloat16:
-            have = torch.cuda.get_device_capability(call.device)
+            have = device_capability(call.device)
             if have < (8, 0):
                 return [f"xformers runs bfloat16 on sm80 or newer only, this GPU is sm{have[0]}{have[1]}"]
         return []
