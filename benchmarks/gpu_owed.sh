@@ -11,7 +11,8 @@
 # without a mask, `... auto` the auto-provider suite, `... dispatch` the cached-call checks, host overhead and
 # S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
 # dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS (`... matrix_parallel`: 2, 3 and 4 at once),
-# `... split` the ring split at 64k three times, `... streams` the ring backward on one and two streams, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
+# `... split` the ring split at 64k three times, `... streams` the ring backward on one and two streams, `... direct`
+# FA4's direct launches against the library (tests/fa4_direct_check.py) and the ring split with either forward, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
 # and auto record with call-by-call timing, `... fuzz` random draws through every provider (seed $FUZZ_SEED, default
 # 3), `... padded_dims` auto against each candidate at head dims FA4 pads on sm90 (48, 80, 112), `... cp_worlds` ring,
 # Ulysses and all-gather over FA4, cuDNN and the efficient kernel at world sizes 2, 3 and 4 (`... cp_head_dims`: FA4
@@ -52,6 +53,10 @@ matrix_parallel() {  # the matrix at world sizes 2, 3 and 4 at once (W=4 in two 
         echo "== $log: $(grep -c ' ok$' "$log") ok"
         grep -E "FAIL|refused|cases in|Traceback" "$log" | head -20
     done
+}
+direct() {  # FA4's directly launched sm90 kernels against the library's functions, then the ring split both ways
+    step 420 python tests/fa4_direct_check.py --out "$out" --tag _"${DIRECT_TAG:-run}"
+    step 240 python benchmarks/fa4_forward_probe.py --out "$out" --tag _"${DIRECT_TAG:-run}"
 }
 kernel_checks() {
     step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
@@ -134,9 +139,9 @@ checks() {
 if [ $# -gt 0 ]; then  # the steps named, in order
     for mode in "$@"; do
         case "$mode" in
-            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|matrix_parallel|split|streams|record_kernels|record_auto|fuzz|padded_dims|cp_worlds|cp_head_dims) "$mode" ;;
+            checks|timed|noncausal|auto|dispatch|overhead|kernels|matrix|matrix_parallel|split|streams|direct|record_kernels|record_auto|fuzz|padded_dims|cp_worlds|cp_head_dims) "$mode" ;;
             *) echo "unknown step: $mode (checks, timed, noncausal, auto, dispatch, overhead, kernels, matrix,"\
-                    "matrix_parallel, split, streams,"\
+                    "matrix_parallel, split, streams, direct,"\
                     "record_kernels, record_auto, fuzz, padded_dims, cp_worlds, cp_head_dims)"
                exit 2 ;;
         esac
