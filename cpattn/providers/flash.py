@@ -505,6 +505,10 @@ class _FlashAttention4(_Generation):
         # dense forwards on sm90 skip _flash_attn_fwd's per-call Python where they can (fa4_forward)
         self._direct_forward = None if varlen or self.standin_devices else fa4_forward.Sm90Forward.load(
             api, version)
+        if self._direct_forward is not None:
+            self.extra_notes = self.extra_notes + (
+                "on sm90, dense forwards and one call's backward (Hq == Hkv) launch the library's compiled kernels "
+                "directly, without its per-call Python",)
         if self._row_kernels is not None:
             self.extra_notes = self.extra_notes + (
                 "under ring attention on sm90, one float32 dQ accumulator per rank for all steps (Hq == Hkv, "
