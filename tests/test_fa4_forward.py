@@ -162,3 +162,19 @@ def test_stand_in_and_varlen_generations_do_not_launch_directly(monkeypatch):
     for name in ("flash", "flash_varlen"):
         gen = cpattn.PROVIDERS[name].generation()
         assert gen.label == "flash-attn-4" and gen._direct_forward is None
+
+
+def test_takes_refuses_empty_keys_without_dividing_by_zero_heads(monkeypatch):
+    # asked before any launch, on every call: shapes it does not take must come back False, never raise
+    monkeypatch.setattr(fa4_forward, "device_capability", lambda device: (9, 0))
+    direct = Sm90Forward(StandInApi())
+    q = torch.zeros(1, 8, 4, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert direct.takes(q, q, q)  # the control: aligned, as the real kernel would take it
+    assert not direct.takes(q, torch.zeros(1, 8, 0, 64, dtype=torch.bfloat16), torch.zeros(1, 8, 0, 64,
+                                                                                         dtype=torch.bfloat16))
+    assert not direct.takes(q, q[:, :0], q[:, :0])
+    assert not direct.takes(torch.zeros(1, 8, 6, 64, dtype=torch.bfloat16), q, q)  # 6 heads over 4
+    wide = torch.zeros(1, 8, 4, 264, dtype=torch.bfloat16)
+    assert not direct.takes(wide, wide, wide)  # head dim over 256
+    assert not direct.takes(q, q, torch.zeros(1, 8, 4, 60, dtype=torch.bfloat16))  # value head dim off 8

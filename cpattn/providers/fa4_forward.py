@@ -19,8 +19,8 @@ What is the same
 When
     sm90, the checked library version, q/k/v in float16 or bfloat16 of one dtype, 4-D (B, S, H, D) with the
     last dim contiguous and every other stride (and the address) 16-byte aligned (the kernel assumes that; the
-    library would copy otherwise), non-empty, and Hq a multiple of Hkv. `Sm90Forward.takes` checks that per
-    call; otherwise the provider calls `_flash_attn_fwd`.
+    library would copy otherwise), non-empty, Hq a multiple of Hkv, and head dims of 8 to 256 in steps of 8.
+    `Sm90Forward.takes` checks that per call; otherwise the provider calls `_flash_attn_fwd`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class Sm90Forward:
     def __init__(self, api: Any) -> None:
         self._api = api
         self._compiled: dict[tuple, Any] = {}
-        self._hopper: dict[int, bool] = {}  # device index -> compute capability 9.x
 
     @classmethod
     def load(cls, api: Any, version: str) -> "Sm90Forward | None":
@@ -57,17 +56,15 @@ class Sm90Forward:
     def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether the direct launch runs this call exactly as `_flash_attn_fwd` would (see the module
         docstring); cheap enough to ask on every call."""
-        # (8 elements of these dtypes are the 16 bytes `_aligned` checks strides against)
         if not (q.is_cuda and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
-                and q.dim() == k.dim() == v.dim() == 4):
+                and q.dim() == k.dim() == v.dim() == 4 and device_capability(q.device)[0] == 9):
             return False
-        index = q.device.index
-        hopper = self._hopper.get(index)
-        if hopper is None:
-            hopper = self._hopper[index] = device_capability(q.device)[0] == 9
-        if not hopper or q.shape[2] % k.shape[2] or k.shape[:3] != v.shape[:3] or 0 in q.shape or 0 in k.shape:
+        if 0 in q.shape or 0 in k.shape or q.shape[2] % k.shape[2] or k.shape[:3] != v.shape[:3]:
             return False
-        return all(_aligned(t) for t in (q, k, v))
+        # the head dims the library's sm90 forward takes (it asserts on others)
+        if not all(8 <= d <= 256 and d % 8 == 0 for d in (q.shape[3], v.shape[3])) or k.shape[3] != q.shape[3]:
+            return False
+        return _aligned(q) and _aligned(k) and _aligned(v)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,8 +107,8 @@ class Sm90Forward:
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    """The layout the kernel assumes, for a 4-D fp16/bf16 tensor: last dim contiguous, address and other strides
-    16-byte aligned (stride 0, a broadcast dim, is allowed: it is part of the compile key). Written out, not
+    """The layout the kernel assumes, for a 4-D fp16/bf16 tensor (8 elements are 16 bytes): last dim contiguous,
+    address and other strides 16-byte aligned (stride 0, a broadcast dim, is allowed: it is part of the compile key). Written out, not
     looped: the provider asks this three times per call."""
     s = t.stride()
     return s[3] == 1 and t.data_ptr() % _ALIGN_BYTES == 0 and s[0] % 8 == 0 and s[1] % 8 == 0 and s[2] % 8 == 0

@@ -89,7 +89,6 @@ class Sm90BackwardKernels:
         self._compiled: dict[tuple, Any] = {}  # main kernels by configuration, compiled on first use
         self._configs: dict[tuple, Any] = {}  # the library's tile configuration by (head dims, causal)
         self._config_keys: dict[int, tuple] = {}  # id(config) -> its hashable key (configs are kept above)
-        self._hopper: dict[int, bool] = {}  # device index -> compute capability 9.x
 
     @classmethod
     def load(cls, api: Any, version: str) -> "Sm90BackwardKernels | None":
@@ -139,14 +138,9 @@ class Sm90BackwardKernels:
         """Whether `whole` runs this (B, S, H, D) call as `_flash_attn_bwd` does: an sm90 GPU, fp16/bf16,
         Hq == Hkv (with grouped heads the library sums dK/dV in accumulators of its own), one head dim, and
         something to compute."""
-        if not (q.is_cuda and q.dtype in _HALF and q.dim() == 4 and q.shape[2] == k.shape[2]
-                and q.shape[-1] == v.shape[-1] and 0 not in q.shape and 0 not in k.shape):
-            return False
-        index = q.device.index
-        hopper = self._hopper.get(index)
-        if hopper is None:
-            hopper = self._hopper[index] = device_capability(q.device)[0] == 9
-        return hopper
+        return (q.is_cuda and q.dtype in _HALF and q.dim() == 4 and q.shape[2] == k.shape[2]
+                and q.shape[-1] == k.shape[-1] == v.shape[-1] and 8 <= q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+                and 0 not in q.shape and 0 not in k.shape and device_capability(q.device)[0] == 9)
 
     def whole(self, q, k, v, out, dout, lse, scale: float | None, causal: bool):
         """(dq, dk, dv) of one whole call: the library's three launches (preprocess, main, postprocess) with
