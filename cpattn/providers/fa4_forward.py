@@ -108,7 +108,7 @@ class Sm90Forward:
 
 def _aligned(t: torch.Tensor) -> bool:
     """The layout the kernel assumes, for a 4-D fp16/bf16 tensor (8 elements are 16 bytes): last dim contiguous,
-    address and other strides 16-byte aligned (stride 0, a broadcast dim, is allowed: it is part of the compile key). Written out, not
-    looped: the provider asks this three times per call."""
+    address and other strides 16-byte aligned (stride 0, a broadcast dim, is allowed: it is part of the compile
+    key). Written out, not looped: the provider asks this three times per call."""
     s = t.stride()
     return s[3] == 1 and t.data_ptr() % _ALIGN_BYTES == 0 and s[0] % 8 == 0 and s[1] % 8 == 0 and s[2] % 8 == 0

@@ -126,7 +126,9 @@ class Sm90BackwardKernels:
         # the tile configuration is part of the key: a kernel compiled for another tile would add into the
         # accumulator in another order than this rank's postprocess reads
         config_key = self._config_keys.get(id(config))
-        key = (config_key if config_key is not None else _config_key(config), q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
+        if config_key is None:  # a configuration `config` did not hand out
+            config_key = _config_key(config)
+        key = (config_key, q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
                *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
         if key not in self._compiled:
             self._compiled[key] = self._compile(config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv,
