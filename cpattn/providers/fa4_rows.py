@@ -36,8 +36,8 @@ One whole call
     `Sm90BackwardKernels.whole` runs the same three launches for one call's backward (the `flash` provider's
     backward and its training path), without `_flash_attn_bwd`'s per-call Python: on an H100 at a small shape
     87-137 us through the library, 70-109 us this way (fa4_direct_check_h100*.json). dK and dV came out bit
-    for bit the library's; dQ, summed by float32 atomic adds in both, differed by at most 0.21 of one rounding
-    step at its largest value, as much as two of the library's own runs differed.
+    for bit the library's; dQ, summed by float32 atomic adds in both, differed by at most 0.33 of one rounding
+    step at its largest value over three runs, where two of the library's own runs differed by up to 0.21.
 
 When
     sm90, the library version this was checked against (the kernels are private API: their arguments, and the
