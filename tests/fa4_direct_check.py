@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -34,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import cpattn  # noqa: E402
+from benchmarks.flash_host_time import per_call_us  # noqa: E402
 from cpattn.dispatch import make_call  # noqa: E402
 from cpattn.providers.fa4_forward import Sm90Forward  # noqa: E402
 
@@ -146,18 +145,9 @@ def host_time(api, direct: Sm90Forward, n: int = 400) -> dict:
     fns = {"library _flash_attn_fwd": lambda: api._flash_attn_fwd(q=q, k=k, v=v, causal=True, return_lse=True),
            "direct": lambda: direct(q, k, v, None, True, return_lse=True),
            "direct with takes": lambda: direct.takes(q, k, v) and direct(q, k, v, None, True, return_lse=True)}
-    for fn in fns.values():
+    for fn in fns.values():  # compiles, first allocations
         fn()
-    times = {name: [] for name in fns}
-    for i in range(n):
-        if i % 32 == 0:
-            torch.cuda.synchronize()
-        for name, fn in fns.items():
-            t0 = time.perf_counter_ns()
-            fn()
-            times[name].append(time.perf_counter_ns() - t0)
-    torch.cuda.synchronize()
-    return {name: statistics.median(t) / 1e3 for name, t in times.items()}
+    return per_call_us(fns, n)
 
 
 def backward_cases(api, rows) -> list[dict]:
@@ -254,18 +244,9 @@ def backward_host_time(api, rows, n: int = 300) -> dict:
                                                                   causal=True),
            "direct with takes_whole": lambda: rows.takes_whole(q, k, v) and rows.whole(q, k, v, out, dout, lse,
                                                                                         None, True)}
-    for fn in fns.values():
+    for fn in fns.values():  # compiles, first allocations
         fn()
-    times = {name: [] for name in fns}
-    for i in range(n):
-        if i % 32 == 0:
-            torch.cuda.synchronize()
-        for name, fn in fns.items():
-            t0 = time.perf_counter_ns()
-            fn()
-            times[name].append(time.perf_counter_ns() - t0)
-    torch.cuda.synchronize()
-    return {name: statistics.median(t) / 1e3 for name, t in times.items()}
+    return per_call_us(fns, n)
 
 
 def main() -> int:

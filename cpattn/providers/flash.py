@@ -652,11 +652,6 @@ def _find_generation(varlen: bool) -> tuple[_Generation | None, list[str], list[
 # -- layouts ------------------------------------------------------------------------------------------------------
 
 
-def _device_guard(device: torch.device):
-    """flash-attn launches on the current CUDA device: make it the tensors' device."""
-    return on_device(device)
-
-
 def _deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
@@ -862,7 +857,7 @@ class Flash(_FlashFamily):
         gen = self.generation()
         multiple = self.head_dim_multiple(call, call.needs_grad)
         q, k, v = (_to_kernel(t, multiple) for t in (call.query, call.key, call.value))
-        with _device_guard(call.device):
+        with on_device(call.device):
             out = gen.function(q, k, v, call.scale, call.is_causal, call.dropout_p, _deterministic())
         return _from_kernel(out, call.value_dim)
 
@@ -870,7 +865,7 @@ class Flash(_FlashFamily):
         gen = self.generation()
         multiple = self.head_dim_multiple(call, backward=False)
         q, k, v = (_to_kernel(t.detach(), multiple) for t in (call.query, call.key, call.value))
-        with torch.no_grad(), _device_guard(call.device):
+        with torch.no_grad(), on_device(call.device):
             out, lse = gen.forward(q, k, v, call.scale, call.is_causal)
         lse = normalize_lse(lse, call.q_len, may_be_empty=rows_may_be_empty(call))
         return _from_kernel(out, call.value_dim), lse
@@ -884,7 +879,7 @@ class Flash(_FlashFamily):
             for t in (call.query, call.key, call.value, out, dout)
         )
         lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
-        with torch.no_grad(), _device_guard(call.device):
+        with torch.no_grad(), on_device(call.device):
             dq, dk, dv = gen.backward(do, q, k, v, o, lse_k, call.scale, call.is_causal, _deterministic())
         return _from_kernel(dq, call.head_dim), _from_kernel(dk, call.head_dim), _from_kernel(dv, call.value_dim)
 
@@ -925,7 +920,7 @@ class FlashVarlen(_FlashFamily):
         gen = self.generation()
         q = batch.pack_queries(call.query)
         k, v = batch.pack_keys(call.key), batch.pack_keys(call.value)
-        with _device_guard(call.device):
+        with on_device(call.device):
             out = gen.varlen_function(q, k, v, batch.packing, call.scale, call.is_causal, call.dropout_p,
                                       _deterministic())
         return batch.zero_empty_rows(batch.unpack_queries(out, call.value_dim))[0]
@@ -939,7 +934,7 @@ class FlashVarlen(_FlashFamily):
         gen = self.generation()
         q = batch.pack_queries(call.query.detach())
         k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
-        with torch.no_grad(), _device_guard(call.device):
+        with torch.no_grad(), on_device(call.device):
             out, lse = gen.varlen_forward(q, k, v, batch.packing, call.scale, call.is_causal)
         out = batch.unpack_queries(out, call.value_dim)
         lse = normalize_lse(batch.lse_from_kernel(lse), call.q_len)
@@ -952,7 +947,7 @@ class FlashVarlen(_FlashFamily):
         gen = self.generation()
         q, o, do = (batch.pack_queries(t.detach().to(call.dtype)) for t in (call.query, out, dout))
         k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
-        with torch.no_grad(), _device_guard(call.device):
+        with torch.no_grad(), on_device(call.device):
             dq, dk, dv = gen.varlen_backward(do, q, k, v, o, batch.lse_to_kernel(lse.detach()), batch.packing,
                                              call.scale, call.is_causal, _deterministic())
         dq = batch.zero_empty_rows(batch.unpack_queries(dq, call.head_dim))[0]
@@ -1024,7 +1019,7 @@ def _packed_view(q, k, v, is_causal, scale) -> AttentionCall:
 
 def _run_varlen(gen, q, k, v, packing: _Packing, scale: float, causal: bool) -> torch.Tensor:
     """One varlen kernel call on packed tensors (flash-attn's causal alignment: bottom-right)."""
-    with _device_guard(q.device):
+    with on_device(q.device):
         out = gen.varlen_function(
             _align_head_dim(q), _align_head_dim(k), _align_head_dim(v), packing, scale, causal, 0.0, _deterministic(),
         )

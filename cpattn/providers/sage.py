@@ -204,9 +204,11 @@ class _SageProvider(Provider):
         return [call.kv_len]
 
     # -- kernels ------------------------------------------------------------------------------
+    # sageattention calls torch.cuda.set_device(v.device): on_device runs it with the tensors' GPU current and
+    # restores the caller's after
     def attention(self, call: AttentionCall) -> torch.Tensor:
         self.require_available()
-        with torch.no_grad(), _on_tensors_device(call.device):
+        with torch.no_grad(), on_device(call.device):
             return self._run(call, want_lse=False)[0]
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +218,7 @@ class _SageProvider(Provider):
                 f"provider '{self.name}'",
                 [f"{self.function}() of sageattention {self.availability().version} returns no log-sum-exp"],
             )
-        with torch.no_grad(), _on_tensors_device(call.device):
+        with torch.no_grad(), on_device(call.device):
             return self._run(call, want_lse=True)
 
     def _run(self, call: AttentionCall, want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -370,9 +372,6 @@ def _at_most(version: str, limit: str) -> bool:
     return "unknown" in version or parse_version(version) <= parse_version(limit)
 
 
-def _on_tensors_device(device: torch.device):
-    """sageattention calls torch.cuda.set_device(v.device); this restores the caller's current GPU after."""
-    return on_device(device)
 
 
 def smoothed_key(key: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
