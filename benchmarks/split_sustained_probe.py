@@ -1,0 +1,180 @@
+"""The ring split against one whole call, timed three ways, with the GPU's clock and power and the allocator's
+counters: does the split lose in its kernels, in the caching allocator, or in how hard it drives the GPU?
+
+    python benchmarks/split_sustained_probe.py --providers flash _native_cudnn --seqs 65536 --parts 4
+
+Why
+    At S=64k, P=4 (zigzag causal, forward+backward, FA4) the split measured 0.968 of the whole call under
+    do_bench, while the same two functions profiled one call at a time (benchmarks/ring_split_accounting.py)
+    spanned 93.74 and 93.43 ms on the GPU (0.997), and every block shape timed alone under do_bench added up to
+    less than the whole call. So the gap appears only when calls run back to back.
+
+Functions: the whole call, the split, and the split with its backward's steps on one stream (then no gradient
+part is freed across streams, so the caching allocator defers none: a host that runs ahead of the GPU could
+otherwise make it hold or allocate more). Modes (the functions take turns, `--rounds` times per mode):
+    queued:   do_bench as the benchmark suite runs it (benchmarks/run.py bench_gpu): the host issues call after
+              call without waiting, each after an L2 flush.
+    synced:   `--calls` calls, each timed between CUDA events and followed by a synchronize: the host never runs
+              ahead of the GPU.
+    isolated: the same, with `--rest` seconds of idle GPU before each call (clocks and power recover).
+For each mode and function: median ms per call, the SM clock and power draw sampled by nvidia-smi while it ran
+(mean), and the changes in the caching allocator's counters (cudaMalloc/cudaFree calls, retries, syncs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.run import RESULTS, bench_gpu, ring_split_case, write_cases  # noqa: E402
+
+COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
+
+
+class Sampler:
+    """nvidia-smi sampling the SM clock (MHz) and power (W) every `period_ms` into memory, with host timestamps."""
+
+    def __init__(self, period_ms: int = 50) -> None:
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+             f"-lms={period_ms}"], stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.samples: list[tuple[float, float, float]] = []
+        import threading
+
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                clock, power = (float(x) for x in line.strip().split(","))
+            except ValueError:
+                continue
+            self.samples.append((time.time(), clock, power))
+
+    def window(self, start: float, end: float) -> dict:
+        inside = [(c, p) for t, c, p in self.samples if start <= t <= end]
+        if not inside:
+            return {"samples": 0}
+        return {"samples": len(inside), "sm_clock_mhz": statistics.mean(c for c, _ in inside),
+                "power_w": statistics.mean(p for _, p in inside)}
+
+    def stop(self) -> None:
+        self._proc.terminate()
+
+
+def counters() -> dict:
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in COUNTERS}
+
+
+def timed_calls(fn, calls: int, rest_s: float) -> list[float]:
+    times = []
+    for _ in range(calls):
+        if rest_s:
+            time.sleep(rest_s)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def measure(mode: str, fn, sampler: Sampler, calls: int, rest_s: float) -> dict:
+    torch.cuda.synchronize()
+    before, t0 = counters(), time.time()
+    if mode == "queued":
+        ms = bench_gpu(fn)["median_ms"]
+    else:
+        ms = statistics.median(timed_calls(fn, calls, rest_s if mode == "isolated" else 0.0))
+    torch.cuda.synchronize()
+    t1, after = time.time(), counters()
+    # the isolated mode's windows are mostly rest: its clock and power describe the idle GPU as much as the calls
+    return {"median_ms": ms, **sampler.window(t0, t1), "allocator": {k: after[k] - before[k] for k in COUNTERS},
+            "reserved_gib": torch.cuda.memory_reserved() / 2**30}
+
+
+def probe(provider: str, s: int, p: int, rounds: int, calls: int, rest_s: float, sampler: Sampler) -> dict:
+    whole, split = ring_split_case(provider, s, p, backward=True)
+    # the backward's steps on one stream: no part of a sum is made on another stream than the one adding it up,
+    # so the allocator defers no free (RowSum's record_stream)
+    _, split_one_stream = ring_split_case(provider, s, p, backward=True, step_streams=1)
+    fns = {"whole": whole, "split": split, "split_one_stream": split_one_stream}
+    for fn in (*fns.values(), *fns.values()):
+        fn()
+    row = {"provider": provider, "S": s, "P": p, "causal": True, "layout": "zigzag", "backward": True}
+    for mode in ("queued", "synced", "isolated"):
+        runs = {name: [] for name in fns}
+        for i in range(rounds):
+            order = list(fns) if i % 2 == 0 else list(fns)[::-1]
+            for name in order:
+                runs[name].append(measure(mode, fns[name], sampler, calls, rest_s))
+        summary = {}
+        for name, results in runs.items():
+            summary[name] = {
+                "median_ms": statistics.median(r["median_ms"] for r in results),
+                "round_ms": [r["median_ms"] for r in results],
+                "sm_clock_mhz": [r.get("sm_clock_mhz") for r in results],
+                "power_w": [r.get("power_w") for r in results],
+                "allocator": [r["allocator"] for r in results],
+                "reserved_gib": results[-1]["reserved_gib"],
+            }
+        for name in ("split", "split_one_stream"):
+            summary[f"efficiency_{name}"] = summary["whole"]["median_ms"] / summary[name]["median_ms"]
+        row[mode] = summary
+        print(f"{provider} S={s} P={p} {mode}: whole {summary['whole']['median_ms']:.2f}, split "
+              f"{summary['split']['median_ms']:.2f}, one stream {summary['split_one_stream']['median_ms']:.2f} ms; "
+              f"efficiency {summary['efficiency_split']:.3f} / {summary['efficiency_split_one_stream']:.3f}; clock "
+              + " / ".join(_mean(summary[n]['sm_clock_mhz']) for n in fns) + " MHz, power "
+              + " / ".join(_mean(summary[n]['power_w']) for n in fns) + " W; allocator (last round) "
+              + "; ".join(f"{n} {summary[n]['allocator'][-1]}" for n in fns), flush=True)
+    return row
+
+
+def _mean(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.0f}" if values else "-"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--providers", nargs="*", default=["flash", "_native_cudnn"])
+    parser.add_argument("--seqs", type=int, nargs="*", default=[65536])
+    parser.add_argument("--parts", type=int, nargs="*", default=[4])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=12)
+    parser.add_argument("--rest", type=float, default=0.25, help="seconds of idle GPU before each isolated call")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--tag", default="split_sustained_probe")
+    args = parser.parse_args(argv)
+    sampler = Sampler()
+    rows = []
+    try:
+        for provider in args.providers:
+            for s in args.seqs:
+                for p in args.parts:
+                    try:
+                        rows.append(probe(provider, s, p, args.rounds, args.calls, args.rest, sampler))
+                    except Exception as exc:  # record, keep going
+                        rows.append({"provider": provider, "S": s, "P": p,
+                                     "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                        print(rows[-1], flush=True)
+                    torch.cuda.empty_cache()
+    finally:
+        sampler.stop()
+    print(f"wrote {write_cases(args.out, args.tag, rows)}")
+
+
+if __name__ == "__main__":
+    main()
