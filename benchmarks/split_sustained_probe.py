@@ -11,7 +11,9 @@ Why
 
 Functions: the whole call, the split, and the split with its backward's steps on one stream (then no gradient
 part is freed across streams, so the caching allocator defers none: a host that runs ahead of the GPU could
-otherwise make it hold or allocate more). Modes (the functions take turns, `--rounds` times per mode):
+otherwise make it hold or allocate more); `blocks_in_sequence`, the ring's block kernels in the ring's order
+without the ring (no merges, sums or shared accumulator); and for FA4 the split with every block on its own
+backward (`without_shared_accumulator`: the library's tile, dQ parts summed at the end). Modes (the functions take turns, `--rounds` times per mode):
     queued:   do_bench as the benchmark suite runs it (benchmarks/run.py bench_gpu): the host issues call after
               call without waiting, each after an L2 flush.
     synced:   `--calls` calls, each timed between CUDA events and followed by a synchronize: the host never runs
@@ -38,13 +40,19 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cpattn  # noqa: E402
 from benchmarks.run import RESULTS, bench_gpu, ring_split_case, write_cases  # noqa: E402
+from cpattn.cp.comm import CommStats  # noqa: E402
+from cpattn.cp.mesh import Group  # noqa: E402
+from cpattn.cp.ring import RingSpec, block_plan  # noqa: E402
+from cpattn.dispatch import make_call  # noqa: E402
 
 COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
 
@@ -114,16 +122,62 @@ def measure(mode: str, fn, sampler: Sampler, calls: int, rest_s: float) -> dict:
             "reserved_gib": torch.cuda.memory_reserved() / 2**30}
 
 
-def probe(provider: str, s: int, p: int, rounds: int, calls: int, rest_s: float, sampler: Sampler) -> dict:
+def blocks_in_sequence(provider: str, s: int, p: int, h: int = 16, d: int = 128, device: str = "cuda",
+                       dtype=torch.bfloat16):
+    """The ring's block kernels without the ring: rank by rank, each block's forward in the ring's order, then
+    each block's backward (the provider's own, one call each) in reverse; no merges, sums or shared dQ
+    accumulator, one stream. Tensors per block shape are random and shared by the ranks."""
+    adapter = cpattn.PROVIDERS[provider]
+    tensors = {}
+
+    def call_of(rows, keys, causal):
+        if (rows, keys) not in tensors:
+            q = torch.randn(1, h, rows, d, device=device, dtype=dtype)
+            k, v = (torch.randn(1, h, keys, d, device=device, dtype=dtype) for _ in range(2))
+            tensors[(rows, keys)] = (q, k, v, torch.randn_like(q))
+        q, k, v, dout = tensors[(rows, keys)]
+        return make_call(q, k, v, None, 0.0, causal, None, False), dout
+
+    ranks = []
+    for me in range(p):
+        spec = RingSpec(Group(None, me, p, "loopback"), "zigzag", s, None, CommStats())
+        plans = [block_plan(spec, me, (me - step) % p, True) for step in range(p)]
+        ranks.append([call_of(x.rows.stop - x.rows.start, x.cols.stop - x.cols.start, x.causal)
+                      for x in plans if x is not None])
+
+    def run():
+        for blocks in ranks:
+            results = [adapter.forward(call) for call, _ in blocks]
+            for (call, dout), (o, lse) in zip(reversed(blocks), reversed(results)):
+                adapter.backward(call, dout, o, lse)
+    return run
+
+
+def without_shared_accumulator(fn):
+    """`fn` with FA4's shared dQ accumulator off (cpattn/providers/fa4_rows.py): every block runs the provider's
+    own backward on the library's tile, and its dQ is summed with the others at the end."""
+    from cpattn.providers import fa4_rows
+
+    def run():
+        with mock.patch.object(fa4_rows, "shared_accumulator", lambda *args, **kwargs: None):
+            fn()
+    return run
+
+
+def probe(provider: str, s: int, p: int, rounds: int, calls: int, rest_s: float, sampler: Sampler,
+          modes=("queued", "synced", "isolated")) -> dict:
     whole, split = ring_split_case(provider, s, p, backward=True)
     # the backward's steps on one stream: no part of a sum is made on another stream than the one adding it up,
     # so the allocator defers no free (RowSum's record_stream)
     _, split_one_stream = ring_split_case(provider, s, p, backward=True, step_streams=1)
-    fns = {"whole": whole, "split": split, "split_one_stream": split_one_stream}
+    fns = {"whole": whole, "split": split, "split_one_stream": split_one_stream,
+           "blocks_in_sequence": blocks_in_sequence(provider, s, p)}
+    if provider == "flash":
+        fns["split_per_block_backward"] = without_shared_accumulator(split)
     for fn in (*fns.values(), *fns.values()):
         fn()
     row = {"provider": provider, "S": s, "P": p, "causal": True, "layout": "zigzag", "backward": True}
-    for mode in ("queued", "synced", "isolated"):
+    for mode in modes:
         runs = {name: [] for name in fns}
         for i in range(rounds):
             order = list(fns) if i % 2 == 0 else list(fns)[::-1]
@@ -139,12 +193,13 @@ def probe(provider: str, s: int, p: int, rounds: int, calls: int, rest_s: float,
                 "allocator": [r["allocator"] for r in results],
                 "reserved_gib": results[-1]["reserved_gib"],
             }
-        for name in ("split", "split_one_stream"):
-            summary[f"efficiency_{name}"] = summary["whole"]["median_ms"] / summary[name]["median_ms"]
+        for name in fns:
+            if name != "whole":
+                summary[f"efficiency_{name}"] = summary["whole"]["median_ms"] / summary[name]["median_ms"]
         row[mode] = summary
-        print(f"{provider} S={s} P={p} {mode}: whole {summary['whole']['median_ms']:.2f}, split "
-              f"{summary['split']['median_ms']:.2f}, one stream {summary['split_one_stream']['median_ms']:.2f} ms; "
-              f"efficiency {summary['efficiency_split']:.3f} / {summary['efficiency_split_one_stream']:.3f}; clock "
+        print(f"{provider} S={s} P={p} {mode}: " + ", ".join(f"{n} {summary[n]['median_ms']:.2f}" for n in fns)
+              + " ms; efficiency " + ", ".join(f"{n} {summary['efficiency_' + n]:.3f}" for n in fns if n != "whole")
+              + "; clock "
               + " / ".join(_mean(summary[n]['sm_clock_mhz']) for n in fns) + " MHz, power "
               + " / ".join(_mean(summary[n]['power_w']) for n in fns) + " W; allocator (last round) "
               + "; ".join(f"{n} {summary[n]['allocator'][-1]}" for n in fns), flush=True)
@@ -162,6 +217,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seqs", type=int, nargs="*", default=[65536])
     parser.add_argument("--parts", type=int, nargs="*", default=[4])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", nargs="*", choices=("queued", "synced", "isolated"),
+                        default=["queued", "synced", "isolated"])
     parser.add_argument("--calls", type=int, default=12)
     parser.add_argument("--rest", type=float, default=0.25, help="seconds of idle GPU before each isolated call")
     parser.add_argument("--out", default=RESULTS)
@@ -174,7 +231,7 @@ def main(argv=None) -> None:
             for s in args.seqs:
                 for p in args.parts:
                     try:
-                        rows.append(probe(provider, s, p, args.rounds, args.calls, args.rest, sampler))
+                        rows.append(probe(provider, s, p, args.rounds, args.calls, args.rest, sampler, args.modes))
                     except Exception as exc:  # record, keep going
                         rows.append({"provider": provider, "S": s, "P": p,
                                      "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
