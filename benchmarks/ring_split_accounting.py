@@ -20,8 +20,10 @@ Two measurements per case (zigzag causal, B=1, H=16, D=128, bf16, forward+backwa
 Nothing is asserted; the JSON under benchmarks/results/ (or --out) records the medians.
 
 What it showed on an H100 (S=64k, P=4, results/h100/ring_split_accounting_h100.json)
-    - The block kernels allow more than the target: timed alone, every rank's blocks added up to 1.008 of the
-      whole call's time with FA4 (forward+backward; 0.989 forward) and 0.977 with cuDNN (0.971 forward).
+    - Timed alone, every rank's blocks added up to 1.008 of the whole call's time with FA4 (forward+backward;
+      0.989 forward) and 0.977 with cuDNN (0.971 forward). That overstates them: run back to back in the ring's
+      order, the same kernels took 0.961-0.970 of the whole call with FA4 (benchmarks/split_sustained_probe.py,
+      `blocks_in_sequence`), so `kernel_bound` is an upper bound.
     - The passes the ring adds: merges 0.39 ms and gradient sums 0.77 ms (FA4), 1.14 ms (cuDNN), about 1.2% of
       a 97 ms call; cuDNN's per-block dQ conversion and dO . out add 2.4 ms more.
     - Under the profiler the split's span came within 0.997 (FA4) of the whole call's, but that is not the

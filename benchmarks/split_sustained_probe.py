@@ -30,6 +30,10 @@ What it showed on an H100 (results/h100/split_sustained_probe_h100.json, two rou
       isolated calls ran at about 1880 MHz. The split ran at the same or a higher clock than the whole call, so
       it does not lose by drawing more power.
     - The backward's steps on one stream were slower in every mode (FA4 0.957-0.962, cuDNN 0.952-0.963).
+    - A second run with the block kernels alone (split_sustained_probe_blocks_h100.json, queued and isolated):
+      `blocks_in_sequence` took 0.961 / 0.970 of the whole call with FA4 (the split 0.964 / 0.969) and 0.974 /
+      0.977 with cuDNN (the split 0.969 / 0.979); FA4's split without the shared dQ accumulator 0.959 / 0.963.
+      The ring's merges, sums and streams cost nothing net there; the blocks themselves set the limit.
 """
 
 from __future__ import annotations
