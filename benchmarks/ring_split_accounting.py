@@ -164,6 +164,53 @@ def block_times(provider: str, s: int, p: int, rounds: int, h: int = 16, d: int 
     return out
 
 
+def back_to_back_ms(fn, seconds: float = 1.5) -> float:
+    """ms per call of `fn` called back to back for about `seconds` (no L2 flush, no gap): the GPU at the clock
+    that sustained work gets, as in a ring's sequence of blocks or one long call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(3, int(seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def block_times_back_to_back(provider: str, s: int, p: int, rounds: int, h: int = 16, d: int = 128) -> dict:
+    """`block_times` for forward+backward with each shape called back to back (`back_to_back_ms`) instead of
+    under do_bench, whose L2 flush between calls leaves the GPU a moment of lighter work before each one."""
+    adapter = cpattn.PROVIDERS[provider]
+    shapes = block_shapes(s, p)
+    cases = [(s, s, True), *shapes]
+    fns = {}
+    for rows, keys, causal in cases:
+        q = torch.randn(1, h, rows, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, h, keys, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        call, dout = make_call(q, k, v, None, 0.0, causal, None, False), torch.randn_like(q)
+
+        def run(call=call, dout=dout):
+            o, lse = adapter.forward(call)
+            adapter.backward(call, dout, o, lse)
+        fns[(rows, keys, causal)] = run
+    times = {case: [] for case in cases}
+    for i in range(rounds):
+        for case in (cases if i % 2 == 0 else cases[::-1]):
+            times[case].append(back_to_back_ms(fns[case]))
+    median = {case: statistics.median(t) for case, t in times.items()}
+    whole_ms = median[cases[0]]
+    blocks_ms = sum(median[case] * n for case, n in shapes.items())
+    return {"blocks": [{"rows": r, "keys": k, "causal": c, "count": shapes.get((r, k, c), 0),
+                        "median_ms": median[(r, k, c)], "round_ms": times[(r, k, c)]} for r, k, c in cases],
+            "whole_ms": whole_ms, "sum_of_blocks_ms": blocks_ms, "kernel_bound": whole_ms / blocks_ms}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--providers", nargs="*", default=["flash", "_native_cudnn"])
@@ -172,6 +219,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of the block-shape timing")
     parser.add_argument("--no-blocks", action="store_true")
+    parser.add_argument("--no-accounting", action="store_true")
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="also time each block shape forward+backward called back to back, without do_bench's flush")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--tag", default="ring_split_accounting")
     args = parser.parse_args(argv)
@@ -181,9 +231,12 @@ def main(argv=None) -> None:
             for p in args.parts:
                 row = {"provider": provider, "S": s, "P": p, "layout": "zigzag", "causal": True, "H": 16, "D": 128}
                 try:
-                    row["accounting"] = accounting(provider, s, p, args.repeats)
+                    if not args.no_accounting:
+                        row["accounting"] = accounting(provider, s, p, args.repeats)
                     if not args.no_blocks:
                         row["block_times"] = block_times(provider, s, p, args.rounds)
+                    if args.back_to_back:
+                        row["block_times_back_to_back"] = block_times_back_to_back(provider, s, p, args.rounds)
                 except Exception as exc:  # record, keep going
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 rows.append(row)
@@ -196,15 +249,19 @@ def summary_line(row: dict) -> str:
     head = f"{row['provider']} S={row['S']} P={row['P']}"
     if "error" in row:
         return f"{head}: {row['error']}"
-    acc = row["accounting"]
-    gap = ", ".join(f"{c} {ms:+.2f}" for c, ms in acc["split_minus_whole_ms"].items() if abs(ms) >= 0.005)
-    line = (f"{head}: span whole {acc['whole']['span']:.2f} split {acc['split']['span']:.2f} ms "
-            f"(efficiency {acc['efficiency_by_span']:.3f}; attention kernels only "
-            f"{acc['efficiency_attention_kernels_only']:.3f}); split - whole ms: {gap}")
+    line = f"{head}:"
+    if "accounting" in row:
+        acc = row["accounting"]
+        gap = ", ".join(f"{c} {ms:+.2f}" for c, ms in acc["split_minus_whole_ms"].items() if abs(ms) >= 0.005)
+        line += (f" span whole {acc['whole']['span']:.2f} split {acc['split']['span']:.2f} ms "
+                 f"(efficiency {acc['efficiency_by_span']:.3f}; attention kernels only "
+                 f"{acc['efficiency_attention_kernels_only']:.3f}); split - whole ms: {gap}")
     if "block_times" in row:
         bt = row["block_times"]
         line += (f"; kernel bound forward {bt['forward']['kernel_bound']:.3f}, "
                  f"forward+backward {bt['forward+backward']['kernel_bound']:.3f}")
+    if "block_times_back_to_back" in row:
+        line += f"; back to back, forward+backward {row['block_times_back_to_back']['kernel_bound']:.3f}"
     return line
 
 
