@@ -23,7 +23,10 @@ What it showed on an H100 (S=64k, P=4, results/h100/ring_split_accounting_h100.j
     - Timed alone, every rank's blocks added up to 1.008 of the whole call's time with FA4 (forward+backward;
       0.989 forward) and 0.977 with cuDNN (0.971 forward). That overstates them: run back to back in the ring's
       order, the same kernels took 0.961-0.970 of the whole call with FA4 (benchmarks/split_sustained_probe.py,
-      `blocks_in_sequence`), so `kernel_bound` is an upper bound.
+      `blocks_in_sequence`), so `kernel_bound` is an upper bound. Called back to back instead (`--back-to-back`,
+      ring_split_blocks_back_to_back_h100.json), each shape for about 1.5 s, the blocks allowed 0.970 (FA4)
+      and 0.980 (cuDNN), where do_bench in the same run gave 1.006 and 0.997: under do_bench each block came out
+      2-5% faster than back to back, the whole call 0.4-0.7%.
     - The passes the ring adds: merges 0.39 ms and gradient sums 0.77 ms (FA4), 1.14 ms (cuDNN), about 1.2% of
       a 97 ms call; cuDNN's per-block dQ conversion and dO . out add 2.4 ms more.
     - Under the profiler the split's span came within 0.997 (FA4) of the whole call's, but that is not the
