@@ -26,7 +26,7 @@ What it showed on an H100 (S=64k, P=4, results/h100/ring_split_accounting_h100.j
       `blocks_in_sequence`), so `kernel_bound` is an upper bound. Called back to back instead (`--back-to-back`,
       ring_split_blocks_back_to_back_h100.json), each shape for about 1.5 s, the blocks allowed 0.970 (FA4)
       and 0.980 (cuDNN), where do_bench in the same run gave 1.006 and 0.997: under do_bench each block came out
-      2-5% faster than back to back, the whole call 0.4-0.7%.
+      1.5-5.1% faster than back to back, the whole call 0.4-0.7%.
     - The passes the ring adds: merges 0.39 ms and gradient sums 0.77 ms (FA4), 1.14 ms (cuDNN), about 1.2% of
       a 97 ms call; cuDNN's per-block dQ conversion and dO . out add 2.4 ms more.
     - Under the profiler the split's span came within 0.997 (FA4) of the whole call's, but that is not the
