@@ -91,6 +91,23 @@ def block_shapes(s: int, p: int, layout: str = "zigzag", causal: bool = True) ->
     return shapes
 
 
+def block_call(rows: int, keys: int, causal: bool, h: int = 16, d: int = 128, device="cuda",
+               dtype=torch.bfloat16):
+    """(call, dout) on random tensors of one block shape: `rows` queries against `keys` keys, B=1."""
+    q = torch.randn(1, h, rows, d, device=device, dtype=dtype)
+    k, v = (torch.randn(1, h, keys, d, device=device, dtype=dtype) for _ in range(2))
+    return make_call(q, k, v, None, 0.0, causal, None, False), torch.randn_like(q)
+
+
+def block_runner(adapter, call, dout, backward: bool):
+    """The provider's forward of `call`, then its backward with that (out, lse) when `backward`."""
+    def run():
+        o, lse = adapter.forward(call)
+        if backward:
+            adapter.backward(call, dout, o, lse)
+    return run
+
+
 def _profiled(fn) -> dict:
     """GPU time per category of one call of `fn`, and the span from its first kernel's start to its last's end."""
     from torch.profiler import ProfilerActivity, profile
@@ -138,16 +155,7 @@ def block_times(provider: str, s: int, p: int, rounds: int, h: int = 16, d: int 
     cases = {(s, s, True): 0, **shapes}
 
     def runner(rows, keys, causal, backward):
-        q = torch.randn(1, h, rows, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, h, keys, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        dout = torch.randn_like(q)
-        call = make_call(q, k, v, None, 0.0, causal, None, False)
-
-        def run():
-            o, lse = adapter.forward(call)
-            if backward:
-                adapter.backward(call, dout, o, lse)
-        return run
+        return block_runner(adapter, *block_call(rows, keys, causal, h, d), backward)
     out = {"shapes": [{"rows": r, "keys": k, "causal": c, "count": n} for (r, k, c), n in shapes.items()]}
     for backward in (False, True):
         fns = {f"{r}x{k}{' causal' if c else ''}": runner(r, k, c, backward) for (r, k, c) in cases}
@@ -192,16 +200,7 @@ def block_times_back_to_back(provider: str, s: int, p: int, rounds: int, h: int 
     adapter = cpattn.PROVIDERS[provider]
     shapes = block_shapes(s, p)
     cases = [(s, s, True), *shapes]
-    fns = {}
-    for rows, keys, causal in cases:
-        q = torch.randn(1, h, rows, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, h, keys, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        call, dout = make_call(q, k, v, None, 0.0, causal, None, False), torch.randn_like(q)
-
-        def run(call=call, dout=dout):
-            o, lse = adapter.forward(call)
-            adapter.backward(call, dout, o, lse)
-        fns[(rows, keys, causal)] = run
+    fns = {case: block_runner(adapter, *block_call(*case, h, d), backward=True) for case in cases}
     times = {case: [] for case in cases}
     for i in range(rounds):
         for case in (cases if i % 2 == 0 else cases[::-1]):

@@ -43,6 +43,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from unittest import mock
 
@@ -52,11 +53,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
+from benchmarks.ring_split_accounting import block_call  # noqa: E402
 from benchmarks.run import RESULTS, bench_gpu, ring_split_case, write_cases  # noqa: E402
 from cpattn.cp.comm import CommStats  # noqa: E402
 from cpattn.cp.mesh import Group  # noqa: E402
 from cpattn.cp.ring import RingSpec, block_plan  # noqa: E402
-from cpattn.dispatch import make_call  # noqa: E402
 
 COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
 
@@ -69,8 +70,6 @@ class Sampler:
             ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
              f"-lms={period_ms}"], stdout=subprocess.PIPE, text=True, bufsize=1)
         self.samples: list[tuple[float, float, float]] = []
-        import threading
-
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -130,17 +129,14 @@ def blocks_in_sequence(provider: str, s: int, p: int, h: int = 16, d: int = 128,
                        dtype=torch.bfloat16):
     """The ring's block kernels without the ring: rank by rank, each block's forward in the ring's order, then
     each block's backward (the provider's own, one call each) in reverse; no merges, sums or shared dQ
-    accumulator, one stream. Tensors per block shape are random and shared by the ranks."""
+    accumulator, one stream. Tensors per block shape (and mask) are random and shared by the ranks."""
     adapter = cpattn.PROVIDERS[provider]
-    tensors = {}
+    calls = {}
 
     def call_of(rows, keys, causal):
-        if (rows, keys) not in tensors:
-            q = torch.randn(1, h, rows, d, device=device, dtype=dtype)
-            k, v = (torch.randn(1, h, keys, d, device=device, dtype=dtype) for _ in range(2))
-            tensors[(rows, keys)] = (q, k, v, torch.randn_like(q))
-        q, k, v, dout = tensors[(rows, keys)]
-        return make_call(q, k, v, None, 0.0, causal, None, False), dout
+        if (rows, keys, causal) not in calls:
+            calls[(rows, keys, causal)] = block_call(rows, keys, causal, h, d, device, dtype)
+        return calls[(rows, keys, causal)]
 
     ranks = []
     for me in range(p):
