@@ -3,7 +3,7 @@
     python benchmarks/gpu_fuzz.py [--seconds-per-provider 40] [--seed 0] [--out benchmarks/results] [--device cpu]
     python benchmarks/gpu_fuzz.py --replay benchmarks/results/h100/gpu_fuzz_h100.json --providers   # failures again
 
-`benchmarks/gpu_check.py` runs fixed cases; this draws them, as tests/test_fuzz.py does on the CPU, but with the
+`benchmarks/gpu_check.py` runs fixed cases; this draws them, as tests/distributed/test_fuzz.py does on the CPU, but with the
 shapes models use on a GPU: head dims 32 to 256 (value head dim sometimes different), sequence lengths from 1 to
 about 2k (odd, and queries != keys), GQA ratios 1 to 4, bf16 / fp16 / fp32, bool, additive and key-padding masks
 (with fully masked rows), causal, a drawn scale, gradients or not, and (B, S, H, D) views as well as contiguous
@@ -143,7 +143,7 @@ def run_case(case: dict, device) -> dict:
     ref_out, _, ref_grads = reference_with_grads(q, k, v, dout, mask, case["causal"], case["scale"])
     # SageAttention quantizes Q and K to int8 whatever the input dtype: bf16's tolerance, as gpu_check gives it
     tol_dtype = torch.bfloat16 if "sage" in case["provider"] else dtype
-    # the dtype tolerances hold for O(1) values at the default scale (see tests/test_fuzz.py assert_within)
+    # the dtype tolerances hold for O(1) values at the default scale (see tests/distributed/test_fuzz.py assert_within)
     logits = max(1.0, (case["scale"] or case["d"] ** -0.5) * case["d"] ** 0.5)
     problems = []
     if out.dtype != dtype or tuple(out.shape) != tuple(ref_out.shape):

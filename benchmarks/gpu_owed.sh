@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The single-GPU measurements the README's hardware record still lacks, in one device call:
-#   1. the Triton merge (cpattn/merge_kernel.py) and gradient add (cpattn/gradsum_kernel.py) on CUDA tensors:
+#   1. the Triton merge (cpattn/ops/merge_kernel.py) and gradient add (cpattn/ops/gradsum_kernel.py) on CUDA tensors:
 #      merge against merge_two, in place and into new storage, with the result dtype's rounding checked against
 #      torch's cast; the add bit for bit against torch;
 #   2. correctness of the ring that uses them: ring, Ulysses and all-gather with 2 and 3 ranks on this GPU over
@@ -12,7 +12,7 @@
 # S = 2k / 4k through dispatch, `... overhead` host overhead three times, `... kernels` FA4 and cuDNN through
 # dispatch at S = 2k, 4k, 16k, `... matrix` every provider x schedule at the world sizes in $MATRIX_WORLDS (`... matrix_parallel`: 2, 3 and 4 at once),
 # `... split` the ring split at 64k three times, `... streams` the ring backward on one and two streams, `... direct`
-# FA4's direct launches against the library (tests/fa4_direct_check.py) and the ring split with either forward, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
+# FA4's direct launches against the library (tests/gpu/fa4_direct_check.py) and the ring split with either forward, `... record_kernels` / `... record_auto` a GPU's overhead, kernels
 # and auto record with call-by-call timing, `... fuzz` random draws through every provider (seed $FUZZ_SEED, default
 # 3), `... padded_dims` auto against each candidate at head dims FA4 pads on sm90 (48, 80, 112), `... cp_worlds` ring,
 # Ulysses and all-gather over FA4, cuDNN and the efficient kernel at world sizes 2, 3 and 4 (`... cp_head_dims`: FA4
@@ -55,12 +55,12 @@ matrix_parallel() {  # the matrix at world sizes 2, 3 and 4 at once (W=4 in two 
     done
 }
 direct() {  # FA4's directly launched sm90 kernels against the library's functions, then the ring split both ways
-    step 420 python tests/fa4_direct_check.py --out "$out" --tag _"${DIRECT_TAG:-run}"
+    step 420 python tests/gpu/fa4_direct_check.py --out "$out" --tag _"${DIRECT_TAG:-run}"
     step 240 python benchmarks/fa4_forward_probe.py --out "$out" --tag _"${DIRECT_TAG:-run}"
 }
 kernel_checks() {
-    step 180 python tests/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
-    step 60 python tests/gradsum_kernel_check.py --cuda
+    step 180 python tests/support/merge_kernel_check.py --cuda  # first Triton compiles on a fresh machine
+    step 60 python tests/support/gradsum_kernel_check.py --cuda
 }
 dispatch() {  # the cached-call path: correctness on the real kernels, host overhead (three runs), S=2k and 4k
     step 150 python benchmarks/gpu_check.py --providers flash _native_cudnn auto --cp-worlds --out "$out" \

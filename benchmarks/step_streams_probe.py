@@ -39,7 +39,7 @@ from cpattn.cp.layout import ring_positions  # noqa: E402
 from cpattn.cp.mesh import Group  # noqa: E402
 from cpattn.cp.ring import RingSpec, block_plan  # noqa: E402
 from cpattn.dispatch import make_call  # noqa: E402
-from cpattn.merge import PartialAttention  # noqa: E402
+from cpattn.ops.merge import PartialAttention  # noqa: E402
 
 
 def blocks_of(provider, s: int, p: int, h: int = 16, d: int = 128):

@@ -25,13 +25,13 @@ sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
 from benchmarks.run import RESULTS, bench_interleaved, paired_ratio, write_cases  # noqa: E402
-from cpattn import gradsum  # noqa: E402
+from cpattn.ops import gradsum  # noqa: E402
 from cpattn.cp.comm import CommStats  # noqa: E402
 from cpattn.cp.layout import ring_positions  # noqa: E402
 from cpattn.cp.mesh import Group  # noqa: E402
 from cpattn.cp.ring import RingSpec, _block_call, _row_slices, block_plan  # noqa: E402
 from cpattn.dispatch import make_call  # noqa: E402
-from cpattn.merge import PartialAttention  # noqa: E402
+from cpattn.ops.merge import PartialAttention  # noqa: E402
 
 
 def rank_blocks(adapter, q, k, v, dout, out, lse, s, p, r):

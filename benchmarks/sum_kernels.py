@@ -24,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.run import RESULTS, environment  # noqa: E402
-from cpattn.gradsum_kernel import TILE_VALUES, WARPS, add_parts_into  # noqa: E402
-from cpattn.merge_kernel import merge_blocks_into  # noqa: E402
+from cpattn.ops.gradsum_kernel import TILE_VALUES, WARPS, add_parts_into  # noqa: E402
+from cpattn.ops.merge_kernel import merge_blocks_into  # noqa: E402
 
 
 def inputs(rows: int, heads: int, dim: int):

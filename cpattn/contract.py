@@ -35,7 +35,7 @@ from typing import Callable, ClassVar
 import torch
 from einops import reduce, repeat
 
-from . import gradsum
+from .ops import gradsum
 from .errors import ProviderUnavailableError
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})

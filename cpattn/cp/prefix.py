@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import AttentionCall, Provider, autocast_off
-from ..merge import merge_two
+from ..ops.merge import merge_two
 from .allgather import AllGatherSpec, GatherSequence
 from .ring import RingSpec, ring_backward, ring_forward_keeping_last
 

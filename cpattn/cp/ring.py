@@ -35,10 +35,10 @@ from typing import Callable
 
 import torch
 
-from .. import gradsum
+from ..ops import gradsum
 from ..contract import AttentionCall, Provider, autocast_off
 from ..masks import is_mask_mod, materialize_mask_mod, select_keys, select_queries
-from ..merge import PartialAttention
+from ..ops.merge import PartialAttention
 from .comm import CommStats, RingChannel
 from .layout import ring_chunks, ring_positions
 from .mesh import Group

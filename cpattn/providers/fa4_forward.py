@@ -14,7 +14,7 @@ What is the same
     The kernel class (FlashAttentionForwardSm90), its constructor arguments, the tile (`_tile_size_fwd_sm90`)
     and the call's argument list are those of `_flash_attn_fwd` in the checked version for a dense call
     without window, softcap, sink, score/mask mod, paging or block sparsity. So the output and the
-    log-sum-exp are the library's, bit for bit; tests/fa4_direct_check.py checks that on a GPU.
+    log-sum-exp are the library's, bit for bit; tests/gpu/fa4_direct_check.py checks that on a GPU.
 
 When
     sm90, the checked library version, q/k/v in float16 or bfloat16 of one dtype, 4-D (B, S, H, D) with the

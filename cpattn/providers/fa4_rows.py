@@ -149,7 +149,7 @@ class Sm90BackwardKernels:
         the library's tile for `causal`, on (B, S, H, D) tensors and the kernel-form lse (B, H, S) float32, made
         contiguous where the library would (its `maybe_contiguous`), without `_flash_attn_bwd`'s per-call
         Python. dK and dV are the library's bits and dQ differs by at most the order of its float32 atomic adds
-        (tests/fa4_direct_check.py checks both on a GPU)."""
+        (tests/gpu/fa4_direct_check.py checks both on a GPU)."""
         q, k, v, out, dout, lse = (_maybe_contiguous(t) for t in (q, k, v, out, dout, lse))
         batch, q_len, heads, head_dim = q.shape
         if scale is None:

@@ -22,7 +22,7 @@ Private API
     FA4 on sm90, at the release it was checked with, goes one level lower where it can: its forward kernel is
     compiled per shape class and called directly (fa4_forward), and one call's backward runs its three kernels
     (fa4_rows). On an H100 that skipped 65-94 us of the library's Python per forward and 17-28 us per
-    backward; the outputs are the library's (tests/fa4_direct_check.py).
+    backward; the outputs are the library's (tests/gpu/fa4_direct_check.py).
 
 Layout and conventions
     Inputs (B, H, S, D) go to the kernels as (B, S, H, D) transpose views, KV heads unexpanded (GQA is
@@ -42,7 +42,7 @@ flash_varlen
 
 Testing without a GPU
     A module that sets ``__cpattn_standin_devices__`` declares itself a stand-in (see
-    tests/standins/flash_attn_standin.py); only then do these adapters also accept the devices it lists, so
+    tests/support/standins/flash_attn_standin.py); only then do these adapters also accept the devices it lists, so
     the glue can be tested on CPU. Real FlashAttention modules never set it.
 """
 

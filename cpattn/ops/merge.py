@@ -1,0 +1,123 @@
+"""Merging partial attention results through their log-sum-exp, in float32, without ever making NaN.
+
+Attention over keys split into blocks b is exactly recovered from each block's output o_b and log-sum-exp
+l_b:  l = log(sum_b exp(l_b)),  o = sum_b exp(l_b - l) * o_b.
+The textbook incremental form (``o -= sigmoid(l_b - l) * (o - o_b)``) turns into NaN when the running l is
+-inf (a block where a row saw no key) and is poisoned by +inf. Here every exponent is shifted by the row
+maximum m, with m replaced by 0 where it is -inf, so an all-empty row gives weights 0, output 0 and
+log-sum-exp -inf; nothing divides by zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_kernels import optional_kernel
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+MAX_BLOCKS = 4  # blocks one Triton launch merges (cpattn/ops/merge_kernel.py); PartialAttention folds beyond that
+
+
+def _fused_merge():
+    """The one-launch Triton merge (cpattn/ops/merge_kernel.py: `merge_blocks_into(out, lse, [(out_b, lse_b, first
+    row), ...])`), or None where Triton cannot be imported."""
+    return optional_kernel("merge_kernel", "merge_blocks_into")
+
+
+def _fuse_on(acc_out: torch.Tensor) -> bool:
+    """Where the Triton merge runs: CUDA tensors (tests/support/merge_kernel_check.py widens it to CPU tensors under
+    Triton's interpreter)."""
+    return acc_out.is_cuda
+
+
+def _shifted_max(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isneginf(m), 0.0, m)
+
+
+class PartialAttention:
+    """A running (out, lse) over query rows that absorbs block results (the ring's accumulator).
+
+    The blocks are kept as the provider returned them, in their dtype and strides (a provider's results are new
+    tensors its caller owns), and merged when `result` asks: up to MAX_BLOCKS in one pass that reads each block
+    once and writes the result once, in the dtype asked for. Merging as blocks arrive would read and write a
+    float32 accumulator once per block instead (at W=4 zigzag blocks about 11 passes of the output's size
+    against 4). A block arriving when MAX_BLOCKS are held first folds them into float32 storage, so at most
+    MAX_BLOCKS are held: up to W=4 that is about the memory of a float32 accumulator and one block. Rounding to
+    the result dtype happens once. Rows no block covers come out as out 0, lse -inf; nothing is allocated before
+    the result is asked for.
+    """
+
+    def __init__(self, batch: int, heads: int, q_len: int, value_dim: int, device) -> None:
+        self._shape = (batch, heads, q_len, value_dim)
+        self._device = device
+        self._blocks: list[tuple[slice, torch.Tensor, torch.Tensor]] = []  # (rows, out, lse), in arrival order
+
+    def add(self, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        """Add a block that covers every query row."""
+        self.add_rows(slice(0, self._shape[2]), out_b, lse_b)
+
+    def add_rows(self, rows: slice, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
+        """Add a block that covers some query rows (zigzag steps where only the later half attends). The block is
+        kept, not copied: the caller must not write to it afterwards."""
+        if len(self._blocks) == MAX_BLOCKS:  # a full hand folds when one more comes, not before: the last fold
+            self._fold(torch.float32)  # of a ring then writes the result dtype itself
+        self._blocks.append((rows, out_b, lse_b))
+
+    def value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (out, lse) so far, both float32."""
+        return self.result(torch.float32)
+
+    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out in `dtype`, lse float32): a lone block that covers every row as it is (cast where needed)."""
+        if not (len(self._blocks) == 1 and self._covers_all(self._blocks[0][0])):
+            self._fold(dtype)
+        _, out, lse = self._blocks[0]
+        return out.to(dtype), lse.float()
+
+    def _covers_all(self, rows: slice) -> bool:
+        return rows.start == 0 and rows.stop == self._shape[2]
+
+    def _fold(self, dtype: torch.dtype) -> None:
+        """Merge the blocks held into new storage over every row, which becomes the one block held."""
+        b, h, s, _ = self._shape
+        out = torch.empty(self._shape, dtype=dtype, device=self._device)
+        lse = torch.empty(b, h, s, dtype=torch.float32, device=self._device)
+        fused = _fused_merge() if self._blocks and _fuse_on(out) else None
+        if fused is not None:
+            fused(out, lse, [(o, l, rows.start) for rows, o, l in self._blocks])
+        else:  # merge_two from out 0, lse -inf (exact: the first block comes through as it is)
+            total = torch.zeros(self._shape, dtype=torch.float32, device=self._device)
+            lse.fill_(float("-inf"))
+            for rows, o, l in self._blocks:
+                total[:, :, rows], lse[:, :, rows] = merge_two(total[:, :, rows], lse[:, :, rows], o, l)
+            out.copy_(total)
+        self._blocks = [(slice(0, s), out, lse)]
+
+
+def merge_two(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two partial results (out: (B, H, S, Dv), lse: (B, H, S)); returns float32 (out, lse)."""
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    m = _shifted_max(torch.maximum(lse_a, lse_b))
+    w_a = torch.exp(lse_a - m)
+    w_b = torch.exp(lse_b - m)
+    z = w_a + w_b
+    lse = torch.where(z == 0, float("-inf"), m + torch.log(z))  # a NaN input row stays NaN, never "empty"
+    inv_z = 1.0 / z.clamp_min(_TINY)
+    out = out_a.float() * (w_a * inv_z).unsqueeze(-1) + out_b.float() * (w_b * inv_z).unsqueeze(-1)
+    return out, lse
+
+
+def merge_many(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge any number of partial results at once (rounds once, unlike W-1 pairwise merges)."""
+    lse = torch.stack([x.float() for x in lses])  # (N, B, H, S)
+    m = _shifted_max(lse.amax(dim=0))
+    w = torch.exp(lse - m)
+    z = w.sum(dim=0)
+    total = torch.where(z == 0, float("-inf"), m + torch.log(z))
+    w = w / z.clamp_min(_TINY)
+    out = sum(o.float() * w[i].unsqueeze(-1) for i, o in enumerate(outs))
+    return out, total

@@ -1,0 +1,55 @@
+"""Packed (varlen) sequences under context parallelism: flash_varlen_attention on shards of one packed stream.
+
+Documents cross shard boundaries (and one is empty); every rank passes the stream's global cu_seqlens. Runs on the
+FlashAttention-2 stand-in (tests/support/standins/, the library's API computed in float32 on CPU) at 2, 3 and 4 gloo ranks,
+zigzag and contiguous, causal or not, GQA, forward and backward against the float64 reference of the whole stream
+with a document mask. benchmarks/gpu_check.py --packed-worlds runs the same worker with the real library on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cp_harness import packed_rank
+from reliability_helpers import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("layout,causal", [("zigzag", True), ("contiguous", True), ("zigzag", False)])
+def test_packed_documents_across_shards(world, layout, causal):
+    result = run_ranks(world, packed_rank, (layout, causal, "auto", "cpu", "fa2", True), timeout=120)
+    for r in result.ranks:
+        assert r.error is None, f"rank {r.rank}: {r.error_type}: {r.error}"
+    errors, stats = result.ranks[0].value
+    assert errors["out"] < 2e-2 and max(errors["dq"], errors["dk"], errors["dv"]) < 3e-2, errors
+    assert stats["all_gather"] == 2 and stats["reduce_scatter"] == 2, stats  # K and V, forward and backward
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_packed_heads_equal_tokens(world):
+    """8 tokens and 8 heads: a mix-up of the packed (tokens, heads, head_dim) dims cannot pass on shapes."""
+    payload = ("zigzag", True, "auto", "cpu", "fa2", True, [0, 3, 8], (8, 8, 16))
+    result = run_ranks(world, packed_rank, payload, timeout=120)
+    for r in result.ranks:
+        assert r.error is None, f"rank {r.rank}: {r.error_type}: {r.error}"
+    errors, _ = result.ranks[0].value
+    assert errors["out"] < 2e-2 and max(errors["dq"], errors["dk"], errors["dv"]) < 3e-2, errors
+
+
+def test_packed_under_ring_is_refused_on_every_rank():
+    result = run_ranks(2, packed_rank, ("zigzag", True, "ring", "cpu", "fa2", True), timeout=60)
+    for r in result.ranks:
+        assert r.error_type == "UnsupportedInputError", (r.rank, r.error_type, r.error)
+        assert "cp_strategy='allgather'" in r.error and "document_mask" in r.error
+
+
+def test_query_runs_and_segments():
+    from cpattn.cp.packed import query_runs, run_segments
+
+    assert query_runs([0, 1, 2, 9, 10]) == [(0, 0, 3), (3, 9, 11)]
+    assert query_runs([]) == []
+    # run [4, 12) of documents [0,5) [5,6) [6,17): rows 1 + 1 + 6, keys from 0 (causal: up to 12)
+    assert run_segments([0, 5, 6, 17], 4, 12, True) == ([0, 1, 2, 8], [0, 5, 6, 12], 0)
+    assert run_segments([0, 5, 6, 17], 4, 12, False) == ([0, 1, 2, 8], [0, 5, 6, 17], 0)

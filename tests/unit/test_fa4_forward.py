@@ -1,0 +1,180 @@
+"""FA4's directly launched sm90 forward (cpattn/providers/fa4_forward.py), on CPU.
+
+The kernel needs a Hopper GPU, so `StandInApi` (a stand-in, named as such) is the part of flash_attn.cute.interface
+the launch reads: its "compiled kernel" writes float64 attention into the output and log-sum-exp it is handed.
+What is tested is cpattn's side: which tensors the launch accepts, one compile per shape class, the arguments it
+compiles and calls with, and that the provider never takes the direct way for a stand-in library or varlen.
+tests/gpu/fa4_direct_check.py compares the real kernel with the library's forward bit for bit on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from cpattn.providers import fa4_forward
+from cpattn.providers.fa4_forward import Sm90Forward
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    m_block_size: int
+    n_block_size: int
+    mma_pv_is_rs: bool
+    intra_wg_overlap: bool
+
+
+class StandInApi:
+    """STAND-IN for flash_attn.cute.interface: records compiles and launches; kernels compute in float64."""
+
+    def __init__(self):
+        self.compiles, self.launches, self.kernels = [], [], []
+        self.torch2cute_dtype_map = {torch.float16: "f16", torch.bfloat16: "bf16"}
+        self.cute = types.SimpleNamespace(compile=self._compile, runtime=types.SimpleNamespace(
+            make_fake_stream=lambda use_tvm_ffi_env_stream: "env-stream"))
+
+    @staticmethod
+    def _tile_size_fwd_sm90(head_dim, head_dim_v, causal, local):
+        return FwdConfig(128, 176 if head_dim > 128 else 128, head_dim <= 128, True)
+
+    @staticmethod
+    def get_broadcast_dims(t):
+        return tuple(s == 0 for s in t.stride())
+
+    @staticmethod
+    def to_cute_tensor(t, assumed_align=16):
+        return ("cute", assumed_align, tuple(t.shape))
+
+    @staticmethod
+    def AuxData(tensors, scalars):  # noqa: N802 - the library's name
+        return ("aux", tensors, scalars)
+
+    class FlashAttentionForwardSm90:
+        def __init__(self, dtype, head_dim, head_dim_v, per_kv_head, **options):
+            self.args = (dtype, head_dim, head_dim_v, per_kv_head)
+            self.options = options
+
+    def _compile(self, kernel, *args, options):
+        self.compiles.append((kernel, args, options))
+        causal = kernel.options["is_causal"]
+
+        def launch(q, k, v, out, lse, scale, *rest):
+            self.launches.append(rest)
+            rep = q.shape[2] // k.shape[2]
+            qh, kh, vh = (t.double().transpose(1, 2) for t in (q, k, v))
+            kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
+            scores = qh @ kh.transpose(-1, -2) * scale
+            if causal:
+                scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
+            out.copy_((scores.softmax(-1) @ vh).transpose(1, 2))
+            if lse is not None:
+                lse.copy_(scores.logsumexp(-1))
+        self.kernels.append(launch)
+        return launch
+
+
+def _qkv(b=2, sq=12, sk=12, hq=4, hk=4, d=16, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=g).to(dtype) for s, h in ((sq, hq), (sk, hk), (sk, hk))]
+
+
+def test_load_needs_the_checked_version_and_every_name():
+    api = StandInApi()
+    assert isinstance(Sm90Forward.load(api, "4.0.0b36"), Sm90Forward)
+    assert Sm90Forward.load(api, "4.0.0b37") is None
+    for missing in fa4_forward._NEEDED:  # a release that renamed or dropped what the launch reads
+        partial = types.SimpleNamespace(**{n: getattr(api, n) for n in fa4_forward._NEEDED if n != missing})
+        assert Sm90Forward.load(partial, "4.0.0b36") is None
+
+
+@pytest.mark.parametrize("make, aligned", [
+    (lambda: torch.randn(2, 8, 4, 64, dtype=torch.bfloat16), True),
+    (lambda: torch.randn(2, 4, 8, 64, dtype=torch.bfloat16).transpose(1, 2), True),  # dispatch's views
+    (lambda: torch.randn(2, 8, 4, 64, dtype=torch.bfloat16).expand(2, 8, 4, 64), True),
+    (lambda: torch.randn(1, 8, 4, 1, dtype=torch.bfloat16).expand(1, 8, 4, 64), False),  # last dim broadcast
+    (lambda: torch.randn(2, 8, 4, 68, dtype=torch.bfloat16)[..., :64], False),  # strides of 68 bf16 = 136 B
+    (lambda: torch.randn(2 * 8 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 8, 4, 64), False),  # address
+    (lambda: torch.randn(2, 8, 4, 128, dtype=torch.bfloat16)[..., ::2], False),  # last dim strided
+])
+def test_aligned_is_the_layout_the_kernel_assumes(make, aligned):
+    assert fa4_forward._aligned(make()) is aligned
+
+
+def test_takes_refuses_cpu_tensors():
+    # the provider asks before every launch; on anything but an sm90 GPU the library's forward runs
+    assert not Sm90Forward(StandInApi()).takes(*_qkv())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hk", [4, 2, 1])
+def test_launch_writes_out_and_lse_and_compiles_once_per_shape_class(causal, hk):
+    api = StandInApi()
+    direct = Sm90Forward(api)
+    q, k, v = _qkv(hk=hk)
+    out, lse = direct(q, k, v, None, causal, return_lse=True)
+    assert out.shape == q.shape[:3] + v.shape[-1:] and out.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double().transpose(1, 2) for t in (q, k, v)), is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(out.double(), reference.transpose(1, 2), atol=1e-2, rtol=0)
+    kernel, args, options = api.compiles[0]
+    assert kernel.args == ("bf16", 16, 16, 4 // hk)
+    assert kernel.options["pack_gqa"] is (hk < 4) and kernel.options["is_causal"] is causal
+    assert kernel.options["tile_m"] == 128 and kernel.options["num_threads"] == 384
+    assert args[5] == 1 / math.sqrt(16) and args[-1] == "env-stream" and options == "--enable-tvm-ffi"
+    # new tensors of the same class (other lengths, batch, values): the same kernel
+    direct(*_qkv(b=1, sq=20, sk=20, hk=hk, seed=1), 0.5, causal, return_lse=True)
+    assert len(api.compiles) == 1 and len(api.launches) == 2
+
+
+def test_each_part_of_the_shape_class_gets_its_own_kernel():
+    api = StandInApi()
+    direct = Sm90Forward(api)
+    q, k, v = _qkv()
+    direct(q, k, v, None, False, return_lse=True)
+    variants = [
+        (_qkv(), True, True),  # causal
+        (_qkv(), False, False),  # no log-sum-exp
+        (_qkv(dtype=torch.float16), False, True),
+        (_qkv(d=32), False, True),
+        (_qkv(hk=2), False, True),
+        ((q, k.expand(2, 12, 4, 16)[:, :, :1].expand(2, 12, 4, 16), v), False, True),  # a broadcast KV head dim
+    ]
+    for n, (tensors, causal, lse) in enumerate(variants, start=2):
+        out, got_lse = direct(*tensors, None, causal, return_lse=lse)
+        assert (got_lse is None) is (not lse)
+        assert len(api.compiles) == n
+    direct(q, k, v, None, False, return_lse=True)
+    assert len(api.compiles) == len(variants) + 1
+
+
+def test_stand_in_and_varlen_generations_do_not_launch_directly(monkeypatch):
+    from standins import flash_attn_standin as standin
+    from test_provider_flash import install
+
+    import cpattn
+
+    install(monkeypatch, standin.fa4_modules())
+    for name in ("flash", "flash_varlen"):
+        gen = cpattn.PROVIDERS[name].generation()
+        assert gen.label == "flash-attn-4" and gen._direct_forward is None
+
+
+def test_takes_refuses_empty_keys_without_dividing_by_zero_heads(monkeypatch):
+    # asked before any launch, on every call: shapes it does not take must come back False, never raise
+    monkeypatch.setattr(fa4_forward, "device_capability", lambda device: (9, 0))
+    direct = Sm90Forward(StandInApi())
+    q = torch.zeros(1, 8, 4, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert direct.takes(q, q, q)  # the control: aligned, as the real kernel would take it
+    assert not direct.takes(q, torch.zeros(1, 8, 0, 64, dtype=torch.bfloat16), torch.zeros(1, 8, 0, 64,
+                                                                                         dtype=torch.bfloat16))
+    assert not direct.takes(q, q[:, :0], q[:, :0])
+    assert not direct.takes(torch.zeros(1, 8, 6, 64, dtype=torch.bfloat16), q, q)  # 6 heads over 4
+    wide = torch.zeros(1, 8, 4, 264, dtype=torch.bfloat16)
+    assert not direct.takes(wide, wide, wide)  # head dim over 256
+    assert not direct.takes(q, q, torch.zeros(1, 8, 4, 60, dtype=torch.bfloat16))  # value head dim off 8

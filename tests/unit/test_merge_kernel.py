@@ -1,0 +1,85 @@
+"""The fused Triton merge (cpattn/ops/merge_kernel.py, the ring's merge on CUDA) matches `merge_two`, alone and inside
+ring forwards over 2-4 loopback ranks against the float64 reference.
+
+No GPU in CI: the kernel runs in Triton's interpreter on CPU tensors, in a subprocess because
+TRITON_INTERPRET must be set before Triton compiles anything. tests/support/merge_kernel_check.py has the cases.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+
+from helpers import run_in_triton_interpreter
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (dev extra pins it)")
+def test_fused_merge_matches_merge_two_in_the_triton_interpreter():
+    proc = run_in_triton_interpreter("merge_kernel_check.py", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"checked 160 cases \(\d+ kernel merges in rings\), 0 failed", proc.stdout), proc.stdout[-3000:]
+
+
+def test_cpu_tensors_take_the_torch_ops():
+    """Off CUDA the blocks are merged by merge_two, from out 0 / lse -inf, on each block's rows."""
+    import torch
+
+    from cpattn.ops.merge import PartialAttention, merge_two
+
+    torch.manual_seed(0)
+    acc = PartialAttention(1, 2, 6, 4, "cpu")
+    first = (torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6))
+    late = (torch.randn(1, 2, 3, 4).bfloat16(), torch.randn(1, 2, 3))
+    acc.add_rows(slice(0, 6), *first)
+    acc.add_rows(slice(3, 6), *late)
+    out, lse = acc.value()
+    want_out, want_lse = merge_two(first[0][:, :, 3:], first[1][:, :, 3:], *late)
+    assert torch.equal(out[:, :, :3], first[0][:, :, :3]) and torch.equal(lse[:, :, :3], first[1][:, :, :3])
+    torch.testing.assert_close(out[:, :, 3:], want_out)
+    torch.testing.assert_close(lse[:, :, 3:], want_lse)
+
+
+def test_accumulator_keeps_blocks_until_the_result_and_folds_every_max_blocks():
+    """A lone block over every row comes back as it came (no copy); blocks are never written; the result is
+    written once in the dtype asked; MAX_BLOCKS blocks fold into float32 storage, so no more are held; a first
+    block over some rows merges with out 0 / lse -inf; an accumulator that saw nothing is out 0 / lse -inf."""
+    import torch
+
+    from cpattn.ops.merge import MAX_BLOCKS, PartialAttention, merge_many
+
+    torch.manual_seed(0)
+    whole = (torch.randn(1, 6, 2, 4).bfloat16().transpose(1, 2), torch.randn(1, 2, 6))  # a kernel's layout
+    acc = PartialAttention(1, 2, 6, 4, "cpu")
+    acc.add(*whole)
+    out, lse = acc.result(torch.bfloat16)
+    assert out is whole[0] and lse is whole[1]
+
+    blocks = [(torch.randn(1, 2, 6, 4).bfloat16(), torch.randn(1, 2, 6) * 3) for _ in range(2 * MAX_BLOCKS + 1)]
+    kept = [(o.clone(), l.clone()) for o, l in blocks]
+    acc = PartialAttention(1, 2, 6, 4, "cpu")
+    for i, block in enumerate(blocks):
+        acc.add(*block)
+        assert len(acc._blocks) <= MAX_BLOCKS  # a full hand folds when one more block comes
+        if i >= MAX_BLOCKS:  # folded: the float32 merge of what came before leads, this block follows
+            assert acc._blocks[0][1].dtype == torch.float32 and acc._blocks[-1][1] is block[0]
+        else:
+            assert acc._blocks[-1][1] is block[0] and len(acc._blocks) == i + 1
+    out, lse = acc.result(torch.bfloat16)
+    want_out, want_lse = merge_many([o for o, _ in kept], [l for _, l in kept])
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want_out, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(lse, want_lse)
+    assert all(torch.equal(o, ko) and torch.equal(l, kl) for (o, l), (ko, kl) in zip(blocks, kept))
+
+    late = (torch.randn(1, 2, 3, 4).bfloat16(), torch.randn(1, 2, 3))
+    partial = PartialAttention(1, 2, 6, 4, "cpu")
+    partial.add_rows(slice(3, 6), *late)
+    out, lse = partial.value()
+    assert torch.equal(out[:, :, :3], torch.zeros(1, 2, 3, 4)) and torch.isneginf(lse[:, :, :3]).all()
+    torch.testing.assert_close(out[:, :, 3:], late[0].float())
+    torch.testing.assert_close(lse[:, :, 3:], late[1])
+
+    out, lse = PartialAttention(1, 2, 6, 4, "cpu").value()
+    assert out.shape == (1, 2, 6, 4) and not out.any() and torch.isneginf(lse).all() and lse.shape == (1, 2, 6)
