@@ -7,7 +7,8 @@
 
 from .contract import AttentionCall, Capabilities, Provider
 from .cp import document_mask, gather_sequence, local_position_ids, shard_sequence
-from .dispatch import attention_dispatch, attention_provider, current_provider
+from .dispatch import attention_dispatch
+from .state import attention_provider, current_provider
 from .errors import (
     CommTimeoutError,
     CpattnError,

@@ -1,8 +1,10 @@
 """`attention_dispatch` inside `torch.compile`: the single-device kernel call as a torch.library custom op.
 
+A leaf: it registers the ops and imports nothing above the per-call state; only cpattn.dispatch imports it.
+
 Dynamo cannot trace `ContextVar.get` (where `attention_provider` keeps its state), nor the provider objects and
-dataclasses behind it: every `attention_dispatch` call would break the graph. While compiling, dispatch calls
-`compiled_attention` instead, which puts one opaque op in the graph:
+dataclasses behind it: every `attention_dispatch` call would break the graph. While compiling, dispatch puts one
+opaque op in the graph instead (cpattn.dispatch._compiled_attention):
 
 * ``cpattn::attention_fwd(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, needs_grad)
   -> (out, lse, provider_id)``
@@ -26,18 +28,15 @@ Graph breaks that remain (documented; each runs the eager path, then tracing res
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
 
-from . import dispatch
-from .contract import AttentionCall, autocast_off, default_scale
+from .call import make_call
+from .contract import AttentionCall, autocast_off
 from .errors import CpattnError, UnsupportedInputError
-from .providers import PROVIDERS, suggest
-
-_NAMES = tuple(PROVIDERS)
-_IDS = {name: i for i, name in enumerate(_NAMES)}
+from .providers import provider_code, provider_of_code, suggest
+from .state import current_state
 
 
 def _has_contract_backward(provider, call: AttentionCall) -> bool:
@@ -54,14 +53,14 @@ def attention_fwd(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
     dropout_p: float, is_causal: bool, scale: float, enable_gqa: bool, needs_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    state = dispatch.current_state()  # run time: the provider active now, in this thread
+    state = current_state()  # run time: the provider active now, in this thread
     if state.cp is not None and state.cp.world_size > 1:
         raise CpattnError(
             "a graph compiled for single-device attention ran inside attention_provider(..., cp_mesh=...) "
             "(entered by another thread while it ran?); call the compiled model again to recompile for CP"
         )
     provider = state.provider
-    call = dispatch.make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     # Autograd sits outside this op: check the call as eager would see it, with gradients if the graph wants them.
     with torch.set_grad_enabled(needs_grad):
         reasons = provider.reasons(call.replace(query=query.detach().requires_grad_(needs_grad)))
@@ -72,7 +71,7 @@ def attention_fwd(
     else:  # no contract forward/backward: the single-device path (the backward recomputes through it)
         out = provider.attention(call)
         lse = query.new_empty(call.batch, call.q_heads, call.q_len, dtype=torch.float32)
-    provider_id = torch.tensor(_IDS[provider.name], dtype=torch.int64)
+    provider_id = torch.tensor(provider_code(provider), dtype=torch.int64)
     return out.contiguous(), lse.contiguous(), provider_id
 
 
@@ -90,7 +89,7 @@ def attention_bwd(
     attn_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, provider_id: torch.Tensor,
     is_causal: bool, scale: float, enable_gqa: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    provider = PROVIDERS[_NAMES[int(provider_id)]]
+    provider = provider_of_code(int(provider_id))
     call = _call(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
     with autocast_off(query.device):  # as in eager: the inputs were cast before the forward
         if _has_contract_backward(provider, call):
@@ -124,33 +123,3 @@ def _backward(ctx, dout, _dlse, _did):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _eager_dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """The eager path, run between graphs (one graph break): context parallelism, dropout, mask gradients."""
-    return dispatch.attention_dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-
-
-def __getattr__(name: str):
-    # `torch.compiler.disable` imports torch._dynamo (about a second): wrap on first use, which is always while
-    # dynamo traces (so it is loaded by then), never at `import cpattn`.
-    if name == "eager_dispatch":
-        fn = globals()["eager_dispatch"] = torch.compiler.disable(_eager_dispatch)
-        return fn
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_THIS_MODULE = sys.modules[__name__]
-
-
-def compiled_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                       enable_gqa=False) -> torch.Tensor:
-    """What `attention_dispatch` does while dynamo traces it (`torch.compiler.is_compiling()`)."""
-    if (dispatch.open_cp_contexts > 0 or dropout_p > 0
-            or (isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad)):
-        return _THIS_MODULE.eager_dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if scale is None:
-        scale = default_scale(query.shape[-1])
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    return attention_fwd(query, key, value, attn_mask, float(dropout_p), bool(is_causal), float(scale),
-                         bool(enable_gqa), needs_grad)[0]

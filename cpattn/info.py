@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .providers import PROVIDERS
+from .call import make_call
+from .providers import AUTO, PROVIDERS
 
 
 @dataclass
@@ -79,8 +80,6 @@ def provider_rows() -> list[ProviderRow]:
 
 def auto_choice() -> str:
     """What provider 'auto' picks here for a typical training call (bf16 on GPU, float32 on CPU), and why."""
-    from .dispatch import make_call
-    from .providers import AUTO
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

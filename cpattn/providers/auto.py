@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..contract import FLOAT_DTYPES, AttentionCall, Capabilities, Provider
+from ..names import auto_order
 
 # Autotuning times at most this many candidates, the first in ORDER that take the call: it bounds the first
 # call's cost (flex compiles for seconds, math materialises the S x S scores), and in the suites under
@@ -43,10 +44,8 @@ MAX_TIMED = 3
 # S=4k when tuning and 8% behind it in the suite), so a smaller lead is noise, not a reason to switch.
 SWITCH_MARGIN = 0.05
 
-ORDER = {
-    "cuda": ("flash", "_native_cudnn", "flash_varlen", "_native_flash", "_native_efficient", "flex", "_native_math"),
-    "cpu": ("_native_flash", "_native_math"),
-}
+# The order comes from cpattn.names.PROVIDER_TABLE (rows marked for a device type, in preference order).
+ORDER = {device: auto_order(device) for device in ("cuda", "cpu")}
 # `flash` zero-pads some head dims (FA4 on sm90: 97-104 always, others not a multiple of 32 with gradients), a
 # copy of q, k and v (and out, dO in the backward) whose cost falls with the sequence's share of the work. On an
 # H100 at S = 4k, cuDNN was faster in all 6 padded shapes (2% to 29%), at S = 16k FA4 in all 8 (6% to 14%)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.ops.merge import PartialAttention, merge_many, merge_two
 from cp_harness import Case
 from helpers import GRAD_ATOL, OUT_ATOL, assert_close, assert_lse_close, make_qkv, reference_with_grads

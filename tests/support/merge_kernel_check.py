@@ -21,7 +21,7 @@ from cpattn.cp.comm import CommStats  # noqa: E402
 from cpattn.cp.layout import ring_positions  # noqa: E402
 from cpattn.cp.mesh import Group  # noqa: E402
 from cpattn.cp.ring import RingSpec, ring_forward  # noqa: E402
-from cpattn.dispatch import make_call  # noqa: E402
+from cpattn.call import make_call  # noqa: E402
 from cpattn.ops.merge import merge_two  # noqa: E402
 from cpattn.ops.merge_kernel import merge_blocks_into  # noqa: E402
 from cpattn.providers import get_provider  # noqa: E402

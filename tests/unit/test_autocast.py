@@ -15,7 +15,7 @@ from cpattn.cp.comm import CommStats
 from cpattn.cp.layout import ring_positions
 from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_attention
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
 from cpattn.cp.comm import LoopbackRing
 from helpers import GRAD_ATOL, OUT_ATOL, assert_close, make_qkv

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cpattn import attention_dispatch, attention_provider
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.errors import InvalidArgumentError
 from cpattn.providers import AUTO_TUNED, PROVIDERS
 from cpattn.providers.auto import Auto, can_time, measure_ms

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import cpattn
 from cpattn import attention_dispatch, attention_provider
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from helpers import GRAD_ATOL, OUT_ATOL, assert_close, assert_lse_close, make_qkv, random_bool_mask, reference_with_grads
 
 CPU_TRAINING = ("native", "_native_math", "_native_flash")

@@ -18,7 +18,7 @@ import torch
 
 import cpattn
 from cpattn.contract import RowBackward
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.providers import fa4_rows
 from cpattn.providers.fa4_rows import SharedAccumulatorBackward, Sm90BackwardKernels, shares_rows
 

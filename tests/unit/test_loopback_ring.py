@@ -10,7 +10,7 @@ import torch
 
 from cpattn.cp.comm import LoopbackRing
 from cpattn.cp.ring import ring_backward, ring_forward_keeping_last
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
 from helpers import loopback_spec, reference_with_grads, ring_shards
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from helpers import make_qkv
 
 

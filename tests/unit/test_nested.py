@@ -10,7 +10,7 @@ import torch
 
 import cpattn
 from cpattn import attention_dispatch, attention_provider
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from helpers import GRAD_ATOL, OUT_ATOL, assert_close
 
 LENGTHS = (5, 7)

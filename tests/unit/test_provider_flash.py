@@ -16,7 +16,7 @@ import torch
 
 import cpattn
 from cpattn import ProviderUnavailableError, UnsupportedInputError, attention_dispatch, attention_provider
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.errors import InvalidArgumentError
 from cpattn.providers import PROVIDERS
 from cpattn.providers.flash import _PaddedBatch, flash_varlen_attention

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.ops.merge import merge_two
 from helpers import OUT_ATOL, assert_close, assert_lse_close, make_qkv, max_err
 from standins import sageattention_standin as standin

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from helpers import OUT_ATOL, assert_close, assert_lse_close, make_qkv, random_bool_mask, reference_with_grads
 from standins import xformers_standin as standin
 

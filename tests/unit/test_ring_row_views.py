@@ -12,7 +12,7 @@ from cpattn.cp.comm import CommStats
 from cpattn.cp.layout import ring_positions
 from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_backward, ring_forward
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
 from cpattn.cp.comm import LoopbackRing
 

@@ -20,7 +20,7 @@ from cpattn.cp import ring, streams
 from cpattn.cp.comm import LoopbackRing
 from cpattn.cp.mesh import Group
 from cpattn.cp.ring import ring_backward, ring_forward_keeping_last
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
 from helpers import loopback_spec, reference_with_grads, ring_shards
 
@@ -178,7 +178,7 @@ def test_cp_ring_streams_option_reaches_the_ring(monkeypatch):
     """attention_provider(..., cp_ring_streams=1) keeps the ring backward on one stream; only 1 and 2 are taken."""
     from cpattn.cp.context import ContextParallel
     from cpattn.cp.mesh import Topology
-    from cpattn.dispatch import _validate_options
+    from cpattn.state import _validate_options
 
     group = Group(None, 0, 2, "nccl")
     assert ContextParallel(Topology(group, None, 1))._ring_spec(8).step_streams == 2

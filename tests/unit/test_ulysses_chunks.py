@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cpattn.cp.ulysses import MIN_CHUNK_BYTES, head_chunks_for
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 
 
 @pytest.mark.parametrize("total,heads,world,dtype,want", [

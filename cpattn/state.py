@@ -1,0 +1,137 @@
+"""Per-call state: which provider `attention_dispatch` runs on, and the context-parallel setup, for the code
+inside an `attention_provider(...)` block.
+
+The state lives in a ContextVar: nesting restores the previous state, and threads and asyncio tasks each see
+their own. With no block open the provider comes from the environment variable CPATTN_PROVIDER, else `native`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .contract import Provider
+from .cp import ContextParallel
+from .errors import InvalidArgumentError
+from .names import AttentionProvider
+from .providers import AUTO, AUTO_TUNED, get_provider
+
+ENV_PROVIDER = "CPATTN_PROVIDER"
+CP_OPTIONS = {
+    "cp_strategy": ("auto", "ring", "ulysses", "hybrid", "allgather"),
+    "cp_layout": ("zigzag", "contiguous"),
+    "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60; given: bounded on NCCL too)
+    "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
+    "cp_ring_streams": (2, 1),  # CUDA streams a ring backward's steps take in turn (cpattn/cp/streams.py)
+}
+PROVIDER_OPTIONS = {
+    "autotune": (False, True),  # provider "auto" only: choose per input signature by timing the candidates
+}
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    provider: Provider
+    cp: Any = None  # cpattn.cp.ContextParallel, or None for single-device dispatch
+    options: dict = field(default_factory=dict)
+
+
+_STATE: contextvars.ContextVar[DispatchState | None] = contextvars.ContextVar("cpattn_state", default=None)
+# attention_provider blocks with a multi-rank cp_mesh open right now (all threads). torch.compile cannot read the
+# ContextVar; it guards on this count instead to trace CP calls eagerly (see cpattn/compiled.py).
+open_cp_contexts = 0
+_OPEN_CP_LOCK = threading.Lock()
+_ENV_CACHE: dict[str, DispatchState] = {}
+
+
+def _state_from_env() -> DispatchState:
+    name = os.environ.get(ENV_PROVIDER, "native") or "native"
+    state = _ENV_CACHE.get(name)
+    if state is None:
+        try:
+            provider = get_provider(name)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"environment variable {ENV_PROVIDER}={name!r} is invalid: {exc}") from None
+        state = _ENV_CACHE[name] = DispatchState(provider)
+    return state
+
+
+def current_state() -> DispatchState:
+    state = _STATE.get()
+    return state if state is not None else _state_from_env()
+
+
+def current_provider() -> Provider:
+    return current_state().provider
+
+
+def _validate_options(options: dict) -> dict:
+    known = {**CP_OPTIONS, **PROVIDER_OPTIONS}
+    for key, value in options.items():
+        if key not in known:
+            raise InvalidArgumentError(
+                f"unknown attention_provider option {key!r}; known options: {', '.join(known)}"
+            )
+        allowed = known[key]
+        if allowed is not None and (value not in allowed or type(value) is not type(allowed[0])):  # 1 == True
+            raise InvalidArgumentError(
+                f"option {key}={value!r} is invalid; choose one of {', '.join(map(str, allowed))}")
+        if key == "cp_replicated_prefix" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidArgumentError(f"option cp_replicated_prefix={value!r} must be a token count >= 0")
+        if key == "cp_timeout" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not 0 < value < math.inf):  # inf would fail at the first wait
+            raise InvalidArgumentError(f"option cp_timeout={value!r} must be a positive, finite number of seconds")
+    return dict(options)
+
+
+@contextlib.contextmanager
+def attention_provider(
+    provider: "str | AttentionProvider", cp_mesh=None, **options
+) -> Iterator[DispatchState]:
+    """Run `attention_dispatch` calls inside the block on `provider`, context-parallel over `cp_mesh` if given.
+
+    `cp_mesh` is a 1-D DeviceMesh or ProcessGroup (ring / Ulysses / all-gather) or a 2-D DeviceMesh with
+    dimensions ("ring", "ulysses") for the hybrid. Options: cp_strategy, cp_layout, cp_timeout,
+    cp_replicated_prefix, cp_ring_streams (2, the default, or 1: see cpattn/cp/streams.py); and autotune=True
+    with provider "auto" (see cpattn.providers.auto).
+    """
+    adapter = get_provider(provider)
+    opts = _validate_options(options)
+    if opts.pop("autotune", False):
+        adapter = _autotuned(adapter)
+    cp = None
+    if cp_mesh is not None:
+        cp = ContextParallel.from_mesh(cp_mesh, **opts)
+    elif any(k.startswith("cp_") for k in opts):
+        raise InvalidArgumentError(f"options {sorted(opts)} need cp_mesh to be given")
+    state = DispatchState(adapter, cp, opts)
+    multi_rank = cp is not None and cp.world_size > 1
+    if multi_rank:
+        _count_cp_context(+1)
+    token = _STATE.set(state)
+    try:
+        yield state
+    finally:
+        _STATE.reset(token)
+        if multi_rank:
+            _count_cp_context(-1)
+
+
+def _autotuned(adapter: Provider) -> Provider:
+    if adapter is not AUTO and adapter is not AUTO_TUNED:
+        raise InvalidArgumentError(
+            f"option autotune=True applies to provider 'auto' only; provider '{adapter.name}' always runs its own "
+            "kernel: use attention_provider('auto', autotune=True) to choose among kernels by timing them"
+        )
+    return AUTO_TUNED
+
+
+def _count_cp_context(delta: int) -> None:
+    global open_cp_contexts
+    with _OPEN_CP_LOCK:
+        open_cp_contexts += delta
