@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -470,13 +470,3 @@ def empty_query_rows(call: AttentionCall) -> torch.Tensor | None:
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
     """Top-left aligned causal mask, as F.scaled_dot_product_attention defines is_causal."""
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
-
-
-@dataclass
-class ProviderInfo:
-    name: str
-    family: str
-    available: bool
-    version: str | None
-    reason: str | None
-    devices: list[str] = field(default_factory=list)

@@ -109,15 +109,3 @@ def merge_two(
     inv_z = 1.0 / z.clamp_min(_TINY)
     out = out_a.float() * (w_a * inv_z).unsqueeze(-1) + out_b.float() * (w_b * inv_z).unsqueeze(-1)
     return out, lse
-
-
-def merge_many(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge any number of partial results at once (rounds once, unlike W-1 pairwise merges)."""
-    lse = torch.stack([x.float() for x in lses])  # (N, B, H, S)
-    m = _shifted_max(lse.amax(dim=0))
-    w = torch.exp(lse - m)
-    z = w.sum(dim=0)
-    total = torch.where(z == 0, float("-inf"), m + torch.log(z))
-    w = w / z.clamp_min(_TINY)
-    out = sum(o.float() * w[i].unsqueeze(-1) for i, o in enumerate(outs))
-    return out, total

@@ -47,7 +47,8 @@ def test_accumulator_keeps_blocks_until_the_result_and_folds_every_max_blocks():
     block over some rows merges with out 0 / lse -inf; an accumulator that saw nothing is out 0 / lse -inf."""
     import torch
 
-    from cpattn.ops.merge import MAX_BLOCKS, PartialAttention, merge_many
+    from cpattn.ops.merge import MAX_BLOCKS, PartialAttention
+    from merge_reference import merge_many
 
     torch.manual_seed(0)
     whole = (torch.randn(1, 6, 2, 4).bfloat16().transpose(1, 2), torch.randn(1, 2, 6))  # a kernel's layout
