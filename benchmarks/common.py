@@ -1,0 +1,295 @@
+"""What the suites share: result names and files, the environment they record, progress, plots and timing.
+
+Timing: triton.testing.do_bench on CUDA (median of repeated runs between CUDA events, L2 flushed before each),
+torch.utils.benchmark on CPU. Functions compared with each other take turns (`bench_alternating`,
+`bench_interleaved`), so that a clock change reaches them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+if ROOT not in sys.path:  # `python benchmarks/<suite>.py` from anywhere finds cpattn and this package
+    sys.path.insert(0, ROOT)
+
+
+# -- names, files, environment ---------------------------------------------------------------------------------
+
+
+def device_name(device: str | torch.device = "cuda") -> str:
+    """The GPU's name for a CUDA device, else "cpu"."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def file_label(name: str) -> str:
+    """`name` as a piece of a file name: "NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3"."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name.replace(" x ", "x"))
+
+
+def results_path(suite: str, device: str, out: str = RESULTS, tag: str = "") -> str:
+    """<out>/<suite>_<device><tag>.json: each suite's results name the device they were measured on."""
+    return os.path.join(out, f"{suite}_{file_label(device)}{tag}.json")
+
+
+def environment() -> dict:
+    from cpattn.info import environment as env
+
+    out = dict(env())
+    out["date"] = time.strftime("%Y-%m-%d %H:%M")
+    out["platform"] = platform.platform()
+    out["cpu threads"] = torch.get_num_threads()
+    import cpattn
+
+    out["providers"] = {n: p.availability().version for n, p in cpattn.PROVIDERS.items() if p.availability().ok}
+    return out
+
+
+def write_results(path: str, payload: dict) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    return path
+
+
+def add_output_arguments(parser) -> None:
+    parser.add_argument("--out", default=RESULTS, help="directory for the JSON and PNG (default: %(default)s)")
+    parser.add_argument("--tag", default="", help="suffix of the file names, e.g. _rerun")
+    parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def progress(items, description: str, enabled: bool = True):
+    """`items` with a progress bar (rich) when `enabled` and rich is installed. The bar redraws only as items
+    advance, never from a thread of its own, so it takes no host time while a timing runs."""
+    items = list(items)
+    if not enabled:
+        return items
+    try:
+        from rich.progress import track
+    except ImportError:
+        return items
+    return track(items, description=description, auto_refresh=False, transient=False)
+
+
+# -- plots -----------------------------------------------------------------------------------------------------
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is missing (the JSON is written anyway).
+    Imported here, not at the top of a suite, so that --help and the JSON need no matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, json_path: str) -> str:
+    """The figure as a PNG beside its JSON; its path."""
+    png = os.path.splitext(json_path)[0] + ".png"
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    pyplot().close(fig)
+    return png
+
+
+# -- timing ----------------------------------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops(b, h, s, d, causal, backward) -> float:
+    """4*B*H*S^2*D forward (halved for causal), 3.5 times that for forward+backward."""
+    f = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
+    return f * 3.5 if backward else f
+
+
+def bench_gpu(fn, rep_ms: float = 60, warmup_ms: float = 15, min_runs: int = 10) -> dict:
+    """Median and spread of `fn` under do_bench, over at least `min_runs` timed runs (do_bench sizes its runs
+    from `rep_ms` alone, which gives one or two runs of a 100 ms function: too few for a median)."""
+    from triton.testing import do_bench
+
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    rep_ms = max(rep_ms, min_runs * start.elapsed_time(end))
+    q20, q50, q80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    return {"median_ms": q50, "p20_ms": q20, "p80_ms": q80}
+
+
+def bench_cpu(fn, min_run_time: float = 0.2) -> dict:
+    """Median and spread of `fn` by torch.utils.benchmark (blocks of calls, about `min_run_time` seconds)."""
+    from torch.utils.benchmark import Timer
+
+    fn()
+    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = sorted(t * 1e3 for t in m.times)
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
+    return {"median_ms": m.median * 1e3, "p20_ms": pick(0.2), "p80_ms": pick(0.8)}
+
+
+def bench(fn, device, warmup_ms: float = 15, cpu_seconds: float = 0.2) -> dict:
+    """`bench_gpu` on CUDA, `bench_cpu` on CPU."""
+    if torch.device(device).type == "cuda":
+        return bench_gpu(fn, warmup_ms=warmup_ms)
+    return bench_cpu(fn, cpu_seconds)
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """Williams' balanced Latin square: n orders of range(n) in which each index takes each position once and,
+    for even n, follows each other index exactly once (odd n: over these orders and their reverses)."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    return [[(x + i) % n for x in first] for i in range(n)]
+
+
+def turn_orders(n: int, turns: int) -> list[list[int]]:
+    """The order of each of `turns` rounds or turns: balanced Latin square rows, reversed on alternate passes
+    (for odd n each function then follows each other one equally often over 2n turns)."""
+    orders = balanced_orders(n)
+    return [orders[i % n][::-1] if (i // n) % 2 else orders[i % n] for i in range(turns)]
+
+
+def bench_alternating(fns: dict, device, rounds: int = 3, warmup_ms: float = 15, cpu_seconds: float = 0.2) -> dict:
+    """`bench` of each function in turn, `rounds` times, in `turn_orders`: per function the median of its rounds'
+    medians, the rounds' medians and the widest 20th/80th percentiles.
+
+    Timed once each, one after the other, the same kernel called directly and through dispatch can drift apart
+    by several percent (clocks move over seconds); in balanced orders each function takes each position and
+    follows each other one equally often, so no function always runs after the slowest one. On CUDA
+    `warmup_ms` lets each function run alone that long before its timed runs."""
+    runs = {name: [] for name in fns}
+    items = list(fns.items())
+    for order in turn_orders(len(items), rounds):
+        for name, fn in (items[j] for j in order):
+            runs[name].append(bench(fn, device, warmup_ms, cpu_seconds))
+    out = {}
+    for name, results in runs.items():
+        medians = [r["median_ms"] for r in results]
+        out[name] = {"median_ms": statistics.median(medians), "round_medians_ms": medians,
+                     "p20_ms": min(r["p20_ms"] for r in results), "p80_ms": max(r["p80_ms"] for r in results)}
+    return out
+
+
+def summarize_calls(call_ms: list[float], chunks: int = 6) -> dict:
+    """Median and 20th/80th percentiles of per-call times; `round_medians_ms`: medians of `chunks` consecutive
+    runs of calls, to show drift over the measurement as the round-based timing does."""
+    ordered = sorted(call_ms)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    size = max(1, len(call_ms) // chunks)
+    parts = [call_ms[i:i + size] for i in range(0, len(call_ms) - size + 1, size)]
+    return {"median_ms": statistics.median(call_ms), "p20_ms": pick(0.2), "p80_ms": pick(0.8),
+            "round_medians_ms": [statistics.median(p) for p in parts], "calls": len(call_ms)}
+
+
+def paired_ratio(numerator_ms: list[float], denominator_ms: list[float]) -> float:
+    """Median over turns of one function's call time over the other's from the same turn."""
+    return statistics.median(a / b for a, b in zip(numerator_ms, denominator_ms))
+
+
+def bench_interleaved(fns: dict, device, warmup_ms: float = 100, budget_ms: float = 2000, min_calls: int = 30,
+                      max_calls: int = 600) -> dict:
+    """Each function timed call by call, the functions taking turns (one call each per turn, in `turn_orders`).
+    On CUDA every call runs after an L2 flush, between CUDA events, as do_bench times a call; on CPU each call is
+    timed by time.perf_counter.
+
+    Whole do_bench runs of tens of milliseconds (`bench_alternating`) let a clock change land on one function
+    only; here neighbouring calls of different functions are microseconds to milliseconds apart, so drift
+    reaches them alike, and `paired_ratio` compares calls of one turn. Each function first runs alone for
+    `warmup_ms`; the number of turns fits `budget_ms` in all. Returns, per function, `summarize_calls` of its
+    calls plus `call_ms`, the calls in turn order."""
+    cuda = torch.device(device).type == "cuda"
+    items = list(fns.items())
+    per_call = {}
+    for name, fn in items:  # warm up alone; the per-call estimate sizes the number of turns
+        fn()
+        sync(device)
+        start, n = time.perf_counter(), 0
+        while (time.perf_counter() - start) * 1e3 < warmup_ms or n < 3:
+            fn()
+            n += 1
+            if cuda and n % 8 == 0:
+                torch.cuda.synchronize()
+        sync(device)
+        per_call[name] = (time.perf_counter() - start) * 1e3 / n
+    turns = int(min(max_calls, max(min_calls, budget_ms / sum(per_call.values()))))
+    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if cuda else None  # do_bench's L2 flush
+    times = {name: [] for name, _ in items}
+    for order in turn_orders(len(items), turns):
+        for name, fn in (items[j] for j in order):
+            if cuda:
+                cache.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                times[name].append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    sync(device)
+    out = {}
+    for name, recorded in times.items():
+        call_ms = [s.elapsed_time(e) for s, e in recorded] if cuda else recorded
+        out[name] = summarize_calls(call_ms) | {"call_ms": call_ms}
+    return out
+
+
+def host_ms(fn, device, repeats: int = 5) -> float:
+    """Median host time to issue `fn`'s work (the GPU is drained first, so a full launch queue never blocks)."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    sync(device)
+    return statistics.median(times)
+
+
+def per_call_us(fns: dict, n: int = 1000) -> dict:
+    """Median host time in us of one call of each function, the functions alternating call by call so that both
+    see the same machine state. On CUDA the GPU is drained every 32 calls, untimed: a launch queue that fills
+    up makes the host wait for the GPU, and the time measured would be kernel time."""
+    cuda = torch.cuda.is_available()
+    times = {name: [] for name in fns}
+    for i in range(n):
+        if cuda and i % 32 == 0:
+            torch.cuda.synchronize()
+        for name, fn in fns.items():
+            t0 = time.perf_counter_ns()
+            fn()
+            times[name].append(time.perf_counter_ns() - t0)
+    if cuda:
+        torch.cuda.synchronize()
+    return {name: statistics.median(t) / 1e3 for name, t in times.items()}
+
+
+def error_text(exc: BaseException) -> str:
+    """How a failed measurement is recorded: the suite keeps going with the next one."""
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
