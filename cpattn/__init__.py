@@ -20,7 +20,7 @@ from .errors import (
 from .names import AttentionProvider
 from .patch import is_sdpa_patched, patch_sdpa, sdpa_patched, unpatch_sdpa
 from .providers import PROVIDERS, get_provider
-from .providers.flash import flash_varlen_attention
+from .packed import flash_varlen_attention
 from .reference import reference_attention
 
 __version__ = "0.1.0"

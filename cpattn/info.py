@@ -122,6 +122,7 @@ def print_info() -> None:
     except ImportError:
         print(render(rows, env))
         print(auto_choice())
+        print(fa4_path())
         return
     console = Console()
     if not console.is_terminal:  # piped or captured: do not fold provider names into a narrow table
@@ -137,6 +138,7 @@ def print_info() -> None:
                       r.requirement, r.training, r.note)
     console.print(table)
     console.print(auto_choice(), markup=False)
+    console.print(fa4_path(), markup=False)
 
 
 # -- support matrix --------------------------------------------------------------------------------------
@@ -198,3 +200,14 @@ def support_matrix_markdown() -> str:
             for note in caps.notes:
                 lines.append(f"- `{name}` ({device}): {note}")
     return "\n".join(lines) + "\n"
+
+
+# -- FA4 path --------------------------------------------------------------------------------------------
+
+
+def fa4_path() -> str:
+    """Which FlashAttention-4 path provider 'flash' takes on sm90 here, and why: its direct kernel launches or the
+    library's functions (see cpattn/providers/flash/fa4_release_window.py, CPATTN_FA4_FAST_PATHS)."""
+    from .providers.flash import fast_path_status
+
+    return f"FA4 sm90 path: {fast_path_status(PROVIDERS['flash'])}"

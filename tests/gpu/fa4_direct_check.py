@@ -2,15 +2,15 @@
 
     python tests/gpu/fa4_direct_check.py [--out DIR] [--tag TAG]
 
-Forward (cpattn/providers/fa4_forward.py):
+Forward (cpattn/providers/flash/fa4_sm90_forward.py):
 For each case (head dims 64 to 256, causal or not, equal and unequal lengths, lengths off the tile, grouped and
 multi-query heads, batch 2, bf16 and fp16, contiguous (B, S, H, D) tensors and transpose views of (B, H, S, D)
 storage, with and without the log-sum-exp), the direct launch must give the bits `_flash_attn_fwd` gives. Then:
-`takes` must refuse what the kernel does not assume (an unaligned address, float32, CPU tensors, a sliced head
+`can_launch` must refuse what the kernel does not assume (an unaligned address, float32, CPU tensors, a sliced head
 dim), the `flash` provider's forward must match float64 and run the direct launch, one kernel must be compiled per
 shape class, and the host time per call of both ways at a small shape is recorded.
 
-Backward (`Sm90BackwardKernels.whole` in cpattn/providers/fa4_rows.py) against `_flash_attn_bwd` on the same
+Backward (`Sm90BackwardKernels.launch_backward` in cpattn/providers/flash/fa4_sm90_backward.py) against `_flash_attn_bwd` on the same
 inputs: dK and dV bit for bit, dQ (summed by float32 atomic adds in either) within one rounding step of its dtype
 at its largest value; the library's own two runs' dQ difference is recorded beside it. Cases: head dims 64 to
 256, causal or not, lengths off the tile and unequal, bf16 views and fp16, and a dO of stride 0 (what `.sum()`
@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 
 import cpattn  # noqa: E402
 from benchmarks.flash_host_time import per_call_us  # noqa: E402
-from cpattn.dispatch import make_call  # noqa: E402
-from cpattn.providers.fa4_forward import Sm90Forward  # noqa: E402
+from cpattn.call import make_call  # noqa: E402
+from cpattn.providers.flash.fa4_sm90_forward import Sm90Forward  # noqa: E402
 
 
 def _inputs(b, sq, sk, hq, hk, d, dv, dtype, views, seed):
@@ -67,7 +67,7 @@ def bitwise_cases(api, direct: Sm90Forward) -> list[dict]:
                 row = {"shape": [b, sq, sk, hq, hk, d, dv], "causal": causal, "dtype": str(dtype), "views": views,
                        "return_lse": lse, "scale": scale}
                 try:
-                    assert direct.takes(q, k, v), "takes refused an aligned case"
+                    assert direct.can_launch(q, k, v), "can_launch refused an aligned case"
                     want = api._flash_attn_fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=lse)
                     got = direct(q, k, v, scale, causal, return_lse=lse)
                     row["out_equal"] = torch.equal(got[0], want[0])
@@ -91,9 +91,9 @@ def refusal_cases(direct: Sm90Forward) -> list[dict]:
         "head dim sliced from 68 (strides off 16 bytes)": (wide[..., :64], k, v),
         "query heads not a multiple of key heads": (six_heads, k, v),
     }
-    rows = [{"case": "aligned control", "refused": not direct.takes(q, k, v), "ok": direct.takes(q, k, v)}]
+    rows = [{"case": "aligned control", "refused": not direct.can_launch(q, k, v), "ok": direct.can_launch(q, k, v)}]
     for name, (a, b_, c) in cases.items():
-        refused = not direct.takes(a, b_, c)
+        refused = not direct.can_launch(a, b_, c)
         rows.append({"case": name, "refused": refused, "ok": refused})
     return rows
 
@@ -104,8 +104,8 @@ class _Counting:
     def __init__(self, inner: Sm90Forward):
         self.inner, self.calls = inner, 0
 
-    def takes(self, q, k, v):
-        return self.inner.takes(q, k, v)
+    def can_launch(self, q, k, v):
+        return self.inner.can_launch(q, k, v)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -146,7 +146,7 @@ def host_time(api, direct: Sm90Forward, n: int = 400) -> dict:
     q, k, v = _inputs(1, 128, 128, 16, 16, 64, 64, torch.bfloat16, True, seed=1)
     fns = {"library _flash_attn_fwd": lambda: api._flash_attn_fwd(q=q, k=k, v=v, causal=True, return_lse=True),
            "direct": lambda: direct(q, k, v, None, True, return_lse=True),
-           "direct with takes": lambda: direct.takes(q, k, v) and direct(q, k, v, None, True, return_lse=True)}
+           "direct with can_launch": lambda: direct.can_launch(q, k, v) and direct(q, k, v, None, True, return_lse=True)}
     for fn in fns.values():  # compiles, first allocations
         fn()
     return per_call_us(fns, n)
@@ -171,10 +171,10 @@ def backward_cases(api, rows) -> list[dict]:
                     out, lse = api._flash_attn_fwd(q=q, k=k, v=v, causal=causal, return_lse=True)[:2]
                     dout = (torch.randn_like(out) if grad == "random"
                             else torch.ones((), device="cuda", dtype=dtype).expand(out.shape))
-                    assert rows.takes_whole(q, k, v), "takes_whole refused"
+                    assert rows.can_launch_backward(q, k, v), "can_launch_backward refused"
                     want = api._flash_attn_bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, causal=causal)[:3]
                     again = api._flash_attn_bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, causal=causal)[:3]
-                    got = rows.whole(q, k, v, out, dout, lse, None, causal)
+                    got = rows.launch_backward(q, k, v, out, dout, lse, None, causal)
                     row["dk_equal"], row["dv_equal"] = torch.equal(got[1], want[1]), torch.equal(got[2], want[2])
                     top = want[0].abs().max().item()
                     step = top * 2.0 ** -(7 if dtype == torch.bfloat16 else 10)  # one rounding step at the top
@@ -190,7 +190,7 @@ def backward_cases(api, rows) -> list[dict]:
 
 
 class _CountingRows:
-    """Sm90BackwardKernels with a count of its whole-call backwards."""
+    """Sm90BackwardKernels with a count of its one-call backwards."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, 0
@@ -198,17 +198,17 @@ class _CountingRows:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def whole(self, *args, **kwargs):
+    def launch_backward(self, *args, **kwargs):
         self.calls += 1
-        return self.inner.whole(*args, **kwargs)
+        return self.inner.launch_backward(*args, **kwargs)
 
 
 def training_cases() -> list[dict]:
     """attention_dispatch on `flash` with gradients (FA4's training path: a shape's second call, on the cached
     runner) against float64."""
     gen = cpattn.PROVIDERS["flash"].generation()
-    real, counting = gen._row_kernels, _CountingRows(gen._row_kernels)
-    gen._row_kernels = counting
+    real, counting = gen._backward_kernels, _CountingRows(gen._backward_kernels)
+    gen._backward_kernels = counting
     out_rows = []
     try:
         for b, h, s, d, causal in ((2, 16, 1024, 128, True), (1, 8, 777, 64, False), (2, 24, 24, 64, True)):
@@ -230,10 +230,10 @@ def training_cases() -> list[dict]:
                 errors[name] = (t.grad.double() - r.grad).abs().max().item()
             launched = counting.calls - before
             out_rows.append({"shape": [b, h, s, d], "causal": causal, "max_errors": errors,
-                             "whole_backwards": launched,
+                             "direct_backwards": launched,
                              "ok": errors["out"] < 0.02 and max(errors.values()) < 0.05 and launched == 1})
     finally:
-        gen._row_kernels = real
+        gen._backward_kernels = real
     return out_rows
 
 
@@ -244,8 +244,8 @@ def backward_host_time(api, rows, n: int = 300) -> dict:
     dout = torch.randn_like(out)
     fns = {"library _flash_attn_bwd": lambda: api._flash_attn_bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse,
                                                                   causal=True),
-           "direct with takes_whole": lambda: rows.takes_whole(q, k, v) and rows.whole(q, k, v, out, dout, lse,
-                                                                                        None, True)}
+           "direct with can_launch_backward": lambda: rows.can_launch_backward(q, k, v) and rows.launch_backward(
+                q, k, v, out, dout, lse, None, True)}
     for fn in fns.values():  # compiles, first allocations
         fn()
     return per_call_us(fns, n)
@@ -259,7 +259,7 @@ def main() -> int:
     import flash_attn.cute.interface as api
 
     direct = Sm90Forward.load(api, cpattn.PROVIDERS["flash"].generation().version)
-    assert direct is not None, "fa4_forward does not take this flash-attn-4 version"
+    assert direct is not None, f"fa4_sm90_forward is off: {cpattn.providers.flash.fast_path_status(cpattn.PROVIDERS['flash'])}"
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "flash": cpattn.PROVIDERS["flash"].availability().version}
     result["bitwise"] = bitwise_cases(api, direct)
@@ -270,8 +270,8 @@ def main() -> int:
     result["refusals"] = refusal_cases(direct)
     result["provider"] = provider_cases()
     result["host_us"] = host_time(api, direct)
-    rows = cpattn.PROVIDERS["flash"].generation()._row_kernels
-    assert rows is not None, "fa4_rows does not take this flash-attn-4 version"
+    rows = cpattn.PROVIDERS["flash"].generation()._backward_kernels
+    assert rows is not None, "fa4_sm90_backward is off for this flash-attn-4 version"
     result["backward"] = backward_cases(api, rows)
     result["training"] = training_cases()
     result["backward_host_us"] = backward_host_time(api, rows)

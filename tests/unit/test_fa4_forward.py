@@ -1,4 +1,4 @@
-"""FA4's directly launched sm90 forward (cpattn/providers/fa4_forward.py), on CPU.
+"""FA4's directly launched sm90 forward (cpattn/providers/flash/fa4_sm90_forward.py), on CPU.
 
 The kernel needs a Hopper GPU, so `StandInApi` (a stand-in, named as such) is the part of flash_attn.cute.interface
 the launch reads: its "compiled kernel" writes float64 attention into the output and log-sum-exp it is handed.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cpattn.providers import fa4_forward
-from cpattn.providers.fa4_forward import Sm90Forward
+from cpattn.providers.flash import fa4_sm90_forward
+from cpattn.providers.flash.fa4_sm90_forward import Sm90Forward
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ def test_load_needs_the_checked_version_and_every_name():
     api = StandInApi()
     assert isinstance(Sm90Forward.load(api, "4.0.0b36"), Sm90Forward)
     assert Sm90Forward.load(api, "4.0.0b37") is None
-    for missing in fa4_forward._NEEDED:  # a release that renamed or dropped what the launch reads
-        partial = types.SimpleNamespace(**{n: getattr(api, n) for n in fa4_forward._NEEDED if n != missing})
+    for missing in fa4_sm90_forward.INTERFACE_NAMES:  # a release that renamed or dropped what the launch reads
+        partial = types.SimpleNamespace(**{n: getattr(api, n) for n in fa4_sm90_forward.INTERFACE_NAMES if n != missing})
         assert Sm90Forward.load(partial, "4.0.0b36") is None
 
 
@@ -100,13 +100,13 @@ def test_load_needs_the_checked_version_and_every_name():
     (lambda: torch.randn(2 * 8 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 8, 4, 64), False),  # address
     (lambda: torch.randn(2, 8, 4, 128, dtype=torch.bfloat16)[..., ::2], False),  # last dim strided
 ])
-def test_aligned_is_the_layout_the_kernel_assumes(make, aligned):
-    assert fa4_forward._aligned(make()) is aligned
+def test_has_kernel_layout_is_the_layout_the_kernel_assumes(make, aligned):
+    assert fa4_sm90_forward._has_kernel_layout(make()) is aligned
 
 
-def test_takes_refuses_cpu_tensors():
+def test_can_launch_refuses_cpu_tensors():
     # the provider asks before every launch; on anything but an sm90 GPU the library's forward runs
-    assert not Sm90Forward(StandInApi()).takes(*_qkv())
+    assert not Sm90Forward(StandInApi()).can_launch(*_qkv())
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -164,17 +164,17 @@ def test_stand_in_and_varlen_generations_do_not_launch_directly(monkeypatch):
         assert gen.label == "flash-attn-4" and gen._direct_forward is None
 
 
-def test_takes_refuses_empty_keys_without_dividing_by_zero_heads(monkeypatch):
+def test_can_launch_refuses_empty_keys_without_dividing_by_zero_heads(monkeypatch):
     # asked before any launch, on every call: shapes it does not take must come back False, never raise
-    monkeypatch.setattr(fa4_forward, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(fa4_sm90_forward, "device_capability", lambda device: (9, 0))
     direct = Sm90Forward(StandInApi())
     q = torch.zeros(1, 8, 4, 64, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert direct.takes(q, q, q)  # the control: aligned, as the real kernel would take it
-    assert not direct.takes(q, torch.zeros(1, 8, 0, 64, dtype=torch.bfloat16), torch.zeros(1, 8, 0, 64,
+    assert direct.can_launch(q, q, q)  # the control: aligned, as the real kernel would take it
+    assert not direct.can_launch(q, torch.zeros(1, 8, 0, 64, dtype=torch.bfloat16), torch.zeros(1, 8, 0, 64,
                                                                                          dtype=torch.bfloat16))
-    assert not direct.takes(q, q[:, :0], q[:, :0])
-    assert not direct.takes(torch.zeros(1, 8, 6, 64, dtype=torch.bfloat16), q, q)  # 6 heads over 4
+    assert not direct.can_launch(q, q[:, :0], q[:, :0])
+    assert not direct.can_launch(torch.zeros(1, 8, 6, 64, dtype=torch.bfloat16), q, q)  # 6 heads over 4
     wide = torch.zeros(1, 8, 4, 264, dtype=torch.bfloat16)
-    assert not direct.takes(wide, wide, wide)  # head dim over 256
-    assert not direct.takes(q, q, torch.zeros(1, 8, 4, 60, dtype=torch.bfloat16))  # value head dim off 8
+    assert not direct.can_launch(wide, wide, wide)  # head dim over 256
+    assert not direct.can_launch(q, q, torch.zeros(1, 8, 4, 60, dtype=torch.bfloat16))  # value head dim off 8

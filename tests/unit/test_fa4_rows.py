@@ -1,4 +1,5 @@
-"""The shared dQ accumulator of a ring rank's FA4 backward (cpattn/providers/fa4_rows.py), on CPU.
+"""FA4's sm90 backward kernels launched one by one (cpattn/providers/flash/fa4_sm90_backward.py), on CPU: the
+shared dQ accumulator of a ring rank's backward, and one call's backward.
 
 FA4's kernels need a Hopper GPU, so `StandInKernels` (a stand-in, named as such) does what the three launches do
 to their tensors, in float64 torch: the preprocess fills dpsum and lse_log2 and clears the accumulator, the main
@@ -19,8 +20,9 @@ import torch
 import cpattn
 from cpattn.contract import RowBackward
 from cpattn.call import make_call
-from cpattn.providers import fa4_rows
-from cpattn.providers.fa4_rows import SharedAccumulatorBackward, Sm90BackwardKernels, shares_rows
+from cpattn.providers.flash import fa4_sm90_backward
+from cpattn.providers.flash.fa4_sm90_backward import (SharedAccumulatorBackward, Sm90BackwardKernels,
+                                                      block_rows_fit_tiles)
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -38,7 +40,7 @@ class StandInKernels:
         self.main_calls = 0
         self.postprocess_calls = 0
 
-    def config(self, head_dim, head_dim_v, causal):
+    def tile_config(self, head_dim, head_dim_v, causal):
         return TileConfig()
 
     head_dim_rounded = staticmethod(Sm90BackwardKernels.head_dim_rounded)
@@ -156,21 +158,21 @@ def test_only_per_block_rows_leave_the_accumulator_unused():
     (slice(65, 130), 130, False),  # starts off a tile boundary
 ])
 def test_which_rows_share_the_accumulator(rows, q_len, ok):
-    assert shares_rows(rows, q_len, 64) is ok
+    assert block_rows_fit_tiles(rows, q_len, 64) is ok
 
 
 def test_cpu_calls_never_take_the_shared_path():
     provider = cpattn.PROVIDERS["_native_math"]
     q, dout, out, lse, blocks, scale = _rows_and_blocks()
     call = make_call(q.float(), blocks[0][1].float(), blocks[0][2].float(), None, 0.0, False, scale, False)
-    assert fa4_rows.shared_accumulator(provider, StandInKernels(), call, dout, out, lse, 8) is None
-    assert fa4_rows.shared_accumulator(provider, None, call, dout, out, lse, 8) is None
+    assert fa4_sm90_backward.shared_accumulator_backward(provider, StandInKernels(), call, dout, out, lse, 8) is None
+    assert fa4_sm90_backward.shared_accumulator_backward(provider, None, call, dout, out, lse, 8) is None
 
 
 def test_kernels_load_only_for_the_checked_version():
     class Api:  # has every name the launches read
         pass
-    for name in fa4_rows._NEEDED:
+    for name in fa4_sm90_backward.INTERFACE_NAMES:
         setattr(Api, name, object())
     assert Sm90BackwardKernels.load(Api, "4.0.0b36") is not None
     assert Sm90BackwardKernels.load(Api, "4.0.1") is None
@@ -181,7 +183,7 @@ def test_kernels_load_only_for_the_checked_version():
 def test_a_kernel_is_compiled_per_tile_configuration():
     """A causal ring's non-causal blocks run on the causal tile, a non-causal ring's on the library's own: the
     same block shape must not reuse the other's kernel, which would add into the accumulator in the other
-    tile's order (on an H100 that gave dQ errors of 0.6 before the key held the configuration)."""
+    tile's order (wrong dQ, silently)."""
     compiled_for = []
 
     class Api:  # records which tile each compiled kernel was built for; the launch does nothing
@@ -228,15 +230,15 @@ def test_a_kernel_is_compiled_per_tile_configuration():
     assert compiled_for == [64, 80]
 
 
-class StandInWholeKernels(Sm90BackwardKernels):
-    """STAND-IN: Sm90BackwardKernels' own `whole`, over StandInKernels' three launches (float64 torch, CPU)."""
+class StandInCallBackwardKernels(Sm90BackwardKernels):
+    """STAND-IN: Sm90BackwardKernels' own `launch_backward`, over StandInKernels' three launches (float64 torch, CPU)."""
 
     def __init__(self):
         super().__init__(api=None)
         self.launches = StandInKernels()
-        self.seen = []  # the tensors `whole` handed the launches
+        self.seen = []  # the tensors `launch_backward` handed the launches
 
-    def config(self, head_dim, head_dim_v, causal):
+    def tile_config(self, head_dim, head_dim_v, causal):
         return TileConfig()
 
     def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum):
@@ -253,7 +255,7 @@ class StandInWholeKernels(Sm90BackwardKernels):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dout_kind", ["random", "stride 0", "unaligned view"])
-def test_whole_backward_is_the_gradient_of_one_call(causal, dout_kind):
+def test_launch_backward_is_the_gradient_of_one_call(causal, dout_kind):
     """One call's backward through the three launches, in the (B, S, H, D) views dispatch hands FA4, with the
     kernel-form lse: dQ, dK, dV against float64 autograd. A dO of stride 0 (what `.sum()` hands back) and one on
     an address off 16 bytes are made contiguous first, as the library does (the kernels assume that layout)."""
@@ -271,21 +273,21 @@ def test_whole_backward_is_the_gradient_of_one_call(causal, dout_kind):
     else:
         dout = torch.randn(b * h * s * d + 1, generator=g, dtype=torch.float64)[1:].view(b, h, s, d)
     out.backward(dout)
-    kernels = StandInWholeKernels()
+    kernels = StandInCallBackwardKernels()
     view = lambda t: t.detach().transpose(1, 2)  # noqa: E731
-    dq, dk, dv = kernels.whole(view(q), view(k), view(v), view(out), view(dout),
+    dq, dk, dv = kernels.launch_backward(view(q), view(k), view(v), view(out), view(dout),
                                scores.logsumexp(-1).detach().float(), None, causal)
     for got, want in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
         assert got.shape == (b, s, h, d)
         torch.testing.assert_close(got.transpose(1, 2).double(), want, atol=1e-5, rtol=1e-5)
-    assert all(fa4_rows._maybe_contiguous(t) is t for t in kernels.seen)  # what the launches saw was aligned
+    assert all(fa4_sm90_backward._aligned_or_copy(t) is t for t in kernels.seen)  # what the launches saw was aligned
     assert kernels.launches.main_calls == 1 and kernels.launches.postprocess_calls == 1
 
 
-def test_whole_backward_takes_only_sm90_calls_it_runs_as_the_library():
-    kernels = StandInWholeKernels()
+def test_launch_backward_takes_only_sm90_calls_it_runs_as_the_library():
+    kernels = StandInCallBackwardKernels()
     q = torch.zeros(1, 8, 4, 64, dtype=torch.bfloat16)
-    assert not kernels.takes_whole(q, q, q)  # CPU tensors: the library's function runs
+    assert not kernels.can_launch_backward(q, q, q)  # CPU tensors: the library's function runs
 
 
 @pytest.mark.parametrize("make, copied", [
@@ -296,8 +298,8 @@ def test_whole_backward_takes_only_sm90_calls_it_runs_as_the_library():
     (lambda: torch.randn(2, 8, 4, 68, dtype=torch.bfloat16)[..., :64], True),
     (lambda: torch.randn(2 * 8 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 8, 4, 64), True),
 ])
-def test_maybe_contiguous_copies_what_the_library_copies(make, copied):
+def test_aligned_or_copy_copies_what_the_library_copies(make, copied):
     t = make()
-    got = fa4_rows._maybe_contiguous(t)
+    got = fa4_sm90_backward._aligned_or_copy(t)
     assert (got is not t) is copied
     assert torch.equal(got, t)

@@ -19,7 +19,8 @@ from cpattn import ProviderUnavailableError, UnsupportedInputError, attention_di
 from cpattn.call import make_call
 from cpattn.errors import InvalidArgumentError
 from cpattn.providers import PROVIDERS
-from cpattn.providers.flash import _PaddedBatch, flash_varlen_attention
+from cpattn.packed import flash_varlen_attention
+from cpattn.providers.flash import PaddedBatch
 from cpattn.reference import reference_attention
 from helpers import (
     GRAD_ATOL,
@@ -424,7 +425,7 @@ def test_varlen_refuses_what_it_cannot_express(generation, mask_shape, causal, m
 
 def test_varlen_lse_layouts_are_normalised():
     q, k, v = make_qkv(2, 3, 3, 4, 4, 8)
-    batch = _PaddedBatch.from_call(make_call(q, k, v, None, 0.0, False, None, False))
+    batch = PaddedBatch.from_call(make_call(q, k, v, None, 0.0, False, None, False))
     bhs = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     packed = bhs.permute(1, 0, 2).reshape(3, 8)  # (H, total_q), flash-attn >= 2.6, FA3, FA4
     padded = torch.cat([bhs, torch.full((2, 3, 4), 99.0)], dim=-1)  # (B, H, max_seqlen_q rounded), before 2.6
@@ -503,38 +504,38 @@ def test_packed_api_checks_the_provider_limits(fa2):
 
 
 def test_fa4_backward_head_dims_are_padded_to_32_on_hopper():
-    """FA4 4.0.0b36's sm90 backward was wrong at head dims 16, 48, 72, 80 and right at multiples of 32 (H100,
-    benchmarks/fa4_grad_layout_probe.py): on sm90 its backward runs on head dims padded to a multiple of 32."""
-    from cpattn.providers.flash import HEAD_DIM_ALIGN, _FlashAttention4, _FlashAttention2
+    """FA4's sm90 backward is wrong at head dims 16, 48, 72, 80 and right at multiples of 32
+    (benchmarks/fa4_grad_layout_probe.py): on sm90 its backward runs on head dims padded to a multiple of 32."""
+    from cpattn.providers.flash import HEAD_DIM_ALIGN, FlashAttention2, FlashAttention4
 
-    fa4 = _FlashAttention4.__new__(_FlashAttention4)
+    fa4 = FlashAttention4.__new__(FlashAttention4)
     assert fa4.backward_head_dim_multiple((9, 0)) == 32
     assert fa4.backward_head_dim_multiple((10, 0)) == fa4.backward_head_dim_multiple(None) == HEAD_DIM_ALIGN
-    assert _FlashAttention2.__new__(_FlashAttention2).backward_head_dim_multiple((9, 0)) == HEAD_DIM_ALIGN
+    assert FlashAttention2.__new__(FlashAttention2).backward_head_dim_multiple((9, 0)) == HEAD_DIM_ALIGN
 
 
 def test_fa4_forward_pads_head_dims_97_to_104_to_128_on_hopper():
-    """FA4 4.0.0b36's sm90 forward at head dim 104 measured 1.5 to 1.75x slower than padded to 128
-    (benchmarks/head_dim_pad_probe.py, H100); at 80, 112 and 120 padding did not pay for its copy."""
-    from cpattn.providers.flash import HEAD_DIM_ALIGN, _FlashAttention2, _FlashAttention4
+    """FA4's sm90 forward at head dim 104 is much slower than padded to 128 (benchmarks/head_dim_pad_probe.py);
+    at 80, 112 and 120 padding does not pay for its copy."""
+    from cpattn.providers.flash import HEAD_DIM_ALIGN, FlashAttention2, FlashAttention4
 
-    fa4 = _FlashAttention4.__new__(_FlashAttention4)
+    fa4 = FlashAttention4.__new__(FlashAttention4)
     for d in (97, 100, 104):
         assert fa4.forward_head_dim_multiple((9, 0), d) == 32, d
     for d in (64, 80, 96, 105, 112, 120, 128):
         assert fa4.forward_head_dim_multiple((9, 0), d) == HEAD_DIM_ALIGN, d
     assert fa4.forward_head_dim_multiple((10, 0), 104) == fa4.forward_head_dim_multiple(None, 104) == HEAD_DIM_ALIGN
-    assert _FlashAttention2.__new__(_FlashAttention2).forward_head_dim_multiple((9, 0), 104) == HEAD_DIM_ALIGN
+    assert FlashAttention2.__new__(FlashAttention2).forward_head_dim_multiple((9, 0), 104) == HEAD_DIM_ALIGN
 
 
 def test_forward_runs_on_the_generations_forward_head_dim_multiple(monkeypatch):
     """With a generation whose forward is padded wider for a head dim (FA4 on sm90 at 104), every forward path
     pads to it (dispatch without gradients, its cached runner, the contract forward of CP, flash_varlen's
     key-padding path) and slices back: outputs match float64, and with gradients both kernels see the width."""
-    from cpattn.providers.flash import _FlashAttention4
+    from cpattn.providers.flash import FlashAttention4
 
     install(monkeypatch, GENERATIONS["fa4"]())
-    monkeypatch.setattr(_FlashAttention4, "forward_head_dim_multiple", lambda self, cc, d: 32 if d == 40 else 8)
+    monkeypatch.setattr(FlashAttention4, "forward_head_dim_multiple", lambda self, cc, d: 32 if d == 40 else 8)
     dtype = torch.float16
     for seed in range(2):  # the second call runs dispatch's cached runner
         q, k, v = make_qkv(2, 4, 2, 24, 24, 40, dtype=dtype, seed=seed)
@@ -570,10 +571,10 @@ def test_backward_runs_on_the_generations_head_dim_multiple(monkeypatch, d):
     """With a generation whose backward needs head dims padded to 32 (FA4 on sm90), every path that runs the
     backward kernel pads to it (first dispatch, the cached runner, the ring's contract backward), gradients still
     match float64, and calls without gradients keep the usual alignment of 8."""
-    from cpattn.providers.flash import _FlashAttention4
+    from cpattn.providers.flash import FlashAttention4
 
     install(monkeypatch, GENERATIONS["fa4"]())
-    monkeypatch.setattr(_FlashAttention4, "backward_head_dim_multiple", lambda self, cc: 32)
+    monkeypatch.setattr(FlashAttention4, "backward_head_dim_multiple", lambda self, cc: 32)
     padded = -(-d // 32) * 32
     dtype = torch.float16
     for seed in range(2):  # the second call runs dispatch's cached runner

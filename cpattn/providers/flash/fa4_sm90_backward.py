@@ -1,51 +1,43 @@
-"""One float32 dQ accumulator for all of a ring rank's FlashAttention-4 backward calls on Hopper (sm90).
+"""FlashAttention-4's sm90 backward kernels, launched one by one: one call's backward, and one float32 dQ
+accumulator for all of a ring rank's backward steps.
 
-Why
+The three kernels
+    flash_attn.cute's `_flash_attn_bwd` runs three kernels per call: a preprocess that computes dO . out per row
+    and log2 of the log-sum-exp and clears a float32 dQ accumulator, the main kernel, which writes dK and dV and
+    adds into that accumulator, and a postprocess that rounds the accumulator to dQ. `Sm90BackwardKernels`
+    launches each of them itself, with the library's tile configuration and argument lists.
+
+One call's backward (`Sm90BackwardKernels.launch_backward`)
+    The same three launches for one call (the `flash` provider's backward and its training path). This path
+    exists only for host time: the kernels and their arguments are the library's, what is skipped is
+    `_flash_attn_bwd`'s per-call Python. dK and dV are the library's bits; dQ, summed by float32 atomic adds in
+    both, differs only by the order of those adds (tests/gpu/fa4_direct_check.py checks both on a GPU).
+
+One accumulator per ring rank (`SharedAccumulatorBackward`)
     A ring backward calls the kernel once per step, on the rank's query rows (or the later half of them under
-    zigzag) against each KV block. flash_attn.cute's `_flash_attn_bwd` runs three kernels per call: a
-    preprocess that computes dO . out per row and log2 of the log-sum-exp and clears a float32 dQ accumulator,
-    the main kernel, which writes dK and dV and adds into that accumulator, and a postprocess that rounds the
-    accumulator to dQ. At W=4 a rank paid the first and last four times and then summed four dQ parts: on an
-    H100 at S=64k (all four ranks' work on one GPU) that was 1.3 ms of preprocess, 0.9 ms of postprocess and
-    about 0.4 ms of dQ sums in a 101 ms forward+backward, where one whole-sequence call spends 0.4 and 0.3 ms
-    (benchmarks/results/h100/ring_profile_sequence.json). Here the preprocess runs once on the rank's rows,
-    the main kernel once per step on views of the accumulator and of the row statistics, and the postprocess
-    once, when dQ is asked for (after: 0.37 and 0.27 ms over the four ranks, ring_profile_fa4_rows.json).
-    Measured on that H100 in alternating rounds against one whole call, per-step
-    backward -> shared accumulator (benchmarks/fa4_rows_probe.py, results/h100/fa4_rows_probe*.json): without
-    causality 0.969 -> 0.980 at P=4 and 0.921 -> 0.945 at P=8; zigzag causal, see "The tile". Peak memory
-    above the inputs for all four ranks' steps at P=4 fell from 1411 to 1283 MiB (causal): one float32
-    accumulator held across the steps instead of the library's per call plus the dQ parts kept for their sum.
-    With fewer steps that trade goes the other way: at S=16k, P=2 it rose from 353 to 385 MiB (causal) and
-    from 386 to 418 MiB (fa4_rows_probe_16k.json).
+    zigzag) against each KV block: through the library, every step pays the preprocess and the postprocess over
+    its rows, and the rank then sums the steps' dQ parts. Here the preprocess runs once on the rank's rows, the
+    main kernel once per step on views of the accumulator and of the row statistics, and the postprocess once,
+    when dQ is asked for: less work per step, no dQ parts to keep and sum, one rounding of dQ. The float32
+    accumulator is held across the steps, so with few steps it can take more memory than the per-step parts.
 
 The tile
-    The accumulator is stored tile by tile in the order of the kernel's tile, so every block must use the same
-    tile. At head dim 128 flash_attn.cute 4.0.0b36 picks 64 x 128 for causal blocks and 80 x 128 with dQ stored
-    swapped for the others. A ring without causality has only non-causal blocks over all of a rank's rows: they
-    keep the library's tile. A causal ring has one causal block per rank and non-causal ones, some on the later
-    half of the rows, which under zigzag starts on a multiple of 64, not of 80: all of them run on the causal
-    tile. That costs the non-causal blocks' main kernel time: on an H100 at S=64k, P=4 (all ranks' work on one
-    GPU, H=16, D=128, bf16) those kernels took about 3% longer than with the library's tile, against a whole
-    call in the same run (ring_profile_fa4_rows.json, ring_profile_sequence.json); in alternating rounds the
-    causal split's efficiency went from 0.954 to 0.960 at P=4 (0.957 to 0.964 in a second run) and from 0.979
-    to 0.977 at P=2, within the rounds' spread (fa4_rows_probe.json, fa4_rows_probe_memory.json). benchmarks/fa4_bwd_tile_probe.py, timing single blocks, had put that
-    cost at 1.009 (16k x 8k) and 0.969 (8k x 16k) of the library's tile.
-
-One whole call
-    `Sm90BackwardKernels.whole` runs the same three launches for one call's backward (the `flash` provider's
-    backward and its training path), without `_flash_attn_bwd`'s per-call Python: on an H100 at a small shape
-    87-137 us through the library, 70-109 us this way (fa4_direct_check_h100*.json). dK and dV came out bit
-    for bit the library's; dQ, summed by float32 atomic adds in both, differed by at most 0.33 of one rounding
-    step at its largest value over three runs, where two of the library's own runs differed by up to 0.21.
+    The accumulator is stored tile by tile in the order of the kernel's tile, so every block of a rank must use
+    the same tile. The library picks one tile for causal blocks and another (with dQ stored swapped) for the
+    others. A ring without causality has only non-causal blocks over all of a rank's rows: they keep the
+    library's tile. A causal ring has one causal block per rank and non-causal ones, some on the later half of
+    the rows, which under zigzag starts on a multiple of the causal tile's rows but not of the other's: all of
+    them run on the causal tile, at some cost to the non-causal blocks' main kernel. A kernel is compiled per
+    tile configuration: one compiled for another tile would add into the accumulator in another order than the
+    rank's postprocess reads.
 
 When
-    sm90, the library version this was checked against (the kernels are private API: their arguments, and the
-    accumulator's layout, may change between releases), Hq == Hkv (with grouped heads the library sums dK/dV in
-    accumulators too), head dims the provider does not pad, fp16/bf16, no deterministic algorithms. Otherwise
-    `shared_accumulator` returns None and the provider's per-block backward runs. A block whose rows start
-    off a tile boundary, or end before the shared rows do off one (the kernel adds whole tiles: rows past a
-    block's end would land on other rows), runs the per-block backward too, and its dQ is added at the end.
+    sm90, a release inside the checked window (fa4_release_window: the kernels and the accumulator's layout are
+    private API), Hq == Hkv (with grouped heads the library sums dK/dV in accumulators too), head dims the
+    provider does not pad, fp16/bf16, no deterministic algorithms. Otherwise `shared_accumulator_backward`
+    returns None and the provider's per-block backward runs. A block whose rows start off a tile boundary, or end
+    before the shared rows do off one (the kernel adds whole tiles: rows past a block's end would land on other
+    rows), runs the per-block backward too, and its dQ is added at the end.
 """
 
 from __future__ import annotations
@@ -55,27 +47,32 @@ from typing import Any
 
 import torch
 
-from ..contract import (AttentionCall, Provider, RowBackward, device_capability, lse_for_kernel_backward, on_device,
-                        rows_may_be_empty)
+from ...contract import (AttentionCall, Provider, RowBackward, device_capability, lse_for_kernel_backward, on_device,
+                         rows_may_be_empty)
+from . import fa4_release_window
 
-CHECKED_VERSIONS = frozenset({"4.0.0b36"})
 _HALF = (torch.float16, torch.bfloat16)
-# What the launches below read from flash_attn.cute.interface: without any of them, the per-block path runs.
-_NEEDED = ("_tile_size_bwd_sm90", "_bwd_preprocess", "_bwd_postprocess_convert", "_get_device_arch",
-           "FlashAttentionBackwardSm90", "to_cute_tensor", "get_broadcast_dims", "torch2cute_dtype_map", "AuxData",
-           "cute")
+# What the launches below read from flash_attn.cute.interface: without any of them, the library's backward runs.
+INTERFACE_NAMES = ("_tile_size_bwd_sm90", "_bwd_preprocess", "_bwd_postprocess_convert", "_get_device_arch",
+                   "FlashAttentionBackwardSm90", "to_cute_tensor", "get_broadcast_dims", "torch2cute_dtype_map",
+                   "AuxData", "cute")
+
+
+def missing_interface_names(api: Any) -> list[str]:
+    """The names the launches read that `api` (flash_attn.cute.interface) lacks."""
+    return [name for name in INTERFACE_NAMES if not hasattr(api, name)]
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _config_key(config) -> tuple:
+def _tile_config_key(config) -> tuple:
     """A hashable key of the library's tile configuration (a dataclass of plain values)."""
     return tuple(sorted(vars(config).items()))
 
 
-def shares_rows(rows: slice, q_len: int, tile_m: int) -> bool:
+def block_rows_fit_tiles(rows: slice, q_len: int, tile_m: int) -> bool:
     """Whether a block on `rows` of `q_len` shared rows can add into the shared accumulator: it starts on a tile
     boundary, and its last tile (the kernel adds whole tiles) ends on one or runs past every shared row."""
     return rows.start % tile_m == 0 and (rows.stop == q_len or rows.stop % tile_m == 0)
@@ -92,69 +89,83 @@ class Sm90BackwardKernels:
 
     @classmethod
     def load(cls, api: Any, version: str) -> "Sm90BackwardKernels | None":
-        if version not in CHECKED_VERSIONS or any(not hasattr(api, name) for name in _NEEDED):
+        """The launcher for `api` of release `version`, or None outside the release window (see
+        fa4_release_window) or where `api` lacks a name the launches read."""
+        if not fa4_release_window.allows(version) or missing_interface_names(api):
             return None
         return cls(api)
 
-    def config(self, head_dim: int, head_dim_v: int, causal: bool):
+    def tile_config(self, head_dim: int, head_dim_v: int, causal: bool):
         """The tile configuration every block of a rank uses: the library's for causal blocks in a causal ring
         (some of whose blocks are not causal), else the library's for non-causal blocks."""
         key = (head_dim, head_dim_v, causal)
         config = self._configs.get(key)
         if config is None:
             config = self._configs[key] = self._api._tile_size_bwd_sm90(head_dim, head_dim_v, causal, False)
-            self._config_keys[id(config)] = _config_key(config)
+            self._config_keys[id(config)] = _tile_config_key(config)
         return config
 
     @staticmethod
     def head_dim_rounded(config, head_dim: int) -> int:
         """The accumulator's columns per row, as the library sizes them."""
-        return _round_up(head_dim, Sm90BackwardKernels._multiple(config))
+        return _round_up(head_dim, Sm90BackwardKernels._head_dim_multiple(config))
 
     def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum) -> None:
         """dpsum = rowsum(dout * out), lse_log2 = lse * log2(e), accum = 0; tensors in the library's layout."""
         api = self._api
         api._bwd_preprocess(out, dout, dpsum, lse, lse_log2, accum, None, None, None,
                             api.torch2cute_dtype_map[out.dtype], out.shape[-1], out.shape[-1],
-                            config.m_block_size, hdim_multiple_of=self._multiple(config), fake_mode=False)
+                            config.m_block_size, hdim_multiple_of=self._head_dim_multiple(config), fake_mode=False)
 
     def main(self, config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale: float, causal: bool) -> None:
-        """dK and dV of one block into `dk`, `dv`; its dQ added into `accum` (a view of the shared one)."""
+        """The main kernel: dK and dV of one block into `dk`, `dv`; its dQ added into `accum` (a view of the
+        shared one)."""
         api = self._api
         single_q = accum.shape[-1] // self.head_dim_rounded(config, q.shape[-1]) == config.m_block_size
         single_k = _round_up(k.shape[1], config.n_block_size) == config.n_block_size
         # the tile configuration is part of the key: a kernel compiled for another tile would add into the
         # accumulator in another order than this rank's postprocess reads
         config_key = self._config_keys.get(id(config))
-        if config_key is None:  # a configuration `config` did not hand out
-            config_key = _config_key(config)
+        if config_key is None:  # a configuration `tile_config` did not hand out
+            config_key = _tile_config_key(config)
         key = (config_key, q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
                *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
         if key not in self._compiled:
             self._compiled[key] = self._compile(config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv,
                                                 scale)
+        # after the tensors and the scale: the positional list `_flash_attn_bwd` of the checked releases passes
+        # for a dense call without window, softcap, score/mask mod or block sparsity (each None, aux data empty)
         self._compiled[key](q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, None, None, None, None, None,
                             None, None, None, None, api.AuxData(None, None), None, None)
 
-    def takes_whole(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether `whole` runs this (B, S, H, D) call as `_flash_attn_bwd` does: an sm90 GPU, fp16/bf16,
-        Hq == Hkv (with grouped heads the library sums dK/dV in accumulators of its own), one head dim, and
-        something to compute."""
+    def postprocess(self, config, accum, dq, scale: float) -> None:
+        """dq = the accumulator rounded to dq's dtype (the library applies the softmax scale here)."""
+        api = self._api
+        threads = 128 if config.dQ_single_wg else config.num_wg * 128
+        api._bwd_postprocess_convert(accum, dq, scale, None, None, api._get_device_arch(),
+                                     api.torch2cute_dtype_map[dq.dtype], dq.shape[-1], config.m_block_size,
+                                     threads, config.AtomLayoutMdQ, config.dQ_swapAB, use_2cta_instrs=False,
+                                     cluster_size=1, accum_order=None, cu_total_m_blocks=None, sink_tensors=None,
+                                     hdim_multiple_of=self._head_dim_multiple(config), fake_mode=False)
+
+    def can_launch_backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether `launch_backward` runs this (B, S, H, D) call as `_flash_attn_bwd` does: an sm90 GPU,
+        fp16/bf16, Hq == Hkv (with grouped heads the library sums dK/dV in accumulators of its own), one head
+        dim, and something to compute."""
         return (q.is_cuda and q.dtype in _HALF and q.dim() == 4 and q.shape[2] == k.shape[2]
                 and q.shape[-1] == k.shape[-1] == v.shape[-1] and 8 <= q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
                 and 0 not in q.shape and 0 not in k.shape and device_capability(q.device)[0] == 9)
 
-    def whole(self, q, k, v, out, dout, lse, scale: float | None, causal: bool):
+    def launch_backward(self, q, k, v, out, dout, lse, scale: float | None, causal: bool):
         """(dq, dk, dv) of one whole call: the library's three launches (preprocess, main, postprocess) with
         the library's tile for `causal`, on (B, S, H, D) tensors and the kernel-form lse (B, H, S) float32, made
         contiguous where the library would (its `maybe_contiguous`), without `_flash_attn_bwd`'s per-call
-        Python. dK and dV are the library's bits and dQ differs by at most the order of its float32 atomic adds
-        (tests/gpu/fa4_direct_check.py checks both on a GPU)."""
-        q, k, v, out, dout, lse = (_maybe_contiguous(t) for t in (q, k, v, out, dout, lse))
+        Python (see the module docstring)."""
+        q, k, v, out, dout, lse = (_aligned_or_copy(t) for t in (q, k, v, out, dout, lse))
         batch, q_len, heads, head_dim = q.shape
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
-        config = self.config(head_dim, head_dim, causal)
+        config = self.tile_config(head_dim, head_dim, causal)
         rows = _round_up(q_len, config.m_block_size)
         opts = {"dtype": torch.float32, "device": q.device}
         accum = torch.empty(batch, heads, rows * self.head_dim_rounded(config, head_dim), **opts)
@@ -166,18 +177,8 @@ class Sm90BackwardKernels:
         self.postprocess(config, accum, dq, scale)
         return dq, dk, dv
 
-    def postprocess(self, config, accum, dq, scale: float) -> None:
-        """dq = the accumulator rounded to dq's dtype (the library applies the softmax scale here)."""
-        api = self._api
-        threads = 128 if config.dQ_single_wg else config.num_wg * 128
-        api._bwd_postprocess_convert(accum, dq, scale, None, None, api._get_device_arch(),
-                                     api.torch2cute_dtype_map[dq.dtype], dq.shape[-1], config.m_block_size,
-                                     threads, config.AtomLayoutMdQ, config.dQ_swapAB, use_2cta_instrs=False,
-                                     cluster_size=1, accum_order=None, cu_total_m_blocks=None, sink_tensors=None,
-                                     hdim_multiple_of=self._multiple(config), fake_mode=False)
-
     @staticmethod
-    def _multiple(config) -> int:
+    def _head_dim_multiple(config) -> int:
         return 64 if config.dKV_swapAB else 32
 
     def _compile(self, config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale):
@@ -198,17 +199,18 @@ class Sm90BackwardKernels:
 
 
 class SharedAccumulatorBackward(RowBackward):
-    """contract.RowBackward with one FA4 dQ accumulator for every block whose rows allow it (`shares_rows`)."""
+    """contract.RowBackward with one FA4 dQ accumulator for every block whose rows allow it
+    (`block_rows_fit_tiles`)."""
 
     def __init__(self, provider: Provider, call: AttentionCall, dout: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, kernels: Sm90BackwardKernels) -> None:
         super().__init__(provider, call)  # sums the dQ of blocks that cannot share the accumulator
         self._kernels, self._q_len, self._scale = kernels, call.q_len, call.scale
-        self._config = kernels.config(call.head_dim, call.value_dim, call.is_causal)
+        self._config = kernels.tile_config(call.head_dim, call.value_dim, call.is_causal)
         self._tile = self._config.m_block_size
         self._dim_rounded = kernels.head_dim_rounded(self._config, call.head_dim)
-        self._query = _kernel_layout(call.query, call.dtype)
-        o, do = (_kernel_layout(t, call.dtype) for t in (out, dout))
+        self._query = _to_kernel_layout(call.query, call.dtype)
+        o, do = (_to_kernel_layout(t, call.dtype) for t in (out, dout))
         b, h, rows = call.batch, call.q_heads, _round_up(call.q_len, self._tile)
         opts = {"dtype": torch.float32, "device": call.device}
         self._accum = torch.empty(b, h, rows * self._dim_rounded, **opts)
@@ -220,9 +222,9 @@ class SharedAccumulatorBackward(RowBackward):
 
     def block(self, call: AttentionCall, rows: slice, dout: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not shares_rows(rows, self._q_len, self._tile):
+        if not block_rows_fit_tiles(rows, self._q_len, self._tile):
             return super().block(call, rows, dout, out, lse)
-        q, k, v, do = (_kernel_layout(t, call.dtype) for t in (call.query, call.key, call.value, dout))
+        q, k, v, do = (_to_kernel_layout(t, call.dtype) for t in (call.query, call.key, call.value, dout))
         first, count = rows.start, _round_up(rows.stop - rows.start, self._tile)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         with on_device(call.device):
@@ -246,30 +248,28 @@ class SharedAccumulatorBackward(RowBackward):
         return super().dq(dtype)
 
 
-def _maybe_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """As the library's maybe_contiguous: a copy unless the last dim is contiguous and the address and every
-    other stride are 16-byte aligned (stride 0 allowed: it is part of the compile key)."""
+def _aligned_or_copy(t: torch.Tensor) -> torch.Tensor:
+    """As the library's maybe_contiguous: `t` itself if the last dim is contiguous and the address and every
+    other stride are 16-byte aligned (stride 0 allowed: it is part of the compile key), else a contiguous copy."""
     stride, multiple = t.stride(), 16 // t.element_size()
     if stride[-1] == 1 and t.data_ptr() % 16 == 0 and all(s % multiple == 0 for s in stride[:-1]):
         return t
     return t.contiguous() if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-
-
-def _kernel_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _to_kernel_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, H, S, D) -> the (B, S, H, D) view FA4 takes, in `dtype` (a ring may keep the global out in float32)."""
     return x.detach().to(dtype).transpose(1, 2)
 
 
-def shared_accumulator(provider: Provider, kernels: Sm90BackwardKernels | None, call: AttentionCall,
-                       dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       head_dim_multiple: int) -> SharedAccumulatorBackward | None:
+def shared_accumulator_backward(provider: Provider, kernels: Sm90BackwardKernels | None, call: AttentionCall,
+                                dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                head_dim_multiple: int) -> SharedAccumulatorBackward | None:
     """A SharedAccumulatorBackward for `call`'s rows where it applies (see the module docstring), else None."""
     if kernels is None or call.device.type != "cuda" or device_capability(call.device)[0] != 9:
         return None
     if (call.q_heads != call.kv_heads or call.head_dim != call.value_dim or call.head_dim % head_dim_multiple
-            or call.dtype not in (torch.float16, torch.bfloat16) or torch.are_deterministic_algorithms_enabled()
+            or call.dtype not in _HALF or torch.are_deterministic_algorithms_enabled()
             or call.attn_mask is not None or math.prod(call.query.shape) == 0):
         return None
     return SharedAccumulatorBackward(provider, call, dout, out, lse, kernels)

@@ -1,26 +1,26 @@
 """FlashAttention-4's sm90 forward kernel, launched without the library's Python interface.
 
 Why
-    flash_attn.cute's `_flash_attn_fwd` rebuilds, on every call, what only changes with the shape class: about
-    a hundred lines of argument checks, the tile heuristic, a compile-cache key of some sixty values, alignment
-    checks on each tensor. The kernel itself, once compiled, is a TVM-FFI function that takes torch tensors.
-    On an H100 that Python cost more than the kernel at small shapes (flash_host_time_*.json), and a ring
-    pays it once per step and rank: at S=16k, P=4 the sixteen forward block calls of all ranks spent about
-    4.4 ms in `_flash_attn_fwd` under cProfile (ring_profile_runners.json), where the GPU work was 6 ms.
-    Here the kernel is compiled once per shape class, with the arguments and the tile the library itself
-    would choose, and called directly; everything the library would decide differently falls back to it.
+    This path exists only for host time. flash_attn.cute's `_flash_attn_fwd` (and the public `flash_attn_func`
+    around it) rebuilds, on every call, what only changes with the shape class: about a hundred lines of argument
+    checks, the tile heuristic, a compile-cache key of some sixty values, alignment checks on each tensor. The
+    kernel itself, once compiled, is a TVM-FFI function that takes torch tensors. At small shapes that Python
+    costs more than the kernel, and a ring pays it once per step and rank. Here the kernel is compiled once per
+    shape class, with the arguments and the tile the library itself would choose, and called directly;
+    everything the library would decide differently falls back to it.
 
 What is the same
     The kernel class (FlashAttentionForwardSm90), its constructor arguments, the tile (`_tile_size_fwd_sm90`)
-    and the call's argument list are those of `_flash_attn_fwd` in the checked version for a dense call
+    and the call's argument list are those of `_flash_attn_fwd` in the checked releases for a dense call
     without window, softcap, sink, score/mask mod, paging or block sparsity. So the output and the
     log-sum-exp are the library's, bit for bit; tests/gpu/fa4_direct_check.py checks that on a GPU.
 
 When
-    sm90, the checked library version, q/k/v in float16 or bfloat16 of one dtype, 4-D (B, S, H, D) with the
-    last dim contiguous and every other stride (and the address) 16-byte aligned (the kernel assumes that; the
-    library would copy otherwise), non-empty, Hq a multiple of Hkv, and head dims of 8 to 256 in steps of 8.
-    `Sm90Forward.takes` checks that per call; otherwise the provider calls `_flash_attn_fwd`.
+    sm90, a release inside the checked window (fa4_release_window: the arguments are private API), q/k/v in
+    float16 or bfloat16 of one dtype, 4-D (B, S, H, D) with the last dim contiguous and every other stride (and
+    the address) 16-byte aligned (the kernel assumes that; the library would copy otherwise), non-empty, Hq a
+    multiple of Hkv, and head dims of 8 to 256 in steps of 8. `Sm90Forward.can_launch` checks that per call;
+    otherwise the provider calls `_flash_attn_fwd`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,19 @@ from typing import Any
 
 import torch
 
-from ..contract import device_capability
+from ...contract import device_capability
+from . import fa4_release_window
 
-CHECKED_VERSIONS = frozenset({"4.0.0b36"})
 # What the launch below reads from flash_attn.cute.interface: without any of them the library's function runs.
-_NEEDED = ("_tile_size_fwd_sm90", "FlashAttentionForwardSm90", "to_cute_tensor", "get_broadcast_dims",
-           "torch2cute_dtype_map", "AuxData", "cute")
+INTERFACE_NAMES = ("_tile_size_fwd_sm90", "FlashAttentionForwardSm90", "to_cute_tensor", "get_broadcast_dims",
+                   "torch2cute_dtype_map", "AuxData", "cute")
 _ALIGN_BYTES = 16
 _DTYPES = (torch.float16, torch.bfloat16)
+
+
+def missing_interface_names(api: Any) -> list[str]:
+    """The names the launch reads that `api` (flash_attn.cute.interface) lacks."""
+    return [name for name in INTERFACE_NAMES if not hasattr(api, name)]
 
 
 class Sm90Forward:
@@ -49,11 +54,13 @@ class Sm90Forward:
 
     @classmethod
     def load(cls, api: Any, version: str) -> "Sm90Forward | None":
-        if version not in CHECKED_VERSIONS or any(not hasattr(api, name) for name in _NEEDED):
+        """The launcher for `api` of release `version`, or None outside the release window (see
+        fa4_release_window) or where `api` lacks a name the launch reads."""
+        if not fa4_release_window.allows(version) or missing_interface_names(api):
             return None
         return cls(api)
 
-    def takes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    def can_launch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether the direct launch runs this call exactly as `_flash_attn_fwd` would (see the module
         docstring); cheap enough to ask on every call."""
         if not (q.is_cuda and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
@@ -64,12 +71,12 @@ class Sm90Forward:
         # the head dims the library's sm90 forward takes (it asserts on others)
         if not all(8 <= d <= 256 and d % 8 == 0 for d in (q.shape[3], v.shape[3])) or k.shape[3] != q.shape[3]:
             return False
-        return _aligned(q) and _aligned(k) and _aligned(v)
+        return _has_kernel_layout(q) and _has_kernel_layout(k) and _has_kernel_layout(v)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool,
                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(out (B, Sq, H, Dv) in q's dtype, lse (B, H, Sq) float32 or None), from (B, S, H, D) q, k, v that
-        `takes` accepted; on the current CUDA device's current stream."""
+        `can_launch` accepted; on the current CUDA device's current stream."""
         api = self._api
         batch, q_len, heads, head_dim = q.shape
         head_dim_v = v.shape[-1]
@@ -82,6 +89,8 @@ class Sm90Forward:
         kernel = self._compiled.get(key)
         if kernel is None:
             kernel = self._compiled[key] = self._compile(q, k, v, out, lse, scale, causal)
+        # after (q, k, v, out, lse, scale): the positional list `_flash_attn_fwd` of the checked releases passes
+        # for a dense call without the features the module docstring names (each None, the aux data empty)
         kernel(q.detach(), k.detach(), v.detach(), out, lse, scale, None, None, None, None, None, None, None, None,
                None, api.AuxData(None, None), None, None)
         return out, lse
@@ -106,7 +115,7 @@ class Sm90Forward:
                                 api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
 
 
-def _aligned(t: torch.Tensor) -> bool:
+def _has_kernel_layout(t: torch.Tensor) -> bool:
     """The layout the kernel assumes, for a 4-D fp16/bf16 tensor (8 elements are 16 bytes): last dim contiguous,
     address and other strides 16-byte aligned (stride 0, a broadcast dim, is allowed: it is part of the compile
     key). Written out, not looped: the provider asks this three times per call."""

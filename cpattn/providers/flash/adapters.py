@@ -1,0 +1,253 @@
+"""The `flash` and `flash_varlen` providers: the contract over whichever FlashAttention generation is found.
+
+`flash` takes fixed-length batches without masks. `flash_varlen` takes SDPA-style padded inputs with a boolean
+key-padding mask (B or 1, 1, 1, Sk): keys and values are unpadded into cu_seqlens, queries stay padded as B
+full-length sequences (layout.PaddedBatch); it also runs the packed API (`cpattn.flash_varlen_attention`,
+through `FlashVarlen.packed_attention`).
+
+Rows that see no key come back from the kernels with out 0 and lse +inf (FA2/FA3) or -inf (FA4): the contract
+wants -inf, and +inf again when handed back to a backward kernel. flash-attn aligns causal masks to the
+bottom-right corner, SDPA to the top-left: the two agree only when q_len == kv_len, the only causal case these
+providers accept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ...contract import (HALF_DTYPES, AttentionCall, Availability, Capabilities, ContractAttentionFunction,
+                         Provider, device_capability, lse_for_kernel_backward, normalize_lse, on_device,
+                         rows_may_be_empty)
+from . import fa4_sm90_backward
+from .generation import Generation
+from .generation_choice import INSTALL_HINT, find_generation
+from .layout import (Packing, PaddedBatch, align_head_dim, deterministic_algorithms, from_kernel_layout,
+                     to_kernel_layout)
+
+
+class FlashFamily(Provider):
+    """What `flash` and `flash_varlen` share: probing, capabilities, limits."""
+
+    family = "flash"
+    package = "flash-attn"
+    min_version = "2.6.3"
+    varlen: ClassVar[bool] = False
+    # Static description for messages before probing; capabilities() gives the found generation's.
+    supports = {
+        "cuda": Capabilities(
+            dtypes=HALF_DTYPES, max_head_dim=256, min_compute_capability=(8, 0), backward=True, training=True,
+            deterministic_backward=False, notes=("FlashAttention-2/3/4, whichever is installed",),
+        )
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._generation: Generation | None = None
+
+    def _probe(self) -> Availability:
+        self._generation = None
+        found, missing, unusable = find_generation(self.varlen)
+        if found is None:
+            if unusable:  # installed but unusable: that is the news, say it first
+                reason = f"{'; '.join(unusable)}. Other generations are not installed; or {INSTALL_HINT}"
+            else:
+                reason = f"FlashAttention is not installed: {INSTALL_HINT}"
+            return Availability(False, None, reason)
+        if unusable:  # a preferred generation is installed but broken or changed: say so, run on the next one
+            warnings.warn(f"provider '{self.name}' uses {found.title} {found.version}; skipped: {'; '.join(unusable)}",
+                          RuntimeWarning, stacklevel=3)
+        self._generation = found
+        return Availability(True, f"{found.label} {found.version}")
+
+    def generation(self) -> Generation:
+        self.require_available()
+        return self._generation
+
+    def capabilities(self, device_type: str) -> Capabilities | None:
+        if not self.availability().ok:
+            return self.supports.get(device_type)
+        gen = self._generation
+        if device_type == "cuda" or device_type in gen.standin_devices:
+            return gen.capabilities()
+        return None
+
+    def head_dim_multiple(self, call: AttentionCall, backward: bool) -> int:
+        """What the head dims are padded to for `call`'s kernels: HEAD_DIM_ALIGN unless the generation's backward
+        needs more where it runs, or its forward is faster wider (see Generation.backward_head_dim_multiple and
+        forward_head_dim_multiple)."""
+        gen = self.generation()
+        cc = device_capability(call.device) if call.device.type == "cuda" else None
+        forward = gen.forward_head_dim_multiple(cc, call.head_dim)
+        return math.lcm(forward, gen.backward_head_dim_multiple(cc)) if backward else forward
+
+    def pads_head_dim(self, call: AttentionCall) -> bool:
+        """Whether `call`'s kernels run on zero-padded copies of the inputs (see head_dim_multiple)."""
+        return call.head_dim % self.head_dim_multiple(call, call.needs_grad) != 0
+
+    def extra_reasons(self, call: AttentionCall, caps: Capabilities) -> list[str]:
+        out = []
+        if call.head_dim != call.value_dim:
+            out.append(f"value head dim {call.value_dim} != query head dim {call.head_dim}")
+        if call.is_causal and call.q_len != call.kv_len:
+            out.append(
+                f"is_causal with q_len {call.q_len} != kv_len {call.kv_len}: flash-attn aligns the causal mask to "
+                "the bottom-right corner, SDPA to the top-left (they agree only for equal lengths)"
+            )
+        if call.device.type == "cuda":
+            out += self._generation.limits(call, device_capability(call.device))
+        return out
+
+
+class Flash(FlashFamily):
+    """FlashAttention on fixed-length batches: no attn_mask, causal, GQA, dropout where the generation has it."""
+
+    name = "flash"
+    description = "FlashAttention-2/3/4 (flash-attn), fixed-length batches without masks"
+    varlen = False
+
+    def runner(self, call: AttentionCall):
+        # No device guard: dispatch wraps cached runners that need one (several GPUs) itself.
+        kernel = self._kernel_of_bhsd(call)
+        pad = (-call.head_dim) % self.head_dim_multiple(call, call.needs_grad)
+        if not pad:
+            return lambda q, k, v, mask: kernel(q, k, v)
+        # Padded here rather than through `attention`: that path rebuilds the call and runs the public function
+        # on five autograd nodes, host time that sets the pace of short calls with gradients.
+        dim = call.value_dim
+        return lambda q, k, v, mask: kernel(F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, pad)))[..., :dim]
+
+    def _kernel_of_bhsd(self, call: AttentionCall) -> Callable:
+        """The cheapest function of (B, H, S, D) q, k, v (head dims already aligned) that runs `call`'s kernels:
+        one autograd node for training where the generation has it, the bare forward without gradients."""
+        gen = self.generation()
+        if call.needs_grad and not call.dropout_p:
+            training = gen.training_of_bhsd(call.scale, call.is_causal, deterministic_algorithms())
+            if training is not None:
+                return training
+        if call.needs_grad or call.dropout_p:
+            kernel = gen.function_of_qkv(call.scale, call.is_causal, call.dropout_p, deterministic_algorithms())
+        else:  # the cache key holds the gradient flag: a call that needs one gets another runner
+            kernel = gen.inference_of_qkv(call.scale, call.is_causal)
+        return lambda q, k, v: kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        gen = self.generation()
+        multiple = self.head_dim_multiple(call, call.needs_grad)
+        q, k, v = (to_kernel_layout(t, multiple) for t in (call.query, call.key, call.value))
+        with on_device(call.device):
+            out = gen.function(q, k, v, call.scale, call.is_causal, call.dropout_p, deterministic_algorithms())
+        return from_kernel_layout(out, call.value_dim)
+
+    def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = self.generation()
+        multiple = self.head_dim_multiple(call, backward=False)
+        q, k, v = (to_kernel_layout(t.detach(), multiple) for t in (call.query, call.key, call.value))
+        with torch.no_grad(), on_device(call.device):
+            out, lse = gen.forward(q, k, v, call.scale, call.is_causal)
+        lse = normalize_lse(lse, call.q_len, may_be_empty=rows_may_be_empty(call))
+        return from_kernel_layout(out, call.value_dim), lse
+
+    def backward(self, call, dout, out, lse):
+        gen = self.generation()
+        # The kernels want out/dout in the input dtype (a ring may keep the global out in float32).
+        dtype, multiple = call.dtype, self.head_dim_multiple(call, backward=True)
+        q, k, v, o, do = (  # out and dO padded like v: zero columns add nothing to dO . out
+            to_kernel_layout(t.detach() if t.dtype == dtype else t.detach().to(dtype), multiple)
+            for t in (call.query, call.key, call.value, out, dout)
+        )
+        lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
+        with torch.no_grad(), on_device(call.device):
+            dq, dk, dv = gen.backward(do, q, k, v, o, lse_k, call.scale, call.is_causal, deterministic_algorithms())
+        return (from_kernel_layout(dq, call.head_dim), from_kernel_layout(dk, call.head_dim),
+                from_kernel_layout(dv, call.value_dim))
+
+    def row_backward(self, call, dout, out, lse):
+        # FA4 on sm90 keeps one dQ accumulator over a ring rank's steps where it can (fa4_sm90_backward)
+        shared = fa4_sm90_backward.shared_accumulator_backward(
+            self, self.generation().row_backward_kernels(), call, dout, out, lse,
+            self.head_dim_multiple(call, backward=True))
+        return shared if shared is not None else super().row_backward(call, dout, out, lse)
+
+
+class FlashVarlen(FlashFamily):
+    """FlashAttention's varlen kernels: SDPA-style padded batches with key-padding masks (keys are unpadded
+    into cu_seqlens), and packed sequences through `cpattn.flash_varlen_attention`."""
+
+    name = "flash_varlen"
+    description = "FlashAttention-2/3/4 varlen kernels: key-padding masks, packed sequences"
+    varlen = True
+    supports = {
+        "cuda": dataclasses.replace(
+            FlashFamily.supports["cuda"], key_padding_mask=True, varlen=True,
+            notes=("FlashAttention-2/3/4 varlen kernels; masks: key padding (B, 1, 1, Sk) only; packed streams "
+                   "under CP: flash_varlen_attention with global cu_seqlens (all-gather)",),
+        )
+    }
+
+    def extra_reasons(self, call, caps):
+        out = super().extra_reasons(call, caps)
+        if call.is_causal and call.attn_mask is not None:
+            out.append("is_causal together with a key-padding mask (unpadding keys would shift the causal diagonal)")
+        return out
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        batch = PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=call.needs_grad))
+        if batch.total_k == 0:  # every key hidden: no kernel call, the contract path gives zeros
+            if call.needs_grad:
+                return ContractAttentionFunction.apply(self, call, call.query, call.key, call.value)
+            return self.forward(call)[0]
+        gen = self.generation()
+        q = batch.pack_queries(call.query)
+        k, v = batch.pack_keys(call.key), batch.pack_keys(call.value)
+        with on_device(call.device):
+            out = gen.varlen_function(q, k, v, batch.packing, call.scale, call.is_causal, call.dropout_p,
+                                      deterministic_algorithms())
+        return batch.zero_empty_rows(batch.unpack_queries(out, call.value_dim))[0]
+
+    def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=False))
+        if batch.total_k == 0:
+            out = call.query.new_zeros(call.batch, call.q_heads, call.q_len, call.value_dim)
+            lse = torch.full((call.batch, call.q_heads, call.q_len), float("-inf"), device=call.device)
+            return out, lse
+        gen = self.generation()
+        q = batch.pack_queries(call.query.detach())
+        k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
+        with torch.no_grad(), on_device(call.device):
+            out, lse = gen.varlen_forward(q, k, v, batch.packing, call.scale, call.is_causal)
+        out = batch.unpack_queries(out, call.value_dim)
+        lse = normalize_lse(batch.lse_from_kernel(lse), call.q_len)
+        return batch.zero_empty_rows(out, lse)
+
+    def backward(self, call, dout, out, lse):
+        batch = PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=True))
+        if batch.total_k == 0:
+            return torch.zeros_like(call.query), torch.zeros_like(call.key), torch.zeros_like(call.value)
+        gen = self.generation()
+        q, o, do = (batch.pack_queries(t.detach().to(call.dtype)) for t in (call.query, out, dout))
+        k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
+        with torch.no_grad(), on_device(call.device):
+            dq, dk, dv = gen.varlen_backward(do, q, k, v, o, batch.lse_to_kernel(lse.detach()), batch.packing,
+                                             call.scale, call.is_causal, deterministic_algorithms())
+        dq = batch.zero_empty_rows(batch.unpack_queries(dq, call.head_dim))[0]
+        return dq, batch.unpack_keys(dk, call.head_dim), batch.unpack_keys(dv, call.value_dim)
+
+    def packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scale: float,
+                         causal: bool) -> torch.Tensor:
+        """One varlen kernel call on packed (total, H, D) tensors, with the library's autograd (flash-attn's
+        causal alignment: bottom-right). The packed API's arguments are checked by its caller (cpattn.packed)."""
+        gen = self.generation()
+        with on_device(q.device):
+            out = gen.varlen_function(align_head_dim(q), align_head_dim(k), align_head_dim(v), packing, scale,
+                                      causal, 0.0, deterministic_algorithms())
+        return out[..., : v.shape[-1]]
+
+
+def make_providers() -> list[Provider]:
+    return [Flash(), FlashVarlen()]

@@ -1,0 +1,61 @@
+"""FlashAttention-3: module ``flash_attn_interface`` (built from flash-attention/hopper), sm90.
+
+One private forward/backward pair serves both layouts (cu_seqlens None is the dense case); the public
+flash_attn[_varlen]_func runs calls with the library's own autograd.
+"""
+
+from __future__ import annotations
+
+from .binding import bind, distribution_version, first_output, import_library
+from .generation import BackwardIntoBuffers
+from .layout import VARLEN_ARGS
+
+
+class FlashAttention3(BackwardIntoBuffers):
+    """flash_attn_interface (hopper/): _flash_attn_forward/_backward (dense and varlen) and public functions."""
+
+    title, label = "FlashAttention-3", "flash-attn-3"
+    min_compute_capability = (9, 0)
+    api_name = "flash_attn_interface"
+
+    @classmethod
+    def load(cls, varlen: bool) -> "FlashAttention3":
+        api = import_library(cls.title, cls.api_name)
+        version = (getattr(api, "__version__", None) or distribution_version("flash-attn-3", "flash_attn_3")
+                   or "unknown")
+        return cls(version, (api,), varlen)
+
+    def __init__(self, version, modules, varlen):
+        super().__init__(version, modules, varlen)
+        api = modules[0]
+        bound = lambda name, needs: bind(self.title, api, self.api_name, name, needs)  # noqa: E731
+        grads = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
+        self._fwd = bound("_flash_attn_forward", ("q", "k", "v", *VARLEN_ARGS, "softmax_scale", "causal"))
+        self._bwd = bound(
+            "_flash_attn_backward",
+            (*grads, *VARLEN_ARGS, "softmax_scale", ("causal", "is_causal"), "deterministic"),
+        )
+        if varlen:
+            self._func = bound("flash_attn_varlen_func", ("q", "k", "v", *VARLEN_ARGS, "softmax_scale", "causal",
+                                                         "deterministic"))
+        else:
+            self._func = bound("flash_attn_func", ("q", "k", "v", "softmax_scale", "causal", "deterministic"))
+
+    def limits(self, call, compute_capability):
+        if compute_capability[0] != 9:
+            sm = "sm%d%d" % compute_capability
+            return [f"FlashAttention-3 kernels are built for Hopper (sm90); this GPU is {sm}"]
+        return []
+
+    def forward(self, q, k, v, scale, causal):
+        out, lse, *_ = self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal)
+        return out, lse
+
+    def varlen_forward(self, q, k, v, packing, scale, causal):
+        out, lse, *_ = self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal)
+        return out, lse
+
+    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
+        return first_output(self._func(
+            q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
+        ))

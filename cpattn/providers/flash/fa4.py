@@ -1,0 +1,204 @@
+"""FlashAttention-4: ``flash_attn.cute`` (``pip install flash-attn-4``), CuTe-DSL kernels, sm90/sm100.
+
+Public and private entry points
+    The public `flash_attn.cute.flash_attn_func` / `flash_attn_varlen_func` run every call that wants the
+    library's own autograd (`function`, `varlen_function`). The contract's `forward` needs the log-sum-exp, which
+    the public functions return only through their autograd.Function, and its `backward` takes an external (out,
+    lse), which no public function does: those call the private `_flash_attn_fwd` / `_flash_attn_bwd`, bound by
+    parameter name (binding.py). Calls without gradients (`inference_of_qkv`) and training calls
+    (`training_of_bhsd`) use the same private pair only for host time: the public function's autograd.Function
+    costs more host time than the kernel launch at small shapes, and a training call on transpose views is five
+    autograd nodes where `_TransposedFlash` is one.
+
+sm90 fast paths
+    On Hopper, inside the checked release window (fa4_release_window, override CPATTN_FA4_FAST_PATHS), dense
+    forwards launch the compiled forward kernel directly (fa4_sm90_forward), one call's backward launches the
+    three backward kernels itself, and a ring rank keeps one dQ accumulator over its steps (fa4_sm90_backward).
+    Both exist only for host time: the kernels and their arguments are the library's. `fast_path_status` says
+    which path runs and why.
+
+Head dims on sm90
+    The library's sm90 backward gives wrong gradients at head dims that are not multiples of 32, so with
+    gradients they are zero-padded to one; its forward at head dim 104 is far slower than at 128, so 97 to 104
+    are padded to 128 for the forward too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import fa4_release_window, fa4_sm90_backward, fa4_sm90_forward
+from .autograd_node import transposed_training
+from .binding import bind, distribution_version, first_output, import_library
+from .generation import Generation
+from .layout import HEAD_DIM_ALIGN, VARLEN_ARGS
+
+
+class FlashAttention4(Generation):
+    """flash_attn.cute: interface._flash_attn_fwd/_flash_attn_bwd and the public functions."""
+
+    title, label = "FlashAttention-4", "flash-attn-4"
+    min_compute_capability = (9, 0)
+    extra_notes = ("with gradients on sm90, head dims are zero-padded to a multiple of 32 (the library's sm90 "
+                   "backward gave wrong gradients at 16, 48, 72, 80 and 112)",
+                   "on sm90, head dims 97 to 104 are zero-padded to 128 for the forward too (1.5 to 1.75x faster)")
+    api_name = "flash_attn.cute.interface"
+    public_name = "flash_attn.cute"
+
+    @classmethod
+    def load(cls, varlen: bool) -> "FlashAttention4":
+        public = import_library(cls.title, cls.public_name)
+        api = import_library(cls.title, cls.api_name)
+        version = getattr(public, "__version__", None)
+        if version in (None, "0.0.0"):  # its __init__ asks metadata for a name that varies between releases
+            version = distribution_version("flash-attn-4", "fa4", "flash-attn-cute") or "unknown"
+        return cls(version, (public, api), varlen)
+
+    def __init__(self, version, modules, varlen):
+        super().__init__(version, modules, varlen)
+        public, api = modules
+        self._load_fast_paths(api)
+        extra = VARLEN_ARGS if varlen else ()
+        self._fwd = bind(self.title, api, self.api_name, "_flash_attn_fwd",
+                         ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
+        self._bwd = bind(self.title, api, self.api_name, "_flash_attn_bwd",
+                         ("q", "k", "v", "out", "dout", "lse", *extra, "softmax_scale", "causal"),
+                         optional=("deterministic",))
+        name = "flash_attn_varlen_func" if varlen else "flash_attn_func"
+        self._func = bind(self.title, public, self.public_name, name,
+                          ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",))
+
+    def _load_fast_paths(self, api) -> None:
+        """The sm90 fast paths for dense calls of a real library (never varlen, never a stand-in)."""
+        self.fast_path_verdict = fa4_release_window.verdict(self.version)
+        self._missing_fast_path_names = sorted(set(fa4_sm90_forward.missing_interface_names(api))
+                                               | set(fa4_sm90_backward.missing_interface_names(api)))
+        dense_real = not self.varlen and not self.standin_devices
+        self._direct_forward = fa4_sm90_forward.Sm90Forward.load(api, self.version) if dense_real else None
+        self._backward_kernels = (fa4_sm90_backward.Sm90BackwardKernels.load(api, self.version) if dense_real
+                                  else None)
+        if self._direct_forward is not None:
+            self.extra_notes = self.extra_notes + (
+                "on sm90, dense forwards and one call's backward (Hq == Hkv) launch the library's compiled kernels "
+                "directly, without its per-call Python",)
+        if self._backward_kernels is not None:
+            self.extra_notes = self.extra_notes + (
+                "under ring attention on sm90, one float32 dQ accumulator per rank for all steps (Hq == Hkv, "
+                "unpadded head dims)",)
+
+    def limits(self, call, compute_capability):
+        out = []
+        hopper = compute_capability[0] == 9
+        if hopper and self.varlen and call.needs_grad:
+            out.append("FlashAttention-4 has no varlen backward on Hopper (sm90); use FlashAttention-2 or -3")
+        if hopper and call.needs_grad and torch.are_deterministic_algorithms_enabled():
+            out.append("FlashAttention-4 has a deterministic backward only on sm100/sm110")
+        return out
+
+    def row_backward_kernels(self):
+        return self._backward_kernels
+
+    def backward_head_dim_multiple(self, compute_capability):
+        # The library's sm90 backward gives dQ/dK/dV far off at head dims 16, 48, 72 and 80 (its forward is right
+        # there) and matches float64 at multiples of 32, with the public function too
+        # (benchmarks/fa4_grad_layout_probe.py). Padded with zero columns to a multiple of 32 the gradients are
+        # exact, at the cost of the padded columns' FLOPs.
+        return 32 if compute_capability is not None and compute_capability[0] == 9 else HEAD_DIM_ALIGN
+
+    def forward_head_dim_multiple(self, compute_capability, head_dim):
+        # The library's sm90 forward at head dim 104 is much slower than the same call zero-padded to 128, which
+        # also beats cuDNN there (benchmarks/head_dim_pad_probe.py). Head dims 97 to 103 run at 104 after
+        # alignment. At 80, 112 and 120 the padded kernel gains less than the copy that pads costs, or loses:
+        # those keep the alignment of 8.
+        hopper = compute_capability is not None and compute_capability[0] == 9
+        return 32 if hopper and -(-head_dim // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN == 104 else HEAD_DIM_ALIGN
+
+    # _flash_attn_fwd returns (out, lse, ...) and _flash_attn_bwd (dq, dk, dv, ...); newer releases add trailing
+    # values (p, row_max, o_lo / dqv, dsink), so keep only the leading ones.
+    def forward(self, q, k, v, scale, causal):
+        direct = self._direct_forward
+        if direct is not None and direct.can_launch(q, k, v):
+            return direct(q, k, v, scale, causal, return_lse=True)
+        return tuple(self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2])
+
+    def varlen_forward(self, q, k, v, packing, scale, causal):
+        # private for the LSE, as the dense forward
+        return tuple(self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
+                               return_lse=True)[:2])
+
+    def inference_of_qkv(self, scale, causal):
+        # flash_attn_func runs this same forward (return_lse=False) inside an autograd.Function, whose Python
+        # costs more host time than the kernel launch at small shapes: without gradients, call it directly,
+        # and where fa4_sm90_forward takes the tensors, without _flash_attn_fwd's Python too.
+        forward = self._fwd.partial(softmax_scale=scale, causal=causal, return_lse=False)
+        direct = self._direct_forward
+        if direct is None:
+            return lambda q, k, v: forward(q=q, k=k, v=v)[0]
+        return lambda q, k, v: (direct(q, k, v, scale, causal, return_lse=False)[0] if direct.can_launch(q, k, v)
+                                else forward(q=q, k=k, v=v)[0])
+
+    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+        kernels = self._backward_kernels  # the same three launches without _flash_attn_bwd's per-call Python
+        if kernels is not None and not deterministic and kernels.can_launch_backward(q, k, v):
+            return kernels.launch_backward(q, k, v, out, dout, lse, scale, causal)
+        return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
+                               deterministic=deterministic)[:3])
+
+    def training_of_bhsd(self, scale, causal, deterministic):
+        # The public function on transpose views is five autograd nodes (its own and four transposes); through
+        # _TransposedFlash it is one. At small shapes FA4's calls are host-bound, so that bookkeeping counts.
+        return transposed_training(
+            lambda q, k, v: self.forward(q, k, v, scale, causal),
+            lambda dout, q, k, v, out, lse: self.backward(dout, q, k, v, out, lse, scale, causal, deterministic),
+        )
+
+    def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
+        return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(), softmax_scale=scale,
+                               causal=causal, deterministic=deterministic)[:3])
+
+    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
+        return first_output(self._func(
+            q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
+        ))
+
+    def fast_path_status(self) -> "FastPathStatus":
+        """Which path this generation's dense sm90 calls take, and why (see `fast_path_status`)."""
+        if self.standin_devices:
+            return FastPathStatus(False, "the flash-attn-4 module is a test stand-in")
+        if self.varlen:
+            return FastPathStatus(False, "varlen calls always run the library's functions")
+        if self._missing_fast_path_names:
+            return FastPathStatus(False, f"flash_attn.cute.interface {self.version} lacks "
+                                         f"{', '.join(self._missing_fast_path_names)}")
+        verdict = self.fast_path_verdict
+        return FastPathStatus(verdict.enabled and self._direct_forward is not None, verdict.reason)
+
+
+@dataclass(frozen=True)
+class FastPathStatus:
+    """Whether FA4's sm90 fast paths run (`active`) and why (`reason`)."""
+
+    active: bool
+    reason: str
+
+    def __str__(self) -> str:
+        if self.active:
+            return ("direct kernel launches on sm90 (forward, one call's backward, one dQ accumulator per ring "
+                    f"rank): {self.reason}")
+        return f"the library's functions: {self.reason}"
+
+
+def fast_path_status(provider) -> FastPathStatus:
+    """Which FA4 path the `flash` provider (a `Flash` adapter) runs on sm90 here, and why."""
+    availability = provider.availability()
+    if not availability.ok:
+        return FastPathStatus(False, f"provider '{provider.name}' is not available")
+    generation = provider.generation()
+    if not isinstance(generation, FlashAttention4):
+        return FastPathStatus(False, f"provider '{provider.name}' runs {generation.title} {generation.version}")
+    status = generation.fast_path_status()
+    if status.active and not fa4_release_window.sm90_visible():
+        return FastPathStatus(True, f"{status.reason} (no sm90 GPU is visible here, so none runs now)")
+    return status

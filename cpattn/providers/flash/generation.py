@@ -1,0 +1,140 @@
+"""What every FlashAttention generation offers the providers, and the buffer backward FA2 and FA3 share.
+
+A `Generation` holds the entry points of one library generation, bound for the dense or the varlen provider.
+Its kernel methods take (B, S, H, D) tensors (varlen: (total, H, D)) whose head dims are already aligned, and
+return the library's raw results (its LSE convention, its layouts); the providers (adapters.py) convert.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import torch
+
+from ...contract import HALF_DTYPES, AttentionCall, Capabilities
+from .._libs import STANDIN_DEVICES_ATTR
+from .binding import BoundFunction, first_output
+from .layout import HEAD_DIM_ALIGN, Packing
+
+if TYPE_CHECKING:
+    from .fa4_sm90_backward import Sm90BackwardKernels
+
+
+class Generation:
+    """The entry points of one FlashAttention generation (see the module docstring)."""
+
+    title: ClassVar[str]
+    label: ClassVar[str]  # how Availability.version names it
+
+    # What a subclass provides.
+    max_head_dim: ClassVar[int] = 256
+    extra_notes: ClassVar[tuple[str, ...]] = ()
+    min_compute_capability: ClassVar[tuple[int, int]] = (8, 0)
+    has_dropout: ClassVar[bool] = False
+    _func: BoundFunction  # the public autograd function (dense or varlen), bound by the subclass
+
+    def __init__(self, version: str, modules: Sequence[Any], varlen: bool):
+        self.version = version
+        self.varlen = varlen
+        self.standin_devices = tuple(
+            sorted({d for m in modules for d in getattr(m, STANDIN_DEVICES_ATTR, ())})
+        )
+
+    def capabilities(self) -> Capabilities:
+        notes = [
+            f"backed by {self.title} {self.version}",
+            "is_causal needs q_len == kv_len (flash-attn aligns causal masks to the bottom-right corner)",
+            "value head dim must equal the query head dim",
+            "backward is deterministic only under torch.use_deterministic_algorithms(True)",
+        ]
+        if self.varlen:
+            notes.append("key-padding masks become cu_seqlens; is_causal cannot be combined with a mask")
+        notes += self.extra_notes
+        if self.standin_devices:
+            notes.append(f"STAND-IN library: also accepts {', '.join(self.standin_devices)} (adapter tests only)")
+        return Capabilities(
+            dtypes=HALF_DTYPES, max_head_dim=self.max_head_dim, min_compute_capability=self.min_compute_capability,
+            causal=True, key_padding_mask=self.varlen, varlen=self.varlen, dropout=self.has_dropout, gqa=True,
+            backward=True, training=True, deterministic_backward=False, notes=tuple(notes),
+            row_views=not self.varlen,  # (B, S, H, D) views with any row offset; varlen packing would copy
+        )
+
+    def limits(self, call: AttentionCall, compute_capability: tuple[int, int]) -> list[str]:
+        """Generation-specific reasons a CUDA call cannot run (beyond its Capabilities)."""
+        return []
+
+    def backward_head_dim_multiple(self, compute_capability: tuple[int, int] | None) -> int:
+        """The multiple the head dims are padded to when the backward kernel runs (HEAD_DIM_ALIGN unless a
+        generation's backward is wrong at other head dims); `compute_capability` None off CUDA."""
+        return HEAD_DIM_ALIGN
+
+    def forward_head_dim_multiple(self, compute_capability: tuple[int, int] | None, head_dim: int) -> int:
+        """The multiple `head_dim` is padded to when only the forward kernel runs (HEAD_DIM_ALIGN unless a
+        generation's forward is faster on a wider head dim)."""
+        return HEAD_DIM_ALIGN
+
+    def row_backward_kernels(self) -> "Sm90BackwardKernels | None":
+        """The kernels a ring rank's backward can launch one by one around one dQ accumulator
+        (fa4_sm90_backward), or None: then each ring step runs the whole backward."""
+        return None
+
+    def forward(self, q, k, v, scale, causal):
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+        raise NotImplementedError
+
+    def varlen_forward(self, q, k, v, packing: Packing, scale, causal):
+        raise NotImplementedError
+
+    def varlen_backward(self, dout, q, k, v, out, lse, packing: Packing, scale, causal, deterministic):
+        raise NotImplementedError
+
+    def varlen_function(self, q, k, v, packing: Packing, scale, causal, dropout_p, deterministic):
+        raise NotImplementedError
+
+    def function(self, q, k, v, scale, causal, dropout_p, deterministic):
+        """The public autograd function; dropout_p > 0 only reaches generations with has_dropout."""
+        options = self._function_options(scale, causal, dropout_p, deterministic)
+        return first_output(self._func(q=q, k=k, v=v, **options))
+
+    def function_of_qkv(self, scale, causal, dropout_p, deterministic) -> Callable:
+        """`function` with everything but q, k and v bound once, for a cached runner."""
+        kernel = self._func.partial(**self._function_options(scale, causal, dropout_p, deterministic))
+        return lambda q, k, v: first_output(kernel(q=q, k=k, v=v))
+
+    def inference_of_qkv(self, scale, causal) -> Callable:
+        """For calls that need no gradient and no dropout: the cheapest call of the same kernel on (q, k, v),
+        everything else bound once. Here the public function; a generation may skip its autograd wrapper."""
+        return self.function_of_qkv(scale, causal, 0.0, False)
+
+    def training_of_bhsd(self, scale, causal, deterministic) -> Callable | None:
+        """For calls that need gradients, without dropout: a function of (B, H, S, D) q, k, v that runs the same
+        kernels as the public function as one autograd node; None where the public function stays."""
+        return None
+
+    def _function_options(self, scale, causal, dropout_p, deterministic) -> dict:
+        """The public function's keywords besides q, k, v (generations without dropout take none)."""
+        return {"softmax_scale": scale, "causal": causal, "deterministic": deterministic}
+
+
+class BackwardIntoBuffers(Generation):
+    """FA2 and FA3 backward kernels write into dq/dk/dv buffers the caller allocates (FA2 <= 2.6 also returns
+    them, FA2 >= 2.7 and FA3 return only softmax_d); the buffers keep the layout of q, k, v."""
+
+    backward_extra: ClassVar[dict] = {}
+    _bwd: BoundFunction  # the private backward, bound by the subclass
+
+    def _grads_into_buffers(self, dout, q, k, v, out, lse, scale, causal, deterministic, **varlen):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self._bwd(
+            dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv, **varlen, **self.backward_extra,
+            softmax_scale=scale, causal=causal, deterministic=deterministic,
+        )
+        return dq, dk, dv
+
+    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+        return self._grads_into_buffers(dout, q, k, v, out, lse, scale, causal, deterministic)
+
+    def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
+        return self._grads_into_buffers(dout, q, k, v, out, lse, scale, causal, deterministic, **packing.kwargs())
