@@ -1,4 +1,4 @@
-"""Context parallelism: ring, Ulysses, hybrid and all-gather schedules over any provider.
+"""Context parallelism: ring, Ulysses, hybrid and all-gather schedules (registry.py) over any provider.
 
 Public helpers here shard and reassemble sequences in the layout the schedules assume.
 """
@@ -8,23 +8,19 @@ from __future__ import annotations
 import torch
 
 from .comm import all_gather_padded, gather_signatures
-from .context import STRATEGIES, ContextParallel
+from .context import ContextParallel
 from .layout import LAYOUTS, local_positions, shard_positions
 from .mesh import topology_from_mesh
+from .registry import STRATEGIES
 
 __all__ = [
     "ContextParallel", "LAYOUTS", "STRATEGIES", "document_mask", "gather_sequence", "local_position_ids", "shard_sequence",
 ]
 
 
-def _topology(cp_mesh):
-    topo = topology_from_mesh(cp_mesh, "auto")
-    return topo
-
-
 def local_position_ids(total_len: int, cp_mesh, layout: str = "zigzag", device=None) -> torch.Tensor:
     """Global positions (e.g. for RoPE) of the tokens this rank holds, in local order."""
-    t = _topology(cp_mesh)
+    t = topology_from_mesh(cp_mesh)
     return local_positions(total_len, t.ring_size, t.ulysses_size, t.ring_rank, t.ulysses_rank, layout, device)
 
 
@@ -41,7 +37,7 @@ def shard_sequence(x: torch.Tensor, cp_mesh, seq_dim: int, layout: str = "zigzag
 def gather_sequence(x_local: torch.Tensor, cp_mesh, seq_dim: int, layout: str = "zigzag",
                     timeout: float = 60.0) -> torch.Tensor:
     """Inverse of `shard_sequence`: the full tensor on every rank (not differentiable)."""
-    t = _topology(cp_mesh)
+    t = topology_from_mesh(cp_mesh)
     seq_dim = seq_dim % x_local.dim()
     groups = [g for g in (t.ulysses, t.ring) if g is not None]
     gathered = x_local

@@ -5,7 +5,9 @@ memory: KV of every rank is all-gathered once (uneven lengths allowed), put in g
 provider runs one ordinary call. Causal attention becomes a positional mask (query position >= key
 position), because local queries are not a contiguous prefix under the zigzag layout; so causal or masked
 calls need a provider that takes boolean masks. Backward sums each rank's dK/dV over ranks and keeps
-this rank's part (reduce-scatter). This module never names a provider.
+this rank's part (reduce-scatter). With a replicated prefix (cp/prefix.py) the local prefix KV goes in front
+of the gathered KV. `ALLGATHER` is the schedule; packed sequences (packed.py) gather the same way.
+This module never names a provider.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import AttentionCall, Provider
+from ..masks import is_mask_mod
 from .comm import CommStats, all_gather_padded, all_reduce_sum
+from .kernel_checks import reasons_for_any_total
+from .layout import gathered_order, local_len, ring_positions
 from .mesh import Group
+from .schedule import Agreed, KernelShape, Setup, Suggest, can_ring, with_example
 
 
 @dataclass
@@ -71,3 +77,83 @@ def allgather_attention(provider: Provider, call: AttentionCall, spec: AllGather
     return provider.attention(
         call.replace(key=key, value=value, attn_mask=positional_mask(call, spec), is_causal=False)
     )
+
+
+def prefix_allgather_attention(provider: Provider, call: AttentionCall, spec: AllGatherSpec,
+                               prefix: int) -> torch.Tensor:
+    """Gather the sharded KV into global order, put the local prefix KV in front, one ordinary call."""
+    key = torch.cat([call.key[:, :, :prefix], GatherSequence.apply(call.key[:, :, prefix:], spec)], dim=2)
+    value = torch.cat([call.value[:, :, :prefix], GatherSequence.apply(call.value[:, :, prefix:], spec)], dim=2)
+    return provider.attention(call.replace(key=key, value=value))
+
+
+# -- the schedule ---------------------------------------------------------------------------------------------
+
+def allgather_spec(cp: Setup, total: int, device) -> AllGatherSpec:
+    """The all-gather over the 1-D group of `cp` for `total` tokens."""
+    group = cp.topology.ring
+    lengths = [local_len(total, group.size, 1, r, 0, cp.layout) for r in range(group.size)]
+    order, positions = gathered_order(total, group.size, cp.layout, device)
+    if order is None:
+        order = torch.arange(total, device=device)
+    q_positions = ring_positions(total, group.size, group.rank, cp.layout, device)
+    return AllGatherSpec(group, lengths, q_positions, order, positions, cp.data_timeout, cp.stats)
+
+
+def _takes_positional_mask(provider: Provider, call: AttentionCall) -> bool:
+    """The provider takes the (local rows x all keys) mask that causality and the call's mask become."""
+    caps = provider.capabilities(call.device.type)
+    return caps is not None and caps.bool_mask and (
+        call.attn_mask is None or call.mask_kind in ("bool", "key_padding", "mask_mod") or caps.additive_mask)
+
+
+def _with_positional_mask(call: AttentionCall) -> AttentionCall:
+    """`call` as its kernel sees it, for the providers' checks only: causality and the mask as one 2-D mask of
+    the mask's kind (a zero-stride view; the checks read its kind, never its values)."""
+    if not call.is_causal and call.attn_mask is None:
+        return call
+    mask = call.attn_mask
+    dtype = mask.dtype if isinstance(mask, torch.Tensor) and not is_mask_mod(mask) else torch.bool
+    stand_in = torch.zeros((), dtype=dtype, device=call.device).expand(call.q_len, call.kv_len)
+    return call.replace(attn_mask=stand_in, is_causal=False)
+
+
+class AllGatherSchedule:
+    name = "allgather"
+    mesh_dims = 1
+    takes_prefix = True
+    auto_order = 10  # before the schedules that need a log-sum-exp: it takes providers that cannot ring
+    mask_mod_per_block = False
+
+    def auto(self, cp: Setup, provider: Provider, call: AttentionCall) -> str | None:
+        if cp.prefix:
+            return None if can_ring(provider, call) else "a replicated prefix with a provider that cannot ring"
+        if provider.capabilities(call.device.type) is not None and not can_ring(provider, call):
+            return f"{provider.name} returns no LSE or has no LSE backward, so it cannot ring"
+        return None
+
+    def reasons(self, cp: Setup, provider: Provider, call: AttentionCall) -> list[str]:
+        out = reasons_for_any_total(cp, self, provider, call)
+        if (call.is_causal or call.attn_mask is not None) and not _takes_positional_mask(provider, call):
+            out.append("all-gather expresses causal and masks as a positional attn_mask, which this "
+                       "provider does not take")
+        return out
+
+    def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
+        if call.is_causal:  # causality becomes a mask, which the shard check covers
+            return set()
+        return {(n + cp.prefix, total + cp.prefix, False) for n in lengths}
+
+    def suggestion(self, provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str:
+        return with_example("cp_strategy='ring' with a provider that returns a log-sum-exp, or a provider that "
+                            "takes boolean masks",
+                            suggest(_with_positional_mask(call), provider.name) if suggest else None)
+
+    def run(self, cp: Setup, provider: Provider, call: AttentionCall, agreed: Agreed) -> torch.Tensor:
+        spec = allgather_spec(cp, agreed.total, call.device)
+        if cp.prefix:
+            return prefix_allgather_attention(provider, call, spec, cp.prefix)
+        return allgather_attention(provider, call, spec)
+
+
+ALLGATHER = AllGatherSchedule()

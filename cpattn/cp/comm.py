@@ -30,9 +30,10 @@ def _wait(work, timeout: float | None, what: str, group: Group) -> None:
 
     `timeout=None` (no cp_timeout given): on NCCL the wait only orders the compute stream after the transfer
     and returns at once; elsewhere it is bounded by DEFAULT_TIMEOUT. A timed NCCL wait blocks the host and
-    polls the transfer with sleeps (10 ms in PyTorch's ProcessGroupNCCL): on two H200s that cost 6-8 ms per
-    Ulysses call and left the GPU idle meanwhile. So on NCCL a peer lost mid-call is reported by NCCL's watchdog
-    after the process group's own timeout, unless the caller asked for bounded waits by giving cp_timeout.
+    polls the transfer with sleeps (10 ms in PyTorch's ProcessGroupNCCL): every wait holds the host up to a
+    poll interval while the GPU runs out of queued work. So on NCCL a peer lost mid-call is reported by NCCL's
+    watchdog after the process group's own timeout, unless the caller asked for bounded waits by giving
+    cp_timeout.
     Ranks that disagree are caught before any data moves by the agreement check, which is always bounded.
     """
     if timeout is None:
@@ -116,11 +117,11 @@ class RingChannel:
         """Start sending `send` to the next rank and receiving into `recv` from the previous one."""
         return self.send_recv(send, self.group.next, recv, self.group.prev, kind)
 
-    def send_recv(self, send: list[torch.Tensor], to: int, recv: list[torch.Tensor], frm: int,
+    def send_recv(self, send: list[torch.Tensor], to_rank: int, recv: list[torch.Tensor], from_rank: int,
                   kind: str) -> PendingExchange:
-        """Start sending `send` to group rank `to` and receiving into `recv` from group rank `frm`; either list may
-        be empty (the peer's side posts nothing either)."""
-        peers = (self.group.global_rank(to), self.group.global_rank(frm))
+        """Start sending `send` to group rank `to_rank` and receiving into `recv` from group rank `from_rank`;
+        either list may be empty (the peer's side posts nothing either). `kind` names the traffic in the stats."""
+        peers = (self.group.global_rank(to_rank), self.group.global_rank(from_rank))
         stage = self.group.backend == "gloo" and any(t.is_cuda for t in send + recv)
         send_t = [t.cpu() for t in send] if stage else send
         recv_t = [torch.empty(t.shape, dtype=t.dtype) for t in recv] if stage else recv
@@ -131,46 +132,6 @@ class RingChannel:
             self.stats[f"{kind}_sends"] += 1
             self.stats[f"{kind}_bytes"] += sum(t.numel() * t.element_size() for t in send)
         return PendingExchange(works, recv, recv_t if stage else None, self.timeout, self.group, peers)
-
-
-class _Received:
-    __slots__ = ("got",)
-
-    def __init__(self, got):
-        self.got = got
-
-    def wait(self):
-        return self.got
-
-
-class LoopbackRing:
-    """A stand-in ring channel with no network, to run one rank's ring steps alone (benchmarks, tests); usable
-    as `RingSpec.channel_factory`. A KV exchange 'receives' the block the sending peer holds at that moment,
-    known from the block being sent: the forward passes blocks on to rank r+1 and gets the one before, the
-    backward passes them to rank r-1 and gets the one after. A dK/dV exchange hands its receive buffers back
-    unfilled (no other rank computed parts), so of a backward only this rank's dQ is meaningful.
-
-    `blocks`: every rank's (key, value), the very tensors the ring is given (they are recognised by storage)."""
-
-    def __init__(self, blocks, rank: int):
-        self._blocks, self._rank = blocks, rank
-
-    def __call__(self, group, timeout, stats):
-        return self
-
-    def exchange(self, send, recv, kind):
-        world = len(self._blocks)
-        return self.send_recv(send, (self._rank + 1) % world, recv, (self._rank - 1) % world, kind)
-
-    def send_recv(self, send, to, recv, frm, kind):
-        if kind != "kv":
-            return _Received(recv)
-        world = len(self._blocks)
-        held = [i for i, (k, _) in enumerate(self._blocks) if k.data_ptr() == send[0].data_ptr()]
-        if not held:
-            raise ValueError("LoopbackRing: the block sent is none of the blocks it was given")
-        step = -1 if to == (self._rank + 1) % world else 1
-        return _Received(list(self._blocks[(held[0] + step) % world]))
 
 
 def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], group: Group,

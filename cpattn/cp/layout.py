@@ -88,3 +88,17 @@ def shard_positions(total: int, ring_size: int, ulysses_size: int, layout: str) 
         for r in range(ring_size)
         for u in range(ulysses_size)
     ]
+
+
+def gathered_order(total: int, ring_size: int, layout: str, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """For 1-D schedules that gather every rank's tokens in rank order: (the permutation that puts the
+    concatenation in global order, or None where it already is; the concatenation's global positions)."""
+    positions = _gathered_positions(total, ring_size, layout, device)
+    if bool((positions[1:] >= positions[:-1]).all()):
+        return None, positions
+    return torch.argsort(positions), positions
+
+
+@functools.lru_cache(maxsize=256)
+def _gathered_positions(total: int, ring_size: int, layout: str, device) -> torch.Tensor:
+    return torch.cat([ring_positions(total, ring_size, r, layout, device) for r in range(ring_size)])

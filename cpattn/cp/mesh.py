@@ -63,9 +63,9 @@ class Topology:
         return self.ring_size * self.ulysses_size
 
 
-def topology_from_mesh(cp_mesh, strategy: str) -> Topology:
+def topology_from_mesh(cp_mesh) -> Topology:
     """1-D mesh or ProcessGroup: one group used by every 1-D schedule (its layout treats it as the ring
-    dimension). 2-D DeviceMesh: dimensions named ("ring", "ulysses"), for the hybrid schedule."""
+    dimension). 2-D DeviceMesh: dimensions named ("ring", "ulysses"), for the 2-D schedules."""
     if not dist.is_available() or not dist.is_initialized():
         raise InvalidArgumentError("cp_mesh was given but torch.distributed is not initialised")
     if cp_mesh is dist.GroupMember.NON_GROUP_MEMBER or (
@@ -76,29 +76,18 @@ def topology_from_mesh(cp_mesh, strategy: str) -> Topology:
             "process group or DeviceMesh that contains it (the mesh does not match the world)"
         )
     if isinstance(cp_mesh, dist.ProcessGroup):
-        return _one_dim(Group.of(cp_mesh), strategy)
+        return Topology(Group.of(cp_mesh), None, 1)
     ndim = getattr(cp_mesh, "ndim", None)
     if ndim == 1:
-        return _one_dim(Group.of(cp_mesh.get_group()), strategy)
+        return Topology(Group.of(cp_mesh.get_group()), None, 1)
     if ndim == 2:
         names = tuple(cp_mesh.mesh_dim_names or ())
         if set(names) != {"ring", "ulysses"}:
             raise InvalidArgumentError(
                 f"a 2-D cp_mesh needs mesh_dim_names ('ring', 'ulysses'), got {names or None}"
             )
-        if strategy not in ("auto", "hybrid"):
-            raise InvalidArgumentError(
-                f"cp_strategy={strategy!r} runs on a 1-D mesh; a 2-D ('ring', 'ulysses') mesh runs 'hybrid'"
-            )
         return Topology(Group.of(cp_mesh.get_group("ring")), Group.of(cp_mesh.get_group("ulysses")), 2)
     raise InvalidArgumentError(
         f"cp_mesh must be a torch.distributed ProcessGroup or a 1-D/2-D DeviceMesh, got {type(cp_mesh).__name__}"
     )
 
-
-def _one_dim(group: Group, strategy: str) -> Topology:
-    if strategy == "hybrid":
-        raise InvalidArgumentError(
-            "cp_strategy='hybrid' needs a 2-D DeviceMesh with mesh_dim_names ('ring', 'ulysses')"
-        )
-    return Topology(group, None, 1)

@@ -12,7 +12,8 @@ the gathered K/V, and the run's rows are a contiguous slice of the local queries
 views, with no repacking. A query segment shorter than its key segment ends where its keys end, which is how
 varlen kernels align causal attention (bottom-right), so no position offsets are needed.
 
-This module never names a provider: the caller passes the varlen kernel.
+Packed streams are not a cp_strategy of their own: they run all-gather on a 1-D mesh (`packed_reasons`), entered
+through ContextParallel.run_packed. This module never names a provider: the caller passes the varlen kernel.
 """
 
 from __future__ import annotations
@@ -22,11 +23,37 @@ from typing import Callable
 import torch
 
 from ..contract import AttentionCall
+from ..errors import InvalidArgumentError
 from .allgather import AllGatherSpec, GatherSequence
+from .schedule import Setup
 
 # kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> out, on packed (tokens, H, D) views
 VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int],
                         torch.Tensor]
+
+
+def packed_reasons(cp: Setup, strategy: str) -> list[str]:
+    """Why packed sequences cannot run with `cp` under cp_strategy `strategy` (whatever the provider)."""
+    out = []
+    if cp.topology.mesh_dims != 1:
+        out.append("packed sequences under context parallelism run all-gather on a 1-D cp_mesh; a 2-D mesh "
+                   "runs the hybrid schedule, which has no packed form")
+    if strategy not in ("auto", "allgather"):
+        out.append(f"packed sequences under context parallelism run all-gather, not cp_strategy="
+                   f"'{strategy}': pass cp_strategy='allgather' or 'auto', or use "
+                   "attention_dispatch with cpattn.document_mask(...) for ring or Ulysses")
+    if cp.prefix:
+        out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
+    return out
+
+
+def check_bounds(bounds: list[int], total: int) -> None:
+    """The document boundaries cover the whole packed stream the ranks hold together."""
+    if bounds[-1] != total:
+        raise InvalidArgumentError(
+            f"cu_seqlens end at {bounds[-1]} tokens but the ranks hold {total} together: under context "
+            "parallelism cu_seqlens are the boundaries of the whole packed stream, not of this rank's shard"
+        )
 
 
 def query_runs(positions: list[int]) -> list[tuple[int, int, int]]:

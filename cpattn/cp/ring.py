@@ -9,8 +9,8 @@ Backward, with the global (out, lse) from the forward: Q, dO, out and lse stay p
 in reverse. The forward's last block (source r + 1) is kept for the backward, which starts on it, passes each
 block on to rank r - 1 and receives the next from rank r + 1, and ends on the rank's own block: W-2 transfers
 of KV instead of W-1, none before the first kernel, and the own block's kernel (the diagonal one under zigzag)
-covers the last gradient transfer instead of leaving it exposed at the end (on two H200s at S=32k that wait
-was 0.4-0.8 ms of a 14 ms call). The kept block costs one KV shard of memory from forward to backward.
+covers the last gradient transfer, which would otherwise be waited for in the open after the last kernel.
+The kept block costs one KV shard of memory from forward to backward.
 A step's dK/dV part belongs to the owner of the block it was computed against: at step i rank r sends its part
 for block s = r + 1 + i straight to rank s, in the inputs' dtype, while the next step computes, and receives the
 part of its own block from rank r - 1 - i. Each rank sums its own block's parts, and its dQ parts, once at the
@@ -24,7 +24,12 @@ step's kernel starts while the previous one's last wave still runs (cpattn/cp/st
 that exact, and from what size of shard); the forward runs on one.
 
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
-rank does one diagonal block and W-1 half blocks. This module never names a provider.
+rank does one diagonal block and W-1 half blocks.
+
+With a replicated prefix (cp/prefix.py) the prefix KV is one more block, local to every rank and never sent.
+
+`RING` is the schedule: it needs a provider that returns a log-sum-exp and, for gradients, has a backward that
+takes the global (out, lse). This module never names a provider.
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from typing import Callable
 
 import torch
 
-from ..ops import gradsum
 from ..contract import AttentionCall, Provider, autocast_off
 from ..masks import is_mask_mod, materialize_mask_mod, select_keys, select_queries
-from ..ops.merge import PartialAttention
+from ..ops import gradsum
+from ..ops.merge import PartialAttention, merge_two
 from .comm import CommStats, RingChannel
 from .layout import ring_chunks, ring_positions
 from .mesh import Group
+from .prefix import split_prefix
+from .schedule import Agreed, KernelShape, Setup, Suggest, with_example
 from .streams import StepStreams, stream_count
 
 
@@ -229,62 +236,82 @@ def ring_backward(
     rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     replicated = call.q_len - spec.length(me)  # query rows beyond the shard (a prefix): the same on every rank
     query_grads = provider.row_backward(call, dout, out, lse)  # dQ summed over the steps, asked for at the end
-    dk, dv = gradsum.RowSum(own_k.shape, call.device), gradsum.RowSum(own_v.shape, call.device)
+    own_grads = _OwnBlockGrads(own_k, own_v, call.device)
     sources = [(me + 1 + step) % world for step in range(world)]  # the forward's order reversed: mine last
     k, v = own_k, own_v
     if world > 1:
         k, v = last_block if last_block is not None else channel.send_recv(
             [own_k, own_v], group.prev, buffers.next(spec.length(sources[0])), group.next, "kv").wait()
-    coming_home = None  # the previous step's exchange of dK/dV parts, and the columns of what it receives
     try:
         for step, src in enumerate(sources):
             pending_kv = None
             if step < world - 2:  # pass this block on backwards round the ring; the last step's block is mine
-                steps.home_waits_for(step)  # the kernel that read the buffer this receive refills
+                steps.main_waits_for(step)  # the kernel that read the buffer this receive refills
                 pending_kv = channel.send_recv([k, v], group.prev, buffers.next(spec.length(sources[step + 1])),
                                                group.next, "kv")
             plan = block_plan(spec, me, src, call.is_causal, call.q_len)
-            if plan is not None:  # the step's inputs are made on the home stream: later steps may share them
+            if plan is not None:  # the step's inputs are made on the main stream: later steps may share them
                 block = _block_call(call, spec, src, k, v, plan, rows)
                 row_args = (rows.get("dout", plan.rows), rows.get("out", plan.rows), rows.get("lse", plan.rows))
             if src != me:
                 sender = (me - 1 - step) % world  # computes on my block at this step
-                theirs = block_plan(spec, sender, me, call.is_causal, spec.length(sender) + replicated)
-                recv = [] if theirs is None else [_cols_like(own_k, theirs.cols), _cols_like(own_v, theirs.cols)]
+                sender_plan = block_plan(spec, sender, me, call.is_causal, spec.length(sender) + replicated)
+                receive = own_grads.part_buffers(sender_plan)
             with steps.on(step):
                 grads = None if plan is None else query_grads.block(block, plan.rows, *row_args)  # (dK, dV) part
                 if src == me:
                     if grads is not None:
-                        dk.add(plan.cols, grads[0])
-                        dv.add(plan.cols, grads[1])
+                        own_grads.add(plan.cols, grads)
                 else:  # sent from the step's stream, so the transfer waits for its kernel
                     send = [] if grads is None else [grads[0].contiguous(), grads[1].contiguous()]
-                    exchange = channel.send_recv(send, src, recv, sender, "dkv")
+                    exchange = channel.send_recv(send, src, receive, sender, "dkv")
             if src != me:
-                if coming_home is not None:
-                    _take_home(*coming_home, dk, dv)
-                coming_home = (exchange, theirs)
+                own_grads.expect(exchange, sender_plan)
             if pending_kv is not None:
                 k, v = pending_kv.wait()
             elif step == world - 2:
                 k, v = own_k, own_v
-        if coming_home is not None:
-            _take_home(*coming_home, dk, dv)
+        own_grads.collect()
     finally:
         steps.join()
-    return query_grads.dq(dq_dtype), dk.result(call.dtype), dv.result(call.dtype)
+    return query_grads.dq(dq_dtype), own_grads.dk.result(call.dtype), own_grads.dv.result(call.dtype)
 
 
-def _cols_like(x: torch.Tensor, cols: slice) -> torch.Tensor:
-    return x.new_empty(x.shape[:2] + (cols.stop - cols.start,) + x.shape[3:])
+class _OwnBlockGrads:
+    """dK and dV of this rank's own KV block: the part its own step computes, and the parts the other ranks send
+    as they compute on the block. One step's incoming parts are collected at the next step, so their transfer
+    overlaps that step's kernel."""
 
+    def __init__(self, own_k: torch.Tensor, own_v: torch.Tensor, device: torch.device):
+        self._like = own_k, own_v
+        self.dk, self.dv = gradsum.RowSum(own_k.shape, device), gradsum.RowSum(own_v.shape, device)
+        self._in_flight = None  # (exchange, the sender's plan) of the previous step's incoming parts
 
-def _take_home(exchange, plan: BlockPlan | None, dk: gradsum.RowSum, dv: gradsum.RowSum) -> None:
-    """Add the dK/dV parts of my block that `exchange` brings (none where the sender's plan was empty)."""
-    parts = exchange.wait()
-    if plan is not None:
-        dk.add(plan.cols, parts[0])
-        dv.add(plan.cols, parts[1])
+    def add(self, cols: slice, parts) -> None:
+        self.dk.add(cols, parts[0])
+        self.dv.add(cols, parts[1])
+
+    def part_buffers(self, sender_plan: BlockPlan | None) -> list[torch.Tensor]:
+        """Receive buffers for the parts a sender computes with `sender_plan` (none where its plan is empty)."""
+        if sender_plan is None:
+            return []
+        return [x.new_empty(x.shape[:2] + (sender_plan.cols.stop - sender_plan.cols.start,) + x.shape[3:])
+                for x in self._like]
+
+    def expect(self, exchange, sender_plan: BlockPlan | None) -> None:
+        """Collect the previous step's incoming parts, then keep this step's exchange until the next."""
+        self.collect()
+        self._in_flight = (exchange, sender_plan)
+
+    def collect(self) -> None:
+        """Wait for the incoming parts in flight and add them (a sender with an empty plan sends none)."""
+        if self._in_flight is None:
+            return
+        exchange, sender_plan = self._in_flight
+        self._in_flight = None
+        parts = exchange.wait()
+        if sender_plan is not None:
+            self.add(sender_plan.cols, parts)
 
 
 class RingAttention(torch.autograd.Function):
@@ -313,3 +340,107 @@ def ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec) -> t
         return RingAttention.apply(call.query, call.key, call.value, provider, call, spec)
     with torch.no_grad():
         return ring_forward(provider, call, spec, call.dtype)[0]
+
+
+def _prefix_ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int):
+    """All local query rows against the local prefix KV block, merged with the ring over the sharded KV."""
+    k_pre, v_pre, k_shard, v_shard = split_prefix(call, prefix)
+    out_p, lse_p = provider.forward(call.replace(key=k_pre, value=v_pre))
+    out_r, lse_r, last = ring_forward_keeping_last(provider, call.replace(key=k_shard, value=v_shard), spec)
+    out, lse = merge_two(out_p, lse_p, out_r, lse_r)
+    return out.to(call.dtype), lse, last
+
+
+class PrefixRingAttention(torch.autograd.Function):
+    """Autograd over `_prefix_ring_forward`; backward splits into the prefix block and the ring."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, provider, call, spec, prefix):
+        call = call.replace(query=query, key=key, value=value)
+        out, lse, last = _prefix_ring_forward(provider, call, spec, prefix)
+        ctx.provider, ctx.spec, ctx.prefix, ctx.call = provider, spec, prefix, call
+        ctx.save_for_backward(query, key, value, out, lse, *(last or ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        query, key, value, out, lse, *last = ctx.saved_tensors
+        call = ctx.call.replace(query=query, key=key, value=value)
+        k_pre, v_pre, k_shard, v_shard = split_prefix(call, ctx.prefix)
+        dout = dout.contiguous()
+        with autocast_off(query.device):
+            dq_p, dk_p, dv_p = ctx.provider.backward(call.replace(key=k_pre, value=v_pre), dout, out, lse)
+            dq_r, dk_r, dv_r = ring_backward(ctx.provider, call.replace(key=k_shard, value=v_shard), ctx.spec,
+                                             dout, out, lse, last_block=tuple(last) or None)
+            dq = (dq_r + dq_p.float()).to(query.dtype)
+            dk = torch.cat([dk_p.float(), dk_r], dim=2).to(key.dtype)
+            dv = torch.cat([dv_p.float(), dv_r], dim=2).to(value.dtype)
+        return dq, dk, dv, None, None, None, None
+
+
+def prefix_ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int) -> torch.Tensor:
+    """Ring attention of every local query row (prefix rows first) over the prefix block and the sharded KV."""
+    if call.needs_grad:
+        return PrefixRingAttention.apply(call.query, call.key, call.value, provider, call, spec, prefix)
+    with torch.no_grad():
+        return _prefix_ring_forward(provider, call, spec, prefix)[0]
+
+
+# -- the schedule ---------------------------------------------------------------------------------------------
+
+NEEDS_LSE_AND_BACKWARD = "a provider that returns a log-sum-exp and has a backward that takes it"
+
+
+def ring_spec(cp: Setup, total: int) -> RingSpec:
+    """The ring over the 1-D group (or a 2-D mesh's ring dimension) of `cp` for `total` tokens."""
+    return RingSpec(cp.topology.ring, cp.layout, total, cp.data_timeout, cp.stats, step_streams=cp.ring_streams)
+
+
+def ring_reasons(provider: Provider, call: AttentionCall) -> list[str]:
+    """Why a ring (alone or inside the hybrid) cannot run `call` with `provider`."""
+    out = provider.reasons(call, need_lse=True, need_backward=True)
+    if call.dropout_p > 0:
+        out.append("dropout under ring attention is not supported (each block would need its own "
+                   "reproducible RNG stream)")
+    return out
+
+
+def ring_example(provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str | None:
+    """A provider, other than `provider`, that could ring `call`."""
+    return suggest(call, provider.name, need_lse=True, need_backward=True) if suggest else None
+
+
+class RingSchedule:
+    name = "ring"
+    mesh_dims = 1
+    takes_prefix = True
+    auto_order = 30  # asked last on a 1-D mesh: takes every call the others leave
+    mask_mod_per_block = True  # each KV block's (local rows x block keys) only, never the whole row
+
+    def auto(self, cp: Setup, provider: Provider, call: AttentionCall) -> str | None:
+        if cp.prefix:
+            return "a replicated prefix runs on ring (prefix KV as a local block)"
+        return "ring overlaps its transfers with compute"
+
+    def reasons(self, cp: Setup, provider: Provider, call: AttentionCall) -> list[str]:
+        return ring_reasons(provider, call)
+
+    def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
+        if call.is_causal:  # causal blocks are parts of the shard's own shapes, which its check covers
+            return set()
+        prefix = cp.prefix
+        blocks = lengths + ([prefix] if prefix else [])
+        return {(n + prefix, m, False) for n in lengths for m in blocks}
+
+    def suggestion(self, provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str:
+        return with_example(f"cp_strategy='ulysses' or 'allgather', or {NEEDS_LSE_AND_BACKWARD}",
+                            ring_example(provider, call, suggest))
+
+    def run(self, cp: Setup, provider: Provider, call: AttentionCall, agreed: Agreed) -> torch.Tensor:
+        spec = ring_spec(cp, agreed.total)
+        if cp.prefix:
+            return prefix_ring_attention(provider, call, spec, cp.prefix)
+        return ring_attention(provider, call, spec)
+
+
+RING = RingSchedule()

@@ -18,7 +18,9 @@ chunk's attention overlaps the next chunk's incoming transfers and the previous 
 the first chunk's inputs and the last chunk's output wait in the open. (A transfer started after a kernel was
 queued would wait for that kernel: NCCL orders its stream after the caller's when a collective starts, which is
 why every input transfer starts up front.)
-This module never names a provider.
+
+`ULYSSES` is the schedule on a 1-D mesh (around the provider's own attention); the hybrid (hybrid.py) runs it
+across a 2-D mesh's Ulysses dimension around a ring. This module never names a provider.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import Callable
 
 import torch
 
-from ..contract import AttentionCall, expand_kv
+from ..contract import AttentionCall, Provider, expand_kv
 from .comm import AllToAllStart, AllToAllWait, CommStats, InFlight, all_gather_padded
-from .layout import even_sizes
+from .kernel_checks import reasons_for_any_total
+from .layout import even_sizes, gathered_order, local_len
 from .mesh import Group
+from .schedule import Agreed, KernelShape, Setup, Suggest, with_example
 
 
 @dataclass
@@ -48,9 +52,8 @@ class UlyssesSpec:
     head_chunks: int = 1  # pipelined chunks of each rank's heads (module docstring); the same on every rank
 
 
-# Chunks no smaller than this per rank and tensor: on two H200s an all-to-all of a 64 MiB buffer ran at 149 GB/s
-# and of a 256 MiB one at 234 GB/s (benchmarks/results/multigpu_h200x2), so cutting smaller costs more transfer
-# time than the overlap hides.
+# Chunks no smaller than this per rank and tensor: an all-to-all's bandwidth falls with its buffer's size, so
+# smaller chunks cost more transfer time than the overlap hides.
 MIN_CHUNK_BYTES = 64 * 2**20
 MAX_HEAD_CHUNKS = 4
 
@@ -61,9 +64,8 @@ def head_chunks_for(call: AttentionCall, total: int, world: int) -> int:
     every rank picks the same.
 
     Why not with gradients: autograd runs each chunk's backward all-to-all right after the chunk's backward
-    kernel is queued, so NCCL orders it behind that kernel and nothing overlaps, while the smaller kernels cost a
-    little (one H200, benchmarks/ulysses_chunk_probe.py: forward+backward in 2 or 4 calls took 0.98-1.01 of one
-    call at 128k and down to 0.93 at 32k). The forward alone in chunks took 0.98-1.08 of one call at 128k."""
+    kernel is queued, so NCCL orders it behind that kernel and nothing overlaps, while the smaller kernels are
+    each a little less efficient than one whole call."""
     if call.needs_grad:
         return 1
     per_rank = call.batch * call.q_heads * (total // world) * call.head_dim * call.query.element_size()
@@ -84,11 +86,11 @@ def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
     return flat
 
 
-def _count(heads: slice) -> int:
+def _head_count(heads: slice) -> int:
     return heads.stop - heads.start
 
 
-def _start(send: torch.Tensor, out_numel: list[int], in_numel: list[int], spec: UlyssesSpec):
+def _start_all_to_all(send: torch.Tensor, out_numel: list[int], in_numel: list[int], spec: UlyssesSpec):
     """Start an all-to-all of `send`; returns the function that waits for it and gives the received buffer."""
     flight = InFlight()
     received = AllToAllStart.apply(send, out_numel, in_numel, spec.group, spec.timeout, spec.stats, flight)
@@ -100,14 +102,14 @@ def start_seq_to_heads(x: torch.Tensor, heads: list[slice], spec: UlyssesSpec):
     the heads rank r receives; returns the function that waits and assembles."""
     me = spec.group.rank
     b, _, s_local, d = x.shape
-    mine = _count(heads[me])
-    in_numel = [b * _count(h) * s_local * d for h in heads]
-    out_numel = [b * mine * n * d for n in spec.lengths]
-    received = _start(_pack([x[:, h] for h in heads]), out_numel, in_numel, spec)
+    my_heads = _head_count(heads[me])
+    in_numel = [b * _head_count(h) * s_local * d for h in heads]
+    out_numel = [b * my_heads * n * d for n in spec.lengths]
+    received = _start_all_to_all(_pack([x[:, h] for h in heads]), out_numel, in_numel, spec)
 
     def finish() -> torch.Tensor:
         parts = torch.split(received(), out_numel)
-        return torch.cat([p.view(b, mine, n, d) for p, n in zip(parts, spec.lengths)], dim=2)
+        return torch.cat([p.view(b, my_heads, n, d) for p, n in zip(parts, spec.lengths)], dim=2)
     return finish
 
 
@@ -115,15 +117,15 @@ def start_heads_to_seq(x: torch.Tensor, heads: list[slice], spec: UlyssesSpec):
     """Inverse of `start_seq_to_heads`: (B, heads[me], S_group, D) -> for every rank r, the (B, heads[r],
     S_local, D) part of this rank's sequence; returns the function that waits and gives that list."""
     me = spec.group.rank
-    b, mine, _, d = x.shape
+    b, my_heads, _, d = x.shape
     s_local = spec.lengths[me]
-    in_numel = [b * mine * n * d for n in spec.lengths]
-    out_numel = [b * _count(h) * s_local * d for h in heads]
-    received = _start(_pack(list(torch.split(x, spec.lengths, dim=2))), out_numel, in_numel, spec)
+    in_numel = [b * my_heads * n * d for n in spec.lengths]
+    out_numel = [b * _head_count(h) * s_local * d for h in heads]
+    received = _start_all_to_all(_pack(list(torch.split(x, spec.lengths, dim=2))), out_numel, in_numel, spec)
 
     def finish() -> list[torch.Tensor]:
         parts = torch.split(received(), out_numel)
-        return [p.view(b, _count(h), s_local, d) for p, h in zip(parts, heads)]
+        return [p.view(b, _head_count(h), s_local, d) for p, h in zip(parts, heads)]
     return finish
 
 
@@ -172,17 +174,72 @@ def ulysses_attention(
     chunks = 1 if call.attn_mask is not None else max(
         n for n in range(spec.head_chunks, 0, -1) if all(h % n == 0 for h in q_splits + kv_splits))
     q_heads, kv_heads = _chunk_heads(q_splits, chunks), _chunk_heads(kv_splits, chunks)
-    started = [[start_seq_to_heads(t, heads, spec) for t, heads in ((call.query, qh), (key, kh), (value, kh))]
-               for qh, kh in zip(q_heads, kv_heads)]
+    inputs_in_flight = [[start_seq_to_heads(t, heads, spec)
+                         for t, heads in ((call.query, qh), (key, kh), (value, kh))]
+                        for qh, kh in zip(q_heads, kv_heads)]
     mask = gather_mask_rows(call.attn_mask, q_splits, spec)
-    returning = []
-    for inputs, qh in zip(started, q_heads):
+    outputs_in_flight = []
+    for inputs, qh in zip(inputs_in_flight, q_heads):
         q, k, v = (finish() for finish in inputs)
         if spec.order is not None:
             q, k, v = (t.index_select(2, spec.order.to(t.device)) for t in (q, k, v))
         out = inner(call.replace(query=q, key=k, value=v, attn_mask=mask))
         if spec.order is not None:
             out = out.index_select(2, spec.positions.to(out.device))
-        returning.append(start_heads_to_seq(out, qh, spec))
-    parts = [finish() for finish in returning]  # [chunk][rank]: heads in global order are rank-major
+        outputs_in_flight.append(start_heads_to_seq(out, qh, spec))
+    parts = [finish() for finish in outputs_in_flight]  # [chunk][rank]: heads in global order are rank-major
     return torch.cat([parts[c][r] for r in range(world) for c in range(chunks)], dim=1)
+
+
+# -- the schedule ---------------------------------------------------------------------------------------------
+
+def heads_reasons(call: AttentionCall, ranks: int) -> list[str]:
+    """Ulysses over `ranks` ranks gives each rank at least one query head."""
+    if call.q_heads < ranks:
+        return [f"Ulysses over {ranks} ranks needs at least {ranks} query heads, got {call.q_heads}"]
+    return []
+
+
+def ulysses_spec(cp: Setup, call: AttentionCall, agreed: Agreed) -> UlyssesSpec:
+    """Ulysses over the 1-D group of `cp`: the gathered sequence put in global order, heads in chunks."""
+    group, total = cp.topology.ring, agreed.total
+    lengths = [local_len(total, group.size, 1, r, 0, cp.layout) for r in range(group.size)]
+    order, positions = gathered_order(total, group.size, cp.layout, call.device)
+    return UlyssesSpec(group, lengths, cp.data_timeout, cp.stats, order, positions, agreed.mask_per_query,
+                       cp.head_chunks(call, total))
+
+
+class UlyssesSchedule:
+    name = "ulysses"
+    mesh_dims = 1
+    takes_prefix = False
+    auto_order = 20
+    mask_mod_per_block = False
+
+    def auto(self, cp: Setup, provider: Provider, call: AttentionCall) -> str | None:
+        if cp.prefix:
+            return None
+        if call.dropout_p > 0:
+            return "dropout needs whole-sequence kernel calls"
+        w = cp.world_size
+        if call.q_heads % w == 0 and call.kv_heads % w == 0:
+            ratio = w * call.kv_heads / (call.q_heads + call.kv_heads)  # ring bytes / Ulysses bytes
+            if ratio > 1:
+                return f"heads divide by {w} and ring would move {ratio:.1f}x Ulysses' bytes"
+        return None
+
+    def reasons(self, cp: Setup, provider: Provider, call: AttentionCall) -> list[str]:
+        return reasons_for_any_total(cp, self, provider, call) + heads_reasons(call, cp.world_size)
+
+    def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
+        return {(total, total, call.is_causal)}
+
+    def suggestion(self, provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str:
+        return with_example("cp_strategy='ring', or another provider",
+                            suggest(call, provider.name) if suggest else None)
+
+    def run(self, cp: Setup, provider: Provider, call: AttentionCall, agreed: Agreed) -> torch.Tensor:
+        return ulysses_attention(call, ulysses_spec(cp, call, agreed), provider.attention)
+
+
+ULYSSES = UlyssesSchedule()

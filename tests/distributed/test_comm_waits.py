@@ -50,11 +50,12 @@ def test_waits_with_a_timeout_are_bounded(backend):
 def test_cp_timeout_given_makes_data_waits_bounded():
     from cpattn.cp.context import ContextParallel
     from cpattn.cp.mesh import Topology
+    from cpattn.cp.ring import ring_spec
 
     topology = Topology(_group("nccl"), None, 1)
     assert ContextParallel(topology).data_timeout is None
     given = ContextParallel(topology, timeout=7.0, bounded_waits=True)
-    assert given.data_timeout == 7.0 and given._ring_spec(8).timeout == 7.0
+    assert given.data_timeout == 7.0 and ring_spec(given, 8).timeout == 7.0
 
 
 def test_a_bounded_wait_that_fails_raises_naming_what(monkeypatch):

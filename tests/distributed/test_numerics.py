@@ -317,12 +317,14 @@ W8_CASES = [
 
 def _ring_spec_and_call(mesh, q, k, v, mask, causal, layout, scale=None):
     from cpattn.cp import ContextParallel
+    from cpattn.cp.agreement import agree
+    from cpattn.cp.ring import ring_spec
 
     cp = ContextParallel.from_mesh(mesh, "ring", layout, 20.0)
     call = make_call(q, k, v, mask, 0.0, causal, scale, q.shape[1] != k.shape[1], sharded=True)
     provider = cpattn.get_provider("native")
-    total = cp.agree(provider, call, "ring", refused=False)
-    return provider, call, cp._ring_spec(total)
+    total = agree(cp, provider, call, "ring", refused=False).total
+    return provider, call, ring_spec(cp, total)
 
 
 def _ring_out_lse(mesh, q, k, v, mask, causal, layout, scale=None):

@@ -26,7 +26,7 @@ from cpattn.ops.merge import merge_two  # noqa: E402
 from cpattn.ops.merge_kernel import merge_blocks_into  # noqa: E402
 from cpattn.providers import get_provider  # noqa: E402
 from cpattn.reference import reference_attention  # noqa: E402
-from cpattn.cp.comm import LoopbackRing  # noqa: E402
+from loopback_ring import LoopbackRing  # noqa: E402
 
 
 def _differs(got: torch.Tensor, want: torch.Tensor, name: str, tol: float) -> str | None:

@@ -17,8 +17,8 @@ from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_attention
 from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
-from cpattn.cp.comm import LoopbackRing
 from helpers import GRAD_ATOL, OUT_ATOL, assert_close, make_qkv
+from loopback_ring import LoopbackRing
 
 PROVIDERS = ("native", "_native_math", "_native_flash")
 BF16 = torch.bfloat16

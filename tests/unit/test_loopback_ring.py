@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpattn.cp.comm import LoopbackRing
 from cpattn.cp.ring import ring_backward, ring_forward_keeping_last
 from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
 from helpers import loopback_spec, reference_with_grads, ring_shards
+from loopback_ring import LoopbackRing
 
 
 @pytest.mark.parametrize("world", (3, 4))

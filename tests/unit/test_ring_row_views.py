@@ -14,7 +14,7 @@ from cpattn.cp.mesh import Group
 from cpattn.cp.ring import RingSpec, ring_backward, ring_forward
 from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
-from cpattn.cp.comm import LoopbackRing
+from loopback_ring import LoopbackRing
 
 
 class _Recording(NativeMath):

@@ -17,12 +17,12 @@ import torch
 
 import cpattn
 from cpattn.cp import ring, streams
-from cpattn.cp.comm import LoopbackRing
 from cpattn.cp.mesh import Group
 from cpattn.cp.ring import ring_backward, ring_forward_keeping_last
 from cpattn.call import make_call
 from cpattn.providers.native import NativeMath
 from helpers import loopback_spec, reference_with_grads, ring_shards
+from loopback_ring import LoopbackRing
 
 
 class StandInStreams:
@@ -44,7 +44,7 @@ class StandInStreams:
         finally:
             self.current = before
 
-    def home_waits_for(self, step: int) -> None:
+    def main_waits_for(self, step: int) -> None:
         self.after["home"] |= self.after[step % self.count]
 
     def join(self) -> None:
@@ -178,12 +178,13 @@ def test_cp_ring_streams_option_reaches_the_ring(monkeypatch):
     """attention_provider(..., cp_ring_streams=1) keeps the ring backward on one stream; only 1 and 2 are taken."""
     from cpattn.cp.context import ContextParallel
     from cpattn.cp.mesh import Topology
+    from cpattn.cp.ring import ring_spec
     from cpattn.state import _validate_options
 
     group = Group(None, 0, 2, "nccl")
-    assert ContextParallel(Topology(group, None, 1))._ring_spec(8).step_streams == 2
-    monkeypatch.setattr("cpattn.cp.context.topology_from_mesh", lambda mesh, strategy: Topology(group, None, 1))
-    assert ContextParallel.from_mesh(object(), cp_ring_streams=1)._ring_spec(8).step_streams == 1
+    assert ring_spec(ContextParallel(Topology(group, None, 1)), 8).step_streams == 2
+    monkeypatch.setattr("cpattn.cp.context.topology_from_mesh", lambda mesh: Topology(group, None, 1))
+    assert ring_spec(ContextParallel.from_mesh(object(), cp_ring_streams=1), 8).step_streams == 1
     assert _validate_options({"cp_ring_streams": 1}) == {"cp_ring_streams": 1}
     for bad in (3, 0, True, "2"):
         with pytest.raises(cpattn.InvalidArgumentError, match="cp_ring_streams"):
