@@ -1,6 +1,6 @@
 """GPU correctness check: every provider whose library runs on this GPU, against the float64 reference.
 
-    python benchmarks/gpu_check.py [--out benchmarks/results] [--cp-worlds 2 3 4]
+    python tests/gpu/gpu_check.py [--out benchmarks/results] [--cp-worlds 2 3 4]
 
 Single device: forward through `attention_dispatch` and backward where the provider trains, the contract's
 (out, lse) and its backward with an external (out, lse). Context parallel: several ranks on this one GPU
@@ -20,12 +20,12 @@ import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 import cpattn  # noqa: E402
-from cpattn.dispatch import make_call  # noqa: E402
+from cpattn.call import make_call  # noqa: E402
 from helpers import GRAD_ATOL, OUT_ATOL, make_qkv, reference_with_grads  # noqa: E402
 
 LSE_ATOL = 2e-2

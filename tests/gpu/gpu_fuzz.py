@@ -1,9 +1,9 @@
 """Random inputs through every provider on this GPU, each checked against float64 or refused by name.
 
-    python benchmarks/gpu_fuzz.py [--seconds-per-provider 40] [--seed 0] [--out benchmarks/results] [--device cpu]
-    python benchmarks/gpu_fuzz.py --replay benchmarks/results/h100/gpu_fuzz_h100.json --providers   # failures again
+    python tests/gpu/gpu_fuzz.py [--seconds-per-provider 40] [--seed 0] [--out benchmarks/results] [--device cpu]
+    python tests/gpu/gpu_fuzz.py --replay benchmarks/results/h100/gpu_fuzz_h100.json --providers   # failures again
 
-`benchmarks/gpu_check.py` runs fixed cases; this draws them, as tests/distributed/test_fuzz.py does on the CPU, but with the
+`tests/gpu/gpu_check.py` runs fixed cases; this draws them, as tests/distributed/test_fuzz.py does on the CPU, but with the
 shapes models use on a GPU: head dims 32 to 256 (value head dim sometimes different), sequence lengths from 1 to
 about 2k (odd, and queries != keys), GQA ratios 1 to 4, bf16 / fp16 / fp32, bool, additive and key-padding masks
 (with fully masked rows), causal, a drawn scale, gradients or not, and (B, S, H, D) views as well as contiguous
@@ -32,9 +32,9 @@ import traceback
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 import cpattn  # noqa: E402
 from cpattn.errors import CpattnError  # noqa: E402

@@ -1,6 +1,6 @@
 """Summarise gpu_check --cp-matrix runs: provider x schedule x world size, passed / refused / failed.
 
-    python benchmarks/matrix_report.py OUT.md RUN.json [RUN.json ...]
+    python tests/gpu/matrix_report.py OUT.md RUN.json [RUN.json ...]
 
 A case run again in a later file (same world, provider, schedule, shape, causal, mask, dtype, backward) keeps
 only its later result, so a re-run after a fix stands in for the first run; cases new in a later file are added. Writes a markdown table and the refusal reasons, one line each.

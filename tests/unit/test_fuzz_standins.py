@@ -4,7 +4,7 @@ The stand-ins (tests/support/standins) are exact math behind the libraries' own 
 input checks, and reproduce the bugs the adapters work around (sageattention 1.0.6's padded keys and K-scale
 over-read). So a draw that the adapter accepts must match float64 within the dtype's tolerance; one it cannot
 take must raise cpattn's error naming the provider; anything else is an adapter bug. The verdicts are those of
-benchmarks/gpu_fuzz.py, which makes the same kind of draws on a GPU with the real libraries; here the shapes are
+tests/gpu/gpu_fuzz.py, which makes the same kind of draws on a GPU with the real libraries; here the shapes are
 small enough for CI. Says nothing about the real kernels.
 """
 
@@ -19,8 +19,11 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import cpattn
-from benchmarks.gpu_fuzz import run_case
 from standins import flash_attn_standin, sageattention_standin, xformers_standin
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpu"))  # tests/gpu
+
+from gpu_fuzz import run_case  # noqa: E402
 
 EXAMPLES = max(40, int(os.environ.get("CPATTN_FUZZ_EXAMPLES", "300")) // 5)
 SAGE_V2 = ("sage", "sage_varlen", "_sage_qk_int8_pv_fp8_cuda", "_sage_qk_int8_pv_fp8_cuda_sm90",

@@ -1,8 +1,13 @@
-"""benchmarks/gpu_check.py's case lists (the checks themselves need a GPU)."""
+"""tests/gpu/gpu_check.py's case lists (the checks themselves need a GPU)."""
 
 from __future__ import annotations
 
-from benchmarks import gpu_check
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpu"))  # tests/gpu
+
+import gpu_check  # noqa: E402
 
 
 def test_cp_cases_cover_every_head_dim_asked_for():

@@ -1,17 +1,22 @@
-"""benchmarks/gpu_fuzz.py's own logic, on CPU: its draws, its verdicts, and a short run end to end.
+"""tests/gpu/gpu_fuzz.py's own logic, on CPU: its draws, its verdicts, and a short run end to end.
 
 The GPU runs are recorded in the README; here the script is kept working and its checks able to fail."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 
 import pytest
 import torch
 
 import cpattn
-from benchmarks import gpu_fuzz
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpu"))  # tests/gpu
+
+import gpu_fuzz  # noqa: E402
 
 
 def test_draws_follow_the_declared_capabilities_when_asked():

@@ -1,10 +1,10 @@
-"""benchmarks/matrix_report.py: later runs replace earlier rows per (world, provider); verdicts and reasons."""
+"""tests/gpu/matrix_report.py: later runs replace earlier rows per (world, provider); verdicts and reasons."""
 
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpu"))  # tests/gpu
 
 import matrix_report  # noqa: E402
 
