@@ -94,15 +94,20 @@ def call_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, en
     One flat tuple of the values as given: building and hashing it is most of what a cached call costs, so
     nothing is normalised here (is_causal=1 and True, or dropout_p=0 and 0.0, hash and compare equal anyway).
     """
-    tensor = torch.Tensor
-    if not (isinstance(query, tensor) and isinstance(key, tensor) and isinstance(value, tensor)):
+    try:
+        shapes = query.shape, key.shape, value.shape
+        types = query.dtype, key.dtype, value.dtype, query.device, key.device, value.device
+        grad = query.requires_grad or key.requires_grad or value.requires_grad
+    except AttributeError:
         return None  # never accepted: make_call raises the clear error
+    # No isinstance checks: an object that has these attributes without being a tensor (a NumPy array) gets a key
+    # with its own dtypes, which no accepted call has, so it takes the checked path and make_call's error.
     if attn_mask is not None:
         attn_mask = (attn_mask.shape, attn_mask.dtype, attn_mask.device, attn_mask.requires_grad) \
-            if isinstance(attn_mask, tensor) else type(attn_mask)
-    return (
-        query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
-        value.device, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
-        torch.are_deterministic_algorithms_enabled(),
-    )
+            if isinstance(attn_mask, torch.Tensor) else type(attn_mask)
+    return (shapes, types, attn_mask, dropout_p, is_causal, scale, enable_gqa, _grad_enabled() and grad,
+            _deterministic())
+
+
+_grad_enabled = torch._C.is_grad_enabled  # what torch.is_grad_enabled returns, without its Python frame
+_deterministic = torch._C._get_deterministic_algorithms

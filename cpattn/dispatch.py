@@ -17,7 +17,7 @@ from .contract import AttentionCall, Provider, any_autocast_enabled, default_sca
 from .errors import InvalidArgumentError, UnsupportedInputError
 from .masks import is_mask_mod, materialize_mask_mod
 from .providers import suggest
-from .state import current_state
+from .state import STATE_VAR, state_from_env
 
 def attention_dispatch(
     query: torch.Tensor,
@@ -47,7 +47,7 @@ def attention_dispatch(
             raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
                                        "pass a tensor mask, e.g. cpattn.masks.materialize_mask_mod(...)")
         return _compiled_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    state = current_state()
+    state = STATE_VAR.get() or state_from_env()  # current_state(), inline: this runs on every call
     provider = state.provider
     if state.cp is not None and state.cp.world_size > 1:
         if _needs_folding(query, key, value):

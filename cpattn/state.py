@@ -41,29 +41,47 @@ class DispatchState:
     options: dict = field(default_factory=dict)
 
 
-_STATE: contextvars.ContextVar[DispatchState | None] = contextvars.ContextVar("cpattn_state", default=None)
+STATE_VAR: contextvars.ContextVar[DispatchState | None] = contextvars.ContextVar("cpattn_state", default=None)
 # attention_provider blocks with a multi-rank cp_mesh open right now (all threads). torch.compile cannot read the
 # ContextVar; it guards on this count instead to trace CP calls eagerly (see cpattn/compiled.py).
 open_cp_contexts = 0
 _OPEN_CP_LOCK = threading.Lock()
-_ENV_CACHE: dict[str, DispatchState] = {}
+_ENV_STATES: dict = {}  # the environment variable's raw value -> its DispatchState (a cache, never a setting)
 
 
-def _state_from_env() -> DispatchState:
-    name = os.environ.get(ENV_PROVIDER, "native") or "native"
-    state = _ENV_CACHE.get(name)
+def _raw_environ():
+    """os.environ's underlying mapping and the variable's key in it: a call outside any block reads the variable
+    every time (so setting it later takes effect), and `os.environ.get` encodes the name and decodes the value on
+    each read, several times what the lookup itself costs. Where the mapping is not exposed, os.environ itself."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encode):
+        return data, encode(ENV_PROVIDER)
+    return os.environ, ENV_PROVIDER
+
+
+_ENVIRON, _ENV_KEY = _raw_environ()
+
+
+def state_from_env() -> DispatchState:
+    raw = _ENVIRON.get(_ENV_KEY)
+    state = _ENV_STATES.get(raw)
     if state is None:
-        try:
-            provider = get_provider(name)
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"environment variable {ENV_PROVIDER}={name!r} is invalid: {exc}") from None
-        state = _ENV_CACHE[name] = DispatchState(provider)
+        state = _ENV_STATES[raw] = _env_state(raw)
     return state
 
 
+def _env_state(raw) -> DispatchState:
+    name = (raw.decode() if isinstance(raw, bytes) else raw) or "native"
+    try:
+        provider = get_provider(name)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"environment variable {ENV_PROVIDER}={name!r} is invalid: {exc}") from None
+    return DispatchState(provider)
+
+
 def current_state() -> DispatchState:
-    state = _STATE.get()
-    return state if state is not None else _state_from_env()
+    state = STATE_VAR.get()
+    return state if state is not None else state_from_env()
 
 
 def current_provider() -> Provider:
@@ -113,11 +131,11 @@ def attention_provider(
     multi_rank = cp is not None and cp.world_size > 1
     if multi_rank:
         _count_cp_context(+1)
-    token = _STATE.set(state)
+    token = STATE_VAR.set(state)
     try:
         yield state
     finally:
-        _STATE.reset(token)
+        STATE_VAR.reset(token)
         if multi_rank:
             _count_cp_context(-1)
 

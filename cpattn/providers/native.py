@@ -7,6 +7,8 @@ forward/backward call the same ops and their backward ops with an external (out,
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 
 import torch
@@ -414,7 +416,9 @@ class Native(Provider):
         dropout_p, causal, keywords = call.dropout_p, call.is_causal, _scale_arg(call)
         if call.groups > 1:
             keywords["enable_gqa"] = True
-        return lambda q, k, v, mask: _C_SDPA(q, k, v, None, dropout_p, causal, **keywords)
+        # The bound C function itself, no Python frame per call: the runner's fourth argument is the mask, None
+        # here, which is SDPA's attn_mask.
+        return functools.partial(_C_SDPA, dropout_p=dropout_p, is_causal=causal, **keywords)
 
     def attention(self, call):
         if _flash_breaks(call):  # SDPA would pick the flash kernel for these
