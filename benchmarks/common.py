@@ -97,6 +97,11 @@ def pyplot():
     return plt
 
 
+def legend_label(text: str) -> str:
+    """`text` as a legend entry: matplotlib leaves out labels that start with "_" (as private providers' do)."""
+    return "\u200b" + text if text.startswith("_") else text
+
+
 def save_figure(fig, json_path: str) -> str:
     """The figure as a PNG beside its JSON; its path."""
     png = os.path.splitext(json_path)[0] + ".png"
@@ -293,3 +298,22 @@ def per_call_us(fns: dict, n: int = 1000) -> dict:
 def error_text(exc: BaseException) -> str:
     """How a failed measurement is recorded: the suite keeps going with the next one."""
     return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def gpu_idle(prof, top: int, exclude=None) -> dict:
+    """From a torch.profiler trace: the time between the first kernel's start and the last one's end in which no
+    kernel ran, and its largest gaps with the kernels on either side (the GPU waiting on the host, or launch
+    latency). `exclude(name)`: kernels left out (NCCL's, which span a whole transfer on their own stream)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type.name == "CUDA" and not (exclude and exclude(e.name)))
+    if not spans:
+        return {}
+    gaps, busy_until, before = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, before[:60], name[:60]))
+        if end > busy_until:
+            busy_until, before = end, name
+    idle = sum(g for g, _, _ in gaps)
+    return {"gpu_span_ms": (busy_until - spans[0][0]) / 1e3, "gpu_idle_ms": idle / 1e3, "gpu_gaps": len(gaps),
+            "largest_gaps": [{"us": g, "after": a, "before": b} for g, a, b in sorted(gaps, reverse=True)[:top]]}

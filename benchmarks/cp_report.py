@@ -1,6 +1,8 @@
-"""Markdown summary of benchmarks/multigpu.py runs: bandwidth, correctness, scaling efficiency vs targets, peers.
+"""Markdown summary and plot of benchmarks/cp_scaling.py runs: bandwidth, correctness, efficiency vs targets, peers.
 
-    python -m benchmarks.multigpu_report OUT.md RUN.json [LATER_RUN.json ...]
+    python benchmarks/cp_report.py OUT.md RUN.json [LATER_RUN.json ...]
+
+cp_scaling.py writes the summary of its own run beside its JSON; this merges several runs.
 
 Later runs take precedence: their check, speed and peer rows replace the earlier rows of the same case or
 configuration (a check case a later run skipped keeps its earlier result). Earlier numbers that were replaced stay in their
@@ -9,10 +11,16 @@ own JSON file.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 
-# (schedule, causal, backward, S, minimum efficiency) from the multi-GPU issue
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+# the scaling targets: (schedule, causal, backward, S, minimum efficiency)
 TARGETS = (("ring", True, True, 32768, 0.90), ("ring", True, True, 131072, 0.95), ("ulysses", False, None, 131072, 0.97))
 
 
@@ -154,5 +162,44 @@ def write(out_md: str, paths: list[str]) -> str:
     return out_md
 
 
+def plot(result: dict, json_path: str) -> str | None:
+    """Efficiency against total length per provider and schedule, one panel per (mask, direction)."""
+    plt = common.pyplot()
+    rows = [r for r in result.get("speed", []) if "efficiency" in r]
+    if plt is None or not rows:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True, sharey=True)
+    for ax, (causal, backward) in zip(axes.flat, [(True, False), (True, True), (False, False), (False, True)]):
+        for key in sorted({(r["provider"], r["schedule"], r["H"]) for r in rows}):
+            sel = sorted((r for r in rows if (r["provider"], r["schedule"], r["H"]) == key
+                          and r["causal"] == causal and r["backward"] == backward), key=lambda r: r["S"])
+            if sel:
+                ax.plot([r["S"] for r in sel], [r["efficiency"] for r in sel], marker="o",
+                        label=common.legend_label(f"{key[0]} {key[1]} H={key[2]}"))
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{'zigzag causal' if causal else 'full'}, {'fwd+bwd' if backward else 'fwd'}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("one-GPU time / (W x per-rank time)")
+    for ax in axes[1]:
+        ax.set_xlabel("total sequence length")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"context parallel scaling: {result['device']}")
+    return common.save_figure(fig, json_path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_md", help="the markdown file to write")
+    parser.add_argument("runs", nargs="+", help="cp_scaling JSON files, oldest first")
+    parser.add_argument("--plot", action="store_true", help="also a PNG of the latest run, beside OUT_MD")
+    args = parser.parse_args(argv)
+    print(write(args.out_md, args.runs))
+    if args.plot:
+        with open(args.runs[-1]) as f:
+            print(plot(json.load(f), args.out_md))
+
+
 if __name__ == "__main__":
-    print(write(sys.argv[1], sys.argv[2:]))
+    main()

@@ -1,10 +1,11 @@
-"""Context parallelism across GPUs with NCCL: bandwidth, correctness, scaling efficiency, peers. One rank per GPU.
+"""CP scaling: context parallelism across GPUs with NCCL, one rank per GPU, against one GPU.
 
-    torchrun --standalone --nproc-per-node <GPUs> benchmarks/multigpu.py --out benchmarks/results
-    torchrun --standalone --nproc-per-node 2 benchmarks/multigpu.py --smoke   # CPU, gloo, tiny shapes
+    torchrun --standalone --nproc-per-node <GPUs> benchmarks/cp_scaling.py
+    torchrun --standalone --nproc-per-node <GPUs> benchmarks/cp_scaling.py --sections speed --seqs 131072
+    torchrun --standalone --nproc-per-node 2 benchmarks/cp_scaling.py --smoke    # CPU ranks over gloo, tiny shapes
 
-Sections, each saved to multigpu_<device>.json (rank 0) as soon as it ends, so a run cut short keeps what it
-measured:
+Sections (--sections), each saved to cp_scaling_<W>x<device>.json (rank 0) as soon as it ends, so a run cut
+short keeps what it measured:
   bandwidth  NCCL send/recv one way, both ways at once (what a ring step does) and all_to_all_single.
   check      every provider whose library runs here x ring / Ulysses / all-gather, forward and backward, against
              the same provider on one GPU and against the float64 reference of the whole problem.
@@ -14,6 +15,8 @@ measured:
   profile    where one sharded call's time goes on each rank (torch profiler): attention kernels, other
              compute kernels, NCCL kernels, and the time the compute stream sat idle (waiting on a transfer or
              on the host), next to the same call's kernels on one GPU. Off by default; name it in --sections.
+At the end rank 0 writes a markdown summary (benchmarks/cp_report.py, which also merges several runs) and a PNG
+of the efficiencies beside the JSON.
 
 Timing: every rank runs the same number of iterations (do_bench chooses a count per process, and ranks that
 disagree on it would wait on each other's collectives forever); each iteration starts after a barrier and ends
@@ -41,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import cpattn  # noqa: E402
+from benchmarks import common, cp_report  # noqa: E402
 from cpattn.reference import reference_attention  # noqa: E402
 from launch.spawn import exit_rank  # noqa: E402
 
@@ -66,12 +70,11 @@ class Run:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.smoke = args.smoke
         self.args = args
-        name = torch.cuda.get_device_name() if self.cuda else "cpu"
-        self.result = {"device": f"{self.world} x {name}", "backend": dist.get_backend(), "world": self.world,
-                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+        name = common.device_name(self.device)
+        self.result = {"suite": "cp_scaling", "device": f"{self.world} x {name}", "backend": dist.get_backend(),
+                       "world": self.world, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
                        "versions": _versions()}
-        tag = name.replace(" ", "_").replace("/", "_") + args.tag
-        self.path = os.path.join(args.out, f"multigpu_{tag}.json")
+        self.path = common.results_path("cp_scaling", self.result["device"], args.out, args.tag)
         self.budget = dict(b.split("=") for b in args.budget)
         self.section, self.section_started = None, time.time()
 
@@ -529,8 +532,6 @@ def _kernel_breakdown(step, cuda: bool, top: int = 12) -> dict:
     """One call of `step` under the profiler: wall time, kernel time by kind, compute-stream idle time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.ring_profile import gpu_idle
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         started = time.perf_counter()
@@ -548,7 +549,7 @@ def _kernel_breakdown(step, cuda: bool, top: int = 12) -> dict:
            "top_kernels": [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
                            for e in sorted(compute, key=lambda e: -e.self_device_time_total)[:top]]}
     # NCCL kernels run on their own streams for the whole transfer; idle is measured on the other kernels
-    row.update(gpu_idle(prof, top, exclude=nccl))
+    row.update(common.gpu_idle(prof, top, exclude=nccl))
     return row
 
 
@@ -601,10 +602,8 @@ def profile_cases(run: Run, mesh) -> list[dict]:
 SECTION_FUNCTIONS = {"check": check, "speed": speed, "peers": peers, "profile": profile_cases}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("--tag", default="")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS[:-1]), choices=SECTIONS)
     parser.add_argument("--check-providers", nargs="*")
     parser.add_argument("--speed-providers", nargs="*")
@@ -612,7 +611,8 @@ def main() -> None:
     parser.add_argument("--budget", nargs="*", default=[], metavar="SECTION=SECONDS",
                         help="start no new measurement of a section after this many seconds (agreed by all ranks)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU ranks with gloo")
-    args = parser.parse_args()
+    common.add_output_arguments(parser)
+    args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -623,10 +623,10 @@ def main() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(run.device.type, (run.world,))
-    run.log(f"multigpu: {run.result['device']}, {run.result['backend']}, torch {torch.__version__}, "
+    run.log(f"cp scaling: {run.result['device']}, {run.result['backend']}, torch {torch.__version__}, "
             f"{run.result['versions']}")
     started = time.time()
-    for section in args.sections:
+    for section in common.progress(args.sections, "cp scaling", run.rank == 0 and not args.quiet):
         run.log(f"== {section}")
         t0 = time.time()
         run.start_section(section)
@@ -634,7 +634,10 @@ def main() -> None:
         run.save(section, value)
         run.save(f"{section}_seconds", round(time.time() - t0, 1))
     run.save("seconds", round(time.time() - started, 1))
-    run.log(f"wrote {run.path}")
+    if run.rank == 0:
+        summary = cp_report.write(os.path.splitext(run.path)[0] + ".md", [run.path])
+        png = None if args.no_plot else cp_report.plot(run.result, run.path)
+        run.log(f"wrote {run.path}, {summary}" + (f" and {png}" if png else ""))
     dist.barrier()
     dist.destroy_process_group()
     exit_rank(0)  # see its docstring: a gloo group can outlive destroy_process_group once flex imported dynamo
