@@ -53,7 +53,7 @@ def attention_dispatch(
         if _needs_folding(query, key, value):
             return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True)
-        return state.cp.run(provider, call)
+        return state.cp.run(provider, call, suggest)
     if attn_mask is not None and is_mask_mod(attn_mask):  # single device: positions are 0..S-1
         if _needs_folding(query, key, value):
             return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
