@@ -3,6 +3,8 @@ accepted call's runner is remembered."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .contract import AttentionCall, default_scale
@@ -11,9 +13,11 @@ from .masks import is_mask_mod
 
 
 def make_call(
-    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded: bool = False
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded: bool = False, *,
+    window=None, softcap=None, sinks=None,
 ) -> AttentionCall:
-    """Check the arguments as SDPA would (independent of provider) and resolve defaults.
+    """Check the arguments as SDPA would (independent of provider), and the score modifications (window,
+    softcap, sinks), and resolve defaults.
 
     `sharded`: inputs are context-parallel shards; the mask covers local rows x all keys, and its row and
     key lengths are checked by the schedule once the global length is known.
@@ -66,7 +70,47 @@ def make_call(
         _check_mask(attn_mask, query, (b, hq, sq, sk), sharded)
     if scale is None:
         scale = default_scale(d)
-    return AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa)
+    return AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa,
+                         checked_window(window), checked_softcap(softcap), _checked_sinks(sinks, query))
+
+
+def checked_window(window) -> "tuple[int | None, int | None] | None":
+    """`window=(left, right)`: ints >= 0 or None (unbounded) on each side; (None, None) is no window at all."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise InvalidArgumentError(f"window must be (left, right) with ints >= 0 or None, got {window!r}")
+    for side in window:
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 0):
+            raise InvalidArgumentError(
+                f"window={tuple(window)!r}: each side must be an int >= 0 (tokens to the left / right a query "
+                "sees) or None (unbounded)")
+    left, right = (None if side is None else int(side) for side in window)
+    return None if left is None and right is None else (left, right)
+
+
+def checked_softcap(softcap) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+        raise InvalidArgumentError(f"softcap={softcap!r} must be a positive, finite number (scores become "
+                                   "softcap * tanh(scores / softcap))")
+    return float(softcap)
+
+
+def _checked_sinks(sinks, query) -> torch.Tensor | None:
+    if sinks is None:
+        return None
+    heads = query.shape[1]
+    if not isinstance(sinks, torch.Tensor) or not sinks.dtype.is_floating_point:
+        raise InvalidArgumentError(f"sinks must be a floating-point tensor of shape ({heads},) (one logit per query "
+                                   f"head), got {type(sinks).__name__}")
+    if tuple(sinks.shape) != (heads,):
+        raise InvalidArgumentError(f"sinks must have shape ({heads},) (one logit per query head), got "
+                                   f"{tuple(sinks.shape)}")
+    if sinks.device != query.device:
+        raise InvalidArgumentError(f"sinks are on {sinks.device} but query is on {query.device}")
+    return sinks
 
 
 def _check_mask(mask, query, full_shape, sharded: bool) -> None:

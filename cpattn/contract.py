@@ -36,6 +36,7 @@ import torch
 from einops import reduce, repeat
 
 from .ops import gradsum
+from .ops.window import local_band_mask
 from .errors import ProviderUnavailableError
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -67,6 +68,12 @@ class Capabilities:
     # then passes views of the rows it needs instead of making dense copies of them
     row_views: bool = False
     nested: bool = False  # jagged nested tensors (torch.nested, layout=torch.jagged) on the single-device path
+    # Score modifications the kernel applies itself. A window it lacks is taken as an exact boolean mask where
+    # it takes those (dense cost); sinks it lacks enter through its log-sum-exp where it returns one (and has a
+    # backward, for gradients); a softcap it lacks cannot be emulated and is refused.
+    window: bool = False  # sliding windows (left, right), skipping the work outside them
+    softcap: bool = False
+    sinks: bool = False
     notes: tuple[str, ...] = ()
 
 
@@ -82,6 +89,13 @@ class AttentionCall:
     scale: float = 1.0
     dropout_p: float = 0.0
     enable_gqa: bool = False
+    # Score modifications (see `band` and cpattn/ops/sinks.py). `window` is (left, right) in this call's own
+    # coordinates, top-left aligned: query i may see key j iff i - left <= j <= i + right; None on a side is
+    # unbounded. A user's call has sides >= 0; a schedule's block call may have a negative side (the band of
+    # a block off the diagonal), which `cpattn.ops.window.trim_block` turns into a block with sides >= 0.
+    window: "tuple[int | None, int | None] | None" = None
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap) before masking and softmax
+    sinks: torch.Tensor | None = None  # (Hq,) logits that join each row's softmax denominator and nothing else
 
     @property
     def batch(self) -> int:
@@ -193,8 +207,10 @@ class Provider:
         causal, scale, dropout_p, gqa, attention = call.is_causal, call.scale, call.dropout_p, call.enable_gqa, \
             self.attention
 
+        window, softcap = call.window, call.softcap  # calls with sinks are never cached (see dispatch)
+
         def run(query, key, value, attn_mask):
-            return attention(AttentionCall(query, key, value, attn_mask, causal, scale, dropout_p, gqa))
+            return attention(AttentionCall(query, key, value, attn_mask, causal, scale, dropout_p, gqa, window, softcap))
         return run
 
     # -- availability -------------------------------------------------------------------------
@@ -354,7 +370,38 @@ def capability_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
         out.append(f"dropout_p={call.dropout_p} is not supported")
     if call.q_heads != call.kv_heads and not caps.gqa:
         out.append(f"query heads ({call.q_heads}) != key/value heads ({call.kv_heads}) (GQA) is not supported")
+    return out + structure_reasons(caps, call)
+
+
+def structure_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
+    """Why the provider cannot apply the call's window, softcap or sinks, natively or through the exact routes
+    (a window as a boolean mask, sinks through the log-sum-exp)."""
+    out = []
+    if call.window is not None and not caps.window and not caps.bool_mask:
+        out.append(f"window={call.window} is not supported: it has neither a window nor a boolean mask; use "
+                   "provider 'flash' (FlashAttention 2/3/4) or 'flex', which skip the work outside the window")
+    if call.softcap is not None and not caps.softcap:
+        out.append(f"softcap={call.softcap} is not supported (a softcap changes every score and no mask expresses "
+                   "it); use provider 'flash', 'flex' or '_native_math'")
+    if call.sinks is not None and not caps.sinks:
+        if not caps.returns_lse:
+            out.append("sinks are not supported: it has no sink argument and returns no log-sum-exp to add them "
+                       "through; use provider 'flash' or any provider that returns one (e.g. 'native', 'flex')")
+        elif call.needs_grad and not caps.backward:
+            out.append("sinks with gradients are not supported: it has no sink argument and no backward that takes "
+                       "an external (out, lse); use provider 'flash' or 'native'")
     return out
+
+
+def band(call: AttentionCall) -> "tuple[int | None, int | None] | None":
+    """The (left, right) band of key offsets j - i in [-left, right] that `call` may attend, its window and
+    is_causal (top-left: right <= 0) together; None when neither limits it."""
+    if call.window is None:
+        return (None, 0) if call.is_causal else None
+    left, right = call.window
+    if call.is_causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
 
 
 def _mask_hint(caps: Capabilities) -> str:
@@ -450,19 +497,28 @@ def lse_for_kernel_backward(lse: torch.Tensor, may_be_empty: bool = True) -> tor
 
 
 def rows_may_be_empty(call: AttentionCall) -> bool:
-    """Whether some query row of `call` can see no key at all: only under a mask, or with no key. Causal
-    attention is top-left aligned, so its row i always sees key 0."""
-    return call.attn_mask is not None or call.kv_len == 0
+    """Whether some query row of `call` can see no key at all: under a mask, with no key, or under a band that
+    misses some row. Causal attention is top-left aligned, so its row i always sees key 0."""
+    return call.attn_mask is not None or call.kv_len == 0 or (call.window is not None and _band_misses_rows(call))
+
+
+def _band_misses_rows(call: AttentionCall) -> bool:
+    left, right = band(call)
+    if right is not None and right < 0:
+        return True
+    return left is not None and call.q_len > call.kv_len + left
 
 
 def empty_query_rows(call: AttentionCall) -> torch.Tensor | None:
-    """Rows (B?, H?, Sq) with no key to attend to, from the mask (causal top-left never empties a row)."""
+    """Rows (B?, H?, Sq) with no key to attend to, from the mask and the window (causal top-left alone never
+    empties a row)."""
     mask = call.attn_mask
-    if mask is None:
+    if mask is None and not (call.window is not None and _band_misses_rows(call)):
         return None
-    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
-    if call.is_causal:
-        allowed = allowed & causal_mask(call.q_len, call.kv_len, mask.device)
+    allowed = None if mask is None else (mask if mask.dtype == torch.bool else mask > float("-inf"))
+    if band(call) is not None:
+        in_band = local_band_mask(call.q_len, call.kv_len, band(call), call.device)
+        allowed = in_band if allowed is None else allowed & in_band
     rows = ~allowed.any(dim=-1)
     return rows if bool(rows.any()) else None
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from . import compiled, state
+from . import compiled, scoremods, state
 from .call import call_signature, make_call
 from .contract import AttentionCall, Provider, any_autocast_enabled, default_scale
 from .errors import InvalidArgumentError, UnsupportedInputError
@@ -28,36 +28,60 @@ def attention_dispatch(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    *,
+    window: "tuple[int | None, int | None] | None" = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention` on the active provider.
 
     Inputs are (batch, heads, seq_len, head_dim). Under `attention_provider(..., cp_mesh=mesh)` with more
     than one rank they are this rank's sequence shard and so is the result. Under `torch.autocast` the inputs
     are cast as autocast casts SDPA's (see `_dispatch_under_autocast`).
+
+    Score modifications (keyword-only; each combines with is_causal, masks, GQA and scale):
+    * ``window=(left, right)``: query i sees key j iff i - left <= j <= i + right (ints >= 0, None: unbounded),
+      aligned as is_causal aligns them (top-left); with is_causal the right side is 0.
+    * ``softcap=c``: scores become c * tanh(scores / c) before masking and softmax.
+    * ``sinks``: (query heads,) logits that join each row's softmax denominator and nothing else; differentiable.
     """
     if any_autocast_enabled():  # one C call on the hot path
         autocast = _autocast_for(query)
         if autocast is not None:
             return _dispatch_under_autocast(*autocast, query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                            enable_gqa)
+                                            enable_gqa, window=window, softcap=softcap, sinks=sinks)
+    modified = window is not None or softcap is not None or sinks is not None
     if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
         if _needs_folding(query, key, value):
-            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                          window=window, softcap=softcap, sinks=sinks)
         if is_mask_mod(attn_mask):
             raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
                                        "pass a tensor mask, e.g. cpattn.masks.materialize_mask_mod(...)")
+        if modified:  # the custom op has no such arguments: the eager path, between graphs
+            return _THIS_MODULE.eager_dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                               enable_gqa, window=window, softcap=softcap, sinks=sinks)
         return _compiled_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     state = STATE_VAR.get() or state_from_env()  # current_state(), inline: this runs on every call
     provider = state.provider
     if state.cp is not None and state.cp.world_size > 1:
         if _needs_folding(query, key, value):
-            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True)
+            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                          window=window, softcap=softcap, sinks=sinks)
+        call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True,
+                         window=window, softcap=softcap, sinks=sinks)
         return state.cp.run(provider, call, suggest)
     if attn_mask is not None and is_mask_mod(attn_mask):  # single device: positions are 0..S-1
         if _needs_folding(query, key, value):
-            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                          window=window, softcap=softcap, sinks=sinks)
         attn_mask = _single_device_mask(attn_mask, query, key)
+    if modified:  # checked on every call: the cached runners take no score modifications
+        if _needs_folding(query, key, value):
+            return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                          window=window, softcap=softcap, sinks=sinks)
+        return run_single(provider, make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                              window=window, softcap=softcap, sinks=sinks))
     # Hot path: a call this provider already accepted skips every check (they depend only on the cache key) and
     # runs the function the provider made for it.
     cache_key = call_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -84,7 +108,7 @@ def _autocast_for(query) -> tuple[str, torch.dtype] | None:
 
 
 def _dispatch_under_autocast(device_type, dtype, query, key, value, attn_mask, dropout_p, is_causal, scale,
-                             enable_gqa) -> torch.Tensor:
+                             enable_gqa, **mods) -> torch.Tensor:
     """What autocast does to F.scaled_dot_product_attention, which is on its lower-precision list: every
     floating-point tensor argument on that device type, float64 excepted, is cast to the autocast dtype (q, k, v
     and a float mask; a bool mask stays). The call then runs with autocast off for that device type, as under
@@ -98,7 +122,7 @@ def _dispatch_under_autocast(device_type, dtype, query, key, value, attn_mask, d
 
     with torch.autocast(device_type, enabled=False):
         return attention_dispatch(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p, is_causal,
-                                  scale, enable_gqa)
+                                  scale, enable_gqa, **mods)
 
 
 def _needs_folding(query, key, value) -> bool:
@@ -114,7 +138,7 @@ def _needs_folding(query, key, value) -> bool:
     return len(sizes) == 2 and 1 in sizes
 
 
-def _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, **mods):
     """SDPA takes (..., L, E) with any number of leading dims: (L, E), (N, L, E), (N, B, H, L, E), ...; the
     providers take (B, H, L, E). Fewer than 4 dims gain leading 1s; 4 or more fold every dim before the heads
     (-3) into one batch dim, after broadcasting those dims across query, key, value and a mask as SDPA does (a
@@ -134,7 +158,7 @@ def _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, s
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() > 3:
         shape = torch.broadcast_shapes(attn_mask.shape, (*batch, 1, 1, 1))
         attn_mask = attn_mask.expand(shape).reshape(-1, *shape[-3:])
-    out = attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out = attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, **mods)
     return out.reshape((*batch, *out.shape[1:])[-rank:])  # the padding's leading 1s go again
 
 
@@ -176,8 +200,8 @@ def run_checked(provider: Provider, call: AttentionCall) -> torch.Tensor:
     # tensor exists, so CUDA is initialised, and this runs on every call (it is on the hot path).
     if query.is_cuda and query.get_device() != torch._C._cuda_getDevice():
         with torch.cuda.device(query.device):  # kernels launch on the tensors' GPU, not the current one
-            return provider.attention(call)
-    return provider.attention(call)
+            return scoremods.attention(provider, call)
+    return scoremods.attention(provider, call)
 
 
 
