@@ -14,7 +14,8 @@ from .mesh import topology_from_mesh
 from .registry import STRATEGIES
 
 __all__ = [
-    "ContextParallel", "LAYOUTS", "STRATEGIES", "document_mask", "gather_sequence", "local_position_ids", "shard_sequence",
+    "ContextParallel", "LAYOUTS", "STRATEGIES", "document_mask", "gather_sequence", "local_position_ids",
+    "shard_sequence",
 ]
 
 

@@ -68,8 +68,8 @@ class ContextParallel:
         return self.topology.world_size
 
     def head_chunks(self, call: AttentionCall, total: int) -> int:
-        """How many head chunks a 1-D Ulysses call pipelines (ulysses.head_chunks_for), looked up here so that a
-        check of the pipelined path on small shapes can set it for this module's calls."""
+        """How many head chunks a 1-D Ulysses call pipelines: `head_chunks_for`, by this module's name for it, so
+        that a check can run the pipelined path on shapes too small for it to be chosen."""
         return head_chunks_for(call, total, self.world_size)
 
     # -- step 1: schedule and local verdict ---------------------------------------------------

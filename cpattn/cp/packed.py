@@ -79,7 +79,7 @@ def run_segments(bounds: list[int], a: int, b: int, causal: bool) -> tuple[list[
     return cu_q, cu_k, key_start
 
 
-def _packed(x: torch.Tensor) -> torch.Tensor:
+def _tokens_heads_dims(x: torch.Tensor) -> torch.Tensor:
     """(1, H, S, D) -> (S, H, D), contiguous as varlen kernels need."""
     return x.squeeze(0).transpose(0, 1).contiguous()
 
@@ -88,8 +88,8 @@ def packed_attention(kernel: VarlenKernel, call: AttentionCall, bounds: list[int
     """This rank's packed output (local tokens, Hq, Dv). `call` holds (1, H, S_local, D) views of the packed
     local q, k, v; every rank must call this (the K/V all-gather is a collective)."""
     q = call.query.squeeze(0).transpose(0, 1)  # the caller's packed (S_local, Hq, D) tensor again
-    keys = _packed(GatherSequence.apply(call.key, spec))
-    values = _packed(GatherSequence.apply(call.value, spec))
+    keys = _tokens_heads_dims(GatherSequence.apply(call.key, spec))
+    values = _tokens_heads_dims(GatherSequence.apply(call.value, spec))
     outs = []
     for local, a, b in query_runs(spec.q_positions.tolist()):
         cu_q, cu_k, key_start = run_segments(bounds, a, b, call.is_causal)

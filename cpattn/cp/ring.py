@@ -388,7 +388,7 @@ def prefix_ring_attention(provider: Provider, call: AttentionCall, spec: RingSpe
 
 # -- the schedule ---------------------------------------------------------------------------------------------
 
-NEEDS_LSE_AND_BACKWARD = "a provider that returns a log-sum-exp and has a backward that takes it"
+NEEDS_LSE_AND_BACKWARD = "a provider that returns a log-sum-exp and has a backward"
 
 
 def ring_spec(cp: Setup, total: int) -> RingSpec:
@@ -426,7 +426,7 @@ class RingSchedule:
         return ring_reasons(provider, call)
 
     def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
-        if call.is_causal:  # causal blocks are parts of the shard's own shapes, which its check covers
+        if call.is_causal:  # its causal blocks are left to the shard check
             return set()
         prefix = cp.prefix
         blocks = lengths + ([prefix] if prefix else [])

@@ -59,6 +59,8 @@ class Agreed:
 
 
 class Schedule(Protocol):
+    """One context-parallel schedule: one object in one file under cp/, listed in registry.py."""
+
     name: str  # its cp_strategy value
     mesh_dims: int  # the cp_mesh it runs on: 1-D, or 2-D ('ring', 'ulysses')
     takes_prefix: bool  # runs with cp_replicated_prefix

@@ -75,7 +75,7 @@ def head_chunks_for(call: AttentionCall, total: int, world: int) -> int:
     return chunks
 
 
-def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
+def _flat_concat(parts: list[torch.Tensor]) -> torch.Tensor:
     """The parts' elements one after another in a flat buffer: one copy of each (reshape then cat copied
     strided parts twice)."""
     flat = parts[0].new_empty(sum(p.numel() for p in parts))
@@ -105,7 +105,7 @@ def start_seq_to_heads(x: torch.Tensor, heads: list[slice], spec: UlyssesSpec):
     my_heads = _head_count(heads[me])
     in_numel = [b * _head_count(h) * s_local * d for h in heads]
     out_numel = [b * my_heads * n * d for n in spec.lengths]
-    received = _start_all_to_all(_pack([x[:, h] for h in heads]), out_numel, in_numel, spec)
+    received = _start_all_to_all(_flat_concat([x[:, h] for h in heads]), out_numel, in_numel, spec)
 
     def finish() -> torch.Tensor:
         parts = torch.split(received(), out_numel)
@@ -121,7 +121,7 @@ def start_heads_to_seq(x: torch.Tensor, heads: list[slice], spec: UlyssesSpec):
     s_local = spec.lengths[me]
     in_numel = [b * my_heads * n * d for n in spec.lengths]
     out_numel = [b * _head_count(h) * s_local * d for h in heads]
-    received = _start_all_to_all(_pack(list(torch.split(x, spec.lengths, dim=2))), out_numel, in_numel, spec)
+    received = _start_all_to_all(_flat_concat(list(torch.split(x, spec.lengths, dim=2))), out_numel, in_numel, spec)
 
     def finish() -> list[torch.Tensor]:
         parts = torch.split(received(), out_numel)
