@@ -10,11 +10,11 @@ storage, with and without the log-sum-exp), the direct launch must give the bits
 dim), the `flash` provider's forward must match float64 and run the direct launch, one kernel must be compiled per
 shape class, and the host time per call of both ways at a small shape is recorded.
 
-Backward (`Sm90BackwardKernels.launch_backward` in cpattn/providers/flash/fa4_sm90_backward.py) against `_flash_attn_bwd` on the same
-inputs: dK and dV bit for bit, dQ (summed by float32 atomic adds in either) within one rounding step of its dtype
-at its largest value; the library's own two runs' dQ difference is recorded beside it. Cases: head dims 64 to
-256, causal or not, lengths off the tile and unequal, bf16 views and fp16, and a dO of stride 0 (what `.sum()`
-hands back), which both make contiguous. Then the `flash` provider's training path through `attention_dispatch`
+Backward (`Sm90BackwardKernels.launch_backward` in cpattn/providers/flash/fa4_sm90_backward.py) against
+`_flash_attn_bwd` on the same inputs: dK and dV bit for bit, dQ (summed by float32 atomic adds in either) within
+one rounding step of its dtype at its largest value; the library's own two runs' dQ difference is recorded beside
+it. Cases: head dims 64 to 256, causal or not, lengths off the tile and unequal, bf16 views and fp16, and a dO of
+stride 0 (what `.sum()` hands back), which both make contiguous. Then the `flash` provider's training path through `attention_dispatch`
 against float64, counting the direct launches, and the host time per backward of both ways.
 Exit 1 on any failure; writes fa4_direct_check<TAG>.json.
 """
@@ -146,7 +146,8 @@ def host_time(api, direct: Sm90Forward, n: int = 400) -> dict:
     q, k, v = _inputs(1, 128, 128, 16, 16, 64, 64, torch.bfloat16, True, seed=1)
     fns = {"library _flash_attn_fwd": lambda: api._flash_attn_fwd(q=q, k=k, v=v, causal=True, return_lse=True),
            "direct": lambda: direct(q, k, v, None, True, return_lse=True),
-           "direct with can_launch": lambda: direct.can_launch(q, k, v) and direct(q, k, v, None, True, return_lse=True)}
+           "direct with can_launch": lambda: direct.can_launch(q, k, v) and direct(q, k, v, None, True,
+                                                                                   return_lse=True)}
     for fn in fns.values():  # compiles, first allocations
         fn()
     return per_call_us(fns, n)
@@ -259,7 +260,8 @@ def main() -> int:
     import flash_attn.cute.interface as api
 
     direct = Sm90Forward.load(api, cpattn.PROVIDERS["flash"].generation().version)
-    assert direct is not None, f"fa4_sm90_forward is off: {cpattn.providers.flash.fast_path_status(cpattn.PROVIDERS['flash'])}"
+    status = cpattn.providers.flash.fast_path_status(cpattn.PROVIDERS["flash"])
+    assert direct is not None, f"fa4_sm90_forward is off: {status}"
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "flash": cpattn.PROVIDERS["flash"].availability().version}
     result["bitwise"] = bitwise_cases(api, direct)

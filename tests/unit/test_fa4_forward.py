@@ -87,7 +87,8 @@ def test_load_needs_the_checked_version_and_every_name():
     assert isinstance(Sm90Forward.load(api, "4.0.0b36"), Sm90Forward)
     assert Sm90Forward.load(api, "4.0.0b37") is None
     for missing in fa4_sm90_forward.INTERFACE_NAMES:  # a release that renamed or dropped what the launch reads
-        partial = types.SimpleNamespace(**{n: getattr(api, n) for n in fa4_sm90_forward.INTERFACE_NAMES if n != missing})
+        names = [n for n in fa4_sm90_forward.INTERFACE_NAMES if n != missing]
+        partial = types.SimpleNamespace(**{n: getattr(api, n) for n in names})
         assert Sm90Forward.load(partial, "4.0.0b36") is None
 
 

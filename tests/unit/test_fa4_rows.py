@@ -108,7 +108,8 @@ def _run(session_of, q, dout, out, lse, blocks, scale, dtype=torch.float32):
     kv_grads = []
     for rows, k, v, causal in blocks:
         block = make_call(cast(q[:, :, rows]), cast(k), cast(v), None, 0.0, causal, scale, False)
-        kv_grads.append(session.block(block, rows, cast(dout[:, :, rows]), cast(out[:, :, rows]), lse[:, :, rows].float()))
+        kv_grads.append(session.block(block, rows, cast(dout[:, :, rows]), cast(out[:, :, rows]),
+                                      lse[:, :, rows].float()))
     return session.dq(dtype), kv_grads
 
 
@@ -231,7 +232,7 @@ def test_a_kernel_is_compiled_per_tile_configuration():
 
 
 class StandInCallBackwardKernels(Sm90BackwardKernels):
-    """STAND-IN: Sm90BackwardKernels' own `launch_backward`, over StandInKernels' three launches (float64 torch, CPU)."""
+    """STAND-IN: Sm90BackwardKernels' own `launch_backward`, over StandInKernels' three launches (float64, CPU)."""
 
     def __init__(self):
         super().__init__(api=None)

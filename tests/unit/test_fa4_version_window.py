@@ -188,6 +188,7 @@ def test_info_prints_the_fa4_path(monkeypatch):
     import cpattn.info
 
     install(monkeypatch, standin.fa4_modules())
-    assert cpattn.info.fa4_path() == "FA4 sm90 path: the library's functions: the flash-attn-4 module is a test stand-in"
+    stand_in = "FA4 sm90 path: the library's functions: the flash-attn-4 module is a test stand-in"
+    assert cpattn.info.fa4_path() == stand_in
     install(monkeypatch, {})
     assert cpattn.info.fa4_path() == "FA4 sm90 path: the library's functions: provider 'flash' is not available"

@@ -47,7 +47,7 @@ from .fa4 import FastPathStatus, FlashAttention4, fast_path_status
 from .generation import Generation
 from .layout import HEAD_DIM_ALIGN, Packing, PaddedBatch, align_head_dim
 
-# Earlier names that other parts of the project still import.
+# The names tests/unit/test_autotune.py and benchmarks/head_dim_pad_probe.py import.
 _FlashAttention4 = FlashAttention4
 _align_head_dim = align_head_dim
 

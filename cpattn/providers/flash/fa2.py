@@ -43,13 +43,15 @@ class FlashAttention2(BackwardIntoBuffers):
         grads = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
         bound = lambda name, needs: bind(self.title, api, self.api_name, name, needs)  # noqa: E731
         if varlen:
-            self._fwd = bound("_flash_attn_varlen_forward", ("q", "k", "v", *VARLEN_ARGS, *kernel))
-            self._bwd = bound("_flash_attn_varlen_backward", (*grads, *VARLEN_ARGS, *kernel, "deterministic"))
-            self._func = bound("flash_attn_varlen_func", ("q", "k", "v", *VARLEN_ARGS, *kernel, "deterministic"))
+            self._private_forward = bound("_flash_attn_varlen_forward", ("q", "k", "v", *VARLEN_ARGS, *kernel))
+            self._private_backward = bound("_flash_attn_varlen_backward",
+                                           (*grads, *VARLEN_ARGS, *kernel, "deterministic"))
+            self._public_function = bound("flash_attn_varlen_func",
+                                          ("q", "k", "v", *VARLEN_ARGS, *kernel, "deterministic"))
         else:
-            self._fwd = bound("_flash_attn_forward", ("q", "k", "v", *kernel))
-            self._bwd = bound("_flash_attn_backward", (*grads, *kernel, "deterministic"))
-            self._func = bound("flash_attn_func", ("q", "k", "v", *kernel, "deterministic"))
+            self._private_forward = bound("_flash_attn_forward", ("q", "k", "v", *kernel))
+            self._private_backward = bound("_flash_attn_backward", (*grads, *kernel, "deterministic"))
+            self._public_function = bound("flash_attn_func", ("q", "k", "v", *kernel, "deterministic"))
 
     @classmethod
     def _out_lse(cls, result):
@@ -61,18 +63,18 @@ class FlashAttention2(BackwardIntoBuffers):
         raise FlashApiError(f"{cls.title}: the forward returned {len(result)} values; cpattn knows 4 and 8")
 
     def forward(self, q, k, v, scale, causal):
-        return self._out_lse(self._fwd(q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal))
+        return self._out_lse(self._private_forward(q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal))
 
     def varlen_forward(self, q, k, v, packing, scale, causal):
         return self._out_lse(
-            self._fwd(q=q, k=k, v=v, **packing.kwargs(), dropout_p=0.0, softmax_scale=scale, causal=causal)
+            self._private_forward(q=q, k=k, v=v, **packing.kwargs(), dropout_p=0.0, softmax_scale=scale, causal=causal)
         )
 
     def _function_options(self, scale, causal, dropout_p, deterministic):
         return {"dropout_p": dropout_p, "softmax_scale": scale, "causal": causal, "deterministic": deterministic}
 
     def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
-        return first_output(self._func(
+        return first_output(self._public_function(
             q=q, k=k, v=v, **packing.kwargs(), dropout_p=dropout_p, softmax_scale=scale, causal=causal,
             deterministic=deterministic,
         ))

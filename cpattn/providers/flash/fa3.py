@@ -30,16 +30,17 @@ class FlashAttention3(BackwardIntoBuffers):
         api = modules[0]
         bound = lambda name, needs: bind(self.title, api, self.api_name, name, needs)  # noqa: E731
         grads = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
-        self._fwd = bound("_flash_attn_forward", ("q", "k", "v", *VARLEN_ARGS, "softmax_scale", "causal"))
-        self._bwd = bound(
+        self._private_forward = bound("_flash_attn_forward", ("q", "k", "v", *VARLEN_ARGS, "softmax_scale", "causal"))
+        self._private_backward = bound(
             "_flash_attn_backward",
             (*grads, *VARLEN_ARGS, "softmax_scale", ("causal", "is_causal"), "deterministic"),
         )
         if varlen:
-            self._func = bound("flash_attn_varlen_func", ("q", "k", "v", *VARLEN_ARGS, "softmax_scale", "causal",
-                                                         "deterministic"))
+            self._public_function = bound("flash_attn_varlen_func",
+                                          ("q", "k", "v", *VARLEN_ARGS, "softmax_scale", "causal", "deterministic"))
         else:
-            self._func = bound("flash_attn_func", ("q", "k", "v", "softmax_scale", "causal", "deterministic"))
+            self._public_function = bound("flash_attn_func",
+                                          ("q", "k", "v", "softmax_scale", "causal", "deterministic"))
 
     def limits(self, call, compute_capability):
         if compute_capability[0] != 9:
@@ -48,14 +49,14 @@ class FlashAttention3(BackwardIntoBuffers):
         return []
 
     def forward(self, q, k, v, scale, causal):
-        out, lse, *_ = self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal)
+        out, lse, *_ = self._private_forward(q=q, k=k, v=v, softmax_scale=scale, causal=causal)
         return out, lse
 
     def varlen_forward(self, q, k, v, packing, scale, causal):
-        out, lse, *_ = self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal)
+        out, lse, *_ = self._private_forward(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal)
         return out, lse
 
     def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
-        return first_output(self._func(
+        return first_output(self._public_function(
             q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
         ))

@@ -61,14 +61,14 @@ class FlashAttention4(Generation):
         public, api = modules
         self._load_fast_paths(api)
         extra = VARLEN_ARGS if varlen else ()
-        self._fwd = bind(self.title, api, self.api_name, "_flash_attn_fwd",
-                         ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
-        self._bwd = bind(self.title, api, self.api_name, "_flash_attn_bwd",
-                         ("q", "k", "v", "out", "dout", "lse", *extra, "softmax_scale", "causal"),
-                         optional=("deterministic",))
+        self._private_forward = bind(self.title, api, self.api_name, "_flash_attn_fwd",
+                                     ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
+        self._private_backward = bind(self.title, api, self.api_name, "_flash_attn_bwd",
+                                      ("q", "k", "v", "out", "dout", "lse", *extra, "softmax_scale", "causal"),
+                                      optional=("deterministic",))
         name = "flash_attn_varlen_func" if varlen else "flash_attn_func"
-        self._func = bind(self.title, public, self.public_name, name,
-                          ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",))
+        self._public_function = bind(self.title, public, self.public_name, name,
+                                     ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",))
 
     def _load_fast_paths(self, api) -> None:
         """The sm90 fast paths for dense calls of a real library (never varlen, never a stand-in)."""
@@ -121,18 +121,18 @@ class FlashAttention4(Generation):
         direct = self._direct_forward
         if direct is not None and direct.can_launch(q, k, v):
             return direct(q, k, v, scale, causal, return_lse=True)
-        return tuple(self._fwd(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2])
+        return tuple(self._private_forward(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2])
 
     def varlen_forward(self, q, k, v, packing, scale, causal):
         # private for the LSE, as the dense forward
-        return tuple(self._fwd(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
-                               return_lse=True)[:2])
+        return tuple(self._private_forward(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
+                                           return_lse=True)[:2])
 
     def inference_of_qkv(self, scale, causal):
         # flash_attn_func runs this same forward (return_lse=False) inside an autograd.Function, whose Python
         # costs more host time than the kernel launch at small shapes: without gradients, call it directly,
         # and where fa4_sm90_forward takes the tensors, without _flash_attn_fwd's Python too.
-        forward = self._fwd.partial(softmax_scale=scale, causal=causal, return_lse=False)
+        forward = self._private_forward.partial(softmax_scale=scale, causal=causal, return_lse=False)
         direct = self._direct_forward
         if direct is None:
             return lambda q, k, v: forward(q=q, k=k, v=v)[0]
@@ -143,8 +143,8 @@ class FlashAttention4(Generation):
         kernels = self._backward_kernels  # the same three launches without _flash_attn_bwd's per-call Python
         if kernels is not None and not deterministic and kernels.can_launch_backward(q, k, v):
             return kernels.launch_backward(q, k, v, out, dout, lse, scale, causal)
-        return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale, causal=causal,
-                               deterministic=deterministic)[:3])
+        return tuple(self._private_backward(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale,
+                                            causal=causal, deterministic=deterministic)[:3])
 
     def training_of_bhsd(self, scale, causal, deterministic):
         # The public function on transpose views is five autograd nodes (its own and four transposes); through
@@ -155,11 +155,11 @@ class FlashAttention4(Generation):
         )
 
     def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
-        return tuple(self._bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(), softmax_scale=scale,
-                               causal=causal, deterministic=deterministic)[:3])
+        return tuple(self._private_backward(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(),
+                                            softmax_scale=scale, causal=causal, deterministic=deterministic)[:3])
 
     def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
-        return first_output(self._func(
+        return first_output(self._public_function(
             q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
         ))
 

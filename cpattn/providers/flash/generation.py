@@ -31,7 +31,7 @@ class Generation:
     extra_notes: ClassVar[tuple[str, ...]] = ()
     min_compute_capability: ClassVar[tuple[int, int]] = (8, 0)
     has_dropout: ClassVar[bool] = False
-    _func: BoundFunction  # the public autograd function (dense or varlen), bound by the subclass
+    _public_function: BoundFunction  # the public autograd function (dense or varlen), bound by the subclass
 
     def __init__(self, version: str, modules: Sequence[Any], varlen: bool):
         self.version = version
@@ -96,11 +96,11 @@ class Generation:
     def function(self, q, k, v, scale, causal, dropout_p, deterministic):
         """The public autograd function; dropout_p > 0 only reaches generations with has_dropout."""
         options = self._function_options(scale, causal, dropout_p, deterministic)
-        return first_output(self._func(q=q, k=k, v=v, **options))
+        return first_output(self._public_function(q=q, k=k, v=v, **options))
 
     def function_of_qkv(self, scale, causal, dropout_p, deterministic) -> Callable:
         """`function` with everything but q, k and v bound once, for a cached runner."""
-        kernel = self._func.partial(**self._function_options(scale, causal, dropout_p, deterministic))
+        kernel = self._public_function.partial(**self._function_options(scale, causal, dropout_p, deterministic))
         return lambda q, k, v: first_output(kernel(q=q, k=k, v=v))
 
     def inference_of_qkv(self, scale, causal) -> Callable:
@@ -123,11 +123,11 @@ class BackwardIntoBuffers(Generation):
     them, FA2 >= 2.7 and FA3 return only softmax_d); the buffers keep the layout of q, k, v."""
 
     backward_extra: ClassVar[dict] = {}
-    _bwd: BoundFunction  # the private backward, bound by the subclass
+    _private_backward: BoundFunction  # the private backward, bound by the subclass
 
     def _grads_into_buffers(self, dout, q, k, v, out, lse, scale, causal, deterministic, **varlen):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        self._bwd(
+        self._private_backward(
             dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv, **varlen, **self.backward_extra,
             softmax_scale=scale, causal=causal, deterministic=deterministic,
         )
