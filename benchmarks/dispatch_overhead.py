@@ -111,8 +111,8 @@ def scope(provider: str, name: str):
 
 
 def back_to_back_us(fn, calls: int) -> float:
-    """us per call of `calls` calls of `fn` in one loop, with the garbage collector off (as timeit runs)."""
-    gc.collect()
+    """us per call of `calls` calls of `fn` in one loop, with the garbage collector off (as timeit runs it), so
+    that no collection lands inside one function's loop and not another's."""
     gc.disable()
     try:
         t0 = time.perf_counter()
