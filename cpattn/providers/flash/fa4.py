@@ -2,13 +2,14 @@
 
 Public and private entry points
     The public `flash_attn.cute.flash_attn_func` / `flash_attn_varlen_func` run every call that wants the
-    library's own autograd (`function`, `varlen_function`). The contract's `forward` needs the log-sum-exp, which
-    the public functions return only through their autograd.Function, and its `backward` takes an external (out,
-    lse), which no public function does: those call the private `_flash_attn_fwd` / `_flash_attn_bwd`, bound by
-    parameter name (binding.py). Calls without gradients (`inference_of_qkv`) and training calls
-    (`training_of_bhsd`) use the same private pair only for host time: the public function's autograd.Function
-    costs more host time than the kernel launch at small shapes, and a training call on transpose views is five
-    autograd nodes where `_TransposedFlash` is one.
+    library's own autograd (`function`, `varlen_function`, a shape's first dispatch). The contract's `backward`
+    takes an external (out, lse), which no public function does: it calls the private `_flash_attn_bwd`, bound
+    by parameter name (binding.py). Everything else that calls the private `_flash_attn_fwd` does so only for
+    host time, on the same kernel: the contract's `forward` (the public functions return the log-sum-exp too,
+    but through their autograd.Function, which costs more host time than the launch at small shapes and which a
+    ring would pay per step), calls without gradients (`inference_of_qkv`, for the same reason) and training
+    calls (`training_of_bhsd`: on transpose views the public function is five autograd nodes, `_TransposedFlash`
+    one).
 
 sm90 fast paths
     On Hopper, inside the checked release window (fa4_release_window, override CPATTN_FA4_FAST_PATHS), dense
@@ -59,7 +60,6 @@ class FlashAttention4(Generation):
     def __init__(self, version, modules, varlen):
         super().__init__(version, modules, varlen)
         public, api = modules
-        self._load_fast_paths(api)
         extra = VARLEN_ARGS if varlen else ()
         self._private_forward = bind(self.title, api, self.api_name, "_flash_attn_fwd",
                                      ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
@@ -69,6 +69,7 @@ class FlashAttention4(Generation):
         name = "flash_attn_varlen_func" if varlen else "flash_attn_func"
         self._public_function = bind(self.title, public, self.public_name, name,
                                      ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",))
+        self._load_fast_paths(api)  # after the bindings: a release they refuse gets no fast-path warning
 
     def _load_fast_paths(self, api) -> None:
         """The sm90 fast paths for dense calls of a real library (never varlen, never a stand-in)."""
@@ -124,7 +125,7 @@ class FlashAttention4(Generation):
         return tuple(self._private_forward(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2])
 
     def varlen_forward(self, q, k, v, packing, scale, causal):
-        # private for the LSE, as the dense forward
+        # the private forward, as `forward`: the public varlen function gives the LSE only through its autograd
         return tuple(self._private_forward(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
                                            return_lse=True)[:2])
 
@@ -169,11 +170,15 @@ class FlashAttention4(Generation):
             return FastPathStatus(False, "the flash-attn-4 module is a test stand-in")
         if self.varlen:
             return FastPathStatus(False, "varlen calls always run the library's functions")
-        if self._missing_fast_path_names:
-            return FastPathStatus(False, f"flash_attn.cute.interface {self.version} lacks "
-                                         f"{', '.join(self._missing_fast_path_names)}")
         verdict = self.fast_path_verdict
-        return FastPathStatus(verdict.enabled and self._direct_forward is not None, verdict.reason)
+        if not verdict.enabled:
+            return FastPathStatus(False, verdict.reason)
+        loaded = self._direct_forward is not None or self._backward_kernels is not None
+        if self._missing_fast_path_names:  # each fast path loads only where the interface has what it reads
+            lacks = ", ".join(self._missing_fast_path_names)
+            return FastPathStatus(loaded, f"{verdict.reason}, but flash_attn.cute.interface lacks {lacks} (the fast "
+                                          "paths that read them are off)")
+        return FastPathStatus(loaded, verdict.reason)
 
 
 @dataclass(frozen=True)
