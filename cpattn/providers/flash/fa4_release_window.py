@@ -16,7 +16,7 @@ Override: the environment variable CPATTN_FA4_FAST_PATHS, read when the `flash` 
     off    they never run; the library's functions do, without a warning
     Any other value warns once and counts as auto.
 
-`python -m cpattn info` prints which path runs and why (`flash.fast_path_status`).
+`python -m cpattn info` prints which path runs and why (`cpattn.providers.flash.fast_path_status`).
 """
 
 from __future__ import annotations
