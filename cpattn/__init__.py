@@ -13,6 +13,7 @@ from .errors import (
     CommTimeoutError,
     CpattnError,
     InvalidArgumentError,
+    NoAttentionCallError,
     ProviderUnavailableError,
     RankMismatchError,
     UnsupportedInputError,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCall", "AttentionProvider", "Capabilities", "CommTimeoutError", "CpattnError",
-    "InvalidArgumentError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
+    "InvalidArgumentError", "NoAttentionCallError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
     "UnsupportedInputError", "attention_dispatch", "attention_provider", "current_provider", "get_provider",
     "document_mask", "flash_varlen_attention", "gather_sequence", "is_sdpa_patched", "local_position_ids",
     "patch_sdpa", "reference_attention", "sdpa_patched", "shard_sequence", "unpatch_sdpa",

@@ -38,3 +38,8 @@ class RankMismatchError(CpattnError):
 
 class CommTimeoutError(CpattnError, TimeoutError):
     """A point-to-point or collective wait ran past its deadline; names the peer rank."""
+
+
+class NoAttentionCallError(CpattnError, RuntimeError):
+    """A context-parallel block over several ranks ended without an attention call reaching cpattn: the model's
+    attention ran elsewhere, on local shards alone, which is wrong under context parallelism."""

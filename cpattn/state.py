@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from .contract import Provider
 from .cp import ContextParallel
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, NoAttentionCallError
 from .names import AttentionProvider
 from .providers import AUTO, AUTO_TUNED, get_provider
 
@@ -27,7 +27,8 @@ CP_OPTIONS = {
     "cp_layout": ("zigzag", "contiguous"),
     "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60; given: bounded on NCCL too)
     "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
-    "cp_ring_streams": (2, 1),  # CUDA streams a ring backward's steps take in turn (cpattn/cp/streams.py)
+    "cp_ring_streams": (2, 1),
+    "cp_require_attention": (True, False),  # a multi-rank block that makes no attention call raises on exit  # CUDA streams a ring backward's steps take in turn (cpattn/cp/streams.py)
 }
 PROVIDER_OPTIONS = {
     "autotune": (False, True),  # provider "auto" only: choose per input signature by timing the candidates
@@ -120,6 +121,7 @@ def attention_provider(
     """
     adapter = get_provider(provider)
     opts = _validate_options(options)
+    require_calls = opts.pop("cp_require_attention", True)
     if opts.pop("autotune", False):
         adapter = _autotuned(adapter)
     cp = None
@@ -138,6 +140,14 @@ def attention_provider(
         STATE_VAR.reset(token)
         if multi_rank:
             _count_cp_context(-1)
+    if multi_rank and require_calls and not cp.stats["calls"]:
+        raise NoAttentionCallError(
+            f"the attention_provider('{adapter.name}', cp_mesh=...) block over {cp.world_size} ranks ended without "
+            "any attention call reaching cpattn: the model ran its own attention (eager, or another kernel) on "
+            "this rank's shard alone, so its results are wrong under context parallelism. Route the model's "
+            "attention through cpattn (transformers: attn_implementation='cpattn' after importing "
+            "cpattn.integrations.transformers; SDPA calls: cpattn.sdpa_patched()), or pass "
+            "cp_require_attention=False for a block that makes no attention call on purpose.")
 
 
 def _autotuned(adapter: Provider) -> Provider:
