@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 
 import cpattn  # noqa: E402
-from benchmarks.flash_host_time import per_call_us  # noqa: E402
+from benchmarks.common import per_call_us  # noqa: E402
 from cpattn.call import make_call  # noqa: E402
 from cpattn.providers.flash.fa4_sm90_forward import Sm90Forward  # noqa: E402
 
