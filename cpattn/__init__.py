@@ -7,6 +7,7 @@
 
 from .contract import AttentionCall, Capabilities, Provider
 from .cp import document_mask, gather_sequence, local_position_ids, shard_sequence
+from .decode import sharded_kv_attention
 from .dispatch import attention_dispatch
 from .state import attention_provider, current_provider
 from .errors import (
@@ -31,5 +32,5 @@ __all__ = [
     "InvalidArgumentError", "NoAttentionCallError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
     "UnsupportedInputError", "attention_dispatch", "attention_provider", "current_provider", "get_provider",
     "document_mask", "flash_varlen_attention", "gather_sequence", "is_sdpa_patched", "local_position_ids",
-    "patch_sdpa", "reference_attention", "sdpa_patched", "shard_sequence", "unpatch_sdpa",
+    "patch_sdpa", "reference_attention", "sdpa_patched", "shard_sequence", "sharded_kv_attention", "unpatch_sdpa",
 ]

@@ -109,3 +109,17 @@ def merge_two(
     inv_z = 1.0 / z.clamp_min(_TINY)
     out = out_a.float() * (w_a * inv_z).unsqueeze(-1) + out_b.float() * (w_b * inv_z).unsqueeze(-1)
     return out, lse
+
+
+def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge N partial results stacked on dim 0 (outs (N, B, H, S, Dv), lses (N, B, H, S)) in one pass: every
+    exponent shifted by the row maximum over the N (0 where it is -inf), so rows no partial covers give out 0 and
+    lse -inf and nothing divides by zero. Rounds once, where N - 1 pairwise merges would round N - 1 times."""
+    lses = lses.float()
+    peak = _shifted_max(lses.amax(dim=0))
+    weights = torch.exp(lses - peak)
+    total = weights.sum(dim=0)
+    lse = torch.where(total == 0, float("-inf"), peak + torch.log(total))
+    weights = weights / total.clamp_min(_TINY)
+    out = (outs.float() * weights.unsqueeze(-1)).sum(dim=0)
+    return out, lse
