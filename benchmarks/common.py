@@ -51,7 +51,22 @@ def environment() -> dict:
     import cpattn
 
     out["providers"] = {n: p.availability().version for n, p in cpattn.PROVIDERS.items() if p.availability().ok}
+    out["cpattn"] = _revision()
     return out
+
+
+def _revision() -> str:
+    """The commit the library was measured at, and whether cpattn/ differed from it."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cpattn"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + (" with uncommitted changes to cpattn/" if dirty else "")
 
 
 def write_results(path: str, payload: dict) -> str:

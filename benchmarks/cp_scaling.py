@@ -113,8 +113,8 @@ class Run:
 
     def time_call(self, fn, budget_s: float = 0.4, max_iters: int = 25) -> dict:
         """Median over iterations of the slowest rank's time for `fn` (see module docstring)."""
-        for _ in range(3):  # warm-up: JIT compiles, caches, allocator, NCCL channels; one call was not enough
-            fn()  # (the first configuration of a process measured 15-20% slow at 32k on two H200s)
+        for _ in range(3):  # warm-up: JIT compiles, caches, allocator, NCCL channels; after one call the first
+            fn()  # configuration of a process still times slow
         estimate = self.agree(self._one(fn))
         iters = 2 if self.smoke else int(min(max_iters, max(3, budget_s / max(estimate, 1e-6))))
         before = torch.cuda.memory_allocated() if self.cuda else 0
@@ -523,7 +523,7 @@ def peers(run: Run, mesh) -> dict:
 
 # -- 5. profile ------------------------------------------------------------------------------------------------
 
-# (provider, schedule, S, H, causal, backward): the cases furthest from their targets in earlier runs
+# (provider, schedule, S, H, causal, backward): the cases furthest from their scaling targets
 PROFILE_CASES = (("flash", "ring", 32768, 16, True, True), ("_native_cudnn", "ring", 32768, 16, True, True),
                  ("flash", "ulysses", 131072, 16, False, False), ("flash", "ring", 131072, 16, True, True))
 

@@ -94,7 +94,7 @@ class Timer:
     """The suite's timing settings: how functions take turns and for how long."""
 
     def __init__(self, device: str, timing: str, rounds: int, smoke: bool):
-        self.device, self.timing, self.rounds = device, timing, rounds
+        self.device, self.timing, self.rounds, self.smoke = device, timing, rounds, smoke
         self.cpu_seconds = 0.02 if smoke else 0.2
         self.budget_ms = 300 if smoke else 2000
         self.warmup_ms = 10 if smoke else 100
@@ -206,7 +206,7 @@ def auto_section(seqs, head_dims, tokens, timer: Timer, dtype, show: bool) -> li
             fns = {"auto": via("auto"), "auto_tuned": via("auto", autotune=True)} | {n: via(n) for n in names}
             # at least six rounds: at S <= 4k one call can measure half again as long in one round as in the
             # next, whatever ran before it sets the clocks
-            times = timer(fns, rounds=max(timer.rounds, len(fns), 2 if timer.cpu_seconds < 0.1 else 6))
+            times = timer(fns, rounds=max(timer.rounds, len(fns), 2 if timer.smoke else 6))
             row["chosen_tuned"] = AUTO_TUNED.choose(call).name
             row["tuning_ms"] = AUTO_TUNED.timings(call)
             row["median_ms"] = {n: t["median_ms"] for n, t in times.items()}
@@ -238,7 +238,8 @@ def summary_lines(payload: dict) -> list[str]:
             continue
         ratio = f" direct/dispatch {r['dispatch_vs_direct']:.3f} (paired {r['dispatch_vs_direct_paired']:.3f})" \
             if "direct" in r else ""
-        lines.append(f"{head} dispatch {r['dispatch']['median_ms']:.3f} ms {r['dispatch']['tflops']:.1f} TFLOP/s{ratio}")
+        timed = r["dispatch"]
+        lines.append(f"{head} dispatch {timed['median_ms']:.3f} ms {timed['tflops']:.3g} TFLOP/s{ratio}")
     for r in payload.get("auto", []):
         head = f"auto D={r['D']:<4} S={r['S']:<6} causal={r['causal']!s:<5} bwd={r['backward']!s:<5}"
         if "error" in r:
@@ -270,7 +271,7 @@ def plot(payload: dict, path: str) -> str | None:
                     ax.plot([r["S"] for r in sel], [r["dispatch"]["tflops"] for r in sel], marker="o",
                             color=colours[provider], label=common.legend_label(provider))
                     direct = [r for r in sel if "direct" in r]
-                    ax.plot([r["S"] for r in direct], [r["direct"]["tflops"] for r in direct], ls="--",
+                    ax.plot([r["S"] for r in direct], [r["direct"]["tflops"] for r in direct], ls="--", marker="x",
                             color=colours[provider], alpha=0.6)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{'causal' if causal else 'full'}, {'fwd+bwd' if backward else 'fwd'} (D={d}); "

@@ -10,7 +10,8 @@
 receiving the others' K/V blocks from a loopback channel (zigzag layout, B=1, H=16, D=128; bf16 on CUDA, float32
 on CPU). `whole`: the provider's kernel on the whole sequence. Efficiency = whole time / split time: what a ring
 of P devices can reach before any communication. The two take turns (`--timing`: do_bench runs in balanced
-rounds, or call by call). `max_diff_vs_whole`: the split's output (forward) or dQ (forward+backward) against
+rounds, or call by call); --step-streams sets the streams of the split's backward (cpattn's option
+cp_ring_streams). `max_diff_vs_whole`: the split's output (forward) or dQ (forward+backward) against
 the whole call's, so a case that times wrong work shows.
 
 Options, each adding to every case's row:
@@ -148,8 +149,8 @@ def max_diff(whole, split, shards) -> float:
                for i, part in zip(shards, split()))
 
 
-def timed_case(case: Case, backward: bool, timing: str, rounds: int, smoke: bool) -> dict:
-    whole, split, shards = ring_split_case(case, backward)
+def timed_case(case: Case, backward: bool, timing: str, rounds: int, smoke: bool, step_streams=None) -> dict:
+    whole, split, shards = ring_split_case(case, backward, step_streams)
     row = {"max_diff_vs_whole": max_diff(whole, split, shards), "timing": timing}
     # whole and split take turns: the same whole-sequence call timed once per case moved by as much as the gap
     # being measured
@@ -492,9 +493,9 @@ def profile_split(case: Case, backward: bool, top: int = 15) -> dict:
 
 def run_case(case: Case, backward: bool, args, sampler) -> dict:
     row = {"provider": case.provider, "S": case.s, "P": case.p, "causal": case.causal, "backward": backward,
-           "H": case.h, "D": case.d, "layout": "zigzag"}
+           "H": case.h, "D": case.d, "layout": "zigzag", "step_streams": args.step_streams or "default"}
     try:
-        row.update(timed_case(case, backward, args.timing, args.rounds, args.smoke))
+        row.update(timed_case(case, backward, args.timing, args.rounds, args.smoke, args.step_streams))
         if args.profile:
             row["profile"] = profile_split(case, backward)
         if backward:  # the per-case extras measure forward and forward+backward at once
@@ -573,6 +574,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="balanced rounds per timing")
     parser.add_argument("--timing", choices=("rounds", "interleaved"), default="rounds",
                         help="do_bench runs in balanced rounds, or calls taking turns one by one")
+    parser.add_argument("--step-streams", type=int, choices=(1, 2),
+                        help="CUDA streams the split's backward steps take in turn (default: as cp_ring_streams)")
     parser.add_argument("--block-shapes", action="store_true", help="time each block shape alone")
     parser.add_argument("--back-to-back", action="store_true", help="(CUDA) block shapes called back to back")
     parser.add_argument("--accounting", action="store_true", help="(CUDA) GPU time per kernel category")
@@ -601,7 +604,8 @@ def main(argv=None) -> None:
     payload = {"suite": "ring_split", "device": label, "environment": common.environment(), "timing": args.timing,
                "rounds": args.rounds, "cases": []}
     sampler = Sampler() if args.sustained else None
-    combos = [(p, s, n, m, bw) for p in providers for m in args.masks for s in seqs for n in parts for bw in (False, True)]
+    combos = [(p, s, n, m, bw) for p in providers for m in args.masks for s in seqs for n in parts
+              for bw in (False, True)]
     try:
         for provider, s, p, mask, backward in common.progress(combos, "ring split", not args.quiet):
             case = Case(provider, s, p, mask == "causal", device, h, d)
