@@ -19,13 +19,12 @@ import torch
 from ..contract import AttentionCall, Provider
 from ..errors import InvalidArgumentError, UnsupportedInputError
 from ..masks import is_mask_mod, materialize_mask_mod
-from .agreement import agree, agree_documents
-from .allgather import allgather_spec
+from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, CommStats
 from .kernel_checks import kernel_reasons
 from .layout import LAYOUTS, local_positions
 from .mesh import Topology, topology_from_mesh
-from .packed import VarlenKernel, check_bounds, packed_attention, packed_reasons
+from .packed import VarlenKernel, run_packed
 from .prefix import prefix_reasons
 from .registry import PREFIX_SCHEDULES, SCHEDULES, STRATEGIES, auto_candidates, schedules_for
 from .schedule import Schedule, Suggest
@@ -126,15 +125,7 @@ class ContextParallel:
     def run_packed(self, provider: Provider, call: AttentionCall, kernel: VarlenKernel, bounds: list[int]):
         """Packed sequences with global document boundaries `bounds` (see cp/packed.py). `call` holds
         (1, H, S_local, D) views of the packed local q, k, v; all-gather on a 1-D mesh."""
-        reasons = provider.reasons(call) + packed_reasons(self, self.strategy)
-        total = agree(self, provider, call, "allgather", refused=bool(reasons)).total
-        if reasons:
-            raise UnsupportedInputError(f"packed sequences on provider '{provider.name}' under context "
-                                        "parallelism", reasons)
-        agree_documents(self, bounds, call.device)
-        check_bounds(bounds, total)
-        self.stats["calls"] += 1
-        return packed_attention(kernel, call, bounds, allgather_spec(self, total, call.device))
+        return run_packed(self, provider, call, kernel, bounds)
 
     def _materialize(self, call: AttentionCall, total: int) -> torch.Tensor:
         """A mask_mod as this rank's (local query rows x all keys) bool mask, in global positions: the form

@@ -22,14 +22,32 @@ from typing import Callable
 
 import torch
 
-from ..contract import AttentionCall
-from ..errors import InvalidArgumentError
-from .allgather import AllGatherSpec, GatherSequence
+from ..contract import AttentionCall, Provider
+from ..errors import InvalidArgumentError, UnsupportedInputError
+from .agreement import agree, agree_documents
+from .allgather import AllGatherSpec, GatherSequence, allgather_spec
 from .schedule import Setup
 
 # kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> out, on packed (tokens, H, D) views
 VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int],
                         torch.Tensor]
+
+
+SCHEDULE = "allgather"  # the schedule packed streams run, as the agreement check compares it
+
+
+def run_packed(cp: Setup, provider: Provider, call: AttentionCall, kernel: VarlenKernel,
+               bounds: list[int]) -> torch.Tensor:
+    """Check every rank agrees (the call, then the document boundaries), then `packed_attention`."""
+    reasons = provider.reasons(call) + packed_reasons(cp, cp.strategy)
+    total = agree(cp, provider, call, SCHEDULE, refused=bool(reasons)).total
+    if reasons:
+        raise UnsupportedInputError(f"packed sequences on provider '{provider.name}' under context "
+                                    "parallelism", reasons)
+    agree_documents(cp, bounds, call.device)
+    check_bounds(bounds, total)
+    cp.stats["calls"] += 1
+    return packed_attention(kernel, call, bounds, allgather_spec(cp, total, call.device))
 
 
 def packed_reasons(cp: Setup, strategy: str) -> list[str]:
@@ -38,7 +56,7 @@ def packed_reasons(cp: Setup, strategy: str) -> list[str]:
     if cp.topology.mesh_dims != 1:
         out.append("packed sequences under context parallelism run all-gather on a 1-D cp_mesh; a 2-D mesh "
                    "runs the hybrid schedule, which has no packed form")
-    if strategy not in ("auto", "allgather"):
+    if strategy not in ("auto", SCHEDULE):
         out.append(f"packed sequences under context parallelism run all-gather, not cp_strategy="
                    f"'{strategy}': pass cp_strategy='allgather' or 'auto', or use "
                    "attention_dispatch with cpattn.document_mask(...) for ring or Ulysses")

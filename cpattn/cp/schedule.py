@@ -33,6 +33,7 @@ class Setup(Protocol):
     """The group and options a schedule runs with (ContextParallel provides them)."""
 
     topology: Topology
+    strategy: str  # cp_strategy as given: "auto" or a schedule's name
     layout: str
     prefix: int  # replicated leading tokens (joint attention), see cp/prefix.py
     timeout: float  # bound of the agreement check's wait
