@@ -5,7 +5,7 @@ FA4's kernels need a Hopper GPU, so `StandInKernels` (a stand-in, named as such)
 to their tensors, in float64 torch: the preprocess fills dpsum and lse_log2 and clears the accumulator, the main
 kernel adds a block's dQ (unscaled) into whole tiles of the accumulator view it is given, and the postprocess
 scales the accumulator into dQ. What is tested is cpattn's side: which rows' views each block gets, which blocks
-take the per-block path, and how the two sums meet. benchmarks/gpu_check.py and benchmarks/fa4_rows_probe.py check
+take the per-block path, and how the two sums meet. tests/gpu/gpu_check.py and tests/gpu/fa4_direct_check.py check
 the real kernels on a GPU.
 """
 

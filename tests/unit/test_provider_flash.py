@@ -504,8 +504,8 @@ def test_packed_api_checks_the_provider_limits(fa2):
 
 
 def test_fa4_backward_head_dims_are_padded_to_32_on_hopper():
-    """FA4's sm90 backward is wrong at head dims 16, 48, 72, 80 and right at multiples of 32
-    (benchmarks/fa4_grad_layout_probe.py): on sm90 its backward runs on head dims padded to a multiple of 32."""
+    """FA4's sm90 backward is wrong at head dims 16, 48, 72, 80 and right at multiples of 32: on sm90 its
+    backward runs on head dims padded to a multiple of 32."""
     from cpattn.providers.flash import HEAD_DIM_ALIGN, FlashAttention2, FlashAttention4
 
     fa4 = FlashAttention4.__new__(FlashAttention4)
@@ -515,8 +515,8 @@ def test_fa4_backward_head_dims_are_padded_to_32_on_hopper():
 
 
 def test_fa4_forward_pads_head_dims_97_to_104_to_128_on_hopper():
-    """FA4's sm90 forward at head dim 104 is much slower than padded to 128 (benchmarks/head_dim_pad_probe.py);
-    at 80, 112 and 120 padding does not pay for its copy."""
+    """FA4's sm90 forward at head dim 104 is much slower than padded to 128; at 80, 112 and 120 padding does not
+    pay for its copy."""
     from cpattn.providers.flash import HEAD_DIM_ALIGN, FlashAttention2, FlashAttention4
 
     fa4 = FlashAttention4.__new__(FlashAttention4)

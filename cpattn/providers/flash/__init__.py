@@ -47,9 +47,8 @@ from .fa4 import FastPathStatus, FlashAttention4, fast_path_status
 from .generation import Generation
 from .layout import HEAD_DIM_ALIGN, Packing, PaddedBatch, align_head_dim
 
-# The names tests/unit/test_autotune.py and benchmarks/head_dim_pad_probe.py import.
+# The name tests/unit/test_autotune.py imports.
 _FlashAttention4 = FlashAttention4
-_align_head_dim = align_head_dim
 
 __all__ = [
     "HEAD_DIM_ALIGN", "STANDIN_DEVICES_ATTR", "FastPathStatus", "Flash", "FlashApiError", "FlashAttention2",

@@ -103,16 +103,14 @@ class FlashAttention4(Generation):
 
     def backward_head_dim_multiple(self, compute_capability):
         # The library's sm90 backward gives dQ/dK/dV far off at head dims 16, 48, 72 and 80 (its forward is right
-        # there) and matches float64 at multiples of 32, with the public function too
-        # (benchmarks/fa4_grad_layout_probe.py). Padded with zero columns to a multiple of 32 the gradients are
-        # exact, at the cost of the padded columns' FLOPs.
+        # there) and matches float64 at multiples of 32, with the public function too. Padded with zero columns to
+        # a multiple of 32 the gradients are exact, at the cost of the padded columns' FLOPs.
         return 32 if compute_capability is not None and compute_capability[0] == 9 else HEAD_DIM_ALIGN
 
     def forward_head_dim_multiple(self, compute_capability, head_dim):
         # The library's sm90 forward at head dim 104 is much slower than the same call zero-padded to 128, which
-        # also beats cuDNN there (benchmarks/head_dim_pad_probe.py). Head dims 97 to 103 run at 104 after
-        # alignment. At 80, 112 and 120 the padded kernel gains less than the copy that pads costs, or loses:
-        # those keep the alignment of 8.
+        # also beats cuDNN there. Head dims 97 to 103 run at 104 after alignment. At 80, 112 and 120 the padded
+        # kernel gains less than the copy that pads costs, or loses: those keep the alignment of 8.
         hopper = compute_capability is not None and compute_capability[0] == 9
         return 32 if hopper and -(-head_dim // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN == 104 else HEAD_DIM_ALIGN
 
