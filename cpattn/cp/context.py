@@ -26,7 +26,7 @@ from .layout import LAYOUTS, local_positions
 from .mesh import Topology, topology_from_mesh
 from .packed import VarlenKernel, run_packed
 from .prefix import prefix_reasons
-from .registry import PREFIX_SCHEDULES, SCHEDULES, STRATEGIES, auto_candidates, schedules_for
+from .registry import AUTO_CANDIDATES, PREFIX_SCHEDULES, SCHEDULES, STRATEGIES, schedules_for
 from .schedule import Schedule, Suggest
 from .ulysses import head_chunks_for
 
@@ -76,12 +76,12 @@ class ContextParallel:
         """The schedule cp_strategy names, or the one `auto` picks for this call."""
         if self.strategy != "auto":
             return SCHEDULES[self.strategy]
-        for schedule in auto_candidates(self.topology.mesh_dims):
+        for schedule in AUTO_CANDIDATES[self.topology.mesh_dims]:
             why = schedule.auto(self, provider, call)
             if why is not None:
                 log.debug("cpattn auto schedule: %s (%s)", schedule.name, why)
                 return schedule
-        raise AssertionError(f"no schedule takes a {self.topology.mesh_dims}-D mesh")  # registry.py lists one
+        raise AssertionError(f"no schedule answered auto on a {self.topology.mesh_dims}-D mesh")  # one always does
 
     def reasons(self, provider: Provider, call: AttentionCall, schedule: Schedule) -> list[str]:
         """Every reason, from this rank's shard, that `schedule` cannot run `call` with `provider`; the
@@ -100,7 +100,8 @@ class ContextParallel:
         mask = call.attn_mask if isinstance(call.attn_mask, torch.Tensor) else None  # mask_mods: see run()
         if mask is not None and mask.requires_grad and torch.is_grad_enabled():
             return ["gradients with respect to attn_mask are not supported under context parallelism: pass "
-                    "attn_mask.detach(), or run this call on one device with provider 'native'"]
+                    "attn_mask.detach(), or run this call on one device with a provider that has gradients for "
+                    "attn_mask"]
         if mask is not None and mask.dim() >= 2 and mask.shape[-2] not in (1, call.q_len):
             return [f"attn_mask has {mask.shape[-2]} rows; under context parallelism it covers this rank's "
                     f"{call.q_len} local queries (or 1 row, broadcast) by all keys in global order"]

@@ -1,4 +1,4 @@
-"""Every schedule by its cp_strategy name. A new schedule is one file under cp/ and one entry below."""
+"""Every schedule by its cp_strategy name. A new schedule is one file under cp/, imported and listed below."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ STRATEGIES = ("auto", *SCHEDULES)
 PREFIX_SCHEDULES = tuple(name for name, schedule in SCHEDULES.items() if schedule.takes_prefix)
 
 
-def auto_candidates(mesh_dims: int) -> list[Schedule]:
-    """The schedules `auto` may pick on a mesh of `mesh_dims` dimensions, in the order it asks them."""
-    return sorted((s for s in SCHEDULES.values() if s.auto_order is not None and s.mesh_dims == mesh_dims),
-                  key=lambda s: s.auto_order)
+# per mesh dimensions, the schedules `auto` may pick there, in the order it asks them
+AUTO_CANDIDATES: dict[int, tuple[Schedule, ...]] = {
+    dims: tuple(sorted((s for s in SCHEDULES.values() if s.auto_order is not None and s.mesh_dims == dims),
+                       key=lambda s: s.auto_order))
+    for dims in sorted({s.mesh_dims for s in SCHEDULES.values()})
+}
 
 
 def schedules_for(mesh_dims: int) -> list[str]:
