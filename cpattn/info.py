@@ -28,6 +28,9 @@ class ProviderRow:
     devices: str
     requirement: str
     training: str
+    window: str
+    softcap: str
+    sinks: str
     note: str
 
 
@@ -81,8 +84,10 @@ def provider_rows() -> list[ProviderRow]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         caps = provider.capabilities(device)
         training = "-" if caps is None else ("fwd+bwd" if caps.training else "fwd only")
+        mods = _score_mods(caps) if caps is not None else {"window": _NO, "softcap": _NO, "sinks": _NO}
         rows.append(ProviderRow(shown_name(name), provider.family, ok, avail.version or "-",
-                                ", ".join(provider.supports) or "-", _requirement(provider), training, note))
+                                ", ".join(provider.supports) or "-", _requirement(provider), training,
+                                mods["window"], mods["softcap"], mods["sinks"], note))
     return rows
 
 
@@ -103,9 +108,10 @@ def auto_choice() -> str:
 
 def render(rows: list[ProviderRow], env: dict[str, str]) -> str:
     lines = [f"{k}: {v}" for k, v in env.items()]
-    header = ("provider", "family", "runs here", "library", "needs", "training", "why not / notes")
+    header = ("provider", "family", "runs here", "library", "needs", "training", "window", "softcap", "sinks",
+              "why not / notes")
     table = [header] + [(r.name, r.family, "yes" if r.available else "no", r.version, r.requirement, r.training,
-                         r.note) for r in rows]
+                         r.window, r.softcap, r.sinks, r.note) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
     lines.append("")
     for row in table:
@@ -131,11 +137,12 @@ def print_info() -> None:
         console.print(f"[bold]{k}[/bold]: {v}")
     table = Table(title="cpattn providers")
     table.add_column("provider", no_wrap=True)
-    for col in ("family", "runs here", "library", "needs", "training", "why not / notes"):
+    for col in ("family", "runs here", "library", "needs", "training", "window", "softcap", "sinks",
+                "why not / notes"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r.name, r.family, "[green]yes[/green]" if r.available else "[red]no[/red]", r.version,
-                      r.requirement, r.training, r.note)
+                      r.requirement, r.training, r.window, r.softcap, r.sinks, r.note)
     console.print(table)
     console.print(auto_choice(), markup=False)
     console.print(fa4_path(), markup=False)
@@ -152,6 +159,21 @@ def _schedules(caps) -> dict[str, str]:
     ring = ("fwd+bwd" if caps.backward else "fwd") if caps.returns_lse else _NO
     allgather = whole + ("" if caps.bool_mask else " (non-causal, no mask)")
     return {"ring": ring, "ulysses": whole, "hybrid": ring, "allgather": allgather}
+
+
+def _score_mods(caps) -> dict[str, str]:
+    """How a provider applies each score modification, as cpattn/scoremods.py routes it: 'native' (its kernel),
+    'mask' (a window as a dense boolean mask), 'lse' (sinks through its log-sum-exp), '-' (refused)."""
+    window = "native" if caps.window else ("mask" if caps.bool_mask else _NO)
+    softcap = "native" if caps.softcap else _NO
+    sinks = "native" if caps.sinks else ("lse" if caps.returns_lse else _NO)
+    return {"window": window, "softcap": softcap, "sinks": sinks}
+
+
+def _cross_attention(caps) -> str:
+    """Whether the provider takes q_len != kv_len (key/value of another sequence): every adapter does (where
+    is_causal needs square calls, its notes say so)."""
+    return _YES
 
 
 def _masks(caps) -> str:
@@ -176,9 +198,15 @@ def support_matrix_markdown() -> str:
         "Ulysses, hybrid and all-gather context parallelism accept with the provider (fwd+bwd = training). An alias "
         "is accepted wherever a name is.",
         "",
+        "Score modifications (`window`, `softcap`, `sinks` of `attention_dispatch`): native = the kernel applies it "
+        "(a window skips the work outside it); mask = a window as an exact boolean mask (dense: every score is "
+        "computed); lse = sinks added exactly through the provider's log-sum-exp (with gradients where it trains); "
+        "- = refused, with a reason naming a provider that takes it. cross-attention: key/value of another length "
+        "than the queries (q_len != kv_len) on one device.",
+        "",
         "| provider | device | alias | dtypes | head dim | min arch | causal | masks | GQA | dropout | training | LSE | "
-        "ring | ulysses | hybrid | allgather |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "window | softcap | sinks | cross-attention | ring | ulysses | hybrid | allgather |",
+        "|" + " --- |" * 20,
     ]
     for name, provider in PROVIDERS.items():
         for device, caps in provider.supports.items():
@@ -189,10 +217,12 @@ def support_matrix_markdown() -> str:
             sched = _schedules(caps)
             flags = [caps.causal, caps.gqa, caps.dropout, caps.training, caps.returns_lse]
             causal, gqa, dropout, training, lse = (_YES if f else _NO for f in flags)
+            mods = _score_mods(caps)
             lines.append(
-                f"| {name} | {device} | {_ALIAS_OF.get(name, _NO)} | {_dtypes(caps)} | {head} | {arch} | {causal} | {_masks(caps)} | {gqa} | "
-                f"{dropout} | {training} | {lse} | {sched['ring']} | {sched['ulysses']} | {sched['hybrid']} | "
-                f"{sched['allgather']} |"
+                f"| {name} | {device} | {_ALIAS_OF.get(name, _NO)} | {_dtypes(caps)} | {head} | {arch} | {causal} | "
+                f"{_masks(caps)} | {gqa} | {dropout} | {training} | {lse} | {mods['window']} | {mods['softcap']} | "
+                f"{mods['sinks']} | {_cross_attention(caps)} | {sched['ring']} | {sched['ulysses']} | "
+                f"{sched['hybrid']} | {sched['allgather']} |"
             )
     lines += ["", "Notes from the adapters:", ""]
     for name, provider in PROVIDERS.items():

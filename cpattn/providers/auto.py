@@ -22,6 +22,11 @@ first call costs tens of milliseconds per candidate and because two hosts may th
 Calls that cannot be timed keep the fixed order: dropout (timing would consume random numbers), CUDA graph
 capture, torch.compile tracing, and the context-parallel path (forward/backward with an external LSE), where
 each rank must make the same choice without talking to the others.
+
+Score modifications (window, softcap, sinks) pass through `auto` untouched: it chooses among the providers that
+take them (natively or through the exact routes, see cpattn/scoremods.py) and hands them to the chosen one, which
+applies them as its own declarations say. So a window reaches a kernel that skips the work outside it where one
+takes the call, and becomes a mask only for a chosen provider without windows.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from typing import Callable
 
 import torch
 
+from .. import scoremods
 from ..contract import FLOAT_DTYPES, AttentionCall, Capabilities, Provider
 from ..names import auto_order
+from ..ops.sinks import add_sinks
 
 # Autotuning times at most this many candidates, the first in ORDER that take the call: it bounds the first
 # call's cost (flex compiles for seconds, math materialises the S x S scores), and in the suites under
@@ -58,9 +65,11 @@ class Auto(Provider):
     name = "auto"
     family = "auto"
     description = "the fastest provider that takes the inputs here (never a quantised one)"
+    # window, softcap and sinks: not applied here but passed on whole to the chosen provider (see the module
+    # docstring), so that scoremods leaves them to it.
     _caps = Capabilities(
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
-        backward=True, training=True, mask_grad=False,
+        backward=True, training=True, mask_grad=False, window=True, softcap=True, sinks=True,
         notes=("picks per call: " + " > ".join(ORDER["cuda"]) + " on CUDA (cuDNN first where flash pads the head "
                f"dim and there are at most {PADDED_FLASH_CUDNN_FIRST_UP_TO} keys); " + " > ".join(ORDER["cpu"])
                + " on CPU",),
@@ -94,9 +103,11 @@ class Auto(Provider):
 
     @staticmethod
     def _key(call: AttentionCall, need: dict) -> tuple:
+        # The window itself, not only whether there is one: a provider's verdict may depend on its sides.
         return (call.device, call.dtype, call.query.shape, call.key.shape, call.value.shape, call.mask_kind,
                 None if call.attn_mask is None else tuple(call.attn_mask.shape), call.is_causal,
-                call.dropout_p > 0, call.needs_grad, tuple(sorted(k for k, v in need.items() if v)))
+                call.dropout_p > 0, call.needs_grad, tuple(sorted(k for k, v in need.items() if v)),
+                call.window, call.softcap is not None, call.sinks is not None)
 
     def order(self, call: AttentionCall) -> tuple[str, ...]:
         """The providers tried for `call`, fastest first as measured (ORDER, with cuDNN ahead of `flash` for
@@ -177,7 +188,7 @@ class Auto(Provider):
         return []
 
     def attention(self, call):
-        return self.choose(call).attention(call)
+        return scoremods.attention(self.choose(call), call)
 
     def verdict_depends_on_values(self, call):
         chosen = self.choose(call)
@@ -189,12 +200,21 @@ class Auto(Provider):
         return self.choose(call).runner(call)
 
     # The contract path is what context-parallel schedules use: forward and backward of one block must run
-    # on the same kernel, so both choose among providers that have an LSE and an external-LSE backward.
+    # on the same kernel, so both choose among providers that have an LSE and an external-LSE backward. The
+    # chosen provider gets the call as its kernel takes it (a window as a mask where it has none); sinks it
+    # lacks join its (out, lse) here, and its backward runs with the log-sum-exp that holds them.
     def forward(self, call):
-        return self.choose(call, need_lse=True, need_backward=True).forward(call)
+        chosen = self.choose(call, need_lse=True, need_backward=True)
+        if call.sinks is None or chosen.capabilities(call.device.type).sinks:
+            return chosen.forward(scoremods.as_kernel_call(chosen, call))
+        out, lse = chosen.forward(scoremods.as_kernel_call(chosen, call.replace(sinks=None)))
+        return add_sinks(out, lse, call.sinks)
 
     def backward(self, call, dout, out, lse):
-        return self.choose(call, need_lse=True, need_backward=True).backward(call, dout, out, lse)
+        chosen = self.choose(call, need_lse=True, need_backward=True)
+        if call.sinks is not None and not chosen.capabilities(call.device.type).sinks:
+            call = call.replace(sinks=None)
+        return chosen.backward(scoremods.as_kernel_call(chosen, call), dout, out, lse)
 
 
 def make_auto(registry: dict[str, Provider], autotune: bool = False) -> Auto:
@@ -214,7 +234,7 @@ def measure_ms(provider: Provider, call: AttentionCall) -> float:
     """Median ms of `provider` running `call` as dispatch would (its runner): forward when no gradient is needed,
     else forward+backward on detached copies of the inputs, so the caller's tensors and their .grad are untouched.
     CUDA is timed with triton.testing.do_bench (what benchmarks/ uses), CPU with torch.utils.benchmark."""
-    run = provider.runner(call)
+    run = provider.runner(call) if not _modified(call) else _modified_runner(provider, call)
     mask = call.attn_mask
     if call.needs_grad:
         q, k, v = (t.detach().requires_grad_(t.requires_grad) for t in (call.query, call.key, call.value))
@@ -237,3 +257,17 @@ def measure_ms(provider: Provider, call: AttentionCall) -> float:
         from torch.utils.benchmark import Timer
 
         return Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.05).median * 1e3
+
+
+def _modified(call: AttentionCall) -> bool:
+    return call.window is not None or call.softcap is not None or call.sinks is not None
+
+
+def _modified_runner(provider: Provider, call: AttentionCall) -> Callable:
+    """A runner for a call with score modifications, which providers' runners do not take (dispatch never caches
+    such calls): the single-device path itself, with the exact routes where the provider needs them."""
+
+    def run(query, key, value, attn_mask):
+        return scoremods.attention(provider, call.replace(query=query, key=key, value=value, attn_mask=attn_mask))
+
+    return run

@@ -1,11 +1,14 @@
 """PyTorch FlexAttention (`flex`): `torch.nn.attention.flex_attention.flex_attention` behind the kernel contract.
 
-Masks become flex's two hooks:
+Masks and score modifications become flex's two hooks:
 
-* structure that hides keys (``is_causal``, a boolean ``attn_mask``) becomes a ``mask_mod``, built into a
-  ``BlockMask`` so the kernel skips blocks that are fully hidden. Block masks are cached per adapter
-  instance (a small LRU), so a model that passes the same mask every layer builds it once;
-* an additive (float) ``attn_mask`` becomes a ``score_mod`` that adds the bias to each score.
+* structure that hides keys (``is_causal``, a ``window``, a boolean ``attn_mask``, together) becomes a
+  ``mask_mod``, built into a ``BlockMask`` so the kernel skips blocks that are fully hidden: a sliding window
+  costs the blocks it touches, not the whole score matrix. Block masks are cached per adapter instance (a small
+  LRU), so a model that passes the same mask every layer builds it once;
+* a ``softcap`` and an additive (float) ``attn_mask`` become a ``score_mod``: c * tanh(score / c), then the
+  bias added (the softcap comes first, as the reference orders them);
+* sinks are not a hook: they enter through the log-sum-exp flex returns (cpattn/scoremods.py).
 
 Devices. On CUDA every call goes through ``torch.compile(flex_attention)`` (compiled lazily, once per
 adapter): uncompiled flex materialises the whole score matrix. Each variant (grad mode, mask kind, dtype,
@@ -32,7 +35,8 @@ from typing import Callable, Hashable
 
 import torch
 
-from ..contract import AttentionCall, Availability, Capabilities, Provider, normalize_lse
+from .. import scoremods
+from ..contract import AttentionCall, Availability, Capabilities, Provider, band, normalize_lse
 from ..errors import ProviderUnavailableError, UnsupportedInputError
 from ..masks import expand_to_4d
 from .native import NativeMath
@@ -45,6 +49,7 @@ SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64}
 RECOMPILE_LIMIT = 64  # compiled graphs of flex per adapter before dynamo falls back to eager (see compile_flex)
 # Triton's tl.dot needs tiles of at least 16 along the head dim: the compiled CUDA kernel rejects smaller.
 MIN_CUDA_HEAD_DIM = 16
+WINDOW_NOTE = "window in its BlockMask: key blocks outside the window are skipped, not masked"
 CPU_NO_BACKWARD = (
     "flex_attention has no backward on CPU (PyTorch runs it forward-only there): "
     "run it on CUDA, or use provider 'native' for gradients on CPU"
@@ -102,36 +107,72 @@ def bias_score_mod(bias: torch.Tensor) -> Callable:
     return score_mod
 
 
+def softcap_score_mod(softcap: float) -> Callable:
+    """score_mod of a softcap: scores become softcap * tanh(score / softcap)."""
+
+    def capped(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return capped
+
+
 def score_mod_for(call: AttentionCall) -> Callable | None:
-    """The score_mod of a call: only additive masks need one.
+    """The score_mod of a call: a softcap, an additive mask, or the softcap and then the bias (None: neither).
 
     The bias is read in the inputs' dtype, as SDPA adds it: a float32 bias tile for bfloat16 inputs of head
     dim 64 overflows the shared memory of the compiled kernel on H100 (seen with torch 2.11).
     """
     mask = call.attn_mask
-    if mask is None or mask.dtype == torch.bool:
-        return None
-    return bias_score_mod(mask.to(call.dtype))
+    bias = None if mask is None or mask.dtype == torch.bool else bias_score_mod(mask.to(call.dtype))
+    if call.softcap is None:
+        return bias
+    capped = softcap_score_mod(call.softcap)
+    if bias is None:
+        return capped
+
+    def capped_then_bias(score, b, h, q_idx, kv_idx):
+        return bias(capped(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+    return capped_then_bias
 
 
-def mask_mod_for(mask: torch.Tensor | None, is_causal: bool) -> Callable | None:
-    """The mask_mod of the structure that hides keys: a boolean mask, causal, or both (None: nothing hidden)."""
+def band_mask_mod(left: int | None, right: int | None) -> Callable:
+    """mask_mod of a band in the call's own top-left coordinates: query i sees key j iff i - left <= j <= i + right
+    (None: unbounded on that side). (None, 0) is causal itself, kept as one function so its BlockMask is the
+    causal one."""
+    if left is None and right == 0:
+        return causal_mask_mod
+    if left is None:
+        return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + right
+    if right is None:
+        return lambda b, h, q_idx, kv_idx: kv_idx >= q_idx - left
+
+    def in_band(b, h, q_idx, kv_idx):
+        return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+
+    return in_band
+
+
+def mask_mod_for(mask: torch.Tensor | None, limits: "tuple[int | None, int | None] | None") -> Callable | None:
+    """The mask_mod of the structure that hides keys: a boolean mask, a band (causality and the window, see
+    cpattn.contract.band), or both (None: nothing hidden)."""
+    in_band = None if limits is None else band_mask_mod(*limits)
     if mask is None:
-        return causal_mask_mod if is_causal else None
+        return in_band
     allowed = bool_mask_mod(mask)
-    if not is_causal:
+    if in_band is None:
         return allowed
 
-    def allowed_and_causal(b, h, q_idx, kv_idx):
-        return allowed(b, h, q_idx, kv_idx) & causal_mask_mod(b, h, q_idx, kv_idx)
+    def allowed_and_in_band(b, h, q_idx, kv_idx):
+        return allowed(b, h, q_idx, kv_idx) & in_band(b, h, q_idx, kv_idx)
 
-    return allowed_and_causal
+    return allowed_and_in_band
 
 
-def block_structure(call: AttentionCall) -> tuple[torch.Tensor | None, bool]:
-    """What goes into the BlockMask: the boolean attn_mask (if any) and whether the call is causal."""
+def block_structure(call: AttentionCall) -> tuple[torch.Tensor | None, "tuple[int | None, int | None] | None"]:
+    """What goes into the BlockMask: the boolean attn_mask (if any) and the band of causality and the window."""
     mask = call.attn_mask
-    return (mask if mask is not None and mask.dtype == torch.bool else None), call.is_causal
+    return (mask if mask is not None and mask.dtype == torch.bool else None), band(call)
 
 
 def build_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, q_len: int, kv_len: int, device):
@@ -152,8 +193,8 @@ def _mask_dims(mask: torch.Tensor | None) -> tuple[int | None, int | None]:
 
 
 class BlockMaskCache:
-    """A small LRU of BlockMasks, keyed by what determines them: mask identity and version, causal, lengths,
-    device. Each entry keeps its mask alive, so the id in its key cannot be reused by another tensor while the
+    """A small LRU of BlockMasks, keyed by what determines them: mask identity and version, the band (causal and
+    the window), lengths, device. Each entry keeps its mask alive, so the id in its key cannot be reused by another tensor while the
     entry exists; the version counter makes an in-place edit of the mask a miss.
     """
 
@@ -168,15 +209,16 @@ class BlockMaskCache:
         return len(self._entries)
 
     @staticmethod
-    def key(mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int, device) -> Hashable | None:
+    def key(mask: torch.Tensor | None, limits: "tuple[int | None, int | None] | None", q_len: int, kv_len: int,
+            device) -> Hashable | None:
         """The cache key, or None where the mask cannot be tracked (inference tensors have no version)."""
         if mask is None:
-            return (None, is_causal, q_len, kv_len, torch.device(device))
+            return (None, limits, q_len, kv_len, torch.device(device))
         try:
             version = mask._version
         except RuntimeError:  # "Inference tensors do not track version counter": never reuse blindly
             return None
-        return (id(mask), version, tuple(mask.shape), is_causal, q_len, kv_len, torch.device(device))
+        return (id(mask), version, tuple(mask.shape), limits, q_len, kv_len, torch.device(device))
 
     def get_or_build(self, key: Hashable | None, mask: torch.Tensor | None, build: Callable[[], object]):
         if key is None:
@@ -255,7 +297,8 @@ def _detached(call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def _tile_variant(call: AttentionCall) -> tuple:
     """What decides the compiled kernel's shared-memory needs (shapes along the sequence do not)."""
-    return (call.device, call.dtype, call.head_dim, call.value_dim, call.mask_kind, call.is_causal)
+    return (call.device, call.dtype, call.head_dim, call.value_dim, call.mask_kind, call.is_causal,
+            call.window is not None, call.softcap is not None)
 
 
 def _is_out_of_shared_memory(exc: BaseException) -> bool:
@@ -281,7 +324,8 @@ def _is_compile_error(exc: BaseException) -> bool:
 
 
 class Flex(Provider):
-    """torch.nn.attention.flex_attention: causal, boolean and additive masks as mask_mod/score_mod, native GQA."""
+    """torch.nn.attention.flex_attention: causal, windows, boolean and additive masks and softcaps as
+    mask_mod/score_mod, native GQA."""
 
     name = "flex"
     family = "flex"
@@ -290,14 +334,17 @@ class Flex(Provider):
         "cpu": Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
             bool_mask=True, additive_mask=True, key_padding_mask=True, returns_lse=True,
-            backward=False, training=False, notes=("CPU flex has no backward",),
+            backward=False, training=False, window=True, softcap=True,
+            notes=("CPU flex has no backward", WINDOW_NOTE),
         ),
         "cuda": Capabilities(
             dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
             bool_mask=True, additive_mask=True, key_padding_mask=True, returns_lse=True,
-            backward=True, training=True, dropout=False,
+            backward=True, training=True, dropout=False, window=True, softcap=True,
             notes=(
                 "runs torch.compile(flex_attention); the first call of each shape compiles",
+                WINDOW_NOTE,
+                "each softcap value and window is its own compiled graph (they are constants of the hooks)",
                 "backward with an external (out, lse) recomputes the block's forward (one extra forward)",
                 f"head dims below {MIN_CUDA_HEAD_DIM} are not supported by the Triton kernel",
             ),
@@ -330,9 +377,10 @@ class Flex(Provider):
 
     # -- building blocks ------------------------------------------------------------------------------
     def block_mask(self, call: AttentionCall):
-        """The call's BlockMask (cached), or None when neither causal nor a boolean mask hides anything."""
-        mask, is_causal = block_structure(call)
-        mask_mod = mask_mod_for(mask, is_causal)
+        """The call's BlockMask (cached), or None when neither causal, a window nor a boolean mask hides
+        anything."""
+        mask, limits = block_structure(call)
+        mask_mod = mask_mod_for(mask, limits)
         if mask_mod is None:
             return None  # flex then attends everywhere, with no mask_mod to evaluate
 
@@ -340,7 +388,7 @@ class Flex(Provider):
             batch, heads = _mask_dims(mask)
             return build_block_mask(mask_mod, batch, heads, call.q_len, call.kv_len, call.device)
 
-        key = BlockMaskCache.key(mask, is_causal, call.q_len, call.kv_len, call.device)
+        key = BlockMaskCache.key(mask, limits, call.q_len, call.kv_len, call.device)
         return self.block_masks.get_or_build(key, mask, build)
 
     def _kernel(self, device: torch.device) -> Callable:
@@ -389,7 +437,7 @@ class Flex(Provider):
     # -- the contract -----------------------------------------------------------------------------------
     def attention(self, call: AttentionCall) -> torch.Tensor:
         if _empty(call):
-            return _EXACT.attention(call)
+            return _EXACT.attention(_exact_call(call))
         if call.device.type == "cuda":
             # flex's own autograd runs its fused backward: faster than the contract's recomputation.
             return self._flex(call, call.query, call.key, call.value)[0]
@@ -398,7 +446,7 @@ class Flex(Provider):
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         if _empty(call):
-            return _EXACT.forward(call)
+            return _EXACT.forward(_exact_call(call))
         with torch.no_grad():
             out, lse = self._flex(call, *_detached(call))
         # flex already gives a natural-log lse with -inf on rows that see no key; only the dtype may differ.
@@ -408,7 +456,7 @@ class Flex(Provider):
         if call.device.type != "cuda":
             raise UnsupportedInputError(f"provider '{self.name}'", [CPU_NO_BACKWARD])
         if _empty(call):
-            return _EXACT.backward(call, dout, out, lse)
+            return _EXACT.backward(_exact_call(call), dout, out, lse)
 
         def block_forward(q, k, v):
             return self._flex(call, q, k, v)
@@ -420,6 +468,11 @@ def _empty(call: AttentionCall) -> bool:
     """No queries or no keys (a context-parallel rank may hold no token): flex_attention raises IndexError on
     these, so the exact math path answers them (nothing to tile; out 0 and lse -inf where rows see no key)."""
     return call.q_len == 0 or call.kv_len == 0
+
+
+def _exact_call(call: AttentionCall) -> AttentionCall:
+    """`call` as the math path takes it: a window as a mask (the math path has a softcap of its own)."""
+    return scoremods.as_kernel_call(_EXACT, call)
 
 
 def _lse_request() -> dict:

@@ -77,8 +77,14 @@ def _grads(call: AttentionCall, dq, dk, dv):
     return dq, reduce_kv_grad(dk, call.groups), reduce_kv_grad(dv, call.groups)
 
 
+# A window on a kernel without one runs as a boolean mask (cpattn/scoremods.py): exact, but every score of
+# the (Sq, Sk) matrix is still computed.
+DENSE_WINDOW_NOTE = "window=(left, right) runs as a dense boolean mask: exact, but no work outside it is skipped"
+
+
 class NativeMath(Provider):
-    """SDPA's math backend: exact, every dtype and mask, materialises the (Sq, Sk) score matrix."""
+    """SDPA's math backend: exact, every dtype and mask, materialises the (Sq, Sk) score matrix. A softcap runs
+    as explicit math in the same precision (the aten op has no softcap argument)."""
 
     name = "_native_math"
     family = "native"
@@ -86,10 +92,14 @@ class NativeMath(Provider):
     _caps = Capabilities(
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
         backward=True, training=True, row_views=True,  # plain matmuls: any strides
+        softcap=True,
+        notes=(DENSE_WINDOW_NOTE, "softcap as explicit math over the materialised scores (torch autograd)"),
     )
     supports = {"cpu": _caps, "cuda": _caps}
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
+        if call.softcap is not None:
+            return softcapped_attention(call)
         mask, causal = _mask_with_causal(call)
         # The aten op reads a bool mask differently from F.sdpa: give it the additive form SDPA builds.
         return aten._scaled_dot_product_attention_math.default(
@@ -97,37 +107,70 @@ class NativeMath(Provider):
             enable_gqa=call.groups > 1,
         )[0]
 
-    def _scores(self, call: AttentionCall, k: torch.Tensor) -> torch.Tensor:
-        acc = torch.float64 if call.dtype == torch.float64 else torch.float32
-        scores = (call.query.to(acc) @ k.to(acc).transpose(-1, -2)) * call.scale
-        mask, causal = _mask_with_causal(call)
-        if mask is not None:
-            scores = scores + as_additive(mask, acc)
-        if causal:
-            scores = scores.masked_fill(~causal_mask(call.q_len, call.kv_len, call.device), float("-inf"))
-        return scores
-
     def forward(self, call):
         k, v = _kv(call)
-        scores = self._scores(call, k)
+        scores = masked_scores(call, capped_scores(call, k)[0])
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
         out = (probs @ v.to(probs.dtype)).to(call.dtype)
         return out, lse.float()
 
     def backward(self, call, dout, out, lse):
-        # With the global (out, lse): P = exp(s - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)).
+        # With the global (out, lse): P = exp(s - lse), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)); under a
+        # softcap s = c * tanh(x / c) of the raw score x, and dX = dS * (1 - tanh(x / c)^2).
         k, v = _kv(call)
-        scores = self._scores(call, k)
+        capped, tanh = capped_scores(call, k)
+        scores = masked_scores(call, capped)
         acc = scores.dtype
         probs = torch.exp(scores - lse_for_kernel_backward(lse).to(acc).unsqueeze(-1))
         dout_a = dout.to(acc)
         delta = (dout_a * out.to(acc)).sum(dim=-1, keepdim=True)
         dscores = probs * (dout_a @ v.to(acc).transpose(-1, -2) - delta)
+        if tanh is not None:
+            dscores = dscores * (1 - tanh * tanh)
         dq = (dscores @ k.to(acc)) * call.scale
         dk = (dscores.transpose(-1, -2) @ call.query.to(acc)) * call.scale
         dv = probs.transpose(-1, -2) @ dout_a
         return _grads(call, dq.to(call.dtype), dk.to(call.dtype), dv.to(call.dtype))
+
+
+def _accumulation_dtype(call: AttentionCall) -> torch.dtype:
+    return torch.float64 if call.dtype == torch.float64 else torch.float32
+
+
+def capped_scores(call: AttentionCall, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale * q k^T with the call's softcap applied, tanh(x / c) of the raw scores x, None without a softcap),
+    in float64 for float64 inputs, float32 otherwise; differentiable."""
+    acc = _accumulation_dtype(call)
+    scores = (call.query.to(acc) @ k.to(acc).transpose(-1, -2)) * call.scale
+    if call.softcap is None:
+        return scores, None
+    tanh = torch.tanh(scores / call.softcap)
+    return call.softcap * tanh, tanh
+
+
+def masked_scores(call: AttentionCall, scores: torch.Tensor) -> torch.Tensor:
+    """`scores` with the call's mask and causality applied (after the softcap, as the reference orders them)."""
+    mask, causal = _mask_with_causal(call)
+    if mask is not None:
+        scores = scores + as_additive(mask, scores.dtype)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(call.q_len, call.kv_len, call.device), float("-inf"))
+    return scores
+
+
+def softcapped_attention(call: AttentionCall) -> torch.Tensor:
+    """Math attention under a softcap with torch's autograd: the single-device path of `_native_math`.
+
+    Rows that see no key are given finite stand-in scores and a zero output: the softmax of a row of -inf is
+    NaN, and an additive mask would pass that NaN on to the gradients of q and k."""
+    k, v = _kv(call)
+    scores = masked_scores(call, capped_scores(call, k)[0])
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if call.dropout_p > 0:
+        probs = F.dropout(probs, call.dropout_p)
+    return (probs @ v.to(probs.dtype)).to(call.dtype)
 
 
 def _flash_breaks(call: AttentionCall) -> bool:
@@ -151,7 +194,7 @@ class NativeFlash(Provider):
         "cpu": Capabilities(
             dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True,
             backward=True, training=True,
-            notes=("CPU kernel takes masks as an additive bias; dropout is not supported on CPU",),
+            notes=("CPU kernel takes masks as an additive bias; dropout is not supported on CPU", DENSE_WINDOW_NOTE),
         ),
         "cuda": Capabilities(
             dtypes=HALF_DTYPES, max_head_dim=256, head_dim_multiple=8, min_compute_capability=(8, 0),
@@ -274,6 +317,7 @@ class NativeEfficient(Provider):
             dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_head_dim=512,
             head_dim_multiple=8, min_compute_capability=(5, 0), bool_mask=True, additive_mask=True,
             key_padding_mask=True, dropout=True, backward=True, training=True, deterministic_backward=False,
+            notes=(DENSE_WINDOW_NOTE,),
         ),
     }
 
@@ -336,7 +380,8 @@ class NativeCudnn(Provider):
             bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True, backward=True,
             training=True, deterministic_backward=False,
             row_views=True,  # SDPA hands cuDNN each tensor's strides; dO and out views share their parents' layout
-            notes=("with gradients, q_len == kv_len == 1 runs on the math path (cuDNN's backward refuses it)",),
+            notes=("with gradients, q_len == kv_len == 1 runs on the math path (cuDNN's backward refuses it)",
+                   DENSE_WINDOW_NOTE),
         ),
     }
 
@@ -400,7 +445,8 @@ class Native(Provider):
         dtypes=FLOAT_DTYPES, bool_mask=True, additive_mask=True, key_padding_mask=True, dropout=True,
         backward=True, training=True, mask_grad=True, nested=True,  # SDPA itself takes jagged tensors
         notes=("block kernel under CP: first of cuDNN/flash/efficient/math (CUDA), flash/math (CPU) that fits",
-               "takes jagged nested tensors (torch.nested) on one device as SDPA does; the only provider that does"),
+               "takes jagged nested tensors (torch.nested) on one device as SDPA does; the only provider that does",
+               DENSE_WINDOW_NOTE, "no softcap (SDPA has none): use flash, flex or _native_math"),
     )
     # On CUDA it runs cuDNN, flash or memory-efficient kernels, whose backward is not bitwise deterministic (each
     # of those providers declares deterministic_backward=False): neither is native's there.

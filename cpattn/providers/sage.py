@@ -32,6 +32,10 @@ The 1.0.6 wheel (the only version on PyPI) has a kernel bug found on an H100: wi
 keys of the last 64-key block count in the softmax, so key lengths that are not multiples of 64 are refused.
 
 No backward exists: gradients are refused before any kernel runs.
+
+Score modifications: SageAttention has no window, softcap or sink argument and takes no boolean mask, so windows
+and softcaps are refused (the refusal names providers that take them); sinks enter through the log-sum-exp where
+the function returns one (cpattn/scoremods.py), forward only like everything here.
 """
 
 from __future__ import annotations
@@ -91,7 +95,9 @@ def _cuda_caps(min_cc: tuple[int, int], *, key_padding: bool = False, notes: tup
     return Capabilities(
         dtypes=HALF_DTYPES, max_head_dim=128, min_compute_capability=min_cc, causal=True,
         key_padding_mask=key_padding, dropout=False, gqa=True, returns_lse=not key_padding,
-        backward=False, training=False, notes=("forward only: SageAttention has no backward",) + notes,
+        backward=False, training=False,
+        notes=("forward only: SageAttention has no backward",
+               "is_causal needs q_len == kv_len (SageAttention defines its causal mask for square calls only)") + notes,
     )
 
 

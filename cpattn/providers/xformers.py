@@ -18,6 +18,11 @@ whose rows are 16-element aligned (the CUTLASS kernels reject other strides). Th
 (B, H, Mq) but padded along Mq (to a multiple of 32 by the CUTLASS forward, with +inf in the padding), so it
 is sliced and normalised; rows that see no key are set to lse -inf and output 0 here, not trusted to the kernel.
 
+Score modifications: `memory_efficient_attention` of the targeted releases has no window, softcap or sink
+argument (its local-attention biases are not used here), so the generic routes apply (cpattn/scoremods.py): a
+window becomes part of the tensor bias (dense: no block is skipped), sinks enter through the log-sum-exp that
+the forward returns and the backward takes, and a softcap is refused.
+
 Availability: xformers loads even when its C++/CUDA extension does not (it only logs a warning), and then
 finds no operator at call time. `_probe()` reads `xformers._has_cpp_library` and the load exception that
 `xformers._cpp_lib` keeps, and names the torch version the extension was built for.
@@ -54,6 +59,7 @@ from ._libs import (
     standin_capabilities,
     standin_devices,
 )
+from .native import DENSE_WINDOW_NOTE
 
 MIN_VERSION = "0.0.29.post3"
 INSTALL_HINT = (
@@ -86,6 +92,7 @@ class XFormers(Provider):
             notes=(
                 "GQA by repeating KV heads (extra memory for the repeated K/V)",
                 "masks run as an additive tensor bias (slower than is_causal alone)",
+                DENSE_WINDOW_NOTE,
             ),
         ),
     }
