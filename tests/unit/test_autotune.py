@@ -199,12 +199,12 @@ def test_auto_tries_cudnn_first_for_short_calls_flash_would_pad(pads, kv_len, fi
 def test_flash_says_when_it_pads_the_head_dim(monkeypatch):
     """`pads_head_dim` follows head_dim_multiple: the alignment of 8, and wider where the generation asks (here
     as FA4 on sm90 does: forward 104 to 128, backward to a multiple of 32)."""
-    from cpattn.providers.flash import _FlashAttention4
+    from cpattn.providers.flash import FlashAttention4
 
     flash = PROVIDERS["flash"]
-    monkeypatch.setattr(type(flash), "generation", lambda self: _FlashAttention4.__new__(_FlashAttention4))
-    monkeypatch.setattr(_FlashAttention4, "forward_head_dim_multiple", lambda self, cc, d: 32 if d == 104 else 8)
-    monkeypatch.setattr(_FlashAttention4, "backward_head_dim_multiple", lambda self, cc: 32)
+    monkeypatch.setattr(type(flash), "generation", lambda self: FlashAttention4.__new__(FlashAttention4))
+    monkeypatch.setattr(FlashAttention4, "forward_head_dim_multiple", lambda self, cc, d: 32 if d == 104 else 8)
+    monkeypatch.setattr(FlashAttention4, "backward_head_dim_multiple", lambda self, cc: 32)
     for d, grad, pads in ((104, False, True), (112, False, False), (100, False, True), (96, True, False),
                           (80, True, True), (80, False, False), (20, False, True), (64, True, False)):
         q, k, v = make_qkv(1, 2, 2, 8, 8, d, dtype=torch.float16, requires_grad=grad)

@@ -47,9 +47,6 @@ from .fa4 import FastPathStatus, FlashAttention4, fast_path_status
 from .generation import Generation
 from .layout import HEAD_DIM_ALIGN, Packing, PaddedBatch, align_head_dim
 
-# The name tests/unit/test_autotune.py imports.
-_FlashAttention4 = FlashAttention4
-
 __all__ = [
     "HEAD_DIM_ALIGN", "STANDIN_DEVICES_ATTR", "FastPathStatus", "Flash", "FlashApiError", "FlashAttention2",
     "FlashAttention3", "FlashAttention4", "FlashFamily", "FlashVarlen", "Generation", "Packing", "PaddedBatch",
