@@ -220,8 +220,9 @@ def summarize_calls(call_ms: list[float], chunks: int = 6) -> dict:
     runs of calls, to show drift over the measurement as the round-based timing does."""
     ordered = sorted(call_ms)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    size = max(1, len(call_ms) // chunks)
-    parts = [call_ms[i:i + size] for i in range(0, len(call_ms) - size + 1, size)]
+    chunks = min(chunks, len(call_ms))
+    edges = [i * len(call_ms) // chunks for i in range(chunks + 1)]
+    parts = [call_ms[a:b] for a, b in zip(edges, edges[1:])]
     return {"median_ms": statistics.median(call_ms), "p20_ms": pick(0.2), "p80_ms": pick(0.8),
             "round_medians_ms": [statistics.median(p) for p in parts], "calls": len(call_ms)}
 

@@ -18,8 +18,10 @@ CPU (default B1 H1 S8 D8 float32): every round times `--calls` calls of each fun
 median over rounds of its time per call. CUDA (default B1 H2 S128 D64 bfloat16): every call is timed alone
 and the GPU drained every 32 calls (`per_call_us`), since a full launch queue would make the host wait on the
 GPU; and torch.profiler counts the GPU activities one call of each function launches.
-`added_us`: dispatch's median minus sdpa's and minus kernel's; `added_us_paired`: the median over rounds of
-the same differences within one round. Writes dispatch_overhead_<device>.json and a PNG beside it.
+`added_us`: dispatch's median minus sdpa's, kernel's and runner's; `added_us_paired`: the median over rounds of
+the same differences within one round. On CPU `thread_cpu_time` holds the same figures from the thread's CPU
+time (time.thread_time), which leaves out time other processes held the core.
+Writes dispatch_overhead_<device>.json and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -110,25 +112,28 @@ def scope(provider: str, name: str):
     return cpattn.attention_provider(provider) if name == "dispatch" else contextlib.nullcontext()
 
 
-def back_to_back_us(fn, calls: int) -> float:
-    """us per call of `calls` calls of `fn` in one loop, with the garbage collector off (as timeit runs it), so
-    that no collection lands inside one function's loop and not another's."""
+def back_to_back_us(fn, calls: int) -> tuple[float, float]:
+    """(wall, thread CPU) us per call of `calls` calls of `fn` in one loop, with the garbage collector off (as
+    timeit runs it), so that no collection lands inside one function's loop and not another's. The thread's CPU
+    time leaves out the time other processes held the core, which wall time counts on a busy machine."""
     gc.disable()
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             fn()
-        return (time.perf_counter() - t0) / calls * 1e6
+        c1, t1 = time.thread_time(), time.perf_counter()
+        return (t1 - t0) / calls * 1e6, (c1 - c0) / calls * 1e6
     finally:
         gc.enable()
 
 
-def time_rounds(fns: dict, provider: str, device: str, calls: int, rounds: int) -> tuple[dict, list]:
-    """Per function its us per call in each round, the functions in `turn_orders`; and each round's order.
-    CPU: `calls` calls back to back; CUDA: `per_call_us`'s median of `calls` calls timed one by one."""
+def time_rounds(fns: dict, provider: str, device: str, calls: int, rounds: int) -> tuple[dict, dict, list]:
+    """Per function its wall us per call in each round (CPU: also thread CPU us), the functions in
+    `turn_orders`; and each round's order. CPU: `calls` calls back to back; CUDA: `per_call_us`'s median of
+    `calls` calls timed one by one."""
     def measure(fn):
         if device == "cuda":
-            return common.per_call_us({"fn": fn}, calls)["fn"]
+            return common.per_call_us({"fn": fn}, calls)["fn"], None
         return back_to_back_us(fn, calls)
 
     items = list(fns.items())
@@ -137,13 +142,15 @@ def time_rounds(fns: dict, provider: str, device: str, calls: int, rounds: int) 
             for _ in range(max(50, calls // 10)):
                 fn()
     common.sync(device)
-    per_round, orders = {name: [] for name in fns}, []
+    wall, cpu, orders = {name: [] for name in fns}, {name: [] for name in fns}, []
     for order in common.turn_orders(len(items), rounds):
         orders.append([items[j][0] for j in order])
         for name, fn in (items[j] for j in order):
             with scope(provider, name):
-                per_round[name].append(measure(fn))
-    return per_round, orders
+                wall_us, cpu_us = measure(fn)
+            wall[name].append(wall_us)
+            cpu[name].append(cpu_us)
+    return wall, (cpu if device == "cpu" else None), orders
 
 
 def added(per_round: dict) -> tuple[dict, dict]:
@@ -220,10 +227,14 @@ def measure_device(device: str, providers, shape, dtype: str, causal: bool, call
             continue
         try:
             fns, names = functions(provider, q, k, v, causal)
-            per_round, orders = time_rounds(fns, provider, device, calls, rounds)
+            per_round, cpu_rounds, orders = time_rounds(fns, provider, device, calls, rounds)
             plain, paired = added(per_round)
             row = {"functions": names, "us_per_call": {n: statistics.median(us) for n, us in per_round.items()},
                    "round_us": per_round, "orders": orders, "added_us": plain, "added_us_paired": paired}
+            if cpu_rounds is not None:
+                plain, paired = added(cpu_rounds)
+                row["thread_cpu_time"] = {"us_per_call": {n: statistics.median(us) for n, us in cpu_rounds.items()},
+                                          "round_us": cpu_rounds, "added_us": plain, "added_us_paired": paired}
             if device == "cuda":
                 row["gpu_activities_per_call"] = kernel_counts(fns, provider)
             if profile:
@@ -245,6 +256,11 @@ def summary_lines(device: str, result: dict) -> list[str]:
                           f"(paired {', '.join(f'{us:+.2f}' for us in row['added_us_paired'][n].values())})"
                           for n, over in row["added_us"].items())
         lines.append(f"{device} {provider}: us per call: {times}; {extra}")
+        if "thread_cpu_time" in row:
+            cpu = row["thread_cpu_time"]
+            lines.append("    thread CPU time: " + ", ".join(f"{n} {us:.2f}" for n, us in cpu["us_per_call"].items())
+                         + "; dispatch adds " + ", ".join(f"{us:+.2f} {base[5:]}"
+                                                          for base, us in cpu["added_us"]["dispatch"].items()))
     return lines
 
 

@@ -61,6 +61,9 @@ def test_overhead_figures_come_from_their_rounds(overhead):
         paired = statistics.median(d - k for d, k in zip(rounds["dispatch"], rounds["kernel"]))
         assert row["added_us_paired"]["dispatch"]["over_kernel"] == pytest.approx(paired)
         assert set(row["functions"]) == set(rounds)  # each timed function says what it calls
+        thread = row["thread_cpu_time"]  # one thread's CPU time cannot exceed the wall time of the same loop
+        assert all(0 < c <= w * 1.001 + 0.05 for name in rounds for c, w in zip(thread["round_us"][name], rounds[name]))
+        assert thread["us_per_call"] == {name: statistics.median(us) for name, us in thread["round_us"].items()}
     assert "dispatch_default" in cpu["providers"]["native"]["added_us"]
     pytest.importorskip("matplotlib")
     assert (out / "dispatch_overhead_cpu.png").stat().st_size > 0
