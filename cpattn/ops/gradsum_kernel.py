@@ -17,7 +17,7 @@ import triton.language as tl
 from .gradsum import MAX_PARTS
 
 # Launch shape of this kernel and cpattn/ops/merge_kernel.py: values per operand tile (rows = TILE_VALUES // head dim,
-# at most 64) and warps per program. benchmarks/sum_kernels.py measures other choices.
+# at most 64) and warps per program.
 TILE_VALUES = 4096
 WARPS = 4
 
