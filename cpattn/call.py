@@ -14,7 +14,7 @@ from .masks import is_mask_mod
 
 def make_call(
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded: bool = False, *,
-    window=None, softcap=None, sinks=None,
+    window=None, softcap=None, sinks=None, kv_replicated: bool = False,
 ) -> AttentionCall:
     """Check the arguments as SDPA would (independent of provider), and the score modifications (window,
     softcap, sinks), and resolve defaults.
@@ -71,7 +71,14 @@ def make_call(
     if scale is None:
         scale = default_scale(d)
     return AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa,
-                         checked_window(window), checked_softcap(softcap), _checked_sinks(sinks, query))
+                         checked_window(window), checked_softcap(softcap), _checked_sinks(sinks, query),
+                         _checked_kv_replicated(kv_replicated, sharded))
+
+
+def _checked_kv_replicated(kv_replicated, sharded: bool) -> bool:
+    if not isinstance(kv_replicated, bool):
+        raise InvalidArgumentError(f"kv_replicated must be True or False, got {kv_replicated!r}")
+    return kv_replicated and sharded  # one device: key/value are whole anyway
 
 
 def checked_window(window) -> "tuple[int | None, int | None] | None":

@@ -96,6 +96,9 @@ class AttentionCall:
     window: "tuple[int | None, int | None] | None" = None
     softcap: float | None = None  # scores become softcap * tanh(scores / softcap) before masking and softmax
     sinks: torch.Tensor | None = None  # (Hq,) logits that join each row's softmax denominator and nothing else
+    # Under context parallelism: key/value are whole on every rank (cross-attention to text or encoder tokens)
+    # while the queries are sharded. Implied where the key length differs from the local query length.
+    kv_replicated: bool = False
 
     @property
     def batch(self) -> int:

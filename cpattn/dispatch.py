@@ -32,6 +32,7 @@ def attention_dispatch(
     window: "tuple[int | None, int | None] | None" = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    kv_replicated: bool = False,
 ) -> torch.Tensor:
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention` on the active provider.
 
@@ -44,12 +45,18 @@ def attention_dispatch(
       aligned as is_causal aligns them (top-left); with is_causal the right side is 0.
     * ``softcap=c``: scores become c * tanh(scores / c) before masking and softmax.
     * ``sinks``: (query heads,) logits that join each row's softmax denominator and nothing else; differentiable.
+
+    Cross-attention under context parallelism (sharded queries, key/value whole on every rank, e.g. text tokens):
+    a key length that differs from the local query length means key/value are replicated; ``kv_replicated=True``
+    says so where the lengths happen to coincide. No key/value moves between ranks; each rank's key/value
+    gradient is its own share, completed by the usual gradient all-reduce of the parameters they come from.
     """
     if any_autocast_enabled():  # one C call on the hot path
         autocast = _autocast_for(query)
         if autocast is not None:
             return _dispatch_under_autocast(*autocast, query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                            enable_gqa, window=window, softcap=softcap, sinks=sinks)
+                                            enable_gqa, window=window, softcap=softcap, sinks=sinks,
+                                            kv_replicated=kv_replicated)
     modified = window is not None or softcap is not None or sinks is not None
     if torch.compiler.is_compiling():  # dynamo cannot read the ContextVar: one custom op in the graph
         if _needs_folding(query, key, value):
@@ -58,18 +65,19 @@ def attention_dispatch(
         if is_mask_mod(attn_mask):
             raise InvalidArgumentError("a callable attn_mask (mask_mod) is not supported under torch.compile: "
                                        "pass a tensor mask, e.g. cpattn.masks.materialize_mask_mod(...)")
-        if modified:  # the custom op has no such arguments: the eager path, between graphs
+        if modified or kv_replicated:  # the custom op has no such arguments: the eager path, between graphs
             return _THIS_MODULE.eager_dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                               enable_gqa, window=window, softcap=softcap, sinks=sinks)
+                                               enable_gqa, window=window, softcap=softcap, sinks=sinks,
+                                               kv_replicated=kv_replicated)
         return _compiled_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     state = STATE_VAR.get() or state_from_env()  # current_state(), inline: this runs on every call
     provider = state.provider
     if state.cp is not None and state.cp.world_size > 1:
         if _needs_folding(query, key, value):
             return _dispatch_folded_to_4d(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                          window=window, softcap=softcap, sinks=sinks)
+                                          window=window, softcap=softcap, sinks=sinks, kv_replicated=kv_replicated)
         call = make_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, sharded=True,
-                         window=window, softcap=softcap, sinks=sinks)
+                         window=window, softcap=softcap, sinks=sinks, kv_replicated=kv_replicated)
         return state.cp.run(provider, call, suggest)
     if attn_mask is not None and is_mask_mod(attn_mask):  # single device: positions are 0..S-1
         if _needs_folding(query, key, value):
