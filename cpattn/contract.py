@@ -18,7 +18,7 @@ A provider is an adapter with three entry points:
   They are new tensors the caller owns (any strides): the ring keeps dQ parts until it adds them, and a block's
   first dK/dV part as its running sum. ``forward``'s results are new tensors too: the ring keeps its blocks'
   outputs until it merges them.
-* ``row_backward(call, dout, out, lse) -> RowBackward``: the backward of several blocks that share one rank's
+* ``shared_rows_backward(call, dout, out, lse) -> SharedRowsBackward``: the backward of several blocks that share one rank's
   query rows (a ring backward's steps), dQ summed over them. By default it calls ``backward`` per block and adds
   the dQ parts; a provider whose kernel keeps its own float32 dQ accumulator may keep one across the blocks.
 """
@@ -282,11 +282,11 @@ class Provider:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"provider '{self.name}' has no backward kernel")
 
-    def row_backward(self, call: AttentionCall, dout: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor) -> "RowBackward":
+    def shared_rows_backward(self, call: AttentionCall, dout: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor) -> "SharedRowsBackward":
         """The backward of blocks that all take `call`'s query rows or some of them, given those rows' global
-        `dout`, `out` and `lse` (see RowBackward). This default calls `backward` once per block."""
-        return RowBackward(self, call)
+        `dout`, `out` and `lse` (see SharedRowsBackward). This default calls `backward` once per block."""
+        return SharedRowsBackward(self, call)
 
     def __repr__(self) -> str:
         return f"<provider {self.name}>"
@@ -439,19 +439,19 @@ def reduce_kv_grad(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return reduce(dx, "b (h g) s d -> b h s d", "sum", g=groups)
 
 
-class RowBackward:
+class SharedRowsBackward:
     """Gradients of attention blocks that share one rank's query rows: a ring backward's steps, each against
     another KV block. `block` returns a block's dK/dV as soon as it is computed (they travel to the block's
     owner); dQ is summed over the blocks and asked for once, by `dq`.
 
     This default runs the provider's `backward` per block and keeps the dQ parts for one float32 sum
-    (gradsum.RowSum). A provider whose kernel sums dQ in a float32 accumulator of its own can subclass it to keep
+    (gradsum.DeferredRowSum). A provider whose kernel sums dQ in a float32 accumulator of its own can subclass it to keep
     one accumulator over all the blocks, so that the work the kernel does per call around that accumulator (clear
     it, prepare the rows, round it to dQ) is done once per rank instead of once per block."""
 
     def __init__(self, provider: "Provider", call: AttentionCall) -> None:
         self._provider = provider
-        self._dq = gradsum.RowSum(call.query.shape, call.device)
+        self._dq = gradsum.DeferredRowSum(call.query.shape, call.device)
 
     def block(self, call: AttentionCall, rows: slice, dout: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

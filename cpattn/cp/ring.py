@@ -14,12 +14,12 @@ The kept block costs one KV shard of memory from forward to backward.
 A step's dK/dV part belongs to the owner of the block it was computed against: at step i rank r sends its part
 for block s = r + 1 + i straight to rank s, in the inputs' dtype, while the next step computes, and receives the
 part of its own block from rank r - 1 - i. Each rank sums its own block's parts, and its dQ parts, once at the
-end in float32 (`gradsum.RowSum`). Accumulators travelling with the blocks instead would carry float32 on every
+end in float32 (`gradsum.DeferredRowSum`). Accumulators travelling with the blocks instead would carry float32 on every
 middle hop and be read and written at every step: this sends half the bytes and sums each gradient in one pass.
 Per-block gradients come from the provider's backward given the global (out, lse), which is exact: softmax
-probabilities of a block are exp(score - global lse). They go through the provider's `row_backward`, which sums
+probabilities of a block are exp(score - global lse). They go through the provider's `shared_rows_backward`, which sums
 dQ over the steps: by default the parts as above; a kernel with a float32 dQ accumulator of its own may keep one
-for all the steps (see contract.RowBackward). On CUDA the backward's steps take two streams in turn, so that a
+for all the steps (see contract.SharedRowsBackward). On CUDA the backward's steps take two streams in turn, so that a
 step's kernel starts while the previous one's last wave still runs (cpattn/cp/streams.py says why, what keeps
 that exact, and from what size of shard); the forward runs on one.
 
@@ -114,7 +114,7 @@ def block_plan(spec: RingSpec, me: int, src: int, causal: bool, q_len: int | Non
     return plan
 
 
-class _RowSlices:
+class _StationaryRows:
     """Some query rows of the tensors that stay put (query; dO, out and lse in a backward), as the provider
     takes them: views where its kernels read strided rows as they are (`Capabilities.row_views`), else dense
     copies made once per distinct row range. Zigzag steps with a later source all use the same rows (my late
@@ -135,13 +135,13 @@ class _RowSlices:
         return self._made[key]
 
 
-def _row_slices(provider: Provider, call: AttentionCall, **tensors: torch.Tensor) -> _RowSlices:
+def _stationary_rows(provider: Provider, call: AttentionCall, **tensors: torch.Tensor) -> _StationaryRows:
     caps = provider.capabilities(call.device.type)
-    return _RowSlices(call.q_len, caps is not None and caps.row_views, **tensors)
+    return _StationaryRows(call.q_len, caps is not None and caps.row_views, **tensors)
 
 
 def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan,
-                rows: _RowSlices) -> AttentionCall:
+                rows: _StationaryRows) -> AttentionCall:
     mask = call.attn_mask
     if is_mask_mod(mask):  # evaluated on this block only: S_local x S_block bools, never S_local x S
         q_pos = spec.key_positions(spec.group.rank, call.device)[plan.rows]
@@ -203,7 +203,7 @@ def ring_forward_keeping_last(provider: Provider, call: AttentionCall, spec: Rin
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, spec.max_length)
-    rows = _row_slices(provider, call, query=call.query)
+    rows = _stationary_rows(provider, call, query=call.query)
     acc = PartialAttention(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
     for step in range(world):
         src = (group.rank - step) % world
@@ -233,9 +233,9 @@ def ring_backward(
     steps = StepStreams(call.device, stream_count(call.device, spec.step_streams, work))
     # one buffer more than streams: the one a receive refills was last read on the stream its step is about to use
     buffers = _KVBuffers(own_k, own_v, spec.max_length, steps.count + 1)
-    rows = _row_slices(provider, call, query=call.query, dout=dout, out=out, lse=lse)
+    rows = _stationary_rows(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     replicated = call.q_len - spec.length(me)  # query rows beyond the shard (a prefix): the same on every rank
-    query_grads = provider.row_backward(call, dout, out, lse)  # dQ summed over the steps, asked for at the end
+    query_grads = provider.shared_rows_backward(call, dout, out, lse)  # dQ summed over the steps, asked for at the end
     own_grads = _OwnBlockGrads(own_k, own_v, call.device)
     sources = [(me + 1 + step) % world for step in range(world)]  # the forward's order reversed: mine last
     k, v = own_k, own_v
@@ -284,7 +284,7 @@ class _OwnBlockGrads:
 
     def __init__(self, own_k: torch.Tensor, own_v: torch.Tensor, device: torch.device):
         self._like = own_k, own_v
-        self.dk, self.dv = gradsum.RowSum(own_k.shape, device), gradsum.RowSum(own_v.shape, device)
+        self.dk, self.dv = gradsum.DeferredRowSum(own_k.shape, device), gradsum.DeferredRowSum(own_v.shape, device)
         self._in_flight = None  # (exchange, the sender's plan) of the previous step's incoming parts
 
     def add(self, cols: slice, parts) -> None:

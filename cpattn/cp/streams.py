@@ -13,7 +13,7 @@ What keeps it exact
       backward started, which issues the transfers and reads the sums) up to that point: its KV block's
       arrival and the rank's rows, and nothing of the other step streams' later work.
     - What a step hands on is ordered explicitly: sums of gradient parts wait for each part's event
-      (gradsum.RowSum); a step's sends are issued while its stream is current (the transfer waits for it); a
+      (gradsum.DeferredRowSum); a step's sends are issued while its stream is current (the transfer waits for it); a
       KV receive buffer is refilled only after the main stream waited for the stream whose kernel read it last
       (`main_waits_for`; with n streams the ring keeps n + 1 buffers so that this is the stream the step is
       about to use, not the one still computing); and the main stream waits for every step stream before the

@@ -3,7 +3,7 @@
 A ring backward gets each of dQ, dK and dV in parts, one per step, in the inputs' dtype (bf16, say); each part
 covers some rows of the whole (zigzag blocks cover half). Their sum must be taken in float32 and rounded once.
 All parts of a sum are known before it is needed (dQ's stay on their rank; dK/dV parts are sent to their
-block's owner), so `RowSum` keeps the parts as they come and adds them in one pass when the sum is asked for,
+block's owner), so `DeferredRowSum` keeps the parts as they come and adds them in one pass when the sum is asked for,
 `MAX_PARTS` at a time: it reads each part once and writes the result once, in the final dtype. Added step by
 step into a float32 accumulator, the same sum reads and writes that accumulator once per part (at W=4 zigzag
 parts about 10 passes of the output's size against 4).
@@ -19,7 +19,7 @@ import torch
 
 from .triton_kernels import optional_kernel
 
-MAX_PARTS = 4  # parts one Triton launch adds (cpattn/ops/gradsum_kernel.py); RowSum folds longer sums in float32
+MAX_PARTS = 4  # parts one Triton launch adds (cpattn/ops/gradsum_kernel.py); DeferredRowSum folds longer sums in float32
 
 
 def _fused_add():
@@ -43,7 +43,7 @@ def finish(total: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-class RowSum:
+class DeferredRowSum:
     """A sum of row parts that is needed only once all are known (a rank's dQ, dK or dV over the ring's steps):
     the parts are kept as they come and added when `result` asks for the sum, up to MAX_PARTS in one pass (see
     the module docstring). Holding W parts costs about what a float32 sum and one part cost, up to W=4; a part arriving

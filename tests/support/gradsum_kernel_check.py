@@ -1,8 +1,8 @@
 """Run by tests/unit/test_gradsum_kernel.py in a process with TRITON_INTERPRET=1: the Triton gradient sum on CPU
 tensors (Triton's interpreter) against torch ops, bit for bit, over dtypes, head dims, row ranges and strides,
-for two parts (in place and into new storage) and through `RowSum` for 3 to 2*MAX_PARTS+1; then ring backwards at
+for two parts (in place and into new storage) and through `DeferredRowSum` for 3 to 2*MAX_PARTS+1; then ring backwards at
 2-4 gloo ranks with that kernel doing their sums, against float64. With --cuda on a GPU: the kernel cases, and
-RowSum over parts made late on other CUDA streams, with a control that must fail without RowSum's waits."""
+DeferredRowSum over parts made late on other CUDA streams, with a control that must fail without DeferredRowSum's waits."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def case(total_dtype, part_dtype, out_dtype, dim, rows: slice, seed: int) -> str
 
 
 def row_sum_case(n: int, out_dtype, dim, spans: tuple, seed: int) -> str | None:
-    """None if `RowSum` over `n` parts (part i on rows spans[i % len]) gives, through the kernel, the bits of its
+    """None if `DeferredRowSum` over `n` parts (part i on rows spans[i % len]) gives, through the kernel, the bits of its
     torch path (first part as it is, float32 adds in order, one rounding), and leaves the parts as they were."""
     g = torch.Generator().manual_seed(seed)
     b, h, s = 2, 3, 29
@@ -72,7 +72,7 @@ def row_sum_case(n: int, out_dtype, dim, spans: tuple, seed: int) -> str | None:
     sums = {}
     for fused in (True, False):
         gradsum._fuse_on = lambda part, fused=fused: fused
-        total = gradsum.RowSum((b, h, s, dim), DEVICE)
+        total = gradsum.DeferredRowSum((b, h, s, dim), DEVICE)
         for rows, part in parts:
             total.add(rows, part)
         sums[fused] = total.result(out_dtype)
@@ -93,20 +93,20 @@ def row_sum_case(n: int, out_dtype, dim, spans: tuple, seed: int) -> str | None:
 
 
 def cross_stream_case(n: int, out_dtype, seed: int, ordered: bool = True) -> str | None:
-    """CUDA only: None if `RowSum` over `n` parts, each made on one of two side streams after ~10 ms of spinning
+    """CUDA only: None if `DeferredRowSum` over `n` parts, each made on one of two side streams after ~10 ms of spinning
     there and added on that stream (as a ring backward's steps add theirs, cpattn/cp/streams.py), summed on the
     home stream with no other synchronisation, equals the float64 sum of the parts. `ordered=False` is the
-    control: RowSum's waits for the parts' streams switched off, which must then read parts not yet written."""
+    control: DeferredRowSum's waits for the parts' streams switched off, which must then read parts not yet written."""
     torch.manual_seed(seed)
     b, h, s, d = 2, 3, 29, 64
     home = torch.cuda.current_stream()
     sides = [torch.cuda.Stream(), torch.cuda.Stream()]
     values = [torch.randn(b, h, s, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(n)]
-    read_here = gradsum.RowSum._read_here
+    read_here = gradsum.DeferredRowSum._read_here
     if not ordered:
-        gradsum.RowSum._read_here = lambda self: None
+        gradsum.DeferredRowSum._read_here = lambda self: None
     try:
-        total = gradsum.RowSum((b, h, s, d), DEVICE)
+        total = gradsum.DeferredRowSum((b, h, s, d), DEVICE)
         for i, value in enumerate(values):
             side = sides[i % 2]
             side.wait_stream(home)
@@ -115,7 +115,7 @@ def cross_stream_case(n: int, out_dtype, seed: int, ordered: bool = True) -> str
                 total.add(slice(0, s), value * 1)  # made on the side stream, after the spin
         got = total.result(out_dtype)
     finally:
-        gradsum.RowSum._read_here = read_here
+        gradsum.DeferredRowSum._read_here = read_here
     torch.cuda.synchronize()
     exact = sum(v.double() for v in values)
     err = (got.double() - exact).abs().max().item()
@@ -134,7 +134,7 @@ def main() -> int:
         checked += 1
         if problem:
             failures.append(f"total {total_dtype} part {part_dtype} out {out_dtype} D={dim} rows={rows}: {problem}")
-    # RowSum (the ring's dQ): three parts to twice MAX_PARTS (folds in float32 between launches), zigzag halves,
+    # DeferredRowSum (the ring's dQ): three parts to twice MAX_PARTS (folds in float32 between launches), zigzag halves,
     # rows no part covers, a first part over some rows only.
     spans = ((slice(0, 29), slice(14, 29)), (slice(0, 29), slice(0, 29), slice(14, 29)), (slice(3, 20), slice(10, 29)))
     for i, (n, out_dtype, dim, span) in enumerate(itertools.product(
@@ -142,17 +142,17 @@ def main() -> int:
         problem = row_sum_case(n, out_dtype, dim, span, seed=500 + i)
         checked += 1
         if problem:
-            failures.append(f"RowSum of {n} parts -> {out_dtype} D={dim} rows={span}: {problem}")
+            failures.append(f"DeferredRowSum of {n} parts -> {out_dtype} D={dim} rows={span}: {problem}")
     if CUDA:  # parts made on other streams (fold on a side stream from MAX_PARTS + 1 parts on)
         for i, (n, out_dtype) in enumerate(itertools.product((2, gradsum.MAX_PARTS + 1, 2 * gradsum.MAX_PARTS + 1),
                                                              (torch.float32, torch.bfloat16))):
             problem = cross_stream_case(n, out_dtype, seed=900 + i)
             checked += 1
             if problem:
-                failures.append(f"RowSum of {n} parts from two side streams -> {out_dtype}: {problem}")
+                failures.append(f"DeferredRowSum of {n} parts from two side streams -> {out_dtype}: {problem}")
         checked += 1
         if cross_stream_case(2, torch.float32, seed=999, ordered=False) is None:
-            failures.append("RowSum with its stream waits switched off summed the late parts right too: the "
+            failures.append("DeferredRowSum with its stream waits switched off summed the late parts right too: the "
                             "cross-stream cases above cannot tell")
         print("\n".join(failures))
         print(f"checked {checked} kernel cases on {torch.cuda.get_device_name()}, {len(failures)} failed")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.contract import RowBackward
+from cpattn.contract import SharedRowsBackward
 from cpattn.call import make_call
 from cpattn.providers.flash import fa4_sm90_backward
 from cpattn.providers.flash.fa4_sm90_backward import (SharedAccumulatorBackward, Sm90BackwardKernels,
@@ -119,7 +119,7 @@ def test_shared_accumulator_matches_the_per_block_sum():
     kernels = StandInKernels()
     dq, kv = _run(lambda c, do, o, l_: SharedAccumulatorBackward(provider, c, do, o, l_, kernels),
                   q, dout, out, lse, blocks, scale)
-    dq_ref, kv_ref = _run(lambda c, do, o, l_: RowBackward(provider, c), q, dout, out, lse, blocks, scale)
+    dq_ref, kv_ref = _run(lambda c, do, o, l_: SharedRowsBackward(provider, c), q, dout, out, lse, blocks, scale)
     assert kernels.main_calls == 2 and kernels.postprocess_calls == 1  # rows 6.. took the per-block path
     torch.testing.assert_close(dq, dq_ref, atol=1e-5, rtol=1e-5)
     for (dk, dv), (dk_ref, dv_ref) in zip(kv, kv_ref):
@@ -146,7 +146,7 @@ def test_only_per_block_rows_leave_the_accumulator_unused():
     kernels = StandInKernels()
     dq, _ = _run(lambda c, do, o, l_: SharedAccumulatorBackward(provider, c, do, o, l_, kernels),
                  q, dout, out, lse, blocks[2:], scale)
-    dq_ref, _ = _run(lambda c, do, o, l_: RowBackward(provider, c), q, dout, out, lse, blocks[2:], scale)
+    dq_ref, _ = _run(lambda c, do, o, l_: SharedRowsBackward(provider, c), q, dout, out, lse, blocks[2:], scale)
     assert kernels.main_calls == 0 and kernels.postprocess_calls == 0
     torch.testing.assert_close(dq, dq_ref)
 

@@ -31,14 +31,14 @@ def test_row_sum_adds_its_parts_once_in_float32_on_the_torch_path():
     zeros."""
     torch.manual_seed(0)
     whole = torch.randn(1, 2, 6, 4).bfloat16()
-    alone = gradsum.RowSum(whole.shape, "cpu")
+    alone = gradsum.DeferredRowSum(whole.shape, "cpu")
     alone.add(slice(0, 6), whole)
     assert alone.result(torch.bfloat16) is whole
 
     parts = [(slice(0, 6), torch.randn(1, 2, 6, 4).bfloat16()), (slice(3, 6), torch.randn(1, 2, 3, 4).bfloat16())]
     parts += [(slice(1, 3), torch.randn(1, 2, 2, 4)) for _ in range(gradsum.MAX_PARTS + 1)]
     kept = [p.clone() for _, p in parts]
-    total = gradsum.RowSum((1, 2, 6, 4), "cpu")
+    total = gradsum.DeferredRowSum((1, 2, 6, 4), "cpu")
     want = torch.zeros(1, 2, 6, 4, dtype=torch.float64)
     for rows, part in parts:
         total.add(rows, part)
@@ -49,11 +49,11 @@ def test_row_sum_adds_its_parts_once_in_float32_on_the_torch_path():
     torch.testing.assert_close(got.double(), want.bfloat16().double(), atol=2e-2, rtol=1e-2)
     assert all(torch.equal(p, k) for (_, p), k in zip(parts, kept))
 
-    partial = gradsum.RowSum((1, 2, 6, 4), "cpu")
+    partial = gradsum.DeferredRowSum((1, 2, 6, 4), "cpu")
     partial.add(slice(4, 6), whole[:, :, :2])
     got = partial.result(torch.float32)
     assert torch.equal(got[:, :, 4:], whole[:, :, :2].float()) and not got[:, :, :4].any()
-    empty = gradsum.RowSum((1, 2, 6, 4), "cpu").result(torch.bfloat16)
+    empty = gradsum.DeferredRowSum((1, 2, 6, 4), "cpu").result(torch.bfloat16)
     assert empty.dtype == torch.bfloat16 and not empty.any()
 
 

@@ -167,12 +167,12 @@ class Flash(FlashFamily):
         return (from_kernel_layout(dq, call.head_dim), from_kernel_layout(dk, call.head_dim),
                 from_kernel_layout(dv, call.value_dim))
 
-    def row_backward(self, call, dout, out, lse):
+    def shared_rows_backward(self, call, dout, out, lse):
         # FA4 on sm90 keeps one dQ accumulator over a ring rank's steps where it can (fa4_sm90_backward)
         shared = fa4_sm90_backward.shared_accumulator_backward(
             self, self.generation().row_backward_kernels(), call, dout, out, lse,
             self.head_dim_multiple(call, backward=True))
-        return shared if shared is not None else super().row_backward(call, dout, out, lse)
+        return shared if shared is not None else super().shared_rows_backward(call, dout, out, lse)
 
 
 class FlashVarlen(FlashFamily):

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ...contract import (AttentionCall, Provider, RowBackward, device_capability, lse_for_kernel_backward, on_device,
+from ...contract import (AttentionCall, Provider, SharedRowsBackward, device_capability, lse_for_kernel_backward, on_device,
                          rows_may_be_empty)
 from . import fa4_release_window
 
@@ -198,8 +198,8 @@ class Sm90BackwardKernels:
                                 api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
 
 
-class SharedAccumulatorBackward(RowBackward):
-    """contract.RowBackward with one FA4 dQ accumulator for every block whose rows allow it
+class SharedAccumulatorBackward(SharedRowsBackward):
+    """contract.SharedRowsBackward with one FA4 dQ accumulator for every block whose rows allow it
     (`block_rows_fit_tiles`)."""
 
     def __init__(self, provider: Provider, call: AttentionCall, dout: torch.Tensor, out: torch.Tensor,
