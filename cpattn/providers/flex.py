@@ -28,6 +28,7 @@ of the global gradients. Cost: one extra forward of the block per backward.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections import OrderedDict
@@ -54,6 +55,7 @@ CPU_NO_BACKWARD = (
     "flex_attention has no backward on CPU (PyTorch runs it forward-only there): "
     "run it on CUDA, or use provider 'native' for gradients on CPU"
 )
+CPU_NO_BACKWARD_SOFTCAP = CPU_NO_BACKWARD.replace("'native'", "'_native_math'") + " (softcap included)"
 
 
 # -- masks as flex hooks -------------------------------------------------------------------------------
@@ -107,13 +109,22 @@ def bias_score_mod(bias: torch.Tensor) -> Callable:
     return score_mod
 
 
-def softcap_score_mod(softcap: float) -> Callable:
-    """score_mod of a softcap: scores become softcap * tanh(score / softcap)."""
+def softcap_score_mod(softcap: torch.Tensor) -> Callable:
+    """score_mod of a softcap (a 0-d tensor, see `softcap_tensor`): scores become softcap * tanh(score / softcap)."""
 
     def capped(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
 
     return capped
+
+
+@functools.lru_cache(maxsize=64)
+def softcap_tensor(softcap: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The softcap as a 0-d tensor on the inputs' device, made once per value. A Python float in the score_mod
+    is what dynamo turns into a CPU scalar input once it recompiles (another shape): the compiled CUDA kernel then
+    fails ("all unwrapped values must be FakeTensor", "unbacked_bindings" with torch 2.11 on an H100). A tensor
+    is one more buffer of the hook, and every softcap value runs the same compiled graph."""
+    return torch.tensor(softcap, device=device, dtype=dtype)
 
 
 def score_mod_for(call: AttentionCall) -> Callable | None:
@@ -126,7 +137,9 @@ def score_mod_for(call: AttentionCall) -> Callable | None:
     bias = None if mask is None or mask.dtype == torch.bool else bias_score_mod(mask.to(call.dtype))
     if call.softcap is None:
         return bias
-    capped = softcap_score_mod(call.softcap)
+    # float64 inputs (CPU) keep the softcap in float64; the kernels' scores are float32 otherwise
+    dtype = torch.float64 if call.dtype == torch.float64 else torch.float32
+    capped = softcap_score_mod(softcap_tensor(call.softcap, call.device, dtype))
     if bias is None:
         return capped
 
@@ -344,7 +357,6 @@ class Flex(Provider):
             notes=(
                 "runs torch.compile(flex_attention); the first call of each shape compiles",
                 WINDOW_NOTE,
-                "each softcap value and window is its own compiled graph (they are constants of the hooks)",
                 "backward with an external (out, lse) recomputes the block's forward (one extra forward)",
                 f"head dims below {MIN_CUDA_HEAD_DIM} are not supported by the Triton kernel",
             ),
@@ -368,7 +380,8 @@ class Flex(Provider):
     def extra_reasons(self, call, caps):
         reasons = []
         if call.device.type == "cpu" and call.needs_grad:
-            reasons.append(CPU_NO_BACKWARD)
+            # SDPA has no softcap: for a softcapped call the CPU provider with gradients is the math one
+            reasons.append(CPU_NO_BACKWARD if call.softcap is None else CPU_NO_BACKWARD_SOFTCAP)
         if call.device.type == "cuda" and min(call.head_dim, call.value_dim) < MIN_CUDA_HEAD_DIM:
             reasons.append(
                 f"head dims ({call.head_dim}, value {call.value_dim}) below {MIN_CUDA_HEAD_DIM} are not supported"
