@@ -1,0 +1,608 @@
+"""transformers models on cpattn: ``attn_implementation="cpattn"``, on one device and context-parallel.
+
+Importing this module registers the name ``"cpattn"`` with transformers (``register()`` does it again, harmlessly):
+its attention function in ``AttentionInterface`` and its mask function in ``AttentionMaskInterface`` (transformers
+builds no mask at all for a name that only the first knows). Then, as with any attention implementation::
+
+    import cpattn, cpattn.integrations.transformers
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="cpattn")   # or from_config(...)
+    model.set_attn_implementation("cpattn")                                           # a model already built
+    with cpattn.attention_provider("flash"):
+        model.generate(**inputs)                 # one device; KV cache, sliding windows, softcap, sinks
+
+Every layer's attention then runs on the active cpattn provider, also for models that declare no SDPA support
+(Gemma 2, gpt-oss): what transformers passes maps onto ``attention_dispatch``: ``scaling`` -> scale, ``dropout``
+-> dropout_p (while the module trains), ``module.is_causal`` -> is_causal, ``sliding_window=W`` ->
+``window=(W - 1, 0)``, ``softcap``, ``s_aux`` -> sinks, differing head counts -> enable_gqa, padding and packed
+masks, T5's ``position_bias`` (as an additive mask, one device). What cannot be honoured (``head_mask``,
+``output_attentions=True``, a paged cache) raises an error naming the layer.
+
+Context parallel (each rank holds a shard of every sequence; a training step reads as it does on one device)::
+
+    with cpattn.attention_provider("flash", cp_mesh=mesh):
+        batch = shard_batch(full_batch, mesh)     # the same full batch on every rank; this rank's shard out
+        loss = model(**batch).loss                # or cp_loss(model(**batch).logits, batch["labels"], mesh)
+        loss.backward()
+    all_reduce_grads(model, mesh)                 # SUM over the mesh: the gradients of one process
+
+Under a mesh (rules every rank applies alike, so every rank raises the same error):
+
+* Position ids: the model must get each token's global position (per document in packed batches; shard_batch
+  makes them). Where the model passes them to attention, cpattn gathers them once per forward and refuses ids
+  that are 0..n-1 on every rank (what a model makes when none are passed) or the same on every rank.
+* Documents: a position id that does not follow its predecessor by one starts a new document (transformers'
+  packed-sequence rule), read from the gathered ids, for every model that passes position ids to attention.
+* Masks: a 2-D attention_mask is this rank's shard (shard_batch shards it and passes all ones where the batch
+  has none, so that transformers never reads a shard's positions as packed sequences). A 4-D mask is this
+  rank's query rows by all keys in global order, and is the whole mask, as SDPA takes it (no causal flag or
+  window is added to it). Masks transformers builds with other overlays (image tokens, blocks, chunked
+  attention) or for a filled KV cache are refused.
+* Encoder-decoder models: their encoders build positions inside (learned, sinusoidal, relative), so encoder
+  inputs stay whole on every rank and only the decoder's tokens are sharded. Non-causal attention of such a
+  model (the encoder's, the cross-attention) then runs on each rank against keys it holds whole, which is exact;
+  each rank's encoder gradients are its share, summed by `all_reduce_grads`. Causal attention (the decoder's
+  own) is context-parallel. T5's relative position bias cannot be sharded and is refused.
+
+Versions: tested with transformers 5.23.0 (the ``dev`` extra pins it). Expected to work with transformers 5.x
+(>= 5.0, < 6): it relies on ``AttentionInterface``, ``AttentionMaskInterface`` and the keyword arguments
+``masking_utils`` passes to a mask function, which 5.x keeps. Other major versions warn on import.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+from transformers import AttentionInterface
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    sdpa_mask,
+)
+
+from ..cp import shard_sequence
+from ..cp.comm import all_gather_padded, gather_signatures
+from ..cp.layout import shard_positions
+from ..cp.mesh import topology_from_mesh
+from ..dispatch import attention_dispatch
+from ..errors import CpattnError, InvalidArgumentError, UnsupportedInputError
+from ..state import attention_provider, current_state
+
+__all__ = [
+    "NAME", "ShardedMask", "TESTED_VERSION", "all_reduce_grads", "cp_loss", "cpattn_attention_forward", "cpattn_mask",
+    "register", "shard_batch",
+]
+
+NAME = "cpattn"
+TESTED_VERSION = "5.23.0"
+IGNORE_INDEX = -100  # labels that carry no loss, as transformers' losses and F.cross_entropy use it
+
+if not transformers.__version__.startswith("5."):
+    warnings.warn(f"cpattn.integrations.transformers is written for transformers 5.x (tested with {TESTED_VERSION}); "
+                  f"transformers {transformers.__version__} is installed", stacklevel=2)
+
+
+def register(name: str = NAME) -> None:
+    """Register cpattn with transformers under `name`: `attn_implementation=name` then routes every layer's
+    attention through cpattn. Idempotent (registering again replaces the entries with the same functions)."""
+    AttentionInterface.register(name, cpattn_attention_forward)
+    AttentionMaskInterface.register(name, cpattn_mask)
+
+
+# -- the attention function ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one layer asked for, in cpattn's terms."""
+
+    causal: bool
+    dropout_p: float
+    scale: float | None
+    sliding_window: int | None
+    softcap: float | None
+    sinks: torch.Tensor | None
+    position_bias: torch.Tensor | None
+
+    @property
+    def causal_window(self) -> "tuple[int, int] | None":
+        # transformers: key j is visible to query i iff 0 <= i - j < sliding_window
+        return (self.sliding_window - 1, 0) if self.causal and self.sliding_window else None
+
+
+def cpattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention function for ``attn_implementation="cpattn"``: q, k, v as (B, H, S, D) in, the
+    output as (B, S, H, D) and no attention weights out."""
+    layer = layer_name(module)
+    reasons = _refusals(kwargs)
+    if reasons:
+        raise UnsupportedInputError(f"{layer} under attn_implementation='cpattn'", reasons)
+    call = _Call(
+        causal=bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
+        dropout_p=float(dropout) if module.training else 0.0,
+        scale=scaling, sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"),
+        sinks=kwargs.get("s_aux"), position_bias=kwargs.get("position_bias"))
+    cp = _sharding()
+    try:
+        if cp is None:
+            out = _one_device(query, key, value, attention_mask, call)
+        elif _keys_whole_on_every_rank(cp, module, query, key, call.causal):
+            with attention_provider(current_state().provider):  # each rank's part is exact on its own
+                out = _one_device(query, key, value, attention_mask, call)
+        else:
+            out = _sharded(cp, query, key, value, attention_mask, call, kwargs.get("position_ids"))
+    except CpattnError as exc:
+        raise _in_layer(exc, layer) from exc
+    return out.transpose(1, 2).contiguous(), None
+
+
+def layer_name(module: torch.nn.Module) -> str:
+    index = getattr(module, "layer_idx", None)
+    return type(module).__name__ + (f" (layer {index})" if index is not None else "")
+
+
+def _refusals(kwargs: Mapping[str, Any]) -> list[str]:
+    out = [f"{name} is not supported: cpattn never forms the attention weights a head mask scales; drop it, or use "
+           "attn_implementation='eager'" for name in ("head_mask", "layer_head_mask") if kwargs.get(name) is not None]
+    if kwargs.get("output_attentions"):
+        out.append("output_attentions=True is not supported: cpattn never forms the attention weights; use "
+                   "attn_implementation='eager' to get them")
+    if kwargs.get("cache") is not None:  # transformers passes its paged cache (continuous batching) as `cache`
+        out.append("a paged KV cache (continuous batching) is not supported: use model.generate()")
+    return out
+
+
+def _in_layer(exc: CpattnError, layer: str) -> CpattnError:
+    """The same error, its message led by the layer's name (errors keep their type, so callers' handlers hold)."""
+    text = str(exc)
+    if text.startswith(layer):
+        return exc
+    named = exc.__class__.__new__(exc.__class__)
+    named.__dict__.update(exc.__dict__)
+    named.args = (f"{layer}: {text}",)
+    return named
+
+
+def _sharding():
+    """The active ContextParallel where the sequence is sharded over more than one rank, else None."""
+    cp = current_state().cp
+    return cp if cp is not None and cp.world_size > 1 else None
+
+
+def _enable_gqa(query: torch.Tensor, key: torch.Tensor) -> bool:
+    return query.shape[-3] != key.shape[-3]
+
+
+def _one_device(query, key, value, mask, call: _Call) -> torch.Tensor:
+    """What transformers' SDPA function computes, with the score modifications SDPA lacks."""
+    if isinstance(mask, ShardedMask):
+        raise InvalidArgumentError("this call attends to keys every rank holds whole, but its mask was built for "
+                                   "sharded keys; pass the mask of the whole key sequence")
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    position_bias, window = call.position_bias, None
+    is_causal = mask is None and call.causal and q_len > 1  # one query sees every cached key: bottom-right causal
+    if is_causal and kv_len > q_len:
+        # transformers passes no mask with more keys than queries only for the prefill of an empty static cache,
+        # whose keys past q_len are unfilled slots: top-left causal over the first q_len keys is the model's mask
+        key, value = key[..., :q_len, :], value[..., :q_len, :]
+        position_bias = position_bias[..., :q_len] if position_bias is not None else None
+    elif is_causal:
+        window = call.causal_window
+    if position_bias is not None:
+        mask, is_causal = _with_position_bias(position_bias, mask, is_causal, q_len, key.shape[-2]), False
+    return attention_dispatch(query, key, value, mask, call.dropout_p, is_causal, call.scale,
+                              _enable_gqa(query, key), window=window, softcap=call.softcap, sinks=call.sinks)
+
+
+def _with_position_bias(bias, mask, is_causal: bool, q_len: int, kv_len: int) -> torch.Tensor:
+    """An additive mask holding the bias where a key is visible (T5's relative position bias), as transformers'
+    SDPA path builds it."""
+    lowest = torch.finfo(bias.dtype).min
+    if mask is None:
+        if not is_causal:
+            return bias
+        visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=bias.device).tril()
+        return torch.where(visible, bias, lowest)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, lowest)
+    return bias + mask
+
+
+def _keys_whole_on_every_rank(cp, module, query, key, causal: bool) -> bool:
+    """Under a mesh: whether this call's keys are whole on every rank, so that each rank computes its queries'
+    part exactly on its own. Causal attention never is (it is a sharded sequence attending to itself).
+    Non-causal attention of an encoder-decoder model always is (its encoder's inputs stay whole, see the
+    module's docstring). Elsewhere, a non-causal call is cross-attention to whole keys where its key length
+    differs from its query length on some rank (self-attention has both of one sequence on every rank): the
+    ranks agree on that with one small all-gather, so that none goes its own way."""
+    if causal:
+        return False
+    if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+        return True
+    return bool(_max_over_ranks(cp, [int(query.shape[-2] != key.shape[-2])], query.device)[0])
+
+
+def _sharded(cp, query, key, value, mask, call: _Call, position_ids) -> torch.Tensor:
+    """A layer's attention over the sharded sequence: its mask, window and documents in global positions."""
+    if query.shape[-2] != key.shape[-2]:
+        raise UnsupportedInputError("causal attention under context parallelism", [
+            f"{key.shape[-2]} keys for {query.shape[-2]} queries: a KV cache continues on one device; under a mesh "
+            "every forward covers the whole (sharded) sequence: pass use_cache=False, or generate on one device "
+            "(or with cpattn.sharded_kv_attention)"])
+    if call.position_bias is not None:
+        raise UnsupportedInputError("context parallelism", [
+            "position_bias (a relative position bias, T5's) is built by the model from this rank's local length "
+            "and cannot be sharded: run this model on one device"])
+    attn_mask, padding, is_causal, window = _sharded_mask_args(mask, call)
+    documents = _global_positions(cp, position_ids).documents if position_ids is not None else None
+    if attn_mask is None:
+        attn_mask = _mask_mod(padding, documents, query.shape[0])
+    return attention_dispatch(query, key, value, attn_mask, call.dropout_p, is_causal, call.scale,
+                              _enable_gqa(query, key), window=window, softcap=call.softcap, sinks=call.sinks)
+
+
+def _sharded_mask_args(mask, call: _Call):
+    """(tensor mask, global key padding, is_causal, window) from what the layer got as its attention mask."""
+    if isinstance(mask, ShardedMask):
+        if mask.refused:
+            raise InvalidArgumentError(mask.refused)
+        return None, mask.key_padding, mask.causal, mask.window
+    if mask is None:  # a mask no mask function built: the module's own flags, as transformers' SDPA reads them
+        return None, None, call.causal, call.causal_window
+    if isinstance(mask, torch.Tensor):  # local query rows x all keys in global order: the whole mask, as in SDPA
+        return mask, None, False, None
+    raise InvalidArgumentError(f"attention mask of type {type(mask).__name__} cannot be sharded: pass a 2-D "
+                               "attention_mask (this rank's shard) or a 4-D tensor (local rows x all keys)")
+
+
+def _mask_mod(padding: torch.Tensor | None, documents: torch.Tensor | None, batch: int):
+    """A cpattn mask_mod over global positions: keys that are not padding, of the query's own document."""
+    if padding is None and documents is None:
+        return None
+    if documents is not None:
+        documents = documents.expand(batch, -1)
+
+    def mask_mod(b, h, q, kv):
+        keep = padding[b, kv] if padding is not None else None
+        if documents is not None:
+            same = documents[b, q] == documents[b, kv]
+            keep = same if keep is None else keep & same
+        return keep
+    return mask_mod
+
+
+# -- positions under a mesh ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Positions:
+    documents: torch.Tensor | None  # (B or 1, S) document index of every global position, None for one per row
+
+
+class _LastGathered:
+    """The position ids of the last forward, gathered: every layer gets the same tensor, so it is gathered once.
+    Every rank runs the same model code, so the cache hits and misses alike on every rank."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, cp, position_ids: torch.Tensor, compute) -> _Positions:
+        ref = self._key[0]() if self._key else None
+        if ref is not position_ids or self._key[1:] != (position_ids._version, id(cp)):
+            self._value = compute()
+            self._key = (weakref.ref(position_ids), position_ids._version, id(cp))
+        return self._value
+
+
+_LAST_POSITIONS = _LastGathered()
+
+
+def _global_positions(cp, position_ids: torch.Tensor) -> _Positions:
+    return _LAST_POSITIONS.get(cp, position_ids, lambda: _positions_of(cp, position_ids))
+
+
+def _positions_of(cp, position_ids: torch.Tensor) -> _Positions:
+    if position_ids.dim() != 2:  # multimodal RoPE (3, B, S) and the like: per-section positions cpattn cannot read
+        raise InvalidArgumentError(f"position_ids of shape {tuple(position_ids.shape)}: under a mesh cpattn reads "
+                                   "(batch, tokens) position ids only")
+    full = _gather_tokens(position_ids.long(), cp, 1)
+    forgotten = _forgotten_positions(full, cp)
+    if forgotten:
+        raise InvalidArgumentError(
+            f"position_ids are {forgotten}: under a mesh every token needs its global position (per document in "
+            "packed batches), else RoPE and the mask see shard-local positions. Pass the batch through "
+            "cpattn.integrations.transformers.shard_batch(batch, mesh), or position_ids=cpattn.local_position_ids("
+            "S, mesh) for one document per row")
+    # transformers' packed-sequence rule: a position that does not follow its predecessor by one starts a document
+    starts = torch.diff(full, prepend=full[:, :1] - 1, dim=-1) != 1
+    return _Positions(starts.cumsum(-1) if bool(starts[:, 1:].any()) else None)
+
+
+def _forgotten_positions(full: torch.Tensor, cp) -> str | None:
+    """Why the gathered position ids look like ones each rank made alone, or None."""
+    t = cp.topology
+    shards = [full[:, index.to(full.device)] for index in
+              shard_positions(full.shape[-1], t.ring_size, t.ulysses_size, cp.layout)]
+    if all(torch.equal(s, torch.arange(s.shape[-1], device=s.device).expand_as(s)) for s in shards):
+        return "0..n-1 on every rank (what the model makes when it gets none)"
+    if all(torch.equal(s, shards[0]) for s in shards[1:]):
+        return "the same on every rank"
+    return None
+
+
+def _gather_tokens(x: torch.Tensor, cp, dim: int) -> torch.Tensor:
+    """Every rank's shard of `x` along `dim`, reassembled in global order (cpattn.gather_sequence, for the
+    active ContextParallel rather than a mesh)."""
+    t = cp.topology
+    gathered = x
+    for group in (g for g in (t.ulysses, t.ring) if g is not None):  # Ulysses parts make up a ring shard
+        lengths = gather_signatures([gathered.shape[dim]], group, cp.timeout, x.device)[:, 0].tolist()
+        gathered = torch.cat(all_gather_padded(gathered, lengths, dim, group, cp.timeout), dim=dim)
+    order = torch.cat(shard_positions(gathered.shape[dim], t.ring_size, t.ulysses_size, cp.layout)).to(x.device)
+    out = torch.empty_like(gathered)
+    out.index_copy_(dim, order, gathered)
+    return out
+
+
+def _max_over_ranks(cp, values: list[int], device) -> list[int]:
+    """The elementwise maximum of small integer lists over every rank of the mesh (one all-gather per dim)."""
+    for group in (g for g in (cp.topology.ulysses, cp.topology.ring) if g is not None):
+        values = gather_signatures(values, group, cp.timeout, torch.device(device)).max(dim=0).values.tolist()
+    return values
+
+
+# -- the mask function -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """A mask transformers builds from positions alone: causal or not, within a window (cpattn's convention)."""
+
+    causal: bool
+    window: "tuple[int, int] | None" = None
+
+    def visible(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        keep = kv <= q if self.causal else torch.ones_like(q, dtype=torch.bool)
+        if self.window is not None:
+            keep = keep & (kv >= q - self.window[0]) & (kv <= q + self.window[1])
+        return keep
+
+
+@dataclass(frozen=True, eq=False)
+class ShardedMask:
+    """What a layer's mask is under a mesh, in global positions, in place of a tensor transformers would build
+    from one rank's shard: the pattern, the whole key padding (gathered) or why cpattn refuses it. The same on
+    every rank (the ranks agree on it while the mask is built)."""
+
+    causal: bool = True
+    window: "tuple[int, int] | None" = None
+    key_padding: torch.Tensor | None = None  # (B, S) bool, True = a real token, global order
+    refused: str | None = None
+
+
+def cpattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                local_size: int | None = None, allow_is_causal_skip: bool = True,
+                allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, device="cpu", config=None,
+                **kwargs):
+    """transformers' mask function for ``attn_implementation="cpattn"`` (its keyword arguments are those of
+    `transformers.masking_utils.sdpa_mask`).
+
+    One device: None where the layer's own flags say it all (plain causal or sliding-window masks without
+    padding, queries and keys of one span), so that cpattn passes is_causal and the window to kernels that
+    skip the work outside them; otherwise transformers' own boolean mask. Under a mesh: a `ShardedMask`."""
+    pattern = _pattern_of(mask_function, local_size, use_vmap, device)
+    cp = _sharding()
+    whole_keys = bool(getattr(config, "is_encoder_decoder", False)) and not (pattern and pattern.causal)
+    if cp is None or whole_keys:
+        if (pattern is not None and pattern.causal and allow_is_causal_skip and q_length == kv_length
+                and _is_zero(q_offset) and _is_zero(kv_offset)
+                and (attention_mask is None or bool(attention_mask.all()))):
+            return None
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
+                         allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap, device=device,
+                         config=config, **kwargs)
+    skip = allow_is_bidirectional_skip if pattern is not None and not pattern.causal else allow_is_causal_skip
+    return _sharded_mask(cp, pattern if skip else None, attention_mask, batch_size, q_length, kv_length,
+                         q_offset, kv_offset, device)
+
+
+def _is_zero(offset) -> bool:
+    return isinstance(offset, int) and offset == 0
+
+
+def _pattern_of(mask_function, local_size: int | None, use_vmap: bool, device) -> _Pattern | None:
+    """The plain pattern transformers' mask function draws, or None where it adds anything else. transformers
+    turns vmap on exactly where it adds a caller's overlay (image tokens and the like), which depends on data,
+    so those are never plain. Windowed functions are told apart (sliding vs chunked, causal vs not) by
+    evaluating them where the candidates differ: around one, two and three windows."""
+    if use_vmap:
+        return None
+    if mask_function is causal_mask_function:
+        return _Pattern(True)
+    if mask_function is bidirectional_mask_function:
+        return _Pattern(False)
+    if local_size is None:
+        return None
+    w = int(local_size)
+    anchors = torch.tensor([0, 1, 2, w - 2, w - 1, w, w + 1, w + 2, 2 * w - 1, 2 * w, 2 * w + 1, 3 * w + 5])
+    offsets = torch.tensor([-w - 2, -w - 1, -w, -w + 1, -w + 2, -(w // 2), -2, -1, 0, 1, 2, w // 2, w - 1, w, w + 1])
+    q, kv = (anchors[:, None] + 0 * offsets[None, :]).flatten(), (anchors[:, None] + offsets[None, :]).flatten()
+    q, kv = q[kv >= 0].to(device), kv[kv >= 0].to(device)
+    try:
+        seen = torch.as_tensor(mask_function(torch.zeros_like(q), torch.zeros_like(q), q, kv)).bool()
+    except (RuntimeError, IndexError, TypeError):  # a function of data (documents, blocks): not a plain pattern
+        return None
+    for candidate in (_Pattern(True, (w - 1, 0)), _Pattern(False, (w, w))):
+        if seen.shape == q.shape and torch.equal(seen, candidate.visible(q, kv)):
+            return candidate
+    return None
+
+
+_REFUSED_PATTERN = 1
+_REFUSED_CACHE = 2
+_REFUSED_LENGTH = 3
+_REFUSALS = {
+    _REFUSED_PATTERN: (
+        "transformers built this layer's mask with more than a causal, sliding-window or bidirectional pattern: "
+        "packed sequences it read from one rank's position ids (under a mesh pass attention_mask, all ones where "
+        "there is no padding, as shard_batch does: documents then come from the position ids cpattn gathers), "
+        "or an overlay context parallelism does not shard (image tokens, blocks, chunked attention)"),
+    _REFUSED_CACHE: (
+        "this mask continues a KV cache: under a mesh every forward covers the whole (sharded) sequence from "
+        "position 0: pass use_cache=False, or generate on one device"),
+    _REFUSED_LENGTH: (
+        "the 2-D attention_mask does not cover this rank's tokens: under a mesh pass this rank's shard of it "
+        "(shard_batch does), or a 4-D (batch, 1, local tokens, all tokens) mask in global key order"),
+}
+
+
+def _sharded_mask(cp, pattern: _Pattern | None, attention_mask, batch_size: int, q_length: int, kv_length: int,
+                  q_offset, kv_offset, device) -> ShardedMask:
+    """The ranks agree on a refusal and on whether any holds padding (one small all-gather), then gather the
+    padding: every rank returns the same kind of mask, so that every layer runs the same collectives on all."""
+    if pattern is None:
+        code = _REFUSED_PATTERN
+    elif not (_is_zero(q_offset) and _is_zero(kv_offset)):
+        code = _REFUSED_CACHE
+    elif kv_length != q_length or (attention_mask is not None and attention_mask.shape[-1] != q_length):
+        code = _REFUSED_LENGTH
+    else:
+        code = 0
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    code, padded = _max_over_ranks(cp, [code, int(padded)], device)
+    if code:
+        return ShardedMask(refused=_REFUSALS[code])
+    padding = None
+    if padded:
+        local = attention_mask if attention_mask is not None else torch.ones(batch_size, q_length, device=device)
+        padding = _gather_tokens(local.to(torch.uint8), cp, 1).bool()  # uint8: gloo gathers no bool tensors
+    return ShardedMask(pattern.causal, pattern.window, padding)
+
+
+# -- training under a mesh -------------------------------------------------------------------------------------
+
+_DECODER_ONLY_SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "token_type_ids")
+_DECODER_SEQUENCE_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def shard_batch(batch: Mapping[str, Any], mesh, *, seq_dim: int = 1, layout: str | None = None,
+                ignore_index: int = IGNORE_INDEX) -> dict:
+    """This rank's shard of a full batch (the same batch on every rank), ready for ``model(**batch)`` under
+    ``attention_provider(..., cp_mesh=mesh)``. `layout` defaults to the active block's cp_layout, else zigzag.
+
+    Causal LM batches (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``, ``labels``,
+    ``token_type_ids``): every sequence tensor is sharded along `seq_dim`;
+    * ``labels`` are shifted first (a token's target is the next token of the whole sequence, which may live on
+      another rank) and come back as this rank's shifted targets, also as ``shift_labels``, with
+      ``num_items_in_batch`` (the global count of counted targets): transformers' causal-LM loss then sums this
+      rank's token losses over the global count, so ``model(**batch).loss`` is this rank's share of the loss;
+    * ``position_ids`` (given: per document for packed batches; else 0..S-1) become the tokens' global positions;
+    * ``attention_mask``: a 2-D one is sharded, and all ones where the batch has none, so that transformers never
+      reads a shard's positions as packed sequences; a 4-D one keeps all keys and loses the other ranks' rows.
+    Encoder-decoder batches (``decoder_input_ids`` or ``decoder_inputs_embeds`` present): the decoder's tensors
+    (those, ``decoder_attention_mask``, ``decoder_position_ids``, ``labels``, not shifted) are sharded; the
+    encoder's inputs stay whole. Other entries pass through unchanged.
+    """
+    layout = layout or _active_layout()
+    out = dict(batch)
+    if any(k in batch for k in _DECODER_SEQUENCE_KEYS):
+        keys, mask_key, positions_key = _DECODER_SEQUENCE_KEYS, "decoder_attention_mask", "decoder_position_ids"
+    else:
+        keys, mask_key, positions_key = _DECODER_ONLY_SEQUENCE_KEYS, "attention_mask", "position_ids"
+        if batch.get("labels") is not None:
+            out["labels"] = shifted = _shift_left(batch["labels"], seq_dim, ignore_index)
+            out["num_items_in_batch"] = (shifted != ignore_index).sum()
+    batch_size, length, device = _batch_shape(batch, keys, seq_dim)
+    if out.get(positions_key) is None:
+        out[positions_key] = torch.arange(length, device=device).expand(batch_size, length)
+    if out.get(mask_key) is None:
+        out[mask_key] = torch.ones(batch_size, length, dtype=torch.long, device=device)
+    shard = lambda t, dim=seq_dim: shard_sequence(t, mesh, dim, layout)  # noqa: E731
+    for name in (*keys, positions_key, "labels"):
+        if isinstance(out.get(name), torch.Tensor):
+            out[name] = shard(out[name])
+    mask = out[mask_key]
+    out[mask_key] = shard(mask, -2) if mask.dim() == 4 else shard(mask)
+    if "num_items_in_batch" in out:
+        out["shift_labels"] = out["labels"]
+    return out
+
+
+def _active_layout() -> str:
+    cp = current_state().cp
+    return cp.layout if cp is not None else "zigzag"
+
+
+def _shift_left(labels: torch.Tensor, dim: int, ignore_index: int) -> torch.Tensor:
+    """Each token's target: the next label along `dim`, ignore_index for the last (transformers' causal-LM
+    shift, done on the whole sequence)."""
+    tail = labels.narrow(dim, 1, labels.shape[dim] - 1)
+    pad = torch.full_like(labels.narrow(dim, 0, 1), ignore_index)
+    return torch.cat([tail, pad], dim=dim)
+
+
+def _batch_shape(batch: Mapping[str, Any], keys: Iterable[str], seq_dim: int):
+    for name in keys:
+        t = batch.get(name)
+        if isinstance(t, torch.Tensor):
+            return t.shape[0], t.shape[seq_dim], t.device
+    raise InvalidArgumentError(f"shard_batch needs one of {', '.join(keys)} in the batch to know its sequences")
+
+
+def cp_loss(logits: torch.Tensor, labels: torch.Tensor, mesh=None, *, ignore_index: int = IGNORE_INDEX
+            ) -> torch.Tensor:
+    """Cross-entropy of this rank's tokens: the sum of their losses over the global number of counted tokens
+    (all-reduced over `mesh`; without one, this process's count: the usual mean). Summed over the ranks, its
+    gradients are those of the mean loss of one process holding the whole batch (`all_reduce_grads` sums them).
+
+    `labels` are the targets of the tokens, as shard_batch returns them (shifted for causal LMs)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    targets = labels.reshape(-1).to(flat.device)
+    total = F.cross_entropy(flat, targets, ignore_index=ignore_index, reduction="sum")
+    count = (targets != ignore_index).sum()
+    if mesh is not None:
+        count = _all_reduce_sum(count, mesh)
+    return total / count.clamp_min(1)
+
+
+def all_reduce_grads(parameters, mesh) -> None:
+    """Sum every parameter's gradient over the ranks of `mesh` (a module or an iterable of parameters): after
+    a backward of `cp_loss` (or the loss of a shard_batch batch) on every rank, the gradients of one process.
+    A parameter a rank did not use (an MoE expert no local token chose) takes part with zeros."""
+    params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: dict = {}
+    for p in params:  # one all-reduce per (device, dtype) rather than one per parameter
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    for group in buckets.values():
+        flat = _all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in group]), mesh)
+        for p, part in zip(group, flat.split([p.numel() for p in group])):
+            p.grad.copy_(part.view_as(p.grad))
+
+
+@torch.no_grad()
+def _all_reduce_sum(x: torch.Tensor, mesh) -> torch.Tensor:
+    x = x.clone()
+    t = topology_from_mesh(mesh)
+    for group in (g for g in (t.ulysses, t.ring) if g is not None):
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group.pg)
+    return x
+
+
+register()
