@@ -7,8 +7,13 @@ through `FlashVarlen.packed_attention`).
 
 Rows that see no key come back from the kernels with out 0 and lse +inf (FA2/FA3) or -inf (FA4): the contract
 wants -inf, and +inf again when handed back to a backward kernel. flash-attn aligns causal masks to the
-bottom-right corner, SDPA to the top-left: the two agree only when q_len == kv_len, the only causal case these
-providers accept.
+bottom-right corner, SDPA to the top-left: the two agree only when q_len == kv_len, the only case of is_causal
+alone these providers accept. A window (is_causal folded into its band) reaches the kernels shifted to their
+corner (score_mods.py), so rectangular windowed calls run wherever the shifted band has no negative side.
+
+Window, softcap and sinks go to the generation's functions on every path (attention, forward, backward). Sinks
+the generation does not take natively enter through the log-sum-exp here as well (cpattn/ops/sinks.py), so a
+call's sinks are never dropped, whoever calls.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ... import scoremods
 from ...contract import (HALF_DTYPES, AttentionCall, Availability, Capabilities, ContractAttentionFunction,
                          Provider, device_capability, lse_for_kernel_backward, normalize_lse, on_device,
                          rows_may_be_empty)
+from ...ops.sinks import add_sinks
 from . import fa4_sm90_backward
 from .generation import Generation
 from .generation_choice import INSTALL_HINT, find_generation
 from .layout import (Packing, PaddedBatch, align_head_dim, deterministic_algorithms, from_kernel_layout,
                      to_kernel_layout)
+from .score_mods import kernel_mods, wants_grad, window_reasons
 
 
 class FlashFamily(Provider):
@@ -94,11 +102,12 @@ class FlashFamily(Provider):
         out = []
         if call.head_dim != call.value_dim:
             out.append(f"value head dim {call.value_dim} != query head dim {call.head_dim}")
-        if call.is_causal and call.q_len != call.kv_len:
+        if call.is_causal and call.q_len != call.kv_len and call.window is None:
             out.append(
                 f"is_causal with q_len {call.q_len} != kv_len {call.kv_len}: flash-attn aligns the causal mask to "
                 "the bottom-right corner, SDPA to the top-left (they agree only for equal lengths)"
             )
+        out += window_reasons(call) + self._generation.feature_reasons(call)
         if call.device.type == "cuda":
             out += self._generation.limits(call, device_capability(call.device))
         return out
@@ -113,6 +122,8 @@ class Flash(FlashFamily):
 
     def runner(self, call: AttentionCall):
         # No device guard: dispatch wraps cached runners that need one (several GPUs) itself.
+        if _modified(call):  # dispatch caches none of these; the default rebuilds the call with its modifications
+            return super().runner(call)
         kernel = self._kernel_of_bhsd(call)
         pad = (-call.head_dim) % self.head_dim_multiple(call, call.needs_grad)
         if not pad:
@@ -138,20 +149,27 @@ class Flash(FlashFamily):
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         gen = self.generation()
-        multiple = self.head_dim_multiple(call, call.needs_grad)
+        if call.sinks is not None and not gen.native_sinks(call, _capability(call)):
+            return sinks_through_lse(self, call)
+        causal, mods = kernel_mods(call)
+        multiple = self.head_dim_multiple(call, wants_grad(call))
         q, k, v = (to_kernel_layout(t, multiple) for t in (call.query, call.key, call.value))
         with on_device(call.device):
-            out = gen.function(q, k, v, call.scale, call.is_causal, call.dropout_p, deterministic_algorithms())
+            out = gen.function(q, k, v, call.scale, causal, call.dropout_p, deterministic_algorithms(), mods)
         return from_kernel_layout(out, call.value_dim)
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
         gen = self.generation()
+        causal, mods = kernel_mods(call, sinks=gen.takes_sinks())
         multiple = self.head_dim_multiple(call, backward=False)
         q, k, v = (to_kernel_layout(t.detach(), multiple) for t in (call.query, call.key, call.value))
         with torch.no_grad(), on_device(call.device):
-            out, lse = gen.forward(q, k, v, call.scale, call.is_causal)
+            out, lse = gen.forward(q, k, v, call.scale, causal, mods)
         lse = normalize_lse(lse, call.q_len, may_be_empty=rows_may_be_empty(call))
-        return from_kernel_layout(out, call.value_dim), lse
+        out = from_kernel_layout(out, call.value_dim)
+        if call.sinks is not None and mods.sinks is None:  # the generation has no sink argument
+            return add_sinks(out, lse, call.sinks)
+        return out, lse
 
     def backward(self, call, dout, out, lse):
         gen = self.generation()
@@ -162,8 +180,9 @@ class Flash(FlashFamily):
             for t in (call.query, call.key, call.value, out, dout)
         )
         lse_k = lse_for_kernel_backward(lse.detach(), rows_may_be_empty(call)).float().contiguous()
+        causal, mods = kernel_mods(call, sinks=False)  # `lse` holds the sinks: all the q/k/v gradients need
         with torch.no_grad(), on_device(call.device):
-            dq, dk, dv = gen.backward(do, q, k, v, o, lse_k, call.scale, call.is_causal, deterministic_algorithms())
+            dq, dk, dv = gen.backward(do, q, k, v, o, lse_k, call.scale, causal, deterministic_algorithms(), mods)
         return (from_kernel_layout(dq, call.head_dim), from_kernel_layout(dk, call.head_dim),
                 from_kernel_layout(dv, call.value_dim))
 
@@ -194,20 +213,28 @@ class FlashVarlen(FlashFamily):
         out = super().extra_reasons(call, caps)
         if call.is_causal and call.attn_mask is not None:
             out.append("is_causal together with a key-padding mask (unpadding keys would shift the causal diagonal)")
+        if call.window is not None and call.attn_mask is not None:
+            out.append(f"window={call.window} together with a key-padding mask (unpadding keys would move them "
+                       "against the window); use provider 'flash' without a mask, or 'flex'")
         return out
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
-        batch = PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=call.needs_grad))
+        gen = self.generation()
+        if call.sinks is not None and not gen.native_sinks(call, _capability(call)):
+            return sinks_through_lse(self, call)
+        batch = PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=wants_grad(call)))
         if batch.total_k == 0:  # every key hidden: no kernel call, the contract path gives zeros
+            if call.sinks is not None:
+                return sinks_through_lse(self, call)
             if call.needs_grad:
                 return ContractAttentionFunction.apply(self, call, call.query, call.key, call.value)
             return self.forward(call)[0]
-        gen = self.generation()
+        causal, mods = kernel_mods(call)
         q = batch.pack_queries(call.query)
         k, v = batch.pack_keys(call.key), batch.pack_keys(call.value)
         with on_device(call.device):
-            out = gen.varlen_function(q, k, v, batch.packing, call.scale, call.is_causal, call.dropout_p,
-                                      deterministic_algorithms())
+            out = gen.varlen_function(q, k, v, batch.packing, call.scale, causal, call.dropout_p,
+                                      deterministic_algorithms(), mods)
         return batch.zero_empty_rows(batch.unpack_queries(out, call.value_dim))[0]
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,15 +242,20 @@ class FlashVarlen(FlashFamily):
         if batch.total_k == 0:
             out = call.query.new_zeros(call.batch, call.q_heads, call.q_len, call.value_dim)
             lse = torch.full((call.batch, call.q_heads, call.q_len), float("-inf"), device=call.device)
-            return out, lse
+            return add_sinks(out, lse, call.sinks) if call.sinks is not None else (out, lse)
         gen = self.generation()
+        # Sequences without keys get lse -inf below, not the sink: with any of them the sinks join afterwards.
+        causal, mods = kernel_mods(call, sinks=gen.takes_sinks() and batch.empty is None)
         q = batch.pack_queries(call.query.detach())
         k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
         with torch.no_grad(), on_device(call.device):
-            out, lse = gen.varlen_forward(q, k, v, batch.packing, call.scale, call.is_causal)
+            out, lse = gen.varlen_forward(q, k, v, batch.packing, call.scale, causal, mods)
         out = batch.unpack_queries(out, call.value_dim)
         lse = normalize_lse(batch.lse_from_kernel(lse), call.q_len)
-        return batch.zero_empty_rows(out, lse)
+        out, lse = batch.zero_empty_rows(out, lse)
+        if call.sinks is not None and mods.sinks is None:
+            return add_sinks(out, lse, call.sinks)
+        return out, lse
 
     def backward(self, call, dout, out, lse):
         batch = PaddedBatch.from_call(call, self.head_dim_multiple(call, backward=True))
@@ -232,9 +264,10 @@ class FlashVarlen(FlashFamily):
         gen = self.generation()
         q, o, do = (batch.pack_queries(t.detach().to(call.dtype)) for t in (call.query, out, dout))
         k, v = batch.pack_keys(call.key.detach()), batch.pack_keys(call.value.detach())
+        causal, mods = kernel_mods(call, sinks=False)  # `lse` holds the sinks: all the q/k/v gradients need
         with torch.no_grad(), on_device(call.device):
             dq, dk, dv = gen.varlen_backward(do, q, k, v, o, batch.lse_to_kernel(lse.detach()), batch.packing,
-                                             call.scale, call.is_causal, deterministic_algorithms())
+                                             call.scale, causal, deterministic_algorithms(), mods)
         dq = batch.zero_empty_rows(batch.unpack_queries(dq, call.head_dim))[0]
         return dq, batch.unpack_keys(dk, call.head_dim), batch.unpack_keys(dv, call.value_dim)
 
@@ -247,6 +280,25 @@ class FlashVarlen(FlashFamily):
             out = gen.varlen_function(align_head_dim(q), align_head_dim(k), align_head_dim(v), packing, scale,
                                       causal, 0.0, deterministic_algorithms())
         return out[..., : v.shape[-1]]
+
+
+def _modified(call: AttentionCall) -> bool:
+    return call.window is not None or call.softcap is not None or call.sinks is not None
+
+
+def _capability(call: AttentionCall) -> tuple[int, int] | None:
+    return device_capability(call.device) if call.device.type == "cuda" else None
+
+
+def sinks_through_lse(provider: Provider, call: AttentionCall) -> torch.Tensor:
+    """`call` on `provider` with its sinks joining through the log-sum-exp (cpattn/ops/sinks.py): for a
+    generation without a sink argument, or a kernel that lacks them for this call."""
+    plain = call.replace(sinks=None)
+    if wants_grad(call):
+        return scoremods.SinksThroughLse.apply(provider, plain, call.query, call.key, call.value, call.sinks)
+    with torch.no_grad():
+        out, lse = provider.forward(plain)
+    return add_sinks(out, lse, call.sinks)[0]
 
 
 def make_providers() -> list[Provider]:

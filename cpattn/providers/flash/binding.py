@@ -6,10 +6,15 @@ parameters (from the custom-op schema where the library registers one, else the 
 it with a message naming the generation, the function and the parameter, instead of a TypeError deep inside a
 kernel call. Calls pass keywords only; parameters without a default that cpattn does not set get values that
 switch their feature off (no window, softcap or ALiBi).
+
+Score modifications are features a function may lack (`FEATURES`): `bind` records which of them it takes and
+under which parameters, a generation refuses the calls that need one its functions lack, and a call that passes
+one to a function without it raises: a window or softcap is never dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
@@ -30,6 +35,16 @@ NEUTRAL_ARGS = {
     "leftpad_k": None,
     "seqused_q": None,
     "seqused_k": None,
+}
+
+
+# Score modifications the adapters pass by cpattn's name, and the library parameters that take them, in the order
+# they are looked for. A window is (left, right) in the library's convention: one `window_size` pair (FA2 <= 2.6's
+# private functions, every public function) or two sides (FA2 >= 2.7's and FA3's private functions, FA4's).
+FEATURES = {
+    "window": (("window_size",), ("window_size_left", "window_size_right")),
+    "softcap": (("softcap",),),
+    "learnable_sink": (("learnable_sink",),),
 }
 
 
@@ -65,9 +80,20 @@ class BoundFunction:
     accepted: frozenset[str]
     optional: frozenset[str]  # names the adapter passes only where the library has them
     fill: dict[str, Any]  # neutral values for parameters without default that the adapter does not set
+    features: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # FEATURES it takes, and how
 
     def __call__(self, **kwargs):
         return self.fn(**self._arguments(kwargs))
+
+    def takes(self, feature: str) -> bool:
+        """Whether the function has the parameters of `feature` (a name in FEATURES)."""
+        return feature in self.features
+
+    def lacks(self, feature: str) -> str:
+        """`feature`'s missing parameter in words, e.g. "flash_attn.cute.interface._flash_attn_fwd has no
+        parameter 'softcap'"."""
+        names = " or ".join("/".join(f"'{name}'" for name in spelling) for spelling in FEATURES[feature])
+        return f"{self.where} has no parameter {names}"
 
     def partial(self, **fixed) -> Callable:
         """The function with `fixed` bound once (renamed and filled as a call would): a cached runner calls it
@@ -78,6 +104,9 @@ class BoundFunction:
         """The library's keywords for the adapter's: renamed, filled with neutral values, checked."""
         args = dict(self.fill)
         for name, value in kwargs.items():
+            if name in FEATURES:
+                self._put_feature(args, name, value)
+                continue
             actual = self.renames.get(name, name)
             if actual in self.accepted:
                 args[actual] = value
@@ -85,13 +114,23 @@ class BoundFunction:
                 raise TypeError(f"cpattn passes '{name}' to {self.where}, which was not checked when it was bound")
         return args
 
+    def _put_feature(self, args: dict, feature: str, value) -> None:
+        spelling = self.features.get(feature)
+        if spelling is None:  # the generation refuses such calls first; never drop the argument silently
+            raise TypeError(f"cpattn passes '{feature}' to {self.lacks(feature)}")
+        if len(spelling) == 1:
+            args[spelling[0]] = value
+        else:
+            args.update(zip(spelling, value))
+
 
 def bind(
     title: str, module: Any, module_name: str, fn_name: str, needs: Sequence[str | tuple[str, ...]],
-    optional: Sequence[str] = (),
+    optional: Sequence[str] = (), features: Sequence[str] = (),
 ) -> BoundFunction:
     """Check that `module.fn_name` takes every parameter in `needs` (a tuple lists accepted spellings, the
-    adapter's first) and nothing required beyond them; raise FlashApiError naming what differs."""
+    adapter's first) and nothing required beyond them; raise FlashApiError naming what differs. `features`
+    (names in FEATURES) are looked up too; the function may lack them (see BoundFunction.takes)."""
     where = f"{module_name}.{fn_name}"
     fn = getattr(module, fn_name, None)
     if fn is None:
@@ -101,8 +140,9 @@ def bind(
         raise FlashApiError(f"{title}: cannot read the parameters of {where}")
     renames, passed = _spellings(title, where, params, needs)
     passed |= {name for name in optional if name in params}
+    # a feature's parameters stay out of `passed`: a call without the feature still needs their neutral fill
     return BoundFunction(fn, where, renames, frozenset(params), frozenset(optional),
-                         _neutral_fill(title, where, params, passed))
+                         _neutral_fill(title, where, params, passed), _features(params, features))
 
 
 def _spellings(title: str, where: str, params: dict[str, bool],
@@ -122,6 +162,16 @@ def _spellings(title: str, where: str, params: dict[str, bool],
             renames[spellings[0]] = found
         passed.add(found)
     return renames, passed
+
+
+def _features(params: dict[str, bool], features: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Each feature the function takes -> the first of its spellings whose parameters it has."""
+    found = {}
+    for feature in features:
+        spelling = next((s for s in FEATURES[feature] if all(name in params for name in s)), None)
+        if spelling is not None:
+            found[feature] = spelling
+    return found
 
 
 def _neutral_fill(title: str, where: str, params: dict[str, bool], passed: set[str]) -> dict[str, Any]:

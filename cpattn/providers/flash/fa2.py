@@ -2,15 +2,18 @@
 
 Module flash_attn.flash_attn_interface: the private _flash_attn[_varlen]_forward/_backward for the contract's
 forward (it needs the LSE) and backward (it takes an external out and LSE), the public flash_attn[_varlen]_func
-for calls with the library's own autograd and dropout.
+for calls with the library's own autograd and dropout. Windows and softcaps reach all of them by parameter name:
+`window_size` pairs in the public functions and in the private ones of 2.6, `window_size_left`/`_right` in the
+private ones from 2.7 on (binding.FEATURES); -1 is an unbounded side. FA2 has no sinks.
 """
 
 from __future__ import annotations
 
 from .._libs import parse_version
-from .binding import FlashApiError, bind, distribution_version, first_output, import_library
+from .binding import FlashApiError, bind, distribution_version, import_library
 from .generation import BackwardIntoBuffers
 from .layout import VARLEN_ARGS
+from .score_mods import NO_MODS
 
 MIN_FA2_VERSION = parse_version("2.6.3")
 
@@ -41,7 +44,8 @@ class FlashAttention2(BackwardIntoBuffers):
         api = modules[1]
         kernel = ("dropout_p", "softmax_scale", "causal")
         grads = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
-        bound = lambda name, needs: bind(self.title, api, self.api_name, name, needs)  # noqa: E731
+        bound = lambda name, needs: bind(self.title, api, self.api_name, name, needs,  # noqa: E731
+                                         features=("window", "softcap"))
         if varlen:
             self._private_forward = bound("_flash_attn_varlen_forward", ("q", "k", "v", *VARLEN_ARGS, *kernel))
             self._private_backward = bound("_flash_attn_varlen_backward",
@@ -62,19 +66,13 @@ class FlashAttention2(BackwardIntoBuffers):
             return result[0], result[1]
         raise FlashApiError(f"{cls.title}: the forward returned {len(result)} values; cpattn knows 4 and 8")
 
-    def forward(self, q, k, v, scale, causal):
-        return self._out_lse(self._private_forward(q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal))
+    def forward(self, q, k, v, scale, causal, mods=NO_MODS):
+        return self._out_lse(self._private_forward(q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
+                                                   **self._mods(mods)))
 
-    def varlen_forward(self, q, k, v, packing, scale, causal):
-        return self._out_lse(
-            self._private_forward(q=q, k=k, v=v, **packing.kwargs(), dropout_p=0.0, softmax_scale=scale, causal=causal)
-        )
+    def varlen_forward(self, q, k, v, packing, scale, causal, mods=NO_MODS):
+        return self._out_lse(self._private_forward(q=q, k=k, v=v, **packing.kwargs(), dropout_p=0.0,
+                                                   softmax_scale=scale, causal=causal, **self._mods(mods)))
 
     def _function_options(self, scale, causal, dropout_p, deterministic):
         return {"dropout_p": dropout_p, "softmax_scale": scale, "causal": causal, "deterministic": deterministic}
-
-    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
-        return first_output(self._public_function(
-            q=q, k=k, v=v, **packing.kwargs(), dropout_p=dropout_p, softmax_scale=scale, causal=causal,
-            deterministic=deterministic,
-        ))

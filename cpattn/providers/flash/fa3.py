@@ -1,14 +1,17 @@
 """FlashAttention-3: module ``flash_attn_interface`` (built from flash-attention/hopper), sm90.
 
 One private forward/backward pair serves both layouts (cu_seqlens None is the dense case); the public
-flash_attn[_varlen]_func runs calls with the library's own autograd.
+flash_attn[_varlen]_func runs calls with the library's own autograd. Windows (`window_size_left`/`_right` in the
+private functions, a `window_size` pair in the public ones; -1 is an unbounded side) and softcaps reach all of
+them by parameter name. FA3 has no sinks.
 """
 
 from __future__ import annotations
 
-from .binding import bind, distribution_version, first_output, import_library
+from .binding import bind, distribution_version, import_library
 from .generation import BackwardIntoBuffers
 from .layout import VARLEN_ARGS
+from .score_mods import NO_MODS
 
 
 class FlashAttention3(BackwardIntoBuffers):
@@ -28,7 +31,8 @@ class FlashAttention3(BackwardIntoBuffers):
     def __init__(self, version, modules, varlen):
         super().__init__(version, modules, varlen)
         api = modules[0]
-        bound = lambda name, needs: bind(self.title, api, self.api_name, name, needs)  # noqa: E731
+        bound = lambda name, needs: bind(self.title, api, self.api_name, name, needs,  # noqa: E731
+                                         features=("window", "softcap"))
         grads = ("dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv")
         self._private_forward = bound("_flash_attn_forward", ("q", "k", "v", *VARLEN_ARGS, "softmax_scale", "causal"))
         self._private_backward = bound(
@@ -48,15 +52,11 @@ class FlashAttention3(BackwardIntoBuffers):
             return [f"FlashAttention-3 kernels are built for Hopper (sm90); this GPU is {sm}"]
         return []
 
-    def forward(self, q, k, v, scale, causal):
-        out, lse, *_ = self._private_forward(q=q, k=k, v=v, softmax_scale=scale, causal=causal)
+    def forward(self, q, k, v, scale, causal, mods=NO_MODS):
+        out, lse, *_ = self._private_forward(q=q, k=k, v=v, softmax_scale=scale, causal=causal, **self._mods(mods))
         return out, lse
 
-    def varlen_forward(self, q, k, v, packing, scale, causal):
-        out, lse, *_ = self._private_forward(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal)
+    def varlen_forward(self, q, k, v, packing, scale, causal, mods=NO_MODS):
+        out, lse, *_ = self._private_forward(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
+                                             **self._mods(mods))
         return out, lse
-
-    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
-        return first_output(self._public_function(
-            q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
-        ))

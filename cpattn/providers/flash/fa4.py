@@ -18,6 +18,15 @@ sm90 fast paths
     Both exist only for host time: the kernels and their arguments are the library's. `fast_path_status` says
     which path runs and why.
 
+Score modifications
+    Windows (`window_size_left`/`_right` in the private functions, a `window_size` pair in the public ones; None
+    is an unbounded side), softcaps and sinks (`learnable_sink`) reach the library's functions by parameter name.
+    Sinks are native only where `_flash_attn_bwd` takes `learnable_sink`: it then returns their gradient as a
+    fourth value (4.0.0b36: `return (dq, dk, dv) if learnable_sink is None else (dq, dk, dv, dsink)`, dsink from
+    its postprocess kernel, -sum exp(sink - lse) * rowsum(dO * O)), and the public function's backward hands it
+    on. The sm90 fast paths are compiled without window, softcap and sink: calls with any of them run the
+    library's functions (a backward only for a window or softcap: it is handed the log-sum-exp with the sinks).
+
 Head dims on sm90
     The library's sm90 backward gives wrong gradients at head dims that are not multiples of 32, so with
     gradients they are zero-padded to one; its forward at head dim 104 is far slower than at 128, so 97 to 104
@@ -32,9 +41,10 @@ import torch
 
 from . import fa4_release_window, fa4_sm90_backward, fa4_sm90_forward
 from .autograd_node import transposed_training
-from .binding import bind, distribution_version, first_output, import_library
+from .binding import bind, distribution_version, import_library
 from .generation import Generation
 from .layout import HEAD_DIM_ALIGN, VARLEN_ARGS
+from .score_mods import NO_MODS
 
 
 class FlashAttention4(Generation):
@@ -42,6 +52,7 @@ class FlashAttention4(Generation):
 
     title, label = "FlashAttention-4", "flash-attn-4"
     min_compute_capability = (9, 0)
+    unbounded = None
     extra_notes = ("with gradients on sm90, head dims are zero-padded to a multiple of 32 (the library's sm90 "
                    "backward gave wrong gradients at 16, 48, 72, 80 and 112)",
                    "on sm90, head dims 97 to 104 are zero-padded to 128 for the forward too (1.5 to 1.75x faster)")
@@ -61,14 +72,17 @@ class FlashAttention4(Generation):
         super().__init__(version, modules, varlen)
         public, api = modules
         extra = VARLEN_ARGS if varlen else ()
+        features = ("window", "softcap", "learnable_sink")
         self._private_forward = bind(self.title, api, self.api_name, "_flash_attn_fwd",
-                                     ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"))
+                                     ("q", "k", "v", *extra, "softmax_scale", "causal", "return_lse"),
+                                     features=features)
         self._private_backward = bind(self.title, api, self.api_name, "_flash_attn_bwd",
                                       ("q", "k", "v", "out", "dout", "lse", *extra, "softmax_scale", "causal"),
-                                      optional=("deterministic",))
+                                      optional=("deterministic",), features=features)
         name = "flash_attn_varlen_func" if varlen else "flash_attn_func"
         self._public_function = bind(self.title, public, self.public_name, name,
-                                     ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",))
+                                     ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",),
+                                     features=features)
         self._load_fast_paths(api)  # after the bindings: a release they refuse gets no fast-path warning
 
     def _load_fast_paths(self, api) -> None:
@@ -96,7 +110,27 @@ class FlashAttention4(Generation):
             out.append("FlashAttention-4 has no varlen backward on Hopper (sm90); use FlashAttention-2 or -3")
         if hopper and call.needs_grad and torch.are_deterministic_algorithms_enabled():
             out.append("FlashAttention-4 has a deterministic backward only on sm100/sm110")
+        if call.softcap is not None and call.needs_grad and _dedicated_hd256_backward(call, compute_capability):
+            out.append("FlashAttention-4's sm100 backward at head dim 256 has no softcap")
         return out
+
+    def takes_sinks(self):
+        return all(fn.takes("learnable_sink") for fn in self._functions())
+
+    def native_sinks(self, call, compute_capability):
+        # The library's dedicated sm100 backward at head dim 256 asserts learnable_sink is None: there the sinks
+        # go through the log-sum-exp, which needs no sink argument.
+        grads = call.sinks is not None and (call.needs_grad or call.sinks.requires_grad)
+        dedicated = compute_capability is not None and _dedicated_hd256_backward(call, compute_capability)
+        return self.takes_sinks() and not (grads and dedicated)
+
+    def _mod_notes(self):
+        notes = super()._mod_notes()
+        if self.takes_sinks():
+            notes.append("sinks natively (learnable_sink), with their gradient from the library's backward")
+        elif self.missing("learnable_sink") is not None:
+            notes[-1] = f"sinks through the log-sum-exp ({self.missing('learnable_sink')})"
+        return notes
 
     def row_backward_kernels(self):
         return self._backward_kernels
@@ -116,16 +150,17 @@ class FlashAttention4(Generation):
 
     # _flash_attn_fwd returns (out, lse, ...) and _flash_attn_bwd (dq, dk, dv, ...); newer releases add trailing
     # values (p, row_max, o_lo / dqv, dsink), so keep only the leading ones.
-    def forward(self, q, k, v, scale, causal):
+    def forward(self, q, k, v, scale, causal, mods=NO_MODS):
         direct = self._direct_forward
-        if direct is not None and direct.can_launch(q, k, v):
+        if direct is not None and mods.plain and direct.can_launch(q, k, v):
             return direct(q, k, v, scale, causal, return_lse=True)
-        return tuple(self._private_forward(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True)[:2])
+        return tuple(self._private_forward(q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_lse=True,
+                                           **self._mods(mods))[:2])
 
-    def varlen_forward(self, q, k, v, packing, scale, causal):
+    def varlen_forward(self, q, k, v, packing, scale, causal, mods=NO_MODS):
         # the private forward, as `forward`: the public varlen function gives the LSE only through its autograd
         return tuple(self._private_forward(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
-                                           return_lse=True)[:2])
+                                           return_lse=True, **self._mods(mods))[:2])
 
     def inference_of_qkv(self, scale, causal):
         # flash_attn_func runs this same forward (return_lse=False) inside an autograd.Function, whose Python
@@ -138,12 +173,13 @@ class FlashAttention4(Generation):
         return lambda q, k, v: (direct(q, k, v, scale, causal, return_lse=False)[0] if direct.can_launch(q, k, v)
                                 else forward(q=q, k=k, v=v)[0])
 
-    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic):
+    def backward(self, dout, q, k, v, out, lse, scale, causal, deterministic, mods=NO_MODS):
         kernels = self._backward_kernels  # the same three launches without _flash_attn_bwd's per-call Python
-        if kernels is not None and not deterministic and kernels.can_launch_backward(q, k, v):
+        if kernels is not None and not deterministic and mods.plain_scores and kernels.can_launch_backward(q, k, v):
             return kernels.launch_backward(q, k, v, out, dout, lse, scale, causal)
         return tuple(self._private_backward(q=q, k=k, v=v, out=out, dout=dout, lse=lse, softmax_scale=scale,
-                                            causal=causal, deterministic=deterministic)[:3])
+                                            causal=causal, deterministic=deterministic,
+                                            **self._mods(mods, sinks=False))[:3])
 
     def training_of_bhsd(self, scale, causal, deterministic):
         # The public function on transpose views is five autograd nodes (its own and four transposes); through
@@ -153,14 +189,10 @@ class FlashAttention4(Generation):
             lambda dout, q, k, v, out, lse: self.backward(dout, q, k, v, out, lse, scale, causal, deterministic),
         )
 
-    def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic):
+    def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic, mods=NO_MODS):
         return tuple(self._private_backward(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(),
-                                            softmax_scale=scale, causal=causal, deterministic=deterministic)[:3])
-
-    def varlen_function(self, q, k, v, packing, scale, causal, dropout_p, deterministic):
-        return first_output(self._public_function(
-            q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal, deterministic=deterministic
-        ))
+                                            softmax_scale=scale, causal=causal, deterministic=deterministic,
+                                            **self._mods(mods, sinks=False))[:3])
 
     def fast_path_status(self) -> "FastPathStatus":
         """Which path this generation's dense sm90 calls take, and why (see `fast_path_status`)."""
@@ -177,6 +209,14 @@ class FlashAttention4(Generation):
             return FastPathStatus(loaded, f"{verdict.reason}, but flash_attn.cute.interface lacks {lacks} (the fast "
                                           "paths that read them are off)")
         return FastPathStatus(loaded, verdict.reason)
+
+
+def _dedicated_hd256_backward(call, compute_capability) -> bool:
+    """Whether the library's backward runs its dedicated sm100/sm110 kernel for head dims 256 (aligned), which
+    takes neither softcap nor learnable_sink (its default; FLASH_ATTENTION_HD256_GENERIC_BWD=1 avoids it, which
+    cpattn does not count on)."""
+    aligned = -(-max(call.head_dim, call.value_dim) // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
+    return compute_capability[0] in (10, 11) and aligned == 256
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ The tile
 When
     sm90, a release inside the checked window (fa4_release_window: the kernels and the accumulator's layout are
     private API), Hq == Hkv (with grouped heads the library sums dK/dV in accumulators too), head dims the
-    provider does not pad, fp16/bf16, no deterministic algorithms. Otherwise `shared_accumulator_backward`
-    returns None and the provider's per-block backward runs. A block whose rows start off a tile boundary, or end
+    provider does not pad, fp16/bf16, no deterministic algorithms, no window and no softcap (the kernel is
+    compiled without them; sinks need nothing: the log-sum-exp it is handed holds them). Otherwise
+    `shared_accumulator_backward` returns None and the provider's per-block backward runs. A block whose rows start off a tile boundary, or end
     before the shared rows do off one (the kernel adds whole tiles: rows past a block's end would land on other
     rows), runs the per-block backward too, and its dQ is added at the end.
 """
@@ -222,7 +223,7 @@ class SharedAccumulatorBackward(SharedRowsBackward):
 
     def block(self, call: AttentionCall, rows: slice, dout: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not block_rows_fit_tiles(rows, self._q_len, self._tile):
+        if not block_rows_fit_tiles(rows, self._q_len, self._tile) or not _plain_scores(call):
             return super().block(call, rows, dout, out, lse)
         q, k, v, do = (_to_kernel_layout(t, call.dtype) for t in (call.query, call.key, call.value, dout))
         first, count = rows.start, _round_up(rows.stop - rows.start, self._tile)
@@ -248,6 +249,11 @@ class SharedAccumulatorBackward(SharedRowsBackward):
         return super().dq(dtype)
 
 
+def _plain_scores(call: AttentionCall) -> bool:
+    """No window and no softcap: the scores the kernels here are compiled for."""
+    return call.window is None and call.softcap is None
+
+
 def _aligned_or_copy(t: torch.Tensor) -> torch.Tensor:
     """As the library's maybe_contiguous: `t` itself if the last dim is contiguous and the address and every
     other stride are 16-byte aligned (stride 0 allowed: it is part of the compile key), else a contiguous copy."""
@@ -270,6 +276,6 @@ def shared_accumulator_backward(provider: Provider, kernels: Sm90BackwardKernels
         return None
     if (call.q_heads != call.kv_heads or call.head_dim != call.value_dim or call.head_dim % head_dim_multiple
             or call.dtype not in _HALF or torch.are_deterministic_algorithms_enabled()
-            or call.attn_mask is not None or math.prod(call.query.shape) == 0):
+            or call.attn_mask is not None or math.prod(call.query.shape) == 0 or not _plain_scores(call)):
         return None
     return SharedAccumulatorBackward(provider, call, dout, out, lse, kernels)
