@@ -209,9 +209,9 @@ class NativeFlash(Provider):
         if call.head_dim != call.value_dim:  # the CPU kernel refuses them too
             reasons.append(f"query head dim {call.head_dim} != value head dim {call.value_dim}")
         if call.device.type != "cpu" and call.is_causal and call.q_len != call.kv_len and call.q_len and call.kv_len:
-            # FlashAttention-2 aligns its causal mask to the bottom-right corner; SDPA's is_causal means top-left.
-            # On an H100 that gave outputs off by up to 3.7 (benchmarks/gpu_fuzz.py); SDPA itself never picks
-            # this backend for such a call. The CPU kernel aligns top-left.
+            # FlashAttention-2 aligns its causal mask to the bottom-right corner; SDPA's is_causal means top-left,
+            # so this backend gives wrong outputs for such a call (SDPA itself never picks it for one; the GPU
+            # fuzz check in tests/gpu/gpu_fuzz.py found it). The CPU kernel aligns top-left.
             reasons.append(
                 f"is_causal with q_len {call.q_len} != kv_len {call.kv_len}: the CUDA kernel aligns the causal mask "
                 "to the bottom-right corner, SDPA to the top-left; use _native_efficient, _native_cudnn or native")
@@ -363,7 +363,7 @@ class NativeEfficient(Provider):
 
 
 def _cudnn_backward_refuses(call: AttentionCall) -> bool:
-    """cuDNN's backward raises "s_q = s_kv = 1 is not supported" (cuDNN 9.19 on an H100, benchmarks/gpu_fuzz.py):
+    """cuDNN's backward raises "s_q = s_kv = 1 is not supported" (cuDNN 9.19; found by tests/gpu/gpu_fuzz.py):
     a one-token sequence that needs gradients, or a 1 x 1 ring block, goes to the math path (exact; one score)."""
     return call.q_len == 1 and call.kv_len == 1
 

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import cpattn
 from cpattn import attention_dispatch, attention_provider
 from cpattn.contract import Capabilities, Provider
-from cpattn.dispatch import make_call
+from cpattn.call import make_call
 from cpattn.ops.merge import PartialAttention, merge_two
 from helpers import OUT_ATOL, assert_close, make_qkv, reference_with_grads
 
@@ -246,7 +246,7 @@ def _cu(*values, **kw):
 )
 def test_invalid_cu_seqlens_are_refused_even_without_flash_attn(change, match):
     """Argument errors come first, whether or not FlashAttention is installed (this CPU machine has none)."""
-    from cpattn.providers.flash import flash_varlen_attention
+    from cpattn.packed import flash_varlen_attention
 
     q, k, v = _packed()
     args = dict(q=q, k=k, v=v, cu_seqlens_q=_cu(0, 3, 8), cu_seqlens_k=_cu(0, 3, 8), max_seqlen_q=5, max_seqlen_k=5)
@@ -256,7 +256,7 @@ def test_invalid_cu_seqlens_are_refused_even_without_flash_attn(change, match):
 
 
 def test_valid_packed_call_without_flash_attn_names_what_to_install():
-    from cpattn.providers.flash import flash_varlen_attention
+    from cpattn.packed import flash_varlen_attention
 
     if cpattn.get_provider("flash_varlen").availability().ok:
         pytest.skip("FlashAttention is available here")
