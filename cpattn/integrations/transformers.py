@@ -243,6 +243,8 @@ def _sharded(cp, query, key, value, mask, call: _Call, position_ids) -> torch.Te
             "position_bias (a relative position bias, T5's) is built by the model from this rank's local length "
             "and cannot be sharded: run this model on one device"])
     attn_mask, padding, is_causal, window = _sharded_mask_args(mask, call)
+    if attn_mask is not None:
+        _check_all_keys(cp, attn_mask, query.shape[-2])
     documents = _global_positions(cp, position_ids).documents if position_ids is not None else None
     if attn_mask is None:
         attn_mask = _mask_mod(padding, documents, query.shape[0])
@@ -262,6 +264,18 @@ def _sharded_mask_args(mask, call: _Call):
         return mask, None, False, None
     raise InvalidArgumentError(f"attention mask of type {type(mask).__name__} cannot be sharded: pass a 2-D "
                                "attention_mask (this rank's shard) or a 4-D tensor (local rows x all keys)")
+
+
+def _check_all_keys(cp, mask: torch.Tensor, local_len: int) -> None:
+    """A 4-D mask under a mesh covers all keys of the sequence: one built for this rank's tokens alone (what
+    transformers makes from a shard) covers only the local ones."""
+    total = _sum_over_ranks(cp, local_len, mask.device)
+    if mask.shape[-1] != total:
+        raise InvalidArgumentError(
+            f"the 4-D attention mask has {mask.shape[-1]} keys, but the sequence has {total} tokens over the mesh: "
+            "under a mesh it covers this rank's query rows by all keys in global order (a mask built for this "
+            "rank's tokens sees only them). Pass this rank's shard of the 2-D attention_mask (shard_batch does), "
+            "or build the rows x all keys, e.g. with cpattn.document_mask(cu_seqlens, mesh)")
 
 
 def _mask_mod(padding: torch.Tensor | None, documents: torch.Tensor | None, batch: int):
@@ -352,6 +366,12 @@ def _gather_tokens(x: torch.Tensor, cp, dim: int) -> torch.Tensor:
     out = torch.empty_like(gathered)
     out.index_copy_(dim, order, gathered)
     return out
+
+
+def _sum_over_ranks(cp, value: int, device) -> int:
+    for group in (g for g in (cp.topology.ulysses, cp.topology.ring) if g is not None):
+        value = int(gather_signatures([value], group, cp.timeout, torch.device(device))[:, 0].sum())
+    return value
 
 
 def _max_over_ranks(cp, values: list[int], device) -> list[int]:

@@ -1,0 +1,150 @@
+"""Run under torchrun by tests/adapters/test_hf_integration_cp.py: transformers models on attn_implementation="cpattn",
+context-parallel over every rank, against the same model on one device with its own attention.
+
+    torchrun --standalone --nproc-per-node W tests/adapters/hf_integration_worker.py OUT.json
+
+Each case builds, on every rank, the same random-weight model twice (cpattn, and the model's own "sdpa" or
+"eager"), runs the whole batch through the reference on one device (logits, mean loss, gradients), then the
+training step as a user writes it under a mesh: shard_batch, the model, cp_loss, backward, all_reduce_grads.
+Rank 0 writes {case: {logits_err, loss_err, grad_err, cp_calls, rank_errors}} to OUT.json. Cases named
+"refuse-*" expect every rank to raise; their rank_errors hold each rank's error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import cpattn  # noqa: E402
+from cpattn.integrations.transformers import all_reduce_grads, cp_loss, shard_batch  # noqa: E402
+import hf_models  # noqa: E402
+
+PROVIDER = "math"  # on CPU the one provider with windows, softcap and sinks, forward and backward
+
+CASES = {  # name: (model, batch kind, cp_strategy)
+    "llama-plain-ring": ("llama", "plain", "ring"),
+    "llama-plain-ulysses": ("llama", "plain", "ulysses"),
+    "llama-padded-ring": ("llama", "padded", "ring"),
+    "llama-packed-ring": ("llama", "packed", "ring"),
+    "qwen3-plain-ring": ("qwen3", "plain", "ring"),
+    "mistral-plain-ring": ("mistral", "plain", "ring"),
+    "gemma2-plain-ring": ("gemma2", "plain", "ring"),
+    "gemma3-plain-ring": ("gemma3", "plain", "ring"),
+    "gpt_oss-plain-ring": ("gpt_oss", "plain", "ring"),
+    "whisper-plain-ring": ("whisper", "plain", "ring"),
+}
+REFUSALS = {  # name: (model, what is wrong); run on more than one rank only
+    "refuse-t5-position_bias": ("t5", None),
+    "refuse-llama-forgotten_positions": ("llama", "positions"),
+    "refuse-llama-no_attention_mask": ("llama", "mask"),
+    "refuse-llama-local_4d_mask": ("llama", "local_mask"),
+}
+
+
+def reference(model, batch: dict, causal_lm: bool):
+    model.zero_grad()
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    loss = hf_models.reference_loss(logits, batch["labels"], causal_lm)
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_case(model_name: str, kind: str, strategy: str, mesh) -> dict:
+    causal_lm = model_name not in hf_models.ENCODER_DECODER
+    full = hf_models.batch(model_name, kind)
+    ref_model = hf_models.build(model_name, hf_models.reference_implementation(model_name))
+    ref_logits, ref_loss, ref_grads = reference(ref_model, full, causal_lm)
+
+    model = hf_models.build(model_name, "cpattn")
+    with cpattn.attention_provider(PROVIDER, cp_mesh=mesh, cp_strategy=strategy, cp_timeout=30) as state:
+        batch = shard_batch(full, mesh)
+        out = model(**batch)
+        loss = cp_loss(out.logits, batch["labels"], mesh)
+        loss.backward()
+    all_reduce_grads(model, mesh)
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss, group=mesh.get_group())
+    logits = cpattn.gather_sequence(out.logits.detach(), mesh, 1)
+    if kind == "padded":  # padding rows carry no loss and feed no other token: compare the real tokens
+        real = full["attention_mask"].bool()
+        logits_err = (logits - ref_logits)[real].abs().max().item()
+    else:
+        logits_err = (logits - ref_logits).abs().max().item()
+    result = {
+        "logits_err": logits_err,
+        "loss_err": abs(global_loss.item() - ref_loss.item()),
+        "grad_err": max(((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item()
+                        for n, p in model.named_parameters() if n in ref_grads),
+        "cp_calls": state.cp.stats["calls"],
+    }
+    if causal_lm:  # transformers' own causal-LM loss on a shard_batch batch is this rank's share
+        own = out.loss.detach().clone()
+        dist.all_reduce(own, group=mesh.get_group())
+        result["model_loss_err"] = abs(own.item() - ref_loss.item())
+    return result
+
+
+def run_refusal(model_name: str, fault: str | None, mesh) -> dict:
+    model = hf_models.build(model_name, "cpattn")
+    batch = shard_batch(hf_models.batch(model_name), mesh)
+    batch.pop("labels", None)
+    provider = "native" if model_name == "t5" else PROVIDER  # T5's learned bias needs gradients through the mask
+    if fault == "positions":
+        batch.pop("position_ids")
+    elif fault == "mask":  # without a cache transformers reads the zigzag positions as packed sequences
+        batch.pop("attention_mask")
+        batch["use_cache"] = False
+    elif fault == "local_mask":  # the causal mask of this rank's tokens alone
+        n = batch["input_ids"].shape[1]
+        batch["attention_mask"] = torch.ones(n, n, dtype=torch.bool).tril()[None, None].expand(2, 1, n, n)
+    with cpattn.attention_provider(provider, cp_mesh=mesh, cp_strategy="ring", cp_timeout=30,
+                                   cp_require_attention=False):
+        model(**batch)
+    return {}
+
+
+def main() -> int:
+    out_path = sys.argv[1]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    jobs = [(name, run_case, spec) for name, spec in CASES.items()]
+    if world > 1:
+        jobs += [(name, run_refusal, spec) for name, spec in REFUSALS.items()]
+    for name, job, spec in jobs:
+        try:
+            results[name] = {**job(*spec, mesh), "error": None}
+        except Exception as exc:  # reported to the test, which decides
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        errors = [None] * world
+        dist.all_gather_object(errors, results[name]["error"])
+        results[name]["rank_errors"] = errors
+    if dist.get_rank() == 0:
+        import transformers
+
+        results["_versions"] = {"transformers": transformers.__version__, "torch": torch.__version__}
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    from spawn import exit_rank  # why not sys.exit: see its docstring
+
+    exit_rank(main())
