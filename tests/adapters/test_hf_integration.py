@@ -94,7 +94,7 @@ def test_matches_the_models_own_attention(name, kind, dispatched):
 def test_models_without_sdpa_run_through_cpattn(name, dispatched):
     """Gemma 2 and gpt-oss declare no SDPA support: transformers refuses "sdpa" for them, and an SDPA patch never
     sees their eager attention. Under "cpattn" their softcap and sinks reach cpattn on every layer."""
-    with pytest.raises(ValueError, match="sdpa"):
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
         hf_models.build(name, "sdpa").set_attn_implementation("sdpa")
     model = hf_models.build(name, "cpattn")
     seen = []
