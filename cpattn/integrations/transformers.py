@@ -530,8 +530,9 @@ def shard_batch(batch: Mapping[str, Any], mesh, *, seq_dim: int = 1, layout: str
       ``num_items_in_batch`` (the global count of counted targets): transformers' causal-LM loss then sums this
       rank's token losses over the global count, so ``model(**batch).loss`` is this rank's share of the loss;
     * ``position_ids`` (given: per document for packed batches; else 0..S-1) become the tokens' global positions;
-    * ``attention_mask``: a 2-D one is sharded, and all ones where the batch has none, so that transformers never
-      reads a shard's positions as packed sequences; a 4-D one keeps all keys and loses the other ranks' rows.
+    * ``attention_mask``: a 2-D one is sharded, and all ones where the batch has none (over more than one rank),
+      so that transformers never reads a shard's positions as packed sequences; a 4-D one keeps all keys and
+      loses the other ranks' rows.
     Encoder-decoder batches (``decoder_input_ids`` or ``decoder_inputs_embeds`` present): the decoder's tensors
     (those, ``decoder_attention_mask``, ``decoder_position_ids``, ``labels``, not shifted) are sharded; the
     encoder's inputs stay whole. Other entries pass through unchanged.
@@ -548,14 +549,16 @@ def shard_batch(batch: Mapping[str, Any], mesh, *, seq_dim: int = 1, layout: str
     batch_size, length, device = _batch_shape(batch, keys, seq_dim)
     if out.get(positions_key) is None:
         out[positions_key] = torch.arange(length, device=device).expand(batch_size, length)
-    if out.get(mask_key) is None:
+    if out.get(mask_key) is None and topology_from_mesh(mesh).world_size > 1:
+        # one rank's positions jump (zigzag) and would read as packed sequences; one rank holds them all
         out[mask_key] = torch.ones(batch_size, length, dtype=torch.long, device=device)
     shard = lambda t, dim=seq_dim: shard_sequence(t, mesh, dim, layout)  # noqa: E731
     for name in (*keys, positions_key, "labels"):
         if isinstance(out.get(name), torch.Tensor):
             out[name] = shard(out[name])
-    mask = out[mask_key]
-    out[mask_key] = shard(mask, -2) if mask.dim() == 4 else shard(mask)
+    mask = out.get(mask_key)
+    if isinstance(mask, torch.Tensor):
+        out[mask_key] = shard(mask, -2) if mask.dim() == 4 else shard(mask)
     if "num_items_in_batch" in out:
         out["shift_labels"] = out["labels"]
     return out

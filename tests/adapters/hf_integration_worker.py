@@ -69,7 +69,7 @@ def run_case(model_name: str, kind: str, strategy: str, mesh) -> dict:
     model = hf_models.build(model_name, "cpattn")
     with cpattn.attention_provider(PROVIDER, cp_mesh=mesh, cp_strategy=strategy, cp_timeout=30) as state:
         batch = shard_batch(full, mesh)
-        out = model(**batch)
+        out = model(**batch, use_cache=False)
         loss = cp_loss(out.logits, batch["labels"], mesh)
         loss.backward()
     all_reduce_grads(model, mesh)
