@@ -154,7 +154,8 @@ def test_varlen_refuses_a_window_with_a_key_padding_mask(generation):
 
 def test_value_head_dim_other_than_the_query_s_is_refused_with_modifications(generation):
     q, k, v = make_qkv(1, 2, 2, 4, 4, 8, dtype=DTYPE, dv=16)
-    with attention_provider("flash"), pytest.raises(UnsupportedInputError, match="value head dim 16 != query head dim 8"):
+    with attention_provider("flash"), pytest.raises(UnsupportedInputError,
+                                                    match="value head dim 16 != query head dim 8"):
         attention_dispatch(q, k, v, window=(1, 0), softcap=2.0, sinks=make_sinks(2))
 
 

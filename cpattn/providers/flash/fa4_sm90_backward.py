@@ -36,9 +36,10 @@ When
     private API), Hq == Hkv (with grouped heads the library sums dK/dV in accumulators too), head dims the
     provider does not pad, fp16/bf16, no deterministic algorithms, no window and no softcap (the kernel is
     compiled without them; sinks need nothing: the log-sum-exp it is handed holds them). Otherwise
-    `shared_accumulator_backward` returns None and the provider's per-block backward runs. A block whose rows start off a tile boundary, or end
-    before the shared rows do off one (the kernel adds whole tiles: rows past a block's end would land on other
-    rows), runs the per-block backward too, and its dQ is added at the end.
+    `shared_accumulator_backward` returns None and the provider's per-block backward runs. A block whose rows
+    start off a tile boundary, or end before the shared rows do off one (the kernel adds whole tiles: rows past a
+    block's end would land on other rows), or that has a window or softcap, runs the per-block backward too, and
+    its dQ is added at the end.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from typing import Any
 
 import torch
 
-from ...contract import (AttentionCall, Provider, SharedRowsBackward, device_capability, lse_for_kernel_backward, on_device,
-                         rows_may_be_empty)
+from ...contract import (AttentionCall, Provider, SharedRowsBackward, device_capability, lse_for_kernel_backward,
+                         on_device, rows_may_be_empty)
 from . import fa4_release_window
 
 _HALF = (torch.float16, torch.bfloat16)
