@@ -1,0 +1,188 @@
+"""Fine-tune a transformers causal LM with context parallelism, through attn_implementation="cpattn".
+
+    torchrun --standalone --nproc-per-node 2 launch/finetune_hf.py --cp 2    # gloo on CPU, NCCL on GPUs
+    python launch/finetune_hf.py --cp 2                                      # same, spawning the ranks itself
+    python launch/finetune_hf.py --cp 2 --model mistral --steps 50          # another tiny architecture
+    torchrun --nproc-per-node 8 launch/finetune_hf.py --cp 8 --pretrained /path/to/checkpoint --seq 32768
+
+The model is a tiny random-weight one built from a config (nothing is downloaded) unless --pretrained names a
+local checkpoint. Every rank draws the same full batch and trains on its shard of each sequence, the step
+written as on one device (see cpattn.integrations.transformers):
+
+    with cpattn.attention_provider(provider, cp_mesh=mesh):
+        batch = shard_batch(full_batch, mesh)
+        model(**batch).loss.backward()            # this rank's share of the mean loss
+    all_reduce_grads(model, mesh)                 # SUM over the mesh: the gradients of one process
+
+With --check, every rank also trains a copy of the model on the whole batch with its own attention (one
+device) in lockstep, and the summary gives the largest difference of the two loss curves. Rank 0 shows a
+progress bar and prints one summary line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import cpattn  # noqa: E402
+from cpattn.integrations.transformers import all_reduce_grads, shard_batch  # noqa: E402
+
+IGNORE = -100
+TINY = {  # name: (config class, model class, config arguments beyond the common ones)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 16, "head_dim": 16}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"sliding_window": 16, "head_dim": 16, "num_local_experts": 4,
+                                                      "num_experts_per_tok": 2,
+                                                      "rope_parameters": {"rope_type": "default",
+                                                                          "rope_theta": 10000.0}}),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cp", type=int, default=None, help="context-parallel ranks (default: the world size); "
+                   "with plain python, the ranks to spawn")
+    p.add_argument("--model", choices=sorted(TINY), default="llama", help="tiny architecture built from a config")
+    p.add_argument("--pretrained", default=None, help="a local checkpoint directory instead of a tiny model")
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--schedule", default="auto", choices=("auto", "ring", "ulysses", "allgather"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (any length)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true", help="train a one-device copy in lockstep and compare losses")
+    return p.parse_args(argv)
+
+
+def build_model(args, device):
+    import transformers
+
+    torch.manual_seed(args.seed)  # the same weights on every rank
+    if args.pretrained:
+        return transformers.AutoModelForCausalLM.from_pretrained(args.pretrained, attn_implementation="cpattn",
+                                                                 torch_dtype=torch.float32).to(device)
+    config_name, model_name, extra = TINY[args.model]
+    config = getattr(transformers, config_name)(**{
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max(2 * args.seq, 128),
+        **extra})
+    config._attn_implementation = "cpattn"  # what from_pretrained(attn_implementation="cpattn") sets
+    return getattr(transformers, model_name)(config).to(device)
+
+
+def one_device_copy(model):
+    """The same weights on the model's own attention (SDPA where it has it), for --check."""
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("sdpa" if type(model)._supports_sdpa else "eager")
+    return reference
+
+
+class RepeatData:
+    """Rows of a random segment repeated to the row's length: the repeats are predictable only by attending
+    back across the sequence, so across shards. One generator seeded alike on every rank: the same batches."""
+
+    def __init__(self, vocab: int, seq: int, batch: int, seed: int, device):
+        self.vocab, self.seq, self.batch, self.device = vocab, seq, batch, device
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def next_batch(self) -> dict:
+        rows = []
+        for _ in range(self.batch):
+            period = int(torch.randint(self.seq // 8 + 1, self.seq // 3 + 2, (1,), generator=self.gen))
+            segment = torch.randint(0, self.vocab, (period,), generator=self.gen)
+            rows.append(segment.repeat(self.seq // period + 1)[: self.seq])
+        ids = torch.stack(rows).to(self.device)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
+def train_step(model, opt, full: dict, mesh, args) -> float:
+    """One step under the mesh; returns the global mean loss."""
+    opt.zero_grad(set_to_none=True)
+    with cpattn.attention_provider(args.provider, cp_mesh=mesh, cp_strategy=args.schedule):
+        batch = shard_batch(full, mesh)
+        loss = model(**batch, use_cache=False).loss  # this rank's share: local sum over the global count
+        loss.backward()
+    all_reduce_grads(model, mesh)
+    opt.step()
+    total = loss.detach().double()
+    dist.all_reduce(total, group=mesh.get_group())  # the shares add up to the mean loss
+    return total.item()
+
+
+def reference_step(model, opt, full: dict) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = model(**full, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ["WORLD_SIZE"])
+    if args.cp is not None and args.cp != world:
+        raise SystemExit(f"--cp {args.cp} needs {args.cp} ranks, got a world of {world}: start "
+                         f"torchrun --nproc-per-node {args.cp}, or plain python to spawn them")
+    rank, device = int(os.environ["RANK"]), pick_device(args.device)
+    backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= world else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("cp",))
+
+    model = build_model(args, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    reference = one_device_copy(model) if args.check else None
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=args.lr) if reference is not None else None
+    data = RepeatData(model.config.vocab_size, args.seq, args.batch, args.seed, device)
+
+    from tqdm import tqdm
+
+    losses, diffs = [], []
+    start = time.perf_counter()
+    bar = tqdm(range(args.steps), desc=f"finetune cp={world}", disable=rank != 0, file=sys.stderr)
+    for _ in bar:
+        full = data.next_batch()  # the same full batch on every rank
+        losses.append(train_step(model, opt, full, mesh, args))
+        if reference is not None:
+            diffs.append(abs(losses[-1] - reference_step(reference, ref_opt, full)))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        name = args.pretrained or f"{args.model} (tiny)"
+        params = sum(p.numel() for p in model.parameters())
+        parity = f"; max |loss - one device| {max(diffs):.1e}" if diffs else ""
+        print(f"finetune_hf: {name}, {params / 1e6:.2f}M params, cp={world} ({backend} on {device.type}), "
+              f"provider={args.provider}, {args.steps} steps of {args.batch}x{args.seq} tokens, "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {elapsed / args.steps * 1e3:.0f} ms/step{parity}",
+              flush=True)
+    dist.barrier()  # every rank is done with every collective before any leaves (see spawn.exit_rank)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from spawn import launch
+
+    launch(main, parse_args().cp or 1)  # under torchrun: this rank; else spawn --cp ranks
