@@ -21,7 +21,7 @@ Context parallel (each rank holds a shard of every sequence; a training step rea
 
     with cpattn.attention_provider("flash", cp_mesh=mesh):
         batch = shard_batch(full_batch, mesh)     # the same full batch on every rank; this rank's shard out
-        loss = model(**batch).loss                # or cp_loss(model(**batch).logits, batch["labels"], mesh)
+        loss = model(**batch).loss                # causal LMs; any model: cp_loss(logits, batch["labels"], mesh)
         loss.backward()
     all_reduce_grads(model, mesh)                 # SUM over the mesh: the gradients of one process
 
@@ -73,8 +73,8 @@ from ..state import attention_provider, current_state
 from .training import IGNORE_INDEX, all_reduce_grads, cp_loss, shard_batch
 
 __all__ = [
-    "IGNORE_INDEX", "NAME", "ShardedMask", "TESTED_VERSION", "all_reduce_grads", "cp_loss", "cpattn_attention_forward", "cpattn_mask",
-    "register", "shard_batch",
+    "IGNORE_INDEX", "NAME", "ShardedMask", "TESTED_VERSION", "all_reduce_grads", "cp_loss", "cpattn_attention_forward",
+    "cpattn_mask", "layer_name", "register", "shard_batch",
 ]
 
 NAME = "cpattn"

@@ -57,7 +57,8 @@ def reference(model, batch: dict, causal_lm: bool):
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
     loss = hf_models.reference_loss(logits, batch["labels"], causal_lm)
     loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), loss.detach(), grads
 
 
 def run_case(model_name: str, kind: str, strategy: str, mesh) -> dict:
