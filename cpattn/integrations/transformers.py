@@ -181,8 +181,8 @@ def _enable_gqa(query: torch.Tensor, key: torch.Tensor) -> bool:
 def _one_device(query, key, value, mask, call: _Call) -> torch.Tensor:
     """What transformers' SDPA function computes, with the score modifications SDPA lacks."""
     if isinstance(mask, ShardedMask):
-        raise InvalidArgumentError("this call attends to keys every rank holds whole, but its mask was built for "
-                                   "sharded keys; pass the mask of the whole key sequence")
+        raise InvalidArgumentError(mask.refused or "this call attends to keys every rank holds whole, but its mask "
+                                   "was built for sharded keys; pass the mask of the whole key sequence")
     q_len, kv_len = query.shape[-2], key.shape[-2]
     position_bias, window = call.position_bias, None
     is_causal = mask is None and call.causal and q_len > 1  # one query sees every cached key: bottom-right causal
