@@ -42,7 +42,8 @@ def shard_batch(batch: Mapping[str, Any], mesh, *, seq_dim: int = 1, layout: str
       loses the other ranks' rows.
     Encoder-decoder batches (``decoder_input_ids`` or ``decoder_inputs_embeds`` present): the decoder's tensors
     (those, ``decoder_attention_mask``, ``decoder_position_ids``, ``labels``, not shifted) are sharded; the
-    encoder's inputs stay whole. Other entries pass through unchanged.
+    encoder's inputs stay whole; such models' own losses are this rank's mean, so take `cp_loss` of the logits.
+    Other entries pass through unchanged.
     """
     layout = layout or _active_layout()
     out = dict(batch)
