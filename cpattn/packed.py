@@ -1,10 +1,19 @@
-"""`flash_varlen_attention`: attention over packed sequences, on the `flash_varlen` provider, with autograd.
+"""Attention over packed sequences, with autograd, on one device or under context parallelism.
 
-The packed form of the public API: q, k, v are (total, H, D) tensors holding several sequences one after
-another, their boundaries in int32 cu_seqlens. This module checks the packed arguments, reads the
-context-parallel state `attention_provider` set, and runs either one varlen kernel call
-(`FlashVarlen.packed_attention`) or, under context parallelism, the packed schedule (cpattn/cp/packed.py) with
-that call as its kernel.
+The packed form of the public API: q, k, v are (total, H, D) tensors holding several sequences (documents) one
+after another, their boundaries in int32 cu_seqlens.
+
+* `flash_varlen_attention` runs the `flash_varlen` provider: one varlen kernel call on one device. Under context
+  parallelism it takes this rank's shard and the stream's global cu_seqlens; `sharding` says how the stream was
+  sharded. "sequence" (the default): by `cpattn.shard_sequence(x, cp_mesh, 0, cp_layout)`, run all-gather
+  (cpattn/cp/packed.py). "documents": by `shard_packed`, run the packed ring (cpattn/cp/packed_ring.py) under
+  cp_strategy 'auto' or 'ring', or all-gather under 'allgather'.
+* `packed_attention` runs the current provider (`attention_provider`) over a stream sharded by documents: the
+  packed ring on `flash_varlen`'s varlen kernels, on any other provider its forward/backward per group of
+  documents, with a dense document mask where it takes masks. On one device it is the ring's one step.
+* `shard_packed`, `gather_packed`, `packed_cu_seqlens`, `packed_position_ids` and `packed_layout` give a rank its
+  shard of a stream sharded by documents, its inverse, the local boundaries and the positions within each
+  document (for RoPE); cpattn/cp/packed_layout.py says how the documents are placed and why.
 """
 
 from __future__ import annotations
@@ -13,11 +22,21 @@ from typing import Any
 
 import torch
 
-from .contract import AttentionCall, default_scale
+from .contract import (AttentionCall, Provider, default_scale, lse_for_kernel_backward, normalize_lse,
+                       on_device)
+from .cp.comm import all_gather_padded, gather_signatures
+from .cp.mesh import topology_from_mesh
+from .cp.packed_documents import run_packed_documents
+from .cp.packed_kernels import ProviderBlocks
+from .cp.packed_layout import DocumentLayout, document_layout
+from .cp.packed_plan import Chain
 from .state import current_state
 from .errors import InvalidArgumentError, UnsupportedInputError
 from .providers import get_provider
 from .providers.flash import Packing
+from .providers.flash.layout import align_head_dim, deterministic_algorithms
+
+SHARDINGS = ("sequence", "documents")
 
 
 def flash_varlen_attention(
@@ -30,6 +49,8 @@ def flash_varlen_attention(
     max_seqlen_k: int,
     is_causal: bool = False,
     scale: float | None = None,
+    *,
+    sharding: str = "sequence",
 ) -> torch.Tensor:
     """Attention over packed sequences on the `flash_varlen` provider, with autograd.
 
@@ -37,15 +58,23 @@ def flash_varlen_attention(
     rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:cu_seqlens_k[i+1] of k and v; cu_seqlens
     are int32, 1-D, start at 0, never decrease and end at total. `is_causal` needs every query sequence as long
     as its key sequence (the causal diagonal is then the same in flash-attn and SDPA). Returns (total_q, Hq, D).
-    The checks read cu_seqlens on the host (one device sync).
+    Under context parallelism q, k, v are this rank's shard, cu_seqlens the whole stream's, and `sharding` how
+    the shards were made: "sequence" (`cpattn.shard_sequence`, all-gather) or "documents" (`shard_packed`, the
+    packed ring; see the module docstring). The checks read cu_seqlens on the host (one device sync).
     """
     _check_packed_tensors(q, k, v)
+    if sharding not in SHARDINGS:
+        raise InvalidArgumentError(f"sharding={sharding!r}; choose one of {SHARDINGS}")
     cp = current_state().cp
+    provider = get_provider("flash_varlen")
+    if cp is not None and sharding == "documents":
+        _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k)
+        bounds = _checked_bounds(cu_seqlens_q, max_seqlen_q, max_seqlen_k, q.device)
+        return _documents(cp, provider, _packed_view(q, k, v, is_causal, scale), bounds)
     if cp is not None and cp.world_size > 1:
-        return _packed_under_cp(cp, get_provider("flash_varlen"), q, k, v, cu_seqlens_q, cu_seqlens_k,
+        return _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k,
                                 max_seqlen_q, max_seqlen_k, is_causal, scale)
     _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal)
-    provider = get_provider("flash_varlen")
     provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
     view = _packed_view(q, k, v, is_causal, scale)
     reasons = provider.reasons(view)
@@ -53,6 +82,185 @@ def flash_varlen_attention(
         raise UnsupportedInputError("flash_varlen_attention", reasons)
     packing = Packing(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
     return provider.packed_attention(q, k, v, packing, view.scale, view.is_causal)
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window: "tuple[int | None, int | None] | None" = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention within each document of a packed stream, on the current provider, with autograd.
+
+    q: (tokens, Hq, D), k and v: (tokens, Hkv, D), Hq a multiple of Hkv; `cu_seqlens`: int32 boundaries of the
+    whole stream's documents. Under `attention_provider(p, cp_mesh=mesh)` q, k, v are this rank's shard made by
+    `shard_packed` (cp_strategy 'auto' or 'ring': the packed ring; 'allgather' on `flash_varlen` only); on one
+    device, the whole stream. `window`, `softcap` and `sinks` are refused for now (never dropped).
+    Returns (tokens, Hq, Dv).
+    """
+    _check_packed_tensors(q, k, v)
+    state = current_state()
+    bounds = _checked_bounds(cu_seqlens, None, None, q.device)
+    view = _packed_view(q, k, v, is_causal, scale).replace(window=window, softcap=softcap, sinks=sinks)
+    if state.cp is None and bounds[-1] != q.shape[0]:
+        raise InvalidArgumentError(f"cu_seqlens end at {bounds[-1]} but q holds {q.shape[0]} tokens")
+    return _documents(state.cp, state.provider, view, bounds)
+
+
+def _documents(cp, provider: Provider, view: AttentionCall, bounds: list[int]) -> torch.Tensor:
+    """A stream sharded by documents (or whole, without `cp`) through the packed schedules."""
+    provider.require_available()
+    if provider.name == "flash_varlen":
+        kernel = _VarlenBlocks(provider, view)
+        return run_packed_documents(cp, provider, view, bounds, kernel, kernel.gathered, provider.reasons(view))
+    caps = provider.capabilities(view.device.type)
+    masks = caps is not None and caps.bool_mask
+    checked = view.replace(attn_mask=_mask_stand_in(view)) if masks else view
+    reasons = provider.reasons(checked, need_lse=True, need_backward=True)
+    return run_packed_documents(cp, provider, view, bounds, ProviderBlocks(provider, view, masks), None, reasons)
+
+
+def _mask_stand_in(call: AttentionCall) -> torch.Tensor:
+    """A zero-stride bool mask of the call's shape: what the providers' checks read (its kind, never values)."""
+    return torch.zeros((), dtype=torch.bool, device=call.device).expand(1, 1, call.q_len, call.kv_len)
+
+
+class _VarlenBlocks:
+    """The packed ring's kernel on `flash_varlen` (see cpattn/cp/packed_kernels.py): one varlen forward or
+    backward per chain, on views of its rows and keys, with the chain's cu_seqlens (pieces and the gaps between
+    them). Also the all-gather schedule's varlen call (`gathered`)."""
+
+    def __init__(self, provider: Provider, view: AttentionCall):
+        self._provider, self._view = provider, view
+        self._packings: dict = {}
+
+    def _packing(self, chain: Chain, device) -> Packing:
+        key = (chain, device)
+        if key not in self._packings:
+            cu_q, cu_k = chain.sequences
+            longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
+            as_tensor = lambda cu: torch.tensor(cu, dtype=torch.int32, device=device)  # noqa: E731
+            self._packings[key] = Packing(as_tensor(cu_q), as_tensor(cu_k), longest(cu_q), longest(cu_k))
+        return self._packings[key]
+
+    def _multiple(self, backward: bool) -> int:
+        return self._provider.head_dim_multiple(self._view, backward=backward)
+
+    def forward(self, q, k, v, chain):
+        gen, multiple = self._provider.generation(), self._multiple(False)
+        with torch.no_grad(), on_device(q.device):
+            out, lse = gen.varlen_forward(align_head_dim(q, multiple), align_head_dim(k, multiple),
+                                          align_head_dim(v, multiple), self._packing(chain, q.device),
+                                          self._view.scale, chain.causal)
+        return out[..., : v.shape[-1]], normalize_lse(lse, q.shape[0])
+
+    def backward(self, dout, q, k, v, out, lse, chain):
+        gen, multiple = self._provider.generation(), self._multiple(True)
+        dtype = q.dtype
+        do, qa, ka, va, oa = (align_head_dim(t.to(dtype), multiple) for t in (dout, q, k, v, out))
+        with torch.no_grad(), on_device(q.device):
+            dq, dk, dv = gen.varlen_backward(do, qa, ka, va, oa, lse_for_kernel_backward(lse).float().contiguous(),
+                                             self._packing(chain, q.device), self._view.scale, chain.causal,
+                                             deterministic_algorithms())
+        return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
+
+    def gathered(self, qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as all-gather needs
+        view = self._view
+        return self._provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale,
+                                               view.is_causal)
+
+
+# -- the document sharding's helpers ------------------------------------------------------------------------------
+
+
+def packed_layout(cu_seqlens: Any, world: int) -> DocumentLayout:
+    """Where the documents of the stream `cu_seqlens` go over `world` ranks (cpattn/cp/packed_layout.py): each
+    rank's runs, lengths, counted work (`counted_work`, `balance`)."""
+    return document_layout(tuple(_bounds_of(cu_seqlens)), int(world))
+
+
+def _rank_layout(cu_seqlens: Any, cp_mesh) -> tuple[DocumentLayout, int, Any]:
+    if cp_mesh is None:
+        return packed_layout(cu_seqlens, 1), 0, None
+    group = topology_from_mesh(cp_mesh).ring
+    return packed_layout(cu_seqlens, group.size), group.rank, group
+
+
+def shard_packed(x: torch.Tensor, cu_seqlens: Any, cp_mesh, dim: int = 0) -> torch.Tensor:
+    """This rank's shard, along `dim`, of a whole packed stream with document boundaries `cu_seqlens`, in the
+    document layout that `packed_attention` and `flash_varlen_attention(..., sharding="documents")` take."""
+    layout, rank, _ = _rank_layout(cu_seqlens, cp_mesh)
+    if x.shape[dim] != layout.bounds[-1]:
+        raise InvalidArgumentError(f"x has {x.shape[dim]} tokens along dim {dim}, cu_seqlens end at "
+                                   f"{layout.bounds[-1]}")
+    return x.index_select(dim, torch.tensor(layout.positions(rank), dtype=torch.long, device=x.device))
+
+
+@torch.no_grad()
+def gather_packed(x_local: torch.Tensor, cu_seqlens: Any, cp_mesh, dim: int = 0,
+                  timeout: float = 60.0) -> torch.Tensor:
+    """Inverse of `shard_packed`: the whole stream on every rank (not differentiable)."""
+    layout, _, group = _rank_layout(cu_seqlens, cp_mesh)
+    if group is None:
+        return x_local
+    dim = dim % x_local.dim()
+    lengths = gather_signatures([x_local.shape[dim]], group, timeout, x_local.device)[:, 0].tolist()
+    want = [layout.length(r) for r in range(layout.world)]
+    if lengths != want:
+        raise InvalidArgumentError(f"local lengths {lengths} are not the document layout's {want} for these "
+                                   "cu_seqlens: gather what shard_packed made")
+    parts = all_gather_padded(x_local, lengths, dim, group, timeout)
+    return torch.cat(parts, dim=dim).index_select(dim, layout.gather_order().to(x_local.device))
+
+
+def packed_cu_seqlens(cu_seqlens: Any, cp_mesh, device=None) -> torch.Tensor:
+    """int32 boundaries of this rank's local runs, each a piece of one document (a document split over the
+    ranks gives two: its early and its late chunk), for per-document work on the local shard."""
+    layout, rank, _ = _rank_layout(cu_seqlens, cp_mesh)
+    return torch.tensor(layout.local_cu_seqlens(rank), dtype=torch.int32, device=_device_of(cu_seqlens, device))
+
+
+def packed_position_ids(cu_seqlens: Any, cp_mesh, device=None) -> torch.Tensor:
+    """Each local token's position within its document (int64), e.g. for RoPE."""
+    layout, rank, _ = _rank_layout(cu_seqlens, cp_mesh)
+    return torch.tensor(layout.position_ids(rank), dtype=torch.long, device=_device_of(cu_seqlens, device))
+
+
+def _device_of(cu: Any, device):
+    return device if device is not None else (cu.device if isinstance(cu, torch.Tensor) else None)
+
+
+def _bounds_of(cu: Any) -> list[int]:
+    bounds = cu.tolist() if isinstance(cu, torch.Tensor) else [int(b) for b in cu]
+    if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise InvalidArgumentError(f"cu_seqlens must start at 0 and never decrease, got {bounds}")
+    return bounds
+
+
+def _checked_bounds(cu: Any, max_q: Any, max_k: Any, device) -> list[int]:
+    """The global boundaries of a packed call, checked (and the maximum lengths against them, where given)."""
+    if not isinstance(cu, torch.Tensor):
+        raise InvalidArgumentError(f"cu_seqlens must be an int32 torch.Tensor, got {type(cu).__name__}")
+    lengths = _check_cu_seqlens("cu_seqlens", cu, int(cu[-1]) if cu.numel() else 0, "the whole packed stream",
+                                device)
+    for name, value in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
+        if value is not None:
+            _check_max_seqlen(name, value, lengths)
+    return cu.tolist()
+
+
+def _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k) -> None:
+    if q.shape[0] != k.shape[0] or not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
+        raise InvalidArgumentError(
+            "under context parallelism flash_varlen_attention is self-attention over one packed stream: q, k and "
+            "v are shards of the same tokens and cu_seqlens_q must equal cu_seqlens_k"
+        )
 
 
 def _packed_view(q, k, v, is_causal, scale) -> AttentionCall:
@@ -69,11 +277,7 @@ def _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
                      scale) -> torch.Tensor:
     """q, k, v: this rank's shard of one packed stream; cu_seqlens: that stream's global boundaries (see
     cpattn/cp/packed.py for the schedule)."""
-    if q.shape[0] != k.shape[0] or not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
-        raise InvalidArgumentError(
-            "under context parallelism flash_varlen_attention is self-attention over one packed stream: q, k and "
-            "v are shards of the same tokens and cu_seqlens_q must equal cu_seqlens_k"
-        )
+    _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k)
     lengths = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, int(cu_seqlens_q[-1]), "the whole packed stream",
                                 q.device)
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths)
@@ -154,4 +358,5 @@ def _check_max_seqlen(name: str, value: Any, lengths: list[int]) -> None:
         raise InvalidArgumentError(f"{name}={value} is smaller than the longest sequence ({max(lengths)})")
 
 
-__all__ = ["flash_varlen_attention"]
+__all__ = ["flash_varlen_attention", "gather_packed", "packed_attention", "packed_cu_seqlens", "packed_layout",
+           "packed_position_ids", "shard_packed"]

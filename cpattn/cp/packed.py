@@ -12,8 +12,10 @@ the gathered K/V, and the run's rows are a contiguous slice of the local queries
 views, with no repacking. A query segment shorter than its key segment ends where its keys end, which is how
 varlen kernels align causal attention (bottom-right), so no position offsets are needed.
 
-Packed streams are not a cp_strategy of their own: they run all-gather on a 1-D mesh (`packed_reasons`), entered
-through ContextParallel.run_packed. This module never names a provider: the caller passes the varlen kernel.
+Shards made this way (by positions of the whole stream) run all-gather on a 1-D mesh (`packed_reasons`), entered
+through ContextParallel.run_packed. Streams sharded by documents (cp/packed_layout.py) run the packed ring
+(cp/packed_documents.py), or all-gather through `packed_attention` here with that layout's positions. This module
+never names a provider: the caller passes the varlen kernel.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ def packed_reasons(cp: Setup, strategy: str) -> list[str]:
         out.append("packed sequences under context parallelism run all-gather on a 1-D cp_mesh; a 2-D mesh "
                    "runs the hybrid schedule, which has no packed form")
     if strategy not in ("auto", SCHEDULE):
-        out.append(f"packed sequences under context parallelism run all-gather, not cp_strategy="
-                   f"'{strategy}': pass cp_strategy='allgather' or 'auto', or use "
-                   "attention_dispatch with cpattn.document_mask(...) for ring or Ulysses")
+        out.append(f"packed sequences sharded by position (cpattn.shard_sequence) run all-gather, not cp_strategy="
+                   f"'{strategy}': pass cp_strategy='allgather' or 'auto'; for the packed ring shard them with "
+                   "cpattn.packed.shard_packed and pass sharding='documents'; or use attention_dispatch with "
+                   "cpattn.document_mask(...) for Ulysses")
     if cp.prefix:
         out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
     return out
@@ -105,11 +108,18 @@ def _tokens_heads_dims(x: torch.Tensor) -> torch.Tensor:
 def packed_attention(kernel: VarlenKernel, call: AttentionCall, bounds: list[int], spec: AllGatherSpec) -> torch.Tensor:
     """This rank's packed output (local tokens, Hq, Dv). `call` holds (1, H, S_local, D) views of the packed
     local q, k, v; every rank must call this (the K/V all-gather is a collective)."""
-    q = call.query.squeeze(0).transpose(0, 1)  # the caller's packed (S_local, Hq, D) tensor again
     keys = _tokens_heads_dims(GatherSequence.apply(call.key, spec))
     values = _tokens_heads_dims(GatherSequence.apply(call.value, spec))
+    return gathered_runs(kernel, call, bounds, spec.q_positions.tolist(), keys, values)
+
+
+def gathered_runs(kernel: VarlenKernel, call: AttentionCall, bounds: list[int], q_positions: list[int],
+                  keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One varlen call per run of the local queries (global positions `q_positions`) against the gathered
+    (S, Hkv, D) keys and values in global order."""
+    q = call.query.squeeze(0).transpose(0, 1)  # the caller's packed (S_local, Hq, D) tensor again
     outs = []
-    for local, a, b in query_runs(spec.q_positions.tolist()):
+    for local, a, b in query_runs(q_positions):
         cu_q, cu_k, key_start = run_segments(bounds, a, b, call.is_causal)
         lengths_q = [y - x for x, y in zip(cu_q, cu_q[1:])]
         lengths_k = [y - x for x, y in zip(cu_k, cu_k[1:])]

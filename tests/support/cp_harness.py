@@ -432,3 +432,88 @@ def packed_rank(rank, world, payload):
         if grad:
             errors[name] = (gather(local.grad) - ref).abs().max().item()
     return errors, dict(state.cp.stats)
+
+
+# -- packed streams sharded by documents (cpattn.packed.shard_packed, the packed ring) -----------------------------
+
+
+@dataclass(frozen=True)
+class PackedCase:
+    """One packed call on a stream sharded by documents. api: "packed" (cpattn.packed.packed_attention on
+    `provider`) or "flash_varlen" (flash_varlen_attention(..., sharding="documents"))."""
+
+    bounds: tuple
+    causal: bool = True
+    provider: str = "flash_varlen"
+    api: str = "packed"
+    strategy: str = "auto"
+    heads: tuple = PACKED_HEADS  # query heads, key/value heads, head dim
+    dtype: str = "bfloat16"
+    grad: bool = True
+    seed: int = 0
+    window: tuple | None = None  # refusal cases: a score modification the packed schedules do not take yet
+
+
+def _documents_problem(case: PackedCase):
+    hq, hkv, d = case.heads
+    gen = torch.Generator().manual_seed(case.seed)
+    total = case.bounds[-1]
+    shape = lambda h: (total, h, d)  # noqa: E731
+    return tuple(torch.randn(shape(h), generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+
+
+def _run_documents_case(case: PackedCase, mesh) -> dict:
+    import cpattn
+    from cpattn import packed
+
+    cu = torch.tensor(case.bounds, dtype=torch.int32)
+    dtype = getattr(torch, case.dtype)
+    q, k, v, dout = _documents_problem(case)
+    shard = lambda t: packed.shard_packed(t, cu, mesh)  # noqa: E731
+    ql, kl, vl = (shard(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
+    longest = max(b - a for a, b in zip(case.bounds, case.bounds[1:]))
+    with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_timeout=20) as state:
+        if case.api == "flash_varlen":
+            out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, is_causal=case.causal,
+                                                sharding="documents")
+        else:
+            out = packed.packed_attention(ql, kl, vl, cu, is_causal=case.causal, window=case.window)
+        forward_stats = dict(state.cp.stats)
+        if case.grad:
+            out.backward(shard(dout).to(dtype))
+    gather = lambda t: packed.gather_packed(t, cu, mesh).double()  # noqa: E731
+    ref_out, ref_grads = _packed_reference(q, k, v, dout, case.causal, list(case.bounds))
+    errors = {"out": (gather(out.detach()) - ref_out).abs().max().item()}
+    if case.grad:
+        for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_grads):
+            errors[name] = (gather(local.grad) - ref).abs().max().item()
+    positions = gather(packed.packed_position_ids(cu, mesh).view(-1, 1)).view(-1).long()
+    starts = torch.tensor(case.bounds[:-1]).repeat_interleave(torch.tensor(case.bounds).diff())
+    errors["position_ids"] = float((positions != torch.arange(case.bounds[-1]) - starts).sum())
+    local_cu = packed.packed_cu_seqlens(cu, mesh)
+    errors["local_cu_seqlens_end"] = float(local_cu[-1].item() != ql.shape[0])
+    return {"errors": errors, "stats": dict(state.cp.stats), "forward_stats": forward_stats,
+            "local_len": ql.shape[0]}
+
+
+def packed_documents_rank(rank, world, cases):
+    """Every case of `cases` (PackedCase) on this rank (run with reliability_helpers.run_ranks: one world for
+    all): per case, this rank's errors against float64 (of the gathered results: the same on every rank), its CP
+    stats after the forward and after the backward, or the exception it raised."""
+    import torch.distributed as dist
+
+    if any(c.provider in ("flash", "flash_varlen") for c in cases):
+        _install_standin("fa2")
+    mesh = dist.group.WORLD
+    results = []
+    for case in cases:
+        start = time.monotonic()
+        try:
+            result = _run_documents_case(case, mesh)
+        except Exception as exc:  # reported, asserted on by the test
+            if os.environ.get("CPATTN_TEST_TRACEBACK"):
+                traceback.print_exc()
+            result = {"exception": f"{type(exc).__name__}: {exc}"}
+        result["seconds"] = round(time.monotonic() - start, 3)
+        results.append(result)
+    return results

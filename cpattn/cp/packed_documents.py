@@ -1,0 +1,170 @@
+"""Packed streams sharded by documents (cp/packed_layout.py): the checks, the agreement, and the schedule.
+
+Order of events, the same on every rank: every local reason to refuse is collected; one small all-gather
+compares an integer signature of the call (provider, schedule, dtype, heads, dims, causal, scale, gradients,
+the document boundaries' checksum, whether the rank refused, its local length); any difference or refusal raises
+the same error everywhere before data moves; each rank's local length must be what the document layout gives
+it. Then cp_strategy picks the schedule: 'ring' or 'auto' the packed ring (cp/packed_ring.py), 'allgather' the
+gathered varlen calls of cp/packed.py over the same shards (varlen kernels only). With no group (one device)
+the packed ring runs its one step.
+
+Windows, softcaps and sinks are refused: the packed schedules apply none of them per document yet, and
+dropping one would be silently wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import torch
+
+from ..contract import AttentionCall, Provider
+from ..errors import RankMismatchError, UnsupportedInputError
+from .agreement import gather_names, provider_code
+from .comm import CommStats, all_gather_padded, all_reduce_sum, gather_signatures
+from .packed import VarlenKernel, gathered_runs
+from .packed_kernels import BlockKernel
+from .packed_layout import DocumentLayout, document_layout
+from .packed_ring import PackedRingSpec, packed_ring_attention
+from .schedule import Setup
+
+SCHEDULES = ("ring", "allgather")  # what packed documents run, by cp_strategy ('auto' is the ring)
+_DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+FIELDS = ("provider", "schedule", "dtype", "query heads", "key/value heads", "head dim", "value head dim",
+          "is_causal", "scale", "requires grad", "number of cu_seqlens entries", "cu_seqlens (checksum)")
+_REFUSED, _LENGTH = len(FIELDS), len(FIELDS) + 1
+SHARD_HINT = ("shard q, k and v with cpattn.packed.shard_packed(x, cu_seqlens, cp_mesh) and pass the global "
+              "cu_seqlens")
+
+
+def schedule_of(cp: Setup | None) -> str:
+    return "allgather" if cp is not None and cp.strategy == "allgather" else "ring"
+
+
+def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKernel | None) -> list[str]:
+    """Why packed documents cannot run `call` with `cp` (whatever the provider)."""
+    out = score_mod_reasons(call)
+    if cp is None:
+        return out
+    if cp.topology.mesh_dims != 1:
+        out.append("packed documents run on a 1-D cp_mesh; a 2-D mesh runs the hybrid schedule, which has no "
+                   "packed form")
+    if cp.strategy not in ("auto",) + SCHEDULES:
+        out.append(f"packed documents run cp_strategy='ring' (or 'auto') or 'allgather', not '{cp.strategy}'")
+    if cp.strategy == "allgather" and gathered is None:
+        out.append("cp_strategy='allgather' over document shards runs on varlen kernels only (provider "
+                   "'flash_varlen'); pass cp_strategy='ring' or 'auto'")
+    if cp.prefix:
+        out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
+    return out
+
+
+def score_mod_reasons(call: AttentionCall) -> list[str]:
+    """Windows, softcaps and sinks on a packed call: refused, never dropped."""
+    out = []
+    for name, value in (("window", call.window), ("softcap", call.softcap), ("sinks", call.sinks)):
+        if value is not None:
+            shown = f"{name}={value}" if name != "sinks" else "sinks"
+            out.append(f"{shown} is not supported on packed documents yet: the packed schedules do not apply it per "
+                       "document; use attention_dispatch with cpattn.document_mask(...) and the window, softcap or "
+                       "sinks on a dense schedule")
+    return out
+
+
+def _signature(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[int], refused: bool) -> list[int]:
+    digest = zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds))
+    scale = struct.unpack("<q", struct.pack("<d", float(call.scale)))[0]
+    return [provider_code(provider), SCHEDULES.index(schedule_of(cp)), _DTYPES.get(call.dtype, 0), call.q_heads,
+            call.kv_heads, call.head_dim, call.value_dim, int(call.is_causal), scale, int(call.needs_grad),
+            len(bounds), digest, int(refused), call.q_len]
+
+
+def agree_documents_call(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[int],
+                         refused: bool) -> list[int]:
+    """Every rank makes the same packed call (else the same error on every rank); returns every rank's local
+    length."""
+    group = cp.topology.ring
+    table = gather_signatures(_signature(cp, provider, call, bounds, refused), group, cp.timeout, call.device)
+    for i, name in enumerate(FIELDS):
+        column = table[:, i].tolist()
+        if len(set(column)) > 1:
+            shown = gather_names(provider.name, group, cp.timeout, call.device) if name == "provider" else column
+            raise RankMismatchError(
+                f"ranks of the context-parallel group disagree on {name} of a packed call: "
+                + ", ".join(f"rank {r}: {x}" for r, x in enumerate(shown))
+                + ". Every rank must make the same call on its shard, with the global cu_seqlens of the stream.")
+    refused_ranks = [r for r, x in enumerate(table[:, _REFUSED].tolist()) if x]
+    if refused_ranks and not refused:
+        raise UnsupportedInputError(f"packed documents on provider '{provider.name}'",
+                                    [f"rank(s) {refused_ranks} refused this call; their error lists the reasons"])
+    return table[:, _LENGTH].tolist()
+
+
+def check_lengths(layout: DocumentLayout, lengths: list[int]) -> None:
+    want = [layout.length(r) for r in range(layout.world)]
+    if lengths != want:
+        raise RankMismatchError(
+            f"local packed lengths {lengths} do not match the document layout of these cu_seqlens over "
+            f"{layout.world} ranks, which gives {want}: {SHARD_HINT}")
+
+
+def _shd(x: torch.Tensor) -> torch.Tensor:
+    return x.squeeze(0).transpose(0, 1)
+
+
+def run_packed_documents(cp: Setup | None, provider: Provider, call: AttentionCall, bounds: list[int],
+                         kernel: BlockKernel, gathered: VarlenKernel | None, reasons: list[str]) -> torch.Tensor:
+    """This rank's packed output. `call` holds (1, H, S_local, D) views of the packed local q, k, v; `reasons`
+    the provider's refusals; `kernel` runs the ring's chains, `gathered` (or None) all-gather's varlen calls."""
+    reasons = reasons + document_reasons(cp, call, gathered)
+    world = 1 if cp is None else cp.topology.ring.size
+    lengths = [call.q_len]
+    if cp is not None:
+        lengths = agree_documents_call(cp, provider, call, bounds, refused=bool(reasons))
+    if reasons:
+        raise UnsupportedInputError(f"packed documents on provider '{provider.name}'", reasons)
+    layout = document_layout(tuple(bounds), world)
+    check_lengths(layout, lengths)
+    stats = cp.stats if cp is not None else CommStats()
+    stats["calls"] += 1
+    if schedule_of(cp) == "allgather":
+        return _gathered(gathered, cp, layout, call, bounds)
+    spec = PackedRingSpec(cp.topology.ring if cp is not None else None, layout, call.is_causal,
+                          cp.data_timeout if cp is not None else None, stats)
+    return packed_ring_attention(kernel, spec, _shd(call.query), _shd(call.key), _shd(call.value))
+
+
+class _GatherDocuments(torch.autograd.Function):
+    """All-gather of packed document shards (tokens first) into global order; backward sums each rank's part
+    over ranks and keeps this rank's."""
+
+    @staticmethod
+    def forward(ctx, x, cp: Setup, layout: DocumentLayout):
+        group = cp.topology.ring
+        ctx.cp, ctx.layout = cp, layout
+        cp.stats["all_gather"] += 1
+        parts = all_gather_padded(x.contiguous(), _lengths(layout), 0, group, cp.data_timeout)
+        return torch.cat(parts, dim=0).index_select(0, layout.gather_order().to(x.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        cp, layout = ctx.cp, ctx.layout
+        group = cp.topology.ring
+        cp.stats["reduce_scatter"] += 1
+        positions = torch.tensor([p for r in range(layout.world) for p in layout.positions(r)], dtype=torch.long,
+                                 device=grad.device)
+        total = all_reduce_sum(grad.index_select(0, positions).contiguous(), group, cp.data_timeout)
+        lengths = _lengths(layout)
+        return total.narrow(0, sum(lengths[: group.rank]), lengths[group.rank]), None, None
+
+
+def _lengths(layout: DocumentLayout) -> list[int]:
+    return [layout.length(r) for r in range(layout.world)]
+
+
+def _gathered(kernel: VarlenKernel, cp: Setup, layout: DocumentLayout, call: AttentionCall,
+              bounds: list[int]) -> torch.Tensor:
+    """cp/packed.py's varlen calls per run of local queries, against K/V gathered from the document shards."""
+    keys, values = (_GatherDocuments.apply(_shd(x), cp, layout).contiguous() for x in (call.key, call.value))
+    return gathered_runs(kernel, call, bounds, layout.positions(cp.topology.ring.rank), keys, values)

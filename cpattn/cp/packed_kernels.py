@@ -1,0 +1,80 @@
+"""The kernels of the packed ring: one `Chain` (cp/packed_plan.py) forward, or backward given the global rows.
+
+Every tensor here is packed, (tokens, heads, dim): q, dout and out are the chain's rows of the consumer's shard,
+k and v the chain's keys of the step's key block, lse (heads, rows) float32 in the contract's form (natural log,
+-inf on rows that see no key). A kernel returns the chain's (out, lse) over all its rows, rows between its
+pieces included (out 0, lse -inf: they merge as nothing), and its (dq, dk, dv) over all its rows and keys.
+
+Two implementations: a varlen kernel, one call per chain with the chain's `sequences` (made by the packed API,
+cpattn/packed.py, which knows the provider), and `ProviderBlocks`, for any provider of the contract: one
+`forward`/`backward` per group of pieces, with the group's dense document mask where the provider takes masks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..contract import AttentionCall, Provider
+from .packed_plan import Chain, document_block_mask
+
+
+class BlockKernel(Protocol):
+    """What the packed ring asks of a kernel (see the module docstring)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                chain: Chain) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out (rows, Hq, Dv) in the inputs' dtype, lse (Hq, rows) float32)."""
+
+    def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, chain: Chain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv) of the chain, in the inputs' dtype, given its rows' global dout, out and lse."""
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """(S, H, D) -> the (1, H, S, D) view the contract takes."""
+    return x.unsqueeze(0).transpose(1, 2)
+
+
+def _shd(x: torch.Tensor) -> torch.Tensor:
+    """(1, H, S, D) -> (S, H, D) view."""
+    return x.squeeze(0).transpose(0, 1)
+
+
+class ProviderBlocks:
+    """A chain on a provider of the contract: per group (`Chain.groups`), one `forward` on views of the group's
+    rows and keys, with its document mask where it has more than one piece (the provider then takes boolean
+    masks) or with the piece's own causal flag. `call` is the packed call whose scale and flags every block
+    keeps."""
+
+    def __init__(self, provider: Provider, call: AttentionCall, masks: bool):
+        self.provider, self.call, self.masks = provider, call, masks
+
+    def _block(self, group: Chain, q, k, v) -> AttentionCall:
+        # masks are made again for the backward rather than kept: they are small, the forward's steps many
+        mask = document_block_mask(group, q.device) if len(group.pieces) > 1 else None
+        return self.call.replace(query=_bhsd(q[group.q0:group.q1]), key=_bhsd(k[group.k0:group.k1]),
+                                 value=_bhsd(v[group.k0:group.k1]), attn_mask=mask,
+                                 is_causal=mask is None and group.pieces[0].causal)
+
+    def forward(self, q, k, v, chain):
+        rows, heads = q.shape[0], q.shape[1]
+        out = q.new_zeros(rows, heads, v.shape[-1])
+        lse = torch.full((heads, rows), float("-inf"), dtype=torch.float32, device=q.device)
+        for group in chain.groups(self.masks):
+            out_g, lse_g = self.provider.forward(self._block(group, q, k, v))
+            out[group.q0:group.q1] = _shd(out_g)
+            lse[:, group.q0:group.q1] = lse_g[0]
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, chain):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for group in chain.groups(self.masks):
+            rows = slice(group.q0, group.q1)
+            parts = self.provider.backward(self._block(group, q, k, v), _bhsd(dout[rows]), _bhsd(out[rows]),
+                                           lse[:, rows].unsqueeze(0))
+            dq[rows] = _shd(parts[0])
+            dk[group.k0:group.k1] = _shd(parts[1])
+            dv[group.k0:group.k1] = _shd(parts[2])
+        return dq, dk, dv

@@ -1,0 +1,193 @@
+"""What one step of the packed ring computes: a rank's queries against the keys one rank holds, per document.
+
+For a consumer rank (its queries) and an owner rank (its keys), every document both hold gives *pieces*: one
+run of the consumer's against one run of the owner's (cp/packed_layout.py's runs are disjoint ranges of global
+positions). Causal: the owner's run entirely before the consumer's is attended in full; the same run (the
+consumer's own, on the diagonal step) causally, top-left, which is exact because local order is global order
+within a run; a run after is not attended. Non-causal: every pair in full. No pieces: the step is skipped.
+
+The owner sends the consumer only the keys its pieces read, as one contiguous range of its shard (`kv`): with the
+layout's region order that is its early chunks, or its early and late chunks; never its whole documents.
+
+A kernel call takes sequences whose query rows and key rows both increase, one causal flag for all. Pieces are
+therefore merged where they share rows and touch (one query run against two adjacent key runs is one piece),
+then dealt into *chains*: each chain a list of pieces increasing in both, one kernel call. A zigzag step is one
+or two chains; the diagonal step two (its causal pieces, and the late chunks against the early ones).
+
+For a varlen kernel a chain is one call on views of the chain's rows and keys: each piece a sequence, and the
+rows and keys between pieces sequences of their own with nothing to attend (zero keys, or zero queries), so that
+the views need no copy. Their rows come back with log-sum-exp -inf, which merges as nothing.
+For a provider that takes dense masks, a chain is split into *groups*: consecutive pieces whose bounding block is
+at most twice their own area (or small, MIN_GROUP_CELLS), one call each with the block's document mask, a lone
+piece with no mask at all; for a provider without masks, every piece is a call of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .packed_layout import DocumentLayout
+
+MIN_GROUP_CELLS = 128 * 128  # a masked block this small costs about a kernel launch whatever its mask
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Query rows [q0, q1) of the consumer's shard against key rows [k0, k1) of the owner's."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+
+    @property
+    def cells(self) -> int:
+        return (self.q1 - self.q0) * (self.k1 - self.k0)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One kernel call: rows [q0, q1) of the consumer's shard against keys [k0, k1) of the step's key block
+    (the owner's `kv` range); `pieces` relative to those starts, increasing in both."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+    pieces: tuple[Piece, ...]
+
+    @functools.cached_property
+    def sequences(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(cu_seqlens of the rows, of the keys) for a varlen call on the chain's views: each piece a sequence,
+        rows and keys between pieces sequences with nothing to attend."""
+        cu_q, cu_k = [0], [0]
+        for p in self.pieces:
+            if p.q0 > cu_q[-1]:  # rows no piece reads: zero keys
+                cu_q.append(p.q0)
+                cu_k.append(cu_k[-1])
+            if p.k0 > cu_k[-1]:  # keys no piece reads: zero rows
+                cu_q.append(cu_q[-1])
+                cu_k.append(p.k0)
+            cu_q.append(p.q1)
+            cu_k.append(p.k1)
+        return tuple(cu_q), tuple(cu_k)
+
+    def groups(self, masks: bool) -> tuple["Chain", ...]:
+        """The chain as dense calls (see the module docstring): sub-chains, relative to this chain's starts."""
+        return _groups(self, masks)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a consumer computes against one owner's keys: the owner's key range `kv` (owner-local [a, b)), sent
+    whole, and the kernel calls on it."""
+
+    kv: tuple[int, int]
+    chains: tuple[Chain, ...]
+
+    @property
+    def kv_len(self) -> int:
+        return self.kv[1] - self.kv[0]
+
+    @property
+    def cells(self) -> int:
+        return sum(p.cells for c in self.chains for p in c.pieces)
+
+
+def pieces(layout: DocumentLayout, consumer: int, owner: int, causal: bool) -> list[Piece]:
+    """Every (consumer run x owner run) a step attends, in local coordinates of the two shards."""
+    out = []
+    for doc in layout.shared_docs(consumer, owner):
+        for mine in layout.runs_of_doc(consumer, doc):
+            for theirs in layout.runs_of_doc(owner, doc):
+                if consumer == owner and mine == theirs:
+                    out.append(Piece(mine.local, mine.local_stop, theirs.local, theirs.local_stop, causal))
+                elif not causal or theirs.stop <= mine.start:
+                    out.append(Piece(mine.local, mine.local_stop, theirs.local, theirs.local_stop, False))
+    return out
+
+
+def _merge(items: list[Piece]) -> list[Piece]:
+    """Join full pieces with the same rows and touching keys, then with the same keys and touching rows."""
+    for key, touch, join in (
+        (lambda p: (p.q0, p.q1, p.k0), lambda a, b: a.q0 == b.q0 and a.q1 == b.q1 and a.k1 == b.k0,
+         lambda a, b: Piece(a.q0, a.q1, a.k0, b.k1, False)),
+        (lambda p: (p.k0, p.k1, p.q0), lambda a, b: a.k0 == b.k0 and a.k1 == b.k1 and a.q1 == b.q0,
+         lambda a, b: Piece(a.q0, b.q1, a.k0, a.k1, False)),
+    ):
+        merged: list[Piece] = []
+        for p in sorted(items, key=key):
+            if merged and not p.causal and not merged[-1].causal and touch(merged[-1], p):
+                merged[-1] = join(merged[-1], p)
+            else:
+                merged.append(p)
+        items = merged
+    return items
+
+
+def _chains(items: list[Piece], kv_start: int) -> tuple[Chain, ...]:
+    """Deal pieces (sorted by rows) into the first chain they extend in rows, keys and causal flag."""
+    open_chains: list[list[Piece]] = []
+    for p in sorted(items, key=lambda p: (p.q0, p.k0)):
+        for chain in open_chains:
+            last = chain[-1]
+            if last.causal == p.causal and last.q1 <= p.q0 and last.k1 <= p.k0:
+                chain.append(p)
+                break
+        else:
+            open_chains.append([p])
+    out = []
+    for chain in open_chains:
+        q0, k0 = chain[0].q0, chain[0].k0 - kv_start
+        rel = tuple(Piece(p.q0 - q0, p.q1 - q0, p.k0 - kv_start - k0, p.k1 - kv_start - k0, p.causal)
+                    for p in chain)
+        out.append(Chain(q0, chain[-1].q1, k0, chain[-1].k1 - kv_start, chain[0].causal, rel))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def step_plan(layout: DocumentLayout, consumer: int, owner: int, causal: bool) -> StepPlan | None:
+    """The step of `consumer`'s queries against `owner`'s keys, or None when they share no attended pair."""
+    items = [p for p in pieces(layout, consumer, owner, causal) if p.q1 > p.q0 and p.k1 > p.k0]
+    if not items:
+        return None
+    kv = (min(p.k0 for p in items), max(p.k1 for p in items))
+    return StepPlan(kv, _chains(_merge(items), kv[0]))
+
+
+def _groups(chain: Chain, masks: bool) -> tuple[Chain, ...]:
+    if not masks:
+        return tuple(Chain(p.q0, p.q1, p.k0, p.k1, p.causal, (Piece(0, p.q1 - p.q0, 0, p.k1 - p.k0, p.causal),))
+                     for p in chain.pieces)
+    groups: list[list[Piece]] = []
+    for p in chain.pieces:
+        if groups:
+            trial = groups[-1] + [p]
+            box = (trial[-1].q1 - trial[0].q0) * (trial[-1].k1 - trial[0].k0)
+            if box <= max(2 * sum(x.cells for x in trial), MIN_GROUP_CELLS):
+                groups[-1] = trial
+                continue
+        groups.append([p])
+    out = []
+    for g in groups:
+        q0, k0 = g[0].q0, g[0].k0
+        rel = tuple(Piece(p.q0 - q0, p.q1 - q0, p.k0 - k0, p.k1 - k0, p.causal) for p in g)
+        out.append(Chain(q0, g[-1].q1, k0, g[-1].k1, chain.causal, rel))
+    return tuple(out)
+
+
+def document_block_mask(chain: Chain, device) -> torch.Tensor:
+    """(1, 1, rows, keys) bool: True where a row and a key are in the same piece (and, in a causal piece, the key
+    is not after the row)."""
+    mask = torch.zeros(chain.q1 - chain.q0, chain.k1 - chain.k0, dtype=torch.bool, device=device)
+    for p in chain.pieces:
+        block = mask[p.q0:p.q1, p.k0:p.k1]
+        block.fill_(True)
+        if p.causal:
+            block.tril_()
+    return mask.view(1, 1, *mask.shape)

@@ -1,0 +1,263 @@
+"""The packed ring: attention over a document-sharded packed stream, key blocks sent only where documents meet.
+
+Every rank holds its shard of the stream in the document layout (cp/packed_layout.py). At step i of W, rank r
+computes its queries against the keys of rank s = r - i, which it receives straight from s, and sends its own
+keys straight to rank r + i. What a step computes and which keys it needs come from the step's plan
+(cp/packed_plan.py), the same on both ends since both read only the global document boundaries: a step whose
+plan is empty is skipped by both, nothing computed and nothing sent; otherwise only the range of keys the plan
+reads travels, as a view of the owner's shard (a later rank needs the early chunks only). Every rank walks the
+same steps in the same order, skipped or not, so the transfers two ranks post always match.
+
+Forward: the next step's transfer starts before this step's kernels run (it overlaps them); each chain's
+(out, lse) merges into float32 rows. K/V memory: the rank's own shard and two received blocks, the one computed
+on and the one arriving (each at most the owner's early and late chunks, never its whole documents); blocks are
+new tensors each step, freed when the step is done. The last step's block is kept for the backward.
+
+Backward, with the global (out, lse): the steps in reverse, starting on the kept block (so no transfer precedes
+the first kernel) and ending on the rank's own shard. Each step's dK/dV parts go straight back to their owner in
+the inputs' dtype, while the next step computes; the owner receives the parts for its own keys from the rank
+computing on them (r + i) and adds them, and its dQ parts, in float32, rounded once at the end (as the dense
+ring does, cp/ring.py). Per-chain gradients come from the kernel's backward given the global (out, lse), which is
+exact: a block's probabilities are exp(score - global lse).
+
+This module never names a provider: the kernel comes in as a `BlockKernel` (cp/packed_kernels.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..contract import autocast_off
+from .comm import CommStats, RingChannel
+from .mesh import Group
+from .packed_kernels import BlockKernel
+from .packed_layout import DocumentLayout
+from .packed_plan import StepPlan, step_plan
+
+
+@dataclass
+class PackedRingSpec:
+    group: Group | None  # None: one rank, nothing to exchange
+    layout: DocumentLayout
+    causal: bool
+    timeout: float | None  # None: see comm._wait
+    stats: CommStats
+    channel_factory: Callable[..., RingChannel] = RingChannel  # swappable: a benchmark runs ranks with no network
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank if self.group is not None else 0
+
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    def plan(self, consumer: int, owner: int) -> StepPlan | None:
+        return step_plan(self.layout, consumer % self.world, owner % self.world, self.causal)
+
+    def channel(self) -> RingChannel | None:
+        return self.channel_factory(self.group, self.timeout, self.stats) if self.world > 1 else None
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What results are merged and gradients summed in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """ops.merge.merge_two's guarded merge (an empty side weighs 0, never NaN), in out_a's dtype: float64 inputs
+    keep float64 where merge_two works in float32."""
+    dtype = out_a.dtype
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    z = w_a + w_b
+    lse = torch.where(z == 0, float("-inf"), m + torch.log(z))
+    inv = 1.0 / z.clamp_min(torch.finfo(dtype).tiny)
+    return out_a * (w_a * inv).unsqueeze(-1) + out_b.to(dtype) * (w_b * inv).unsqueeze(-1), lse
+
+
+class _RowMerge:
+    """(out, lse) of every local row, merged one chain's rows at a time (a chain covers some rows only: merging
+    costs its rows, not the shard's), in `_sum_dtype`. Rows no chain covers stay out 0, lse -inf."""
+
+    def __init__(self, rows: int, heads: int, value_dim: int, dtype: torch.dtype, device):
+        dtype = _sum_dtype(dtype)
+        self.out = torch.zeros(heads, rows, value_dim, dtype=dtype, device=device)
+        self.lse = torch.full((heads, rows), float("-inf"), dtype=dtype, device=device)
+
+    def add(self, start: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        rows = slice(start, start + out.shape[0])
+        self.out[:, rows], self.lse[:, rows] = _merge(self.out[:, rows], self.lse[:, rows], out.transpose(0, 1),
+                                                      lse)
+
+    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(self.out.shape[1], self.out.shape[0], self.out.shape[2], dtype=dtype,
+                          device=self.out.device)
+        out.copy_(self.out.transpose(0, 1))
+        return out, self.lse.float()  # the contract's log-sum-exp: float32
+
+
+class _RowSum:
+    """A sum of row parts of one (rows, heads, dim) gradient in `_sum_dtype`, made at the first part, rounded
+    once."""
+
+    def __init__(self, like: torch.Tensor):
+        self._like, self._sum = like, None
+
+    def add(self, start: int, part: torch.Tensor) -> None:
+        if self._sum is None:
+            self._sum = torch.zeros(self._like.shape, dtype=_sum_dtype(self._like.dtype), device=self._like.device)
+        self._sum[start:start + part.shape[0]] += part
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._sum is None:
+            return torch.zeros(self._like.shape, dtype=dtype, device=self._like.device)
+        return self._sum.to(dtype)
+
+
+def _exchange(spec: PackedRingSpec, channel, step: int, k: torch.Tensor, v: torch.Tensor):
+    """Start step `step`'s key transfer: this rank's keys that rank + step reads, and the keys of rank - step
+    that this rank reads. Returns (pending exchange or None, whether a block is being received)."""
+    me = spec.rank
+    out_plan, in_plan = spec.plan(me + step, me), spec.plan(me, me - step)
+    send = []
+    if out_plan is not None:
+        a, b = out_plan.kv
+        send = [k[a:b], v[a:b]]
+    recv = []
+    if in_plan is not None:
+        recv = [k.new_empty((in_plan.kv_len,) + k.shape[1:]), v.new_empty((in_plan.kv_len,) + v.shape[1:])]
+    if not send and not recv:
+        return None, False
+    return channel.send_recv(send, (me + step) % spec.world, recv, (me - step) % spec.world, "kv"), bool(recv)
+
+
+def _own_block(plan: StepPlan, k, v):
+    a, b = plan.kv
+    return k[a:b], v[a:b]
+
+
+def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v):
+    """(out in q's dtype, lse (Hq, rows) float32, the last step's block or None) of this rank's shard."""
+    me, world = spec.rank, spec.world
+    channel = spec.channel()
+    acc = _RowMerge(q.shape[0], q.shape[1], v.shape[-1], q.dtype, q.device)
+    block = None
+    for step in range(world):
+        pending, receiving = _exchange(spec, channel, step + 1, k, v) if step + 1 < world else (None, False)
+        plan = spec.plan(me, me - step)
+        spec.stats["packed_steps" if plan is not None else "packed_skipped_steps"] += 1
+        if plan is not None:
+            kb, vb = _own_block(plan, k, v) if step == 0 else block
+            for c in plan.chains:
+                out_c, lse_c = kernel.forward(q[c.q0:c.q1], kb[c.k0:c.k1], vb[c.k0:c.k1], c)
+                acc.add(c.q0, out_c, lse_c)
+        received = pending.wait() if pending is not None else None  # a send-only exchange is waited for too
+        if step + 1 < world:
+            block = tuple(received) if receiving else None
+    out, lse = acc.result(q.dtype)
+    return out, lse, (block if world > 1 else None)  # after the last step: that step's block (or None)
+
+
+class _OwnGrads:
+    """dK and dV of this rank's shard: its own step's parts, and the parts other ranks send back as they compute
+    on its keys. A step's incoming parts are collected at the next step, so the transfer overlaps its kernels."""
+
+    def __init__(self, k, v):
+        self.dk, self.dv = _RowSum(k), _RowSum(v)
+        self._like = k, v
+        self._in_flight = None
+
+    def add(self, start: int, dk, dv) -> None:
+        self.dk.add(start, dk)
+        self.dv.add(start, dv)
+
+    def buffers(self, plan: StepPlan | None) -> list[torch.Tensor]:
+        """Receive buffers for the parts a rank computes on this rank's keys with `plan`: dk, dv per chain."""
+        if plan is None:
+            return []
+        k, v = self._like
+        return [x.new_empty((c.k1 - c.k0,) + x.shape[1:]) for c in plan.chains for x in (k, v)]
+
+    def expect(self, exchange, plan: StepPlan | None) -> None:
+        self.collect()
+        self._in_flight = (exchange, plan)
+
+    def collect(self) -> None:
+        if self._in_flight is None:
+            return
+        exchange, plan = self._in_flight
+        self._in_flight = None
+        if exchange is None or plan is None:
+            return
+        parts = exchange.wait()
+        for i, c in enumerate(plan.chains):
+            self.add(plan.kv[0] + c.k0, parts[2 * i], parts[2 * i + 1])
+
+
+def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dout, out, lse, last_block):
+    """(dq, dk, dv) of this rank's shard, in the inputs' dtype (see the module docstring)."""
+    me, world = spec.rank, spec.world
+    channel = spec.channel()
+    dq = _RowSum(q)
+    own = _OwnGrads(k, v)
+    block = last_block
+    for step in range(world - 1, -1, -1):
+        pending, receiving = _exchange(spec, channel, step - 1, k, v) if step - 1 >= 1 else (None, False)
+        plan = spec.plan(me, me - step)
+        parts = []
+        if plan is not None:
+            kb, vb = _own_block(plan, k, v) if step == 0 else block
+            for c in plan.chains:
+                rows = slice(c.q0, c.q1)
+                dq_c, dk_c, dv_c = kernel.backward(dout[rows], q[rows], kb[c.k0:c.k1], vb[c.k0:c.k1], out[rows],
+                                                   lse[:, rows], c)
+                dq.add(c.q0, dq_c)
+                if step == 0:
+                    own.add(plan.kv[0] + c.k0, dk_c, dv_c)
+                else:  # sent in the inputs' dtype, summed in float32 by the owner
+                    parts += [dk_c.to(k.dtype).contiguous(), dv_c.to(v.dtype).contiguous()]
+        if step > 0:
+            owner_plan = spec.plan(me + step, me)  # what rank + step computes on my keys at this step
+            receive = own.buffers(owner_plan)
+            exchange = None
+            if parts or receive:
+                exchange = channel.send_recv(parts, (me - step) % world, receive, (me + step) % world, "dkv")
+            own.expect(exchange, owner_plan)
+        received = pending.wait() if pending is not None else None
+        block = tuple(received) if receiving else None
+    own.collect()
+    return dq.result(q.dtype), own.dk.result(k.dtype), own.dv.result(v.dtype)
+
+
+class PackedRingAttention(torch.autograd.Function):
+    """Autograd over the packed ring: the forward keeps its last block, the backward starts on it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel, spec):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse, last = packed_ring_forward(kernel, spec, q, k, v)
+        ctx.kernel, ctx.spec = kernel, spec
+        ctx.save_for_backward(q, k, v, out, lse, *(last or ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *last = ctx.saved_tensors
+        with autocast_off(q.device):
+            dq, dk, dv = packed_ring_backward(ctx.kernel, ctx.spec, q, k, v, dout.contiguous(), out, lse,
+                                              tuple(last) or None)
+        return dq, dk, dv, None, None
+
+
+def packed_ring_attention(kernel: BlockKernel, spec: PackedRingSpec, q, k, v) -> torch.Tensor:
+    """This rank's packed output (rows, Hq, Dv); every rank of the group must call it."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return PackedRingAttention.apply(q, k, v, kernel, spec)
+    with torch.no_grad():
+        return packed_ring_forward(kernel, spec, q.contiguous(), k.contiguous(), v.contiguous())[0]
