@@ -69,7 +69,6 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from ..cp import gather_sequence, shard_sequence
-from ..cp.mesh import topology_from_mesh
 from ..dispatch import attention_dispatch
 from ..errors import InvalidArgumentError, UnsupportedInputError
 from ..state import CP_OPTIONS, attention_provider
@@ -343,6 +342,11 @@ class _Parallel:
     def layout(self) -> str:
         return self.options.get("cp_layout", "zigzag")
 
+    def __deepcopy__(self, memo):
+        # the copy's forward would still be this model's (the wrapper closes over this state)
+        raise InvalidArgumentError(f"a parallelized {type(self.model).__name__} cannot be copied: copy it before "
+                                   "parallelize, or unparallelize(model) first")
+
     # -- tensors -------------------------------------------------------------------------------------------
     def split(self, x, spec):
         if isinstance(spec, (list, tuple)) and isinstance(x, (list, tuple)):
@@ -549,7 +553,8 @@ def parallelize(model, mesh, plan: "CPPlan | Mapping | None" = None, provider: s
             known = ", ".join(k for k in CP_OPTIONS if k not in _FIXED_OPTIONS)
             raise InvalidArgumentError(f"parallelize takes the options {known}; got {key!r}"
                                        + (" (it comes from the plan's prefix)" if key in _FIXED_OPTIONS else ""))
-    world = topology_from_mesh(mesh).world_size
+    with attention_provider(provider, cp_mesh=mesh, **dict(cp_options, cp_require_attention=False)) as checked:
+        world = checked.cp.world_size  # the provider, the options and the mesh checked now, not at the first call
     state = _Parallel(model, mesh, resolved, provider, dict(cp_options), world)
     state.install()
     object.__setattr__(model, _ATTR, state)  # not a submodule, not a buffer: nn.Module's setattr would not mind

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..cp.mesh import topology_from_mesh
+from .training import all_reduce_grads
 
 __all__ = ["GRAD_FLOOR", "ParityError", "ParityReport", "StepParity", "check_parity", "default_tolerances"]
 
@@ -111,10 +112,10 @@ def check_parity(model: torch.nn.Module, inputs: "Mapping | Sequence[Mapping]", 
     results = []
     for step, step_inputs in enumerate(per_step):
         step_inputs = _broadcast_tree(step_inputs, groups)
-        out_ref, grads_ref = _run(reference, step_inputs, pick, seed + step)
-        out_cp, grads_cp = _run(parallel, step_inputs, pick, seed + step)
-        for grad in grads_cp.values():
-            _all_reduce_sum(grad, groups)
+        out_ref = _run(reference, step_inputs, pick, seed + step)
+        out_cp = _run(parallel, step_inputs, pick, seed + step)
+        all_reduce_grads(parallel, mesh)  # every rank's share: the gradients of one process
+        grads_ref, grads_cp = _grads(reference), _grads(parallel)
         results.append(_compare(step, out_ref, out_cp, grads_ref, grads_cp))
         if lr:
             _sgd(reference, grads_ref, lr)
@@ -127,14 +128,17 @@ def check_parity(model: torch.nn.Module, inputs: "Mapping | Sequence[Mapping]", 
     return report
 
 
-def _run(model, inputs, pick, seed) -> tuple[torch.Tensor, dict]:
+def _run(model, inputs, pick, seed) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     out = pick(model(**inputs))
     gen = torch.Generator().manual_seed(seed)
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype)
     out.backward(dout)
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.detach(), grads
+    return out.detach()
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _compare(step, out_ref, out_cp, grads_ref, grads_cp) -> StepParity:
@@ -148,7 +152,9 @@ def _compare(step, out_ref, out_cp, grads_ref, grads_cp) -> StepParity:
         err = ((grads_cp[name].double() - ref).abs().max() / max(ref.abs().max().item(), floor, 1e-30)).item()
         if err > grad_err or worst is None:
             worst, grad_err = name, err
-    one_sided = tuple(sorted(grads_ref.keys() ^ grads_cp.keys()))
+    # all_reduce_grads gives every parameter a gradient (zeros where no rank used it): only a nonzero one counts
+    one_sided = tuple(sorted(n for n in grads_ref.keys() ^ grads_cp.keys()
+                             if bool((grads_ref.get(n, grads_cp.get(n)) != 0).any())))
     return StepParity(step, out_err, out_ref.abs().max().item(), grad_err, worst, one_sided)
 
 
@@ -169,18 +175,13 @@ def _first_tensor(out) -> torch.Tensor:
     raise TypeError(f"cannot pick the output tensor from a {type(out).__name__}: pass output=")
 
 
-# -- collectives over the whole mesh ---------------------------------------------------------------------------
+# -- broadcasts over the whole mesh -----------------------------------------------------------------------------
 
 
 def _groups(mesh) -> list:
-    """The mesh's groups (ring across, Ulysses inside): a collective over each in turn covers every rank."""
+    """The mesh's groups (ring across, Ulysses inside): a broadcast over each in turn covers every rank."""
     t = topology_from_mesh(mesh)
     return [g for g in (t.ring, t.ulysses) if g is not None]
-
-
-def _all_reduce_sum(t: torch.Tensor, groups) -> None:
-    for group in groups:
-        _on_backend(t, group, lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group.pg))
 
 
 def _broadcast(t: torch.Tensor, groups) -> None:

@@ -3,15 +3,14 @@
 Flux's joint attention concatenates the text tokens (the same on every rank) in front of the image tokens (each
 rank's shard) and calls F.scaled_dot_product_attention, patched to cpattn. With cp_replicated_prefix = number of
 text tokens, cpattn counts the text keys once, not W times; the gathered image output and the summed parameter
-gradients must match the single-device model.
+gradients must match the single-device model. (cpattn.integrations.diffusers.parallelize does the same for the
+unchanged model; see test_diffusers_cp.py, whose jobs run these cases too.)
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from reliability_helpers import run_ranks
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[dev]')")
 
@@ -46,13 +45,15 @@ def _single_device():
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _flux_rank(rank: int, world: int, strategy: str):
+RECIPE_CASES = {2: ("ring",), 3: ("ring", "allgather")}  # world size: strategies; run in test_diffusers_cp's jobs
+
+
+def recipe_case(mesh, strategy: str) -> dict:
+    """One rank's part: today's recipe (cpattn.sdpa_patched, shards made by hand) against one device."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     import cpattn
 
-    mesh = init_device_mesh("cpu", (world,))
     model, inputs, dout = _model_and_inputs()
     shard = lambda t, dim: cpattn.shard_sequence(t, mesh, dim)  # noqa: E731
     local = dict(inputs, hidden_states=shard(inputs["hidden_states"], 1), img_ids=shard(inputs["img_ids"], 0))
@@ -79,12 +80,12 @@ def _flux_rank(rank: int, world: int, strategy: str):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,strategy", [(2, "ring"), (3, "ring"), (3, "allgather")])
+@pytest.mark.parametrize("world,strategy", [(w, s) for w, strategies in RECIPE_CASES.items() for s in strategies])
 def test_flux_joint_attention_under_cp_matches_one_device(world, strategy):
-    result = run_ranks(world, _flux_rank, strategy, timeout=180)
-    for r in result.ranks:
-        assert r.error is None, r.error
-    value = result[0].value
+    from test_diffusers_cp import _job  # one spawned job per world size runs every diffusers case
+
+    value = _job(world)[f"recipe-{strategy}"]
+    assert "error" not in value, value["error"]
     assert value["cp_calls"] == 2, "both attention blocks (double- and single-stream) must run context-parallel"
     assert value["out_err"] <= 1e-5, f"image output differs from one device by {value['out_err']:.3g}"
     assert value["same_params"]

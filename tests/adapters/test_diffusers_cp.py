@@ -4,8 +4,9 @@ One spawned job of W gloo ranks per world size (1, 2, 3) runs every model: the r
 one process, with diffusers' own attention; the parallel copy takes the same whole inputs and returns the whole
 output through `parallelize`. Compared: the output, and the parameters' gradients summed over the ranks (the
 backward runs after the forward returned, as a training step would run it). The W = 2 job also runs
-`check_parity` (and its failure on a plan that counts Flux's text W times) and the refusal of a model whose
-attention never reaches cpattn.
+`check_parity` (and its failure on a plan that counts Flux's text W times), the refusal of a model whose
+attention never reaches cpattn, and the refusal of gradient checkpointing; the W = 1 job, parallelize's
+install and removal. The jobs also run test_diffusers.py's hand-made Flux recipe (sdpa_patched).
 """
 
 from __future__ import annotations
@@ -125,6 +126,45 @@ def _bypassing_attention(mesh) -> str:
     return "no error"
 
 
+def _checkpointing_refused(mesh) -> str:
+    import cpattn
+    from cpattn.integrations.diffusers import parallelize
+
+    model, inputs = build("flux")
+    model.enable_gradient_checkpointing()
+    parallelize(model, mesh, provider="native", cp_timeout=CP_TIMEOUT)
+    try:
+        model(**inputs)
+    except cpattn.UnsupportedInputError as exc:
+        return f"UnsupportedInputError: {exc}"
+    return "no error"
+
+
+def _lifecycle(mesh) -> dict:
+    """parallelize installs, refuses a second time and a copy; unparallelize leaves the model as it was."""
+    import inspect
+
+    import cpattn
+    from cpattn.integrations.diffusers import is_parallelized, parallelize, unparallelize
+
+    model, inputs = build("wan")
+    before = model(**inputs)[0]
+    signature = inspect.signature(model.forward)
+    parallelize(model, mesh, provider="native")
+    out = {"signature_kept": inspect.signature(model.forward) == signature}  # pipelines read the parameters
+    for what, attempt in (("again", lambda: parallelize(model, mesh)), ("copy", lambda: copy.deepcopy(model))):
+        try:
+            attempt()
+            out[what] = "no error"
+        except cpattn.InvalidArgumentError as exc:
+            out[what] = f"InvalidArgumentError: {exc}"
+    unparallelize(model)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    out.update(restored=not is_parallelized(model) and "forward" not in vars(model) and hooks == 0,
+               same=bool(torch.equal(model(**inputs)[0], before)))
+    return out
+
+
 def _world_job(rank: int, world: int, payload) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -136,9 +176,19 @@ def _world_job(rank: int, world: int, payload) -> dict:
             results[name] = _model_parity(name, mesh)
         except Exception as exc:  # every rank raises alike (cpattn's agreement check): the next model still runs
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    from test_diffusers import RECIPE_CASES, recipe_case  # the hand-made recipe of test_diffusers.py
+
+    for strategy in RECIPE_CASES.get(world, ()):
+        try:
+            results[f"recipe-{strategy}"] = recipe_case(mesh, strategy)
+        except Exception as exc:
+            results[f"recipe-{strategy}"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if world == 1:
+        results["lifecycle"] = _lifecycle(mesh)
     if world == 2:
         results["check_parity"] = _check_parity_cases(mesh)
         results["bypass"] = _bypassing_attention(mesh)
+        results["checkpointing"] = _checkpointing_refused(mesh)
     return results
 
 
@@ -174,6 +224,14 @@ def test_parallelized_model_matches_one_process(world, name):
 
 
 @pytest.mark.distributed
+def test_parallelize_and_unparallelize():
+    r = _job(1)["lifecycle"]
+    assert r["signature_kept"] and r["restored"] and r["same"], r
+    assert r["again"].startswith("InvalidArgumentError") and "parallelized already" in r["again"], r
+    assert r["copy"].startswith("InvalidArgumentError") and "cannot be copied" in r["copy"], r
+
+
+@pytest.mark.distributed
 def test_check_parity_passes_and_catches_text_counted_twice():
     r = _job(2)["check_parity"]
     assert r["ok"].startswith("parity over 2 steps") and r["ok"].endswith(": ok"), r["ok"]
@@ -184,3 +242,9 @@ def test_check_parity_passes_and_catches_text_counted_twice():
 def test_attention_outside_cpattn_raises():
     r = _job(2)["bypass"]
     assert r.startswith("NoAttentionCallError"), r
+
+
+@pytest.mark.distributed
+def test_gradient_checkpointing_is_refused():
+    r = _job(2)["checkpointing"]
+    assert r.startswith("UnsupportedInputError") and "gradient checkpointing" in r, r
