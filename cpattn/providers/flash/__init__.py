@@ -21,6 +21,13 @@ Private API
     were checked against, with an environment override (fa4_release_window.py, CPATTN_FA4_FAST_PATHS).
     `fast_path_status(PROVIDERS["flash"])` says which path runs and why (``python -m cpattn info`` prints it).
 
+Score modifications
+    Windows and softcaps run natively on every generation, sinks natively on FA4 (`learnable_sink`, where its
+    backward returns their gradient) and through the log-sum-exp on FA2/FA3 (score_mods.py). A call's top-left
+    band reaches the kernels shifted to their bottom-right corner; one whose side would turn negative there is
+    refused, as is a generation whose functions lack a parameter (binding.FEATURES, named in the reason). The
+    sm90 fast paths take only calls without them.
+
 Layout
     (B, H, S, D) inputs reach the kernels as (B, S, H, D) transpose views, head dims zero-padded where the
     kernels need it; flash_varlen unpads keys into cu_seqlens (layout.py). The providers themselves are in
