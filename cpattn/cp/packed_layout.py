@@ -9,7 +9,7 @@ balances that only by chance. This layout balances it by construction, and keeps
 * A document is *split* when it is long enough that one rank holding it would carry more than SPLIT_SHARE of a
   rank's mean tokens or mean counted work. It is cut into 2W chunks of near-equal size, c_0..c_(2W-1), and rank
   r holds c_r and c_(2W-1-r) (the zigzag of TransformerEngine's THD layout, per document). With equal chunks of
-  s tokens, the pair's counted work is 2W s^2 whatever r is: every rank gets the same share of every split
+  s tokens, the pair's counted work is 2W s^2 + s whatever r is: every rank gets the same share of every split
   document, in tokens and in work. The tokens left over when the length does not divide by 2W go one per chunk
   to the ranks holding the fewest tokens so far.
 * Every other document stays *whole* on one rank: by decreasing counted work, each goes to the rank whose larger

@@ -452,14 +452,18 @@ class PackedCase:
     grad: bool = True
     seed: int = 0
     window: tuple | None = None  # refusal cases: a score modification the packed schedules do not take yet
+    shard: str = "documents"  # fault cases: "sequence" shards with cpattn.shard_sequence instead
 
 
 def _documents_problem(case: PackedCase):
+    """q, k, v, dout of the whole stream, float64 values that the case's dtype holds exactly (the reference then
+    sees the very inputs the kernels see)."""
     hq, hkv, d = case.heads
     gen = torch.Generator().manual_seed(case.seed)
     total = case.bounds[-1]
-    shape = lambda h: (total, h, d)  # noqa: E731
-    return tuple(torch.randn(shape(h), generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+    dtype = getattr(torch, case.dtype)
+    return tuple(torch.randn((total, h, d), generator=gen, dtype=torch.float64).to(dtype).double()
+                 for h in (hq, hkv, hkv, hq))
 
 
 def _run_documents_case(case: PackedCase, mesh) -> dict:
@@ -470,6 +474,8 @@ def _run_documents_case(case: PackedCase, mesh) -> dict:
     dtype = getattr(torch, case.dtype)
     q, k, v, dout = _documents_problem(case)
     shard = lambda t: packed.shard_packed(t, cu, mesh)  # noqa: E731
+    if case.shard == "sequence":
+        shard = lambda t: cpattn.shard_sequence(t, mesh, 0)  # noqa: E731
     ql, kl, vl = (shard(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
     longest = max(b - a for a, b in zip(case.bounds, case.bounds[1:]))
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_timeout=20) as state:

@@ -1,0 +1,156 @@
+"""The document layout (cpattn/cp/packed_layout.py) and the packed ring's step plans (cpattn/cp/packed_plan.py),
+in one process: every token on one rank once, the regions in order, the balance of counted causal work on
+long-tailed length mixes, and plans that cover exactly the document mask (causal or not), each pair of a query
+and a key once, in kernel calls whose sequences increase in rows and keys."""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpattn.cp.layout import ring_positions
+from cpattn.cp.packed_layout import REGIONS
+from cpattn.cp.packed_plan import step_plan
+from cpattn.packed import packed_layout
+
+lengths_st = st.lists(st.one_of(st.integers(0, 2), st.integers(3, 12), st.integers(13, 90)), min_size=1,
+                      max_size=12)
+
+
+def _bounds(lengths) -> list[int]:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+def lognormal_stream(seed: int, total: int, mean: float, sigma: float) -> list[int]:
+    """Document boundaries of `total` tokens, lengths log-normal with mean `mean` (a long tail for large sigma)."""
+    rng, mu = random.Random(seed), math.log(mean) - sigma ** 2 / 2
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(max(1, int(rng.lognormvariate(mu, sigma))))
+    lengths[-1] -= sum(lengths) - total
+    return _bounds(lengths)
+
+
+def position_sharded_balance(bounds: list[int], world: int) -> float:
+    """Largest over mean counted causal work of `cpattn.shard_sequence`'s zigzag shards of the same stream."""
+    work = []
+    for r in range(world):
+        total = 0
+        for p in ring_positions(bounds[-1], world, r, "zigzag").tolist():
+            total += p - bounds[bisect.bisect_right(bounds, p) - 1] + 1
+        work.append(total)
+    return max(work) / (sum(work) / world)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths_st, st.integers(1, 5))
+def test_every_token_on_one_rank_once_in_region_order(lengths, world):
+    bounds = _bounds(lengths)
+    layout = packed_layout(bounds, world)
+    seen = sorted(p for r in range(world) for p in layout.positions(r))
+    assert seen == list(range(bounds[-1]))
+    for r in range(world):
+        runs = layout.runs[r]
+        assert [REGIONS.index(x.region) for x in runs] == sorted(REGIONS.index(x.region) for x in runs)
+        for region in REGIONS:  # within a region, local order is global order
+            starts = [x.start for x in runs if x.region == region]
+            assert starts == sorted(starts)
+        assert layout.local_cu_seqlens(r)[-1] == layout.length(r)
+        ids = layout.position_ids(r)
+        assert all(0 <= i < layout.lengths[x.doc] for x in runs for i in ids[x.local:x.local_stop])
+    order = layout.gather_order()
+    concatenated = torch.tensor([p for r in range(world) for p in layout.positions(r)], dtype=torch.long)
+    assert torch.equal(concatenated[order], torch.arange(bounds[-1]))
+
+
+def _document_pairs(bounds: list[int], causal: bool) -> set:
+    pairs = set()
+    for a, b in zip(bounds, bounds[1:]):
+        pairs |= {(i, j) for i in range(a, b) for j in range(a, b) if j <= i or not causal}
+    return pairs
+
+
+def _planned_pairs(layout, world: int, causal: bool) -> list:
+    """Every (query position, key position) the plans of every step of every rank compute, with repeats."""
+    pairs = []
+    for me in range(world):
+        rows = layout.positions(me)
+        for src in range(world):
+            plan = step_plan(layout, me, src, causal)
+            if plan is None:
+                continue
+            keys = layout.positions(src)[plan.kv[0]:plan.kv[1]]
+            for chain in plan.chains:
+                assert len(chain.sequences[0]) == len(chain.sequences[1])
+                assert chain.sequences[0][-1] == chain.q1 - chain.q0 and chain.sequences[1][-1] == chain.k1 - chain.k0
+                last = None
+                for p in chain.pieces:
+                    assert last is None or (last.q1 <= p.q0 and last.k1 <= p.k0)  # increasing: one varlen call
+                    last = p
+                    for i in range(p.q0, p.q1):
+                        for j in range(p.k0, p.k1):
+                            if p.causal and j - p.k0 > i - p.q0:
+                                continue
+                            pairs.append((rows[chain.q0 + i], keys[chain.k0 + j]))
+    return pairs
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths_st, st.integers(1, 4), st.booleans())
+def test_plans_cover_the_document_mask_once(lengths, world, causal):
+    bounds = _bounds(lengths)
+    layout = packed_layout(bounds, world)
+    pairs = _planned_pairs(layout, world, causal)
+    assert len(pairs) == len(set(pairs))
+    assert set(pairs) == _document_pairs(bounds, causal)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths_st, st.integers(2, 4), st.booleans())
+def test_a_block_sent_is_a_block_read(lengths, world, causal):
+    """An owner sends only keys some piece reads: its range starts and ends on keys read."""
+    layout = packed_layout(_bounds(lengths), world)
+    for me in range(world):
+        for src in range(world):
+            plan = step_plan(layout, me, src, causal)
+            if plan is None:
+                continue
+            read = {plan.kv[0] + c.k0 + j for c in plan.chains for p in c.pieces for j in range(p.k0, p.k1)}
+            assert min(read) == plan.kv[0] and max(read) == plan.kv[1] - 1
+            assert plan.kv[1] <= layout.region_stop(src, "late") or src == me  # never another rank's whole docs
+
+
+def test_only_whole_documents_skip_every_other_step():
+    layout = packed_layout(list(range(0, 401, 4)), 4)  # 100 documents of 4 tokens
+    assert not any(layout.split)
+    for me in range(4):
+        assert [step_plan(layout, me, src, True) is None for src in range(4)] == [src != me for src in range(4)]
+
+
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize("mean,sigma", [(4096, 1.0), (4096, 1.5), (512, 1.5), (2048, 2.0)])
+def test_counted_work_balance_on_long_tailed_mixes(world, mean, sigma):
+    """Largest rank's counted causal work over the mean, 128k tokens: within a few percent, where shards by
+    position (shard_sequence's zigzag) are 1.25 to 2.3 times the mean on these mixes. Tokens stay balanced too."""
+    bounds = lognormal_stream(0, 131072, mean, sigma)
+    layout = packed_layout(bounds, world)
+    assert layout.balance() < 1.05, layout.balance()
+    assert max(layout.length(r) for r in range(world)) < 1.1 * bounds[-1] / world
+    assert position_sharded_balance(bounds, world) > 1.2
+    assert layout.balance(causal=False) < 1.1
+
+
+def test_split_document_shares_are_equal():
+    """A document split in 2W equal chunks gives every rank the same counted work: 2W s^2 + s for chunks of s."""
+    layout = packed_layout([0, 64], 4)
+    assert layout.split == (True,)
+    assert [layout.counted_work(r) for r in range(4)] == [2 * 4 * 8 * 8 + 8] * 4
