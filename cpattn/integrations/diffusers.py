@@ -95,20 +95,27 @@ if not _SUPPORTED[0] <= _minor(diffusers.__version__) < _SUPPORTED[1]:
 
 # -- attention: diffusers' calls to cpattn ----------------------------------------------------------------------
 
-# Inside a parallelized forward: ("sharded", None), or ("replicated", module name) inside a cross-attention module.
-# None outside any parallelized forward: cpattn's own rule applies (a key length unlike the query's means
-# replicated key/value).
-_SITE: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("cpattn_diffusers_site",
-                                                                                     default=None)
+# Inside a parallelized forward: "sharded", or "replicated" inside a cross-attention module. None outside any
+# parallelized forward: cpattn's own rule applies (a key length unlike the query's means replicated key/value).
+_SITE: contextvars.ContextVar[str | None] = contextvars.ContextVar("cpattn_diffusers_site", default=None)
+# Parallelized forwards running now (all threads). torch.compile cannot read the ContextVar: with none running, the
+# one-device path never asks it, so that a compiled model keeps attention in its graph.
+_open_forwards = 0
+_FORWARDS_LOCK = threading.Lock()
+
+
+def _count_forward(delta: int) -> None:
+    global _open_forwards
+    with _FORWARDS_LOCK:
+        _open_forwards += delta
 
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> torch.Tensor:
     """(B, H, S, D) attention on cpattn, with the call site's kv_replicated."""
-    site = _SITE.get()
+    site = _SITE.get() if _open_forwards else None
     if site is None:
         return attention_dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    kind, module = site
-    if kind == "sharded" and query.shape[-2] != key.shape[-2]:
+    if site == "sharded" and query.shape[-2] != key.shape[-2]:
         # cpattn would read the unequal lengths as key/value whole on every rank; a module the plan does not
         # declare as cross-attention may hold a shard of them instead, so say so rather than guess
         raise InvalidArgumentError(
@@ -116,7 +123,7 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
             "the plan declares as cross-attention: name the module in CPPlan(cross_attention=...) if its keys are "
             "whole on every rank (text), or shard them with its queries")
     return attention_dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                              kv_replicated=kind == "replicated")
+                              kv_replicated=site == "replicated")
 
 
 def cpattn_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
@@ -398,13 +405,14 @@ class _Parallel:
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def install(self) -> None:
-        for path, spec in self.plan.modules.items():
-            if path == "":
-                continue  # the model's own inputs and outputs: in forward()
-            for module in _find(self.model, path):
-                self._hook_module(module, spec)
-        for name, module in self._cross_attention_modules():
-            self._hook_cross_attention(name, module)
+        # every path resolved and checked before the first hook, so that a refused plan leaves the model as it was
+        planned = [(module, spec) for path, spec in self.plan.modules.items() if path != ""  # "": in forward()
+                   for module in _find(self.model, path)]
+        crossing = self._cross_attention_modules()
+        for module, spec in planned:
+            self._hook_module(module, spec)
+        for _, module in crossing:
+            self._hook_cross_attention(module)
         self.original_forward = self.model.forward
         self.forward_params = list(inspect.signature(self.original_forward).parameters)
         self.had_forward = "forward" in vars(self.model)
@@ -435,7 +443,7 @@ class _Parallel:
                 "cross-attention takes its keys whole on every rank; drop that split from the plan")
         return found
 
-    def _hook_cross_attention(self, name: str, module) -> None:
+    def _hook_cross_attention(self, module) -> None:
         params = list(inspect.signature(module.forward).parameters)
         tokens: list = []
 
@@ -449,7 +457,7 @@ class _Parallel:
             else:
                 encoder = None if "encoder_hidden_states" in params else True
             # without encoder states such a module attends to its own (sharded) tokens
-            tokens.append(_SITE.set(("replicated" if encoder is not None else "sharded", name)))
+            tokens.append(_SITE.set("replicated" if encoder is not None else "sharded"))
             return None
 
         def post(mod, args, output):
@@ -487,11 +495,13 @@ class _Parallel:
         with contextlib.ExitStack() as stack:
             stack.enter_context(use_cpattn())
             stack.enter_context(attention_provider(self.provider, cp_mesh=self.mesh, **options))
-            token = _SITE.set(("sharded", None)) if self.world > 1 else None
+            token = _SITE.set("sharded") if self.world > 1 else None
             self.active = True
+            _count_forward(+1)
             try:
                 output = self.original_forward(*args, **kwargs)
             finally:
+                _count_forward(-1)
                 self.active = False
                 if token is not None:
                     _SITE.reset(token)

@@ -190,3 +190,17 @@ def test_parallelize_refuses_options_and_diffusers_own_cp():
     flux._parallel_config = object()
     with pytest.raises(cpattn.InvalidArgumentError, match="enable_parallelism"):
         parallelize(flux, mesh=object())
+
+
+def test_compiled_model_keeps_attention_in_its_graph():
+    """torch.compile of a model inside use_cpattn(): dynamo traces it whole (no graph break), cpattn's op in the
+    graph (the route reads no ContextVar on one device)."""
+    model, inputs = build("wan")
+    torch._dynamo.reset()
+    try:
+        with use_cpattn(), cpattn.attention_provider("native"):
+            explain = torch._dynamo.explain(lambda **kw: model(**kw)[0])(**inputs)
+    finally:
+        torch._dynamo.reset()
+    assert explain.graph_break_count == 0, [r.reason.splitlines()[0] for r in explain.break_reasons]
+    assert "".join(str(g.graph) for g in explain.graphs).count("cpattn.attention_fwd") == ATTENTION_CALLS["wan"]

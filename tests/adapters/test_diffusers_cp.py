@@ -5,7 +5,8 @@ one process, with diffusers' own attention; the parallel copy takes the same who
 output through `parallelize`. Compared: the output, and the parameters' gradients summed over the ranks (the
 backward runs after the forward returned, as a training step would run it). The W = 2 job also runs
 `check_parity` (and its failure on a plan that counts Flux's text W times), the refusal of a model whose
-attention never reaches cpattn, and the refusal of gradient checkpointing; the W = 1 job, parallelize's
+attention never reaches cpattn, the refusals of gradient checkpointing and of plans that would break
+cross-attention; the W = 1 job, parallelize's
 install and removal. The jobs also run test_diffusers.py's hand-made Flux recipe (sdpa_patched).
 """
 
@@ -165,6 +166,31 @@ def _lifecycle(mesh) -> dict:
     return out
 
 
+def _refused_plans(mesh) -> dict:
+    """Plans that would make cross-attention wrong are refused: text split though cross-attention reads it whole
+    (at parallelize), and keys of another length in a module not declared cross-attention (at the call, W > 1)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    import cpattn
+    from cpattn.integrations.diffusers import CPPlan, parallelize
+
+    out = {}
+    model, inputs = build("wan")
+    text_split = dict(model._cp_plan, **{"blocks.0": {
+        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),
+        "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)}})
+    undeclared = CPPlan(dict(model._cp_plan), cross_attention=())
+    for what, plan, run in (("text_split", text_split, False), ("undeclared", undeclared, True)):
+        try:
+            parallelize(model, mesh, plan=plan, provider="native", cp_timeout=CP_TIMEOUT)
+            if run:
+                model(**inputs)
+            out[what] = "no error"
+        except cpattn.InvalidArgumentError as exc:
+            out[what] = f"InvalidArgumentError: {exc}"
+    return out
+
+
 def _world_job(rank: int, world: int, payload) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -189,6 +215,7 @@ def _world_job(rank: int, world: int, payload) -> dict:
         results["check_parity"] = _check_parity_cases(mesh)
         results["bypass"] = _bypassing_attention(mesh)
         results["checkpointing"] = _checkpointing_refused(mesh)
+        results["refused_plans"] = _refused_plans(mesh)
     return results
 
 
@@ -248,3 +275,10 @@ def test_attention_outside_cpattn_raises():
 def test_gradient_checkpointing_is_refused():
     r = _job(2)["checkpointing"]
     assert r.startswith("UnsupportedInputError") and "gradient checkpointing" in r, r
+
+
+@pytest.mark.distributed
+def test_plans_that_would_break_cross_attention_are_refused():
+    r = _job(2)["refused_plans"]
+    assert r["text_split"].startswith("InvalidArgumentError") and "drop that split" in r["text_split"], r
+    assert r["undeclared"].startswith("InvalidArgumentError") and "cross_attention=" in r["undeclared"], r
