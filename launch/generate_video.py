@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cp", type=int, default=None, help="context-parallel ranks (default: the world size); "
                    "with plain python, the ranks to spawn")
-    p.add_argument("--model", choices=("wan", "flux"), default="wan")
+    p.add_argument("--model", choices=("wan", "flux"), default="wan", help="tiny components of this pipeline "
+                   "(with --pretrained: the pipeline's own)")
     p.add_argument("--pretrained", default=None, help="a local pipeline directory instead of tiny components")
     p.add_argument("--prompt", default="a red fox running through snow", help="with --pretrained only")
     p.add_argument("--provider", default="auto")
@@ -102,7 +103,9 @@ def build_pipeline(args, dtype):
     if args.pretrained:
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=dtype), None
+        pipe = DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=dtype)
+        args.model = "wan" if "Wan" in type(pipe).__name__ else "flux"  # which call arguments it takes
+        return pipe, None
     return (tiny_wan if args.model == "wan" else tiny_flux)(dtype)
 
 
