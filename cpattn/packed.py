@@ -70,13 +70,13 @@ def flash_varlen_attention(
     if cp is not None and sharding == "documents":
         _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k)
         bounds = _checked_bounds(cu_seqlens_q, max_seqlen_q, max_seqlen_k, q.device)
-        return _documents(cp, provider, _packed_view(q, k, v, is_causal, scale), bounds)
+        return _documents(cp, provider, packed_view(q, k, v, is_causal, scale), bounds)
     if cp is not None and cp.world_size > 1:
         return _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k,
                                 max_seqlen_q, max_seqlen_k, is_causal, scale)
     _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal)
     provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
-    view = _packed_view(q, k, v, is_causal, scale)
+    view = packed_view(q, k, v, is_causal, scale)
     reasons = provider.reasons(view)
     if reasons:
         raise UnsupportedInputError("flash_varlen_attention", reasons)
@@ -107,7 +107,7 @@ def packed_attention(
     _check_packed_tensors(q, k, v)
     state = current_state()
     bounds = _checked_bounds(cu_seqlens, None, None, q.device)
-    view = _packed_view(q, k, v, is_causal, scale).replace(window=window, softcap=softcap, sinks=sinks)
+    view = packed_view(q, k, v, is_causal, scale).replace(window=window, softcap=softcap, sinks=sinks)
     if state.cp is None and bounds[-1] != q.shape[0]:
         raise InvalidArgumentError(f"cu_seqlens end at {bounds[-1]} but q holds {q.shape[0]} tokens")
     return _documents(state.cp, state.provider, view, bounds)
@@ -116,14 +116,21 @@ def packed_attention(
 def _documents(cp, provider: Provider, view: AttentionCall, bounds: list[int]) -> torch.Tensor:
     """A stream sharded by documents (or whole, without `cp`) through the packed schedules."""
     provider.require_available()
+    kernel, gathered, reasons = block_kernel(provider, view)
+    return run_packed_documents(cp, provider, view, bounds, kernel, gathered, reasons)
+
+
+def block_kernel(provider: Provider, view: AttentionCall):
+    """(the packed ring's kernel for `provider`, all-gather's varlen call or None, the provider's reasons to
+    refuse `view`): varlen calls on `flash_varlen`, the contract's forward/backward per group of documents on any
+    other provider (with dense document masks where it takes boolean masks)."""
     if provider.name == "flash_varlen":
-        kernel = _VarlenBlocks(provider, view)
-        return run_packed_documents(cp, provider, view, bounds, kernel, kernel.gathered, provider.reasons(view))
+        kernel = VarlenBlocks(provider, view)
+        return kernel, kernel.gathered, provider.reasons(view)
     caps = provider.capabilities(view.device.type)
     masks = caps is not None and caps.bool_mask
     checked = view.replace(attn_mask=_mask_stand_in(view)) if masks else view
-    reasons = provider.reasons(checked, need_lse=True, need_backward=True)
-    return run_packed_documents(cp, provider, view, bounds, ProviderBlocks(provider, view, masks), None, reasons)
+    return ProviderBlocks(provider, view, masks), None, provider.reasons(checked, need_lse=True, need_backward=True)
 
 
 def _mask_stand_in(call: AttentionCall) -> torch.Tensor:
@@ -131,7 +138,7 @@ def _mask_stand_in(call: AttentionCall) -> torch.Tensor:
     return torch.zeros((), dtype=torch.bool, device=call.device).expand(1, 1, call.q_len, call.kv_len)
 
 
-class _VarlenBlocks:
+class VarlenBlocks:
     """The packed ring's kernel on `flash_varlen` (see cpattn/cp/packed_kernels.py): one varlen forward or
     backward per chain, on views of its rows and keys, with the chain's cu_seqlens (pieces and the gaps between
     them). Also the all-gather schedule's varlen call (`gathered`)."""
@@ -263,7 +270,7 @@ def _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k) -> None:
         )
 
 
-def _packed_view(q, k, v, is_causal, scale) -> AttentionCall:
+def packed_view(q, k, v, is_causal, scale) -> AttentionCall:
     """The call as (1, H, total, D) views of the packed tensors: what the provider's checks and the
     context-parallel front read."""
     return AttentionCall(
@@ -283,7 +290,7 @@ def _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths)
     provider.require_available()
-    view = _packed_view(q, k, v, is_causal, scale)
+    view = packed_view(q, k, v, is_causal, scale)
 
     def kernel(qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as the schedule needs
         return provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale, view.is_causal)

@@ -1,0 +1,58 @@
+"""benchmarks/packed_ring.py's smoke run on CPU, as a subprocess: every case ran, the split computes the whole
+call's dQ, and the figures it records (counted-work balance, K/V bytes held per rank against all-gather) are
+consistent with the stream it drew."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed_ring")
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "packed_ring.py"), "--smoke", "--quiet",
+                           "--device", "cpu", "--parts", "2", "4", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return out, json.loads((out / "packed_ring_cpu.json").read_text())
+
+
+def test_every_case_ran_and_the_split_computes_the_whole_call(result):
+    _, payload = result
+    assert payload["suite"] == "packed_ring" and {r["P"] for r in payload["cases"]} == {2, 4}
+    for r in payload["cases"]:
+        assert "error" not in r, r
+        assert r["max_diff_vs_whole"] < 1e-4, r  # float32 dQ of every rank
+        assert r["efficiency"] == pytest.approx(r["whole"]["median_ms"] / r["split"]["median_ms"])
+        assert r["split_host_ms"] > 0
+
+
+def test_recorded_balance_and_memory(result):
+    from cpattn.cp.packed_layout import causal_work
+
+    _, payload = result
+    for r in payload["cases"]:
+        assert sum(r["tokens_per_rank"]) == r["S"] and len(r["counted_work_per_rank"]) == r["P"]
+        work = r["counted_work_per_rank"]
+        assert r["work_max_over_mean"] == pytest.approx(max(work) / (sum(work) / r["P"]))
+        assert r["work_max_over_mean"] < 1.1 < r["position_sharded_work_max_over_mean"]
+        per_token = 2 * r["kv_heads"] * r["D"] * 4  # K and V, float32
+        assert r["kv_bytes_held_allgather"] == r["S"] * per_token
+        assert all(t * per_token <= held for t, held in zip(r["tokens_per_rank"], r["kv_bytes_held_per_rank"]))
+        assert r["kv_held_max_over_allgather"] == pytest.approx(max(r["kv_bytes_held_per_rank"]) / (r["S"] * per_token))
+        assert r["kv_held_max_over_allgather"] < 1
+        assert sum(work) == sum(causal_work(n) for n in r["document_lengths"])  # each pair counted once
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="the plot needs matplotlib")
+def test_plot_written(result):
+    out, _ = result
+    assert (out / "packed_ring_cpu.png").stat().st_size > 0
