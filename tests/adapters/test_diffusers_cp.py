@@ -5,9 +5,9 @@ one process, with diffusers' own attention; the parallel copy takes the same who
 output through `parallelize`. Compared: the output, and the parameters' gradients summed over the ranks (the
 backward runs after the forward returned, as a training step would run it). The W = 2 job also runs
 `check_parity` (and its failure on a plan that counts Flux's text W times), the refusal of a model whose
-attention never reaches cpattn, the refusals of gradient checkpointing and of plans that would break
-cross-attention; the W = 1 job, parallelize's
-install and removal. The jobs also run test_diffusers.py's hand-made Flux recipe (sdpa_patched).
+attention never reaches cpattn, and the refusals of gradient checkpointing and of plans that would break
+cross-attention; the W = 1 job, parallelize's install and removal. The jobs also run test_diffusers.py's
+hand-made Flux recipe (sdpa_patched).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ CP_TIMEOUT = 30  # seconds any rank waits for a peer; a rank that raised alone m
 KV_REPLICATED_XFAIL = pytest.mark.xfail(
     strict=True, reason="cross-attention under context parallelism: cpattn's schedules do not yet run "
                         "kv_replicated calls (cpattn/cp/context.py refuses a key length unlike the query's)")
-
-
 COUNTS = {"calls": 0, "cp_runs": 0}
 
 
