@@ -18,6 +18,7 @@ after another, their boundaries in int32 cu_seqlens.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -145,16 +146,9 @@ class VarlenBlocks:
 
     def __init__(self, provider: Provider, view: AttentionCall):
         self._provider, self._view = provider, view
-        self._packings: dict = {}
 
     def _packing(self, chain: Chain, device) -> Packing:
-        key = (chain, device)
-        if key not in self._packings:
-            cu_q, cu_k = chain.sequences
-            longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
-            as_tensor = lambda cu: torch.tensor(cu, dtype=torch.int32, device=device)  # noqa: E731
-            self._packings[key] = Packing(as_tensor(cu_q), as_tensor(cu_k), longest(cu_q), longest(cu_k))
-        return self._packings[key]
+        return _chain_packing(chain, device)
 
     def _multiple(self, backward: bool) -> int:
         return self._provider.head_dim_multiple(self._view, backward=backward)
@@ -165,6 +159,9 @@ class VarlenBlocks:
             out, lse = gen.varlen_forward(align_head_dim(q, multiple), align_head_dim(k, multiple),
                                           align_head_dim(v, multiple), self._packing(chain, q.device),
                                           self._view.scale, chain.causal)
+        if lse.dim() == 3:  # releases before varlen LSE went (H, total_q): (sequences, H, longest query)
+            cu_q = chain.sequences[0]
+            lse = torch.cat([lse[i, :, : b - a] for i, (a, b) in enumerate(zip(cu_q, cu_q[1:]))], dim=-1)
         return out[..., : v.shape[-1]], normalize_lse(lse, q.shape[0])
 
     def backward(self, dout, q, k, v, out, lse, chain):
@@ -181,6 +178,23 @@ class VarlenBlocks:
         view = self._view
         return self._provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale,
                                                view.is_causal)
+
+
+@functools.lru_cache(maxsize=4096)
+def _chain_packing(chain: Chain, device) -> Packing:
+    """A chain's cu_seqlens on `device`, made once: step plans are cached per stream, so every call over the same
+    documents (every layer, every step of training) finds its packings here. On CUDA they are copied from pinned
+    memory without waiting: a blocking copy would wait for the GPU to drain in the middle of a ring step."""
+    cu_q, cu_k = chain.sequences
+    longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
+
+    def on_device(cu):
+        host = torch.tensor(cu, dtype=torch.int32)
+        if torch.device(device).type != "cuda":
+            return host.to(device)
+        return host.pin_memory().to(device, non_blocking=True)
+
+    return Packing(on_device(cu_q), on_device(cu_k), longest(cu_q), longest(cu_k))
 
 
 # -- the document sharding's helpers ------------------------------------------------------------------------------

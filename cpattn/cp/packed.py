@@ -41,7 +41,7 @@ SCHEDULE = "allgather"  # the schedule packed streams run, as the agreement chec
 def run_packed(cp: Setup, provider: Provider, call: AttentionCall, kernel: VarlenKernel,
                bounds: list[int]) -> torch.Tensor:
     """Check every rank agrees (the call, then the document boundaries), then `packed_attention`."""
-    reasons = provider.reasons(call) + packed_reasons(cp, cp.strategy)
+    reasons = provider.reasons(call) + packed_reasons(cp, cp.strategy) + score_mod_reasons(call)
     total = agree(cp, provider, call, SCHEDULE, refused=bool(reasons)).total
     if reasons:
         raise UnsupportedInputError(f"packed sequences on provider '{provider.name}' under context "
@@ -65,6 +65,18 @@ def packed_reasons(cp: Setup, strategy: str) -> list[str]:
                    "cpattn.document_mask(...) for Ulysses")
     if cp.prefix:
         out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
+    return out
+
+
+def score_mod_reasons(call: AttentionCall) -> list[str]:
+    """Windows, softcaps and sinks on a packed call: refused, never dropped."""
+    out = []
+    for name, value in (("window", call.window), ("softcap", call.softcap), ("sinks", call.sinks)):
+        if value is not None:
+            shown = f"{name}={value}" if name != "sinks" else "sinks"
+            out.append(f"{shown} is not supported on packed streams yet: the packed schedules do not apply it per "
+                       "document; use attention_dispatch with cpattn.document_mask(...) and the window, softcap or "
+                       "sinks on a dense schedule")
     return out
 
 

@@ -23,7 +23,7 @@ from ..contract import AttentionCall, Provider
 from ..errors import RankMismatchError, UnsupportedInputError
 from .agreement import gather_names, provider_code
 from .comm import CommStats, all_gather_padded, all_reduce_sum, gather_signatures
-from .packed import VarlenKernel, gathered_runs
+from .packed import VarlenKernel, gathered_runs, score_mod_reasons
 from .packed_kernels import BlockKernel
 from .packed_layout import DocumentLayout, document_layout
 from .packed_ring import PackedRingSpec, packed_ring_attention
@@ -57,18 +57,6 @@ def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKern
                    "'flash_varlen'); pass cp_strategy='ring' or 'auto'")
     if cp.prefix:
         out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
-    return out
-
-
-def score_mod_reasons(call: AttentionCall) -> list[str]:
-    """Windows, softcaps and sinks on a packed call: refused, never dropped."""
-    out = []
-    for name, value in (("window", call.window), ("softcap", call.softcap), ("sinks", call.sinks)):
-        if value is not None:
-            shown = f"{name}={value}" if name != "sinks" else "sinks"
-            out.append(f"{shown} is not supported on packed documents yet: the packed schedules do not apply it per "
-                       "document; use attention_dispatch with cpattn.document_mask(...) and the window, softcap or "
-                       "sinks on a dense schedule")
     return out
 
 

@@ -49,7 +49,7 @@ class Piece:
         return (self.q1 - self.q0) * (self.k1 - self.k0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: plans are cached, and chains key caches
 class Chain:
     """One kernel call: rows [q0, q1) of the consumer's shard against keys [k0, k1) of the step's key block
     (the owner's `kv` range); `pieces` relative to those starts, increasing in both."""
@@ -82,7 +82,7 @@ class Chain:
         return _groups(self, masks)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepPlan:
     """What a consumer computes against one owner's keys: the owner's key range `kv` (owner-local [a, b)), sent
     whole, and the kernel calls on it."""
@@ -160,6 +160,7 @@ def step_plan(layout: DocumentLayout, consumer: int, owner: int, causal: bool) -
     return StepPlan(kv, _chains(_merge(items), kv[0]))
 
 
+@functools.lru_cache(maxsize=4096)
 def _groups(chain: Chain, masks: bool) -> tuple[Chain, ...]:
     if not masks:
         return tuple(Chain(p.q0, p.q1, p.k0, p.k1, p.causal, (Piece(0, p.q1 - p.q0, 0, p.k1 - p.k0, p.causal),))

@@ -3,44 +3,65 @@
 Documents cross shard boundaries (and one is empty); every rank passes the stream's global cu_seqlens. Runs on the
 FlashAttention-2 stand-in (tests/support/standins/, the library's API computed in float32 on CPU) at 2, 3 and 4 gloo ranks,
 zigzag and contiguous, causal or not, GQA, forward and backward against the float64 reference of the whole stream
-with a document mask. benchmarks/gpu_check.py --packed-worlds runs the same worker with the real library on a GPU.
+with a document mask. One world per world size runs every case (cp_harness.packed_ranks).
+benchmarks/gpu_check.py --packed-worlds runs the same worker with the real library on a GPU.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from cp_harness import packed_rank
-from reliability_helpers import run_ranks
+from cp_harness import packed_ranks
+from reliability_helpers import RankResult, run_ranks
 
 pytestmark = pytest.mark.distributed
 
+ACROSS_SHARDS = [("zigzag", True), ("contiguous", True), ("zigzag", False)]
+PAYLOADS = {
+    **{("across", layout, causal): (layout, causal, "auto", "cpu", "fa2", True) for layout, causal in ACROSS_SHARDS},
+    # 8 tokens and 8 heads: a mix-up of the packed (tokens, heads, head_dim) dims cannot pass on shapes
+    ("heads_equal_tokens",): ("zigzag", True, "auto", "cpu", "fa2", True, [0, 3, 8], (8, 8, 16)),
+    ("ring",): ("zigzag", True, "ring", "cpu", "fa2", True),
+}
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("layout,causal", [("zigzag", True), ("contiguous", True), ("zigzag", False)])
-def test_packed_documents_across_shards(world, layout, causal):
-    result = run_ranks(world, packed_rank, (layout, causal, "auto", "cpu", "fa2", True), timeout=120)
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"W{w}")
+def world(request):
+    """(W, {case: every rank's RankResult}) of one world running every payload."""
+    w = request.param
+    keys, payloads = zip(*PAYLOADS.items())
+    result = run_ranks(w, packed_ranks, list(payloads), timeout=300)
     for r in result.ranks:
         assert r.error is None, f"rank {r.rank}: {r.error_type}: {r.error}"
-    errors, stats = result.ranks[0].value
+    as_result = lambda rank, value, error_type, error: RankResult(rank, value, error, error_type)  # noqa: E731
+    return w, {key: [as_result(r.rank, *r.value[i]) for r in result.ranks] for i, key in enumerate(keys)}
+
+
+@pytest.mark.parametrize("layout,causal", ACROSS_SHARDS)
+def test_packed_documents_across_shards(world, layout, causal):
+    _, results = world
+    ranks = results[("across", layout, causal)]
+    for r in ranks:
+        assert r.error is None, f"rank {r.rank}: {r.error_type}: {r.error}"
+    errors, stats = ranks[0].value
     assert errors["out"] < 2e-2 and max(errors["dq"], errors["dk"], errors["dv"]) < 3e-2, errors
     assert stats["all_gather"] == 2 and stats["reduce_scatter"] == 2, stats  # K and V, forward and backward
 
 
-@pytest.mark.parametrize("world", [2, 3])
 def test_packed_heads_equal_tokens(world):
     """8 tokens and 8 heads: a mix-up of the packed (tokens, heads, head_dim) dims cannot pass on shapes."""
-    payload = ("zigzag", True, "auto", "cpu", "fa2", True, [0, 3, 8], (8, 8, 16))
-    result = run_ranks(world, packed_rank, payload, timeout=120)
-    for r in result.ranks:
+    _, results = world
+    ranks = results[("heads_equal_tokens",)]
+    for r in ranks:
         assert r.error is None, f"rank {r.rank}: {r.error_type}: {r.error}"
-    errors, _ = result.ranks[0].value
+    errors, _ = ranks[0].value
     assert errors["out"] < 2e-2 and max(errors["dq"], errors["dk"], errors["dv"]) < 3e-2, errors
 
 
-def test_packed_under_ring_is_refused_on_every_rank():
-    result = run_ranks(2, packed_rank, ("zigzag", True, "ring", "cpu", "fa2", True), timeout=60)
-    for r in result.ranks:
+def test_packed_under_ring_is_refused_on_every_rank(world):
+    """Shards by position (shard_sequence) run all-gather: cp_strategy='ring' is refused, naming the ways out."""
+    _, results = world
+    for r in results[("ring",)]:
         assert r.error_type == "UnsupportedInputError", (r.rank, r.error_type, r.error)
         assert "cp_strategy='allgather'" in r.error and "document_mask" in r.error
 

@@ -73,6 +73,7 @@ CASES = {
 }
 REFUSALS = {
     "window": PackedCase(MIXED, provider="native", dtype="float64", window=(3, 0)),
+    "softcap-and-sinks": PackedCase(MIXED, softcap=20.0, sinks=True),
     "ulysses": PackedCase(MIXED, strategy="ulysses"),
     "allgather-on-a-mask-provider": PackedCase(MIXED, provider="native", dtype="float64", strategy="allgather"),
     # shard_sequence's shards: their lengths differ from the document layout's here at every W > 1
@@ -157,8 +158,10 @@ def test_allgather_over_document_shards(world):
 
 
 @pytest.mark.parametrize("name,error,words", [
-    ("window", "UnsupportedInputError", ["window=(3, 0) is not supported on packed documents",
+    ("window", "UnsupportedInputError", ["window=(3, 0) is not supported on packed streams",
                                          "cpattn.document_mask"]),
+    ("softcap-and-sinks", "UnsupportedInputError", ["softcap=20.0 is not supported on packed streams",
+                                                    "sinks is not supported on packed streams"]),
     ("ulysses", "UnsupportedInputError", ["cp_strategy='ring' (or 'auto') or 'allgather', not 'ulysses'"]),
     ("allgather-on-a-mask-provider", "UnsupportedInputError", ["runs on varlen kernels only"]),
     ("sequence-shards", "RankMismatchError", ["do not match the document layout", "shard_packed"]),

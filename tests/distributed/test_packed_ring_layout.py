@@ -1,7 +1,8 @@
 """The document layout (cpattn/cp/packed_layout.py) and the packed ring's step plans (cpattn/cp/packed_plan.py),
 in one process: every token on one rank once, the regions in order, the balance of counted causal work on
 long-tailed length mixes, and plans that cover exactly the document mask (causal or not), each pair of a query
-and a key once, in kernel calls whose sequences increase in rows and keys."""
+and a key once, in kernel calls whose sequences increase in rows and keys. And `packed_attention` on one device
+(no cp_mesh: the ring's one step) against float64."""
 
 from __future__ import annotations
 
@@ -154,3 +155,31 @@ def test_split_document_shares_are_equal():
     layout = packed_layout([0, 64], 4)
     assert layout.split == (True,)
     assert [layout.counted_work(r) for r in range(4)] == [2 * 4 * 8 * 8 + 8] * 4
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("provider", ["native", "_native_math"])
+def test_packed_attention_on_one_device(provider, causal):
+    import cpattn
+    from cpattn.packed import packed_attention
+    from cp_harness import _packed_reference
+
+    bounds = [0, 1, 4, 34, 35, 42, 42, 54, 60]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(60, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2, 4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with cpattn.attention_provider(provider):
+        out = packed_attention(*leaves, torch.tensor(bounds, dtype=torch.int32), is_causal=causal)
+    out.backward(dout)
+    ref_out, ref_grads = _packed_reference(q, k, v, dout, causal, bounds)
+    assert (out - ref_out).abs().max() < 1e-6
+    assert max((t.grad - g).abs().max().item() for t, g in zip(leaves, ref_grads)) < 1e-5
+
+
+def test_packed_attention_refuses_a_window_on_one_device():
+    import cpattn
+    from cpattn.packed import packed_attention
+
+    x = torch.randn(6, 2, 8)
+    with pytest.raises(cpattn.UnsupportedInputError, match=r"window=\(2, 0\) is not supported on packed streams"):
+        packed_attention(x, x, x, torch.tensor([0, 6], dtype=torch.int32), is_causal=True, window=(2, 0))

@@ -451,7 +451,9 @@ class PackedCase:
     dtype: str = "bfloat16"
     grad: bool = True
     seed: int = 0
-    window: tuple | None = None  # refusal cases: a score modification the packed schedules do not take yet
+    window: tuple | None = None  # refusal cases: score modifications the packed schedules do not take yet
+    softcap: float | None = None
+    sinks: bool = False
     shard: str = "documents"  # fault cases: "sequence" shards with cpattn.shard_sequence instead
 
 
@@ -483,7 +485,9 @@ def _run_documents_case(case: PackedCase, mesh) -> dict:
             out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, is_causal=case.causal,
                                                 sharding="documents")
         else:
-            out = packed.packed_attention(ql, kl, vl, cu, is_causal=case.causal, window=case.window)
+            sinks = torch.zeros(case.heads[0], dtype=dtype) if case.sinks else None
+            out = packed.packed_attention(ql, kl, vl, cu, is_causal=case.causal, window=case.window,
+                                          softcap=case.softcap, sinks=sinks)
         forward_stats = dict(state.cp.stats)
         if case.grad:
             out.backward(shard(dout).to(dtype))
@@ -522,4 +526,16 @@ def packed_documents_rank(rank, world, cases):
             result = {"exception": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = round(time.monotonic() - start, 3)
         results.append(result)
+    return results
+
+
+def packed_ranks(rank, world, payloads):
+    """`packed_rank` for every payload of `payloads` in one world (run with reliability_helpers.run_ranks): per
+    payload (its value, the exception type, "Type: message"), the last two None where it returned."""
+    results = []
+    for payload in payloads:
+        try:
+            results.append((packed_rank(rank, world, payload), None, None))
+        except Exception as exc:  # reported, asserted on by the test
+            results.append((None, type(exc).__name__, f"{type(exc).__name__}: {exc}"))
     return results
