@@ -9,9 +9,10 @@ reads travels, as a view of the owner's shard (a later rank needs the early chun
 same steps in the same order, skipped or not, so the transfers two ranks post always match.
 
 Forward: the next step's transfer starts before this step's kernels run (it overlaps them); each chain's
-(out, lse) merges into float32 rows. K/V memory: the rank's own shard and two received blocks, the one computed
-on and the one arriving (each at most the owner's early and late chunks, never its whole documents); blocks are
-new tensors each step, freed when the step is done. The last step's block is kept for the backward.
+(out, lse) merges into float32 rows (float64 for float64 inputs). K/V memory: the rank's own shard and two
+received blocks, the one computed on and the one arriving (each at most the owner's early and late chunks, never
+its whole documents); blocks are new tensors each step, freed when the step is done. The last step's block is
+kept for the backward.
 
 Backward, with the global (out, lse): the steps in reverse, starting on the kept block (so no transfer precedes
 the first kernel) and ending on the rank's own shard. Each step's dK/dV parts go straight back to their owner in
