@@ -53,8 +53,8 @@ def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKern
     if cp.strategy not in ("auto",) + SCHEDULES:
         out.append(f"packed documents run cp_strategy='ring' (or 'auto') or 'allgather', not '{cp.strategy}'")
     if cp.strategy == "allgather" and gathered is None:
-        out.append("cp_strategy='allgather' over document shards runs on varlen kernels only (provider "
-                   "'flash_varlen'); pass cp_strategy='ring' or 'auto'")
+        out.append("cp_strategy='allgather' over document shards runs on varlen kernels only (a provider with "
+                   "packed sequences); pass cp_strategy='ring' or 'auto'")
     if cp.prefix:
         out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
     return out
