@@ -61,7 +61,8 @@ def flash_varlen_attention(
     as its key sequence (the causal diagonal is then the same in flash-attn and SDPA). Returns (total_q, Hq, D).
     Under context parallelism q, k, v are this rank's shard, cu_seqlens the whole stream's, and `sharding` how
     the shards were made: "sequence" (`cpattn.shard_sequence`, all-gather) or "documents" (`shard_packed`, the
-    packed ring; see the module docstring). The checks read cu_seqlens on the host (one device sync).
+    packed ring; see the module docstring); a shard made otherwise is caught where its length differs from the
+    layout's, and cannot be told apart where it does not. The checks read cu_seqlens on the host (one device sync).
     """
     _check_packed_tensors(q, k, v)
     if sharding not in SHARDINGS:
@@ -103,7 +104,7 @@ def packed_attention(
     whole stream's documents. Under `attention_provider(p, cp_mesh=mesh)` q, k, v are this rank's shard made by
     `shard_packed` (cp_strategy 'auto' or 'ring': the packed ring; 'allgather' on `flash_varlen` only); on one
     device, the whole stream. `window`, `softcap` and `sinks` are refused for now (never dropped).
-    Returns (tokens, Hq, Dv).
+    Returns (tokens, Hq, Dv). The checks read cu_seqlens on the host (one device sync).
     """
     _check_packed_tensors(q, k, v)
     state = current_state()

@@ -23,7 +23,7 @@ from ..contract import AttentionCall, Provider
 from ..errors import RankMismatchError, UnsupportedInputError
 from .agreement import gather_names, provider_code
 from .comm import CommStats, all_gather_padded, all_reduce_sum, gather_signatures
-from .packed import VarlenKernel, gathered_runs, score_mod_reasons
+from .packed import VarlenKernel, check_bounds, gathered_runs, score_mod_reasons
 from .packed_kernels import BlockKernel
 from .packed_layout import DocumentLayout, document_layout
 from .packed_ring import PackedRingSpec, packed_ring_attention
@@ -112,6 +112,7 @@ def run_packed_documents(cp: Setup | None, provider: Provider, call: AttentionCa
         lengths = agree_documents_call(cp, provider, call, bounds, refused=bool(reasons))
     if reasons:
         raise UnsupportedInputError(f"packed documents on provider '{provider.name}'", reasons)
+    check_bounds(bounds, sum(lengths))
     layout = document_layout(tuple(bounds), world)
     check_lengths(layout, lengths)
     stats = cp.stats if cp is not None else CommStats()
