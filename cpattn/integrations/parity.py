@@ -1,7 +1,7 @@
 """Does a context-parallel model compute what the same model computes on one process? Outputs and summed gradients.
 
     report = check_parity(model, inputs, mesh, parallelize=my_parallelize)   # on every rank of the mesh
-    print(report)          # "parity over 2 steps: output max |diff| 3.1e-07 (tol 1e-05), gradients ..."
+    print(report)   # "parity over 2 steps: output max |diff| 1.7e-07 relative to max(1, |output|) (tol 1e-05), ..."
 
 `check_parity` works on two copies of `model`: one runs whole on every rank with its own attention (the
 reference), the other is made context-parallel by `parallelize(copy, mesh)`, and must take and return whole
