@@ -1,7 +1,8 @@
 """The agreement check that opens every context-parallel call: every rank must make the same call on its shard.
 
 Each rank packs the call into a signature of integers (provider, schedule, layout, dtype, heads, dims, flags, mask,
-scale, prefix; then whether it refused and its local length) and one small all-gather gives every rank every
+scale, prefix, window, softcap, sinks, whether key/value are replicated and then their length; then whether it
+refused and its local length) and one small all-gather gives every rank every
 rank's signature. Every rank reads the same table, so every rank takes the same path: the same RankMismatchError
 on a field that differs, the same UnsupportedInputError where another rank refused, else the global length.
 Nothing has moved yet, and the wait is bounded (cp_timeout) on every backend.
@@ -23,6 +24,7 @@ from ..contract import AttentionCall, Provider
 from ..errors import InvalidArgumentError, RankMismatchError, UnsupportedInputError
 from ..masks import is_mask_mod
 from .comm import gather_signatures
+from .cross import kv_replicated
 from .layout import LAYOUTS, local_len
 from .mesh import Group
 from .registry import STRATEGIES
@@ -34,7 +36,10 @@ FIELDS = (
     "provider", "schedule", "layout", "dtype", "batch", "query heads", "key/value heads", "head dim",
     "value head dim", "is_causal", "mask kind", "mask dim 0", "mask dim 1", "mask dim 2 (rows)",
     "mask dim 3 (keys)", "dropout_p", "requires grad", "scale", "replicated prefix",
+    "window left", "window right", "softcap", "sinks (heads)", "key/value replicated",
+    "key length (replicated key/value)",
 )
+_NO_WINDOW, _UNBOUNDED = -2, -1  # window side codes: no window at all; a side of None
 _ROWS = FIELDS.index("mask dim 2 (rows)")
 _REFUSED = len(FIELDS)  # after the compared fields: whether the rank refused, then its local length
 _LENGTH = len(FIELDS) + 1
@@ -59,13 +64,22 @@ def provider_code(provider: Provider) -> int:
 def signature(cp: Setup, provider: Provider, call: AttentionCall, schedule: str, refused: bool) -> list[int]:
     """This rank's call as integers: the compared fields (FIELDS), then whether it refused and its local length."""
     dims, kind = _mask_dims(call)
+    replicated = kv_replicated(call)
     return [
         provider_code(provider), STRATEGIES.index(schedule), LAYOUTS.index(cp.layout),
         _DTYPE_CODES.get(call.dtype, 0), call.batch, call.q_heads, call.kv_heads, call.head_dim,
         call.value_dim, int(call.is_causal), _MASK_CODES[kind], *dims, _float_bits(call.dropout_p),
         int(call.needs_grad), _float_bits(call.scale), cp.prefix,
+        *_window_codes(call.window), 0 if call.softcap is None else _float_bits(call.softcap),
+        -1 if call.sinks is None else call.sinks.numel(), int(replicated), call.kv_len if replicated else 0,
         int(refused), max(call.q_len - cp.prefix, 0),
     ]
+
+
+def _window_codes(window) -> list[int]:
+    if window is None:
+        return [_NO_WINDOW, _NO_WINDOW]
+    return [_UNBOUNDED if side is None else side for side in window]
 
 
 def _mask_dims(call: AttentionCall) -> tuple[list[int], str | None]:
@@ -109,7 +123,8 @@ def agree(cp: Setup, provider: Provider, call: AttentionCall, schedule: str, ref
             f"context-parallel attention (provider '{provider.name}', cp_strategy='{schedule}')",
             [f"rank(s) {refused_ranks} refused this call; their error lists the reasons"],
         )
-    check_mask_keys(call, total)
+    if not kv_replicated(call):  # cross-attention masks cover the replicated keys (cross.py checked them)
+        check_mask_keys(call, total)
     return Agreed(total, mask_rows == _ROW_PER_QUERY)
 
 
@@ -146,7 +161,7 @@ def _agree_stage(cp: Setup, provider: Provider, group: Group, sig: list[int], de
             raise RankMismatchError(
                 f"ranks of the context-parallel group disagree on {name}: "
                 + ", ".join(f"rank {r}: {x}" for r, x in enumerate(shown))
-                + ". Every rank must make the same attention call on its own shard."
+                + ". Every rank must make the same attention call on its own shard." + _HINTS.get(name, "")
             )
     refused = [r for r, x in enumerate(table[:, _REFUSED].tolist()) if x]
     return _Stage(table[:, _LENGTH].tolist(), mask_rows, refused)
@@ -161,7 +176,22 @@ def gather_names(name: str, group: Group, timeout: float, device) -> list[str]:
     return [bytes(row[:n]).decode(errors="replace") for row, n in zip(table, lengths)]
 
 
+_HINTS = {
+    "key/value replicated": (
+        " Cross-attention (key/value whole on every rank) is implied where the key length differs from the local "
+        "query length: a rank whose query shard is as long as the keys cannot tell, so pass kv_replicated=True "
+        "on every rank."),
+    "key length (replicated key/value)": " Cross-attention needs the same whole key/value on every rank.",
+}
+
+
 def _show(name: str, code: int):
+    if name in ("window left", "window right"):
+        return {_NO_WINDOW: "no window", _UNBOUNDED: "None"}.get(code, code)
+    if name == "softcap":
+        return "None" if code == 0 else _float_of_bits(code)
+    if name == "sinks (heads)":
+        return "None" if code < 0 else code
     if name == "schedule":
         return STRATEGIES[code]
     if name == "dtype":

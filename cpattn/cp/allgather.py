@@ -5,7 +5,10 @@ memory: KV of every rank is all-gathered once (uneven lengths allowed), put in g
 provider runs one ordinary call. Causal attention becomes a positional mask (query position >= key
 position), because local queries are not a contiguous prefix under the zigzag layout; so causal or masked
 calls need a provider that takes boolean masks. Backward sums each rank's dK/dV over ranks and keeps
-this rank's part (reduce-scatter). With a replicated prefix (cp/prefix.py) the local prefix KV goes in front
+this rank's part (reduce-scatter). A window runs per local chunk instead (`windowed_rows`): each chunk's rows
+against the keys its window reaches, the window (causality in it) in the chunk's coordinates, natively or as the
+exact mask. A softcap goes to the call as it is, sinks too: every local row is in exactly one call, so it takes
+them once, and its share of their gradient is this rank's (the all-reduce of the replicated sinks adds them). With a replicated prefix (cp/prefix.py) the local prefix KV goes in front
 of the gathered KV. `ALLGATHER` is the schedule; packed sequences (packed.py) gather the same way.
 This module never names a provider.
 """
@@ -16,9 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..contract import AttentionCall, Provider
-from ..masks import is_mask_mod
+from ..contract import AttentionCall, Provider, band
+from ..masks import is_mask_mod, select_keys, select_queries
+from ..ops.window import shifted, trim_block
+from ..scoremods import attention
 from .comm import CommStats, all_gather_padded, all_reduce_sum
+from .halo import shard_runs
 from .kernel_checks import reasons_for_any_total
 from .layout import gathered_order, local_len, ring_positions
 from .mesh import Group
@@ -34,6 +40,11 @@ class AllGatherSpec:
     positions: torch.Tensor  # global position of each gathered index
     timeout: float | None  # None: see comm._wait
     stats: CommStats
+    layout: str  # whose chunks this rank's queries are (windowed_rows)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.lengths))
 
 
 class GatherSequence(torch.autograd.Function):
@@ -74,9 +85,55 @@ def positional_mask(call: AttentionCall, spec: AllGatherSpec) -> torch.Tensor | 
 def allgather_attention(provider: Provider, call: AttentionCall, spec: AllGatherSpec) -> torch.Tensor:
     key = GatherSequence.apply(call.key, spec)
     value = GatherSequence.apply(call.value, spec)
-    return provider.attention(
-        call.replace(key=key, value=value, attn_mask=positional_mask(call, spec), is_causal=False)
-    )
+    if call.window is not None:
+        return windowed_rows(provider, call, spec, key, value)
+    return attention(provider, call.replace(key=key, value=value, attn_mask=positional_mask(call, spec),
+                                            is_causal=False))
+
+
+def windowed_rows(provider: Provider, call: AttentionCall, spec: AllGatherSpec, key: torch.Tensor,
+                  value: torch.Tensor) -> torch.Tensor:
+    """Each of this rank's chunks (one, or two under zigzag) as its own call against the keys its window reaches
+    in the gathered (global-order) key/value: the window in the chunk's coordinates (`shifted`, `trim_block`),
+    causality in it, the sinks in each call (the chunks' rows are disjoint, so every row takes them once).
+    Rows the window leaves without a key get out 0, and no gradient."""
+    band_ = band(call)
+    pieces, done = [], 0
+    for run in shard_runs(spec.total, spec.group.size, spec.group.rank, spec.layout):
+        cut = trim_block(run.size, spec.total, shifted(band_, run.position, 0))
+        if cut is None:
+            continue
+        rows, keys = slice(run.start + cut.q0, run.start + cut.q1), slice(cut.k0, cut.k1)
+        pieces.append(_zero_rows(call, rows.start - done))
+        mask = select_queries(select_keys(call.attn_mask, keys), rows)
+        pieces.append(attention(provider, call.replace(
+            query=call.query[:, :, rows].contiguous(), key=key[:, :, keys], value=value[:, :, keys],
+            attn_mask=mask, is_causal=False, window=cut.window)))
+        done = rows.stop
+    pieces.append(_zero_rows(call, call.q_len - done))
+    out = torch.cat(pieces, dim=2)
+    if done == 0 and torch.is_grad_enabled():  # no call ran, yet the gathers' backward needs every rank
+        out = Untouched.apply(out, call.query, key, value)
+    return out
+
+
+class Untouched(torch.autograd.Function):
+    """`out`, which does not depend on `inputs`, made to depend on them with a zero gradient: a rank whose queries
+    reach no key must still enter the all-reduce of the gathers' backward, as every rank does, and its inputs
+    get a gradient (of zeros) like every other rank's."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        ctx.inputs = [(x.shape, x.dtype, x.device) for x in inputs]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.inputs)
+
+
+def _zero_rows(call: AttentionCall, n: int) -> torch.Tensor:
+    return call.query.new_zeros(call.batch, call.q_heads, n, call.value_dim)
 
 
 def prefix_allgather_attention(provider: Provider, call: AttentionCall, spec: AllGatherSpec,
@@ -84,7 +141,7 @@ def prefix_allgather_attention(provider: Provider, call: AttentionCall, spec: Al
     """Gather the sharded KV into global order, put the local prefix KV in front, one ordinary call."""
     key = torch.cat([call.key[:, :, :prefix], GatherSequence.apply(call.key[:, :, prefix:], spec)], dim=2)
     value = torch.cat([call.value[:, :, :prefix], GatherSequence.apply(call.value[:, :, prefix:], spec)], dim=2)
-    return provider.attention(call.replace(key=key, value=value))
+    return attention(provider, call.replace(key=key, value=value))
 
 
 # -- the schedule ---------------------------------------------------------------------------------------------
@@ -97,7 +154,7 @@ def allgather_spec(cp: Setup, total: int, device) -> AllGatherSpec:
     if order is None:
         order = torch.arange(total, device=device)
     q_positions = ring_positions(total, group.size, group.rank, cp.layout, device)
-    return AllGatherSpec(group, lengths, q_positions, order, positions, cp.data_timeout, cp.stats)
+    return AllGatherSpec(group, lengths, q_positions, order, positions, cp.data_timeout, cp.stats, cp.layout)
 
 
 def _takes_positional_mask(provider: Provider, call: AttentionCall) -> bool:
@@ -134,13 +191,15 @@ class AllGatherSchedule:
 
     def reasons(self, cp: Setup, provider: Provider, call: AttentionCall) -> list[str]:
         out = reasons_for_any_total(cp, self, provider, call)
-        if (call.is_causal or call.attn_mask is not None) and not _takes_positional_mask(provider, call):
+        positional = call.window is None  # a window runs per chunk, causality in its band (windowed_rows)
+        if positional and (call.is_causal or call.attn_mask is not None) and not _takes_positional_mask(provider,
+                                                                                                         call):
             out.append("all-gather expresses causal and masks as a positional attn_mask, which this "
                        "provider does not take")
         return out
 
     def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
-        if call.is_causal:  # causality becomes a mask, which the shard check covers
+        if call.is_causal or call.window is not None:  # a mask or trimmed windows: left to the shard check
             return set()
         return {(n + cp.prefix, total + cp.prefix, False) for n in lengths}
 

@@ -92,14 +92,14 @@ class CommStats(collections.Counter):
 class PendingExchange:
     """Sends and receives in flight; `wait()` returns the received tensors on their device."""
 
-    def __init__(self, works, received, staged, timeout, group, peers):
+    def __init__(self, works, received, staged, timeout, group, peers, what: str | None = None):
         self._works, self._received, self._staged = works, received, staged
         self._timeout, self._group, self._peers = timeout, group, peers
+        self._what = what or f"ring exchange (send to rank {peers[0]}, receive from rank {peers[1]})"
 
     def wait(self) -> list[torch.Tensor]:
         for work in self._works:
-            _wait(work, self._timeout, f"ring exchange (send to rank {self._peers[0]}, "
-                  f"receive from rank {self._peers[1]})", self._group)
+            _wait(work, self._timeout, self._what, self._group)
         if self._staged is not None:
             for dst, src in zip(self._received, self._staged):
                 dst.copy_(src)
@@ -132,6 +132,32 @@ class RingChannel:
             self.stats[f"{kind}_sends"] += 1
             self.stats[f"{kind}_bytes"] += sum(t.numel() * t.element_size() for t in send)
         return PendingExchange(works, recv, recv_t if stage else None, self.timeout, self.group, peers)
+
+    def post(self, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]],
+             kind: str) -> PendingExchange:
+        """Start sending `sends[peer]` to each peer and receiving into `recvs[peer]` from each, all at once (the
+        windowed exchange, cp/halo.py: each rank talks only to the ranks in reach). Peers are group ranks; a
+        peer's tensors are sent and received in list order. `wait()` gives the received tensors flat, in the
+        order of `recvs`. The stats count each peer's bytes apart too (`<kind>_bytes_to_<peer>`)."""
+        received = [t for peer in recvs for t in recvs[peer]]
+        every = [t for ts in sends.values() for t in ts] + received
+        stage = self.group.backend == "gloo" and any(t.is_cuda for t in every)  # as send_recv: gloo via CPU
+        ops = []
+        for peer, tensors in sends.items():
+            to = self.group.global_rank(peer)
+            ops += [dist.P2POp(dist.isend, t.cpu() if stage else t, to, self.group.pg) for t in tensors]
+            sent = sum(t.numel() * t.element_size() for t in tensors)
+            self.stats[f"{kind}_sends"] += 1
+            self.stats[f"{kind}_bytes"] += sent
+            self.stats[f"{kind}_bytes_to_{peer}"] += sent
+        targets = [torch.empty(t.shape, dtype=t.dtype) for t in received] if stage else received
+        slots = iter(targets)
+        for peer, tensors in recvs.items():
+            ops += [dist.P2POp(dist.irecv, next(slots), self.group.global_rank(peer), self.group.pg)
+                    for _ in tensors]
+        works = dist.batch_isend_irecv(ops) if ops else []
+        what = f"windowed exchange (send to group ranks {sorted(sends)}, receive from {sorted(recvs)})"
+        return PendingExchange(works, received, targets if stage else None, self.timeout, self.group, (), what)
 
 
 def all_to_all_flat(x: torch.Tensor, out_numel: list[int], in_numel: list[int], group: Group,

@@ -6,7 +6,8 @@ Order of events in one call (every rank runs the same):
 2. The agreement check (agreement.py): one small all-gather of an integer signature of the call. Any
    disagreement, or any rank refusing, raises the same error on every rank, before any data moves. Then the
    provider's verdict on the exact lengths the schedule's kernels get (kernel_checks.py), the same on every rank.
-3. Run the schedule.
+3. Run the schedule; or, for cross-attention (key/value whole on every rank, cp/cross.py), every schedule alike:
+   one local call per rank, no key/value traffic.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from ..errors import InvalidArgumentError, UnsupportedInputError
 from ..masks import is_mask_mod, materialize_mask_mod
 from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, CommStats
+from .cross import cross_attention, cross_faults, cross_reasons, kv_replicated
 from .kernel_checks import kernel_reasons
 from .layout import LAYOUTS, local_positions
 from .mesh import Topology, topology_from_mesh
 from .packed import VarlenKernel, run_packed
 from .prefix import prefix_reasons
 from .registry import AUTO_CANDIDATES, PREFIX_SCHEDULES, SCHEDULES, STRATEGIES, schedules_for
-from .schedule import Schedule, Suggest
+from .schedule import Schedule, Suggest, with_example
 from .ulysses import head_chunks_for
 
 log = logging.getLogger("cpattn")
@@ -85,14 +87,14 @@ class ContextParallel:
 
     def reasons(self, provider: Provider, call: AttentionCall, schedule: Schedule) -> list[str]:
         """Every reason, from this rank's shard, that `schedule` cannot run `call` with `provider`; the
-        call's own faults first, alone, since they make the schedule's reasons moot."""
+        call's own faults first, alone, since they make the schedule's reasons moot. Cross-attention (key/value
+        replicated) runs locally whatever the schedule (cp/cross.py): the provider's reasons for that call."""
+        if kv_replicated(call):
+            return cross_faults(call, self.prefix) or cross_reasons(provider, call)
         faults = self._call_faults(call, schedule)
         return faults or schedule.reasons(self, provider, call)
 
     def _call_faults(self, call: AttentionCall, schedule: Schedule) -> list[str]:
-        if call.q_len != call.kv_len:
-            return [f"query length {call.q_len} != key length {call.kv_len}: context parallelism shards "
-                    "self-attention (q, k, v of the same tokens)"]
         if self.prefix:
             faults = prefix_reasons(call, self.prefix, schedule.name, PREFIX_SCHEDULES)
             if faults:
@@ -114,6 +116,12 @@ class ContextParallel:
         schedule = self.choose(provider, call)
         reasons = self.reasons(provider, call, schedule)
         agreed = agree(self, provider, call, schedule.name, refused=bool(reasons))
+        if kv_replicated(call):
+            if reasons:
+                raise UnsupportedInputError(f"provider '{provider.name}' for cross-attention under context "
+                                            "parallelism", reasons, _cross_suggestion(provider, call, suggest))
+            self.stats["calls"] += 1
+            return cross_attention(self, provider, call, agreed.total)
         reasons = reasons or kernel_reasons(self, schedule, provider, call, agreed.total)
         if reasons:
             raise UnsupportedInputError(f"provider '{provider.name}' under cp_strategy='{schedule.name}'", reasons,
@@ -136,6 +144,12 @@ class ContextParallel:
                                call.device)
         return materialize_mask_mod(call.attn_mask, call.batch, call.q_heads, rows,
                                     torch.arange(total, device=call.device))
+
+
+def _cross_suggestion(provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str:
+    example = suggest(call, provider.name) if suggest and not cross_faults(call, 0) else None
+    return with_example("a provider that takes this call on one device; cross-attention runs it locally on each "
+                        "rank", example)
 
 
 def _check_mesh_fits(strategy: str, topology: Topology) -> None:

@@ -11,6 +11,11 @@ Gradients: the prefix's output is the same on every rank; each rank's gradients 
 own contribution (from the dout it was handed), so summing them over the group, as the usual gradient
 all-reduce of replicated parameters does, gives the full gradient. Split a prefix dout across ranks
 (e.g. dout / W on each) when the loss itself is computed redundantly on every rank.
+
+A softcap applies to the prefix block as to every other block. Sinks join once, after the prefix block and the
+sharded KV merged; each rank's share of their gradient comes from its own rows (the prefix rows' share with the
+dout it was handed, as above), and the gradient all-reduce adds the shares. A window is refused: the prefix
+tokens have no positions among the sharded ones.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ def prefix_reasons(call: AttentionCall, prefix: int, schedule: str, takers: tupl
         out.append(f"cp_replicated_prefix runs with cp_strategy {names}, not '{schedule}'")
     if call.is_causal or call.attn_mask is not None:
         out.append("cp_replicated_prefix (joint attention) takes no is_causal and no attn_mask")
+    if call.window is not None:
+        out.append(f"window={call.window} with cp_replicated_prefix (joint attention) is not supported: the "
+                   "replicated prefix tokens have no place among the sharded positions a window counts in; run "
+                   "the windowed attention in an attention_provider block without cp_replicated_prefix")
     if call.q_len < prefix:
         out.append(f"this rank holds {call.q_len} tokens, fewer than cp_replicated_prefix={prefix}")
     return out

@@ -28,6 +28,14 @@ rank does one diagonal block and W-1 half blocks.
 
 With a replicated prefix (cp/prefix.py) the prefix KV is one more block, local to every rank and never sent.
 
+Score modifications. A softcap goes to every block call as it is (it is exact per block: the merge is unchanged).
+Sinks never reach a block: they join once, in the final merge, as one more log-sum-exp term on the merged
+(out, lse) (ops/sinks.add_sinks); the backward then runs with that lse (T) and the final out, which gives the
+exact q, k, v gradients, and each rank computes its own rows' share of the sinks' gradient (ops/sinks.sink_grad),
+which the gradient all-reduce of the replicated parameter adds up. A window that restricts the keys runs as the
+windowed exchange instead of the rotation (halo.py: only the keys in reach move, between the ranks in reach);
+one that restricts nothing for the length is dropped. Every block call goes through scoremods.as_kernel_call.
+
 `RING` is the schedule: it needs a provider that returns a log-sum-exp and, for gradients, has a backward that
 takes the global (out, lse). This module never names a provider.
 """
@@ -44,10 +52,14 @@ from ..contract import AttentionCall, Provider, autocast_off
 from ..masks import is_mask_mod, materialize_mask_mod, select_keys, select_queries
 from ..ops import gradsum
 from ..ops.merge import PartialAttention, merge_two
+from ..ops.sinks import add_sinks, sink_grad
+from ..scoremods import as_kernel_call
 from .comm import CommStats, RingChannel
+from .halo import halo_backward, halo_forward, halo_kernel_shapes, restricting_band
 from .layout import ring_chunks, ring_positions
 from .mesh import Group
 from .prefix import split_prefix
+from .rows import StationaryRows, stationary_rows
 from .schedule import Agreed, KernelShape, Setup, Suggest, with_example
 from .streams import StepStreams, stream_count
 
@@ -114,34 +126,8 @@ def block_plan(spec: RingSpec, me: int, src: int, causal: bool, q_len: int | Non
     return plan
 
 
-class _StationaryRows:
-    """Some query rows of the tensors that stay put (query; dO, out and lse in a backward), as the provider
-    takes them: views where its kernels read strided rows as they are (`Capabilities.row_views`), else dense
-    copies made once per distinct row range. Zigzag steps with a later source all use the same rows (my late
-    chunk), so a copy serves every such step."""
-
-    def __init__(self, full_rows: int, views: bool, **tensors: torch.Tensor):
-        self._full, self._views, self._tensors, self._made = full_rows, views, tensors, {}
-
-    def get(self, name: str, rows: slice) -> torch.Tensor:
-        x = self._tensors[name]
-        if rows.start == 0 and rows.stop == self._full:
-            return x
-        if self._views:
-            return x[:, :, rows]
-        key = (name, rows.start, rows.stop)
-        if key not in self._made:
-            self._made[key] = x[:, :, rows].contiguous()
-        return self._made[key]
-
-
-def _stationary_rows(provider: Provider, call: AttentionCall, **tensors: torch.Tensor) -> _StationaryRows:
-    caps = provider.capabilities(call.device.type)
-    return _StationaryRows(call.q_len, caps is not None and caps.row_views, **tensors)
-
-
-def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan,
-                rows: _StationaryRows) -> AttentionCall:
+def _block_call(provider: Provider, call: AttentionCall, spec: RingSpec, src: int, k, v, plan: BlockPlan,
+                rows: StationaryRows) -> AttentionCall:
     mask = call.attn_mask
     if is_mask_mod(mask):  # evaluated on this block only: S_local x S_block bools, never S_local x S
         q_pos = spec.key_positions(spec.group.rank, call.device)[plan.rows]
@@ -151,13 +137,14 @@ def _block_call(call: AttentionCall, spec: RingSpec, src: int, k, v, plan: Block
         key_pos = spec.key_positions(src, mask.device)[plan.cols]
         mask = select_queries(select_keys(mask, key_pos), plan.rows)
     full_cols = plan.cols.stop - plan.cols.start == k.shape[2]
-    return call.replace(
+    return as_kernel_call(provider, call.replace(
         query=rows.get("query", plan.rows),
         key=k if full_cols else k[:, :, plan.cols],
         value=v if full_cols else v[:, :, plan.cols],
         attn_mask=mask,
         is_causal=plan.causal,
-    )
+        sinks=None,  # added once, to the merged result (RingAttention)
+    ))
 
 
 class _KVBuffers:
@@ -203,7 +190,7 @@ def ring_forward_keeping_last(provider: Provider, call: AttentionCall, spec: Rin
     channel = spec.channel()
     k, v = call.key.contiguous(), call.value.contiguous()
     buffers = _KVBuffers(k, v, spec.max_length)
-    rows = _stationary_rows(provider, call, query=call.query)
+    rows = stationary_rows(provider, call, query=call.query)
     acc = PartialAttention(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
     for step in range(world):
         src = (group.rank - step) % world
@@ -212,7 +199,7 @@ def ring_forward_keeping_last(provider: Provider, call: AttentionCall, spec: Rin
             pending = channel.exchange([k, v], buffers.next(spec.length((src - 1) % world)), "kv")
         plan = block_plan(spec, group.rank, src, call.is_causal, call.q_len)
         if plan is not None:
-            out_b, lse_b = provider.forward(_block_call(call, spec, src, k, v, plan, rows))
+            out_b, lse_b = provider.forward(_block_call(provider, call, spec, src, k, v, plan, rows))
             acc.add_rows(plan.rows, out_b, lse_b)
         if pending is not None:
             k, v = pending.wait()
@@ -233,7 +220,7 @@ def ring_backward(
     steps = StepStreams(call.device, stream_count(call.device, spec.step_streams, work))
     # one buffer more than streams: the one a receive refills was last read on the stream its step is about to use
     buffers = _KVBuffers(own_k, own_v, spec.max_length, steps.count + 1)
-    rows = _stationary_rows(provider, call, query=call.query, dout=dout, out=out, lse=lse)
+    rows = stationary_rows(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     replicated = call.q_len - spec.length(me)  # query rows beyond the shard (a prefix): the same on every rank
     query_grads = provider.shared_rows_backward(call, dout, out, lse)  # dQ summed over the steps, asked for at the end
     own_grads = _OwnBlockGrads(own_k, own_v, call.device)
@@ -251,7 +238,7 @@ def ring_backward(
                                                group.next, "kv")
             plan = block_plan(spec, me, src, call.is_causal, call.q_len)
             if plan is not None:  # the step's inputs are made on the main stream: later steps may share them
-                block = _block_call(call, spec, src, k, v, plan, rows)
+                block = _block_call(provider, call, spec, src, k, v, plan, rows)
                 row_args = (rows.get("dout", plan.rows), rows.get("out", plan.rows), rows.get("lse", plan.rows))
             if src != me:
                 sender = (me - 1 - step) % world  # computes on my block at this step
@@ -314,76 +301,146 @@ class _OwnBlockGrads:
             self.add(sender_plan.cols, parts)
 
 
+def ring_call(call: AttentionCall, total: int) -> AttentionCall:
+    """`call` as a ring of `total` tokens runs it: a window that restricts nothing for that length (or nothing
+    beyond causality) dropped, so the rotating ring takes it (see halo.restricting_band)."""
+    if call.window is not None and restricting_band(call, total) is None:
+        return call.replace(window=None)
+    return call
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the sinks join a merged result: float64 for float64 inputs, else float32 (as ops/sinks.py)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.dtype):
+    """(out in `dtype`, lse): the sinks joined to the merged result once, as one more log-sum-exp term; the lse
+    returned then includes them (T), which is what the backward takes."""
+    if sinks is None:
+        return out.to(dtype), lse
+    out, total = add_sinks(out.to(_sum_dtype(dtype)), lse, sinks)
+    return out.to(dtype), total
+
+
+def _ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec, dtype: torch.dtype,
+                  sinks: torch.Tensor | None):
+    """(out in `dtype`, lse with the sinks, what the backward needs kept): the rotating ring, or the windowed
+    exchange (halo.py) for a call whose window restricts the keys; the sinks join once, after the merge."""
+    band_ = restricting_band(call, spec.total)
+    merged = dtype if sinks is None else _sum_dtype(dtype)
+    if band_ is None:
+        out, lse, last = ring_forward_keeping_last(provider, call, spec, merged)
+        kept = last or ()
+    else:
+        out, lse, kept = halo_forward(provider, call, spec, band_, merged)
+    return (*_with_sinks(out, lse, sinks, dtype), kept)
+
+
+def _ring_backward(provider: Provider, call: AttentionCall, spec: RingSpec, dout, out, lse, dtype, kept):
+    band_ = restricting_band(call, spec.total)
+    if band_ is None:
+        return ring_backward(provider, call, spec, dout, out, lse, dtype, tuple(kept) or None)
+    return halo_backward(provider, call, spec, band_, dout, out, lse, dtype, tuple(kept))
+
+
+def _needs_grad(sinks: torch.Tensor | None) -> bool:
+    return sinks is not None and sinks.requires_grad and torch.is_grad_enabled()
+
+
 class RingAttention(torch.autograd.Function):
-    """Autograd wrapper: forward merges blocks and keeps its last one; backward runs the steps in reverse."""
+    """Autograd wrapper: forward merges blocks (keeping its last one, or its halos) and joins the sinks once;
+    backward runs the steps in reverse with the lse that includes the sinks and the final out (so the q, k, v
+    gradients are those of the softmax with sinks) and takes this rank's rows' share of the sinks' gradient.
+    The sinks are a replicated parameter: the usual gradient all-reduce over the group adds the ranks' shares,
+    which is the whole gradient since every row lives on exactly one rank."""
 
     @staticmethod
-    def forward(ctx, query, key, value, provider, call, spec):
+    def forward(ctx, query, key, value, sinks, provider, call, spec):
         call = call.replace(query=query, key=key, value=value)
-        out, lse, last = ring_forward_keeping_last(provider, call, spec, query.dtype)
+        out, lse, kept = _ring_forward(provider, call, spec, query.dtype, sinks)
         ctx.provider, ctx.call, ctx.spec = provider, call, spec
-        ctx.save_for_backward(query, key, value, out, lse, *(last or ()))
+        ctx.save_for_backward(query, key, value, out, lse, sinks, *kept)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        query, key, value, out, lse, *last = ctx.saved_tensors
+        query, key, value, out, lse, sinks, *kept = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
+        dout = dout.contiguous()
+        dq = dk = dv = dsinks = None
         with autocast_off(query.device):
-            dq, dk, dv = ring_backward(ctx.provider, call, ctx.spec, dout.contiguous(), out, lse, query.dtype,
-                                       tuple(last) or None)
-        return dq, dk.to(key.dtype), dv.to(value.dtype), None, None, None
+            if any(ctx.needs_input_grad[:3]):
+                dq, dk, dv = _ring_backward(ctx.provider, call, ctx.spec, dout, out, lse, query.dtype, kept)
+                dk, dv = dk.to(key.dtype), dv.to(value.dtype)
+            if ctx.needs_input_grad[3]:
+                dsinks = sink_grad(dout, out, lse, sinks)
+        return dq, dk, dv, dsinks, None, None, None
 
 
 def ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec) -> torch.Tensor:
-    if call.needs_grad:
-        return RingAttention.apply(call.query, call.key, call.value, provider, call, spec)
+    """Ring attention of this rank's queries over the whole ring's keys, with the call's window (halo.py where it
+    restricts the keys), softcap (every block) and sinks (once, after the merge)."""
+    call = ring_call(call, spec.total)
+    sinks, call = call.sinks, call.replace(sinks=None)
+    if call.needs_grad or _needs_grad(sinks):
+        return RingAttention.apply(call.query, call.key, call.value, sinks, provider, call, spec)
     with torch.no_grad():
-        return ring_forward(provider, call, spec, call.dtype)[0]
+        return _ring_forward(provider, call, spec, call.dtype, sinks)[0]
 
 
-def _prefix_ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int):
-    """All local query rows against the local prefix KV block, merged with the ring over the sharded KV."""
+def _prefix_ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int,
+                         sinks: torch.Tensor | None = None):
+    """All local query rows against the local prefix KV block, merged with the ring over the sharded KV; the
+    sinks join the merged result once."""
     k_pre, v_pre, k_shard, v_shard = split_prefix(call, prefix)
-    out_p, lse_p = provider.forward(call.replace(key=k_pre, value=v_pre))
+    out_p, lse_p = provider.forward(as_kernel_call(provider, call.replace(key=k_pre, value=v_pre)))
     out_r, lse_r, last = ring_forward_keeping_last(provider, call.replace(key=k_shard, value=v_shard), spec)
     out, lse = merge_two(out_p, lse_p, out_r, lse_r)
-    return out.to(call.dtype), lse, last
+    out, lse = _with_sinks(out, lse, sinks, call.dtype)
+    return out, lse, last
 
 
 class PrefixRingAttention(torch.autograd.Function):
-    """Autograd over `_prefix_ring_forward`; backward splits into the prefix block and the ring."""
+    """Autograd over `_prefix_ring_forward`; backward splits into the prefix block and the ring (with the lse that
+    includes the sinks), and this rank's rows' share of the sinks' gradient (as RingAttention)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, provider, call, spec, prefix):
+    def forward(ctx, query, key, value, sinks, provider, call, spec, prefix):
         call = call.replace(query=query, key=key, value=value)
-        out, lse, last = _prefix_ring_forward(provider, call, spec, prefix)
+        out, lse, last = _prefix_ring_forward(provider, call, spec, prefix, sinks)
         ctx.provider, ctx.spec, ctx.prefix, ctx.call = provider, spec, prefix, call
-        ctx.save_for_backward(query, key, value, out, lse, *(last or ()))
+        ctx.save_for_backward(query, key, value, out, lse, sinks, *(last or ()))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        query, key, value, out, lse, *last = ctx.saved_tensors
+        query, key, value, out, lse, sinks, *last = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
         k_pre, v_pre, k_shard, v_shard = split_prefix(call, ctx.prefix)
         dout = dout.contiguous()
+        dq = dk = dv = dsinks = None
         with autocast_off(query.device):
-            dq_p, dk_p, dv_p = ctx.provider.backward(call.replace(key=k_pre, value=v_pre), dout, out, lse)
-            dq_r, dk_r, dv_r = ring_backward(ctx.provider, call.replace(key=k_shard, value=v_shard), ctx.spec,
-                                             dout, out, lse, last_block=tuple(last) or None)
-            dq = (dq_r + dq_p.float()).to(query.dtype)
-            dk = torch.cat([dk_p.float(), dk_r], dim=2).to(key.dtype)
-            dv = torch.cat([dv_p.float(), dv_r], dim=2).to(value.dtype)
-        return dq, dk, dv, None, None, None, None
+            if any(ctx.needs_input_grad[:3]):
+                prefix_call = as_kernel_call(ctx.provider, call.replace(key=k_pre, value=v_pre))
+                dq_p, dk_p, dv_p = ctx.provider.backward(prefix_call, dout, out, lse)
+                dq_r, dk_r, dv_r = ring_backward(ctx.provider, call.replace(key=k_shard, value=v_shard), ctx.spec,
+                                                 dout, out, lse, last_block=tuple(last) or None)
+                dq = (dq_r + dq_p.float()).to(query.dtype)
+                dk = torch.cat([dk_p.float(), dk_r], dim=2).to(key.dtype)
+                dv = torch.cat([dv_p.float(), dv_r], dim=2).to(value.dtype)
+            if ctx.needs_input_grad[3]:
+                dsinks = sink_grad(dout, out, lse, sinks)
+        return dq, dk, dv, dsinks, None, None, None, None
 
 
 def prefix_ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int) -> torch.Tensor:
     """Ring attention of every local query row (prefix rows first) over the prefix block and the sharded KV."""
-    if call.needs_grad:
-        return PrefixRingAttention.apply(call.query, call.key, call.value, provider, call, spec, prefix)
+    sinks, call = call.sinks, call.replace(sinks=None)
+    if call.needs_grad or _needs_grad(sinks):
+        return PrefixRingAttention.apply(call.query, call.key, call.value, sinks, provider, call, spec, prefix)
     with torch.no_grad():
-        return _prefix_ring_forward(provider, call, spec, prefix)[0]
+        return _prefix_ring_forward(provider, call, spec, prefix, sinks)[0]
 
 
 # -- the schedule ---------------------------------------------------------------------------------------------
@@ -426,6 +483,9 @@ class RingSchedule:
         return ring_reasons(provider, call)
 
     def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
+        band_ = restricting_band(call, total)
+        if band_ is not None:  # the windowed exchange's trimmed blocks
+            return halo_kernel_shapes(total, cp.topology.ring_size, cp.layout, band_)
         if call.is_causal:  # its causal blocks are left to the shard check
             return set()
         prefix = cp.prefix

@@ -12,6 +12,11 @@ divide evenly; otherwise KV heads are repeated up to the query heads first (grad
 The concatenated sequence is in the order of the ranks' layout positions; `order` (when given) permutes
 it into global order so causal masks and user masks apply by position, and back afterwards.
 
+Score modifications: the inner call is the whole sequence in global order, so a window and a softcap apply to it
+as on one device (scoremods.attention: natively, or a window as the exact mask). Each rank holds a slice of the
+heads, so it takes the sinks of those heads only: their gradient is complete for its heads and zero for the
+others, and the gradient all-reduce of the replicated sinks adds the ranks' slices into the whole.
+
 Overlap (calls without gradients, see `head_chunks_for`): with `head_chunks` > 1 each rank's heads are cut
 into that many chunks, every chunk's q/k/v transfers are started first, and the chunks then run in turn: a
 chunk's attention overlaps the next chunk's incoming transfers and the previous chunk's outgoing one, so only
@@ -25,12 +30,14 @@ across a 2-D mesh's Ulysses dimension around a ring. This module never names a p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..contract import AttentionCall, Provider, expand_kv
+from ..scoremods import attention
 from .comm import AllToAllStart, AllToAllWait, CommStats, InFlight, all_gather_padded
 from .kernel_checks import reasons_for_any_total
 from .layout import even_sizes, gathered_order, local_len
@@ -183,7 +190,8 @@ def ulysses_attention(
         q, k, v = (finish() for finish in inputs)
         if spec.order is not None:
             q, k, v = (t.index_select(2, spec.order.to(t.device)) for t in (q, k, v))
-        out = inner(call.replace(query=q, key=k, value=v, attn_mask=mask))
+        sinks = None if call.sinks is None else call.sinks[qh[spec.group.rank]]  # this rank's heads' sinks
+        out = inner(call.replace(query=q, key=k, value=v, attn_mask=mask, sinks=sinks))
         if spec.order is not None:
             out = out.index_select(2, spec.positions.to(out.device))
         outputs_in_flight.append(start_heads_to_seq(out, qh, spec))
@@ -239,7 +247,7 @@ class UlyssesSchedule:
                             suggest(call, provider.name) if suggest else None)
 
     def run(self, cp: Setup, provider: Provider, call: AttentionCall, agreed: Agreed) -> torch.Tensor:
-        return ulysses_attention(call, ulysses_spec(cp, call, agreed), provider.attention)
+        return ulysses_attention(call, ulysses_spec(cp, call, agreed), functools.partial(attention, provider))
 
 
 ULYSSES = UlyssesSchedule()

@@ -48,6 +48,11 @@ class Case:
     autocast: str | None = None  # run the forward under torch.autocast with this dtype (inputs stay in dtype)
     dims: int = 4  # call dispatch with 3-D (batch must be 1) or 5-D (a leading 1) views of the shards
     head_chunks: int = 0  # Ulysses head chunks asked for whatever the size (0: cpattn's own choice by size)
+    window: tuple | None = None  # window=(left, right) passed to attention_dispatch
+    softcap: float | None = None
+    sinks: bool = False  # (query heads,) sink logits, a parameter replicated on every rank
+    kv_len: int = 0  # cross-attention: key/value of this length, whole on every rank (0: self-attention)
+    kv_replicated: bool = False  # pass kv_replicated=True
 
     @property
     def name(self) -> str:
@@ -61,6 +66,7 @@ class Outcome:
     stats: dict = field(default_factory=dict)
     exception: str | None = None  # rank 0's exception type and message
     rank_exceptions: list = field(default_factory=list)  # (type, message, seconds) per rank
+    rank_stats: list = field(default_factory=list)  # every rank's stats, by rank
 
 
 def _free_port() -> int:
@@ -71,15 +77,16 @@ def _free_port() -> int:
 
 def _make_mask(case: Case, gen) -> torch.Tensor | None:
     b, s = case.batch, case.seq
+    keys = case.kv_len or s  # cross-attention: the replicated keys
     if case.mask is None:
         return None
     if case.mask == "bool":
-        return torch.rand(b, 1, s, s, generator=gen) < 0.7
+        return torch.rand(b, 1, s, keys, generator=gen) < 0.7
     if case.mask == "additive":
-        return torch.randn(b, case.q_heads, s, s, generator=gen, dtype=torch.float64)
+        return torch.randn(b, case.q_heads, s, keys, generator=gen, dtype=torch.float64)
     if case.mask == "key_padding":
-        m = torch.ones(b, 1, 1, s, dtype=torch.bool)
-        m[0, ..., s - max(1, s // 3):] = False
+        m = torch.ones(b, 1, 1, keys, dtype=torch.bool)
+        m[0, ..., keys - max(1, keys // 3):] = False
         return m
     if case.mask == "mask_mod":  # the reference gets the callable's full mask; ranks get the callable
         import cpattn
@@ -88,7 +95,7 @@ def _make_mask(case: Case, gen) -> torch.Tensor | None:
     if case.mask == "documents":  # packed documents; boundaries fall inside shards
         return cpattn_document_mask(_doc_bounds(s)).expand(b, 1, s, s)
     if case.mask == "empty_rows":  # some query rows see no key at all
-        m = torch.rand(b, 1, s, s, generator=gen) < 0.7
+        m = torch.rand(b, 1, s, keys, generator=gen) < 0.7
         m[:, :, ::3] = False
         return m
     raise ValueError(case.mask)
@@ -115,12 +122,43 @@ def cpattn_document_mask(cu, *args, **kwargs):
 
 def _problem(case: Case):
     gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))  # same on every rank
-    shape = lambda h: (case.batch, h, case.seq, case.head_dim)  # noqa: E731
+    shape = lambda h, n=case.seq: (case.batch, h, n, case.head_dim)  # noqa: E731
     q = torch.randn(shape(case.q_heads), generator=gen, dtype=torch.float64)
-    k = torch.randn(shape(case.kv_heads), generator=gen, dtype=torch.float64)
-    v = torch.randn(shape(case.kv_heads), generator=gen, dtype=torch.float64)
+    k = torch.randn(shape(case.kv_heads, case.kv_len or case.seq), generator=gen, dtype=torch.float64)
+    v = torch.randn(shape(case.kv_heads, case.kv_len or case.seq), generator=gen, dtype=torch.float64)
     dout = torch.randn(shape(case.q_heads), generator=gen, dtype=torch.float64)
     return q, k, v, dout, _make_mask(case, gen)
+
+
+def _sinks(case: Case) -> torch.Tensor | None:
+    """The case's sink logits (float64, the same on every rank), from their own generator so that a case's other
+    draws do not depend on whether it has sinks; spread wide enough that some rows' sink dominates."""
+    if not case.sinks:
+        return None
+    gen = torch.Generator().manual_seed(zlib.crc32(("sinks " + case.name).encode()))
+    return 2.0 * torch.randn(case.q_heads, generator=gen, dtype=torch.float64)
+
+
+def _mods(case: Case, rank: int, sinks: torch.Tensor | None) -> dict:
+    """The score-modification keywords this rank passes (faults: rank 0 passes other ones)."""
+    window, softcap = case.window, case.softcap
+    if case.fault == "window" and rank == 0:
+        window = (window[0] + 1, window[1])
+    if case.fault == "softcap" and rank == 0:
+        softcap = 2 * softcap
+    if case.fault == "sinks" and rank == 0:
+        sinks = None
+    replicated = case.kv_replicated or (case.fault == "replicated" and rank == 0)
+    return dict(window=window, softcap=softcap, sinks=sinks, kv_replicated=replicated)
+
+
+def _replicated_grad(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of a replicated input or parameter: every rank's share, summed (as a gradient all-reduce)."""
+    import torch.distributed as dist
+
+    total = grad.to("cpu", torch.float64, copy=True)
+    dist.all_reduce(total)
+    return total
 
 
 def _mesh(case: Case, world: int):
@@ -183,13 +221,17 @@ def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
     dout_l = local(dout).clone()
     dout_l[:, :, :p] /= world  # the prefix loss is computed on every rank: each contributes a W-th
     dout_l = dout_l.to(device)
+    sinks = _sinks(case)
+    sinks_l = None if sinks is None else sinks.to(device=device, dtype=dtype, copy=True).requires_grad_(case.grad)
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_layout=case.layout,
                                    cp_replicated_prefix=p, cp_timeout=20) as state:
-        out = cpattn.attention_dispatch(ql, kl, vl, enable_gqa=case.q_heads != case.kv_heads)
+        out = cpattn.attention_dispatch(ql, kl, vl, enable_gqa=case.q_heads != case.kv_heads,
+                                        **_mods(case, rank, sinks_l))
         if case.grad:
             out.backward(dout_l.to(dtype))
     ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]
-    ref_out, _ = reference_attention(*ref_in)
+    ref_sinks = None if sinks is None else sinks.clone().requires_grad_(case.grad)
+    ref_out, _ = reference_attention(*ref_in, window=case.window, softcap=case.softcap, sinks=ref_sinks)
     result = Outcome(stats=dict(state.cp.stats))
     image = cpattn.gather_sequence(out[:, :, p:].detach(), mesh, 2, case.layout).cpu()
     result.errors["out"] = max((out[:, :, :p].double().cpu() - ref_out[:, :, :p]).abs().max().item(),
@@ -204,6 +246,8 @@ def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
             img = cpattn.gather_sequence(t.grad[:, :, p:], mesh, 2, case.layout).double().cpu()
             result.errors[name] = max((text - ref.grad[:, :, :p]).abs().max().item(),
                                       (img - ref.grad[:, :, p:]).abs().max().item())
+        if sinks is not None:
+            result.errors["dsinks"] = (_replicated_grad(sinks_l.grad) - ref_sinks.grad).abs().max().item()
     return result
 
 
@@ -227,7 +271,13 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     q, k, v, dout, mask = _problem(case)
     shard = lambda t: cpattn.shard_sequence(t, mesh, 2, case.layout)  # noqa: E731
     device = torch.device(case.device)
-    ql, kl, vl = (shard(t).to(device=device, dtype=dtype).requires_grad_(case.grad) for t in (q, k, v))
+    kv_local = (lambda t: t.clone()) if case.kv_len else shard  # cross-attention: key/value whole on every rank
+    ql = shard(q).to(device=device, dtype=dtype).requires_grad_(case.grad)
+    kl, vl = (kv_local(t).to(device=device, dtype=dtype).requires_grad_(case.grad) for t in (k, v))
+    sinks = _sinks(case)
+    sinks_l = None if sinks is None else sinks.to(device=device, dtype=dtype, copy=True).requires_grad_(case.grad)
+    if case.fault == "key_length" and rank == 0:
+        kl, vl = (t.detach()[:, :, :-1].clone().requires_grad_(case.grad) for t in (kl, vl))
     mask_l = None
     if case.mask == "mask_mod":
         mask_l = _mask_mod
@@ -252,7 +302,8 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
         with autocast:  # the forward only, as torch.autocast's documentation asks
             args = (ql, kl, vl) if case.dims == 4 else tuple(_with_dims(t, case.dims) for t in (ql, kl, vl))
             out = cpattn.attention_dispatch(*args, attn_mask=mask_l, is_causal=case.causal,
-                                            dropout_p=case.dropout, enable_gqa=case.q_heads != case.kv_heads)
+                                            dropout_p=case.dropout, enable_gqa=case.q_heads != case.kv_heads,
+                                            **_mods(case, rank, sinks_l))
             result_dims = out.dim()
             out = out.reshape(ql.shape[:-1] + out.shape[-1:])
         if case.grad:
@@ -268,7 +319,9 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     if case.mask == "documents":
         result.errors["document_mask_equal"] = float(doc_mask_ok)
     ref_in = [t.clone().requires_grad_(case.grad) for t in (q, k, v)]
-    ref_out, _ = reference_attention(*ref_in, mask, case.causal)
+    ref_sinks = None if sinks is None else sinks.clone().requires_grad_(case.grad)
+    ref_out, _ = reference_attention(*ref_in, mask, case.causal, window=case.window, softcap=case.softcap,
+                                     sinks=ref_sinks)
     full_out = gather(out).cpu()
     result.errors["out"] = (full_out.double() - ref_out).abs().max().item()
     result.errors["out_finite"] = float(torch.isfinite(full_out).all())
@@ -278,8 +331,11 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     if case.grad:
         ref_out.backward(dout)
         for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):
-            result.errors[name] = (gather(local.grad).cpu().double() - ref.grad).abs().max().item()
+            whole = _replicated_grad(local.grad) if case.kv_len and name != "dq" else gather(local.grad)
+            result.errors[name] = (whole.cpu().double() - ref.grad).abs().max().item()
             result.stats[f"{name}_dtype"] = str(local.grad.dtype)
+        if sinks is not None:
+            result.errors["dsinks"] = (_replicated_grad(sinks_l.grad) - ref_sinks.grad).abs().max().item()
     return result
 
 
@@ -343,6 +399,7 @@ def run_cases(world: int, cases: list[Case], timeout: float = 400.0) -> dict[str
     expected = world * len(cases)
     results: dict[str, Outcome] = {}
     per_rank: dict[str, list] = {}
+    stats_by_rank: dict[str, dict] = {}
     deadline = time.monotonic() + timeout
     got = 0
     while got < expected:
@@ -356,6 +413,7 @@ def run_cases(world: int, cases: list[Case], timeout: float = 400.0) -> dict[str
         rank, name, outcome = queue.get()
         got += 1
         per_rank.setdefault(name, []).extend(outcome.rank_exceptions or [(None, None, 0.0)])
+        stats_by_rank.setdefault(name, {})[rank] = outcome.stats
         if rank == 0:
             results[name] = outcome
     for p in procs:
@@ -364,6 +422,7 @@ def run_cases(world: int, cases: list[Case], timeout: float = 400.0) -> dict[str
             p.kill()
     for name, outcome in results.items():
         outcome.rank_exceptions = per_rank.get(name, [])
+        outcome.rank_stats = [stats for _, stats in sorted(stats_by_rank.get(name, {}).items())]
     if got < expected:
         missing = [c.name for c in cases if c.name not in results]
         raise TimeoutError(f"{world}-rank run finished {got}/{expected} case reports; missing: {missing[:5]}")
