@@ -284,14 +284,3 @@ def halo_backward(provider: Provider, call: AttentionCall, spec, band_: Band, do
             own_dv.add(slice(run.start, run.stop), dv_in[:, :, at.start:at.stop])
     return query_grads.dq(dq_dtype), own_dk.result(call.dtype), own_dv.result(call.dtype)
 
-
-def halo_kernel_shapes(total: int, world: int, layout: str, band_: Band) -> set[tuple[int, int, bool]]:
-    """(query rows, keys, causal) of every block any rank computes, for the provider's verdict on lengths."""
-    plan = halo_plan(total, world, layout, band_)
-    shapes = set()
-    for me in range(world):
-        for runs in [packed(runs) for runs in plan.receives(me).values()] + [plan.queries[me]]:
-            for run in runs:
-                shapes |= {(b.rows.stop - b.rows.start, b.keys.stop - b.keys.start, False)
-                           for b in blocks(plan.queries[me], run, band_)}
-    return shapes

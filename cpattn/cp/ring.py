@@ -55,7 +55,7 @@ from ..ops.merge import PartialAttention, merge_two
 from ..ops.sinks import add_sinks, sink_grad
 from ..scoremods import as_kernel_call
 from .comm import CommStats, RingChannel
-from .halo import halo_backward, halo_forward, halo_kernel_shapes, restricting_band
+from .halo import halo_backward, halo_forward, restricting_band
 from .layout import ring_chunks, ring_positions
 from .mesh import Group
 from .prefix import split_prefix
@@ -483,9 +483,8 @@ class RingSchedule:
         return ring_reasons(provider, call)
 
     def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
-        band_ = restricting_band(call, total)
-        if band_ is not None:  # the windowed exchange's trimmed blocks
-            return halo_kernel_shapes(total, cp.topology.ring_size, cp.layout, band_)
+        if call.window is not None:  # blocks cut to their own windows by trim_block: left to the shard check
+            return set()
         if call.is_causal:  # its causal blocks are left to the shard check
             return set()
         prefix = cp.prefix

@@ -41,6 +41,11 @@ def cases_for(world: int) -> list[Case]:
         Case(strategy="ring", mask="empty_rows", sinks=True, **CROSS),  # rows that see no key: out 0
         Case(strategy="ulysses", dtype="bfloat16", head_dim=32, sinks=True, **CROSS),
         Case(strategy="ring", layout="contiguous", mask="key_padding", sinks=True, **CROSS),
+        # FlashAttention through its stand-ins: FA4 softcap and learnable sinks, FA2 softcap and sinks via the lse
+        Case(provider="flash", standin="fa4", strategy="ring", dtype="bfloat16", head_dim=32, softcap=1.5,
+             sinks=True, **CROSS),
+        Case(provider="flash", standin="fa2", strategy="ulysses", dtype="bfloat16", head_dim=32, softcap=1.5,
+             sinks=True, **CROSS),
         # every shard exactly as long as the keys: only kv_replicated=True says they are whole
         Case(strategy="ring", seq=4 * world, kv_len=4, causal=False, kv_replicated=True, sinks=True),
     ]

@@ -8,8 +8,8 @@ gradient all-reduce of a replicated parameter sums it). One spawn per world size
 
 Providers: those that take each modification on CPU: a window (as the exact mask) and sinks (through the
 log-sum-exp) on native, _native_math and _native_flash; a softcap on _native_math only (the others refuse it,
-tested below). The FlashAttention stand-in (tests/support/standins) takes no window or softcap yet, so no flash
-case runs here.
+tested below); 'flash' through the FlashAttention stand-ins (tests/support/standins: FA4 with windows, softcaps
+and learnable sinks, FA2 with windows and softcaps), which check the adapter's glue, not the libraries' kernels.
 
 Also: the windowed exchange moves only the keys in reach (its byte counters against a brute-force count of the
 keys each rank's queries see), and every disagreement or refusal raises its message on every rank.
@@ -43,10 +43,26 @@ MODS = {
 }
 
 
+# FlashAttention through its stand-in (bf16): FA4 takes windows, softcaps and sinks natively, FA2 windows and
+# softcaps (its sinks go through the log-sum-exp); it takes no mask, so calls that all-gather without a window are
+# non-causal here (causality would be a positional mask there, refused)
+FLASH_MODS = {
+    "fa4": (dict(window=(3, 0)), dict(window=(2, 1), causal=False, sinks=True), dict(softcap=1.5, causal=False,
+                                                                                   sinks=True),
+            dict(window=(4, 0), softcap=2.0, sinks=True)),
+    "fa2": (dict(window=(3, 0), softcap=1.5), dict(window=(1, 2), causal=False, sinks=True)),
+}
+
+
 def matrix_cases() -> list[Case]:
-    """Each CPU provider x schedule x its modifications; GQA 4:2 and 13 tokens (not divisible by 2W)."""
-    return [Case(**{"provider": provider, "strategy": strategy, "layout": layout, "seq": 13, **mods})
-            for provider, all_mods in MODS.items() for strategy, layout in SCHEDULES for mods in all_mods]
+    """Each CPU provider x schedule x its modifications; GQA 4:2 and 13 tokens (not divisible by 2W); the
+    FlashAttention stand-ins at 16 tokens of head dim 32."""
+    cpu = [Case(**{"provider": provider, "strategy": strategy, "layout": layout, "seq": 13, **mods})
+           for provider, all_mods in MODS.items() for strategy, layout in SCHEDULES for mods in all_mods]
+    flash = [Case(**{"provider": "flash", "standin": standin, "strategy": strategy, "layout": layout, "seq": 16,
+                     "head_dim": 32, "dtype": "bfloat16", **mods})
+             for standin, all_mods in FLASH_MODS.items() for strategy, layout in SCHEDULES for mods in all_mods]
+    return cpu + flash
 
 
 def special_cases(world: int) -> list[Case]:
