@@ -39,9 +39,10 @@ Under a mesh (rules every rank applies alike, so every rank raises the same erro
   attention) or for a filled KV cache are refused.
 * Encoder-decoder models: their encoders build positions inside (learned, sinusoidal, relative), so encoder
   inputs stay whole on every rank and only the decoder's tokens are sharded. Non-causal attention of such a
-  model (the encoder's, the cross-attention) then runs on each rank against keys it holds whole, which is exact;
-  each rank's encoder gradients are its share, summed by `all_reduce_grads`. Causal attention (the decoder's
-  own) is context-parallel. T5's relative position bias cannot be sharded and is refused.
+  model (the encoder's, the cross-attention) then runs on each rank against keys it holds whole
+  (``kv_replicated=True``), which is exact; each rank's encoder gradients are its share, summed by
+  `all_reduce_grads`. Causal attention (the decoder's own) is context-parallel. T5's relative position bias
+  cannot be sharded and is refused.
 
 Versions: tested with transformers 5.23.0 (the ``dev`` extra pins it). Expected to work with transformers 5.x
 (>= 5.0, < 6): it relies on ``AttentionInterface``, ``AttentionMaskInterface`` and the keyword arguments
@@ -69,7 +70,7 @@ from ..cp.comm import all_gather_padded, gather_signatures
 from ..cp.layout import shard_positions
 from ..dispatch import attention_dispatch
 from ..errors import CpattnError, InvalidArgumentError, UnsupportedInputError
-from ..state import attention_provider, current_state
+from ..state import current_state
 from .training import IGNORE_INDEX, all_reduce_grads, cp_loss, shard_batch
 
 __all__ = [
@@ -131,9 +132,8 @@ def cpattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     try:
         if cp is None:
             out = _one_device(query, key, value, attention_mask, call)
-        elif _keys_whole_on_every_rank(cp, module, query, key, call.causal):
-            with attention_provider(current_state().provider):  # each rank's part is exact on its own
-                out = _one_device(query, key, value, attention_mask, call)
+        elif _keys_whole_on_every_rank(module, query, key, call.causal):
+            out = _whole_keys(query, key, value, attention_mask, call)
         else:
             out = _sharded(cp, query, key, value, attention_mask, call, kwargs.get("position_ids"))
     except CpattnError as exc:
@@ -180,9 +180,9 @@ def _enable_gqa(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 def _one_device(query, key, value, mask, call: _Call) -> torch.Tensor:
     """What transformers' SDPA function computes, with the score modifications SDPA lacks."""
-    if isinstance(mask, ShardedMask):
-        raise InvalidArgumentError(mask.refused or "this call attends to keys every rank holds whole, but its mask "
-                                   "was built for sharded keys; pass the mask of the whole key sequence")
+    if isinstance(mask, ShardedMask):  # a mask built under a mesh, used outside it
+        raise InvalidArgumentError("this mask was built under a mesh (cpattn.attention_provider(..., cp_mesh=...)) "
+                                   "but the attention runs on one device: build the mask and run in one block")
     q_len, kv_len = query.shape[-2], key.shape[-2]
     position_bias, window = call.position_bias, None
     is_causal = mask is None and call.causal and q_len > 1  # one query sees every cached key: bottom-right causal
@@ -213,18 +213,33 @@ def _with_position_bias(bias, mask, is_causal: bool, q_len: int, kv_len: int) ->
     return bias + mask
 
 
-def _keys_whole_on_every_rank(cp, module, query, key, causal: bool) -> bool:
-    """Under a mesh: whether this call's keys are whole on every rank, so that each rank computes its queries'
-    part exactly on its own. Causal attention never is (it is a sharded sequence attending to itself).
-    Non-causal attention of an encoder-decoder model always is (its encoder's inputs stay whole, see the
-    module's docstring). Elsewhere, a non-causal call is cross-attention to whole keys where its key length
-    differs from its query length on some rank (self-attention has both of one sequence on every rank): the
-    ranks agree on that with one small all-gather, so that none goes its own way."""
+def _keys_whole_on_every_rank(module, query, key, causal: bool) -> bool:
+    """Under a mesh: whether this call attends to keys every rank holds whole (cross-attention), so that each
+    rank's queries' part is exact on its own. Causal attention never does (it is the sharded sequence attending
+    to itself). Non-causal attention of an encoder-decoder model always does: its encoder's inputs stay whole
+    (see the module's docstring), and so do the keys its decoder's cross-attention reads. Elsewhere a key length
+    that differs from the query length says so, and cpattn's agreement check makes every rank take it alike."""
     if causal:
         return False
     if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
         return True
-    return bool(_max_over_ranks(cp, [int(query.shape[-2] != key.shape[-2])], query.device)[0])
+    return query.shape[-2] != key.shape[-2]
+
+
+def _whole_keys(query, key, value, mask, call: _Call) -> torch.Tensor:
+    """This rank's queries (all of them, in an encoder) against keys whole on every rank: no key moves, and
+    each rank's key/value gradient is its share, completed by the gradient sum over the ranks."""
+    if call.position_bias is not None:
+        raise UnsupportedInputError("context parallelism", [_POSITION_BIAS])
+    if isinstance(mask, ShardedMask):
+        raise InvalidArgumentError(mask.refused or "this call attends to keys every rank holds whole, but its mask "
+                                   "was built for sharded keys; pass the mask of the whole key sequence")
+    return attention_dispatch(query, key, value, mask, call.dropout_p, False, call.scale, _enable_gqa(query, key),
+                              softcap=call.softcap, sinks=call.sinks, kv_replicated=True)
+
+
+_POSITION_BIAS = ("position_bias (a relative position bias, T5's) is built by the model from each rank's local "
+                  "lengths, and T5's decoder cannot be sharded with it: run this model on one device")
 
 
 def _sharded(cp, query, key, value, mask, call: _Call, position_ids) -> torch.Tensor:
@@ -235,9 +250,7 @@ def _sharded(cp, query, key, value, mask, call: _Call, position_ids) -> torch.Te
             "every forward covers the whole (sharded) sequence: pass use_cache=False, or generate on one device "
             "(or with cpattn.sharded_kv_attention)"])
     if call.position_bias is not None:
-        raise UnsupportedInputError("context parallelism", [
-            "position_bias (a relative position bias, T5's) is built by the model from this rank's local length "
-            "and cannot be sharded: run this model on one device"])
+        raise UnsupportedInputError("context parallelism", [_POSITION_BIAS])
     attn_mask, padding, is_causal, window = _sharded_mask_args(mask, call)
     if attn_mask is not None:
         _check_all_keys(cp, attn_mask, query.shape[-2])

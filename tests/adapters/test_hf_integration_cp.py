@@ -1,6 +1,8 @@
 """transformers models on attn_implementation="cpattn", context-parallel over W = 1, 2 and 3 gloo ranks: the
 training step a user writes (shard_batch, model, cp_loss, backward, all_reduce_grads) against the same model on
-one device with its own attention: gathered logits, the loss and every parameter's summed gradient.
+one device with its own attention: gathered logits, the loss and every parameter's summed gradient. Sliding
+windows (Mistral, Gemma 2 and 3, gpt-oss), Gemma 2's softcap, gpt-oss's sinks and Whisper's cross-attention (keys
+whole on every rank) included.
 
 One torchrun job per world size runs every case (tests/adapters/hf_integration_worker.py); refusals (T5's
 relative position bias, forgotten position ids, a mask transformers would read from one shard's positions, a
@@ -23,16 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORLDS = (1, 2, 3)
 TOL = 1e-5  # float32 against the model's own float32 attention
 
-# Cases whose context-parallel attention needs schedule support that is not there yet (the schedules accept these
-# arguments today and return results that differ from one device's). Strict: they must pass once it lands.
-NEEDS = {
-    "mistral-plain-ring": "sliding windows (window=)",
-    "gemma2-plain-ring": "sliding windows (window=) with softcap",
-    "gemma3-plain-ring": "sliding windows (window=)",
-    "gpt_oss-plain-ring": "sliding windows (window=) and sinks",
-}
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """World size -> that job's results, each job started once, when a test first needs it."""
@@ -49,18 +41,9 @@ def results(tmp_path_factory):
     return of
 
 
-def _params():
-    for world in WORLDS:
-        for case in CASES:
-            marks = []
-            if world > 1 and case in NEEDS:
-                marks.append(pytest.mark.xfail(strict=True, reason=f"the context-parallel schedules do not apply "
-                                               f"{NEEDS[case]} yet"))
-            yield pytest.param(world, case, id=f"W{world}-{case}", marks=marks)
-
-
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,case", list(_params()))
+@pytest.mark.parametrize("world,case", [(w, c) for w in WORLDS for c in CASES],
+                         ids=[f"W{w}-{c}" for w in WORLDS for c in CASES])
 def test_training_step_matches_one_device(results, world, case):
     r = results(world)[case]
     assert r["rank_errors"] == [None] * world, r.get("traceback") or r["rank_errors"]
