@@ -24,9 +24,6 @@ pytest.importorskip("diffusers", reason="diffusers is not installed (pip install
 
 WORLDS = (1, 2, 3)
 CP_TIMEOUT = 30  # seconds any rank waits for a peer; a rank that raised alone makes the others raise, not hang
-KV_REPLICATED_XFAIL = pytest.mark.xfail(
-    strict=True, reason="cross-attention under context parallelism: cpattn's schedules do not yet run "
-                        "kv_replicated calls (cpattn/cp/context.py refuses a key length unlike the query's)")
 COUNTS = {"calls": 0, "cp_runs": 0}
 
 
@@ -235,15 +232,8 @@ def _job(world: int) -> dict:
     return _JOBS[world]
 
 
-def _cases():
-    for world in WORLDS:
-        for name in MODELS:
-            marks = [KV_REPLICATED_XFAIL] if world > 1 and name in ("wan", "pixart") else []
-            yield pytest.param(world, name, marks=marks, id=f"{name}-W{world}")
-
-
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,name", list(_cases()))
+@pytest.mark.parametrize("world,name", [pytest.param(w, n, id=f"{n}-W{w}") for w in WORLDS for n in MODELS])
 def test_parallelized_model_matches_one_process(world, name):
     r = _job(world)[name]
     assert "error" not in r, r["error"]

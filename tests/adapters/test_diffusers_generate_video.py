@@ -8,7 +8,6 @@ import re
 import pytest
 
 from launch_util import TORCHRUN, run
-from test_diffusers_cp import KV_REPLICATED_XFAIL
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[dev]')")
 
@@ -19,7 +18,7 @@ SHAPES = {"wan": "1, 9, 3, 64, 64", "flux": "1, 3, 64, 64"}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("model", [pytest.param("wan", marks=KV_REPLICATED_XFAIL), "flux"])
+@pytest.mark.parametrize("model", ["wan", "flux"])
 def test_generate_video_cp2(model):
     code, log = run(TORCHRUN + ["--standalone", "--nproc-per-node=2", "launch/generate_video.py", "--cp", "2",
                                 "--model", model, "--steps", "2", "--check"], timeout=240)
