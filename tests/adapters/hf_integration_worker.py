@@ -32,7 +32,7 @@ import hf_models  # noqa: E402
 
 PROVIDER = "math"  # on CPU the one provider with windows, softcap and sinks, forward and backward
 
-CASES = {  # name: (model, batch kind, cp_strategy)
+CASES = {  # name: (model, batch kind, cp_strategy[, cp_layout])
     "llama-plain-ring": ("llama", "plain", "ring"),
     "llama-plain-ulysses": ("llama", "plain", "ulysses"),
     "llama-padded-ring": ("llama", "padded", "ring"),
@@ -43,6 +43,9 @@ CASES = {  # name: (model, batch kind, cp_strategy)
     "gemma3-plain-ring": ("gemma3", "plain", "ring"),
     "gpt_oss-plain-ring": ("gpt_oss", "plain", "ring"),
     "whisper-plain-ring": ("whisper", "plain", "ring"),
+    "gemma2-plain-ulysses": ("gemma2", "plain", "ulysses"),
+    "gpt_oss-padded-allgather": ("gpt_oss", "padded", "allgather"),
+    "llama-packed-ring-contiguous": ("llama", "packed", "ring", "contiguous"),
 }
 REFUSALS = {  # name: (model, what is wrong); run on more than one rank only
     "refuse-t5-position_bias": ("t5", None),
@@ -61,22 +64,23 @@ def reference(model, batch: dict, causal_lm: bool):
     return logits.detach(), loss.detach(), grads
 
 
-def run_case(model_name: str, kind: str, strategy: str, mesh) -> dict:
+def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", *, mesh) -> dict:
     causal_lm = model_name not in hf_models.ENCODER_DECODER
     full = hf_models.batch(model_name, kind)
     ref_model = hf_models.build(model_name, hf_models.reference_implementation(model_name))
     ref_logits, ref_loss, ref_grads = reference(ref_model, full, causal_lm)
 
     model = hf_models.build(model_name, "cpattn")
-    with cpattn.attention_provider(PROVIDER, cp_mesh=mesh, cp_strategy=strategy, cp_timeout=30) as state:
-        batch = shard_batch(full, mesh)
+    with cpattn.attention_provider(PROVIDER, cp_mesh=mesh, cp_strategy=strategy, cp_layout=layout,
+                                   cp_timeout=30) as state:
+        batch = shard_batch(full, mesh)  # in the block's layout
         out = model(**batch, use_cache=False)
         loss = cp_loss(out.logits, batch["labels"], mesh)
         loss.backward()
     all_reduce_grads(model, mesh)
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss, group=mesh.get_group())
-    logits = cpattn.gather_sequence(out.logits.detach(), mesh, 1)
+    logits = cpattn.gather_sequence(out.logits.detach(), mesh, 1, layout)
     if kind == "padded":  # padding rows carry no loss and feed no other token: compare the real tokens
         real = full["attention_mask"].bool()
         logits_err = (logits - ref_logits)[real].abs().max().item()
@@ -96,7 +100,7 @@ def run_case(model_name: str, kind: str, strategy: str, mesh) -> dict:
     return result
 
 
-def run_refusal(model_name: str, fault: str | None, mesh) -> dict:
+def run_refusal(model_name: str, fault: str | None, *, mesh) -> dict:
     model = hf_models.build(model_name, "cpattn")
     batch = shard_batch(hf_models.batch(model_name), mesh)
     batch.pop("labels", None)
@@ -127,7 +131,7 @@ def main() -> int:
         jobs += [(name, run_refusal, spec) for name, spec in REFUSALS.items()]
     for name, job, spec in jobs:
         try:
-            results[name] = {**job(*spec, mesh), "error": None}
+            results[name] = {**job(*spec, mesh=mesh), "error": None}
         except Exception as exc:  # reported to the test, which decides
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         errors = [None] * world
