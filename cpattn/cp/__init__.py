@@ -1,4 +1,5 @@
-"""Context parallelism: ring, Ulysses, hybrid and all-gather schedules (registry.py) over any provider.
+"""Context parallelism: ring, Ulysses, hybrid and all-gather schedules (registry.py) over any provider, with
+windows, softcaps and sinks under each, and cross-attention to key/value whole on every rank (cross.py).
 
 Public helpers here shard and reassemble sequences in the layout the schedules assume.
 """

@@ -4,6 +4,8 @@ The Ulysses all-to-all over the mesh's Ulysses dimension trades a ring shard's p
 whole ring shard (layout.py makes the parts concatenate to it), and a ring over the ring dimension then attends
 those heads over the whole sequence. So the ring's needs hold (a provider that returns a log-sum-exp and has a
 backward that takes it, no dropout) and Ulysses' (a query head per Ulysses rank).
+Windows, softcaps and sinks: Ulysses hands the ring its heads' sinks; the ring applies the window (the windowed
+exchange over the ring dimension, cp/halo.py), the softcap in every block and the sinks once, after its merge.
 This module never names a provider.
 """
 

@@ -62,6 +62,7 @@ def error_cases() -> list[Case]:
         Case(strategy="ring", prefix=3, causal=False, seq=12, kv_replicated=True, fault="cross_prefix"),  # even
         Case(strategy="ring", causal=False, seq=13, fault="replicated"),  # rank 0 alone declares kv_replicated
         Case(strategy="ulysses", fault="key_length", **CROSS),  # rank 0 has a key fewer
+        Case(strategy="ring", mask="key_padding", fault="mask_keys", **CROSS),  # a mask a key short on every rank
     ]
 
 
@@ -70,6 +71,8 @@ EXPECTED_ERRORS = {
     "cross_window": ("UnsupportedInputError", "window=(2, 2) with key/value replicated on every rank"),
     "cross_prefix": ("UnsupportedInputError", "does not combine with cp_replicated_prefix"),
     "replicated": ("RankMismatchError", "disagree on key/value replicated: rank 0: 1, rank 1: 0"),
+    "mask_keys": ("UnsupportedInputError", f"attn_mask of shape (2, 1, 1, {KEYS - 1}): with key/value replicated "
+                                           "on every rank"),
     "key_length": ("RankMismatchError", f"disagree on key length (replicated key/value): rank 0: {KEYS - 1}, "
                                         f"rank 1: {KEYS}"),
 }

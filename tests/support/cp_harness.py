@@ -285,6 +285,8 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     elif mask is not None:
         mask_l = mask if mask.shape[2] == 1 else shard(mask)
         mask_l = (mask_l if mask_l.dtype == torch.bool else mask_l.to(dtype)).to(device)
+    if case.fault == "mask_keys":  # every rank: a mask one key short of the keys
+        mask_l = mask_l[..., :-1]
     if case.fault == "head_dim" and rank == 0:
         ql, kl, vl = (t.detach()[..., :-2].clone().requires_grad_(case.grad) for t in (ql, kl, vl))
     if case.fault == "length" and rank == 0:
