@@ -140,7 +140,8 @@ def measure_world(args, world: int) -> list[dict]:
 
 
 def _row(args, world: int, layout: str, layer: str, ranks: list[dict]) -> dict:
-    token = args.batch * args.kv_heads * args.head_dim * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    element = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    token = args.batch * args.kv_heads * args.head_dim * element
     kv_token = 2 * token  # a key and its value
     shard = args.tokens_per_rank * kv_token
     window = args.window * kv_token

@@ -5,11 +5,13 @@ memory: KV of every rank is all-gathered once (uneven lengths allowed), put in g
 provider runs one ordinary call. Causal attention becomes a positional mask (query position >= key
 position), because local queries are not a contiguous prefix under the zigzag layout; so causal or masked
 calls need a provider that takes boolean masks. Backward sums each rank's dK/dV over ranks and keeps
-this rank's part (reduce-scatter). A window runs per local chunk instead (`windowed_rows`): each chunk's rows
-against the keys its window reaches, the window (causality in it) in the chunk's coordinates, natively or as the
-exact mask. A softcap goes to the call as it is, sinks too: every local row is in exactly one call, so it takes
-them once, and its share of their gradient is this rank's (the all-reduce of the replicated sinks adds them). With a replicated prefix (cp/prefix.py) the local prefix KV goes in front
+this rank's part (reduce-scatter). With a replicated prefix (cp/prefix.py) the local prefix KV goes in front
 of the gathered KV. `ALLGATHER` is the schedule; packed sequences (packed.py) gather the same way.
+
+A window runs per local chunk instead (`windowed_rows`): each chunk's rows against the keys its window reaches,
+the window (causality in it) in the chunk's coordinates, natively or as the exact mask. A softcap goes to the
+call as it is, sinks too: every local row is in exactly one call, so it takes them once, and its gradient is this
+rank's rows' share (the all-reduce of the replicated sinks adds the shares).
 This module never names a provider.
 """
 

@@ -119,7 +119,8 @@ class ContextParallel:
         if kv_replicated(call):
             if reasons:
                 raise UnsupportedInputError(f"provider '{provider.name}' for cross-attention under context "
-                                            "parallelism", reasons, _cross_suggestion(provider, call, suggest))
+                                            "parallelism", reasons,
+                                            _cross_suggestion(provider, call, self.prefix, suggest))
             self.stats["calls"] += 1
             return cross_attention(self, provider, call, agreed.total)
         reasons = reasons or kernel_reasons(self, schedule, provider, call, agreed.total)
@@ -146,10 +147,13 @@ class ContextParallel:
                                     torch.arange(total, device=call.device))
 
 
-def _cross_suggestion(provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str:
-    example = suggest(call, provider.name) if suggest and not cross_faults(call, 0) else None
-    return with_example("a provider that takes this call on one device; cross-attention runs it locally on each "
-                        "rank", example)
+def _cross_suggestion(provider: Provider, call: AttentionCall, prefix: int, suggest: Suggest | None) -> str:
+    """What to do about a refused cross-attention call: what its reasons say where the call itself cannot be so,
+    else another provider (each rank makes one ordinary call)."""
+    if cross_faults(call, prefix):
+        return "change the call as the reasons above say"
+    return with_example("a provider that takes this call on one device (cross-attention makes one local call per "
+                        "rank)", suggest(call, provider.name) if suggest else None)
 
 
 def _check_mesh_fits(strategy: str, topology: Topology) -> None:
