@@ -29,11 +29,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from spawn import init_cp_world  # noqa: E402
 
 import cpattn  # noqa: E402
 from cpattn.integrations.transformers import all_reduce_grads, shard_batch  # noqa: E402
@@ -110,12 +110,6 @@ class RepeatData:
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-
-
 def train_step(model, opt, full: dict, mesh, args) -> float:
     """One step under the mesh; returns the global mean loss."""
     opt.zero_grad(set_to_none=True)
@@ -140,16 +134,7 @@ def reference_step(model, opt, full: dict) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    world = int(os.environ["WORLD_SIZE"])
-    if args.cp is not None and args.cp != world:
-        raise SystemExit(f"--cp {args.cp} needs {args.cp} ranks, got a world of {world}: start "
-                         f"torchrun --nproc-per-node {args.cp}, or plain python to spawn them")
-    rank, device = int(os.environ["RANK"]), pick_device(args.device)
-    backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= world else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("cp",))
+    rank, world, device, mesh = init_cp_world(args.cp, args.device)
 
     model = build_model(args, device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -173,7 +158,7 @@ def main(argv=None) -> int:
         name = args.pretrained or f"{args.model} (tiny)"
         params = sum(p.numel() for p in model.parameters())
         parity = f"; max |loss - one device| {max(diffs):.1e}" if diffs else ""
-        print(f"finetune_hf: {name}, {params / 1e6:.2f}M params, cp={world} ({backend} on {device.type}), "
+        print(f"finetune_hf: {name}, {params / 1e6:.2f}M params, cp={world} ({dist.get_backend()} on {device.type}), "
               f"provider={args.provider}, {args.steps} steps of {args.batch}x{args.seq} tokens, "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {elapsed / args.steps * 1e3:.0f} ms/step{parity}",
               flush=True)

@@ -30,11 +30,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from spawn import init_cp_world  # noqa: E402
 
 from cpattn.integrations.diffusers import parallelize, unparallelize  # noqa: E402
 
@@ -125,28 +125,13 @@ def call_kwargs(args, text_dim: int | None, dtype) -> dict:
     return dict(kwargs, prompt_embeds=embeds(1, TEXT_TOKENS, text_dim), pooled_prompt_embeds=embeds(1, 16))
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-
-
 def output_of(result) -> torch.Tensor:
     return result.frames if hasattr(result, "frames") else result.images
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    world = int(os.environ["WORLD_SIZE"])
-    if args.cp is not None and args.cp != world:
-        raise SystemExit(f"--cp {args.cp} needs {args.cp} ranks, got a world of {world}: start "
-                         f"torchrun --nproc-per-node {args.cp}, or plain python to spawn them")
-    rank, device = int(os.environ["RANK"]), pick_device(args.device)
-    backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= world else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("cp",))
+    rank, world, device, mesh = init_cp_world(args.cp, args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     pipe, text_dim = build_pipeline(args, dtype)
@@ -170,7 +155,7 @@ def main(argv=None) -> int:
             torch.save(out.cpu(), args.save)
         name = args.pretrained or f"{args.model} (tiny)"
         params = sum(p.numel() for p in pipe.transformer.parameters())
-        print(f"generate_video: {name}, transformer {params / 1e6:.2f}M params, cp={world} ({backend} on "
+        print(f"generate_video: {name}, transformer {params / 1e6:.2f}M params, cp={world} ({dist.get_backend()} on "
               f"{device.type}), provider={args.provider}, {args.steps} steps, output {tuple(out.shape)}, "
               f"{elapsed:.2f} s ({elapsed / args.steps:.2f} s/step){parity}", flush=True)
     dist.barrier()  # every rank is done with every collective before any leaves (see spawn.exit_rank)

@@ -44,3 +44,28 @@ def launch(main: Callable[[list[str] | None], int], nproc: int) -> None:
         mp.spawn(_rank_entry, args=(nproc, port, main, sys.argv[1:]), nprocs=nproc)
     except mp.ProcessExitedException:
         sys.exit(1)
+
+
+def pick_device(choice: str) -> torch.device:
+    """`--device auto|cpu|cuda`: this rank's GPU (LOCAL_RANK) where one is asked for or available, else the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
+def init_cp_world(cp: int | None, device_choice: str):
+    """This rank's (rank, world, device, 1-D "cp" mesh) after starting the process group: NCCL where every rank
+    has a GPU, else gloo. `--cp` must match the world (torchrun --nproc-per-node, or the ranks `launch` spawns)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = int(os.environ["WORLD_SIZE"])
+    if cp is not None and cp != world:
+        raise SystemExit(f"--cp {cp} needs {cp} ranks, got a world of {world}: start "
+                         f"torchrun --nproc-per-node {cp}, or plain python to spawn them")
+    rank, device = int(os.environ["RANK"]), pick_device(device_choice)
+    backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= world else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return rank, world, device, init_device_mesh(device.type, (world,), mesh_dim_names=("cp",))
