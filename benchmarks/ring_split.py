@@ -46,8 +46,11 @@ from collections import Counter
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The named stand-in ring channel (no network) the ring tests use: one rank's ring steps run alone.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "support"))
 
 from benchmarks import common  # noqa: E402
+from loopback_ring import LoopbackRing  # noqa: E402
 
 CUDA_ONLY = ("accounting", "sustained", "profile", "back_to_back")
 
@@ -61,42 +64,6 @@ class Case:
 
     def tensor(self, *shape):
         return torch.randn(*shape, device=self.device, dtype=self.dtype)
-
-
-class Loopback:
-    """A ring channel with no network (`RingSpec.channel_factory`), to run one rank's ring steps alone. A KV
-    exchange 'receives' the block the sending peer holds at that moment, known from the block being sent: the
-    forward passes blocks on to rank r+1 and gets the one before, the backward passes them to rank r-1 and gets
-    the one after. A dK/dV exchange hands its receive buffers back unfilled, so of a backward only this rank's dQ
-    is meaningful. `blocks`: every rank's (key, value), the tensors the ring is given (recognised by storage)."""
-
-    def __init__(self, blocks, rank: int):
-        self._blocks, self._rank = blocks, rank
-
-    def __call__(self, group, timeout, stats):
-        return self
-
-    def exchange(self, send, recv, kind):
-        world = len(self._blocks)
-        return self.send_recv(send, (self._rank + 1) % world, recv, (self._rank - 1) % world, kind)
-
-    def send_recv(self, send, to_rank, recv, from_rank, kind):
-        if kind != "kv":
-            return _Received(recv)
-        world = len(self._blocks)
-        held = next(i for i, (k, _) in enumerate(self._blocks) if k.data_ptr() == send[0].data_ptr())
-        step = -1 if to_rank == (self._rank + 1) % world else 1
-        return _Received(list(self._blocks[(held + step) % world]))
-
-
-class _Received:
-    """An exchange already complete: `wait()` hands back what it 'received'."""
-
-    def __init__(self, received):
-        self.received = received
-
-    def wait(self):
-        return self.received
 
 
 def ring_split_case(case: Case, backward: bool, step_streams=None):
@@ -130,7 +97,7 @@ def ring_split_case(case: Case, backward: bool, step_streams=None):
         results = []
         for r in range(p):
             spec = RingSpec(Group(None, r, p, "loopback"), "zigzag", s, 60.0, CommStats(),
-                            channel_factory=Loopback(blocks, r))
+                            channel_factory=LoopbackRing(blocks, r))
             if step_streams is not None:
                 spec.step_streams = step_streams
             lq, lk, lv, ldo, lo, ll = local[r]
