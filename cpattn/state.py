@@ -27,8 +27,8 @@ CP_OPTIONS = {
     "cp_layout": ("zigzag", "contiguous"),
     "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60; given: bounded on NCCL too)
     "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
-    "cp_ring_streams": (2, 1),
-    "cp_require_attention": (True, False),  # a multi-rank block that makes no attention call raises on exit  # CUDA streams a ring backward's steps take in turn (cpattn/cp/streams.py)
+    "cp_ring_streams": (2, 1),  # CUDA streams a ring backward's steps take in turn (cpattn/cp/streams.py)
+    "cp_require_attention": (True, False),  # a multi-rank block that makes no attention call raises on exit
 }
 PROVIDER_OPTIONS = {
     "autotune": (False, True),  # provider "auto" only: choose per input signature by timing the candidates
@@ -146,7 +146,8 @@ def attention_provider(
             "any attention call reaching cpattn: the model ran its own attention (eager, or another kernel) on "
             "this rank's shard alone, so its results are wrong under context parallelism. Route the model's "
             "attention through cpattn (transformers: attn_implementation='cpattn' after importing "
-            "cpattn.integrations.transformers; SDPA calls: cpattn.sdpa_patched()), or pass "
+            "cpattn.integrations.transformers; diffusers: cpattn.integrations.diffusers.parallelize; SDPA calls: "
+            "cpattn.sdpa_patched()), or pass "
             "cp_require_attention=False for a block that makes no attention call on purpose.")
 
 
