@@ -36,7 +36,7 @@ def sharded_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          scale: float | None = None, enable_gqa: bool = False,
                          window: "tuple[int | None, int | None] | None" = None, sinks: torch.Tensor | None = None,
                          query_positions: torch.Tensor | None = None,
-                         key_positions: torch.Tensor | None = None) -> torch.Tensor:
+                         key_positions: torch.Tensor | None = None, agree: bool = True) -> torch.Tensor:
     """Attention of `query` (B, Hq, Sq, D), the same on every rank of `mesh`, over the KV cache whose slice this
     rank holds (`key`, `value`: (B, Hkv, Sk_rank, D / Dv), Sk_rank free to differ, zero included); returns the
     whole (B, Hq, Sq, Dv) output on every rank, in query's dtype.
@@ -45,7 +45,13 @@ def sharded_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     keys at its position or before (causal), and within `window=(left, right)` (right must be 0 or None: later
     tokens are not in a cache). Without positions every query sees every cached key and no window applies.
     `sinks`: (Hq,) logits in every row's denominator, once. The provider is the active one
-    (`attention_provider`); it must return a log-sum-exp. Inference only (no gradients)."""
+    (`attention_provider`); it must return a log-sum-exp. Inference only (no gradients).
+
+    `agree=False` skips the agreement check, one small all-gather of every rank's call signature read on the
+    host: a decode loop whose first step checked the same call may skip it on later steps (a CUDA graph must,
+    since capture forbids reading device values on the host). Ranks that then disagree on shapes reach a combine
+    whose sizes differ, which the check exists to prevent. A one-rank group never runs it. Positions given as
+    tensors are read on the host too (to find consecutive runs), so a captured call passes none."""
     provider = current_state().provider
     topology = topology_from_mesh(mesh)
     if topology.mesh_dims != 1:
@@ -55,7 +61,8 @@ def sharded_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     window = checked_window(window)
     _check_positions(call, window, query_positions, key_positions)
     reasons = provider.reasons(call.replace(sinks=None), need_lse=True)
-    _agree(call, window, query_positions is not None, bool(reasons), group)
+    if agree and group.size > 1:
+        _agree(call, window, query_positions is not None, bool(reasons), group)
     if reasons:
         raise UnsupportedInputError(f"provider '{provider.name}' in sharded_kv_attention", reasons,
                                     suggest(call.replace(sinks=None), provider.name, need_lse=True))
