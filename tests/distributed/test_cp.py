@@ -56,6 +56,10 @@ def cases_for(world: int) -> list[Case]:
     for strategy in ("ring", "allgather", "auto"):
         cases.append(Case(strategy=strategy, prefix=5, causal=False, seq=13))
     cases.append(Case(strategy="ring", prefix=4, causal=False, seq=11, dtype="bfloat16", head_dim=32))
+    # ... and text after the sharded sequence (SD3), alone or with a prefix
+    for strategy in ("ring", "allgather"):
+        cases.append(Case(strategy=strategy, suffix=5, causal=False, seq=13))
+    cases.append(Case(strategy="ring", prefix=2, suffix=3, causal=False, seq=13, sinks=True))
     # sageattention 1.0.6 without causal under Ulysses at 192 tokens: 96 or 48 on a shard (W=2, 4) but whole
     # 64-key blocks in the kernel, which sees all 192
     cases.append(Case(provider="sage", standin="sage1", strategy="ulysses", causal=False, seq=192, q_heads=12,
