@@ -95,6 +95,7 @@ def error_cases(world: int) -> list[Case]:
         Case(provider="flex", strategy="ring", fault="flex_grad"),
         Case(provider="sage", strategy="allgather", grad=False, fault="missing_library"),
         Case(strategy="ulysses", prefix=4, causal=False, seq=12, fault="prefix_ulysses"),
+        Case(strategy="ulysses", suffix=4, causal=False, seq=12, fault="suffix_ulysses"),
         # 28 + 100 keys on each shard, 28 + 100 W in the kernel: 1.0.6's 64-key rule must see the kernel's
         Case(provider="sage", standin="sage1", strategy="allgather", prefix=28, causal=False, seq=100 * world,
              q_heads=4, kv_heads=4, batch=1, head_dim=64, dtype="bfloat16", grad=False, fault="kernel_lengths"),
@@ -247,6 +248,7 @@ EXPECTED_ERRORS = {
     "flex_grad": ("UnsupportedInputError", "provider 'flex'"),
     "missing_library": ("UnsupportedInputError", "provider 'sage'"),
     "prefix_ulysses": ("UnsupportedInputError", "cp_replicated_prefix runs with cp_strategy 'ring' or 'allgather'"),
+    "suffix_ulysses": ("UnsupportedInputError", "cp_replicated_suffix runs with cp_strategy 'ring' or 'allgather'"),
     "kernel_lengths": ("UnsupportedInputError", "sageattention 1.0.6 counts the zero padding"),
 }
 
