@@ -40,7 +40,9 @@ Under a mesh (rules every rank applies alike, so every rank raises the same erro
 * Gradient checkpointing (``model.gradient_checkpointing_enable()``): the backward recomputes each layer, also
   outside the forward's block and on autograd's own threads; the recomputation runs in the state the layer's
   mask was built under, as the forward did. (A model whose attention gets no mask from cpattn's mask function
-  has no such state to recompute in: train it without checkpointing under a mesh.)
+  has no such state to recompute in: train it without checkpointing under a mesh. On one device, or a mesh of
+  one rank, no state is carried: the recomputation runs on the provider active at backward time, so call
+  backward inside the block.)
 * Encoder-decoder models: their encoders build positions inside (learned, sinusoidal, relative), so encoder
   inputs stay whole on every rank and only the decoder's tokens are sharded. Non-causal attention of such a
   model (the encoder's, the cross-attention) then runs on each rank against keys it holds whole
