@@ -27,6 +27,7 @@ CP_OPTIONS = {
     "cp_layout": ("zigzag", "contiguous"),
     "cp_timeout": None,  # seconds a rank waits for a peer before raising (default 60; given: bounded on NCCL too)
     "cp_replicated_prefix": None,  # tokens at the start of q/k/v that every rank holds whole (joint attention)
+    "cp_replicated_suffix": None,  # tokens at the end of q/k/v that every rank holds whole (SD3's joint attention)
     "cp_ring_streams": (2, 1),  # CUDA streams a ring backward's steps take in turn (cpattn/cp/streams.py)
     "cp_require_attention": (True, False),  # a multi-rank block that makes no attention call raises on exit
 }
@@ -100,8 +101,9 @@ def _validate_options(options: dict) -> dict:
         if allowed is not None and (value not in allowed or type(value) is not type(allowed[0])):  # 1 == True
             raise InvalidArgumentError(
                 f"option {key}={value!r} is invalid; choose one of {', '.join(map(str, allowed))}")
-        if key == "cp_replicated_prefix" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise InvalidArgumentError(f"option cp_replicated_prefix={value!r} must be a token count >= 0")
+        if key in ("cp_replicated_prefix", "cp_replicated_suffix") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidArgumentError(f"option {key}={value!r} must be a token count >= 0")
         if key == "cp_timeout" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                     or not 0 < value < math.inf):  # inf would fail at the first wait
             raise InvalidArgumentError(f"option cp_timeout={value!r} must be a positive, finite number of seconds")
@@ -116,7 +118,7 @@ def attention_provider(
 
     `cp_mesh` is a 1-D DeviceMesh or ProcessGroup (ring / Ulysses / all-gather) or a 2-D DeviceMesh with
     dimensions ("ring", "ulysses") for the hybrid. Options: cp_strategy, cp_layout, cp_timeout,
-    cp_replicated_prefix, cp_ring_streams (2, the default, or 1: see cpattn/cp/streams.py); and autotune=True
+    cp_replicated_prefix, cp_replicated_suffix, cp_ring_streams (2, the default, or 1: see cpattn/cp/streams.py); and autotune=True
     with provider "auto" (see cpattn.providers.auto).
     """
     adapter = get_provider(provider)

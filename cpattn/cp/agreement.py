@@ -1,7 +1,7 @@
 """The agreement check that opens every context-parallel call: every rank must make the same call on its shard.
 
 Each rank packs the call into a signature of integers (provider, schedule, layout, dtype, heads, dims, flags, mask,
-scale, prefix, window, softcap, sinks, whether key/value are replicated and then their length; then whether it
+scale, prefix, suffix, window, softcap, sinks, whether key/value are replicated and then their length; then whether it
 refused and its local length) and one small all-gather gives every rank every
 rank's signature. Every rank reads the same table, so every rank takes the same path: the same RankMismatchError
 on a field that differs, the same UnsupportedInputError where another rank refused, else the global length.
@@ -36,6 +36,7 @@ FIELDS = (
     "provider", "schedule", "layout", "dtype", "batch", "query heads", "key/value heads", "head dim",
     "value head dim", "is_causal", "mask kind", "mask dim 0", "mask dim 1", "mask dim 2 (rows)",
     "mask dim 3 (keys)", "dropout_p", "requires grad", "scale", "replicated prefix",
+    "replicated suffix",
     "window left", "window right", "softcap", "sinks (heads)", "key/value replicated",
     "key length (replicated key/value)",
 )
@@ -69,10 +70,10 @@ def signature(cp: Setup, provider: Provider, call: AttentionCall, schedule: str,
         provider_code(provider), STRATEGIES.index(schedule), LAYOUTS.index(cp.layout),
         _DTYPE_CODES.get(call.dtype, 0), call.batch, call.q_heads, call.kv_heads, call.head_dim,
         call.value_dim, int(call.is_causal), _MASK_CODES[kind], *dims, _float_bits(call.dropout_p),
-        int(call.needs_grad), _float_bits(call.scale), cp.prefix,
+        int(call.needs_grad), _float_bits(call.scale), cp.prefix, cp.suffix,
         *_window_codes(call.window), 0 if call.softcap is None else _float_bits(call.softcap),
         -1 if call.sinks is None else call.sinks.numel(), int(replicated), call.kv_len if replicated else 0,
-        int(refused), max(call.q_len - cp.prefix, 0),
+        int(refused), max(call.q_len - cp.replicated, 0),
     ]
 
 

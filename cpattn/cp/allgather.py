@@ -5,7 +5,7 @@ memory: KV of every rank is all-gathered once (uneven lengths allowed), put in g
 provider runs one ordinary call. Causal attention becomes a positional mask (query position >= key
 position), because local queries are not a contiguous prefix under the zigzag layout; so causal or masked
 calls need a provider that takes boolean masks. Backward sums each rank's dK/dV over ranks and keeps
-this rank's part (reduce-scatter). With a replicated prefix (cp/prefix.py) the local prefix KV goes in front
+this rank's part (reduce-scatter). With a replicated prefix or suffix (cp/prefix.py) the local prefix KV goes in front (the suffix KV behind)
 of the gathered KV. `ALLGATHER` is the schedule; packed sequences (packed.py) gather the same way.
 
 A window runs per local chunk instead (`windowed_rows`): each chunk's rows against the keys its window reaches,
@@ -139,11 +139,13 @@ def _zero_rows(call: AttentionCall, n: int) -> torch.Tensor:
 
 
 def prefix_allgather_attention(provider: Provider, call: AttentionCall, spec: AllGatherSpec,
-                               prefix: int) -> torch.Tensor:
-    """Gather the sharded KV into global order, put the local prefix KV in front, one ordinary call."""
-    key = torch.cat([call.key[:, :, :prefix], GatherSequence.apply(call.key[:, :, prefix:], spec)], dim=2)
-    value = torch.cat([call.value[:, :, :prefix], GatherSequence.apply(call.value[:, :, prefix:], spec)], dim=2)
-    return attention(provider, call.replace(key=key, value=value))
+                               prefix: int, suffix: int = 0) -> torch.Tensor:
+    """Gather the sharded KV into global order between the local prefix and suffix KV, one ordinary call."""
+    end = call.kv_len - suffix
+
+    def whole(x):
+        return torch.cat([x[:, :, :prefix], GatherSequence.apply(x[:, :, prefix:end], spec), x[:, :, end:]], dim=2)
+    return attention(provider, call.replace(key=whole(call.key), value=whole(call.value)))
 
 
 # -- the schedule ---------------------------------------------------------------------------------------------
@@ -185,8 +187,8 @@ class AllGatherSchedule:
     mask_mod_per_block = False
 
     def auto(self, cp: Setup, provider: Provider, call: AttentionCall) -> str | None:
-        if cp.prefix:
-            return None if can_ring(provider, call) else "a replicated prefix with a provider that cannot ring"
+        if cp.replicated:
+            return None if can_ring(provider, call) else "replicated tokens with a provider that cannot ring"
         if provider.capabilities(call.device.type) is not None and not can_ring(provider, call):
             return f"{provider.name} returns no LSE or has no LSE backward, so it cannot ring"
         return None
@@ -203,7 +205,7 @@ class AllGatherSchedule:
     def kernel_shapes(self, cp: Setup, call: AttentionCall, total: int, lengths: list[int]) -> set[KernelShape]:
         if call.is_causal or call.window is not None:  # a mask or trimmed windows: left to the shard check
             return set()
-        return {(n + cp.prefix, total + cp.prefix, False) for n in lengths}
+        return {(n + cp.replicated, total + cp.replicated, False) for n in lengths}
 
     def suggestion(self, provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str:
         return with_example("cp_strategy='ring' with a provider that returns a log-sum-exp, or a provider that "
@@ -212,8 +214,8 @@ class AllGatherSchedule:
 
     def run(self, cp: Setup, provider: Provider, call: AttentionCall, agreed: Agreed) -> torch.Tensor:
         spec = allgather_spec(cp, agreed.total, call.device)
-        if cp.prefix:
-            return prefix_allgather_attention(provider, call, spec, cp.prefix)
+        if cp.replicated:
+            return prefix_allgather_attention(provider, call, spec, cp.prefix, cp.suffix)
         return allgather_attention(provider, call, spec)
 
 

@@ -27,7 +27,7 @@ from .kernel_checks import kernel_reasons
 from .layout import LAYOUTS, local_positions
 from .mesh import Topology, topology_from_mesh
 from .packed import VarlenKernel, run_packed
-from .prefix import prefix_reasons
+from .prefix import replicated_reasons
 from .registry import AUTO_CANDIDATES, PREFIX_SCHEDULES, SCHEDULES, STRATEGIES, schedules_for
 from .schedule import Schedule, Suggest, with_example
 from .ulysses import head_chunks_for
@@ -43,12 +43,13 @@ class ContextParallel:
     timeout: float = DEFAULT_TIMEOUT
     stats: CommStats = field(default_factory=CommStats)
     prefix: int = 0  # replicated leading tokens (joint attention), see cpattn/cp/prefix.py
+    suffix: int = 0  # replicated trailing tokens (joint attention with the text last), likewise
     bounded_waits: bool = False  # cp_timeout was given: every wait is a bounded host wait, on NCCL too
     ring_streams: int = 2  # CUDA streams the ring backward's steps take in turn (cpattn/cp/streams.py)
 
     @classmethod
     def from_mesh(cls, cp_mesh, cp_strategy: str = "auto", cp_layout: str = "zigzag", cp_timeout: float | None = None,
-                  cp_replicated_prefix: int = 0, cp_ring_streams: int = 2):
+                  cp_replicated_prefix: int = 0, cp_replicated_suffix: int = 0, cp_ring_streams: int = 2):
         if cp_strategy not in STRATEGIES:
             raise InvalidArgumentError(f"cp_strategy={cp_strategy!r}; choose one of {STRATEGIES}")
         if cp_layout not in LAYOUTS:
@@ -57,7 +58,7 @@ class ContextParallel:
         _check_mesh_fits(cp_strategy, topology)
         timeout = DEFAULT_TIMEOUT if cp_timeout is None else float(cp_timeout)
         return cls(topology, cp_strategy, cp_layout, timeout, prefix=int(cp_replicated_prefix),
-                   bounded_waits=cp_timeout is not None, ring_streams=int(cp_ring_streams))
+                   suffix=int(cp_replicated_suffix), bounded_waits=cp_timeout is not None, ring_streams=int(cp_ring_streams))
 
     @property
     def data_timeout(self) -> float | None:
@@ -67,6 +68,11 @@ class ContextParallel:
     @property
     def world_size(self) -> int:
         return self.topology.world_size
+
+    @property
+    def replicated(self) -> int:
+        """Tokens of every call that every rank holds whole: the replicated prefix and suffix."""
+        return self.prefix + self.suffix
 
     def head_chunks(self, call: AttentionCall, total: int) -> int:
         """How many head chunks a 1-D Ulysses call pipelines: `head_chunks_for`, by this module's name for it, so
@@ -90,13 +96,13 @@ class ContextParallel:
         call's own faults first, alone, since they make the schedule's reasons moot. Cross-attention (key/value
         replicated) runs locally whatever the schedule (cp/cross.py): the provider's reasons for that call."""
         if kv_replicated(call):
-            return cross_faults(call, self.prefix) or cross_reasons(provider, call)
+            return cross_faults(call, self.replicated) or cross_reasons(provider, call)
         faults = self._call_faults(call, schedule)
         return faults or schedule.reasons(self, provider, call)
 
     def _call_faults(self, call: AttentionCall, schedule: Schedule) -> list[str]:
-        if self.prefix:
-            faults = prefix_reasons(call, self.prefix, schedule.name, PREFIX_SCHEDULES)
+        if self.replicated:
+            faults = replicated_reasons(call, self.prefix, self.suffix, schedule.name, PREFIX_SCHEDULES)
             if faults:
                 return faults
         mask = call.attn_mask if isinstance(call.attn_mask, torch.Tensor) else None  # mask_mods: see run()
@@ -120,7 +126,7 @@ class ContextParallel:
             if reasons:
                 raise UnsupportedInputError(f"provider '{provider.name}' for cross-attention under context "
                                             "parallelism", reasons,
-                                            _cross_suggestion(provider, call, self.prefix, suggest))
+                                            _cross_suggestion(provider, call, self.replicated, suggest))
             self.stats["calls"] += 1
             return cross_attention(self, provider, call, agreed.total)
         reasons = reasons or kernel_reasons(self, schedule, provider, call, agreed.total)
@@ -147,10 +153,10 @@ class ContextParallel:
                                     torch.arange(total, device=call.device))
 
 
-def _cross_suggestion(provider: Provider, call: AttentionCall, prefix: int, suggest: Suggest | None) -> str:
+def _cross_suggestion(provider: Provider, call: AttentionCall, replicated: int, suggest: Suggest | None) -> str:
     """What to do about a refused cross-attention call: what its reasons say where the call itself cannot be so,
     else another provider (each rank makes one ordinary call)."""
-    if cross_faults(call, prefix):
+    if cross_faults(call, replicated):
         return "change the call as the reasons above say"
     return with_example("a provider that takes this call on one device (cross-attention makes one local call per "
                         "rank)", suggest(call, provider.name) if suggest else None)

@@ -32,14 +32,14 @@ def kv_replicated(call: AttentionCall) -> bool:
     return call.kv_replicated or call.kv_len != call.q_len
 
 
-def cross_faults(call: AttentionCall, prefix: int) -> list[str]:
+def cross_faults(call: AttentionCall, replicated: int) -> list[str]:
     """What a cross-attention call cannot be under context parallelism, from this rank's call alone."""
     out = []
     how = (f"key/value replicated on every rank (cross-attention: {call.kv_len} keys, {call.q_len} local queries"
            + (", kv_replicated=True" if call.kv_replicated else "") + ")")
-    if prefix:
-        out.append(f"{how} does not combine with cp_replicated_prefix, which is self-attention over a replicated "
-                   "prefix and a sharded sequence")
+    if replicated:
+        out.append(f"{how} does not combine with cp_replicated_prefix or cp_replicated_suffix, which are "
+                   "self-attention over replicated tokens and a sharded sequence")
     if call.is_causal:
         out.append(f"is_causal with {how}: the keys have no positions among the sharded queries', so causality "
                    "has no meaning here; pass is_causal=False (a mask of this rank's query rows x all keys, if "

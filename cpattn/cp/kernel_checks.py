@@ -32,7 +32,7 @@ def reasons_for_any_total(cp: Setup, schedule: Schedule, provider: Provider, cal
     lengths."""
     if call.attn_mask is not None or cp.topology.mesh_dims != 1:
         return provider.reasons(call)
-    w, sharded = cp.world_size, call.q_len - cp.prefix
+    w, sharded = cp.world_size, call.q_len - cp.replicated
     shapes = [schedule.kernel_shapes(cp, call, total, [sharded]) for total in (w * sharded, w * sharded + 1)]
     if not shapes[0]:
         return provider.reasons(call)

@@ -63,8 +63,9 @@ def packed_reasons(cp: Setup, strategy: str) -> list[str]:
                    f"'{strategy}': pass cp_strategy='allgather' or 'auto'; for the packed ring shard them with "
                    "cpattn.packed.shard_packed and pass sharding='documents'; or use attention_dispatch with "
                    "cpattn.document_mask(...) for Ulysses")
-    if cp.prefix:
-        out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
+    if cp.replicated:
+        out.append("cp_replicated_prefix and cp_replicated_suffix have no packed form: put the shared tokens in a "
+                   "document of their own")
     return out
 
 

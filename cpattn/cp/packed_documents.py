@@ -55,8 +55,9 @@ def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKern
     if cp.strategy == "allgather" and gathered is None:
         out.append("cp_strategy='allgather' over document shards runs on varlen kernels only (a provider with "
                    "packed sequences); pass cp_strategy='ring' or 'auto'")
-    if cp.prefix:
-        out.append("cp_replicated_prefix has no packed form: put the shared tokens in a document of their own")
+    if cp.replicated:
+        out.append("cp_replicated_prefix and cp_replicated_suffix have no packed form: put the shared tokens in a "
+                   "document of their own")
     return out
 
 

@@ -16,33 +16,58 @@ A softcap applies to the prefix block as to every other block. Sinks join once, 
 sharded KV merged; each rank's share of their gradient comes from its own rows (the prefix rows' share with the
 dout it was handed, as above), and the gradient all-reduce adds the shares. A window is refused: the prefix
 tokens have no positions among the sharded ones.
+
+A replicated suffix (`cp_replicated_suffix`: SD3 puts its text after the image tokens) is the same block at the
+other end: the replicated tokens are the prefix and the suffix together, one local block whatever their place,
+since non-causal attention without a mask does not depend on the order of the keys, and each query row's output
+is its own. Both may be given.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..contract import AttentionCall
 
 
-def prefix_reasons(call: AttentionCall, prefix: int, schedule: str, takers: tuple[str, ...]) -> list[str]:
-    """Why `call` cannot run with a `prefix`-token replicated prefix under `schedule`; `takers`: the schedules
-    that take a prefix."""
-    out = []
+def _option_names(prefix: int, suffix: int) -> str:
+    return " and ".join(name for name, n in (("cp_replicated_prefix", prefix), ("cp_replicated_suffix", suffix)) if n)
+
+
+def replicated_reasons(call: AttentionCall, prefix: int, suffix: int, schedule: str,
+                       takers: tuple[str, ...]) -> list[str]:
+    """Why `call` cannot run with `prefix` leading and `suffix` trailing replicated tokens under `schedule`;
+    `takers`: the schedules that take them."""
+    options, out = _option_names(prefix, suffix), []
     if schedule not in takers:
         names = " or ".join(f"'{name}'" for name in takers)
-        out.append(f"cp_replicated_prefix runs with cp_strategy {names}, not '{schedule}'")
+        out.append(f"{options} runs with cp_strategy {names}, not '{schedule}'")
     if call.is_causal or call.attn_mask is not None:
-        out.append("cp_replicated_prefix (joint attention) takes no is_causal and no attn_mask")
+        out.append(f"{options} (joint attention) takes no is_causal and no attn_mask")
     if call.window is not None:
-        out.append(f"window={call.window} with cp_replicated_prefix (joint attention) is not supported: the "
-                   "replicated prefix tokens have no place among the sharded positions a window counts in; run "
-                   "the windowed attention in an attention_provider block without cp_replicated_prefix")
-    if call.q_len < prefix:
-        out.append(f"this rank holds {call.q_len} tokens, fewer than cp_replicated_prefix={prefix}")
+        out.append(f"window={call.window} with {options} (joint attention) is not supported: the "
+                   "replicated tokens have no place among the sharded positions a window counts in; run "
+                   f"the windowed attention in an attention_provider block without {options}")
+    if call.q_len < prefix + suffix:
+        out.append(f"this rank holds {call.q_len} tokens, fewer than the {prefix + suffix} replicated ones "
+                   f"({options})")
     return out
 
 
-def split_prefix(call: AttentionCall, prefix: int):
-    """(prefix keys, prefix values, sharded keys, sharded values), each contiguous."""
-    key, value = call.key, call.value
-    return (key[:, :, :prefix].contiguous(), value[:, :, :prefix].contiguous(),
-            key[:, :, prefix:].contiguous(), value[:, :, prefix:].contiguous())
+def split_replicated(call: AttentionCall, prefix: int, suffix: int):
+    """(replicated keys, replicated values, sharded keys, sharded values), each contiguous: the replicated
+    block is the prefix's tokens followed by the suffix's."""
+    end = call.kv_len - suffix
+    return (*(_outside(x, prefix, end) for x in (call.key, call.value)),
+            call.key[:, :, prefix:end].contiguous(), call.value[:, :, prefix:end].contiguous())
+
+
+def _outside(x: torch.Tensor, prefix: int, end: int) -> torch.Tensor:
+    if end == x.shape[2]:
+        return x[:, :, :prefix].contiguous()
+    return torch.cat([x[:, :, :prefix], x[:, :, end:]], dim=2)
+
+
+def join_replicated(replicated: torch.Tensor, sharded: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The inverse of `split_replicated` for one tensor (a gradient): the prefix, the sharded part, the suffix."""
+    return torch.cat([replicated[:, :, :prefix], sharded, replicated[:, :, prefix:]], dim=2)

@@ -18,7 +18,7 @@ SCHEDULES: dict[str, Schedule] = {schedule.name: schedule for schedule in (
 # the cp_strategy values, "auto" first (the agreement check codes a schedule by its place here)
 STRATEGIES = ("auto", *SCHEDULES)
 
-# the schedules that run with cp_replicated_prefix
+# the schedules that run with cp_replicated_prefix and cp_replicated_suffix
 PREFIX_SCHEDULES = tuple(name for name, schedule in SCHEDULES.items() if schedule.takes_prefix)
 
 

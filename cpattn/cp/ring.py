@@ -26,7 +26,7 @@ that exact, and from what size of shard); the forward runs on one.
 Causal with the zigzag layout: only the unmasked part of each block is computed (see `block_plan`), so every
 rank does one diagonal block and W-1 half blocks.
 
-With a replicated prefix (cp/prefix.py) the prefix KV is one more block, local to every rank and never sent.
+With a replicated prefix or suffix (cp/prefix.py) their KV is one more block, local to every rank and never sent.
 
 Score modifications. A softcap goes to every block call as it is (it is exact per block: the merge is unchanged).
 Sinks never reach a block: they join once, in the final merge, as one more log-sum-exp term on the merged
@@ -58,7 +58,7 @@ from .comm import CommStats, RingChannel
 from .halo import halo_backward, halo_forward, restricting_band
 from .layout import ring_chunks, ring_positions
 from .mesh import Group
-from .prefix import split_prefix
+from .prefix import join_replicated, split_replicated
 from .rows import StationaryRows, stationary_rows
 from .schedule import Agreed, KernelShape, Setup, Suggest, with_example
 from .streams import StepStreams, stream_count
@@ -389,11 +389,11 @@ def ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec) -> t
         return _ring_forward(provider, call, spec, call.dtype, sinks)[0]
 
 
-def _prefix_ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int,
+def _prefix_ring_forward(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int, suffix: int,
                          sinks: torch.Tensor | None = None):
-    """All local query rows against the local prefix KV block, merged with the ring over the sharded KV; the
-    sinks join the merged result once."""
-    k_pre, v_pre, k_shard, v_shard = split_prefix(call, prefix)
+    """All local query rows against the local replicated KV block (prefix and suffix), merged with the ring over
+    the sharded KV; the sinks join the merged result once."""
+    k_pre, v_pre, k_shard, v_shard = split_replicated(call, prefix, suffix)
     out_p, lse_p = provider.forward(as_kernel_call(provider, call.replace(key=k_pre, value=v_pre)))
     out_r, lse_r, last = ring_forward_keeping_last(provider, call.replace(key=k_shard, value=v_shard), spec)
     out, lse = merge_two(out_p, lse_p, out_r, lse_r)
@@ -406,10 +406,10 @@ class PrefixRingAttention(torch.autograd.Function):
     includes the sinks), and this rank's rows' share of the sinks' gradient (as RingAttention)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, sinks, provider, call, spec, prefix):
+    def forward(ctx, query, key, value, sinks, provider, call, spec, prefix, suffix):
         call = call.replace(query=query, key=key, value=value)
-        out, lse, last = _prefix_ring_forward(provider, call, spec, prefix, sinks)
-        ctx.provider, ctx.spec, ctx.prefix, ctx.call = provider, spec, prefix, call
+        out, lse, last = _prefix_ring_forward(provider, call, spec, prefix, suffix, sinks)
+        ctx.provider, ctx.spec, ctx.prefix, ctx.suffix, ctx.call = provider, spec, prefix, suffix, call
         ctx.save_for_backward(query, key, value, out, lse, sinks, *(last or ()))
         return out
 
@@ -417,7 +417,7 @@ class PrefixRingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         query, key, value, out, lse, sinks, *last = ctx.saved_tensors
         call = ctx.call.replace(query=query, key=key, value=value)
-        k_pre, v_pre, k_shard, v_shard = split_prefix(call, ctx.prefix)
+        k_pre, v_pre, k_shard, v_shard = split_replicated(call, ctx.prefix, ctx.suffix)
         dout = dout.contiguous()
         dq = dk = dv = dsinks = None
         with autocast_off(query.device):
@@ -427,20 +427,23 @@ class PrefixRingAttention(torch.autograd.Function):
                 dq_r, dk_r, dv_r = ring_backward(ctx.provider, call.replace(key=k_shard, value=v_shard), ctx.spec,
                                                  dout, out, lse, last_block=tuple(last) or None)
                 dq = (dq_r + dq_p.float()).to(query.dtype)
-                dk = torch.cat([dk_p.float(), dk_r], dim=2).to(key.dtype)
-                dv = torch.cat([dv_p.float(), dv_r], dim=2).to(value.dtype)
+                dk = join_replicated(dk_p.float(), dk_r, ctx.prefix).to(key.dtype)
+                dv = join_replicated(dv_p.float(), dv_r, ctx.prefix).to(value.dtype)
             if ctx.needs_input_grad[3]:
                 dsinks = sink_grad(dout, out, lse, sinks)
-        return dq, dk, dv, dsinks, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None
 
 
-def prefix_ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int) -> torch.Tensor:
-    """Ring attention of every local query row (prefix rows first) over the prefix block and the sharded KV."""
+def prefix_ring_attention(provider: Provider, call: AttentionCall, spec: RingSpec, prefix: int,
+                          suffix: int = 0) -> torch.Tensor:
+    """Ring attention of every local query row (prefix rows, the shard's, suffix rows) over the replicated block
+    and the sharded KV."""
     sinks, call = call.sinks, call.replace(sinks=None)
     if call.needs_grad or _needs_grad(sinks):
-        return PrefixRingAttention.apply(call.query, call.key, call.value, sinks, provider, call, spec, prefix)
+        return PrefixRingAttention.apply(call.query, call.key, call.value, sinks, provider, call, spec, prefix,
+                                         suffix)
     with torch.no_grad():
-        return _prefix_ring_forward(provider, call, spec, prefix, sinks)[0]
+        return _prefix_ring_forward(provider, call, spec, prefix, suffix, sinks)[0]
 
 
 # -- the schedule ---------------------------------------------------------------------------------------------
@@ -475,8 +478,8 @@ class RingSchedule:
     mask_mod_per_block = True  # each KV block's (local rows x block keys) only, never the whole row
 
     def auto(self, cp: Setup, provider: Provider, call: AttentionCall) -> str | None:
-        if cp.prefix:
-            return "a replicated prefix runs on ring (prefix KV as a local block)"
+        if cp.replicated:
+            return "a replicated prefix or suffix runs on ring (their KV as a local block)"
         return "ring overlaps its transfers with compute"
 
     def reasons(self, cp: Setup, provider: Provider, call: AttentionCall) -> list[str]:
@@ -487,9 +490,9 @@ class RingSchedule:
             return set()
         if call.is_causal:  # its causal blocks are left to the shard check
             return set()
-        prefix = cp.prefix
-        blocks = lengths + ([prefix] if prefix else [])
-        return {(n + prefix, m, False) for n in lengths for m in blocks}
+        replicated = cp.replicated
+        blocks = lengths + ([replicated] if replicated else [])
+        return {(n + replicated, m, False) for n in lengths for m in blocks}
 
     def suggestion(self, provider: Provider, call: AttentionCall, suggest: Suggest | None) -> str:
         return with_example(f"cp_strategy='ulysses' or 'allgather', or {NEEDS_LSE_AND_BACKWARD}",
@@ -497,8 +500,8 @@ class RingSchedule:
 
     def run(self, cp: Setup, provider: Provider, call: AttentionCall, agreed: Agreed) -> torch.Tensor:
         spec = ring_spec(cp, agreed.total)
-        if cp.prefix:
-            return prefix_ring_attention(provider, call, spec, cp.prefix)
+        if cp.replicated:
+            return prefix_ring_attention(provider, call, spec, cp.prefix, cp.suffix)
         return ring_attention(provider, call, spec)
 
 

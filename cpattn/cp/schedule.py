@@ -36,6 +36,7 @@ class Setup(Protocol):
     strategy: str  # cp_strategy as given: "auto" or a schedule's name
     layout: str
     prefix: int  # replicated leading tokens (joint attention), see cp/prefix.py
+    suffix: int  # replicated trailing tokens (joint attention with the text last), likewise
     timeout: float  # bound of the agreement check's wait
     stats: CommStats
     ring_streams: int  # CUDA streams a ring backward's steps take in turn (cp/streams.py)
@@ -46,6 +47,9 @@ class Setup(Protocol):
     @property
     def world_size(self) -> int: ...
 
+    @property
+    def replicated(self) -> int: ...  # prefix + suffix
+
     def head_chunks(self, call: AttentionCall, total: int) -> int: ...
 
 
@@ -53,7 +57,7 @@ class Setup(Protocol):
 class Agreed:
     """What every rank of the group established together before any data moves."""
 
-    total: int  # global sequence length (the sharded tokens; a replicated prefix not counted)
+    total: int  # global sequence length (the sharded tokens; a replicated prefix or suffix not counted)
     # attn_mask has one row per query, not one row for all: a rank holding a single query cannot tell from its
     # own mask, so this is decided from every rank's
     mask_per_query: bool
@@ -64,7 +68,7 @@ class Schedule(Protocol):
 
     name: str  # its cp_strategy value
     mesh_dims: int  # the cp_mesh it runs on: 1-D, or 2-D ('ring', 'ulysses')
-    takes_prefix: bool  # runs with cp_replicated_prefix
+    takes_prefix: bool  # runs with cp_replicated_prefix and cp_replicated_suffix
     # where `auto` asks it among the schedules of its mesh: lower first, the first that answers is taken;
     # None: auto never picks it
     auto_order: int | None

@@ -225,7 +225,7 @@ class UlyssesSchedule:
     mask_mod_per_block = False
 
     def auto(self, cp: Setup, provider: Provider, call: AttentionCall) -> str | None:
-        if cp.prefix:
+        if cp.replicated:
             return None
         if call.dropout_p > 0:
             return "dropout needs whole-sequence kernel calls"

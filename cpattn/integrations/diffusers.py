@@ -35,13 +35,15 @@ How it hooks into diffusers:
   ``cpattn.NoAttentionCallError`` on every rank.
 * Joint attention (Flux: text and image tokens in one sequence) keeps the text whole on every rank, in front of
   each rank's image shard: Flux's plan loses its text splits and the text length becomes
-  ``cp_replicated_prefix``. Cross-attention to text (Wan, PixArt: modules with ``is_cross_attention``) is
+  ``cp_replicated_prefix``. SD3 (no ``_cp_plan``; the integration's plan shards the blocks' input and gathers
+  ``proj_out``'s output) puts the text after the image: its length becomes ``cp_replicated_suffix``. SD3.5's
+  ``dual_attention_layers`` (a second attention over the image alone) are refused. Cross-attention to text (Wan, PixArt: modules with ``is_cross_attention``) is
   declared ``kv_replicated`` for every call made inside those modules.
 * Models whose convolutions or GroupNorm span the sequence (UNets) cannot be served by attention-only context
   parallelism: `parallelize` raises `UnservableModelError` naming the model. Their attention still runs on
   cpattn on one device through ``use_cpattn()``.
 
-Tested: Flux, Wan and PixArt under `parallelize` at 1, 2 and 3 ranks; UNet2DConditionModel, Flux and Wan through
+Tested: Flux, Wan, PixArt and SD3 under `parallelize` at 1, 2 and 3 ranks; UNet2DConditionModel, Flux and Wan through
 ``use_cpattn()`` on one device, where torch.compile keeps cpattn's op in the graph. Another model's ``_cp_plan``
 is used as it stands; run `check_parity` on it before trusting it (a plan that keeps text whole in joint attention
 without declaring it as the prefix counts that text once per rank). The route is process-wide: while a block is
@@ -220,17 +222,20 @@ class CPPlan:
     ``modules``: diffusers' ``_cp_plan`` format, {submodule path ("" is the model, "blocks.*" every block): {input
     name: ContextParallelInput, or output index: ContextParallelInput(split_output=True)} or
     ContextParallelOutput(s)}. ``prefix``: the model's input (B, T, ...) whose T tokens every rank holds whole in
-    front of its shard in joint attention (``cp_replicated_prefix``). ``cross_attention``: paths of the modules
+    front of its shard in joint attention (``cp_replicated_prefix``); ``suffix``: likewise behind its shard
+    (``cp_replicated_suffix``: SD3 puts its text after the image). ``cross_attention``: paths of the modules
     whose keys and values every rank holds whole (``kv_replicated``); None: the modules with
     ``is_cross_attention`` set."""
 
     modules: Mapping[str, Any]
     prefix: str | None = None
     cross_attention: tuple[str, ...] | None = None
+    suffix: str | None = None
 
     @classmethod
     def from_cp_plan(cls, cp_plan: Mapping[str, Any], *, replicate: Mapping[str, tuple] | None = None,
-                     prefix: str | None = None, cross_attention: tuple[str, ...] | None = None) -> "CPPlan":
+                     prefix: str | None = None, cross_attention: tuple[str, ...] | None = None,
+                     suffix: str | None = None) -> "CPPlan":
         """A diffusers ``_cp_plan`` with the inputs in ``replicate`` ({path: names}) kept whole."""
         replicate = replicate or {}
         modules = {}
@@ -240,7 +245,7 @@ class CPPlan:
                 if not spec:
                     continue
             modules[path] = spec
-        return cls(modules, prefix, cross_attention)
+        return cls(modules, prefix, cross_attention, suffix)
 
 
 UNSERVABLE_REASON = ("its convolutions and GroupNorm span the edges of any sequence shard, so attention-only "
@@ -272,10 +277,27 @@ def _pixart_plan(model) -> CPPlan:
                    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)})
 
 
+def _sd3_plan(model) -> CPPlan:
+    # SD3 has no _cp_plan: shard after patchify and its position embedding (the blocks' input), gather before
+    # unpatchify (proj_out's output). Its joint attention puts the text after the image: a replicated suffix
+    dual = tuple(model.config.get("dual_attention_layers") or ())
+    if dual:
+        # those blocks' second attention is over the image alone, where the text suffix of the forward's
+        # context-parallel block would be read from the image's last tokens
+        raise UnsupportedInputError(f"parallelize({type(model).__name__})", [
+            f"dual_attention_layers={dual} (SD3.5's image-only second attention) is not supported under "
+            "parallelize: only the joint attention holds the replicated text"],
+            "run this model on one device with its attention on cpattn (use_cpattn())")
+    return CPPlan({"transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+                   "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+                  suffix="encoder_hidden_states")
+
+
 # Models whose plan differs from their _cp_plan (or that have none), by class name; the others use _cp_plan.
 RECIPES: dict[str, Callable[[Any], CPPlan]] = {
     "FluxTransformer2DModel": _flux_plan,
     "PixArtTransformer2DModel": _pixart_plan,
+    "SD3Transformer2DModel": _sd3_plan,
 }
 
 
@@ -490,9 +512,10 @@ class _Parallel:
         if isinstance(root, Mapping):
             args, kwargs = self.split_inputs(params, root, args, kwargs)
         options = dict(self.options)
-        prefix = self._prefix_length(params, args, kwargs)
-        if prefix:
-            options["cp_replicated_prefix"] = prefix
+        for option, name in (("cp_replicated_prefix", self.plan.prefix), ("cp_replicated_suffix", self.plan.suffix)):
+            tokens = self._replicated_length(params, args, kwargs, name)
+            if tokens:
+                options[option] = tokens
         with contextlib.ExitStack() as stack:
             stack.enter_context(use_cpattn())
             stack.enter_context(attention_provider(self.provider, cp_mesh=self.mesh, **options))
@@ -508,8 +531,10 @@ class _Parallel:
                     _SITE.reset(token)
         return self.finish_outputs(root, output) if _acts_on_outputs(root) else output
 
-    def _prefix_length(self, params, args, kwargs) -> int:
-        x = _argument(params, args, kwargs, self.plan.prefix) if self.plan.prefix else None
+    @staticmethod
+    def _replicated_length(params, args, kwargs, name: str | None) -> int:
+        """The tokens of the model's input `name` (the plan's prefix or suffix), which every rank holds whole."""
+        x = _argument(params, args, kwargs, name) if name else None
         return int(x.shape[1]) if isinstance(x, torch.Tensor) else 0
 
 
@@ -542,7 +567,7 @@ class _GatherSequence(torch.autograd.Function):
 
 
 _ATTR = "_cpattn_parallel"
-_FIXED_OPTIONS = ("cp_replicated_prefix",)
+_FIXED_OPTIONS = ("cp_replicated_prefix", "cp_replicated_suffix")
 
 
 def parallelize(model, mesh, plan: "CPPlan | Mapping | None" = None, provider: str = "auto", **cp_options):
@@ -565,7 +590,8 @@ def parallelize(model, mesh, plan: "CPPlan | Mapping | None" = None, provider: s
         if key not in CP_OPTIONS or key in _FIXED_OPTIONS:
             known = ", ".join(k for k in CP_OPTIONS if k not in _FIXED_OPTIONS)
             raise InvalidArgumentError(f"parallelize takes the options {known}; got {key!r}"
-                                       + (" (it comes from the plan's prefix)" if key in _FIXED_OPTIONS else ""))
+                                       + (" (it comes from the plan's prefix or suffix)" if key in _FIXED_OPTIONS
+                                          else ""))
     with attention_provider(provider, cp_mesh=mesh, **dict(cp_options, cp_require_attention=False)) as checked:
         world = checked.cp.world_size  # the provider, the options and the mesh checked now, not at the first call
     state = _Parallel(model, mesh, resolved, provider, dict(cp_options), world)

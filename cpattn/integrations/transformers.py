@@ -37,6 +37,12 @@ Under a mesh (rules every rank applies alike, so every rank raises the same erro
   rank's query rows by all keys in global order, and is the whole mask, as SDPA takes it (no causal flag or
   window is added to it). Masks transformers builds with other overlays (image tokens, blocks, chunked
   attention) or for a filled KV cache are refused.
+* Gradient checkpointing (``model.gradient_checkpointing_enable()``): the backward recomputes each layer, also
+  outside the forward's block and on autograd's own threads; the recomputation runs in the state the layer's
+  mask was built under, as the forward did. (A model whose attention gets no mask from cpattn's mask function
+  has no such state to recompute in: train it without checkpointing under a mesh. On one device, or a mesh of
+  one rank, no state is carried: the recomputation runs on the provider active at backward time, so call
+  backward inside the block.)
 * Encoder-decoder models: their encoders build positions inside (learned, sinusoidal, relative), so encoder
   inputs stay whole on every rank and only the decoder's tokens are sharded. Non-causal attention of such a
   model (the encoder's, the cross-attention) then runs on each rank against keys it holds whole
@@ -51,9 +57,10 @@ Versions: tested with transformers 5.23.0 (the ``dev`` extra pins it). Expected 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -70,7 +77,7 @@ from ..cp.comm import all_gather_padded, gather_signatures
 from ..cp.layout import shard_positions
 from ..dispatch import attention_dispatch
 from ..errors import CpattnError, InvalidArgumentError, UnsupportedInputError
-from ..state import current_state
+from ..state import STATE_VAR, current_state
 from .training import IGNORE_INDEX, all_reduce_grads, cp_loss, shard_batch
 
 __all__ = [
@@ -128,6 +135,11 @@ def cpattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         dropout_p=float(dropout) if module.training else 0.0,
         scale=scaling, sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"),
         sinks=kwargs.get("s_aux"), position_bias=kwargs.get("position_bias"))
+    with _forward_state_for_recomputation(attention_mask):
+        return _attention(module, layer, query, key, value, attention_mask, call, kwargs)
+
+
+def _attention(module, layer: str, query, key, value, attention_mask, call: "_Call", kwargs) -> tuple:
     cp = _sharding()
     try:
         if cp is None:
@@ -139,6 +151,24 @@ def cpattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     except CpattnError as exc:
         raise _in_layer(exc, layer) from exc
     return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _forward_state_for_recomputation(mask):
+    """Gradient checkpointing recomputes a layer in the backward, which may run outside the forward's
+    attention_provider block (after it, or on autograd's device threads, which never see the block's context).
+    A mask built under a mesh carries the state it was built under: a recomputation (a call while autograd runs
+    a backward, under no state) runs in it again, as the forward ran; every rank recomputes the same layers in
+    the same order, so their collectives match."""
+    state = mask.state if isinstance(mask, ShardedMask) else None
+    if state is None or STATE_VAR.get() is not None or torch._C._current_graph_task_id() == -1:
+        yield
+        return
+    token = STATE_VAR.set(state)
+    try:
+        yield
+    finally:
+        STATE_VAR.reset(token)
 
 
 def layer_name(module: torch.nn.Module) -> str:
@@ -417,6 +447,7 @@ class ShardedMask:
     window: "tuple[int, int] | None" = None
     key_padding: torch.Tensor | None = None  # (B, S) bool, True = a real token, global order
     refused: str | None = None
+    state: Any = field(default=None, repr=False)  # the DispatchState it was built under (for recomputations)
 
 
 def cpattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -512,13 +543,14 @@ def _sharded_mask(cp, pattern: _Pattern | None, attention_mask, batch_size: int,
         code = 0
     padded = attention_mask is not None and not bool(attention_mask.all())
     code, padded = _max_over_ranks(cp, [code, int(padded)], device)
+    state = STATE_VAR.get()
     if code:
-        return ShardedMask(refused=_REFUSALS[code])
+        return ShardedMask(refused=_REFUSALS[code], state=state)
     padding = None
     if padded:
         local = attention_mask if attention_mask is not None else torch.ones(batch_size, q_length, device=device)
         padding = _gather_tokens(local.to(torch.uint8), cp, 1).bool()  # uint8: gloo gathers no bool tensors
-    return ShardedMask(pattern.causal, pattern.window, padding)
+    return ShardedMask(pattern.causal, pattern.window, padding, state=state)
 
 
 register()

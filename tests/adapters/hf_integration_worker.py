@@ -46,6 +46,8 @@ CASES = {  # name: (model, batch kind, cp_strategy[, cp_layout])
     "gemma2-plain-ulysses": ("gemma2", "plain", "ulysses"),
     "gpt_oss-padded-allgather": ("gpt_oss", "padded", "allgather"),
     "llama-packed-ring-contiguous": ("llama", "packed", "ring", "contiguous"),
+    # gradient checkpointing, the backward (and so the recomputation) outside the attention_provider block
+    "llama-checkpointing-ring": ("llama", "plain", "ring", "zigzag", True),
 }
 REFUSALS = {  # name: (model, what is wrong); run on more than one rank only
     "refuse-t5-position_bias": ("t5", None),
@@ -64,19 +66,27 @@ def reference(model, batch: dict, causal_lm: bool):
     return logits.detach(), loss.detach(), grads
 
 
-def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", *, mesh) -> dict:
+def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", checkpointing: bool = False, *,
+             mesh) -> dict:
     causal_lm = model_name not in hf_models.ENCODER_DECODER
     full = hf_models.batch(model_name, kind)
     ref_model = hf_models.build(model_name, hf_models.reference_implementation(model_name))
     ref_logits, ref_loss, ref_grads = reference(ref_model, full, causal_lm)
 
     model = hf_models.build(model_name, "cpattn")
+    if checkpointing:  # recomputes each layer in the backward; the tiny models have no dropout to train
+        model.train()
+        model.gradient_checkpointing_enable()
     with cpattn.attention_provider(PROVIDER, cp_mesh=mesh, cp_strategy=strategy, cp_layout=layout,
                                    cp_timeout=30) as state:
         batch = shard_batch(full, mesh)  # in the block's layout
         out = model(**batch, use_cache=False)
         loss = cp_loss(out.logits, batch["labels"], mesh)
+        if not checkpointing:
+            loss.backward()
+    if checkpointing:  # as on CUDA, where autograd's device threads never see the block
         loss.backward()
+        assert state.cp.world_size == 1 or state.cp.stats["calls"] == 4, "2 layers, forward and recomputed"
     all_reduce_grads(model, mesh)
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss, group=mesh.get_group())

@@ -172,13 +172,28 @@ def test_plans():
     custom = CPPlan({"proj_out": wan._cp_plan["proj_out"]})
     assert plan_for(wan, custom) is custom
 
+    sd3, _ = build("sd3")
+    plan = plan_for(sd3)  # SD3 has no _cp_plan: the integration's, its text after the image
+    assert set(plan.modules) == {"transformer_blocks.0", "proj_out"}
+    assert plan.suffix == "encoder_hidden_states" and plan.prefix is None
+
+    from diffusers import DiTTransformer2DModel
+
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                sample_size=8, patch_size=2, norm_num_groups=1)
+    with pytest.raises(cpattn.InvalidArgumentError, match="DiTTransformer2DModel has no _cp_plan: pass plan="):
+        plan_for(dit)
+
+
+def test_sd35_dual_attention_is_refused():
     from diffusers import SD3Transformer2DModel
 
-    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
-    with pytest.raises(cpattn.InvalidArgumentError, match="SD3Transformer2DModel has no _cp_plan: pass plan="):
-        plan_for(sd3)
+    sd35 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                 pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
+                                 dual_attention_layers=(0,))
+    with pytest.raises(cpattn.UnsupportedInputError, match="dual_attention_layers"):
+        parallelize(sd35, mesh=object())
 
 
 def test_parallelize_refuses_options_and_diffusers_own_cp():

@@ -4,7 +4,7 @@ One spawned job of W gloo ranks per world size (1, 2, 3) runs every model: the r
 one process, with diffusers' own attention; the parallel copy takes the same whole inputs and returns the whole
 output through `parallelize`. Compared: the output, and the parameters' gradients summed over the ranks (the
 backward runs after the forward returned, as a training step would run it). The W = 2 job also runs
-`check_parity` (and its failure on a plan that counts Flux's text W times), the refusal of a model whose
+`check_parity` (and its failure on plans that count Flux's or SD3's text W times), the refusal of a model whose
 attention never reaches cpattn, and the refusals of gradient checkpointing and of plans that would break
 cross-attention; the W = 1 job, parallelize's install and removal. The jobs also run test_diffusers.py's
 hand-made Flux recipe (sdpa_patched).
@@ -87,7 +87,7 @@ def _model_parity(name: str, mesh) -> dict:
 def _check_parity_cases(mesh) -> dict:
     from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-    from cpattn.integrations.diffusers import CPPlan, check_parity
+    from cpattn.integrations.diffusers import CPPlan, check_parity, plan_for
     from cpattn.integrations.parity import ParityError
 
     import torch.distributed as dist
@@ -107,6 +107,14 @@ def _check_parity_cases(mesh) -> dict:
         out["wrong"] = "passed"
     except ParityError as exc:
         out["wrong"] = f"ParityError: {exc}"
+    # SD3's text after its image shard, whole on every rank, but not declared as the replicated suffix
+    sd3, sd3_inputs = build("sd3")
+    no_suffix = CPPlan(dict(plan_for(sd3).modules))
+    try:
+        check_parity(sd3, sd3_inputs, mesh, plan=no_suffix, provider="native", steps=1, cp_timeout=CP_TIMEOUT)
+        out["sd3_no_suffix"] = "passed"
+    except ParityError as exc:
+        out["sd3_no_suffix"] = f"ParityError: {exc}"
     return out
 
 
@@ -257,6 +265,7 @@ def test_check_parity_passes_and_catches_text_counted_twice():
     r = _job(2)["check_parity"]
     assert r["ok"].startswith("parity over 2 steps") and r["ok"].endswith(": ok"), r["ok"]
     assert r["wrong"].startswith("ParityError: parity over 1 steps") and "FAILED" in r["wrong"], r["wrong"]
+    assert r["sd3_no_suffix"].startswith("ParityError") and "FAILED" in r["sd3_no_suffix"], r["sd3_no_suffix"]
 
 
 @pytest.mark.distributed

@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[dev]')")
 
 TEXT = 5  # text tokens (Flux's joint prefix; Wan's and PixArt's cross-attention keys)
-MODELS = ("flux", "wan", "pixart")
-ATTENTION_CALLS = {"flux": 2, "wan": 4, "pixart": 4}  # attention calls of one forward
-IMAGE_TOKENS = {"flux": 26, "wan": 2 * 3 * 5, "pixart": 4 * 5}
+MODELS = ("flux", "wan", "pixart", "sd3")
+ATTENTION_CALLS = {"flux": 2, "wan": 4, "pixart": 4, "sd3": 2}  # attention calls of one forward
+IMAGE_TOKENS = {"flux": 26, "wan": 2 * 3 * 5, "pixart": 4 * 5, "sd3": 4 * 5}
 
 
 def _flux():
@@ -72,6 +72,25 @@ def _pixart():
     return model, inputs
 
 
+def _sd3():
+    # joint attention with the text after the image tokens (JointAttnProcessor2_0); the last block is
+    # context_pre_only (its text output is dropped)
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 8, 10, generator=gen),  # 4 x 5 patches
+        encoder_hidden_states=torch.randn(1, TEXT, 12, generator=gen),
+        pooled_projections=torch.randn(1, 8, generator=gen),
+        timestep=torch.tensor([500]),
+        return_dict=False,
+    )
+    return model, inputs
+
+
 def unet():
     from diffusers import UNet2DConditionModel
 
@@ -89,7 +108,7 @@ def unet():
 def build(name: str):
     """(model, keyword inputs of one forward), the same on every call and every rank."""
     torch.manual_seed(0)
-    return {"flux": _flux, "wan": _wan, "pixart": _pixart, "unet": unet}[name]()
+    return {"flux": _flux, "wan": _wan, "pixart": _pixart, "sd3": _sd3, "unet": unet}[name]()
 
 
 @pytest.mark.parametrize("name", MODELS + ("unet",))

@@ -56,6 +56,10 @@ def cases_for(world: int) -> list[Case]:
     for strategy in ("ring", "allgather", "auto"):
         cases.append(Case(strategy=strategy, prefix=5, causal=False, seq=13))
     cases.append(Case(strategy="ring", prefix=4, causal=False, seq=11, dtype="bfloat16", head_dim=32))
+    # ... and text after the sharded sequence (SD3), alone or with a prefix
+    for strategy in ("ring", "allgather"):
+        cases.append(Case(strategy=strategy, suffix=5, causal=False, seq=13))
+    cases.append(Case(strategy="ring", prefix=2, suffix=3, causal=False, seq=13, sinks=True))
     # sageattention 1.0.6 without causal under Ulysses at 192 tokens: 96 or 48 on a shard (W=2, 4) but whole
     # 64-key blocks in the kernel, which sees all 192
     cases.append(Case(provider="sage", standin="sage1", strategy="ulysses", causal=False, seq=192, q_heads=12,
@@ -91,6 +95,7 @@ def error_cases(world: int) -> list[Case]:
         Case(provider="flex", strategy="ring", fault="flex_grad"),
         Case(provider="sage", strategy="allgather", grad=False, fault="missing_library"),
         Case(strategy="ulysses", prefix=4, causal=False, seq=12, fault="prefix_ulysses"),
+        Case(strategy="ulysses", suffix=4, causal=False, seq=12, fault="suffix_ulysses"),
         # 28 + 100 keys on each shard, 28 + 100 W in the kernel: 1.0.6's 64-key rule must see the kernel's
         Case(provider="sage", standin="sage1", strategy="allgather", prefix=28, causal=False, seq=100 * world,
              q_heads=4, kv_heads=4, batch=1, head_dim=64, dtype="bfloat16", grad=False, fault="kernel_lengths"),
@@ -243,6 +248,7 @@ EXPECTED_ERRORS = {
     "flex_grad": ("UnsupportedInputError", "provider 'flex'"),
     "missing_library": ("UnsupportedInputError", "provider 'sage'"),
     "prefix_ulysses": ("UnsupportedInputError", "cp_replicated_prefix runs with cp_strategy 'ring' or 'allgather'"),
+    "suffix_ulysses": ("UnsupportedInputError", "cp_replicated_suffix runs with cp_strategy 'ring' or 'allgather'"),
     "kernel_lengths": ("UnsupportedInputError", "sageattention 1.0.6 counts the zero padding"),
 }
 

@@ -45,6 +45,7 @@ class Case:
     fault: str | None = None  # error cases: what to break on one rank
     device: str = "cpu"  # "cuda": every rank on cuda:0, gloo (several ranks on one GPU), mesh = the world group
     prefix: int = 0  # replicated leading tokens (joint attention): seq counts the sharded tokens only
+    suffix: int = 0  # replicated trailing tokens (SD3's joint attention), likewise
     autocast: str | None = None  # run the forward under torch.autocast with this dtype (inputs stay in dtype)
     dims: int = 4  # call dispatch with 3-D (batch must be 1) or 5-D (a leading 1) views of the shards
     head_chunks: int = 0  # Ulysses head chunks asked for whatever the size (0: cpattn's own choice by size)
@@ -205,26 +206,32 @@ def _install_standin(kind: str) -> None:
 
 
 def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
-    """Joint attention: P text tokens on every rank + a sharded sequence. The reference is full attention over
-    all P + S tokens; prefix outputs must be whole on every rank, prefix gradients summed over ranks."""
+    """Joint attention: P text tokens before and X after a sharded sequence, on every rank. The reference is full
+    attention over all P + S + X tokens; replicated outputs must be whole on every rank, their gradients summed
+    over ranks."""
     import torch.distributed as dist
 
     import cpattn
     from cpattn.reference import reference_attention
 
-    full = Case(**{**asdict(case), "seq": case.seq + case.prefix, "prefix": 0})
+    full = Case(**{**asdict(case), "seq": case.seq + case.prefix + case.suffix, "prefix": 0, "suffix": 0})
     q, k, v, dout, _ = _problem(full)
-    dtype, p = getattr(torch, case.dtype), case.prefix
-    local = lambda t: torch.cat([t[:, :, :p], cpattn.shard_sequence(t[:, :, p:], mesh, 2, case.layout)], 2)  # noqa
+    dtype, p, end = getattr(torch, case.dtype), case.prefix, case.prefix + case.seq
+    text = lambda t: torch.cat([t[:, :, :p], t[:, :, end:]], 2)  # noqa: E731  the replicated rows, in order
+    local = lambda t: torch.cat([t[:, :, :p], cpattn.shard_sequence(t[:, :, p:end], mesh, 2, case.layout),  # noqa
+                                 t[:, :, end:]], 2)
     device = torch.device(case.device)
     ql, kl, vl = (local(t).to(device=device, dtype=dtype).requires_grad_(case.grad) for t in (q, k, v))
     dout_l = local(dout).clone()
-    dout_l[:, :, :p] /= world  # the prefix loss is computed on every rank: each contributes a W-th
+    local_end = dout_l.shape[2] - case.suffix
+    dout_l[:, :, :p] /= world  # the replicated tokens' loss is computed on every rank: each contributes a W-th
+    dout_l[:, :, local_end:] /= world
     dout_l = dout_l.to(device)
     sinks = _sinks(case)
     sinks_l = None if sinks is None else sinks.to(device=device, dtype=dtype, copy=True).requires_grad_(case.grad)
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_layout=case.layout,
-                                   cp_replicated_prefix=p, cp_timeout=20) as state:
+                                   cp_replicated_prefix=p, cp_replicated_suffix=case.suffix,
+                                   cp_timeout=20) as state:
         out = cpattn.attention_dispatch(ql, kl, vl, enable_gqa=case.q_heads != case.kv_heads,
                                         **_mods(case, rank, sinks_l))
         if case.grad:
@@ -233,19 +240,20 @@ def _run_prefix_case(case: Case, rank: int, world: int, mesh) -> Outcome:
     ref_sinks = None if sinks is None else sinks.clone().requires_grad_(case.grad)
     ref_out, _ = reference_attention(*ref_in, window=case.window, softcap=case.softcap, sinks=ref_sinks)
     result = Outcome(stats=dict(state.cp.stats))
-    image = cpattn.gather_sequence(out[:, :, p:].detach(), mesh, 2, case.layout).cpu()
-    result.errors["out"] = max((out[:, :, :p].double().cpu() - ref_out[:, :, :p]).abs().max().item(),
-                               (image.double() - ref_out[:, :, p:]).abs().max().item())
+    image = cpattn.gather_sequence(out[:, :, p:local_end].detach(), mesh, 2, case.layout).cpu()
+    local_text = lambda t: torch.cat([t[:, :, :p], t[:, :, local_end:]], 2)  # noqa: E731
+    result.errors["out"] = max((local_text(out).double().cpu() - text(ref_out)).abs().max().item(),
+                               (image.double() - ref_out[:, :, p:end]).abs().max().item())
     result.stats["out_device"] = out.device.type
     result.errors["out_finite"] = float(torch.isfinite(out).all())
     if case.grad:
         ref_out.backward(dout)
         for name, t, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_in):
-            text = t.grad[:, :, :p].to("cpu", torch.float64, copy=True)
-            dist.all_reduce(text)  # replicated inputs: per-rank contributions sum to the gradient
-            img = cpattn.gather_sequence(t.grad[:, :, p:], mesh, 2, case.layout).double().cpu()
-            result.errors[name] = max((text - ref.grad[:, :, :p]).abs().max().item(),
-                                      (img - ref.grad[:, :, p:]).abs().max().item())
+            summed = local_text(t.grad).to("cpu", torch.float64, copy=True)
+            dist.all_reduce(summed)  # replicated inputs: per-rank contributions sum to the gradient
+            img = cpattn.gather_sequence(t.grad[:, :, p:local_end], mesh, 2, case.layout).double().cpu()
+            result.errors[name] = max((summed - text(ref.grad)).abs().max().item(),
+                                      (img - ref.grad[:, :, p:end]).abs().max().item())
         if sinks is not None:
             result.errors["dsinks"] = (_replicated_grad(sinks_l.grad) - ref_sinks.grad).abs().max().item()
     return result
@@ -265,7 +273,7 @@ def _run_case(case: Case, rank: int, world: int, meshes: dict) -> Outcome:
     if (case.mesh, case.device) not in meshes:  # built once per process: every rank builds them in the same order
         meshes[(case.mesh, case.device)] = _mesh(case, world)
     mesh = meshes[(case.mesh, case.device)]
-    if case.prefix:
+    if case.prefix or case.suffix:
         return _run_prefix_case(case, rank, world, mesh)
     dtype = getattr(torch, case.dtype)
     q, k, v, dout, mask = _problem(case)
