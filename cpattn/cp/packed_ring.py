@@ -212,9 +212,11 @@ class _OwnGrads:
             return
         exchange, plan = self._in_flight
         self._in_flight = None
-        if exchange is None or plan is None:
+        if exchange is None:
             return
-        parts = exchange.wait()
+        parts = exchange.wait()  # a send-only exchange is waited for too: until then its parts may not have left
+        if plan is None:
+            return
         for i, c in enumerate(plan.chains):
             self.add(plan.kv[0] + c.k0, parts[2 * i], parts[2 * i + 1])
 
