@@ -26,8 +26,8 @@ For a varlen kernel a chain is one call on views of the chain's rows and keys: e
 rows and keys between pieces sequences of their own with nothing to attend (zero keys, or zero queries), so that
 the views need no copy. Their rows come back with log-sum-exp -inf, which merges as nothing.
 For a provider that takes dense masks, a chain is split into *groups*: consecutive pieces whose bounding block is
-at most twice their own area (or small, MIN_GROUP_CELLS), one call each with the block's document mask, a lone
-piece with no mask at all; for a provider without masks, every piece is a call of its own.
+at most twice their own area (or small, MIN_GROUP_CELLS), one call each with the block's document mask (each
+piece's band in it), a lone piece with no mask, its own causal flag or band; for a provider without masks, every piece is a call of its own.
 """
 
 from __future__ import annotations
