@@ -22,7 +22,8 @@ from .errors import (
 from .names import AttentionProvider
 from .patch import is_sdpa_patched, patch_sdpa, sdpa_patched, unpatch_sdpa
 from .providers import PROVIDERS, get_provider
-from .packed import flash_varlen_attention
+from .packed import (flash_varlen_attention, gather_packed, packed_attention, packed_cu_seqlens, packed_layout,
+                     packed_position_ids, shard_packed)
 from .reference import reference_attention
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ __all__ = [
     "AttentionCall", "AttentionProvider", "Capabilities", "CommTimeoutError", "CpattnError",
     "InvalidArgumentError", "NoAttentionCallError", "PROVIDERS", "Provider", "ProviderUnavailableError", "RankMismatchError",
     "UnsupportedInputError", "attention_dispatch", "attention_provider", "current_provider", "get_provider",
-    "document_mask", "flash_varlen_attention", "gather_sequence", "is_sdpa_patched", "local_position_ids",
-    "patch_sdpa", "reference_attention", "sdpa_patched", "shard_sequence", "sharded_kv_attention", "unpatch_sdpa",
+    "document_mask", "flash_varlen_attention", "gather_packed", "gather_sequence", "is_sdpa_patched",
+    "local_position_ids", "packed_attention", "packed_cu_seqlens", "packed_layout", "packed_position_ids",
+    "patch_sdpa", "reference_attention", "sdpa_patched", "shard_packed", "shard_sequence", "sharded_kv_attention",
+    "unpatch_sdpa",
 ]

@@ -71,7 +71,7 @@ def make_call(
     if scale is None:
         scale = default_scale(d)
     return AttentionCall(query, key, value, attn_mask, bool(is_causal), float(scale), float(dropout_p), enable_gqa,
-                         checked_window(window), checked_softcap(softcap), _checked_sinks(sinks, query),
+                         checked_window(window), checked_softcap(softcap), checked_sinks(sinks, query),
                          _checked_kv_replicated(kv_replicated, sharded))
 
 
@@ -105,7 +105,7 @@ def checked_softcap(softcap) -> float | None:
     return float(softcap)
 
 
-def _checked_sinks(sinks, query) -> torch.Tensor | None:
+def checked_sinks(sinks, query) -> torch.Tensor | None:
     if sinks is None:
         return None
     heads = query.shape[1]

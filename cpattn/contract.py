@@ -36,7 +36,7 @@ import torch
 from einops import reduce, repeat
 
 from .ops import gradsum
-from .ops.window import local_band_mask
+from .ops.window import local_band_mask, window_band
 from .errors import ProviderUnavailableError
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -399,12 +399,7 @@ def structure_reasons(caps: Capabilities, call: AttentionCall) -> list[str]:
 def band(call: AttentionCall) -> "tuple[int | None, int | None] | None":
     """The (left, right) band of key offsets j - i in [-left, right] that `call` may attend, its window and
     is_causal (top-left: right <= 0) together; None when neither limits it."""
-    if call.window is None:
-        return (None, 0) if call.is_causal else None
-    left, right = call.window
-    if call.is_causal:
-        right = 0 if right is None else min(right, 0)
-    return left, right
+    return window_band(call.window, call.is_causal)
 
 
 def _mask_hint(caps: Capabilities) -> str:

@@ -11,6 +11,12 @@ after another, their boundaries in int32 cu_seqlens.
 * `packed_attention` runs the current provider (`attention_provider`) over a stream sharded by documents: the
   packed ring on `flash_varlen`'s varlen kernels, on any other provider its forward/backward per group of
   documents, with a dense document mask where it takes masks. On one device it is the ring's one step.
+* Windows, softcaps and sinks apply per document. A window (left, right) counts positions within the document:
+  a query at document offset i sees the keys of its own document at offsets i - left .. i + right (right 0
+  under is_causal), as attention_dispatch's window does on one sequence. On the varlen kernels every call gets
+  its pieces' bands bottom-right aligned, as flash-attn reads window_size per sequence; on other providers a
+  band becomes part of the block's mask where the kernel has no window. A softcap goes to every kernel call;
+  sinks join once per row, after every block is merged (cpattn/cp/packed_ring.py).
 * `shard_packed`, `gather_packed`, `packed_cu_seqlens`, `packed_position_ids` and `packed_layout` give a rank its
   shard of a stream sharded by documents, its inverse, the local boundaries and the positions within each
   document (for RoPE); cpattn/cp/packed_layout.py says how the documents are placed and why.
@@ -23,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .call import checked_sinks, checked_softcap, checked_window
 from .contract import (AttentionCall, Provider, default_scale, lse_for_kernel_backward, normalize_lse,
                        on_device)
 from .cp.comm import all_gather_padded, gather_signatures
@@ -30,12 +37,13 @@ from .cp.mesh import topology_from_mesh
 from .cp.packed_documents import run_packed_documents
 from .cp.packed_kernels import ProviderBlocks
 from .cp.packed_layout import DocumentLayout, document_layout
-from .cp.packed_plan import Chain
+from .cp.packed_plan import Chain, Piece
 from .state import current_state
 from .errors import InvalidArgumentError, UnsupportedInputError
 from .providers import get_provider
 from .providers.flash import Packing
 from .providers.flash.layout import align_head_dim, deterministic_algorithms
+from .providers.flash.score_mods import NO_MODS, KernelMods, band_sides
 
 SHARDINGS = ("sequence", "documents")
 
@@ -52,6 +60,9 @@ def flash_varlen_attention(
     scale: float | None = None,
     *,
     sharding: str = "sequence",
+    window: "tuple[int | None, int | None] | None" = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences on the `flash_varlen` provider, with autograd.
 
@@ -63,27 +74,35 @@ def flash_varlen_attention(
     the shards were made: "sequence" (`cpattn.shard_sequence`, all-gather) or "documents" (`shard_packed`, the
     packed ring; see the module docstring); a shard made otherwise is caught where its length differs from the
     layout's, and cannot be told apart where it does not. The checks read cu_seqlens on the host (one device sync).
+
+    `window`, `softcap` and `sinks` ((Hq,) logits) apply per sequence as the module docstring says. A window or
+    sinks need self-attention sequences (cu_seqlens_q equal to cu_seqlens_k): they run the packed ring's kernels
+    (on one device its one step), and under context parallelism shards made by `shard_packed`
+    (sharding="documents"). Sinks are a replicated parameter there: each rank's gradient is its own rows' share,
+    summed by the usual gradient all-reduce. A softcap runs on every path.
     """
     _check_packed_tensors(q, k, v)
     if sharding not in SHARDINGS:
         raise InvalidArgumentError(f"sharding={sharding!r}; choose one of {SHARDINGS}")
     cp = current_state().cp
     provider = get_provider("flash_varlen")
+    view = with_mods(packed_view(q, k, v, is_causal, scale), window, softcap, sinks)
     if cp is not None and sharding == "documents":
         _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k)
         bounds = _checked_bounds(cu_seqlens_q, max_seqlen_q, max_seqlen_k, q.device)
-        return _documents(cp, provider, packed_view(q, k, v, is_causal, scale), bounds)
+        return _documents(cp, provider, view, bounds)
     if cp is not None and cp.world_size > 1:
-        return _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, is_causal, scale)
+        return _packed_under_cp(cp, provider, view, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal)
     provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
-    view = packed_view(q, k, v, is_causal, scale)
+    if view.window is not None or view.sinks is not None:  # per document: the packed ring's one step
+        _check_documents_for_mods(view, cu_seqlens_q, cu_seqlens_k)
+        return _documents(None, provider, view, cu_seqlens_q.tolist())
     reasons = provider.reasons(view)
     if reasons:
         raise UnsupportedInputError("flash_varlen_attention", reasons)
     packing = Packing(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k))
-    return provider.packed_attention(q, k, v, packing, view.scale, view.is_causal)
+    return provider.packed_attention(q, k, v, packing, view.scale, view.is_causal, _softcap_mods(view))
 
 
 def packed_attention(
@@ -103,16 +122,46 @@ def packed_attention(
     q: (tokens, Hq, D), k and v: (tokens, Hkv, D), Hq a multiple of Hkv; `cu_seqlens`: int32 boundaries of the
     whole stream's documents. Under `attention_provider(p, cp_mesh=mesh)` q, k, v are this rank's shard made by
     `shard_packed` (cp_strategy 'auto' or 'ring': the packed ring; 'allgather' on `flash_varlen` only); on one
-    device, the whole stream. `window`, `softcap` and `sinks` are refused for now (never dropped).
-    Returns (tokens, Hq, Dv). The checks read cu_seqlens on the host (one device sync).
+    device, the whole stream. Returns (tokens, Hq, Dv). The checks read cu_seqlens on the host (one device sync).
+
+    `window` (left, right), `softcap` and `sinks` ((Hq,) logits) apply per document (see the module docstring):
+    a window counts positions within each document; the ring skips the pieces of documents, and the steps, it
+    does not reach. A softcap needs a provider that applies one ('flash', 'flash_varlen', 'flex',
+    '_native_math'); sinks join once per row, after the merge, with a gradient. Sinks are a parameter replicated
+    on every rank: under context parallelism each rank's gradient is its own rows' share, and the usual gradient
+    all-reduce over the group sums the shares to the whole gradient. cp_strategy='allgather' takes the softcap
+    but refuses windows and sinks (use the ring).
     """
     _check_packed_tensors(q, k, v)
     state = current_state()
     bounds = _checked_bounds(cu_seqlens, None, None, q.device)
-    view = packed_view(q, k, v, is_causal, scale).replace(window=window, softcap=softcap, sinks=sinks)
+    view = with_mods(packed_view(q, k, v, is_causal, scale), window, softcap, sinks)
     if state.cp is None and bounds[-1] != q.shape[0]:
         raise InvalidArgumentError(f"cu_seqlens end at {bounds[-1]} but q holds {q.shape[0]} tokens")
     return _documents(state.cp, state.provider, view, bounds)
+
+
+def with_mods(view: AttentionCall, window, softcap, sinks) -> AttentionCall:
+    """The packed view with its window, softcap and sinks, checked as attention_dispatch checks them."""
+    return view.replace(window=checked_window(window), softcap=checked_softcap(softcap),
+                        sinks=checked_sinks(sinks, view.query))
+
+
+def _softcap_mods(view: AttentionCall) -> KernelMods:
+    """The varlen kernels' modifications of a call spanning whole sequences: its softcap (a window or sinks
+    never get here: they run per document)."""
+    return NO_MODS if view.softcap is None else KernelMods(softcap=view.softcap)
+
+
+def _check_documents_for_mods(view: AttentionCall, cu_seqlens_q, cu_seqlens_k) -> None:
+    """A window or sinks on one device run per document of one packed stream: self-attention sequences."""
+    if not torch.equal(cu_seqlens_q.cpu(), cu_seqlens_k.cpu()):
+        shown = [f"window={view.window}"] if view.window is not None else []
+        shown += ["sinks"] if view.sinks is not None else []
+        raise UnsupportedInputError("flash_varlen_attention", [
+            f"{' and '.join(shown)} with cu_seqlens_q != cu_seqlens_k: windows and sinks apply per document of "
+            "one packed stream (self-attention, cu_seqlens_q equal to cu_seqlens_k); for cross-attention with a "
+            "window or sinks use cpattn.attention_dispatch per sequence on provider 'flash' or 'native'"])
 
 
 def _documents(cp, provider: Provider, view: AttentionCall, bounds: list[int]) -> torch.Tensor:
@@ -141,9 +190,10 @@ def _mask_stand_in(call: AttentionCall) -> torch.Tensor:
 
 
 class VarlenBlocks:
-    """The packed ring's kernel on `flash_varlen` (see cpattn/cp/packed_kernels.py): one varlen forward or
-    backward per chain, on views of its rows and keys, with the chain's cu_seqlens (pieces and the gaps between
-    them). Also the all-gather schedule's varlen call (`gathered`)."""
+    """The packed ring's kernel on `flash_varlen` (see cpattn/cp/packed_kernels.py): per chain, one varlen
+    forward or backward per `kernel_calls` group of its pieces (without a window: the whole chain), on views of
+    its rows and keys, with the group's cu_seqlens (pieces and the gaps between them), its window bottom-right
+    and the call's softcap. Also the all-gather schedule's varlen call (`gathered`)."""
 
     def __init__(self, provider: Provider, view: AttentionCall):
         self._provider, self._view = provider, view
@@ -154,31 +204,113 @@ class VarlenBlocks:
     def _multiple(self, backward: bool) -> int:
         return self._provider.head_dim_multiple(self._view, backward=backward)
 
+    def _mods(self, window) -> KernelMods:
+        if window is None and self._view.softcap is None:
+            return NO_MODS
+        return KernelMods(window=window, softcap=self._view.softcap)
+
     def forward(self, q, k, v, chain):
+        calls = kernel_calls(chain)
+        if len(calls) == 1:  # the call's rows and keys are the chain's
+            return self._call_forward(q, k, v, *calls[0])
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        for call, window in calls:  # rows between the calls see no key: out 0, lse -inf
+            rows, keys = slice(call.q0, call.q1), slice(call.k0, call.k1)
+            out[rows], lse[:, rows] = self._call_forward(q[rows], k[keys], v[keys], call, window)
+        return out, lse
+
+    def _call_forward(self, q, k, v, call: Chain, window):
         gen, multiple = self._provider.generation(), self._multiple(False)
         with torch.no_grad(), on_device(q.device):
             out, lse = gen.varlen_forward(align_head_dim(q, multiple), align_head_dim(k, multiple),
-                                          align_head_dim(v, multiple), self._packing(chain, q.device),
-                                          self._view.scale, chain.causal)
+                                          align_head_dim(v, multiple), self._packing(call, q.device),
+                                          self._view.scale, call.causal, self._mods(window))
         if lse.dim() == 3:  # releases before varlen LSE went (H, total_q): (sequences, H, longest query)
-            cu_q = chain.sequences[0]
+            cu_q = call.sequences[0]
             lse = torch.cat([lse[i, :, : b - a] for i, (a, b) in enumerate(zip(cu_q, cu_q[1:]))], dim=-1)
         return out[..., : v.shape[-1]], normalize_lse(lse, q.shape[0])
 
     def backward(self, dout, q, k, v, out, lse, chain):
+        calls = kernel_calls(chain)
+        if len(calls) == 1:
+            return self._call_backward(dout, q, k, v, out, lse, *calls[0])
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for call, window in calls:
+            rows, keys = slice(call.q0, call.q1), slice(call.k0, call.k1)
+            dq[rows], dk[keys], dv[keys] = self._call_backward(dout[rows], q[rows], k[keys], v[keys], out[rows],
+                                                               lse[:, rows], call, window)
+        return dq, dk, dv
+
+    def _call_backward(self, dout, q, k, v, out, lse, call: Chain, window):
         gen, multiple = self._provider.generation(), self._multiple(True)
         dtype = q.dtype
         do, qa, ka, va, oa = (align_head_dim(t.to(dtype), multiple) for t in (dout, q, k, v, out))
         with torch.no_grad(), on_device(q.device):
             dq, dk, dv = gen.varlen_backward(do, qa, ka, va, oa, lse_for_kernel_backward(lse).float().contiguous(),
-                                             self._packing(chain, q.device), self._view.scale, chain.causal,
-                                             deterministic_algorithms())
+                                             self._packing(call, q.device), self._view.scale, call.causal,
+                                             deterministic_algorithms(), self._mods(window))
         return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
     def gathered(self, qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as all-gather needs
         view = self._view
         return self._provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale,
-                                               view.is_causal)
+                                               view.is_causal, _softcap_mods(view))
+
+
+# -- one varlen call per group of a chain's pieces that share a window ------------------------------------------
+
+Side = "tuple[int | None, int]"  # (bottom-right side or None unbounded, the least int that stands for None)
+
+
+def _piece_sides(p: Piece) -> "tuple[Side, Side]":
+    """A piece's band as the kernels' bottom-right (left, right) sides, each with the least bound that is the same
+    as unbounded on this piece: a left side of keys - 1 lets the last row reach key 0, a right side of rows - 1
+    lets the first row reach the last key."""
+    rows, keys = p.q1 - p.q0, p.k1 - p.k0
+    if p.window is not None:
+        left, right = band_sides(p.window, rows, keys)  # >= 0: trim_block cut the piece to its band
+    else:
+        left, right = None, (0 if p.causal else None)
+    return (left, keys - 1), (right, rows - 1)
+
+
+def _join_side(a: Side, b: Side) -> "Side | None":
+    """One side both pieces can take, or None: equal bounds, or a bound that covers the unbounded one's piece."""
+    (va, na), (vb, nb) = a, b
+    if va is None and vb is None:
+        return None, max(na, nb)
+    if va is not None and vb is not None:
+        return a if va == vb else None
+    value, need = (va, nb) if va is not None else (vb, na)
+    return (value, 0) if value >= need else None
+
+
+@functools.lru_cache(maxsize=4096)
+def kernel_calls(chain: Chain) -> "tuple[tuple[Chain, tuple | None], ...]":
+    """The chain as varlen calls: consecutive pieces whose bands one window_size holds (bottom-right, as the
+    kernels align it per sequence) share a call. Each call is (a chain relative to this chain's starts, whose
+    causal flag the call takes, the window or None). A chain without windows is one call; with a window, whole
+    documents shorter than it join the longer ones' call (their band is then the same as unbounded)."""
+    groups: list[list] = []  # [pieces, left side, right side]
+    for p in chain.pieces:
+        left, right = _piece_sides(p)
+        if groups:
+            joined = _join_side(groups[-1][1], left), _join_side(groups[-1][2], right)
+            if None not in joined:
+                groups[-1][0].append(p)
+                groups[-1][1:] = joined
+                continue
+        groups.append([[p], left, right])
+    return tuple(_call_of(members, left[0], right[0]) for members, left, right in groups)
+
+
+def _call_of(members: list[Piece], left, right) -> "tuple[Chain, tuple | None]":
+    causal = left is None and right == 0  # the kernels' causal mask is this band
+    window = None if causal or (left is None and right is None) else (left, right)
+    q0, k0 = members[0].q0, members[0].k0
+    pieces = tuple(p.moved(q0, k0) for p in members)
+    return Chain(q0, members[-1].q1, k0, members[-1].k1, causal, pieces), window
 
 
 @functools.lru_cache(maxsize=4096)
@@ -295,20 +427,22 @@ def packed_view(q, k, v, is_causal, scale) -> AttentionCall:
     )
 
 
-def _packed_under_cp(cp, provider, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
-                     scale) -> torch.Tensor:
-    """q, k, v: this rank's shard of one packed stream; cu_seqlens: that stream's global boundaries (see
+def _packed_under_cp(cp, provider, view: AttentionCall, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                     max_seqlen_k) -> torch.Tensor:
+    """`view`: this rank's shard of one packed stream; cu_seqlens: that stream's global boundaries (see
     cpattn/cp/packed.py for the schedule)."""
+    q, k = view.query, view.key
+    q, k = q.squeeze(0).transpose(0, 1), k.squeeze(0).transpose(0, 1)
     _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k)
     lengths = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, int(cu_seqlens_q[-1]), "the whole packed stream",
                                 q.device)
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, lengths)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths)
     provider.require_available()
-    view = packed_view(q, k, v, is_causal, scale)
 
     def kernel(qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as the schedule needs
-        return provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale, view.is_causal)
+        return provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale, view.is_causal,
+                                         _softcap_mods(view))
 
     return cp.run_packed(provider, view, kernel, cu_seqlens_q.tolist())
 

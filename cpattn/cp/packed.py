@@ -12,6 +12,9 @@ the gathered K/V, and the run's rows are a contiguous slice of the local queries
 views, with no repacking. A query segment shorter than its key segment ends where its keys end, which is how
 varlen kernels align causal attention (bottom-right), so no position offsets are needed.
 
+The caller's varlen kernel carries the call's softcap to every call; windows and sinks are refused here, named
+with the packed ring that takes them (`gathered_mod_reasons`).
+
 Shards made this way (by positions of the whole stream) run all-gather on a 1-D mesh (`packed_reasons`), entered
 through ContextParallel.run_packed. Streams sharded by documents (cp/packed_layout.py) run the packed ring
 (cp/packed_documents.py), or all-gather through `packed_attention` here with that layout's positions. This module
@@ -41,7 +44,8 @@ SCHEDULE = "allgather"  # the schedule packed streams run, as the agreement chec
 def run_packed(cp: Setup, provider: Provider, call: AttentionCall, kernel: VarlenKernel,
                bounds: list[int]) -> torch.Tensor:
     """Check every rank agrees (the call, then the document boundaries), then `packed_attention`."""
-    reasons = provider.reasons(call) + packed_reasons(cp, cp.strategy) + score_mod_reasons(call)
+    reasons = provider.reasons(call) + packed_reasons(cp, cp.strategy) + gathered_mod_reasons(
+        call, "shard the stream with cpattn.packed.shard_packed and pass sharding='documents' (the packed ring)")
     total = agree(cp, provider, call, SCHEDULE, refused=bool(reasons)).total
     if reasons:
         raise UnsupportedInputError(f"packed sequences on provider '{provider.name}' under context "
@@ -69,15 +73,18 @@ def packed_reasons(cp: Setup, strategy: str) -> list[str]:
     return out
 
 
-def score_mod_reasons(call: AttentionCall) -> list[str]:
-    """Windows, softcaps and sinks on a packed call: refused, never dropped."""
+def gathered_mod_reasons(call: AttentionCall, instead: str) -> list[str]:
+    """Why all-gather's varlen calls cannot take the call's window or sinks (never dropped): a call spans the
+    documents a run of queries touches, each with its own offset between queries and keys, so one window_size
+    does not fit them all; and the calls return no log-sum-exp to join sinks through. A softcap they take (it
+    is the same for every score). `instead`: what runs them (the packed ring)."""
     out = []
-    for name, value in (("window", call.window), ("softcap", call.softcap), ("sinks", call.sinks)):
-        if value is not None:
-            shown = f"{name}={value}" if name != "sinks" else "sinks"
-            out.append(f"{shown} is not supported on packed streams yet: the packed schedules do not apply it per "
-                       "document; use attention_dispatch with cpattn.document_mask(...) and the window, softcap or "
-                       "sinks on a dense schedule")
+    if call.window is not None:
+        out.append(f"window={call.window} is not supported by all-gather over packed streams (its varlen calls "
+                   f"span several documents with one window); {instead}, which applies it per document")
+    if call.sinks is not None:
+        out.append("sinks are not supported by all-gather over packed streams (its varlen calls return no "
+                   f"log-sum-exp to join them through); {instead}, which joins them once per row")
     return out
 
 

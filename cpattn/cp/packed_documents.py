@@ -2,14 +2,17 @@
 
 Order of events, the same on every rank: every local reason to refuse is collected; one small all-gather
 compares an integer signature of the call (provider, schedule, dtype, heads, dims, causal, scale, gradients,
-the document boundaries' checksum, whether the rank refused, its local length); any difference or refusal raises
+window, softcap, sinks, the document boundaries' checksum, whether the rank refused, its local length); any
+difference or refusal raises
 the same error everywhere before data moves; each rank's local length must be what the document layout gives
 it. Then cp_strategy picks the schedule: 'ring' or 'auto' the packed ring (cp/packed_ring.py), 'allgather' the
 gathered varlen calls of cp/packed.py over the same shards (varlen kernels only). With no group (one device)
 the packed ring runs its one step.
 
-Windows, softcaps and sinks are refused: the packed schedules apply none of them per document yet, and
-dropping one would be silently wrong.
+Windows, softcaps and sinks run per document on the packed ring (cp/packed_ring.py: windows cut its pieces, a
+softcap goes to every kernel call, sinks join once in the final merge). All-gather over document shards takes a
+softcap (its varlen calls apply it); its calls span several documents at once with one window and return no
+log-sum-exp, so it refuses windows and sinks, naming the ring, rather than drop them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..contract import AttentionCall, Provider
 from ..errors import RankMismatchError, UnsupportedInputError
 from .agreement import gather_names, provider_code
 from .comm import CommStats, all_gather_padded, all_reduce_sum, gather_signatures
-from .packed import VarlenKernel, check_bounds, gathered_runs, score_mod_reasons
+from .packed import VarlenKernel, check_bounds, gathered_mod_reasons, gathered_runs
 from .packed_kernels import BlockKernel
 from .packed_layout import DocumentLayout, document_layout
 from .packed_ring import PackedRingSpec, packed_ring_attention
@@ -32,7 +35,8 @@ from .schedule import Setup
 SCHEDULES = ("ring", "allgather")  # what packed documents run, by cp_strategy ('auto' is the ring)
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 FIELDS = ("provider", "schedule", "dtype", "query heads", "key/value heads", "head dim", "value head dim",
-          "is_causal", "scale", "requires grad", "number of cu_seqlens entries", "cu_seqlens (checksum)")
+          "is_causal", "scale", "requires grad", "window left", "window right", "softcap", "sinks",
+          "number of cu_seqlens entries", "cu_seqlens (checksum)")
 _REFUSED, _LENGTH = len(FIELDS), len(FIELDS) + 1
 SHARD_HINT = ("shard q, k and v with cpattn.packed.shard_packed(x, cu_seqlens, cp_mesh) and pass the global "
               "cu_seqlens")
@@ -44,7 +48,7 @@ def schedule_of(cp: Setup | None) -> str:
 
 def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKernel | None) -> list[str]:
     """Why packed documents cannot run `call` with `cp` (whatever the provider)."""
-    out = score_mod_reasons(call)
+    out = gathered_mod_reasons(call, "cp_strategy='ring' or 'auto'") if schedule_of(cp) == "allgather" else []
     if cp is None:
         return out
     if cp.topology.mesh_dims != 1:
@@ -61,11 +65,23 @@ def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKern
     return out
 
 
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _window_sides(window) -> list[int]:
+    """A window's sides as integers: -1 an unbounded side, -2 no window at all."""
+    if window is None:
+        return [-2, -2]
+    return [-1 if side is None else int(side) for side in window]
+
+
 def _signature(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[int], refused: bool) -> list[int]:
     digest = zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds))
-    scale = struct.unpack("<q", struct.pack("<d", float(call.scale)))[0]
+    softcap = 0 if call.softcap is None else _float_bits(call.softcap)
     return [provider_code(provider), SCHEDULES.index(schedule_of(cp)), _DTYPES.get(call.dtype, 0), call.q_heads,
-            call.kv_heads, call.head_dim, call.value_dim, int(call.is_causal), scale, int(call.needs_grad),
+            call.kv_heads, call.head_dim, call.value_dim, int(call.is_causal), _float_bits(call.scale),
+            int(call.needs_grad), *_window_sides(call.window), softcap, int(call.sinks is not None),
             len(bounds), digest, int(refused), call.q_len]
 
 
@@ -121,8 +137,8 @@ def run_packed_documents(cp: Setup | None, provider: Provider, call: AttentionCa
     if schedule_of(cp) == "allgather":
         return _gathered(gathered, cp, layout, call, bounds)
     spec = PackedRingSpec(cp.topology.ring if cp is not None else None, layout, call.is_causal,
-                          cp.data_timeout if cp is not None else None, stats)
-    return packed_ring_attention(kernel, spec, _shd(call.query), _shd(call.key), _shd(call.value))
+                          cp.data_timeout if cp is not None else None, stats, window=call.window)
+    return packed_ring_attention(kernel, spec, _shd(call.query), _shd(call.key), _shd(call.value), call.sinks)
 
 
 class _GatherDocuments(torch.autograd.Function):

@@ -8,6 +8,10 @@ pieces included (out 0, lse -inf: they merge as nothing), and its (dq, dk, dv) o
 Two implementations: a varlen kernel, one call per chain with the chain's `sequences` (made by the packed API,
 cpattn/packed.py, which knows the provider), and `ProviderBlocks`, for any provider of the contract: one
 `forward`/`backward` per group of pieces, with the group's dense document mask where the provider takes masks.
+
+Score modifications: a piece's band (`Piece.window`) is its own, in its top-left coordinates; the call's softcap
+goes to every kernel call as it is (exact per block, the merge is unchanged); the call's sinks never reach a
+kernel: the packed ring joins them once, to the merged rows (cp/packed_ring.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Protocol
 import torch
 
 from ..contract import AttentionCall, Provider
+from ..scoremods import as_kernel_call
 from .packed_plan import Chain, document_block_mask
 
 
@@ -45,18 +50,20 @@ def _shd(x: torch.Tensor) -> torch.Tensor:
 class ProviderBlocks:
     """A chain on a provider of the contract: per group (`Chain.groups`), one `forward` on views of the group's
     rows and keys, with its document mask where it has more than one piece (the provider then takes boolean
-    masks) or with the piece's own causal flag. `call` is the packed call whose scale and flags every block
-    keeps."""
+    masks) or with the piece's own causal flag and band (a band the provider has no window for becomes a mask:
+    scoremods.as_kernel_call). `call` is the packed call whose scale, flags and softcap every block keeps."""
 
     def __init__(self, provider: Provider, call: AttentionCall, masks: bool):
         self.provider, self.call, self.masks = provider, call, masks
 
     def _block(self, group: Chain, q, k, v) -> AttentionCall:
         # masks are made again for the backward rather than kept: they are small, the forward's steps many
-        mask = document_block_mask(group, q.device) if len(group.pieces) > 1 else None
-        return self.call.replace(query=_bhsd(q[group.q0:group.q1]), key=_bhsd(k[group.k0:group.k1]),
-                                 value=_bhsd(v[group.k0:group.k1]), attn_mask=mask,
-                                 is_causal=mask is None and group.pieces[0].causal)
+        lone = len(group.pieces) == 1
+        mask = None if lone else document_block_mask(group, q.device)
+        return as_kernel_call(self.provider, self.call.replace(
+            query=_bhsd(q[group.q0:group.q1]), key=_bhsd(k[group.k0:group.k1]), value=_bhsd(v[group.k0:group.k1]),
+            attn_mask=mask, is_causal=lone and group.pieces[0].causal,
+            window=group.pieces[0].window if lone else None, sinks=None))
 
     def forward(self, q, k, v, chain):
         rows, heads = q.shape[0], q.shape[1]

@@ -6,6 +6,14 @@ positions). Causal: the owner's run entirely before the consumer's is attended i
 consumer's own, on the diagonal step) causally, top-left, which is exact because local order is global order
 within a run; a run after is not attended. Non-causal: every pair in full. No pieces: the step is skipped.
 
+With a window (left, right), positions are offsets within the document: a query at offset i sees the keys of its
+own document at offsets i - left .. i + right (causal: right 0). Both runs of a piece lie in one document, so the
+band in the piece's own top-left coordinates is the window shifted by the difference of the runs' starts
+(ops/window.shifted), and `trim_block` cuts the piece to the rows and keys the band reaches: a piece it does not
+reach is dropped like a masked one (no work, and a step left without pieces sends nothing), and the band of
+what is left (`Piece.window`, sides >= 0 or None) goes with it to the kernel. Keys no piece reaches are not
+sent either: the step's key range is the hull of the trimmed pieces' keys.
+
 The owner sends the consumer only the keys its pieces read, as one contiguous range of its shard (`kv`): with the
 layout's region order that is its early chunks, or its early and late chunks; never its whole documents.
 
@@ -18,8 +26,8 @@ For a varlen kernel a chain is one call on views of the chain's rows and keys: e
 rows and keys between pieces sequences of their own with nothing to attend (zero keys, or zero queries), so that
 the views need no copy. Their rows come back with log-sum-exp -inf, which merges as nothing.
 For a provider that takes dense masks, a chain is split into *groups*: consecutive pieces whose bounding block is
-at most twice their own area (or small, MIN_GROUP_CELLS), one call each with the block's document mask, a lone
-piece with no mask at all; for a provider without masks, every piece is a call of its own.
+at most twice their own area (or small, MIN_GROUP_CELLS), one call each with the block's document mask (each
+piece's band in it), a lone piece with no mask, its own causal flag or band; for a provider without masks, every piece is a call of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.window import TrimmedBlock, local_band_mask, shifted, trim_block, window_band
 from .packed_layout import DocumentLayout
 
 MIN_GROUP_CELLS = 128 * 128  # a masked block this small costs about a kernel launch whatever its mask
@@ -36,17 +45,29 @@ MIN_GROUP_CELLS = 128 * 128  # a masked block this small costs about a kernel la
 
 @dataclass(frozen=True)
 class Piece:
-    """Query rows [q0, q1) of the consumer's shard against key rows [k0, k1) of the owner's."""
+    """Query rows [q0, q1) of the consumer's shard against key rows [k0, k1) of the owner's: every pair, the
+    causal (top-left) ones, or those of the top-left band `window` (sides >= 0 or None; never with `causal`,
+    the band holds causality)."""
 
     q0: int
     q1: int
     k0: int
     k1: int
     causal: bool
+    window: "tuple[int | None, int | None] | None" = None
 
     @property
     def cells(self) -> int:
         return (self.q1 - self.q0) * (self.k1 - self.k0)
+
+    @property
+    def full(self) -> bool:
+        """Every (row, key) pair attended: pieces that merge with their neighbours."""
+        return not self.causal and self.window is None
+
+    def moved(self, dq: int, dk: int) -> "Piece":
+        """The same piece with its rows moved by -dq and its keys by -dk."""
+        return Piece(self.q0 - dq, self.q1 - dq, self.k0 - dk, self.k1 - dk, self.causal, self.window)
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: plans are cached, and chains key caches
@@ -99,8 +120,10 @@ class StepPlan:
         return sum(p.cells for c in self.chains for p in c.pieces)
 
 
-def pieces(layout: DocumentLayout, consumer: int, owner: int, causal: bool) -> list[Piece]:
+def pieces(layout: DocumentLayout, consumer: int, owner: int, causal: bool, window=None) -> list[Piece]:
     """Every (consumer run x owner run) a step attends, in local coordinates of the two shards."""
+    if window is not None:
+        return _windowed_pieces(layout, consumer, owner, window_band(window, causal))
     out = []
     for doc in layout.shared_docs(consumer, owner):
         for mine in layout.runs_of_doc(consumer, doc):
@@ -110,6 +133,27 @@ def pieces(layout: DocumentLayout, consumer: int, owner: int, causal: bool) -> l
                 elif not causal or theirs.stop <= mine.start:
                     out.append(Piece(mine.local, mine.local_stop, theirs.local, theirs.local_stop, False))
     return out
+
+
+def _windowed_pieces(layout: DocumentLayout, consumer: int, owner: int, band) -> list[Piece]:
+    """The pieces of a windowed step: every pair of runs of a shared document, cut to what its band reaches."""
+    out = []
+    for doc in layout.shared_docs(consumer, owner):
+        for mine in layout.runs_of_doc(consumer, doc):
+            for theirs in layout.runs_of_doc(owner, doc):
+                cut = trim_block(mine.size, theirs.size, shifted(band, mine.start, theirs.start))
+                if cut is not None:
+                    out.append(_trimmed_piece(mine.local, theirs.local, cut))
+    return out
+
+
+def _trimmed_piece(q_start: int, k_start: int, cut: TrimmedBlock) -> Piece:
+    """A trimmed block as a piece; a band that is only causal on a square block is the causal flag (which
+    kernels take on their fastest paths, and which chains with the other causal pieces)."""
+    rows, keys = cut.q1 - cut.q0, cut.k1 - cut.k0
+    causal = cut.window == (None, 0) and rows == keys
+    window = None if causal else cut.window
+    return Piece(q_start + cut.q0, q_start + cut.q1, k_start + cut.k0, k_start + cut.k1, causal, window)
 
 
 def _merge(items: list[Piece]) -> list[Piece]:
@@ -122,7 +166,7 @@ def _merge(items: list[Piece]) -> list[Piece]:
     ):
         merged: list[Piece] = []
         for p in sorted(items, key=key):
-            if merged and not p.causal and not merged[-1].causal and touch(merged[-1], p):
+            if merged and p.full and merged[-1].full and touch(merged[-1], p):
                 merged[-1] = join(merged[-1], p)
             else:
                 merged.append(p)
@@ -144,16 +188,17 @@ def _chains(items: list[Piece], kv_start: int) -> tuple[Chain, ...]:
     out = []
     for chain in open_chains:
         q0, k0 = chain[0].q0, chain[0].k0 - kv_start
-        rel = tuple(Piece(p.q0 - q0, p.q1 - q0, p.k0 - kv_start - k0, p.k1 - kv_start - k0, p.causal)
-                    for p in chain)
+        rel = tuple(p.moved(q0, kv_start + k0) for p in chain)
         out.append(Chain(q0, chain[-1].q1, k0, chain[-1].k1 - kv_start, chain[0].causal, rel))
     return tuple(out)
 
 
 @functools.lru_cache(maxsize=4096)
-def step_plan(layout: DocumentLayout, consumer: int, owner: int, causal: bool) -> StepPlan | None:
-    """The step of `consumer`'s queries against `owner`'s keys, or None when they share no attended pair."""
-    items = [p for p in pieces(layout, consumer, owner, causal) if p.q1 > p.q0 and p.k1 > p.k0]
+def step_plan(layout: DocumentLayout, consumer: int, owner: int, causal: bool,
+              window: "tuple[int | None, int | None] | None" = None) -> StepPlan | None:
+    """The step of `consumer`'s queries against `owner`'s keys, or None when they share no attended pair;
+    `window` per document (see the module docstring)."""
+    items = [p for p in pieces(layout, consumer, owner, causal, window) if p.q1 > p.q0 and p.k1 > p.k0]
     if not items:
         return None
     kv = (min(p.k0 for p in items), max(p.k1 for p in items))
@@ -163,8 +208,7 @@ def step_plan(layout: DocumentLayout, consumer: int, owner: int, causal: bool) -
 @functools.lru_cache(maxsize=4096)
 def _groups(chain: Chain, masks: bool) -> tuple[Chain, ...]:
     if not masks:
-        return tuple(Chain(p.q0, p.q1, p.k0, p.k1, p.causal, (Piece(0, p.q1 - p.q0, 0, p.k1 - p.k0, p.causal),))
-                     for p in chain.pieces)
+        return tuple(Chain(p.q0, p.q1, p.k0, p.k1, p.causal, (p.moved(p.q0, p.k0),)) for p in chain.pieces)
     groups: list[list[Piece]] = []
     for p in chain.pieces:
         if groups:
@@ -177,18 +221,20 @@ def _groups(chain: Chain, masks: bool) -> tuple[Chain, ...]:
     out = []
     for g in groups:
         q0, k0 = g[0].q0, g[0].k0
-        rel = tuple(Piece(p.q0 - q0, p.q1 - q0, p.k0 - k0, p.k1 - k0, p.causal) for p in g)
+        rel = tuple(p.moved(q0, k0) for p in g)
         out.append(Chain(q0, g[-1].q1, k0, g[-1].k1, chain.causal, rel))
     return tuple(out)
 
 
 def document_block_mask(chain: Chain, device) -> torch.Tensor:
     """(1, 1, rows, keys) bool: True where a row and a key are in the same piece (and, in a causal piece, the key
-    is not after the row)."""
+    is not after the row; in a windowed one, within its band)."""
     mask = torch.zeros(chain.q1 - chain.q0, chain.k1 - chain.k0, dtype=torch.bool, device=device)
     for p in chain.pieces:
         block = mask[p.q0:p.q1, p.k0:p.k1]
         block.fill_(True)
         if p.causal:
             block.tril_()
+        if p.window is not None:
+            block &= local_band_mask(p.q1 - p.q0, p.k1 - p.k0, p.window, device)
     return mask.view(1, 1, *mask.shape)

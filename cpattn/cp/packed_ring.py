@@ -21,6 +21,16 @@ computing on them (r + i) and adds them, and its dQ parts, in float32, rounded o
 ring does, cp/ring.py). Per-chain gradients come from the kernel's backward given the global (out, lse), which is
 exact: a block's probabilities are exp(score - global lse).
 
+Score modifications. A window is per document: the step plans cut every piece to its band and drop the pieces,
+and the steps, it does not reach (cp/packed_plan.py), so a skipped step sends nothing here too, and a step sends
+only the keys its trimmed pieces read. A softcap goes to every kernel call (the kernel's call carries it). Sinks
+never reach a kernel: they join once per row, in the final merge, as one more log-sum-exp term on the merged
+(out, lse) (ops/sinks.add_sinks); the backward then runs with that log-sum-exp (T) and the final out, which gives
+the exact q, k, v gradients, and each rank computes its own rows' share of the sinks' gradient
+(ops/sinks.sink_grad). The sinks are a parameter replicated on every rank: the usual gradient all-reduce of the
+parameters over the group adds the shares, which is the whole gradient since every row lives on one rank only
+(as in the dense ring, cp/ring.py). Rows that see no key and no sink come out 0 with lse -inf, never NaN.
+
 This module never names a provider: the kernel comes in as a `BlockKernel` (cp/packed_kernels.py).
 """
 
@@ -32,6 +42,7 @@ from typing import Callable
 import torch
 
 from ..contract import autocast_off
+from ..ops.sinks import add_sinks, sink_grad
 from .comm import CommStats, RingChannel
 from .mesh import Group
 from .packed_kernels import BlockKernel
@@ -47,6 +58,7 @@ class PackedRingSpec:
     timeout: float | None  # None: see comm._wait
     stats: CommStats
     channel_factory: Callable[..., RingChannel] = RingChannel  # swappable: a benchmark runs ranks with no network
+    window: "tuple[int | None, int | None] | None" = None  # per document, (left, right) in document offsets
 
     @property
     def rank(self) -> int:
@@ -57,7 +69,7 @@ class PackedRingSpec:
         return self.layout.world
 
     def plan(self, consumer: int, owner: int) -> StepPlan | None:
-        return step_plan(self.layout, consumer % self.world, owner % self.world, self.causal)
+        return step_plan(self.layout, consumer % self.world, owner % self.world, self.causal, self.window)
 
     def channel(self) -> RingChannel | None:
         return self.channel_factory(self.group, self.timeout, self.stats) if self.world > 1 else None
@@ -96,11 +108,16 @@ class _RowMerge:
         self.out[:, rows], self.lse[:, rows] = _merge(self.out[:, rows], self.lse[:, rows], out.transpose(0, 1),
                                                       lse)
 
-    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.empty(self.out.shape[1], self.out.shape[0], self.out.shape[2], dtype=dtype,
-                          device=self.out.device)
-        out.copy_(self.out.transpose(0, 1))
-        return out, self.lse.float()  # the contract's log-sum-exp: float32
+    def result(self, dtype: torch.dtype, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out (rows, heads, dim) in `dtype`, lse (heads, rows) float32); with `sinks`, joined here once as one
+        more log-sum-exp term, and the lse returned holds them (what the backward takes)."""
+        merged, lse = self.out, self.lse
+        if sinks is not None:
+            with_sinks, total = add_sinks(merged.unsqueeze(0), lse.unsqueeze(0), sinks)
+            merged, lse = with_sinks[0], total[0]
+        out = torch.empty(merged.shape[1], merged.shape[0], merged.shape[2], dtype=dtype, device=merged.device)
+        out.copy_(merged.transpose(0, 1))
+        return out, lse.float()  # the contract's log-sum-exp: float32
 
 
 class _RowSum:
@@ -143,8 +160,9 @@ def _own_block(plan: StepPlan, k, v):
     return k[a:b], v[a:b]
 
 
-def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v):
-    """(out in q's dtype, lse (Hq, rows) float32, the last step's block or None) of this rank's shard."""
+def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, sinks: torch.Tensor | None = None):
+    """(out in q's dtype, lse (Hq, rows) float32, the last step's block or None) of this rank's shard; `sinks`
+    (Hq,) join the merged rows once (the lse returned then holds them)."""
     me, world = spec.rank, spec.world
     channel = spec.channel()
     acc = _RowMerge(q.shape[0], q.shape[1], v.shape[-1], q.dtype, q.device)
@@ -161,7 +179,7 @@ def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v):
         received = pending.wait() if pending is not None else None  # a send-only exchange is waited for too
         if step + 1 < world:
             block = tuple(received) if receiving else None
-    out, lse = acc.result(q.dtype)
+    out, lse = acc.result(q.dtype, sinks)
     return out, lse, (block if world > 1 else None)  # after the last step: that step's block (or None)
 
 
@@ -194,9 +212,11 @@ class _OwnGrads:
             return
         exchange, plan = self._in_flight
         self._in_flight = None
-        if exchange is None or plan is None:
+        if exchange is None:
             return
-        parts = exchange.wait()
+        parts = exchange.wait()  # a send-only exchange is waited for too: until then its parts may not have left
+        if plan is None:
+            return
         for i, c in enumerate(plan.chains):
             self.add(plan.kv[0] + c.k0, parts[2 * i], parts[2 * i + 1])
 
@@ -236,29 +256,44 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
     return dq.result(q.dtype), own.dk.result(k.dtype), own.dv.result(v.dtype)
 
 
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """Packed (rows, heads, dim) as the (1, heads, rows, dim) view ops/sinks.py reads."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
 class PackedRingAttention(torch.autograd.Function):
-    """Autograd over the packed ring: the forward keeps its last block, the backward starts on it."""
+    """Autograd over the packed ring: the forward keeps its last block (and joins the sinks once), the backward
+    starts on it, with the log-sum-exp that holds the sinks, and takes this rank's rows' share of their
+    gradient (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kernel, spec):
+    def forward(ctx, q, k, v, sinks, kernel, spec):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse, last = packed_ring_forward(kernel, spec, q, k, v)
+        out, lse, last = packed_ring_forward(kernel, spec, q, k, v, sinks)
         ctx.kernel, ctx.spec = kernel, spec
-        ctx.save_for_backward(q, k, v, out, lse, *(last or ()))
+        ctx.save_for_backward(q, k, v, out, lse, sinks, *(last or ()))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, *last = ctx.saved_tensors
+        q, k, v, out, lse, sinks, *last = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq = dk = dv = dsinks = None
         with autocast_off(q.device):
-            dq, dk, dv = packed_ring_backward(ctx.kernel, ctx.spec, q, k, v, dout.contiguous(), out, lse,
-                                              tuple(last) or None)
-        return dq, dk, dv, None, None
+            if any(ctx.needs_input_grad[:3]):
+                dq, dk, dv = packed_ring_backward(ctx.kernel, ctx.spec, q, k, v, dout, out, lse,
+                                                  tuple(last) or None)
+            if ctx.needs_input_grad[3]:
+                dsinks = sink_grad(_bhsd(dout), _bhsd(out), lse.unsqueeze(0), sinks)
+        return dq, dk, dv, dsinks, None, None
 
 
-def packed_ring_attention(kernel: BlockKernel, spec: PackedRingSpec, q, k, v) -> torch.Tensor:
-    """This rank's packed output (rows, Hq, Dv); every rank of the group must call it."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return PackedRingAttention.apply(q, k, v, kernel, spec)
+def packed_ring_attention(kernel: BlockKernel, spec: PackedRingSpec, q, k, v,
+                          sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's packed output (rows, Hq, Dv); every rank of the group must call it. `sinks`: (Hq,) logits,
+    replicated on every rank; their gradient here is this rank's rows' share (see the module docstring)."""
+    wants = (q, k, v) + ((sinks,) if sinks is not None else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in wants):
+        return PackedRingAttention.apply(q, k, v, sinks, kernel, spec)
     with torch.no_grad():
-        return packed_ring_forward(kernel, spec, q.contiguous(), k.contiguous(), v.contiguous())[0]
+        return packed_ring_forward(kernel, spec, q.contiguous(), k.contiguous(), v.contiguous(), sinks)[0]

@@ -33,6 +33,17 @@ class TrimmedBlock:
         return self.window is None
 
 
+def window_band(window: "tuple[int | None, int | None] | None", is_causal: bool):
+    """The (left, right) band of key offsets a window and a causal flag allow together (causal: right <= 0),
+    None when neither limits anything."""
+    if window is None:
+        return (None, 0) if is_causal else None
+    left, right = window
+    if is_causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
 def shifted(window: "tuple[int | None, int | None]", q_start: int, k_start: int):
     """A global window in the top-left coordinates of a block whose queries start at q_start, keys at k_start."""
     left, right = window

@@ -9,6 +9,13 @@ per document. Streams: documents of length 1, shorter than a shard, longer than 
 it crosses every shard boundary), an empty one; 40 two-token documents (every step but the rank's own skipped);
 one document (the dense zigzag); and length mixes drawn by hypothesis. Every rank's transfers are checked
 against the step plans: a skipped step sends nothing.
+
+Windows, softcaps and sinks per document: against a float64 reference built one document at a time
+(cp_harness.documents_reference: cpattn.reference_attention per document with its window, softcap and sinks),
+the sinks' gradient as the ranks' shares summed (the replicated parameter's all-reduce). Windows (0, 0), wider
+than every document, causal, two-sided non-causal; on a document longer than S/W, split over every rank; with
+GQA; and streams with windows, softcaps and sinks drawn by hypothesis. What is still refused is refused on every
+rank with a message that says what to use.
 """
 
 from __future__ import annotations
@@ -26,9 +33,13 @@ WORLDS = (1, 2, 3, 4)
 MIXED = (0, 1, 4, 34, 35, 42, 42, 54, 60)  # lengths 1, 3, 30, 1, 7, 0, 12, 6
 TINY = tuple(range(0, 82, 2))  # 40 documents of 2 tokens: all whole
 ONE = (0, 45)
+LONG = (0, 2, 50, 51, 58)  # lengths 2, 48 (longer than S/W at every W > 1: split over every rank), 1, 7
+ONE_SPLIT = (0, 48)
 # (out, gradients) against float64: bfloat16 outputs of magnitude up to ~4 round by up to 8e-3 per rounding (a
 # block and the result), gradients sum bfloat16 parts; float64 is bounded by the contract's float32 log-sum-exp
 TOLERANCE = {"bfloat16": (3e-2, 6e-2), "float64": (1e-6, 1e-5)}
+# the sinks' gradient sums rowsum(dout * out) over every row of the stream: bfloat16 outputs, ~60 rows
+SINKS_TOLERANCE = {"bfloat16": 0.15, "float64": 1e-5}
 
 
 def _drawn_streams(count: int) -> list[tuple]:
@@ -55,6 +66,29 @@ def _drawn_streams(count: int) -> list[tuple]:
 
 DRAWN = _drawn_streams(4)
 
+
+def _drawn_mods(count: int) -> list[dict]:
+    """`count` mixes of window, causality, softcap and sinks drawn by hypothesis (derandomized), one per drawn
+    stream."""
+    drawn = []
+    side = st.one_of(st.none(), st.integers(0, 12))
+    mods = st.fixed_dictionaries({"window": st.tuples(side, side), "causal": st.booleans(),
+                                  "softcap": st.one_of(st.none(), st.sampled_from([2.0, 6.0])),
+                                  "sinks": st.booleans()})
+
+    @settings(max_examples=4 * count, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(mods)
+    def draw(m):
+        if m["window"] != (None, None) and m not in drawn:
+            drawn.append(m)
+
+    draw()
+    return drawn[:count]
+
+
+DRAWN_MODS = _drawn_mods(3)
+
 CASES = {
     "mixed-varlen-causal": PackedCase(MIXED),
     "mixed-varlen": PackedCase(MIXED, causal=False),
@@ -70,10 +104,34 @@ CASES = {
     **{f"drawn{i}-varlen-causal": PackedCase(b, seed=10 + i) for i, b in enumerate(DRAWN)},
     **{f"drawn{i}-native": PackedCase(b, causal=False, provider="native", dtype="float64", seed=20 + i)
        for i, b in enumerate(DRAWN)},
+    # windows, softcaps and sinks, per document
+    "long-window-causal": PackedCase(LONG, window=(5, 0), seed=30),
+    "one-short-window-causal": PackedCase(ONE_SPLIT, window=(2, 0), seed=38),
+    "long-window-two-sided-softcap-sinks": PackedCase(LONG, causal=False, window=(3, 7), softcap=4.0, sinks=True,
+                                                      seed=31),
+    "mixed-window-0-0-sinks-native": PackedCase(MIXED, window=(0, 0), sinks=True, provider="native",
+                                                dtype="float64", seed=32),
+    "mixed-wide-window-softcap-math": PackedCase(MIXED, causal=False, window=(64, 64), softcap=3.0,
+                                                 provider="_native_math", dtype="float64", seed=33),
+    "long-window-flash-per-piece": PackedCase(LONG, causal=False, window=(4, 2), provider="flash", seed=34),
+    "mixed-sinks-gqa-4-1": PackedCase(MIXED, sinks=True, heads=(4, 1, 8), seed=35),
+    "mixed-flash_varlen_attention-mods": PackedCase(MIXED, api="flash_varlen", window=(6, 0), softcap=5.0,
+                                                    sinks=True, seed=36),
+    "mixed-allgather-softcap": PackedCase(MIXED, api="flash_varlen", strategy="allgather", softcap=5.0, seed=37),
+    **{f"drawn{i}-mods-math": PackedCase(DRAWN[i], provider="_native_math", dtype="float64", seed=40 + i,
+                                         causal=m["causal"], window=m["window"], softcap=m["softcap"],
+                                         sinks=m["sinks"])
+       for i, m in enumerate(DRAWN_MODS)},
+    **{f"drawn{i}-mods-varlen": PackedCase(DRAWN[i], seed=50 + i, causal=m["causal"], window=m["window"],
+                                           softcap=m["softcap"], sinks=m["sinks"])
+       for i, m in enumerate(DRAWN_MODS)},
 }
 REFUSALS = {
-    "window": PackedCase(MIXED, provider="native", dtype="float64", window=(3, 0)),
-    "softcap-and-sinks": PackedCase(MIXED, softcap=20.0, sinks=True),
+    "softcap-on-native": PackedCase(MIXED, provider="native", dtype="float64", softcap=20.0),
+    "allgather-window-and-sinks": PackedCase(MIXED, api="flash_varlen", strategy="allgather", window=(3, 0),
+                                             sinks=True),
+    "sequence-shards-window": PackedCase(MIXED, api="flash_varlen", shard="sequence", window=(3, 0)),
+    "disagreeing-windows": PackedCase(MIXED, window=(3, 0), fault="window"),
     "ulysses": PackedCase(MIXED, strategy="ulysses"),
     "allgather-on-a-mask-provider": PackedCase(MIXED, provider="native", dtype="float64", strategy="allgather"),
     # shard_sequence's shards: their lengths differ from the document layout's here at every W > 1
@@ -101,6 +159,9 @@ def test_exact_against_float64(world, name):
         errors = r["errors"]
         assert errors["out"] < out_tol and max(errors["dq"], errors["dk"], errors["dv"]) < grad_tol, (rank, errors)
         assert errors["position_ids"] == 0 and errors["local_cu_seqlens_end"] == 0, errors
+        assert errors["nonfinite"] == 0, errors
+        if CASES[name].sinks:
+            assert errors["dsinks"] < SINKS_TOLERANCE[CASES[name].dtype], (rank, errors)
 
 
 def _expected_traffic(case: PackedCase, w: int, rank: int) -> dict:
@@ -111,7 +172,7 @@ def _expected_traffic(case: PackedCase, w: int, rank: int) -> dict:
     layout = packed_layout(case.bounds, w)
     hq, hkv, d = case.heads
     element = 8 if case.dtype == "float64" else 2
-    plan = lambda consumer, owner: step_plan(layout, consumer % w, owner % w, case.causal)  # noqa: E731
+    plan = lambda consumer, owner: step_plan(layout, consumer % w, owner % w, case.causal, case.window)  # noqa
     sent = [plan(rank + s, rank) for s in range(1, w)] + [plan(rank + s, rank) for s in range(1, w - 1)]
     sent = [p for p in sent if p is not None]
     return {
@@ -157,19 +218,35 @@ def test_allgather_over_document_shards(world):
         assert "kv_sends" not in r["stats"], r["stats"]
 
 
+def test_a_short_window_skips_steps_and_keys(world):
+    """A causal window of 2 on one 48-token document split over every rank: each chunk (8 or 6 tokens) reaches
+    the chunk before it only, so ranks skip steps that the unwindowed causal stream computes (skipped steps send
+    nothing: test_every_transfer_is_one_the_plans_need), and the steps left send fewer keys."""
+    w, results = world
+    if w < 3:
+        pytest.skip("at W <= 2 every rank holds a neighbour of every other rank's chunks")
+    windowed = [r["stats"] for r in results["one-short-window-causal"]]
+    assert all(s.get("packed_skipped_steps", 0) > 0 for s in windowed[:1]), windowed
+    unwindowed = [_expected_traffic(PackedCase(ONE_SPLIT), w, r) for r in range(w)]
+    assert sum(s.get("kv_bytes", 0) for s in windowed) < sum(t["kv_bytes"] for t in unwindowed), windowed
+
+
 @pytest.mark.parametrize("name,error,words", [
-    ("window", "UnsupportedInputError", ["window=(3, 0) is not supported on packed streams",
-                                         "cpattn.document_mask"]),
-    ("softcap-and-sinks", "UnsupportedInputError", ["softcap=20.0 is not supported on packed streams",
-                                                    "sinks is not supported on packed streams"]),
+    ("softcap-on-native", "UnsupportedInputError", ["softcap=20.0 is not supported", "'_native_math'"]),
+    ("allgather-window-and-sinks", "UnsupportedInputError", [
+        "window=(3, 0) is not supported by all-gather over packed streams",
+        "sinks are not supported by all-gather over packed streams", "cp_strategy='ring' or 'auto'"]),
+    ("sequence-shards-window", "UnsupportedInputError", [
+        "window=(3, 0) is not supported by all-gather over packed streams", "sharding='documents'"]),
+    ("disagreeing-windows", "RankMismatchError", ["disagree on window left", "rank 0: 4"]),
     ("ulysses", "UnsupportedInputError", ["cp_strategy='ring' (or 'auto') or 'allgather', not 'ulysses'"]),
     ("allgather-on-a-mask-provider", "UnsupportedInputError", ["runs on varlen kernels only"]),
     ("sequence-shards", "RankMismatchError", ["do not match the document layout", "shard_packed"]),
 ])
 def test_refused_on_every_rank(world, name, error, words):
     w, results = world
-    if name == "sequence-shards" and w == 1:
-        pytest.skip("one rank: every sharding is the whole stream")
+    if name in ("sequence-shards", "sequence-shards-window", "disagreeing-windows") and w == 1:
+        pytest.skip("one rank: every sharding is the whole stream, and no other rank to disagree with")
     for rank, r in enumerate(results[name]):
         assert r.get("exception", "").startswith(error), (rank, r)
         for word in words:

@@ -1,7 +1,8 @@
 """The document layout (cpattn/cp/packed_layout.py) and the packed ring's step plans (cpattn/cp/packed_plan.py),
 in one process: every token on one rank once, the regions in order, the balance of counted causal work on
-long-tailed length mixes, and plans that cover exactly the document mask (causal or not), each pair of a query
-and a key once, in kernel calls whose sequences increase in rows and keys. And `packed_attention` on one device
+long-tailed length mixes, and plans that cover exactly the document mask (causal or not, with a window per
+document or not), each pair of a query and a key once, in kernel calls whose sequences increase in rows and keys
+and whose one window_size per varlen call holds every piece's band. And `packed_attention` on one device
 (no cp_mesh: the ring's one step) against float64."""
 
 from __future__ import annotations
@@ -73,20 +74,34 @@ def test_every_token_on_one_rank_once_in_region_order(lengths, world):
     assert torch.equal(concatenated[order], torch.arange(bounds[-1]))
 
 
-def _document_pairs(bounds: list[int], causal: bool) -> set:
+def _document_pairs(bounds: list[int], causal: bool, window=None) -> set:
+    """(query, key) positions attention within each document allows: causal, and within the window of document
+    offsets (the same as global offsets inside one document)."""
+    left, right = (None, None) if window is None else window
     pairs = set()
     for a, b in zip(bounds, bounds[1:]):
-        pairs |= {(i, j) for i in range(a, b) for j in range(a, b) if j <= i or not causal}
+        pairs |= {(i, j) for i in range(a, b) for j in range(a, b) if (j <= i or not causal)
+                  and (left is None or j >= i - left) and (right is None or j <= i + right)}
     return pairs
 
 
-def _planned_pairs(layout, world: int, causal: bool) -> list:
+def _in_piece(p, i: int, j: int) -> bool:
+    """Whether row i, key j (the piece's own top-left coordinates) is one the piece attends."""
+    if p.causal and j > i:
+        return False
+    if p.window is not None:
+        left, right = p.window
+        return (left is None or j >= i - left) and (right is None or j <= i + right)
+    return True
+
+
+def _planned_pairs(layout, world: int, causal: bool, window=None) -> list:
     """Every (query position, key position) the plans of every step of every rank compute, with repeats."""
     pairs = []
     for me in range(world):
         rows = layout.positions(me)
         for src in range(world):
-            plan = step_plan(layout, me, src, causal)
+            plan = step_plan(layout, me, src, causal, window)
             if plan is None:
                 continue
             keys = layout.positions(src)[plan.kv[0]:plan.kv[1]]
@@ -97,12 +112,81 @@ def _planned_pairs(layout, world: int, causal: bool) -> list:
                 for p in chain.pieces:
                     assert last is None or (last.q1 <= p.q0 and last.k1 <= p.k0)  # increasing: one varlen call
                     last = p
+                    assert p.window is None or not p.causal
                     for i in range(p.q0, p.q1):
                         for j in range(p.k0, p.k1):
-                            if p.causal and j - p.k0 > i - p.q0:
-                                continue
-                            pairs.append((rows[chain.q0 + i], keys[chain.k0 + j]))
+                            if _in_piece(p, i - p.q0, j - p.k0):
+                                pairs.append((rows[chain.q0 + i], keys[chain.k0 + j]))
     return pairs
+
+
+windows_st = st.tuples(st.one_of(st.none(), st.integers(0, 20)), st.one_of(st.none(), st.integers(0, 20)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths_st, st.integers(1, 4), st.booleans(), windows_st)
+def test_windowed_plans_cover_the_banded_document_mask_once(lengths, world, causal, window):
+    """With a window per document: every allowed pair once, nothing else; every piece's band fits a kernel
+    (sides >= 0), and the step's keys start and end on keys some piece reads."""
+    bounds = _bounds(lengths)
+    layout = packed_layout(bounds, world)
+    pairs = _planned_pairs(layout, world, causal, window)
+    assert len(pairs) == len(set(pairs))
+    assert set(pairs) == _document_pairs(bounds, causal, window)
+    for me in range(world):
+        for src in range(world):
+            plan = step_plan(layout, me, src, causal, window)
+            if plan is None:
+                continue
+            pieces = [p for c in plan.chains for p in c.pieces]
+            assert all(side is None or side >= 0 for p in pieces if p.window for side in p.window)
+            read = {plan.kv[0] + c.k0 + j for c in plan.chains for p in c.pieces for j in range(p.k0, p.k1)}
+            assert min(read) == plan.kv[0] and max(read) == plan.kv[1] - 1
+
+
+def _bottom_right_allows(rows: int, keys: int, causal: bool, window, i: int, j: int) -> bool:
+    """flash-attn's varlen rule for one sequence: bottom-right aligned causal mask and window_size."""
+    shift = keys - rows
+    if causal and j > i + shift:
+        return False
+    if window is None:
+        return True
+    left, right = window
+    return (left is None or j >= i + shift - left) and (right is None or j <= i + shift + right)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths_st, st.integers(1, 4), st.booleans(), windows_st)
+def test_each_varlen_call_holds_its_pieces_bands(lengths, world, causal, window):
+    """cpattn.packed.kernel_calls: one window_size per call, which, aligned bottom-right per sequence as the
+    kernels align it, allows exactly each piece's pairs; the calls cover the chain's pieces in order."""
+    from cpattn.packed import kernel_calls
+
+    layout = packed_layout(_bounds(lengths), world)
+    for me in range(world):
+        for src in range(world):
+            plan = step_plan(layout, me, src, causal, window)
+            for chain in plan.chains if plan else ():
+                calls = kernel_calls(chain)
+                moved = [p.moved(-call.q0, -call.k0) for call, _ in calls for p in call.pieces]
+                assert moved == list(chain.pieces)
+                for call, kernel_window in calls:
+                    for p in call.pieces:
+                        rows, keys = p.q1 - p.q0, p.k1 - p.k0
+                        for i in range(rows):
+                            for j in range(keys):
+                                assert _in_piece(p, i, j) == _bottom_right_allows(
+                                    rows, keys, call.causal, kernel_window, i, j), (p, call.causal, kernel_window)
+
+
+def test_a_window_joins_short_documents_into_the_long_ones_call():
+    """On one device, causal window (4, 0): documents up to 5 tokens are causal only, the longer ones windowed;
+    one window_size holds them all, so the step is one varlen call."""
+    from cpattn.packed import kernel_calls
+
+    layout = packed_layout(_bounds([3, 12, 1, 5, 9]), 1)
+    plan = step_plan(layout, 0, 0, True, (4, 0))
+    assert [len(kernel_calls(c)) for c in plan.chains] == [1] * len(plan.chains)
 
 
 @settings(max_examples=40, deadline=None)
@@ -176,10 +260,3 @@ def test_packed_attention_on_one_device(provider, causal):
     assert max((t.grad - g).abs().max().item() for t, g in zip(leaves, ref_grads)) < 1e-5
 
 
-def test_packed_attention_refuses_a_window_on_one_device():
-    import cpattn
-    from cpattn.packed import packed_attention
-
-    x = torch.randn(6, 2, 8)
-    with pytest.raises(cpattn.UnsupportedInputError, match=r"window=\(2, 0\) is not supported on packed streams"):
-        packed_attention(x, x, x, torch.tensor([0, 6], dtype=torch.int32), is_causal=True, window=(2, 0))

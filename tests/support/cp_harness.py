@@ -470,6 +470,27 @@ def _packed_reference(q, k, v, dout, causal, bounds):  # float64, SDPA layout wi
     return packed(out.detach()), [packed(t.grad) for t in sdpa]
 
 
+def documents_reference(q, k, v, dout, bounds, causal, window=None, softcap=None, sinks=None):
+    """float64 (out, [dq, dk, dv], dsinks or None) of a packed stream, one document at a time: each document is
+    its own call of cpattn.reference_attention (its window, softcap and sinks in its own positions), so the
+    reference knows nothing of how the code under test splits or masks the stream."""
+    import cpattn
+
+    leaves = [t.detach().double().clone().requires_grad_() for t in (q, k, v)]
+    sink_leaf = None if sinks is None else sinks.detach().double().clone().requires_grad_()
+    bhsd = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731
+    outs = []
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            out, _ = cpattn.reference_attention(*(bhsd(t[a:b]) for t in leaves), None, causal, window=window,
+                                                softcap=softcap, sinks=sink_leaf)
+            outs.append(out[0].transpose(0, 1))
+    out = torch.cat(outs) if outs else leaves[0].new_zeros(0, q.shape[1], v.shape[-1])
+    out.backward(dout.double())
+    grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+    return out.detach(), grads, (None if sink_leaf is None else sink_leaf.grad)
+
+
 def packed_rank(rank, world, payload):
     """One rank of a packed-stream case (run with reliability_helpers.run_ranks); returns rank 0's max errors
     against float64 and the CP stats. payload: layout, causal, cp_strategy, device ("cpu", or "cuda": every
@@ -520,10 +541,11 @@ class PackedCase:
     dtype: str = "bfloat16"
     grad: bool = True
     seed: int = 0
-    window: tuple | None = None  # refusal cases: score modifications the packed schedules do not take yet
+    window: tuple | None = None  # per document, (left, right)
     softcap: float | None = None
-    sinks: bool = False
+    sinks: bool = False  # (query heads,) sink logits, a parameter replicated on every rank
     shard: str = "documents"  # fault cases: "sequence" shards with cpattn.shard_sequence instead
+    fault: str | None = None  # "window": rank 0 passes another window
 
 
 def _documents_problem(case: PackedCase):
@@ -537,35 +559,59 @@ def _documents_problem(case: PackedCase):
                  for h in (hq, hkv, hkv, hq))
 
 
+def _documents_sinks(case: PackedCase) -> torch.Tensor | None:
+    """The case's sink logits, float64 values its dtype holds (the same on every rank), spread wide enough that
+    the sink dominates some rows."""
+    if not case.sinks:
+        return None
+    gen = torch.Generator().manual_seed(zlib.crc32(f"sinks {case.seed} {case.bounds}".encode()))
+    return (2.0 * torch.randn(case.heads[0], generator=gen, dtype=torch.float64)).to(getattr(torch, case.dtype)).double()
+
+
+def _case_window(case: PackedCase, rank: int):
+    if case.fault == "window" and rank == 0:
+        return (case.window[0] + 1, case.window[1])
+    return case.window
+
+
 def _run_documents_case(case: PackedCase, mesh) -> dict:
+    import torch.distributed as dist
+
     import cpattn
     from cpattn import packed
 
     cu = torch.tensor(case.bounds, dtype=torch.int32)
     dtype = getattr(torch, case.dtype)
     q, k, v, dout = _documents_problem(case)
+    sinks = _documents_sinks(case)
+    sink_leaf = None if sinks is None else sinks.to(dtype).requires_grad_(case.grad)
+    window = _case_window(case, dist.get_rank())
     shard = lambda t: packed.shard_packed(t, cu, mesh)  # noqa: E731
     if case.shard == "sequence":
         shard = lambda t: cpattn.shard_sequence(t, mesh, 0)  # noqa: E731
     ql, kl, vl = (shard(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
     longest = max(b - a for a, b in zip(case.bounds, case.bounds[1:]))
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_timeout=20) as state:
+        mods = dict(window=window, softcap=case.softcap, sinks=sink_leaf)
         if case.api == "flash_varlen":
+            sharding = "sequence" if case.shard == "sequence" else "documents"
             out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, is_causal=case.causal,
-                                                sharding="documents")
+                                                sharding=sharding, **mods)
         else:
-            sinks = torch.zeros(case.heads[0], dtype=dtype) if case.sinks else None
-            out = packed.packed_attention(ql, kl, vl, cu, is_causal=case.causal, window=case.window,
-                                          softcap=case.softcap, sinks=sinks)
+            out = packed.packed_attention(ql, kl, vl, cu, is_causal=case.causal, **mods)
         forward_stats = dict(state.cp.stats)
         if case.grad:
             out.backward(shard(dout).to(dtype))
     gather = lambda t: packed.gather_packed(t, cu, mesh).double()  # noqa: E731
-    ref_out, ref_grads = _packed_reference(q, k, v, dout, case.causal, list(case.bounds))
-    errors = {"out": (gather(out.detach()) - ref_out).abs().max().item()}
+    ref_out, ref_grads, ref_dsinks = documents_reference(q, k, v, dout, list(case.bounds), case.causal,
+                                                         case.window, case.softcap, sinks)
+    gathered = gather(out.detach())
+    errors = {"out": (gathered - ref_out).abs().max().item(), "nonfinite": float(not gathered.isfinite().all())}
     if case.grad:
         for name, local, ref in zip(("dq", "dk", "dv"), (ql, kl, vl), ref_grads):
             errors[name] = (gather(local.grad) - ref).abs().max().item()
+        if sink_leaf is not None:  # a replicated parameter: the ranks' shares, summed as the all-reduce does
+            errors["dsinks"] = (_replicated_grad(sink_leaf.grad) - ref_dsinks).abs().max().item()
     positions = gather(packed.packed_position_ids(cu, mesh).view(-1, 1)).view(-1).long()
     starts = torch.tensor(case.bounds[:-1]).repeat_interleave(torch.tensor(case.bounds).diff())
     errors["position_ids"] = float((positions != torch.arange(case.bounds[-1]) - starts).sum())

@@ -36,7 +36,7 @@ from .generation import Generation
 from .generation_choice import INSTALL_HINT, find_generation
 from .layout import (Packing, PaddedBatch, align_head_dim, deterministic_algorithms, from_kernel_layout,
                      to_kernel_layout)
-from .score_mods import kernel_mods, wants_grad, window_reasons
+from .score_mods import NO_MODS, KernelMods, kernel_mods, wants_grad, window_reasons
 
 
 class FlashFamily(Provider):
@@ -272,13 +272,14 @@ class FlashVarlen(FlashFamily):
         return dq, batch.unpack_keys(dk, call.head_dim), batch.unpack_keys(dv, call.value_dim)
 
     def packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing, scale: float,
-                         causal: bool) -> torch.Tensor:
+                         causal: bool, mods: KernelMods = NO_MODS) -> torch.Tensor:
         """One varlen kernel call on packed (total, H, D) tensors, with the library's autograd (flash-attn's
-        causal alignment: bottom-right). The packed API's arguments are checked by its caller (cpattn.packed)."""
+        causal alignment: bottom-right) and `mods` as the kernels take them. The packed API's arguments are
+        checked by its caller (cpattn.packed)."""
         gen = self.generation()
         with on_device(q.device):
             out = gen.varlen_function(align_head_dim(q), align_head_dim(k), align_head_dim(v), packing, scale,
-                                      causal, 0.0, deterministic_algorithms())
+                                      causal, 0.0, deterministic_algorithms(), mods)
         return out[..., : v.shape[-1]]
 
 

@@ -72,10 +72,14 @@ NO_MODS = KernelMods()
 
 
 def _kernel_sides(call: AttentionCall) -> "Window":
-    """`call`'s band as the kernels' bottom-right (L, R), sides that reach past every key made unbounded first;
-    a side may come out negative (not expressible)."""
-    left, right = band(call)
-    q_len, kv_len = call.q_len, call.kv_len
+    """`call`'s band as the kernels' bottom-right (L, R) (see `band_sides`)."""
+    return band_sides(band(call), call.q_len, call.kv_len)
+
+
+def band_sides(band_: "Window", q_len: int, kv_len: int) -> "Window":
+    """A top-left band (left, right) of a (q_len x kv_len) call as the kernels' bottom-right (L, R), sides that
+    reach past every key made unbounded first; a side may come out negative (not expressible)."""
+    left, right = band_
     if left is not None and left >= q_len - 1:
         left = None  # row q_len - 1 reaches key 0: so do all the others
     if right is not None and right >= kv_len - 1:
@@ -89,7 +93,13 @@ def kernel_window(call: AttentionCall) -> "tuple[bool, Window | None] | None":
     side they cannot take. A call without a window keeps its causal flag."""
     if call.window is None:
         return call.is_causal, None
-    low, high = _kernel_sides(call)
+    return band_window(band(call), call.q_len, call.kv_len)
+
+
+def band_window(band_: "Window", q_len: int, kv_len: int) -> "tuple[bool, Window | None] | None":
+    """(causal, window) the kernels take for the top-left band `band_` of a (q_len x kv_len) call, or None when
+    it has a side they cannot take (see the module docstring)."""
+    low, high = band_sides(band_, q_len, kv_len)
     if (low is not None and low < 0) or (high is not None and high < 0):
         return None
     if low is None and high is None:
