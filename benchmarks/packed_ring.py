@@ -182,9 +182,55 @@ def run_case(case: Case, args) -> dict:
         row["whole"], row["split"] = times["whole"], times["split"]
         row["efficiency"] = row["whole"]["median_ms"] / row["split"]["median_ms"]
         row["split_host_ms"] = common.host_ms(split, case.device, repeats=2 if args.smoke else 5)
+        if args.profile:
+            row["split_host_profile"] = host_profile(split, case.device)
+            if case.device == "cuda":
+                row["split_gpu_profile"] = gpu_profile(split)
     except Exception as exc:  # recorded; the suite goes on with the next case
         row["error"] = common.error_text(exc)
     return row
+
+
+def host_profile(fn, device, top: int = 25) -> list[dict]:
+    """cProfile of one call of `fn` (warm): the functions with the most host time of their own."""
+    import cProfile
+    import pstats
+
+    fn()
+    common.sync(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    common.sync(device)
+    stats = pstats.Stats(profiler).sort_stats("tottime")
+    rows = []
+    for (path, line, name), (_, calls, own, cumulative, _) in list(stats.stats.items()):
+        rows.append({"function": f"{os.path.basename(path)}:{line}({name})", "calls": calls,
+                     "own_ms": own * 1e3, "cumulative_ms": cumulative * 1e3})
+    return sorted(rows, key=lambda r: -r["own_ms"])[:top]
+
+
+def gpu_profile(fn, top: int = 12) -> dict:
+    """torch.profiler of one call of `fn`: kernel time, GPU idle time and gaps, and the host's CUDA runtime calls
+    that wait (synchronisations, blocking copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type.name == "CUDA"]
+    runtime = [e for e in averages if e.key.startswith("cuda") and e.device_type.name == "CPU"]
+    out = {"kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+           "top_kernels": [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
+                           for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]],
+           "cuda_runtime_calls": [{"name": e.key, "count": e.count, "ms": e.cpu_time_total / 1e3}
+                                  for e in sorted(runtime, key=lambda e: -e.cpu_time_total)[:top]]}
+    out.update(common.gpu_idle(prof, top))
+    return out
 
 
 def summary_line(row: dict) -> str:
@@ -239,6 +285,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="balanced rounds per timing")
+    parser.add_argument("--profile", action="store_true", help="cProfile one split: where its host time goes")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized: S=384, P=4, mean 48, H=2, D=16, 2 rounds")
     common.add_output_arguments(parser)
     args = parser.parse_args(argv)

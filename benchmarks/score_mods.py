@@ -16,7 +16,8 @@ Sections:
 - `ring`: the windowed ring (cpattn/cp/halo.py) of P ranks at S (default 131072, P 8, window 4096), one rank
   after another on this device: each rank's blocks against its own keys and the halos it receives (delivered by a
   loopback channel: the runs the plan names, taken from their owners' shards beforehand), its merges and its
-  backward with dQ/dK/dV sums, against one windowed call over the whole sequence, forward and backward.
+  backward with dQ/dK/dV sums, with each query chunk fused into one call (`--halo fused`) or one call per run of
+  keys (`separate`), against one windowed call over the whole sequence, forward and backward.
   Efficiency = whole time / split time (the ring-split accounting: what P devices can reach before any
   communication); `max_diff_vs_whole`: every rank's dQ against the whole call's rows. Also the K/V bytes each
   rank sends under the plan, against the rotating ring's W - 1 shards.
@@ -147,7 +148,7 @@ def halo_bytes(s: int, p: int, layout: str, band_, per_token: int) -> dict:
             "kv_sent_max_over_rotating": max(sent) / dense, "peers_per_rank": [len(plan.sends(r)) for r in range(p)]}
 
 
-def halo_split_case(provider: str, shape: Shape, s: int, p: int, w: int, layout: str):
+def halo_split_case(provider: str, shape: Shape, s: int, p: int, w: int, layout: str, fuse: bool):
     """(whole, split, positions): one windowed call over the whole sequence, forward and backward, returning dQ;
     and all P ranks' windowed rings one after another, returning each rank's dQ."""
     import cpattn
@@ -181,7 +182,7 @@ def halo_split_case(provider: str, shape: Shape, s: int, p: int, w: int, layout:
         grads = []
         for r in range(p):
             spec = RingSpec(Group(None, r, p, "loopback"), layout, s, None, CommStats(),
-                            channel_factory=HaloLoopback(received[r]))
+                            channel_factory=HaloLoopback(received[r]), fuse_halo=fuse)
             out, lse, kept = halo_forward(adapter, calls[r], spec, band_, shape.dtype)
             grads.append(halo_backward(adapter, calls[r], spec, band_, local[r][3], out, lse, shape.dtype,
                                        tuple(kept))[0])
@@ -192,13 +193,13 @@ def halo_split_case(provider: str, shape: Shape, s: int, p: int, w: int, layout:
 
 def ring_section(args, shape: Shape) -> list[dict]:
     rows = []
-    cases = [(p, layout) for p in args.parts for layout in args.layouts]
-    for p, layout in common.progress(cases, "windowed ring split", not args.quiet):
+    cases = [(p, layout, fuse) for p in args.parts for layout in args.layouts for fuse in args.halo]
+    for p, layout, fuse in common.progress(cases, "windowed ring split", not args.quiet):
         row = {"provider": args.ring_provider, "S": args.ring_seq, "P": p, "window": args.ring_window,
-               "layout": layout}
+               "layout": layout, "halo": fuse}
         try:
             whole, split, positions, band_ = halo_split_case(args.ring_provider, shape, args.ring_seq, p,
-                                                             args.ring_window, layout)
+                                                             args.ring_window, layout, fuse == "fused")
             per_token = 2 * shape.h * shape.d * torch.finfo(shape.dtype).bits // 8
             row.update(halo_bytes(args.ring_seq, p, layout, band_, per_token))
             full = whole()
@@ -229,7 +230,7 @@ def summary_lines(payload: dict) -> list[str]:
         out.append(f"{what}: {r['error']}" if "error" in r else what + ": " + ", ".join(
             f"{n} {r[n]['overhead'] * 100:+.2f}%" for n in ("softcap", "sinks", "softcap+sinks")))
     for r in payload.get("ring", []):
-        what = f"ring {r['provider']} S={r['S']} P={r['P']} window={r['window']} {r['layout']}"
+        what = f"ring {r['provider']} S={r['S']} P={r['P']} window={r['window']} {r['layout']} {r.get('halo')}"
         out.append(f"{what}: {r['error']}" if "error" in r else
                    f"{what}: efficiency {r['efficiency']:.3f}, K/V sent (max) {r['kv_sent_max_over_rotating']:.3f} "
                    f"of the rotating ring's, dQ diff {r['max_diff_vs_whole']:.2e}")
@@ -265,7 +266,7 @@ def plot(payload: dict, path: str) -> str | None:
     ring = [r for r in payload.get("ring", []) if "efficiency" in r]
     axes[2].bar(range(len(ring)), [r["efficiency"] for r in ring])
     axes[2].set_xticks(range(len(ring)))
-    axes[2].set_xticklabels([f"P={r['P']} {r['layout']}" for r in ring], fontsize=7)
+    axes[2].set_xticklabels([f"P={r['P']} {r['layout']} {r.get('halo')}" for r in ring], fontsize=7)
     axes[2].set_ylabel("whole windowed call / windowed ring split")
     axes[2].axhline(0.95, color="r", lw=0.8)
     for ax in axes:
@@ -288,6 +289,9 @@ def main(argv=None) -> None:
     parser.add_argument("--ring-window", type=int, default=4096)
     parser.add_argument("--parts", type=int, nargs="*", default=[8])
     parser.add_argument("--layouts", nargs="*", choices=("zigzag", "contiguous"), default=["zigzag", "contiguous"])
+    parser.add_argument("--halo", nargs="*", choices=("fused", "separate"), default=["fused", "separate"],
+                        help="ring section: each query chunk as one call on its keys laid end to end (fused, "
+                             "RingSpec.fuse_halo), or one call per run of keys, merged (separate)")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="balanced rounds per timing of the ring section")

@@ -222,17 +222,116 @@ def _buffers(x: torch.Tensor, runs: tuple[Run, ...]) -> torch.Tensor:
     return x.new_empty(x.shape[:2] + (sum(run.size for run in runs),) + x.shape[3:])
 
 
+# -- fused chunks: one kernel call per query chunk ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One run of keys a query chunk reaches: `tensor` is -1 for this rank's own keys, else the index of the
+    received halo (in `halos` order); `run` indexes that tensor."""
+
+    tensor: int
+    run: Run
+
+
+def reached_sources(chunk: Run, own: tuple[Run, ...], received: list[tuple[Run, ...]],
+                    band_: Band) -> list[Source]:
+    """The runs (own and received) that some query of `chunk` reaches under `band_`, by position."""
+    found = [Source(i, run) for i, runs in [(-1, own)] + list(enumerate(received)) for run in runs
+             if trim_block(chunk.size, run.size, shifted(band_, chunk.position, run.position)) is not None]
+    return sorted(found, key=lambda source: source.run.position)
+
+
+def contiguous(sources: list[Source]) -> bool:
+    """Whether the runs follow each other without a gap in positions: then they are one run of keys."""
+    return all(a.run.position + a.run.size == b.run.position for a, b in zip(sources, sources[1:]))
+
+
+# A fused chunk's keys are copied end to end: at most this many chunks' worth (the halo before it, the chunk, the
+# halo after it), so a window that reaches far does not copy most of the sequence once per chunk.
+FUSED_KEYS = 3
+
+
+def fused_plan(plan: HaloPlan, me: int, band_: Band) -> "tuple[tuple[Run, tuple[Source, ...]], ...] | None":
+    """Per query chunk, the runs of keys it reaches, when for every chunk they are consecutive positions (a
+    window no longer than a chunk: the halo before it, the chunk itself, the halo after it): each chunk is then
+    one kernel call on those keys laid end to end, with no merge. None where some chunk's keys have a gap (a
+    window that reaches a zigzag rank's other chunk, or beyond a neighbour's shard), or where they are more than
+    FUSED_KEYS chunks' worth: the blocks go one by one."""
+    received = list(packed(runs) for runs in plan.receives(me).values())
+    out = []
+    for chunk in plan.queries[me]:
+        sources = reached_sources(chunk, plan.queries[me], received, band_)
+        if sources and not contiguous(sources) or sum(s.run.size for s in sources) > FUSED_KEYS * chunk.size:
+            return None
+        out.append((chunk, tuple(sources)))
+    return tuple(out)
+
+
+def _laid_end_to_end(x: torch.Tensor, halos_x: list[torch.Tensor], sources: tuple[Source, ...]) -> torch.Tensor:
+    parts = [(x if s.tensor < 0 else halos_x[s.tensor])[:, :, s.run.start:s.run.stop] for s in sources]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _fused_blocks(chunk: Run, sources: tuple[Source, ...], band_: Band) -> list[Block]:
+    """The chunk against its keys laid end to end (0-based), trimmed to what the band reaches."""
+    keys = Run(0, sum(s.run.size for s in sources), sources[0].run.position)
+    return blocks((chunk,), keys, band_)
+
+
+def fused_forward(provider: Provider, call: AttentionCall, band_: Band, fused, halos_k, halos_v, rows,
+                  acc: PartialAttention) -> None:
+    for chunk, sources in fused:
+        if not sources:
+            continue
+        k, v = (_laid_end_to_end(x, hx, sources) for x, hx in ((call.key, halos_k), (call.value, halos_v)))
+        for block in _fused_blocks(chunk, sources, band_):
+            out_b, lse_b = provider.forward(block_call(provider, call, block, k, v, rows))
+            acc.add_rows(block.rows, out_b, lse_b)
+
+
+def fused_backward(provider: Provider, call: AttentionCall, band_: Band, fused, halos_k, halos_v, rows,
+                   query_grads, own_dk, own_dv, halo_dk, halo_dv) -> None:
+    """Each chunk's one block backward; its dK/dV cut back into the runs they came from (own, or the halo's, to
+    travel back to its owner)."""
+    for chunk, sources in fused:
+        if not sources:
+            continue
+        k, v = (_laid_end_to_end(x, hx, sources) for x, hx in ((call.key, halos_k), (call.value, halos_v)))
+        for block in _fused_blocks(chunk, sources, band_):
+            parts = query_grads.block(block_call(provider, call, block, k, v, rows), block.rows,
+                                      rows.get("dout", block.rows), rows.get("out", block.rows),
+                                      rows.get("lse", block.rows))
+            at = 0  # where each source starts in the keys laid end to end
+            for s in sources:  # the block's keys are a sub-range of the sources laid end to end
+                lo, hi = max(at, block.keys.start), min(at + s.run.size, block.keys.stop)
+                if lo < hi:
+                    target = slice(s.run.start + lo - at, s.run.start + hi - at)
+                    piece = slice(lo - block.keys.start, hi - block.keys.start)
+                    dk, dv = (own_dk, own_dv) if s.tensor < 0 else (halo_dk[s.tensor], halo_dv[s.tensor])
+                    dk.add(target, parts[0][:, :, piece])
+                    dv.add(target, parts[1][:, :, piece])
+                at += s.run.size
+
+
+def _needs_halo(chunk_sources) -> bool:
+    return any(source.tensor >= 0 for source in chunk_sources[1])
+
+
 def halo_forward(provider: Provider, call: AttentionCall, spec, band_: Band,
                  out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """This rank's (out in `out_dtype`, lse float32) under `band_`, and the halos it received (K, V per peer in
-    reach, by rank) for the backward."""
+    reach, by rank) for the backward. Chunks whose keys are consecutive positions (`fused_plan`) run as one call
+    each: those that need no halo while the halos travel, the others once they are here. Otherwise the blocks
+    against the rank's own keys run while the halos travel, then those against each halo, merged."""
     me, plan = spec.group.rank, halo_plan(spec.total, spec.group.size, spec.layout, band_)
     k, v = call.key.contiguous(), call.value.contiguous()
+    call = call.replace(key=k, value=v)
     sends = {peer: [_gather_runs(k, runs), _gather_runs(v, runs)] for peer, runs in plan.sends(me).items()}
     recvs = {peer: [_buffers(k, runs), _buffers(v, runs)] for peer, runs in plan.receives(me).items()}
     pending = spec.channel().post(sends, recvs, "kv")
     rows = stationary_rows(provider, call, query=call.query)
     acc = PartialAttention(call.batch, call.q_heads, call.q_len, call.value_dim, call.device)
+    fused = fused_plan(plan, me, band_) if spec.fuse_halo else None
 
     def attend(keys: torch.Tensor, values: torch.Tensor, runs: tuple[Run, ...]) -> None:
         for run in runs:
@@ -240,10 +339,18 @@ def halo_forward(provider: Provider, call: AttentionCall, spec, band_: Band,
                 out_b, lse_b = provider.forward(block_call(provider, call, block, keys, values, rows))
                 acc.add_rows(block.rows, out_b, lse_b)
 
-    attend(k, v, plan.queries[me])  # own keys while the halos travel
+    if fused is None:
+        attend(k, v, plan.queries[me])  # own keys while the halos travel
+    else:
+        fused_forward(provider, call, band_, [c for c in fused if not _needs_halo(c)], [], [], rows, acc)
     received = tuple(pending.wait())
-    for _, keys, values, runs in halos(spec, band_, received):
-        attend(keys, values, runs)
+    got = halos(spec, band_, received)
+    if fused is None:
+        for _, keys, values, runs in got:
+            attend(keys, values, runs)
+    else:
+        fused_forward(provider, call, band_, [c for c in fused if _needs_halo(c)], [h[1] for h in got],
+                      [h[2] for h in got], rows, acc)
     out, lse = acc.result(out_dtype)
     return out, lse, received
 
@@ -252,14 +359,19 @@ def halo_backward(provider: Provider, call: AttentionCall, spec, band_: Band, do
                   out: torch.Tensor, lse: torch.Tensor, dq_dtype: torch.dtype, received: tuple
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq in `dq_dtype`, dk, dv in the inputs' dtype) of this rank's shard, from the global (out, lse) and the
-    forward's halos (see the module docstring)."""
+    forward's halos (see the module docstring). Fused chunks (`fused_plan`) as in the forward: those that need a
+    halo first, so that the halos' parts travel back while the others run."""
     me, plan = spec.group.rank, halo_plan(spec.total, spec.group.size, spec.layout, band_)
     own_k, own_v = call.key.contiguous(), call.value.contiguous()
+    call = call.replace(key=own_k, value=own_v)
     rows = stationary_rows(provider, call, query=call.query, dout=dout, out=out, lse=lse)
     query_grads = provider.shared_rows_backward(call, dout, out, lse)
+    got = halos(spec, band_, received)
+    fused = fused_plan(plan, me, band_) if spec.fuse_halo else None
+    sums = lambda x: gradsum.DeferredRowSum(x.shape, call.device)  # noqa: E731
 
     def grads_of(keys: torch.Tensor, values: torch.Tensor, runs: tuple[Run, ...]):
-        dk, dv = gradsum.DeferredRowSum(keys.shape, call.device), gradsum.DeferredRowSum(values.shape, call.device)
+        dk, dv = sums(keys), sums(values)
         for run in runs:
             for block in blocks(plan.queries[me], run, band_):
                 kernel_call = block_call(provider, call, block, keys, values, rows)
@@ -269,13 +381,24 @@ def halo_backward(provider: Provider, call: AttentionCall, spec, band_: Band, do
                 dv.add(block.keys, parts[1])
         return dk, dv
 
-    back = {}
-    for peer, keys, values, runs in halos(spec, band_, received):  # first: their parts travel back
-        dk, dv = grads_of(keys, values, runs)
-        back[peer] = [dk.result(call.dtype), dv.result(call.dtype)]
+    if fused is None:
+        back = {}
+        for peer, keys, values, runs in got:  # first: their parts travel back
+            dk, dv = grads_of(keys, values, runs)
+            back[peer] = [dk.result(call.dtype), dv.result(call.dtype)]
+    else:
+        own_dk, own_dv = sums(own_k), sums(own_v)
+        halo_dk, halo_dv = [sums(h[1]) for h in got], [sums(h[2]) for h in got]
+        fused_backward(provider, call, band_, [c for c in fused if _needs_halo(c)], [h[1] for h in got],
+                       [h[2] for h in got], rows, query_grads, own_dk, own_dv, halo_dk, halo_dv)
+        back = {h[0]: [dk.result(call.dtype), dv.result(call.dtype)] for h, dk, dv in zip(got, halo_dk, halo_dv)}
     incoming = {peer: [_buffers(own_k, runs), _buffers(own_v, runs)] for peer, runs in plan.sends(me).items()}
     pending = spec.channel().post(back, incoming, "dkv")
-    own_dk, own_dv = grads_of(own_k, own_v, plan.queries[me])  # while the halos' parts travel
+    if fused is None:
+        own_dk, own_dv = grads_of(own_k, own_v, plan.queries[me])  # while the halos' parts travel
+    else:
+        fused_backward(provider, call, band_, [c for c in fused if not _needs_halo(c)], [], [], rows, query_grads,
+                       own_dk, own_dv, [], [])
     parts = iter(pending.wait())
     for runs in plan.sends(me).values():  # what each peer computed on the runs it had from this rank
         dk_in, dv_in = next(parts), next(parts)
@@ -283,4 +406,3 @@ def halo_backward(provider: Provider, call: AttentionCall, spec, band_: Band, do
             own_dk.add(slice(run.start, run.stop), dk_in[:, :, at.start:at.stop])
             own_dv.add(slice(run.start, run.stop), dv_in[:, :, at.start:at.stop])
     return query_grads.dq(dq_dtype), own_dk.result(call.dtype), own_dv.result(call.dtype)
-
