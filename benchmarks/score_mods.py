@@ -12,7 +12,8 @@ Sections:
   the window as a mask (SDPA backends) stays near 1 or above.
 - `overhead`: softcap, sinks (a (H,) float32 parameter with a gradient) and both against the plain causal call
   on `flash`, forward and forward+backward, at --overhead-seqs; the functions take turns call by call
-  (`common.bench_interleaved`), and `overhead` is the paired ratio minus one.
+  (`common.bench_interleaved`), and `overhead` is the paired ratio minus one; with FA4 installed, its own
+  `flash_attn_func` with and without the same softcap and sinks takes turns with them (`library ...`).
 - `ring`: the windowed ring (cpattn/cp/halo.py) of P ranks at S (default 131072, P 8, window 4096), one rank
   after another on this device: each rank's blocks against its own keys and the halos it receives (delivered by a
   loopback channel: the runs the plan names, taken from their owners' shards beforehand), its merges and its
@@ -99,18 +100,45 @@ def overhead_section(args, shape: Shape) -> list[dict]:
         row = {"provider": provider, "S": s, "direction": "fwd+bwd" if backward else "fwd"}
         try:
             fns = {name: dispatch_runner(provider, shape, s, backward, **mods) for name, mods in variants.items()}
+            library = library_runners(provider, shape, s, backward, sinks) if args.library else {}
+            fns.update(library)
             times = common.bench_interleaved(fns, shape.device, warmup_ms=20 if args.smoke else 200,
                                              budget_ms=300 if args.smoke else 6000, min_calls=12)
-            plain = times["plain"].pop("call_ms")
-            for name in variants:
-                calls = plain if name == "plain" else times[name].pop("call_ms")
+            calls = {name: times[name].pop("call_ms") for name in fns}
+            for name in fns:
                 row[name] = times[name]
-                if name != "plain":
-                    row[name]["overhead"] = common.paired_ratio(calls, plain) - 1.0
+                base = "library plain" if name.startswith("library") else "plain"
+                if name != base:
+                    row[name]["overhead"] = common.paired_ratio(calls[name], calls[base]) - 1.0
         except Exception as exc:
             row["error"] = common.error_text(exc)
         rows.append(row)
     return rows
+
+
+def library_runners(provider: str, shape: Shape, s: int, backward: bool, sinks: torch.Tensor) -> dict:
+    """FlashAttention-4's own `flash_attn_func`, plain and with the same softcap and sinks, called directly
+    (B, S, H, D): what the library itself pays for them. Empty unless `provider` is flash and FA4 is here."""
+    if provider != "flash" or shape.device != "cuda":
+        return {}
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return {}
+    q, k, v = (torch.randn(1, s, shape.h, shape.d, device="cuda", dtype=shape.dtype, requires_grad=backward)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def runner(**mods):
+        def run():
+            out = flash_attn_func(q, k, v, causal=True, **mods)
+            out = out[0] if isinstance(out, tuple) else out
+            if backward:
+                out.backward(dout)
+        return run
+
+    return {"library plain": runner(), "library softcap": runner(softcap=30.0),
+            "library sinks": runner(learnable_sink=sinks)}
 
 
 class HaloLoopback:
@@ -228,7 +256,7 @@ def summary_lines(payload: dict) -> list[str]:
     for r in payload.get("overhead", []):
         what = f"overhead {r['provider']} S={r['S']} {r['direction']}"
         out.append(f"{what}: {r['error']}" if "error" in r else what + ": " + ", ".join(
-            f"{n} {r[n]['overhead'] * 100:+.2f}%" for n in ("softcap", "sinks", "softcap+sinks")))
+            f"{n} {r[n]['overhead'] * 100:+.2f}%" for n in r if isinstance(r[n], dict) and "overhead" in r[n]))
     for r in payload.get("ring", []):
         what = f"ring {r['provider']} S={r['S']} P={r['P']} window={r['window']} {r['layout']} {r.get('halo')}"
         out.append(f"{what}: {r['error']}" if "error" in r else
@@ -284,6 +312,8 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--overhead-provider", default="flash")
     parser.add_argument("--overhead-seqs", type=int, nargs="*", default=[16384, 65536])
+    parser.add_argument("--library", action=argparse.BooleanOptionalAction, default=True,
+                        help="overhead section: also FA4's own flash_attn_func with and without them")
     parser.add_argument("--ring-provider", default="flash")
     parser.add_argument("--ring-seq", type=int, default=131072)
     parser.add_argument("--ring-window", type=int, default=4096)
