@@ -62,17 +62,26 @@ def _worker(rank, world, _):
     import cpattn
     import torch.distributed as dist
 
+    from cpattn import decode
+
+    checks = []  # the agreement check's all-gathers, counted
+    gather = decode.gather_signatures
+    decode.gather_signatures = lambda *args: checks.append(1) or gather(*args)
     out = {}
-    for name, total, new, kind, window, with_sinks, positions, provider in CASES:
-        q, k, v, sinks = _cache(total, new, seed=zlib.crc32(name.encode()))
-        lengths = _lengths(total, world, kind)
-        mine = _slices(total, lengths or [0] * world, kind == "striped")[rank]
-        kwargs = dict(enable_gqa=True, window=window, sinks=sinks if with_sinks else None)
-        if positions:
-            kwargs.update(query_positions=torch.arange(total - new, total), key_positions=mine)
-        with cpattn.attention_provider(provider):
-            got = cpattn.sharded_kv_attention(q, k[:, :, mine], v[:, :, mine], dist.group.WORLD, **kwargs)
-        out[name] = got.numpy()  # plain arrays: tensors would travel through shared memory the rank frees
+    for agree in (True, False):
+        for name, total, new, kind, window, with_sinks, positions, provider in CASES:
+            q, k, v, sinks = _cache(total, new, seed=zlib.crc32(name.encode()))
+            lengths = _lengths(total, world, kind)
+            mine = _slices(total, lengths or [0] * world, kind == "striped")[rank]
+            kwargs = dict(enable_gqa=True, window=window, sinks=sinks if with_sinks else None, agree=agree)
+            if positions:
+                kwargs.update(query_positions=torch.arange(total - new, total), key_positions=mine)
+            with cpattn.attention_provider(provider):
+                got = cpattn.sharded_kv_attention(q, k[:, :, mine], v[:, :, mine], dist.group.WORLD, **kwargs)
+            # plain arrays: tensors would travel through shared memory the rank frees
+            out[name if agree else f"{name} agree=False"] = got.numpy()
+        out[f"checks agree={agree}"] = len(checks)
+        checks.clear()
     return out
 
 
@@ -96,9 +105,13 @@ def test_sharded_kv_attention_matches_the_whole_cache(world):
     for name, total, new, kind, window, with_sinks, positions, _ in CASES:
         want = _reference(name, total, new, window, with_sinks, positions)
         for r in result.ranks:
-            got = torch.from_numpy(r.value[name])
-            assert got.shape == want.shape and not torch.isnan(got).any()
-            torch.testing.assert_close(got, want, atol=2e-6, rtol=0, msg=f"{name} rank {r.rank} of {world}")
+            for key in (name, f"{name} agree=False"):
+                got = torch.from_numpy(r.value[key])
+                assert got.shape == want.shape and not torch.isnan(got).any()
+                torch.testing.assert_close(got, want, atol=2e-6, rtol=0, msg=f"{key} rank {r.rank} of {world}")
+    for r in result.ranks:  # one agreement all-gather per call where there are ranks to agree; none asked off
+        assert r.value["checks agree=True"] == (len(CASES) if world > 1 else 0)
+        assert r.value["checks agree=False"] == 0
 
 
 def _misuse(rank, world, _):

@@ -593,3 +593,12 @@ def test_backward_runs_on_the_generations_head_dim_multiple(monkeypatch, d):
     grads = FLASH.backward(call, dout, out, lse)
     assert standin.SEEN["_flash_attn_bwd"]["q"][3] == padded
     assert_grads_close(grads, ref_grads, dtype)
+
+
+def test_declared_windows_and_softcaps_match_every_generation(generation):
+    """The table shown without the library (the support matrix) says what every generation does once found."""
+    declared = type(FLASH).supports["cuda"]
+    for provider in (FLASH, VARLEN):
+        found = provider.capabilities("cuda")
+        assert (found.window, found.softcap) == (declared.window, declared.softcap) == (True, True), generation
+        assert found.sinks == (generation == "fa4"), generation  # native only where learnable_sink exists

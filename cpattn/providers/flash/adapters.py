@@ -50,7 +50,9 @@ class FlashFamily(Provider):
     supports = {
         "cuda": Capabilities(
             dtypes=HALF_DTYPES, max_head_dim=256, min_compute_capability=(8, 0), backward=True, training=True,
-            deterministic_backward=False, notes=("FlashAttention-2/3/4, whichever is installed",),
+            deterministic_backward=False, window=True, softcap=True,
+            notes=("FlashAttention-2/3/4, whichever is installed; windows and softcaps natively in every generation, "
+                   "sinks natively in FlashAttention-4 (learnable_sink), through the log-sum-exp in the others",),
         )
     }
 
