@@ -25,8 +25,9 @@ each rank must make the same choice without talking to the others.
 
 Score modifications (window, softcap, sinks) pass through `auto` untouched: it chooses among the providers that
 take them (natively or through the exact routes, see cpattn/scoremods.py) and hands them to the chosen one, which
-applies them as its own declarations say. So a window reaches a kernel that skips the work outside it where one
-takes the call, and becomes a mask only for a chosen provider without windows.
+applies them as its own declarations say. For a windowed call the providers with native windows come first in the
+order (`order`), so a window reaches a kernel that skips the work outside it wherever one takes the call, and
+becomes a dense mask only where none does.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class Auto(Provider):
 
     def order(self, call: AttentionCall) -> tuple[str, ...]:
         """The providers tried for `call`, fastest first as measured (ORDER, with cuDNN ahead of `flash` for
-        short calls that `flash` would pad: PADDED_FLASH_CUDNN_FIRST_UP_TO)."""
+        short calls that `flash` would pad: PADDED_FLASH_CUDNN_FIRST_UP_TO); for a windowed call, those with
+        native windows first (the others take the window as a dense mask: every score computed)."""
         order = ORDER.get(call.device.type, ())
         flash = self._registry.get("flash")
         if (call.device.type == "cuda" and call.kv_len <= PADDED_FLASH_CUDNN_FIRST_UP_TO and flash is not None
@@ -120,7 +122,15 @@ class Auto(Provider):
             order = list(order)
             order[first], order[second] = order[second], order[first]
             order = tuple(order)
+        if call.window is not None:  # a window is skipped work only in kernels that have one: those go first
+            native = tuple(n for n in order if self._has_windows(n, call.device.type))
+            order = native + tuple(n for n in order if n not in native)
         return order
+
+    def _has_windows(self, name: str, device_type: str) -> bool:
+        provider = self._registry.get(name)
+        caps = None if provider is None else provider.capabilities(device_type)
+        return caps is not None and caps.window
 
     def _takers(self, call: AttentionCall, need: dict):
         """Providers in this call's order with no reason to refuse `call` (lazily: the fixed order stops at

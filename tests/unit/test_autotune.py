@@ -184,7 +184,7 @@ def test_auto_tries_cudnn_first_for_short_calls_flash_would_pad(pads, kv_len, fi
     assert PADDED_FLASH_CUDNN_FIRST_UP_TO == 4096
     registry = {name: _FakeProvider(name, pads=pads and name == "flash") for name in ORDER["cuda"]}
     auto = Auto(registry)
-    call = SimpleNamespace(device=torch.device("cuda"), kv_len=kv_len, head_dim=104)
+    call = SimpleNamespace(device=torch.device("cuda"), kv_len=kv_len, head_dim=104, window=None)
     order = auto.order(call)
     assert order[0] == first and sorted(order) == sorted(ORDER["cuda"])
     assert order[2:] == ORDER["cuda"][2:]
@@ -192,7 +192,7 @@ def test_auto_tries_cudnn_first_for_short_calls_flash_would_pad(pads, kv_len, fi
     text = auto.explain(call)
     assert text.splitlines()[-1] == f"{first}: takes it"
     assert ("_native_cudnn is tried first" in text) == (first == "_native_cudnn")
-    cpu = SimpleNamespace(device=torch.device("cpu"), kv_len=kv_len, head_dim=104)
+    cpu = SimpleNamespace(device=torch.device("cpu"), kv_len=kv_len, head_dim=104, window=None)
     assert auto.order(cpu) == ORDER["cpu"]
 
 

@@ -61,3 +61,18 @@ def test_codes_round_trip():
         assert provider_of_code(provider_code(provider)) is provider
     assert provider_of_code(provider_code(AUTO)) is AUTO
     assert len({provider_code(p) for p in PROVIDERS.values()}) == len(PROVIDERS)
+
+
+def test_auto_puts_providers_with_native_windows_first_for_windowed_calls():
+    """Without a window the measured order stands; with one, kernels that skip the work outside it (flash,
+    flash_varlen, flex) come before those that would compute every score under a dense mask."""
+    from types import SimpleNamespace
+
+    plain = SimpleNamespace(device=torch.device("cuda"), kv_len=1 << 16, window=None)
+    windowed = SimpleNamespace(device=torch.device("cuda"), kv_len=1 << 16, window=(4095, 0))
+    assert AUTO.order(plain) == ORDER["cuda"]
+    order = AUTO.order(windowed)
+    native = [n for n in order if PROVIDERS[n].capabilities("cuda").window]
+    assert set(native) >= {"flash", "flash_varlen", "flex"}
+    assert list(order[:len(native)]) == native and sorted(order) == sorted(ORDER["cuda"])
+    assert order.index("flex") < order.index("_native_cudnn")
