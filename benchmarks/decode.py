@@ -9,8 +9,8 @@ alternative of gathering the cache.
 active provider, one all-gather of the partials (float32, W x B x Hq x T x (Dv + 1) values), one merge. Per
 case (cache N, new tokens T, ranks W, provider):
 - `partial_us`: one rank's partial: the provider's forward over N / W keys (a rank's critical path);
-- `combine_us`: the combine's own work on the receiving side, the pack of (out, lse) into one float32 buffer and
-  the merge of W stacked partials (cpattn.ops.merge.merge_stacked), timed as a CUDA graph replay (kernel time)
+- `combine_us`: the combine's own work, the pack of this rank's (out, lse) into one float32 buffer and the merge
+  of the W gathered partials into the output dtype (cpattn.ops.merge.pack_partial, merge_packed), timed as a CUDA graph replay (kernel time)
   and eagerly (host time included); `combine_bytes`: what the all-gather moves per rank, whose time is the
   network's (not measured here, one device);
 - `gathered_local_us`: the alternative: one call over the whole N-key cache, as a rank that all-gathered the
@@ -90,7 +90,7 @@ def eager_us(fn, device, calls: int = 300) -> float:
 
 def run_case(case: Case, smoke: bool) -> dict:
     import cpattn
-    from cpattn.ops.merge import merge_stacked
+    from cpattn.ops.merge import merge_packed, merge_stacked, pack_partial
 
     row = {"provider": case.provider, "cache": case.n, "new_tokens": case.t, "ranks": case.w, "Hq": case.hq,
            "Hkv": case.hkv, "D": case.d, "dtype": str(case.dtype).replace("torch.", "")}
@@ -111,13 +111,14 @@ def run_case(case: Case, smoke: bool) -> dict:
         merged, _ = merge_stacked(outs, lses)
         whole_out, _ = adapter.forward(whole_call)
         row["max_diff"] = (merged - whole_out.float()).abs().max().item()
-        packed = [torch.cat([o.float(), lse.unsqueeze(-1)], -1) for o, lse in partials]
-        gathered = torch.stack(packed)
+        gathered = torch.stack([pack_partial(o, lse) for o, lse in partials])
         row["combine_bytes"] = gathered.numel() * gathered.element_size()
+        packed_out, _ = merge_packed(gathered, torch.float32)
+        row["max_diff_packed_vs_stacked"] = (packed_out - merged).abs().max().item()
 
-        def combine():  # the pack of this rank's partial, and the merge of the gathered W
-            torch.cat([partials[0][0].float(), partials[0][1].unsqueeze(-1)], -1)
-            return merge_stacked(gathered[..., :-1], gathered[..., -1])
+        def combine():  # what sharded_kv_attention runs around its all-gather: this rank's pack, the merge
+            pack_partial(*partials[0])
+            return merge_packed(gathered, case.dtype)
 
         bench = (lambda fn: common.bench(fn, case.device, cpu_seconds=0.02 if smoke else 0.2)["median_ms"] * 1e3)
         row["partial_us"] = bench(lambda: adapter.forward(rank_calls[0]))

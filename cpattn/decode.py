@@ -20,7 +20,7 @@ from .contract import AttentionCall
 from .cp.comm import gather_signatures
 from .cp.mesh import topology_from_mesh
 from .errors import InvalidArgumentError, RankMismatchError, UnsupportedInputError
-from .ops.merge import merge_stacked
+from .ops.merge import merge_packed, pack_partial
 from .ops.sinks import add_sinks
 from .ops.window import band_mask, shifted, trim_block
 from .providers import suggest
@@ -67,7 +67,7 @@ def sharded_kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         raise UnsupportedInputError(f"provider '{provider.name}' in sharded_kv_attention", reasons,
                                     suggest(call.replace(sinks=None), provider.name, need_lse=True))
     out, lse = _local_partial(provider, call.replace(sinks=None), window, query_positions, key_positions)
-    out, lse = _combine(out, lse, group)
+    out, lse = _combine(out, lse, group, query.dtype if sinks is None else torch.float32)
     if sinks is not None:
         out, lse = add_sinks(out, lse, sinks)
     return out.to(query.dtype)
@@ -141,14 +141,14 @@ def _consecutive(positions: torch.Tensor) -> bool:
     return positions.numel() < 2 or bool((positions[1:] - positions[:-1] == 1).all())
 
 
-def _combine(out: torch.Tensor, lse: torch.Tensor, group):
-    """One all-gather of every rank's (out, lse) as float32, then one merge."""
+def _combine(out: torch.Tensor, lse: torch.Tensor, group, dtype: torch.dtype):
+    """(out in `dtype`, lse) over every rank's slice: one all-gather of every rank's (out, lse) packed into one
+    float32 buffer, then one merge (one kernel each way on CUDA: cpattn.ops.merge.pack_partial, merge_packed)."""
     if group.size == 1:
-        return out.float(), lse
-    packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1).contiguous()
+        return out.to(dtype), lse
+    packed = pack_partial(out, lse)
     on_cpu = group.backend == "gloo" and packed.is_cuda  # gloo moves host memory
     send = packed.cpu() if on_cpu else packed
     gathered = send.new_empty((group.size * send.shape[0], *send.shape[1:]))  # ranks' blocks along dim 0
     dist.all_gather_into_tensor(gathered, send, group=group.pg)
-    gathered = gathered.view(group.size, *send.shape).to(out.device)
-    return merge_stacked(gathered[..., :-1], gathered[..., -1])
+    return merge_packed(gathered.view(group.size, *send.shape).to(out.device), dtype)

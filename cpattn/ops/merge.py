@@ -123,3 +123,23 @@ def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor,
     weights = weights / total.clamp_min(_TINY)
     out = (outs.float() * weights.unsqueeze(-1)).sum(dim=0)
     return out, lse
+
+
+def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """A partial (out (B, H, S, Dv), lse (B, H, S)) as one float32 (B, H, S, Dv + 1) buffer, lse last: what
+    decode's combine all-gathers (one message per rank). One Triton launch on CUDA."""
+    kernel = optional_kernel("merge_kernel", "pack_partial")
+    if kernel is not None and _fuse_on(out):
+        return kernel(out, lse)
+    return torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1).contiguous()
+
+
+def merge_packed(gathered: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in `dtype`, lse float32) of N packed partials stacked on dim 0 ((N, B, H, S, Dv + 1), `pack_partial`'s
+    form): `merge_stacked`'s arithmetic, in one Triton launch on CUDA (the torch ops take a dozen)."""
+    kernel = optional_kernel("merge_kernel", "merge_packed")
+    if kernel is not None and _fuse_on(gathered):
+        return kernel(gathered.contiguous(), dtype)
+    out, lse = merge_stacked(gathered[..., :-1], gathered[..., -1])
+    return out.to(dtype), lse
+

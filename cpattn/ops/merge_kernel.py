@@ -126,3 +126,82 @@ def merge_blocks_into(out: torch.Tensor, out_lse: torch.Tensor, blocks: list[tup
         OUT_BF16=out.dtype == torch.bfloat16, num_warps=warps,
     )
 
+
+
+# -- decode's combine: N partials of the same rows, packed (out | lse) as the all-gather carries them ------------
+
+@triton.jit
+def _pack_rows(out, lse, packed, rows, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """packed[r, :dim] = float32(out[r]), packed[r, dim] = lse[r], rows flattened (contiguous inputs)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    in_rows = r < rows
+    tile = in_rows[:, None] & (d < dim)[None, :]
+    o = tl.load(out + r[:, None] * dim + d[None, :], mask=tile, other=0.0).to(tl.float32)
+    tl.store(packed + r[:, None] * (dim + 1) + d[None, :], o, mask=tile)
+    x = tl.load(lse + r, mask=in_rows, other=float("-inf")).to(tl.float32)
+    tl.store(packed + r * (dim + 1) + dim, x, mask=in_rows)
+
+
+@triton.jit
+def _merge_packed(packed, out, out_lse, parts, rows, dim, TINY: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr, OUT_BF16: tl.constexpr):
+    """out[r], out_lse[r] <- the merge of packed[i, r] over the `parts` partials, the guards of merge_stacked: the
+    exponents shifted by the row maximum (0 where every lse is -inf), so an empty row gets out 0 and lse -inf."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    in_rows = r < rows
+    tile = in_rows[:, None] & (d < dim)[None, :]
+    stride = rows * (dim + 1)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for i in range(parts):
+        x = tl.load(packed + i * stride + r * (dim + 1) + dim, mask=in_rows, other=float("-inf"))
+        m = tl.where(m > x, m, x)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    z = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for i in range(parts):
+        x = tl.load(packed + i * stride + r * (dim + 1) + dim, mask=in_rows, other=float("-inf"))
+        w = tl.exp(x - m)
+        z = z + w
+        o = tl.load(packed + i * stride + r[:, None] * (dim + 1) + d[None, :], mask=tile, other=0.0)
+        acc = acc + o * w[:, None]
+    lse = tl.where(z == 0.0, float("-inf"), m + tl.log(z))
+    result = acc * (1.0 / tl.maximum(z, TINY))[:, None]
+    if OUT_BF16:
+        result = _bf16_round_nearest_even(result)
+    tl.store(out + r[:, None] * dim + d[None, :], result.to(out.dtype.element_ty), mask=tile)
+    tl.store(out_lse + r, lse, mask=in_rows)
+
+
+def _row_tile(dim: int) -> tuple[int, int]:
+    block_d = triton.next_power_of_2(dim)
+    return max(1, min(64, TILE_VALUES // block_d)), block_d
+
+
+def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, Dv) out and (B, H, S) lse -> one contiguous float32 (B, H, S, Dv + 1) buffer, in one launch."""
+    out, lse = out.contiguous(), lse.contiguous()
+    dim, rows = out.shape[-1], lse.numel()
+    packed = torch.empty((*out.shape[:-1], dim + 1), dtype=torch.float32, device=out.device)
+    if rows:
+        block_r, block_d = _row_tile(dim)
+        _pack_rows[(triton.cdiv(rows, block_r),)](out, lse, packed, rows, dim, BLOCK_R=block_r, BLOCK_D=block_d,
+                                                  num_warps=WARPS)
+    return packed
+
+
+def merge_packed(gathered: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in `dtype`, lse float32) of N stacked packed partials `gathered` (N, B, H, S, Dv + 1) float32
+    contiguous, in one launch."""
+    parts, *lead, width = gathered.shape
+    dim = width - 1
+    out = torch.empty((*lead, dim), dtype=dtype, device=gathered.device)
+    lse = torch.empty(lead, dtype=torch.float32, device=gathered.device)
+    rows = lse.numel()
+    if rows:
+        block_r, block_d = _row_tile(dim)
+        _merge_packed[(triton.cdiv(rows, block_r),)](gathered, out, lse, parts, rows, dim, TINY=_TINY,
+                                                     BLOCK_R=block_r, BLOCK_D=block_d,
+                                                     OUT_BF16=dtype == torch.bfloat16, num_warps=WARPS)
+    return out, lse
