@@ -42,6 +42,8 @@ from typing import Callable
 import torch
 
 from ..contract import autocast_off
+from ..ops.gradsum import DeferredRowSum
+from ..ops.merge import PartialAttention
 from ..ops.sinks import add_sinks, sink_grad
 from .comm import CommStats, RingChannel
 from .mesh import Group
@@ -120,6 +122,53 @@ class _RowMerge:
         return out, lse.float()  # the contract's log-sum-exp: float32
 
 
+class _FusedRowMerge:
+    """_RowMerge through cpattn.ops.merge.PartialAttention: the chains' results are kept and merged when the
+    result is asked for, up to MAX_BLOCKS in one Triton launch on CUDA (_RowMerge's torch ops take about fifteen
+    launches per chain, which a ring with many short steps pays on the host). For inputs below float64 (the
+    merge runs in float32, as _RowMerge's does for them)."""
+
+    def __init__(self, rows: int, heads: int, value_dim: int, device):
+        self._shape = (rows, heads, value_dim)
+        self._acc = PartialAttention(1, heads, rows, value_dim, device)
+
+    def add(self, start: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        self._acc.add_rows(slice(start, start + out.shape[0]), out.transpose(0, 1).unsqueeze(0), lse.unsqueeze(0))
+
+    def result(self, dtype: torch.dtype, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        merged, lse = self._acc.result(dtype if sinks is None else torch.float32)
+        if sinks is not None:
+            merged, lse = add_sinks(merged, lse, sinks)
+        out = torch.empty(self._shape, dtype=dtype, device=merged.device)
+        out.copy_(merged[0].transpose(0, 1))
+        return out, lse[0].float()
+
+
+def _row_merge(q: torch.Tensor, value_dim: int):
+    if q.dtype == torch.float64:
+        return _RowMerge(q.shape[0], q.shape[1], value_dim, q.dtype, q.device)
+    return _FusedRowMerge(q.shape[0], q.shape[1], value_dim, q.device)
+
+
+class _FusedRowSum:
+    """_RowSum through cpattn.ops.gradsum.DeferredRowSum (up to MAX_PARTS parts in one launch on CUDA), a packed
+    (rows, heads, dim) gradient seen as (1, 1, rows, heads * dim) rows. For inputs below float64."""
+
+    def __init__(self, like: torch.Tensor):
+        self._like = like
+        self._sum = DeferredRowSum((1, 1, like.shape[0], like[0].numel()), like.device)
+
+    def add(self, start: int, part: torch.Tensor) -> None:
+        self._sum.add(slice(start, start + part.shape[0]), part.reshape(1, 1, part.shape[0], -1))
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._sum.result(dtype).view(self._like.shape)
+
+
+def _row_sum(like: torch.Tensor):
+    return _RowSum(like) if like.dtype == torch.float64 else _FusedRowSum(like)
+
+
 class _RowSum:
     """A sum of row parts of one (rows, heads, dim) gradient in `_sum_dtype`, made at the first part, rounded
     once."""
@@ -165,7 +214,7 @@ def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, sink
     (Hq,) join the merged rows once (the lse returned then holds them)."""
     me, world = spec.rank, spec.world
     channel = spec.channel()
-    acc = _RowMerge(q.shape[0], q.shape[1], v.shape[-1], q.dtype, q.device)
+    acc = _row_merge(q, v.shape[-1])
     block = None
     for step in range(world):
         pending, receiving = _exchange(spec, channel, step + 1, k, v) if step + 1 < world else (None, False)
@@ -188,7 +237,7 @@ class _OwnGrads:
     on its keys. A step's incoming parts are collected at the next step, so the transfer overlaps its kernels."""
 
     def __init__(self, k, v):
-        self.dk, self.dv = _RowSum(k), _RowSum(v)
+        self.dk, self.dv = _row_sum(k), _row_sum(v)
         self._like = k, v
         self._in_flight = None
 
@@ -225,7 +274,7 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
     """(dq, dk, dv) of this rank's shard, in the inputs' dtype (see the module docstring)."""
     me, world = spec.rank, spec.world
     channel = spec.channel()
-    dq = _RowSum(q)
+    dq = _row_sum(q)
     own = _OwnGrads(k, v)
     block = last_block
     for step in range(world - 1, -1, -1):
