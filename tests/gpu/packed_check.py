@@ -4,7 +4,7 @@ and under the packed ring (ranks over gloo on this GPU), forward and backward, a
     python tests/gpu/packed_check.py [--out benchmarks/results] [--tag TAG] [--worlds 1 2 3]
                                      [--providers flash_varlen flash]
 
-A stream of documents of lengths 1, shorter than a shard, longer than S / W and crossing every shard boundary
+A stream of documents of lengths 0, 1, shorter than a shard, longer than S / W and crossing every shard boundary
 (bf16, Hq 8, Hkv 2, D 64; also Hq = Hkv = 4) runs `cpattn.packed_attention` (and, at W = 1,
 `cpattn.flash_varlen_attention`) with: nothing, a causal window, a two-sided window, (0, 0), a window wider
 than every document, a softcap, sinks, and a causal window with softcap and sinks. Each rank's shard comes from
@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests", "support"))
 
-BOUNDS = (0, 1, 37, 40, 300, 301, 333, 700, 702, 1024)
+BOUNDS = (0, 1, 37, 37, 40, 300, 301, 333, 700, 702, 1024)  # one empty document
 MODS = {
     "plain": {},
     "causal window": dict(window=(63, 0)),
