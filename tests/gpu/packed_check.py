@@ -41,6 +41,7 @@ MODS = {
     "window + softcap + sinks": dict(window=(47, 0), softcap=15.0, sinks=True),
 }
 HEADS = ((8, 2, 64), (4, 4, 128))
+DEVICE = "cuda"  # --device cpu: the same cases on CPU providers, to check the script itself
 OUT_TOL, GRAD_TOL = 2e-2, 5e-2  # bf16, relative to max(1, |reference|)
 
 
@@ -63,21 +64,22 @@ def _case(name: str, mods: dict, heads, api: str, mesh, provider: str, grad: boo
     gen = torch.Generator().manual_seed(1)
     sinks = (2.0 * torch.randn(heads[0], generator=gen, dtype=torch.float64)).to(torch.bfloat16).double() \
         if mods.get("sinks") else None
-    cu = torch.tensor(BOUNDS, dtype=torch.int32, device="cuda")
+    cu = torch.tensor(BOUNDS, dtype=torch.int32, device=DEVICE)
     world = 1 if mesh is None else dist.get_world_size()
     shard = (lambda t: t) if world == 1 else (lambda t: cpattn.shard_packed(t, cu, mesh))
-    to_gpu = lambda t: shard(t.cuda().to(torch.bfloat16)).detach().requires_grad_(grad)  # noqa: E731
+    to_gpu = lambda t: shard(t.to(DEVICE).to(torch.bfloat16)).detach().requires_grad_(grad)  # noqa: E731
     ql, kl, vl = (to_gpu(t) for t in (q, k, v))
-    sink_leaf = None if sinks is None else sinks.cuda().float().requires_grad_(grad)
+    sink_leaf = None if sinks is None else sinks.to(DEVICE).float().requires_grad_(grad)
     kw = dict(is_causal=causal, window=mods.get("window"), softcap=mods.get("softcap"), sinks=sink_leaf)
     longest = max(b - a for a, b in zip(BOUNDS, BOUNDS[1:]))
-    with cpattn.attention_provider(provider, cp_mesh=mesh, cp_timeout=60):
+    options = {} if mesh is None else dict(cp_mesh=mesh, cp_timeout=60)
+    with cpattn.attention_provider(provider, **options):
         if api == "flash_varlen_attention":
             out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, **kw)
         else:
             out = cpattn.packed_attention(ql, kl, vl, cu, **kw)
         if grad:
-            out.backward(shard(dout.cuda().to(torch.bfloat16)))
+            out.backward(shard(dout.to(DEVICE).to(torch.bfloat16)))
     gather = (lambda t: t.double().cpu()) if world == 1 else (lambda t: cpattn.gather_packed(t, cu, mesh).double().cpu())
     ref_out, ref_grads, ref_dsinks = documents_reference(q, k, v, dout, list(BOUNDS), causal, mods.get("window"),
                                                          mods.get("softcap"), sinks)
@@ -98,7 +100,8 @@ def _case(name: str, mods: dict, heads, api: str, mesh, provider: str, grad: boo
 def _cases(mesh, provider: str) -> list[dict]:
     import cpattn
 
-    apis = ["packed_attention"] + (["flash_varlen_attention"] if mesh is None else [])
+    # flash_varlen_attention always runs flash_varlen: checked once, with that provider, on one device
+    apis = ["packed_attention"] + (["flash_varlen_attention"] if mesh is None and provider == "flash_varlen" else [])
     out = []
     for heads in HEADS:
         for api in apis:
@@ -118,10 +121,13 @@ def _cases(mesh, provider: str) -> list[dict]:
     return out
 
 
-def ranked(rank, world, provider):
+def ranked(rank, world, payload):
     import torch.distributed as dist
 
-    torch.cuda.set_device(0)
+    global DEVICE
+    provider, DEVICE = payload
+    if DEVICE == "cuda":
+        torch.cuda.set_device(0)
     return _cases(dist.group.WORLD, provider)
 
 
@@ -131,7 +137,10 @@ def main() -> None:
     parser.add_argument("--tag", default="")
     parser.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 3])
     parser.add_argument("--providers", nargs="*", default=["flash_varlen", "flash"])
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     from benchmarks.common import device_name, environment, results_path, write_results
     from reliability_helpers import run_ranks
 
@@ -140,17 +149,17 @@ def main() -> None:
         if world == 1:
             rows += [dict(r, provider=provider) for r in _cases(None, provider)]
             continue
-        result = run_ranks(world, ranked, provider, timeout=400)
+        result = run_ranks(world, ranked, (provider, DEVICE), timeout=400)
         broken = [r for r in result.ranks if r.error or r.killed]
         if broken:
             rows.append({"provider": provider, "world": world, "status": "fail",
                          "error": "; ".join(f"rank {r.rank}: {r.error or 'killed'}" for r in broken)[:800]})
         else:
             rows += [dict(r, world=world, provider=provider) for r in result[0].value]
-    label = device_name("cuda")
+    label = device_name(DEVICE)
     fails = [r for r in rows if r["status"] != "pass"]
     path = write_results(results_path("packed_check", label, args.out, args.tag),
-                         {"device": label, "environment": environment(), "provider": args.provider,
+                         {"device": label, "environment": environment(), "providers": args.providers,
                           "bounds": BOUNDS, "tolerances": {"out": OUT_TOL, "grad": GRAD_TOL}, "cases": rows})
     for r in fails:
         print("FAIL", r)
