@@ -85,9 +85,10 @@ class RingSpec:
     # CUDA streams the backward's steps take in turn (cpattn/cp/streams.py), for shards with enough work per
     # step (streams.MIN_STEP_WORK); 1 runs every step on one stream.
     step_streams: int = 2
-    # Windowed calls (halo.py): each query chunk as one kernel call on its keys laid end to end (a copy of them),
-    # instead of one call per run of keys merged afterwards (more, smaller calls).
-    fuse_halo: bool = True
+    # Windowed calls (halo.py): True runs each query chunk as one kernel call on its keys laid end to end (a copy
+    # of them) instead of one call per run of keys, merged. Off: the copies cost more than the calls they save
+    # (docs/windows-softcap-sinks.md: zigzag 0.700 fused against 0.845 separate on one H100).
+    fuse_halo: bool = False
 
     def channel(self) -> RingChannel:
         return self.channel_factory(self.group, self.timeout, self.stats)
