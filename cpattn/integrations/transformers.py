@@ -48,7 +48,8 @@ Under a mesh (rules every rank applies alike, so every rank raises the same erro
   model (the encoder's, the cross-attention) then runs on each rank against keys it holds whole
   (``kv_replicated=True``), which is exact; each rank's encoder gradients are its share, summed by
   `all_reduce_grads`. Causal attention (the decoder's own) is context-parallel. T5's relative position bias
-  cannot be sharded and is refused.
+  cannot be sharded and is refused; so is a decoder that takes no position ids (BART and the families built
+  like it: its positions would restart at 0 on every rank's shard).
 
 Versions: tested with transformers 5.23.0 (the ``dev`` extra pins it). Expected to work with transformers 5.x
 (>= 5.0, < 6): it relies on ``AttentionInterface``, ``AttentionMaskInterface`` and the keyword arguments
@@ -58,6 +59,9 @@ Versions: tested with transformers 5.23.0 (the ``dev`` extra pins it). Expected 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import inspect
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -147,6 +151,8 @@ def _attention(module, layer: str, query, key, value, attention_mask, call: "_Ca
         elif _keys_whole_on_every_rank(module, query, key, call.causal):
             out = _whole_keys(query, key, value, attention_mask, call)
         else:
+            if call.position_bias is None:  # a bias is refused on its own (_sharded)
+                _check_positions_reach(module)
             out = _sharded(cp, query, key, value, attention_mask, call, kwargs.get("position_ids"))
     except CpattnError as exc:
         raise _in_layer(exc, layer) from exc
@@ -270,6 +276,34 @@ def _whole_keys(query, key, value, mask, call: _Call) -> torch.Tensor:
 
 _POSITION_BIAS = ("position_bias (a relative position bias, T5's) is built by the model from each rank's local "
                   "lengths, and T5's decoder cannot be sharded with it: run this model on one device")
+
+
+def _check_positions_reach(module: torch.nn.Module) -> None:
+    """Refuse sharded attention in a model family that cannot be given its tokens' positions: its decoder (or
+    model) embeds positions from the input length alone, so under a mesh every rank's shard would restart at
+    position 0 and nothing downstream could tell (BART and the families copied from it)."""
+    family = type(module).__module__
+    if not _family_takes_positions(family):
+        raise UnsupportedInputError("context parallelism", [
+            f"{family.rsplit('.', 1)[-1]} builds its decoder's positions from the input length and takes no "
+            "position ids, so every rank's shard would restart at position 0: run this model on one device (or "
+            "context-parallelise only its encoder's inputs, which stay whole)"])
+
+
+@functools.lru_cache(maxsize=None)
+def _family_takes_positions(family: str) -> bool:
+    """Whether the model classes of `family` (a transformers modeling module) that embed token ids take position
+    ids: its decoders where it has any (encoder-decoder models shard only the decoder), else its models. True
+    where the module holds no such class (nothing to go by)."""
+    try:
+        classes = [c for c in vars(importlib.import_module(family)).values()
+                   if isinstance(c, type) and issubclass(c, torch.nn.Module) and c.__module__ == family]
+    except ImportError:
+        return True
+    embedding = [c for c in classes if "input_ids" in inspect.signature(c.forward).parameters]
+    decoders = [c for c in embedding if c.__name__.endswith("Decoder")]
+    chosen = decoders or [c for c in embedding if c.__name__.endswith("Model")]
+    return not chosen or any("position_ids" in inspect.signature(c.forward).parameters for c in chosen)
 
 
 def _sharded(cp, query, key, value, mask, call: _Call, position_ids) -> torch.Tensor:

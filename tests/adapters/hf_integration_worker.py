@@ -51,6 +51,7 @@ CASES = {  # name: (model, batch kind, cp_strategy[, cp_layout])
 }
 REFUSALS = {  # name: (model, what is wrong); run on more than one rank only
     "refuse-t5-position_bias": ("t5", None),
+    "refuse-bart-positions_from_length": ("bart", None),
     "refuse-llama-forgotten_positions": ("llama", "positions"),
     "refuse-llama-no_attention_mask": ("llama", "mask"),
     "refuse-llama-local_4d_mask": ("llama", "local_mask"),

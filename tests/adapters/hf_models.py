@@ -44,14 +44,19 @@ def _configs() -> dict:
                          max_source_positions=8, max_target_positions=64, pad_token_id=0, bos_token_id=1,
                          eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None,
                          suppress_tokens=None), "sdpa"),
+        # its decoder embeds positions from the input length and takes no position ids: refused under a mesh
+        "bart": (tf.BartConfig, tf.BartForConditionalGeneration,
+                 dict(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1), "sdpa"),
         "t5": (tf.T5Config, tf.T5ForConditionalGeneration,
                dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1), "sdpa"),
     }
 
 
-MODELS = ("llama", "qwen3", "mistral", "gemma2", "gemma3", "gpt_oss", "whisper", "t5")
-ENCODER_DECODER = ("whisper", "t5")
+MODELS = ("llama", "qwen3", "mistral", "gemma2", "gemma3", "gpt_oss", "whisper", "t5", "bart")
+ENCODER_DECODER = ("whisper", "t5", "bart")
 
 
 def reference_implementation(name: str) -> str:

@@ -60,6 +60,7 @@ def test_training_step_matches_one_device(results, world, case):
 
 EXPECTED_REFUSALS = {  # case: (error type, words every rank's message must hold)
     "refuse-t5-position_bias": ("UnsupportedInputError", "position_bias"),
+    "refuse-bart-positions_from_length": ("UnsupportedInputError", "would restart at position 0"),
     "refuse-llama-forgotten_positions": ("InvalidArgumentError", "shard_batch"),
     "refuse-llama-no_attention_mask": ("InvalidArgumentError", "pass attention_mask"),
     "refuse-llama-local_4d_mask": ("InvalidArgumentError", "all keys in global order"),
