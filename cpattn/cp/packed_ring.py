@@ -152,18 +152,19 @@ def _row_merge(q: torch.Tensor, value_dim: int):
 
 class _FusedRowSum:
     """_RowSum through cpattn.ops.gradsum.DeferredRowSum (up to MAX_PARTS parts in one launch on CUDA), a packed
-    (rows, heads, dim) gradient seen as the (1, heads, rows, dim) view the kernel tiles by rows of one head. For
-    inputs below float64."""
+    (rows, heads, dim) gradient seen as (1, 1, rows, heads * dim) rows: a contiguous view of the parts and of the
+    result (read per head instead, the sums took as long and the result needed a transposing copy). For inputs
+    below float64."""
 
     def __init__(self, like: torch.Tensor):
         self._like = like
-        self._sum = DeferredRowSum((1, like.shape[1], like.shape[0], like.shape[2]), like.device)
+        self._sum = DeferredRowSum((1, 1, like.shape[0], like[0].numel()), like.device)
 
     def add(self, start: int, part: torch.Tensor) -> None:
-        self._sum.add(slice(start, start + part.shape[0]), part.transpose(0, 1).unsqueeze(0))
+        self._sum.add(slice(start, start + part.shape[0]), part.reshape(1, 1, part.shape[0], -1))
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._sum.result(dtype)[0].transpose(0, 1).contiguous()
+        return self._sum.result(dtype).view(self._like.shape)
 
 
 def _row_sum(like: torch.Tensor):
