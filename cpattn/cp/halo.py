@@ -24,6 +24,11 @@ the band reaches (a pair it does not reach is skipped; the rows it leaves out ge
 the block goes to the kernel through `scoremods.as_kernel_call` (a provider without windows gets the exact
 mask of the trimmed block). The blocks' (out, lse) merge in float32 as in the ring.
 
+Fused chunks (`RingSpec.fuse_halo`, off by default): a chunk's keys are consecutive positions (the halo before
+it, the chunk, the halo after it), so they can be laid end to end and the chunk run as one kernel call with no
+merge (`fused_plan`). That copies each chunk's keys and values once per direction; on one H100 (S = 128k, P = 8,
+window 4k) the copies cost more than the calls they save under zigzag (docs/windows-softcap-sinks.md).
+
 Backward, with the global (out, lse): the forward's received runs are kept (a halo is small: that is the point of
 a window), so no key moves twice. The blocks against received runs run first; their dK/dV, summed per peer in
 float32 and sent in the inputs' dtype, go back to the runs' owners in one exchange (the forward's in reverse)
