@@ -52,7 +52,24 @@ def environment() -> dict:
 
     out["providers"] = {n: p.availability().version for n, p in cpattn.PROVIDERS.items() if p.availability().ok}
     out["cpattn"] = _revision()
+    out["cpattn_files_sha256"] = files_digest()
     return out
+
+
+def files_digest(package: str = os.path.join(ROOT, "cpattn")) -> str:
+    """sha256 over the package's .py files (relative path and contents, in sorted order): which code ran, even
+    where the checkout's git metadata is not that of the files (a copied working tree). `python -c "from
+    benchmarks.common import files_digest; print(files_digest())"` at a commit gives that commit's value."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder, _, names in sorted(os.walk(package)):
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, package).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _revision() -> str:
