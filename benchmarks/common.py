@@ -298,6 +298,34 @@ def bench_interleaved(fns: dict, device, warmup_ms: float = 100, budget_ms: floa
     return out
 
 
+def capture_graph(fn, warmups: int = 3):
+    """(CUDA graph of one call of `fn`, what that call returned): `fn` runs `warmups` times on a side stream
+    first, where capture wants its lazy setup (compilation, workspaces) done."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def replay_us(graph, replays: int = 200) -> float:
+    """GPU time per replay of `graph`, `replays` back to back between two events (no host time, no launch gaps)."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
 def host_ms(fn, device, repeats: int = 5) -> float:
     """Median host time to issue `fn`'s work (the GPU is drained first, so a full launch queue never blocks)."""
     times = []

@@ -52,29 +52,11 @@ def _call(q, k, v):
     return make_call(q, k, v, None, 0.0, False, None, q.shape[1] != k.shape[1])
 
 
-def graph_time_us(fn, device, replays: int = 200) -> float | None:
-    """GPU time per call of `fn` captured in a CUDA graph and replayed `replays` times between two events (no
-    host time, no launch gaps); None on CPU."""
+def graph_time_us(fn, device) -> float | None:
+    """GPU time per call of `fn` captured in a CUDA graph (common.capture_graph, common.replay_us); None on CPU."""
     if torch.device(device).type != "cuda":
         return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays
+    return common.replay_us(common.capture_graph(fn)[0])
 
 
 def eager_us(fn, device, calls: int = 300) -> float:
@@ -170,21 +152,14 @@ def graph_check(provider: str, device: str, smoke: bool) -> dict:
             out["cached_blocks_handed_out_per_call"] = (after["allocation.all.allocated"]
                                                         - before["allocation.all.allocated"]) / 200
             try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    call(agree=False)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_out = call(agree=False)
+                graph, static_out = common.capture_graph(lambda: call(agree=False), warmups=1)
                 q.copy_(torch.randn_like(q))
                 graph.replay()
                 torch.cuda.synchronize()
                 eager = call()
                 out["graph_captured"] = True
                 out["graph_vs_eager_max_diff"] = (static_out.float() - eager.float()).abs().max().item()
-                out["graph_replay_us"] = graph_time_us(lambda: call(agree=False), device)
+                out["graph_replay_us"] = common.replay_us(graph)
                 out["eager_us"] = eager_us(call, device)
             except Exception as exc:
                 out["graph_captured"] = False

@@ -1,10 +1,12 @@
-"""LoopbackRing: a stand-in ring channel with no network, to run one rank's ring steps alone."""
+"""LoopbackRing: a stand-in ring channel with no network, to run one rank's ring steps alone; Received, an exchange
+that is already complete."""
 
 from __future__ import annotations
 
 
-class _Received:
-    """An exchange that is already complete: `wait()` hands back what it 'received'."""
+class Received:
+    """An exchange that is already complete: `wait()` hands back what it 'received' (the loopback channels of the
+    ring, packed-ring and windowed-ring benchmarks return it)."""
 
     __slots__ = ("received",)
 
@@ -36,10 +38,10 @@ class LoopbackRing:
 
     def send_recv(self, send, to_rank, recv, from_rank, kind):
         if kind != "kv":
-            return _Received(recv)
+            return Received(recv)
         world = len(self._blocks)
         held = [i for i, (k, _) in enumerate(self._blocks) if k.data_ptr() == send[0].data_ptr()]
         if not held:
             raise ValueError("LoopbackRing: the block sent is none of the blocks it was given")
         step = -1 if to_rank == (self._rank + 1) % world else 1
-        return _Received(list(self._blocks[(held[0] + step) % world]))
+        return Received(list(self._blocks[(held[0] + step) % world]))
