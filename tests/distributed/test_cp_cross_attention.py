@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 
-from cp_harness import Case, run_cases
+from cp_harness import Case, problems, run_cases
 from helpers import GRAD_ATOL, OUT_ATOL
 
 pytestmark = pytest.mark.distributed
@@ -84,16 +84,7 @@ def results(world: int):
 
 
 def _problems(outcome, case: Case) -> list[str]:
-    if outcome.exception is not None:
-        return [outcome.exception.splitlines()[0]]
-    dtype = getattr(torch, case.dtype)
-    errors, found = outcome.errors, []
-    if errors["out_finite"] != 1.0 or errors["out"] > OUT_ATOL[dtype]:
-        found.append(f"out error {errors['out']:.3g} (finite: {errors['out_finite']})")
-    for name in ("dq", "dk", "dv") + (("dsinks",) if case.sinks else ()):
-        if not errors[name] <= GRAD_ATOL[dtype]:
-            found.append(f"{name} error {errors[name]:.3g} > {GRAD_ATOL[dtype]}")
-    return found
+    return problems(outcome, case, OUT_ATOL, GRAD_ATOL)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)

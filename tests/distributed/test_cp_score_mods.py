@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from cp_harness import Case, run_cases
+from cp_harness import Case, problems, run_cases
 from cpattn.cp.halo import halo_plan, shard_runs
 from cpattn.cp.layout import ring_positions
 from helpers import GRAD_ATOL, OUT_ATOL
@@ -190,20 +190,7 @@ def results(world: int):
 
 
 def _problems(outcome, case: Case) -> list[str]:
-    if outcome.exception is not None:
-        return [outcome.exception.splitlines()[0]]
-    dtype = getattr(torch, case.dtype)
-    out_tol, grad_tol = OUT_ATOL[dtype], GRAD_ATOL[dtype]
-    errors, found = outcome.errors, []
-    if errors["out_finite"] != 1.0:
-        found.append("non-finite output")
-    if errors["out"] > out_tol:
-        found.append(f"out error {errors['out']:.3g} > {out_tol}")
-    grads = (("dq", "dk", "dv") + (("dsinks",) if case.sinks else ())) if case.grad else ()
-    for name in grads:
-        if not errors[name] <= grad_tol:  # NaN fails too
-            found.append(f"{name} error {errors[name]:.3g} > {grad_tol}")
-    return found
+    return problems(outcome, case, OUT_ATOL, GRAD_ATOL)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)

@@ -439,6 +439,25 @@ def run_cases(world: int, cases: list[Case], timeout: float = 400.0) -> dict[str
     return results
 
 
+def problems(outcome: Outcome, case: Case, out_tol: dict, grad_tol: dict) -> list[str]:
+    """What is wrong with one case's outcome against float64: the exception it raised, or each error over the
+    tolerance of the case's dtype (`out_tol`, `grad_tol`: dtype -> absolute tolerance), gradients where the case
+    takes them (dsinks with sinks). NaN errors fail."""
+    if outcome.exception is not None:
+        return [outcome.exception.splitlines()[0]]
+    dtype = getattr(torch, case.dtype)
+    errors, found = outcome.errors, []
+    if errors["out_finite"] != 1.0:
+        found.append("non-finite output")
+    if errors["out"] > out_tol[dtype]:
+        found.append(f"out error {errors['out']:.3g} > {out_tol[dtype]}")
+    grads = (("dq", "dk", "dv") + (("dsinks",) if case.sinks else ())) if case.grad else ()
+    for name in grads:
+        if not errors[name] <= grad_tol[dtype]:
+            found.append(f"{name} error {errors[name]:.3g} > {grad_tol[dtype]}")
+    return found
+
+
 # -- packed (varlen) streams under context parallelism ------------------------------------------------------------
 
 PACKED_BOUNDS = [0, 5, 6, 17, 17, 31]  # 31 tokens: not divisible by 2W; an empty document; documents cross shards
