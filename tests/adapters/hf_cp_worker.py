@@ -21,10 +21,9 @@ How the attention mask reaches SDPA matters (transformers 5.x, `masking_utils.cr
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -34,6 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import cpattn  # noqa: E402
+from rank_jobs import finish, run_jobs  # noqa: E402  (this script's folder)
 
 SEQ, BATCH, VOCAB = 29, 2, 64  # 29 tokens: the shards are uneven (15 and 14 on 2 ranks)
 
@@ -108,24 +108,9 @@ def main() -> int:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     group = mesh.get_group()
-    results = {}
-    for name, (kv_heads, setup, strategy) in CASES.items():
-        try:
-            results[name] = run_case(name, kv_heads, setup, strategy, mesh, group)
-        except Exception as exc:  # reported to the test, which fails on it
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, results[name].get("error"))  # every rank's verdict
-        results[name]["rank_errors"] = errors
-    if dist.get_rank() == 0:
-        import transformers
-
-        results["_versions"] = {"transformers": transformers.__version__, "torch": torch.__version__}
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    jobs = [(name, functools.partial(run_case, name, kv_heads, setup, strategy, mesh, group))
+            for name, (kv_heads, setup, strategy) in CASES.items()]
+    return finish(run_jobs(jobs), out_path)
 
 
 if __name__ == "__main__":

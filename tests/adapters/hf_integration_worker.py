@@ -12,10 +12,9 @@ Rank 0 writes {case: {logits_err, loss_err, grad_err, cp_calls, rank_errors}} to
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -27,6 +26,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import cpattn  # noqa: E402
+from rank_jobs import finish, run_jobs  # noqa: E402
 from cpattn.integrations.transformers import all_reduce_grads, cp_loss, shard_batch  # noqa: E402
 import hf_models  # noqa: E402
 
@@ -136,27 +136,10 @@ def main() -> int:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    jobs = [(name, run_case, spec) for name, spec in CASES.items()]
+    jobs = [(name, functools.partial(run_case, *spec, mesh=mesh)) for name, spec in CASES.items()]
     if world > 1:
-        jobs += [(name, run_refusal, spec) for name, spec in REFUSALS.items()]
-    for name, job, spec in jobs:
-        try:
-            results[name] = {**job(*spec, mesh=mesh), "error": None}
-        except Exception as exc:  # reported to the test, which decides
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        errors = [None] * world
-        dist.all_gather_object(errors, results[name]["error"])
-        results[name]["rank_errors"] = errors
-    if dist.get_rank() == 0:
-        import transformers
-
-        results["_versions"] = {"transformers": transformers.__version__, "torch": torch.__version__}
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+        jobs += [(name, functools.partial(run_refusal, *spec, mesh=mesh)) for name, spec in REFUSALS.items()]
+    return finish(run_jobs(jobs), out_path)
 
 
 if __name__ == "__main__":
