@@ -375,7 +375,7 @@ def gather_packed(x_local: torch.Tensor, cu_seqlens: Any, cp_mesh, dim: int = 0,
 
 def packed_cu_seqlens(cu_seqlens: Any, cp_mesh, device=None) -> torch.Tensor:
     """int32 boundaries of this rank's local runs, each a piece of one document (a document split over the
-    ranks gives two: its early and its late chunk), for per-document work on the local shard."""
+    ranks gives two, consecutive: its early and its late chunk), for per-document work on the local shard."""
     layout, rank, _ = _rank_layout(cu_seqlens, cp_mesh)
     return torch.tensor(layout.local_cu_seqlens(rank), dtype=torch.int32, device=_device_of(cu_seqlens, device))
 

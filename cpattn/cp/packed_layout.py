@@ -4,41 +4,51 @@ A packed stream is documents one after another (global boundaries `bounds`, cu_s
 crosses a document, so what a rank's causal work costs is not its share of the stream but the sum, over its
 query tokens, of the keys each sees in its own document: a token at position p of its document sees p + 1 keys
 (causal), the whole document otherwise. Splitting the stream into equal runs of positions (`shard_sequence`)
-balances that only by chance. This layout balances it by construction, and keeps short documents whole:
+balances that only by chance. This layout balances it by construction, and splits a document over as few ranks
+as the balance needs:
 
-* A document is *split* when it is long enough that one rank holding it would carry more than SPLIT_SHARE of a
-  rank's mean tokens or mean counted work. It is cut into 2W chunks of near-equal size, c_0..c_(2W-1), and rank
-  r holds c_r and c_(2W-1-r) (the zigzag of TransformerEngine's THD layout, per document). With equal chunks of
-  s tokens, the pair's counted work is 2W s^2 + s whatever r is: every rank gets the same share of every split
-  document, in tokens and in work. The tokens left over when the length does not divide by 2W go one per chunk
-  to the ranks holding the fewest tokens so far.
-* Every other document stays *whole* on one rank: by decreasing counted work, each goes to the rank whose larger
-  normalised load (tokens over the mean, work over the mean) stays smallest. Each such document is below
-  SPLIT_SHARE of the mean in both, so the greedy fill stays within that share of the mean (longest-processing-
-  time bound), and it costs nothing to attend: no other rank holds any of its keys.
+* A document is *split over m ranks* (a *group* of m consecutive ranks, cyclically) when one rank holding it
+  would carry more than a share of a rank's mean tokens or mean counted work: m is the fewest ranks that keep
+  each one's part within that share. It is cut into 2m chunks of near-equal size, c_0..c_(2m-1), and the j-th
+  rank of the group holds c_j and c_(2m-1-j) (the zigzag of TransformerEngine's THD layout, per document and
+  group). With equal chunks of s tokens, the pair's counted work is 2m s^2 + s whatever j is: every rank of the
+  group gets the same share of the document, in tokens and in work. The tokens left over when the length does
+  not divide by 2m go one per chunk to the group's ranks holding the fewest tokens so far.
+* With m = 1 the document stays *whole* on one rank: it costs nothing to attend, no other rank holds any of its
+  keys.
+* Documents are placed by decreasing part per rank, each on the group (or rank) whose larger normalised load
+  (tokens over the mean, work over the mean) stays smallest: a greedy fill (longest processing time first) whose
+  excess over the mean stays within the largest part. Shares are tried coarsest first (GROUP_SHARES), the first
+  whose result keeps every rank within BALANCE_TARGET of the mean is taken; if none does, every document over
+  SPLIT_SHARE is split over all ranks and the others are kept whole (`_spread`).
 
-Why not split every document (pure THD): a document split W ways sends its keys to every other rank and runs as
-2W short pieces, which is all cost for documents far shorter than a shard. Why not whole documents only: one
-document longer than a rank's fair share, or a long tail of them, unbalances the ranks. Kept whole, short
-documents make ring steps that share no document with the local queries, which the ring skips (nothing is
-computed and nothing is sent).
+Why not split every document over all ranks (pure THD): a document split W ways sends its keys to every other
+rank and runs as 2W short pieces, which is all cost for documents far shorter than a shard: kernels work in
+tiles of 128 rows and keys, and a 4k document over 8 ranks is chunks of 256. Why not whole documents only: one
+document longer than a rank's fair share, or a long tail of them, unbalances the ranks. A group of consecutive
+ranks keeps the pairs of ranks that share documents few: ring steps between ranks that share none are skipped
+(nothing is computed and nothing is sent).
 
-Local order (what `shard_packed` returns): first the early chunks of the split documents (c_r, in document
-order), then their late chunks (c_(2W-1-r)), then the whole documents, in document order. The ranges other
-ranks need are then contiguous views of the shard: a later rank's causal queries see only early chunks (the
-first region), an earlier rank's see both (the first two regions), no one needs the third. Within each region,
-local order is global order, so causal attention of a run against itself is top-left causal on local indices.
+Local order (what `shard_packed` returns): first the split documents, in document order, each as its early chunk
+(c_j) followed by its late chunk (c_(2m-1-j)); then the whole documents, in document order. Local order is
+therefore global order within each document, so causal attention of a rank's tokens of one document against
+themselves is top-left causal on local indices (the early chunk's positions all come before the late chunk's),
+and every ring step is one kernel call whose sequences increase in rows and keys (cp/packed_plan.py). The keys
+other ranks need are a contiguous range of the split documents; no one needs the whole documents.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 SPLIT_SHARE = 0.125  # a document over this share of a rank's mean tokens or counted work is split over all ranks
-REGIONS = ("early", "late", "whole")
+GROUP_SHARES = (0.25, 0.125)  # the groupings tried, coarsest first: a document's largest part per rank
+BALANCE_TARGET = 1.05  # the largest rank's tokens and counted work over the mean that a grouping must keep
+REGIONS = ("early", "late", "whole")  # a run's place in its document's split (whole: not split)
 
 
 @dataclass(frozen=True)
@@ -78,9 +88,10 @@ class DocumentLayout:
     def __init__(self, bounds: tuple[int, ...], world: int):
         self.bounds, self.world = bounds, world
         self.lengths = tuple(b - a for a, b in zip(bounds, bounds[1:]))
-        split, chunks, owners = _assign(self.lengths, world)
-        self.split = split  # per document: cut into 2W chunks
-        self._chunks = chunks  # split document -> its 2W chunk sizes
+        groups, chunks, owners = _assign(self.lengths, world)
+        self.groups = groups  # split document -> the ranks holding it, in chunk order
+        self.split = tuple(doc in groups for doc in range(len(self.lengths)))  # per document: cut into chunks
+        self._chunks = chunks  # split document -> its 2m chunk sizes (m ranks)
         self.owner = owners  # whole document -> its rank
         self.runs = tuple(self._runs_of(r) for r in range(world))
         self._by_doc = tuple({} for _ in range(world))
@@ -89,21 +100,23 @@ class DocumentLayout:
                 self._by_doc[r].setdefault(run.doc, []).append(run)
 
     def _runs_of(self, rank: int) -> tuple[Run, ...]:
-        pieces = {region: [] for region in REGIONS}
+        split, whole = [], []
         for doc, (start, length) in enumerate(zip(self.bounds, self.lengths)):
             if doc in self._chunks:
-                sizes = self._chunks[doc]
-                for region, c in (("early", rank), ("late", 2 * self.world - 1 - rank)):
+                group, sizes = self.groups[doc], self._chunks[doc]
+                if rank not in group:
+                    continue
+                j = group.index(rank)
+                for region, c in (("early", j), ("late", 2 * len(group) - 1 - j)):
                     a = start + sum(sizes[:c])
                     if sizes[c]:
-                        pieces[region].append((doc, a, a + sizes[c]))
+                        split.append((doc, a, a + sizes[c], region))
             elif length and self.owner.get(doc) == rank:
-                pieces["whole"].append((doc, start, start + length))
+                whole.append((doc, start, start + length, "whole"))
         runs, local = [], 0
-        for region in REGIONS:
-            for doc, a, b in pieces[region]:
-                runs.append(Run(doc, a, b, local, region))
-                local += b - a
+        for doc, a, b, region in split + whole:
+            runs.append(Run(doc, a, b, local, region))
+            local += b - a
         return tuple(runs)
 
     # -- what each rank holds -----------------------------------------------------------------------------------
@@ -112,13 +125,9 @@ class DocumentLayout:
         runs = self.runs[rank]
         return runs[-1].local_stop if runs else 0
 
-    def region_stop(self, rank: int, region: str) -> int:
-        """Local index where `region` (and the regions before it) ends on `rank`."""
-        stop = 0
-        for run in self.runs[rank]:
-            if REGIONS.index(run.region) <= REGIONS.index(region):
-                stop = run.local_stop
-        return stop
+    def split_stop(self, rank: int) -> int:
+        """Local index where `rank`'s split documents end (its whole documents follow)."""
+        return max((run.local_stop for run in self.runs[rank] if run.region != "whole"), default=0)
 
     def runs_of_doc(self, rank: int, doc: int) -> list[Run]:
         return self._by_doc[rank].get(doc, [])
@@ -169,39 +178,114 @@ class DocumentLayout:
 
 
 def _assign(lengths: tuple[int, ...], world: int):
-    """(split flags, split document -> chunk sizes, whole document -> rank), as the module docstring says."""
-    work = [causal_work(n) for n in lengths]
-    mean_tokens, mean_work = sum(lengths) / world, sum(work) / world
-    split = tuple(world > 1 and n >= 2 and (n > SPLIT_SHARE * mean_tokens or w > SPLIT_SHARE * mean_work)
-                  for n, w in zip(lengths, work))
-    tokens, load = [0] * world, [0] * world
-    chunks = {}
+    """(split document -> its ranks in chunk order, split document -> chunk sizes, whole document -> rank): the
+    coarsest grouping in GROUP_SHARES that balances within BALANCE_TARGET, else every long document over all
+    ranks (see the module docstring)."""
+    for share in GROUP_SHARES:
+        assigned = _grouped(lengths, world, share)
+        if _imbalance(lengths, world, assigned) <= BALANCE_TARGET:
+            return assigned
+    return _spread(lengths, world)
+
+
+class _Loads:
+    """Tokens and counted causal work per rank as documents are placed, and their larger normalised load."""
+
+    def __init__(self, lengths: tuple[int, ...], world: int):
+        self.tokens, self.work = [0] * world, [0] * world
+        self.mean_tokens = sum(lengths) / world
+        self.mean_work = sum(causal_work(n) for n in lengths) / world
+
+    def norm(self, rank: int, tokens: float = 0, work: float = 0) -> float:
+        t = (self.tokens[rank] + tokens) / self.mean_tokens if self.mean_tokens else 0.0
+        w = (self.work[rank] + work) / self.mean_work if self.mean_work else 0.0
+        return max(t, w)
+
+    def place_whole(self, rank: int, n: int) -> None:
+        self.tokens[rank] += n
+        self.work[rank] += causal_work(n)
+
+
+def _group_size(n: int, loads: _Loads, world: int, share: float) -> int:
+    """Ranks a document of `n` tokens is split over: the fewest that keep each one's part within `share` of a
+    rank's mean tokens and work (1: whole), at most `world` and at most n // 2 (every chunk a token)."""
+    need = max(n / (share * loads.mean_tokens) if loads.mean_tokens else 0.0,
+               causal_work(n) / (share * loads.mean_work) if loads.mean_work else 0.0)
+    return max(1, min(world, n // 2, math.ceil(need - 1e-9)))
+
+
+def _grouped(lengths: tuple[int, ...], world: int, share: float):
+    """Each document over `_group_size` consecutive ranks (cyclically), largest parts first, each on the window
+    of ranks whose larger normalised load stays smallest."""
+    loads = _Loads(lengths, world)
+    sizes = {d: _group_size(n, loads, world, share) for d, n in enumerate(lengths) if n}
+    part = lambda d: max(lengths[d] / (loads.mean_tokens or 1), causal_work(lengths[d]) / (loads.mean_work or 1))  # noqa: E731
+    order = sorted(sizes, key=lambda d: (-part(d) / sizes[d], d))
+    groups, chunks, owners = {}, {}, {}
+    for doc in order:
+        n, m = lengths[doc], sizes[doc]
+        windows = [tuple((start + j) % world for j in range(m)) for start in range(world if m < world else 1)]
+        group = min(windows, key=lambda g: (max(loads.norm(r, n / m, causal_work(n) / m) for r in g), g[0]))
+        if m == 1:
+            owners[doc] = group[0]
+            loads.place_whole(group[0], n)
+        else:
+            groups[doc] = group
+            chunks[doc] = _split_sizes(n, group, loads.tokens, loads.work)
+    return groups, chunks, owners
+
+
+def _imbalance(lengths: tuple[int, ...], world: int, assigned) -> float:
+    """The largest rank's larger normalised load (tokens or counted work over the mean) under `assigned`."""
+    groups, chunks, owners = assigned
+    loads = _Loads(lengths, world)
+    for doc, rank in owners.items():
+        loads.place_whole(rank, lengths[doc])
+    for doc, group in groups.items():
+        start = 0
+        for c, size in enumerate(chunks[doc]):
+            r = group[c if c < len(group) else 2 * len(group) - 1 - c]
+            loads.tokens[r] += size
+            loads.work[r] += _prefix_work(start, start + size)
+            start += size
+    return max(loads.norm(r) for r in range(world))
+
+
+def _spread(lengths: tuple[int, ...], world: int):
+    """Every document over SPLIT_SHARE of a rank's mean tokens or work split over all ranks, the others whole,
+    by decreasing counted work, each on the rank whose larger normalised load stays smallest."""
+    loads = _Loads(lengths, world)
+    everyone = tuple(range(world))
+    split = [world > 1 and n >= 2 and (n > SPLIT_SHARE * loads.mean_tokens
+                                       or causal_work(n) > SPLIT_SHARE * loads.mean_work) for n in lengths]
+    groups, chunks, owners = {}, {}, {}
     for doc, n in enumerate(lengths):
         if split[doc]:
-            chunks[doc] = _split_sizes(n, world, tokens, load)
-    owners = {}
-    norm = lambda t, w: max(t / mean_tokens if mean_tokens else 0.0, w / mean_work if mean_work else 0.0)  # noqa
-    whole = sorted((d for d, n in enumerate(lengths) if n and not split[d]), key=lambda d: (-work[d], d))
+            groups[doc] = everyone
+            chunks[doc] = _split_sizes(n, everyone, loads.tokens, loads.work)
+    whole = sorted((d for d, n in enumerate(lengths) if n and not split[d]), key=lambda d: (-lengths[d], d))
     for doc in whole:
-        rank = min(range(world), key=lambda r: (norm(tokens[r] + lengths[doc], load[r] + work[doc]), r))
+        n = lengths[doc]
+        rank = min(range(world), key=lambda r: (loads.norm(r, n, causal_work(n)), r))
         owners[doc] = rank
-        tokens[rank] += lengths[doc]
-        load[rank] += work[doc]
-    return split, chunks, owners
+        loads.place_whole(rank, n)
+    return groups, chunks, owners
 
 
-def _split_sizes(n: int, world: int, tokens: list[int], load: list[int]) -> tuple[int, ...]:
-    """2W chunk sizes of a document of `n` tokens: equal, the remainder one per chunk to the ranks holding the
-    fewest tokens (early chunks first, then late); updates `tokens` and `load` (counted work) per rank."""
-    base, extra = divmod(n, 2 * world)
-    sizes = [base] * (2 * world)
-    order = sorted(range(world), key=lambda r: (tokens[r], load[r], r))
-    for j in range(extra):
-        r = order[j % world]
-        sizes[r if j < world else 2 * world - 1 - r] += 1
+def _split_sizes(n: int, group: tuple[int, ...], tokens: list[int], load: list[int]) -> tuple[int, ...]:
+    """2m chunk sizes of a document of `n` tokens over the m ranks `group` (rank group[j] holds chunks j and
+    2m-1-j): equal, the remainder one per chunk to the ranks holding the fewest tokens (early chunks first, then
+    late); updates `tokens` and `load` (counted work) per rank."""
+    m = len(group)
+    base, extra = divmod(n, 2 * m)
+    sizes = [base] * (2 * m)
+    order = sorted(range(m), key=lambda j: (tokens[group[j]], load[group[j]], group[j]))
+    for i in range(extra):
+        j = order[i % m]
+        sizes[j if i < m else 2 * m - 1 - j] += 1
     start = 0
     for c, size in enumerate(sizes):
-        r = c if c < world else 2 * world - 1 - c
+        r = group[c if c < m else 2 * m - 1 - c]
         tokens[r] += size
         load[r] += _prefix_work(start, start + size)
         start += size

@@ -2,9 +2,11 @@
 
 For a consumer rank (its queries) and an owner rank (its keys), every document both hold gives *pieces*: one
 run of the consumer's against one run of the owner's (cp/packed_layout.py's runs are disjoint ranges of global
-positions). Causal: the owner's run entirely before the consumer's is attended in full; the same run (the
-consumer's own, on the diagonal step) causally, top-left, which is exact because local order is global order
-within a run; a run after is not attended. Non-causal: every pair in full. No pieces: the step is skipped.
+positions). Causal: the owner's run entirely before the consumer's is attended in full; a run after is not
+attended; on the diagonal step (the rank's own keys) the rank's runs of one document, which the layout keeps
+consecutive and in global order, are one causal piece, top-left (exact: local order is global order within a
+document, and a document's early chunk comes wholly before its late chunk). Non-causal: every pair in full.
+No pieces: the step is skipped.
 
 With a window (left, right), positions are offsets within the document: a query at offset i sees the keys of its
 own document at offsets i - left .. i + right (causal: right 0). Both runs of a piece lie in one document, so the
@@ -14,13 +16,15 @@ reach is dropped like a masked one (no work, and a step left without pieces send
 what is left (`Piece.window`, sides >= 0 or None) goes with it to the kernel. Keys no piece reaches are not
 sent either: the step's key range is the hull of the trimmed pieces' keys.
 
-The owner sends the consumer only the keys its pieces read, as one contiguous range of its shard (`kv`): with the
-layout's region order that is its early chunks, or its early and late chunks; never its whole documents.
+The owner sends the consumer only the keys its pieces read, as one contiguous range of its shard (`kv`): within
+its split documents, never its whole documents.
 
 A kernel call takes sequences whose query rows and key rows both increase, one causal flag for all. Pieces are
 therefore merged where they share rows and touch (one query run against two adjacent key runs is one piece),
-then dealt into *chains*: each chain a list of pieces increasing in both, one kernel call. A zigzag step is one
-or two chains; the diagonal step two (its causal pieces, and the late chunks against the early ones).
+then dealt into *chains*: each chain a list of pieces increasing in both, one kernel call. With the layout's
+order a step without a window is one chain: per shared document, the consumer's late chunk against the owner's
+early and late chunks (the owner earlier in the group) or both its chunks against the owner's early chunk (the
+owner later), and on the diagonal step one causal piece per document.
 
 For a varlen kernel a chain is one call on views of the chain's rows and keys: each piece a sequence, and the
 rows and keys between pieces sequences of their own with nothing to attend (zero keys, or zero queries), so that
@@ -126,11 +130,13 @@ def pieces(layout: DocumentLayout, consumer: int, owner: int, causal: bool, wind
         return _windowed_pieces(layout, consumer, owner, window_band(window, causal))
     out = []
     for doc in layout.shared_docs(consumer, owner):
+        if consumer == owner:  # the rank's runs of the document are consecutive and in global order
+            runs = layout.runs_of_doc(consumer, doc)
+            out.append(Piece(runs[0].local, runs[-1].local_stop, runs[0].local, runs[-1].local_stop, causal))
+            continue
         for mine in layout.runs_of_doc(consumer, doc):
             for theirs in layout.runs_of_doc(owner, doc):
-                if consumer == owner and mine == theirs:
-                    out.append(Piece(mine.local, mine.local_stop, theirs.local, theirs.local_stop, causal))
-                elif not causal or theirs.stop <= mine.start:
+                if not causal or theirs.stop <= mine.start:
                     out.append(Piece(mine.local, mine.local_stop, theirs.local, theirs.local_stop, False))
     return out
 

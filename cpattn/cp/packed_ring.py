@@ -5,13 +5,13 @@ computes its queries against the keys of rank s = r - i, which it receives strai
 keys straight to rank r + i. What a step computes and which keys it needs come from the step's plan
 (cp/packed_plan.py), the same on both ends since both read only the global document boundaries: a step whose
 plan is empty is skipped by both, nothing computed and nothing sent; otherwise only the range of keys the plan
-reads travels, as a view of the owner's shard (a later rank needs the early chunks only). Every rank walks the
+reads travels, as a view of the owner's shard (within its split documents). Every rank walks the
 same steps in the same order, skipped or not, so the transfers two ranks post always match.
 
 Forward: the next step's transfer starts before this step's kernels run (it overlaps them); each chain's
 (out, lse) merges into float32 rows (float64 for float64 inputs). K/V memory: the rank's own shard and two
-received blocks, the one computed on and the one arriving (each at most the owner's early and late chunks, never
-its whole documents); blocks are new tensors each step, freed when the step is done. The last step's block is
+received blocks, the one computed on and the one arriving (each within the owner's split documents, never its
+whole documents); blocks are new tensors each step, freed when the step is done. The last step's block is
 kept for the backward.
 
 Backward, with the global (out, lse): the steps in reverse, starting on the kept block (so no transfer precedes

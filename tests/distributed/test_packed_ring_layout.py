@@ -1,5 +1,5 @@
 """The document layout (cpattn/cp/packed_layout.py) and the packed ring's step plans (cpattn/cp/packed_plan.py),
-in one process: every token on one rank once, the regions in order, the balance of counted causal work on
+in one process: every token on one rank once, in document order, the balance of counted causal work on
 long-tailed length mixes, and plans that cover exactly the document mask (causal or not, with a window per
 document or not), each pair of a query and a key once, in kernel calls whose sequences increase in rows and keys
 and whose one window_size per varlen call holds every piece's band. And `packed_attention` on one device
@@ -55,17 +55,22 @@ def position_sharded_balance(bounds: list[int], world: int) -> float:
 
 @settings(max_examples=60, deadline=None)
 @given(lengths_st, st.integers(1, 5))
-def test_every_token_on_one_rank_once_in_region_order(lengths, world):
+def test_every_token_on_one_rank_once_in_document_order(lengths, world):
     bounds = _bounds(lengths)
     layout = packed_layout(bounds, world)
     seen = sorted(p for r in range(world) for p in layout.positions(r))
     assert seen == list(range(bounds[-1]))
     for r in range(world):
         runs = layout.runs[r]
-        assert [REGIONS.index(x.region) for x in runs] == sorted(REGIONS.index(x.region) for x in runs)
-        for region in REGIONS:  # within a region, local order is global order
-            starts = [x.start for x in runs if x.region == region]
-            assert starts == sorted(starts)
+        assert all(x.region in REGIONS for x in runs)
+        whole = [x.region == "whole" for x in runs]
+        assert whole == sorted(whole)  # split documents first, then the whole ones
+        for part in ([x for x in runs if x.region != "whole"], [x for x in runs if x.region == "whole"]):
+            assert [x.doc for x in part] == sorted(x.doc for x in part)  # in document order
+        for doc in {x.doc for x in runs}:  # a document's runs: consecutive, early before late, global order
+            mine = layout.runs_of_doc(r, doc)
+            assert all(a.local_stop == b.local and a.stop <= b.start for a, b in zip(mine, mine[1:]))
+            assert [x.region for x in mine] in (["early", "late"], ["early"], ["late"], ["whole"])
         assert layout.local_cu_seqlens(r)[-1] == layout.length(r)
         ids = layout.position_ids(r)
         assert all(0 <= i < layout.lengths[x.doc] for x in runs for i in ids[x.local:x.local_stop])
@@ -211,7 +216,7 @@ def test_a_block_sent_is_a_block_read(lengths, world, causal):
                 continue
             read = {plan.kv[0] + c.k0 + j for c in plan.chains for p in c.pieces for j in range(p.k0, p.k1)}
             assert min(read) == plan.kv[0] and max(read) == plan.kv[1] - 1
-            assert plan.kv[1] <= layout.region_stop(src, "late") or src == me  # never another rank's whole docs
+            assert plan.kv[1] <= layout.split_stop(src) or src == me  # never another rank's whole docs
 
 
 def test_only_whole_documents_skip_every_other_step():
@@ -232,6 +237,39 @@ def test_counted_work_balance_on_long_tailed_mixes(world, mean, sigma):
     assert max(layout.length(r) for r in range(world)) < 1.1 * bounds[-1] / world
     assert position_sharded_balance(bounds, world) > 1.2
     assert layout.balance(causal=False) < 1.1
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths_st, st.integers(1, 6), st.booleans())
+def test_a_step_without_window_is_one_kernel_call(lengths, world, causal):
+    """The layout's order (a document's runs consecutive, shared documents in the same order on every rank) makes
+    every step one chain: one varlen call, increasing in rows and keys."""
+    layout = packed_layout(_bounds(lengths), world)
+    for me in range(world):
+        for src in range(world):
+            plan = step_plan(layout, me, src, causal)
+            assert plan is None or len(plan.chains) == 1
+
+
+@pytest.mark.parametrize("mean,sigma", [(4096, 1.0), (2048, 2.0)])
+def test_documents_split_over_groups_share_equally(mean, sigma):
+    """Long-tailed mixes over 8 ranks split documents over groups of consecutive ranks, of several sizes (not all
+    over 8 ranks); within a group every rank holds the same tokens of the document (within a token per chunk)
+    and the same counted work (within one chunk's worth of a row per token)."""
+    bounds = lognormal_stream(0, 131072, mean, sigma)
+    layout = packed_layout(bounds, 8)
+    sizes = {len(g) for g in layout.groups.values()}
+    assert len(sizes) > 1 and min(sizes) < 8, sizes
+    for doc, group in layout.groups.items():
+        assert group == tuple((group[0] + j) % 8 for j in range(len(group)))
+        tokens, work = [], []
+        for r in group:
+            runs = layout.runs_of_doc(r, doc)
+            tokens.append(sum(x.size for x in runs))
+            work.append(sum((x.stop - bounds[doc]) * (x.stop - bounds[doc] + 1) // 2
+                            - (x.start - bounds[doc]) * (x.start - bounds[doc] + 1) // 2 for x in runs))
+        assert max(tokens) - min(tokens) <= 2
+        assert max(work) - min(work) <= 2 * layout.lengths[doc] + 2
 
 
 def test_split_document_shares_are_equal():
