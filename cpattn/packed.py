@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from .call import checked_sinks, checked_softcap, checked_window
-from .contract import (AttentionCall, Provider, default_scale, lse_for_kernel_backward, normalize_lse,
-                       on_device)
+from .contract import AttentionCall, Provider, default_scale, normalize_lse, on_device
 from .cp.comm import all_gather_padded, gather_signatures
 from .cp.mesh import topology_from_mesh
 from .cp.packed_documents import run_packed_documents
@@ -229,7 +228,9 @@ class VarlenBlocks:
         if lse.dim() == 3:  # releases before varlen LSE went (H, total_q): (sequences, H, longest query)
             cu_q = call.sequences[0]
             lse = torch.cat([lse[i, :, : b - a] for i, (a, b) in enumerate(zip(cu_q, cu_q[1:]))], dim=-1)
-        return out[..., : v.shape[-1]], normalize_lse(lse, q.shape[0])
+        # rows between pieces see no key; where the kernels write -inf for them there is nothing to fix up
+        return out[..., : v.shape[-1]], normalize_lse(lse, q.shape[0],
+                                                      may_be_empty=gen.empty_row_lse != float("-inf"))
 
     def backward(self, dout, q, k, v, out, lse, chain):
         calls = kernel_calls(chain)
@@ -247,7 +248,7 @@ class VarlenBlocks:
         dtype = q.dtype
         do, qa, ka, va, oa = (align_head_dim(t.to(dtype), multiple) for t in (dout, q, k, v, out))
         with torch.no_grad(), on_device(q.device):
-            dq, dk, dv = gen.varlen_backward(do, qa, ka, va, oa, lse_for_kernel_backward(lse).float().contiguous(),
+            dq, dk, dv = gen.varlen_backward(do, qa, ka, va, oa, _kernel_lse(lse),
                                              self._packing(call, q.device), self._view.scale, call.causal,
                                              deterministic_algorithms(), self._mods(window))
         return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
@@ -256,6 +257,13 @@ class VarlenBlocks:
         view = self._view
         return self._provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale,
                                                view.is_causal, _softcap_mods(view))
+
+
+def _kernel_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The chain rows' global log-sum-exp as the backward kernel takes it, with no +inf fix-up
+    (contract.lse_for_kernel_backward): a row whose global lse is -inf sees no key in any chain (a row that sees
+    one has a finite lse for it, and the global lse is at least that), so the kernel computes no score on it."""
+    return lse.float().contiguous()
 
 
 # -- one varlen call per group of a chain's pieces that share a window ------------------------------------------

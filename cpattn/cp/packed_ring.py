@@ -158,7 +158,7 @@ class _FusedRowSum:
 
     def __init__(self, like: torch.Tensor):
         self._like = like
-        self._sum = DeferredRowSum((1, 1, like.shape[0], like[0].numel()), like.device)
+        self._sum = DeferredRowSum((1, 1, like.shape[0], like[0].numel()), like.device, one_stream=True)
 
     def add(self, start: int, part: torch.Tensor) -> None:
         self._sum.add(slice(start, start + part.shape[0]), part.reshape(1, 1, part.shape[0], -1))

@@ -49,13 +49,17 @@ class DeferredRowSum:
     the module docstring). Holding W parts costs about what a float32 sum and one part cost, up to W=4; a part arriving
     when MAX_PARTS are held first folds them into a float32 sum, so at most MAX_PARTS tensors are held."""
 
-    def __init__(self, shape: tuple, device) -> None:
+    def __init__(self, shape: tuple, device, one_stream: bool = False) -> None:
+        """`one_stream`: the caller makes every part, and asks for the result, on the stream current here (the
+        packed ring runs on one stream), so no part needs the stream bookkeeping below, which costs host time on
+        every part."""
         self._shape, self._device = tuple(shape), torch.device(device)
         self._parts: list[tuple[torch.Tensor, int]] = []  # (part, first row), in the order added
         # Parts may be made on other CUDA streams than this sum's home stream (a ring backward's steps take
         # streams in turn, cpattn/cp/streams.py): per part, (stream, event recorded when it was added), or None
         # for parts added on the home stream. Whichever stream adds the parts up waits for those first.
-        self._home = torch.cuda.current_stream(self._device) if self._device.type == "cuda" else None
+        tracked = self._device.type == "cuda" and not one_stream
+        self._home = torch.cuda.current_stream(self._device) if tracked else None
         self._made: list[tuple | None] = []
 
     @property

@@ -174,9 +174,16 @@ def _merge_packed(packed, out, out_lse, parts, rows, dim, TINY: tl.constexpr, BL
     tl.store(out_lse + r, lse, mask=in_rows)
 
 
-def _row_tile(dim: int) -> tuple[int, int]:
+SPREAD_PROGRAMS = 128  # about the SMs of one GPU: decode's few rows are spread over this many programs
+
+
+def _row_tile(dim: int, rows: int) -> tuple[int, int]:
+    """(rows per program, padded head dim): at most TILE_VALUES values per operand tile, and few enough rows that
+    a decode step's rows (B * H * new tokens, a few hundred) still fill the GPU: each program's work is a few
+    loads, so latency, not bandwidth, is what more programs cut."""
     block_d = triton.next_power_of_2(dim)
-    return max(1, min(64, TILE_VALUES // block_d)), block_d
+    spread = triton.next_power_of_2(triton.cdiv(rows, SPREAD_PROGRAMS))
+    return max(1, min(64, TILE_VALUES // block_d, spread)), block_d
 
 
 def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -185,7 +192,7 @@ def pack_partial(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     dim, rows = out.shape[-1], lse.numel()
     packed = torch.empty((*out.shape[:-1], dim + 1), dtype=torch.float32, device=out.device)
     if rows:
-        block_r, block_d = _row_tile(dim)
+        block_r, block_d = _row_tile(dim, rows)
         _pack_rows[(triton.cdiv(rows, block_r),)](out, lse, packed, rows, dim, BLOCK_R=block_r, BLOCK_D=block_d,
                                                   num_warps=WARPS)
     return packed
@@ -200,7 +207,7 @@ def merge_packed(gathered: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     lse = torch.empty(lead, dtype=torch.float32, device=gathered.device)
     rows = lse.numel()
     if rows:
-        block_r, block_d = _row_tile(dim)
+        block_r, block_d = _row_tile(dim, rows)
         _merge_packed[(triton.cdiv(rows, block_r),)](gathered, out, lse, parts, rows, dim, TINY=_TINY,
                                                      BLOCK_R=block_r, BLOCK_D=block_d,
                                                      OUT_BF16=dtype == torch.bfloat16, num_warps=WARPS)

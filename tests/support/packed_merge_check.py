@@ -17,7 +17,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from cpattn.ops.merge import merge_stacked  # noqa: E402
-from cpattn.ops.merge_kernel import merge_packed, pack_partial  # noqa: E402
+from cpattn.ops import merge_kernel  # noqa: E402
+from cpattn.ops.merge_kernel import SPREAD_PROGRAMS, merge_packed, pack_partial  # noqa: E402
 
 
 def case(parts: int, dim: int, dtype: torch.dtype, empty: str, seed: int) -> str | None:
@@ -58,12 +59,22 @@ def case(parts: int, dim: int, dtype: torch.dtype, empty: str, seed: int) -> str
 
 def main() -> None:
     failed, total = [], 0
+    merge_kernel.SPREAD_PROGRAMS = 1 if CUDA else 4
     for parts, dim, dtype, empty in itertools.product((1, 2, 3, 8), (8, 72, 128), (torch.bfloat16, torch.float16),
                                                       ("none", "one partial", "some rows")):
         total += 1
         problem = case(parts, dim, dtype, empty, seed=total)
         if problem:
             failed.append(f"parts={parts} dim={dim} {dtype} empty={empty}: {problem}")
+    # merge_kernel's launch as it is: these 30 rows one per program. The cases above run 8 rows per program over 4
+    # programs, the last one cut short, under the interpreter (30 programs each take it minutes), and the largest
+    # tile on CUDA.
+    merge_kernel.SPREAD_PROGRAMS = SPREAD_PROGRAMS
+    for parts, dim in itertools.product((2, 8), (72, 128)):
+        total += 1
+        problem = case(parts, dim, torch.bfloat16, "some rows", seed=total)
+        if problem:
+            failed.append(f"one row per program: parts={parts} dim={dim}: {problem}")
     for line in failed:
         print("FAIL", line)
     print(f"checked {total} cases, {len(failed)} failed")

@@ -39,6 +39,7 @@ class Generation:
     min_compute_capability: ClassVar[tuple[int, int]] = (8, 0)
     has_dropout: ClassVar[bool] = False
     unbounded: ClassVar[Any] = -1  # a window side without a bound, as the library spells it
+    empty_row_lse: ClassVar[float] = float("inf")  # the log-sum-exp the kernels write for a row that sees no key
     _public_function: BoundFunction  # the public autograd function (dense or varlen), bound by the subclass
     _private_forward: BoundFunction
     _private_backward: BoundFunction
