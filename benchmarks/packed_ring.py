@@ -154,6 +154,15 @@ def position_sharded_balance(bounds: list[int], p: int) -> float:
     return max(work) / (sum(work) / p)
 
 
+def forward_kernel_calls(layout, causal: bool) -> int:
+    """Varlen calls of one forward over all ranks (the backward makes as many): one per chain's window group."""
+    from cpattn.cp.packed_plan import step_plan
+    from cpattn.packed import kernel_calls
+
+    plans = [step_plan(layout, r, s, causal) for r in range(layout.world) for s in range(layout.world)]
+    return sum(len(kernel_calls(c)) for plan in plans if plan is not None for c in plan.chains)
+
+
 def run_case(case: Case, args) -> dict:
     row = {"provider": case.provider, "S": case.s, "P": case.p, "mean": case.mean, "sigma": case.sigma,
            "seed": case.seed, "causal": case.causal, "heads": case.heads, "kv_heads": case.kv_heads, "D": case.d,
@@ -164,6 +173,8 @@ def run_case(case: Case, args) -> dict:
         row["documents"] = len(bounds) - 1
         row["document_lengths"] = [b - a for a, b in zip(bounds, bounds[1:])]
         row["split_documents"] = sum(layout.split)
+        row["split_group_sizes"] = sorted(len(g) for g in layout.groups.values())
+        row["forward_kernel_calls"] = forward_kernel_calls(layout, case.causal)
         row["counted_work_per_rank"] = [layout.counted_work(r, case.causal) for r in range(case.p)]
         row["work_max_over_mean"] = layout.balance(case.causal)
         row["position_sharded_work_max_over_mean"] = position_sharded_balance(bounds, case.p) if case.causal else None
