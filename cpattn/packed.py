@@ -347,51 +347,82 @@ def packed_layout(cu_seqlens: Any, world: int) -> DocumentLayout:
     return document_layout(tuple(_bounds_of(cu_seqlens)), int(world))
 
 
-def _rank_layout(cu_seqlens: Any, cp_mesh) -> tuple[DocumentLayout, int, Any]:
-    if cp_mesh is None:
-        return packed_layout(cu_seqlens, 1), 0, None
-    group = topology_from_mesh(cp_mesh).ring
-    return packed_layout(cu_seqlens, group.size), group.rank, group
+class _RankShard:
+    """Where this rank's shard lies in the document layout: ring rank `rank`'s shard over the mesh's ring
+    dimension (a 1-D mesh is all ring), and of it the local range `part` this rank holds (on a 2-D mesh, its
+    Ulysses rank's part; else the whole shard)."""
+
+    def __init__(self, cu_seqlens: Any, cp_mesh):
+        self.topology = None if cp_mesh is None else topology_from_mesh(cp_mesh)
+        ring, parts = (1, 1) if self.topology is None else (self.topology.ring_size, self.topology.ulysses_size)
+        self.layout = packed_layout(cu_seqlens, ring)
+        self.rank = 0 if self.topology is None else self.topology.ring_rank
+        index = 0 if self.topology is None else self.topology.ulysses_rank
+        self.part = self.layout.part(self.rank, index, parts)
+
+    def local(self, values: list) -> list:
+        """This rank's part of a per-token list of the ring shard."""
+        return values[self.part[0]:self.part[1]]
+
+    def cu_seqlens(self) -> list[int]:
+        """The ring shard's run boundaries cut to this rank's part, relative to it."""
+        a, b = self.part
+        inside = [x - a for x in self.layout.local_cu_seqlens(self.rank) if a < x < b]
+        return [0] + inside + [b - a]
 
 
 def shard_packed(x: torch.Tensor, cu_seqlens: Any, cp_mesh, dim: int = 0) -> torch.Tensor:
     """This rank's shard, along `dim`, of a whole packed stream with document boundaries `cu_seqlens`, in the
-    document layout that `packed_attention` and `flash_varlen_attention(..., sharding="documents")` take."""
-    layout, rank, _ = _rank_layout(cu_seqlens, cp_mesh)
-    if x.shape[dim] != layout.bounds[-1]:
+    document layout that `packed_attention` and `flash_varlen_attention(..., sharding="documents")` take (on a
+    2-D mesh, this rank's part of its ring rank's shard)."""
+    shard = _RankShard(cu_seqlens, cp_mesh)
+    if x.shape[dim] != shard.layout.bounds[-1]:
         raise InvalidArgumentError(f"x has {x.shape[dim]} tokens along dim {dim}, cu_seqlens end at "
-                                   f"{layout.bounds[-1]}")
-    return x.index_select(dim, torch.tensor(layout.positions(rank), dtype=torch.long, device=x.device))
+                                   f"{shard.layout.bounds[-1]}")
+    positions = shard.local(shard.layout.positions(shard.rank))
+    return x.index_select(dim, torch.tensor(positions, dtype=torch.long, device=x.device))
 
 
 @torch.no_grad()
 def gather_packed(x_local: torch.Tensor, cu_seqlens: Any, cp_mesh, dim: int = 0,
                   timeout: float = 60.0) -> torch.Tensor:
     """Inverse of `shard_packed`: the whole stream on every rank (not differentiable)."""
-    layout, _, group = _rank_layout(cu_seqlens, cp_mesh)
-    if group is None:
+    shard = _RankShard(cu_seqlens, cp_mesh)
+    topology, layout = shard.topology, shard.layout
+    if topology is None:
         return x_local
     dim = dim % x_local.dim()
-    lengths = gather_signatures([x_local.shape[dim]], group, timeout, x_local.device)[:, 0].tolist()
-    want = [layout.length(r) for r in range(layout.world)]
+    if topology.ulysses is not None:  # the parts of this ring rank's shard first
+        want = [layout.part(shard.rank, u, topology.ulysses_size) for u in range(topology.ulysses_size)]
+        x_local = torch.cat(_gathered_parts(x_local, dim, topology.ulysses, [b - a for a, b in want], timeout),
+                            dim=dim)
+    if topology.ring is None:
+        return x_local
+    parts = _gathered_parts(x_local, dim, topology.ring, [layout.length(r) for r in range(layout.world)], timeout)
+    return torch.cat(parts, dim=dim).index_select(dim, layout.gather_order().to(x_local.device))
+
+
+def _gathered_parts(x: torch.Tensor, dim: int, group, want: list[int], timeout: float) -> list[torch.Tensor]:
+    """Every rank's `x` over `group`, checked to have the lengths `want` along `dim`."""
+    lengths = gather_signatures([x.shape[dim]], group, timeout, x.device)[:, 0].tolist()
     if lengths != want:
         raise InvalidArgumentError(f"local lengths {lengths} are not the document layout's {want} for these "
                                    "cu_seqlens: gather what shard_packed made")
-    parts = all_gather_padded(x_local, lengths, dim, group, timeout)
-    return torch.cat(parts, dim=dim).index_select(dim, layout.gather_order().to(x_local.device))
+    return all_gather_padded(x, lengths, dim, group, timeout)
 
 
 def packed_cu_seqlens(cu_seqlens: Any, cp_mesh, device=None) -> torch.Tensor:
     """int32 boundaries of this rank's local runs, each a piece of one document (a document split over the
     ranks gives two, consecutive: its early and its late chunk), for per-document work on the local shard."""
-    layout, rank, _ = _rank_layout(cu_seqlens, cp_mesh)
-    return torch.tensor(layout.local_cu_seqlens(rank), dtype=torch.int32, device=_device_of(cu_seqlens, device))
+    shard = _RankShard(cu_seqlens, cp_mesh)
+    return torch.tensor(shard.cu_seqlens(), dtype=torch.int32, device=_device_of(cu_seqlens, device))
 
 
 def packed_position_ids(cu_seqlens: Any, cp_mesh, device=None) -> torch.Tensor:
     """Each local token's position within its document (int64), e.g. for RoPE."""
-    layout, rank, _ = _rank_layout(cu_seqlens, cp_mesh)
-    return torch.tensor(layout.position_ids(rank), dtype=torch.long, device=_device_of(cu_seqlens, device))
+    shard = _RankShard(cu_seqlens, cp_mesh)
+    return torch.tensor(shard.local(shard.layout.position_ids(shard.rank)), dtype=torch.long,
+                        device=_device_of(cu_seqlens, device))
 
 
 def _device_of(cu: Any, device):

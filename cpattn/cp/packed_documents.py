@@ -7,7 +7,9 @@ difference or refusal raises
 the same error everywhere before data moves; each rank's local length must be what the document layout gives
 it. Then cp_strategy picks the schedule: 'ring' or 'auto' the packed ring (cp/packed_ring.py), 'allgather' the
 gathered varlen calls of cp/packed.py over the same shards (varlen kernels only). With no group (one device)
-the packed ring runs its one step.
+the packed ring runs its one step. On a 2-D mesh the hybrid schedule: Ulysses over the mesh's Ulysses
+dimension (cp/ulysses.py) around the packed ring over its ring dimension (`_hybrid`); the signatures are
+compared along both dimensions.
 
 Windows, softcaps and sinks run per document on the packed ring (cp/packed_ring.py: windows cut its pieces, a
 softcap goes to every kernel call, sinks join once in the final merge). All-gather over document shards takes a
@@ -31,6 +33,7 @@ from .packed_kernels import BlockKernel
 from .packed_layout import DocumentLayout, document_layout
 from .packed_ring import PackedRingSpec, packed_ring_attention
 from .schedule import Setup
+from .ulysses import UlyssesSpec, heads_reasons, ulysses_attention
 
 SCHEDULES = ("ring", "allgather")  # what packed documents run, by cp_strategy ('auto' is the ring)
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
@@ -51,9 +54,8 @@ def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKern
     out = gathered_mod_reasons(call, "cp_strategy='ring' or 'auto'") if schedule_of(cp) == "allgather" else []
     if cp is None:
         return out
-    if cp.topology.mesh_dims != 1:
-        out.append("packed documents run on a 1-D cp_mesh; a 2-D mesh runs the hybrid schedule, which has no "
-                   "packed form")
+    if cp.topology.mesh_dims == 2:  # the hybrid schedule (attention_provider takes no other strategy here)
+        return out + heads_reasons(call, cp.topology.ulysses_size)
     if cp.strategy not in ("auto",) + SCHEDULES:
         out.append(f"packed documents run cp_strategy='ring' (or 'auto') or 'allgather', not '{cp.strategy}'")
     if cp.strategy == "allgather" and gathered is None:
@@ -86,32 +88,65 @@ def _signature(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[
 
 
 def agree_documents_call(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[int],
-                         refused: bool) -> list[int]:
-    """Every rank makes the same packed call (else the same error on every rank); returns every rank's local
-    length."""
-    group = cp.topology.ring
-    table = gather_signatures(_signature(cp, provider, call, bounds, refused), group, cp.timeout, call.device)
+                         refused: bool) -> dict[str, list[int]]:
+    """Every rank makes the same packed call (else the same error on every rank); returns, per dimension of the
+    mesh ("ring", and "ulysses" on a 2-D mesh), the local lengths of the ranks of this rank's group along it.
+
+    On a 2-D mesh the signatures are compared along the ring dimension, then along the Ulysses dimension with
+    each rank's verdict on its ring group: a rank outside both groups of a rank that disagrees still shares a
+    Ulysses group with a rank of that rank's ring group, so it learns of the problem there, and every rank raises
+    before any data moves."""
+    lengths, problem = {}, None
+    for dim, group in (("ring", cp.topology.ring), ("ulysses", cp.topology.ulysses)):
+        if group is None:
+            continue
+        signature = _signature(cp, provider, call, bounds, refused) + [int(problem is not None)]
+        table = gather_signatures(signature, group, cp.timeout, call.device)
+        if problem is None:
+            problem = _disagreement(table, provider, call, group, cp, refused)
+        if problem is None and any(table[:, -1].tolist()):
+            problem = RankMismatchError(
+                "another rank of the context-parallel mesh cannot run this packed call (its ring group disagrees "
+                "or refused it); the error on that rank says why")
+        lengths[dim] = table[:, _LENGTH].tolist()
+    if problem is not None:
+        raise problem
+    return lengths
+
+
+def _disagreement(table: torch.Tensor, provider: Provider, call: AttentionCall, group, cp: Setup,
+                  refused: bool) -> Exception | None:
+    """The error every rank of `group` raises for `table` (their signatures), or None."""
     for i, name in enumerate(FIELDS):
         column = table[:, i].tolist()
         if len(set(column)) > 1:
             shown = gather_names(provider.name, group, cp.timeout, call.device) if name == "provider" else column
-            raise RankMismatchError(
+            return RankMismatchError(
                 f"ranks of the context-parallel group disagree on {name} of a packed call: "
                 + ", ".join(f"rank {r}: {x}" for r, x in enumerate(shown))
                 + ". Every rank must make the same call on its shard, with the global cu_seqlens of the stream.")
     refused_ranks = [r for r, x in enumerate(table[:, _REFUSED].tolist()) if x]
     if refused_ranks and not refused:
-        raise UnsupportedInputError(f"packed documents on provider '{provider.name}'",
-                                    [f"rank(s) {refused_ranks} refused this call; their error lists the reasons"])
-    return table[:, _LENGTH].tolist()
+        return UnsupportedInputError(f"packed documents on provider '{provider.name}'",
+                                     [f"rank(s) {refused_ranks} refused this call; their error lists the reasons"])
+    return None
 
 
-def check_lengths(layout: DocumentLayout, lengths: list[int]) -> None:
-    want = [layout.length(r) for r in range(layout.world)]
-    if lengths != want:
-        raise RankMismatchError(
-            f"local packed lengths {lengths} do not match the document layout of these cu_seqlens over "
-            f"{layout.world} ranks, which gives {want}: {SHARD_HINT}")
+def check_lengths(layout: DocumentLayout, lengths: dict[str, list[int]], topology) -> None:
+    """Each rank's local length is its part of the document layout (lengths from `agree_documents_call`)."""
+    parts = 1 if topology is None else topology.ulysses_size
+    ring_rank = 0 if topology is None else topology.ring_rank
+    part = 0 if topology is None else topology.ulysses_rank
+    size = lambda r, u: (lambda a, b: b - a)(*layout.part(r, u, parts))  # noqa: E731
+    want = {"ring": [size(r, part) for r in range(layout.world)],
+            "ulysses": [size(ring_rank, u) for u in range(parts)]}
+    for dim, have in lengths.items():
+        if have != want[dim]:
+            whole = [layout.length(r) for r in range(layout.world)]
+            raise RankMismatchError(
+                f"local packed lengths {have} (along the mesh's {dim} dimension) do not match the document layout "
+                f"of these cu_seqlens over {layout.world} ranks, which gives {want[dim]} (shards {whole}"
+                + (f", each in {parts} parts" if parts > 1 else "") + f"): {SHARD_HINT}")
 
 
 def _shd(x: torch.Tensor) -> torch.Tensor:
@@ -123,22 +158,40 @@ def run_packed_documents(cp: Setup | None, provider: Provider, call: AttentionCa
     """This rank's packed output. `call` holds (1, H, S_local, D) views of the packed local q, k, v; `reasons`
     the provider's refusals; `kernel` runs the ring's chains, `gathered` (or None) all-gather's varlen calls."""
     reasons = reasons + document_reasons(cp, call, gathered)
-    world = 1 if cp is None else cp.topology.ring.size
-    lengths = [call.q_len]
+    world = 1 if cp is None else cp.topology.ring_size
+    lengths = {"ring": [call.q_len]}
     if cp is not None:
         lengths = agree_documents_call(cp, provider, call, bounds, refused=bool(reasons))
     if reasons:
         raise UnsupportedInputError(f"packed documents on provider '{provider.name}'", reasons)
-    check_bounds(bounds, sum(lengths))
     layout = document_layout(tuple(bounds), world)
-    check_lengths(layout, lengths)
+    if "ulysses" not in lengths:  # on a 2-D mesh the lengths along each dimension do not add up to the stream
+        check_bounds(bounds, sum(lengths["ring"]))
+    check_lengths(layout, lengths, None if cp is None else cp.topology)
     stats = cp.stats if cp is not None else CommStats()
     stats["calls"] += 1
     if schedule_of(cp) == "allgather":
         return _gathered(gathered, cp, layout, call, bounds)
     spec = PackedRingSpec(cp.topology.ring if cp is not None else None, layout, call.is_causal,
                           cp.data_timeout if cp is not None else None, stats, window=call.window)
+    if cp is not None and cp.topology.mesh_dims == 2:
+        return _hybrid(kernel, spec, cp, call, lengths["ulysses"])
     return packed_ring_attention(kernel, spec, _shd(call.query), _shd(call.key), _shd(call.value), call.sinks)
+
+
+def _hybrid(kernel: BlockKernel, ring: PackedRingSpec, cp: Setup, call: AttentionCall,
+            lengths: list[int]) -> torch.Tensor:
+    """The hybrid schedule over document shards: Ulysses' all-to-all over the mesh's Ulysses dimension turns this
+    rank's part of its ring rank's shard, all heads, into the whole shard for a slice of the heads (the parts
+    concatenate to it, DocumentLayout.part), and the packed ring over the ring dimension attends those heads
+    (their sinks with them); the all-to-all back returns this rank's part with every head."""
+    def inner(heads: AttentionCall) -> torch.Tensor:
+        out = packed_ring_attention(kernel, ring, _shd(heads.query), _shd(heads.key), _shd(heads.value),
+                                    heads.sinks)
+        return out.transpose(0, 1).unsqueeze(0)
+
+    spec = UlyssesSpec(cp.topology.ulysses, lengths, cp.data_timeout, cp.stats)
+    return _shd(ulysses_attention(call, spec, inner))
 
 
 class _GatherDocuments(torch.autograd.Function):

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layout import even_sizes
+
 SPLIT_SHARE = 0.125  # a document over this share of a rank's mean tokens or counted work is split over all ranks
 GROUP_SHARES = (0.25, 0.125)  # the groupings tried, coarsest first: a document's largest part per rank
 BALANCE_TARGET = 1.05  # the largest rank's tokens and counted work over the mean that a grouping must keep
@@ -124,6 +126,14 @@ class DocumentLayout:
     def length(self, rank: int) -> int:
         runs = self.runs[rank]
         return runs[-1].local_stop if runs else 0
+
+    def part(self, rank: int, index: int, parts: int) -> tuple[int, int]:
+        """Local range [a, b) of the `index`-th of `parts` consecutive parts of `rank`'s shard, of near-equal
+        lengths (larger ones first): on a 2-D mesh the Ulysses ranks of one ring rank each hold one, and their
+        all-to-all concatenates them back into the shard."""
+        sizes = even_sizes(self.length(rank), parts)
+        start = sum(sizes[:index])
+        return start, start + sizes[index]
 
     def split_stop(self, rank: int) -> int:
         """Local index where `rank`'s split documents end (its whole documents follow)."""

@@ -16,6 +16,10 @@ the sinks' gradient as the ranks' shares summed (the replicated parameter's all-
 than every document, causal, two-sided non-causal; on a document longer than S/W, split over every rank; with
 GQA; and streams with windows, softcaps and sinks drawn by hypothesis. What is still refused is refused on every
 rank with a message that says what to use.
+
+The hybrid schedule on 2-D meshes of every shape with W ranks (2 x 1, 1 x 2, 3 x 1, 1 x 3, 2 x 2): Ulysses over
+the mesh's Ulysses dimension around the packed ring, windows, softcaps and sinks, uneven head splits and
+repeated KV heads, against the same references; each runs in the world of its W (the other worlds skip it).
 """
 
 from __future__ import annotations
@@ -126,6 +130,28 @@ CASES = {
                                            softcap=m["softcap"], sinks=m["sinks"])
        for i, m in enumerate(DRAWN_MODS)},
 }
+# the hybrid schedule on a 2-D (ring, ulysses) mesh of every shape with W ranks; run in the world of that W
+MESHES = {2: ((2, 1), (1, 2)), 3: ((3, 1), (1, 3)), 4: ((2, 2),)}
+HYBRID = {
+    **{f"hybrid-{r}x{u}-varlen-window-softcap-sinks": PackedCase(LONG, window=(5, 0), softcap=4.0, sinks=True,
+                                                                 mesh=(r, u), seed=60 + 10 * r + u)
+       for shapes in MESHES.values() for r, u in shapes},
+    **{f"hybrid-{r}x{u}-native": PackedCase(MIXED, causal=False, provider="native", dtype="float64",
+                                            heads=(6, 3, 8), mesh=(r, u), seed=70 + 10 * r + u)
+       for shapes in MESHES.values() for r, u in shapes},
+    "hybrid-2x2-varlen-causal-mha": PackedCase(DRAWN[0], heads=(4, 4, 16), mesh=(2, 2), seed=80),
+}
+HYBRID_REFUSALS = {
+    "hybrid-2x2-ring": PackedCase(MIXED, strategy="ring", mesh=(2, 2)),
+    "hybrid-2x2-allgather": PackedCase(MIXED, api="flash_varlen", strategy="allgather", mesh=(2, 2)),
+    "hybrid-2x2-heads": PackedCase(MIXED, heads=(1, 1, 16), mesh=(2, 2)),
+}
+
+
+def _mesh_size(case: PackedCase) -> int:
+    return case.mesh[0] * case.mesh[1] if case.mesh else 0
+
+
 REFUSALS = {
     "softcap-on-native": PackedCase(MIXED, provider="native", dtype="float64", softcap=20.0),
     "allgather-window-and-sinks": PackedCase(MIXED, api="flash_varlen", strategy="allgather", window=(3, 0),
@@ -143,7 +169,8 @@ REFUSALS = {
 def world(request):
     """(W, {case name: [every rank's result]}) of one world running every case."""
     w = request.param
-    names, cases = zip(*{**CASES, **REFUSALS}.items())
+    hybrid = {n: c for n, c in {**HYBRID, **HYBRID_REFUSALS}.items() if _mesh_size(c) == w}
+    names, cases = zip(*{**CASES, **REFUSALS, **hybrid}.items())
     result = run_ranks(w, packed_documents_rank, list(cases), timeout=300)
     for r in result.ranks:
         assert r.error is None, f"rank {r.rank}: {r.error}"
@@ -152,16 +179,31 @@ def world(request):
 
 @pytest.mark.parametrize("name", CASES)
 def test_exact_against_float64(world, name):
+    _check_exact(world, name, CASES[name])
+
+
+@pytest.mark.parametrize("name", HYBRID)
+def test_hybrid_exact_against_float64(world, name):
+    """Ulysses over the mesh's Ulysses dimension around the packed ring over its ring dimension, every 2-D
+    shape of W ranks, forward and backward, uneven head splits (4 heads over 3 ranks) and repeated KV heads
+    (3 KV heads over 2) included."""
+    w, _ = world
+    if _mesh_size(HYBRID[name]) != w:
+        pytest.skip(f"mesh {HYBRID[name].mesh} runs in the world of {_mesh_size(HYBRID[name])} ranks")
+    _check_exact(world, name, HYBRID[name])
+
+
+def _check_exact(world, name: str, case: PackedCase) -> None:
     w, results = world
-    out_tol, grad_tol = TOLERANCE[CASES[name].dtype]
+    out_tol, grad_tol = TOLERANCE[case.dtype]
     for rank, r in enumerate(results[name]):
         assert "exception" not in r, (rank, r["exception"])
         errors = r["errors"]
         assert errors["out"] < out_tol and max(errors["dq"], errors["dk"], errors["dv"]) < grad_tol, (rank, errors)
         assert errors["position_ids"] == 0 and errors["local_cu_seqlens_end"] == 0, errors
         assert errors["nonfinite"] == 0, errors
-        if CASES[name].sinks:
-            assert errors["dsinks"] < SINKS_TOLERANCE[CASES[name].dtype], (rank, errors)
+        if case.sinks:
+            assert errors["dsinks"] < SINKS_TOLERANCE[case.dtype], (rank, errors)
 
 
 def _expected_traffic(case: PackedCase, w: int, rank: int) -> dict:
@@ -247,6 +289,21 @@ def test_refused_on_every_rank(world, name, error, words):
     w, results = world
     if name in ("sequence-shards", "sequence-shards-window", "disagreeing-windows") and w == 1:
         pytest.skip("one rank: every sharding is the whole stream, and no other rank to disagree with")
+    for rank, r in enumerate(results[name]):
+        assert r.get("exception", "").startswith(error), (rank, r)
+        for word in words:
+            assert word in r["exception"], (rank, r["exception"])
+
+
+@pytest.mark.parametrize("name,error,words", [
+    ("hybrid-2x2-ring", "InvalidArgumentError", ["cp_strategy='ring' runs on a 1-D mesh", "runs 'hybrid'"]),
+    ("hybrid-2x2-allgather", "InvalidArgumentError", ["cp_strategy='allgather' runs on a 1-D mesh"]),
+    ("hybrid-2x2-heads", "UnsupportedInputError", ["Ulysses over 2 ranks needs at least 2 query heads, got 1"]),
+])
+def test_hybrid_refused_on_every_rank(world, name, error, words):
+    w, results = world
+    if w != 4:
+        pytest.skip("the 2 x 2 mesh runs in the world of 4 ranks")
     for rank, r in enumerate(results[name]):
         assert r.get("exception", "").startswith(error), (rank, r)
         for word in words:

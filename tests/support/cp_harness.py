@@ -565,6 +565,7 @@ class PackedCase:
     sinks: bool = False  # (query heads,) sink logits, a parameter replicated on every rank
     shard: str = "documents"  # fault cases: "sequence" shards with cpattn.shard_sequence instead
     fault: str | None = None  # "window": rank 0 passes another window
+    mesh: tuple | None = None  # (ring, ulysses): a 2-D DeviceMesh, the hybrid schedule; None: the whole world 1-D
 
 
 def _documents_problem(case: PackedCase):
@@ -648,10 +649,14 @@ def packed_documents_rank(rank, world, cases):
 
     if any(c.provider in ("flash", "flash_varlen") for c in cases):
         _install_standin("fa2")
-    mesh = dist.group.WORLD
+    meshes = {}
     results = []
     for case in cases:
         start = time.monotonic()
+        if case.mesh and case.mesh not in meshes:  # made once per shape, by every rank in the same order
+            from torch.distributed.device_mesh import init_device_mesh
+            meshes[case.mesh] = init_device_mesh("cpu", case.mesh, mesh_dim_names=("ring", "ulysses"))
+        mesh = meshes[case.mesh] if case.mesh else dist.group.WORLD
         try:
             result = _run_documents_case(case, mesh)
         except Exception as exc:  # reported, asserted on by the test
