@@ -51,24 +51,31 @@ def lognormal_bounds(s: int, mean: float, sigma: float, seed: int) -> list[int]:
 
 
 class Loopback:
-    """A channel with no network (`PackedRingSpec.channel_factory`), to run one rank's packed ring alone: a K/V
-    exchange 'receives' the range of the owner's shard that this rank's step plan names; a dK/dV exchange hands
-    its receive buffers back unfilled."""
-
-    def __init__(self, shards, rank: int, layout, causal: bool):
-        self._shards, self._rank, self._layout, self._causal = shards, rank, layout, causal
+    """A channel with no network (`PackedRingSpec.channel_factory`), to run one rank's packed ring alone: every
+    exchange completes at once, its receive buffers as they were (the forward's key blocks come from
+    `loopback_blocks` instead; the backward's dK/dV parts, which only the owner would sum, stay unfilled)."""
 
     def __call__(self, group, timeout, stats):
         return self
 
     def send_recv(self, send, to_rank, recv, from_rank, kind):
-        from cpattn.cp.packed_plan import step_plan
+        return Received(recv)
 
-        if kind != "kv" or not recv:
-            return Received(recv)
-        a, b = step_plan(self._layout, self._rank, from_rank, self._causal).kv
-        k, v = self._shards[from_rank]
-        return Received([k[a:b], v[a:b]])
+
+def loopback_blocks(shards, layout, causal: bool):
+    """`PackedRingSpec.block_source` with no network: each step's key block as the owner's ranges would arrive,
+    made once (outside any timing), as the network would bring them."""
+    from cpattn.cp.packed_plan import step_plan
+
+    made = {}
+
+    def block(consumer: int, owner: int):
+        if (consumer, owner) not in made:
+            plan = step_plan(layout, consumer, owner, causal)
+            k, v = shards[owner]
+            made[consumer, owner] = tuple(torch.cat([x[a:b] for a, b in plan.kv]) for x in (k, v))
+        return made[consumer, owner]
+    return block
 
 
 class Case:
@@ -84,7 +91,7 @@ def packed_split_case(case: Case):
     import cpattn
     from cpattn.cp.comm import CommStats
     from cpattn.cp.mesh import Group
-    from cpattn.cp.packed_plan import Chain, Piece
+    from cpattn.cp.packed_plan import Chain, Piece, step_plan
     from cpattn.cp.packed_ring import PackedRingSpec, packed_ring_backward, packed_ring_forward
     from cpattn.packed import block_kernel, packed_layout, packed_view
 
@@ -107,11 +114,17 @@ def packed_split_case(case: Case):
     local = [tuple(t.index_select(0, i) for t in (q, k, v, dout)) for i in positions]
     shards = [(lk, lv) for _, lk, lv, _ in local]
 
+    blocks = loopback_blocks(shards, layout, case.causal)
+    for r in range(case.p):  # every block made before the timings
+        for s in range(case.p):
+            if s != r and step_plan(layout, r, s, case.causal) is not None:
+                blocks(r, s)
+
     def split():
         grads = []
         for r in range(case.p):
             spec = PackedRingSpec(Group(None, r, case.p, "loopback"), layout, case.causal, None, CommStats(),
-                                  channel_factory=Loopback(shards, r, layout, case.causal))
+                                  channel_factory=Loopback(), block_source=blocks)
             lq, lk, lv, ldo = local[r]
             out, lse, last = packed_ring_forward(kernel, spec, lq, lk, lv)
             grads.append(packed_ring_backward(kernel, spec, lq, lk, lv, ldo, out, lse, last)[0])

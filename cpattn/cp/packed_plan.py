@@ -14,10 +14,10 @@ band in the piece's own top-left coordinates is the window shifted by the differ
 (ops/window.shifted), and `trim_block` cuts the piece to the rows and keys the band reaches: a piece it does not
 reach is dropped like a masked one (no work, and a step left without pieces sends nothing), and the band of
 what is left (`Piece.window`, sides >= 0 or None) goes with it to the kernel. Keys no piece reaches are not
-sent either: the step's key range is the hull of the trimmed pieces' keys.
+sent either: the step's key ranges are the trimmed pieces' keys.
 
-The owner sends the consumer only the keys its pieces read, as one contiguous range of its shard (`kv`): within
-its split documents, never its whole documents.
+The owner sends the consumer only the keys its pieces read, as ranges of its shard (`kv`: views, sent one after
+another, received one after another into one block): within its split documents, never its whole documents.
 
 A kernel call takes sequences whose query rows and key rows both increase, one causal flag for all. Pieces are
 therefore merged where they share rows and touch (one query run against two adjacent key runs is one piece),
@@ -109,19 +109,31 @@ class Chain:
 
 @dataclass(frozen=True, eq=False)
 class StepPlan:
-    """What a consumer computes against one owner's keys: the owner's key range `kv` (owner-local [a, b)), sent
-    whole, and the kernel calls on it."""
+    """What a consumer computes against one owner's keys: the ranges `kv` of the owner's shard it reads
+    (owner-local [a, b), increasing, disjoint), which make up the step's key block one after another, and the
+    kernel calls on that block (their keys are block indices)."""
 
-    kv: tuple[int, int]
+    kv: tuple[tuple[int, int], ...]
     chains: tuple[Chain, ...]
 
     @property
     def kv_len(self) -> int:
-        return self.kv[1] - self.kv[0]
+        return sum(b - a for a, b in self.kv)
 
     @property
     def cells(self) -> int:
         return sum(p.cells for c in self.chains for p in c.pieces)
+
+    def owner_rows(self, k0: int, k1: int) -> list[tuple[int, int, int]]:
+        """Block keys [k0, k1) as (block start, owner-local start, count) per range of `kv` they meet: where a
+        chain's dK/dV part, in block order, goes in the owner's shard."""
+        out, start = [], 0
+        for a, b in self.kv:
+            lo, hi = max(k0, start), min(k1, start + b - a)
+            if lo < hi:
+                out.append((lo, a + lo - start, hi - lo))
+            start += b - a
+        return out
 
 
 def pieces(layout: DocumentLayout, consumer: int, owner: int, causal: bool, window=None) -> list[Piece]:
@@ -180,7 +192,7 @@ def _merge(items: list[Piece]) -> list[Piece]:
     return items
 
 
-def _chains(items: list[Piece], kv_start: int) -> tuple[Chain, ...]:
+def _chains(items: list[Piece]) -> tuple[Chain, ...]:
     """Deal pieces (sorted by rows) into the first chain they extend in rows, keys and causal flag."""
     open_chains: list[list[Piece]] = []
     for p in sorted(items, key=lambda p: (p.q0, p.k0)):
@@ -193,9 +205,9 @@ def _chains(items: list[Piece], kv_start: int) -> tuple[Chain, ...]:
             open_chains.append([p])
     out = []
     for chain in open_chains:
-        q0, k0 = chain[0].q0, chain[0].k0 - kv_start
-        rel = tuple(p.moved(q0, kv_start + k0) for p in chain)
-        out.append(Chain(q0, chain[-1].q1, k0, chain[-1].k1 - kv_start, chain[0].causal, rel))
+        q0, k0 = chain[0].q0, chain[0].k0
+        rel = tuple(p.moved(q0, k0) for p in chain)
+        out.append(Chain(q0, chain[-1].q1, k0, chain[-1].k1, chain[0].causal, rel))
     return tuple(out)
 
 
@@ -207,8 +219,33 @@ def step_plan(layout: DocumentLayout, consumer: int, owner: int, causal: bool,
     items = [p for p in pieces(layout, consumer, owner, causal, window) if p.q1 > p.q0 and p.k1 > p.k0]
     if not items:
         return None
-    kv = (min(p.k0 for p in items), max(p.k1 for p in items))
-    return StepPlan(kv, _chains(_merge(items), kv[0]))
+    if consumer == owner:  # the rank's own keys: one view of its shard, nothing travels
+        kv = ((min(p.k0 for p in items), max(p.k1 for p in items)),)
+    else:
+        kv = _key_ranges(items)
+    return StepPlan(kv, _chains(_merge([_in_block(p, kv) for p in items])))
+
+
+def _key_ranges(items: list[Piece]) -> tuple[tuple[int, int], ...]:
+    """The owner-local keys the pieces read, as increasing disjoint ranges (touching ones joined)."""
+    ranges: list[list[int]] = []
+    for k0, k1 in sorted((p.k0, p.k1) for p in items):
+        if ranges and k0 <= ranges[-1][1]:
+            ranges[-1][1] = max(ranges[-1][1], k1)
+        else:
+            ranges.append([k0, k1])
+    return tuple((a, b) for a, b in ranges)
+
+
+def _in_block(p: Piece, kv: tuple[tuple[int, int], ...]) -> Piece:
+    """Piece `p` (owner-local keys) with its keys as indices of the block the ranges `kv` make up (its keys lie
+    in one range: each range is a union of pieces' keys)."""
+    start = 0
+    for a, b in kv:
+        if a <= p.k0 and p.k1 <= b:
+            return p.moved(0, a - start)
+        start += b - a
+    raise AssertionError(f"piece keys [{p.k0}, {p.k1}) outside the step's ranges {kv}")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -60,6 +60,9 @@ class PackedRingSpec:
     timeout: float | None  # None: see comm._wait
     stats: CommStats
     channel_factory: Callable[..., RingChannel] = RingChannel  # swappable: a benchmark runs ranks with no network
+    # with no network (a benchmark): (this rank, owner) -> the step's key block (k, v) as it would arrive, so no
+    # receive is posted; None: received from the owner
+    block_source: "Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None" = None
     window: "tuple[int | None, int | None] | None" = None  # per document, (left, right) in document offsets
 
     @property
@@ -190,24 +193,27 @@ class _RowSum:
 
 
 def _exchange(spec: PackedRingSpec, channel, step: int, k: torch.Tensor, v: torch.Tensor):
-    """Start step `step`'s key transfer: this rank's keys that rank + step reads, and the keys of rank - step
-    that this rank reads. Returns (pending exchange or None, whether a block is being received)."""
+    """Start step `step`'s key transfer: the ranges of this rank's keys that rank + step reads (views), and the
+    ranges of rank - step's keys that this rank reads, received one after another into one block. Returns
+    (pending exchange or None, the block (k, v) being received or None)."""
     me = spec.rank
     out_plan, in_plan = spec.plan(me + step, me), spec.plan(me, me - step)
     send = []
     if out_plan is not None:
-        a, b = out_plan.kv
-        send = [k[a:b], v[a:b]]
-    recv = []
-    if in_plan is not None:
-        recv = [k.new_empty((in_plan.kv_len,) + k.shape[1:]), v.new_empty((in_plan.kv_len,) + v.shape[1:])]
+        send = [x[a:b] for x in (k, v) for a, b in out_plan.kv]
+    recv, block = [], None
+    if in_plan is not None and spec.block_source is not None:
+        block = spec.block_source(me, (me - step) % spec.world)
+    elif in_plan is not None:
+        block = tuple(x.new_empty((in_plan.kv_len,) + x.shape[1:]) for x in (k, v))
+        recv = [x[start:start + n] for x in block for start, _, n in in_plan.owner_rows(0, in_plan.kv_len)]
     if not send and not recv:
-        return None, False
-    return channel.send_recv(send, (me + step) % spec.world, recv, (me - step) % spec.world, "kv"), bool(recv)
+        return None, None
+    return channel.send_recv(send, (me + step) % spec.world, recv, (me - step) % spec.world, "kv"), block
 
 
 def _own_block(plan: StepPlan, k, v):
-    a, b = plan.kv
+    (a, b), = plan.kv  # the diagonal step: one range of the rank's own shard
     return k[a:b], v[a:b]
 
 
@@ -219,7 +225,7 @@ def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, sink
     acc = _row_merge(q, v.shape[-1])
     block = None
     for step in range(world):
-        pending, receiving = _exchange(spec, channel, step + 1, k, v) if step + 1 < world else (None, False)
+        pending, arriving = _exchange(spec, channel, step + 1, k, v) if step + 1 < world else (None, None)
         plan = spec.plan(me, me - step)
         spec.stats["packed_steps" if plan is not None else "packed_skipped_steps"] += 1
         if plan is not None:
@@ -227,9 +233,10 @@ def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, sink
             for c in plan.chains:
                 out_c, lse_c = kernel.forward(q[c.q0:c.q1], kb[c.k0:c.k1], vb[c.k0:c.k1], c)
                 acc.add(c.q0, out_c, lse_c)
-        received = pending.wait() if pending is not None else None  # a send-only exchange is waited for too
+        if pending is not None:  # a send-only exchange is waited for too
+            pending.wait()
         if step + 1 < world:
-            block = tuple(received) if receiving else None
+            block = arriving
     out, lse = acc.result(q.dtype, sinks)
     return out, lse, (block if world > 1 else None)  # after the last step: that step's block (or None)
 
@@ -268,8 +275,10 @@ class _OwnGrads:
         parts = exchange.wait()  # a send-only exchange is waited for too: until then its parts may not have left
         if plan is None:
             return
-        for i, c in enumerate(plan.chains):
-            self.add(plan.kv[0] + c.k0, parts[2 * i], parts[2 * i + 1])
+        for i, c in enumerate(plan.chains):  # a chain's keys, in block order, land on the ranges they came from
+            for start, row, n in plan.owner_rows(c.k0, c.k1):
+                first = start - c.k0
+                self.add(row, parts[2 * i][first:first + n], parts[2 * i + 1][first:first + n])
 
 
 def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dout, out, lse, last_block):
@@ -280,7 +289,7 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
     own = _OwnGrads(k, v)
     block = last_block
     for step in range(world - 1, -1, -1):
-        pending, receiving = _exchange(spec, channel, step - 1, k, v) if step - 1 >= 1 else (None, False)
+        pending, arriving = _exchange(spec, channel, step - 1, k, v) if step - 1 >= 1 else (None, None)
         plan = spec.plan(me, me - step)
         parts = []
         if plan is not None:
@@ -291,7 +300,7 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
                                                    lse[:, rows], c)
                 dq.add(c.q0, dq_c)
                 if step == 0:
-                    own.add(plan.kv[0] + c.k0, dk_c, dv_c)
+                    own.add(plan.kv[0][0] + c.k0, dk_c, dv_c)
                 else:  # sent in the inputs' dtype, summed in float32 by the owner
                     parts += [dk_c.to(k.dtype).contiguous(), dv_c.to(v.dtype).contiguous()]
         if step > 0:
@@ -301,8 +310,9 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
             if parts or receive:
                 exchange = channel.send_recv(parts, (me - step) % world, receive, (me + step) % world, "dkv")
             own.expect(exchange, owner_plan)
-        received = pending.wait() if pending is not None else None
-        block = tuple(received) if receiving else None
+        if pending is not None:
+            pending.wait()
+        block = arriving
     own.collect()
     return dq.result(q.dtype), own.dk.result(k.dtype), own.dv.result(v.dtype)
 

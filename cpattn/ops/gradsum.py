@@ -4,7 +4,8 @@ A ring backward gets each of dQ, dK and dV in parts, one per step, in the inputs
 covers some rows of the whole (zigzag blocks cover half). Their sum must be taken in float32 and rounded once.
 All parts of a sum are known before it is needed (dQ's stay on their rank; dK/dV parts are sent to their
 block's owner), so `DeferredRowSum` keeps the parts as they come and adds them in one pass when the sum is asked for,
-`MAX_PARTS` at a time: it reads each part once and writes the result once, in the final dtype. Added step by
+`MAX_PARTS` at a time: it reads each part once and writes the result once, in the final dtype (longer sums keep
+a float32 sum, into which later parts are added in place on the rows they cover). Added step by
 step into a float32 accumulator, the same sum reads and writes that accumulator once per part (at W=4 zigzag
 parts about 10 passes of the output's size against 4).
 
@@ -55,6 +56,7 @@ class DeferredRowSum:
         every part."""
         self._shape, self._device = tuple(shape), torch.device(device)
         self._parts: list[tuple[torch.Tensor, int]] = []  # (part, first row), in the order added
+        self._sum: torch.Tensor | None = None  # the float32 sum of the parts folded so far, once there is one
         # Parts may be made on other CUDA streams than this sum's home stream (a ring backward's steps take
         # streams in turn, cpattn/cp/streams.py): per part, (stream, event recorded when it was added), or None
         # for parts added on the home stream. Whichever stream adds the parts up waits for those first.
@@ -110,9 +112,12 @@ class DeferredRowSum:
 
     def _fold(self, dtype: torch.dtype) -> None:
         self._read_here()
-        out = torch.empty(self._shape, dtype=dtype, device=self._device)
         first_part = self._parts[0][0]
         fused = _fused_add() if _fuse_on(first_part) else None
+        if dtype == torch.float32 and first_part is self._sum:  # a later fold: in place, on the new parts' rows
+            self._fold_in_place(fused)
+            return
+        out = torch.empty(self._shape, dtype=dtype, device=self._device)
         if fused is not None:
             fused(out, self._parts)
         else:  # the kernel's arithmetic: rows start from their first part as it is, or 0.0; float32 adds in order
@@ -124,4 +129,20 @@ class DeferredRowSum:
                 else:
                     rows.add_(part)
             out.copy_(total)
+        self._sum = out if dtype == torch.float32 else None
         self._parts, self._made = [(out, 0)], [self._made_here()]
+
+    def _fold_in_place(self, fused) -> None:
+        """Add the parts after the float32 sum into it on the rows they cover (the same float32 adds, in the
+        same order, as a fold into a new tensor): parts that cover a few rows each cost those rows, not the
+        whole sum's."""
+        parts = self._parts[1:]
+        lo = min(first for _, first in parts)
+        hi = max(first + part.shape[2] for part, first in parts)
+        rows = self._sum.narrow(2, lo, hi - lo)
+        if fused is not None:
+            fused(rows, [(rows, 0)] + [(part, first - lo) for part, first in parts])
+        else:
+            for part, first in parts:
+                rows.narrow(2, first - lo, part.shape[2]).add_(part)
+        self._parts, self._made = [(self._sum, 0)], [self._made_here()]

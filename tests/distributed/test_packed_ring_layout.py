@@ -109,7 +109,7 @@ def _planned_pairs(layout, world: int, causal: bool, window=None) -> list:
             plan = step_plan(layout, me, src, causal, window)
             if plan is None:
                 continue
-            keys = layout.positions(src)[plan.kv[0]:plan.kv[1]]
+            keys = [layout.positions(src)[i] for i in _block_keys(plan)]
             for chain in plan.chains:
                 assert len(chain.sequences[0]) == len(chain.sequences[1])
                 assert chain.sequences[0][-1] == chain.q1 - chain.q0 and chain.sequences[1][-1] == chain.k1 - chain.k0
@@ -145,8 +145,23 @@ def test_windowed_plans_cover_the_banded_document_mask_once(lengths, world, caus
                 continue
             pieces = [p for c in plan.chains for p in c.pieces]
             assert all(side is None or side >= 0 for p in pieces if p.window for side in p.window)
-            read = {plan.kv[0] + c.k0 + j for c in plan.chains for p in c.pieces for j in range(p.k0, p.k1)}
-            assert min(read) == plan.kv[0] and max(read) == plan.kv[1] - 1
+            _check_keys_sent_are_read(plan, me, src)
+
+
+def _block_keys(plan) -> list[int]:
+    """The owner-local key of each index of the step's key block: its ranges one after another."""
+    return [i for a, b in plan.kv for i in range(a, b)]
+
+
+def _check_keys_sent_are_read(plan, me: int, src: int) -> None:
+    """Every key another rank sends is one some piece reads, once; the rank's own step reads one range of its
+    shard, starting and ending on keys read."""
+    read = {c.k0 + j for c in plan.chains for p in c.pieces for j in range(p.k0, p.k1)}
+    assert all(b > a for a, b in plan.kv) and all(b <= c for (_, b), (c, _) in zip(plan.kv, plan.kv[1:]))
+    if src == me:
+        assert len(plan.kv) == 1 and min(read) == 0 and max(read) == plan.kv_len - 1
+    else:
+        assert read == set(range(plan.kv_len)), (plan.kv, sorted(read))
 
 
 def _bottom_right_allows(rows: int, keys: int, causal: bool, window, i: int, j: int) -> bool:
@@ -207,16 +222,20 @@ def test_plans_cover_the_document_mask_once(lengths, world, causal):
 @settings(max_examples=30, deadline=None)
 @given(lengths_st, st.integers(2, 4), st.booleans())
 def test_a_block_sent_is_a_block_read(lengths, world, causal):
-    """An owner sends only keys some piece reads: its range starts and ends on keys read."""
+    """An owner sends only keys some piece reads, as ranges of its split documents; the dK/dV parts of a chain
+    land on the owner's rows its keys came from."""
     layout = packed_layout(_bounds(lengths), world)
     for me in range(world):
         for src in range(world):
             plan = step_plan(layout, me, src, causal)
             if plan is None:
                 continue
-            read = {plan.kv[0] + c.k0 + j for c in plan.chains for p in c.pieces for j in range(p.k0, p.k1)}
-            assert min(read) == plan.kv[0] and max(read) == plan.kv[1] - 1
-            assert plan.kv[1] <= layout.split_stop(src) or src == me  # never another rank's whole docs
+            _check_keys_sent_are_read(plan, me, src)
+            assert plan.kv[-1][1] <= layout.split_stop(src) or src == me  # never another rank's whole docs
+            owner = _block_keys(plan)
+            for c in plan.chains:
+                landed = [row + i for _, row, n in plan.owner_rows(c.k0, c.k1) for i in range(n)]
+                assert landed == owner[c.k0:c.k1]
 
 
 def test_only_whole_documents_skip_every_other_step():

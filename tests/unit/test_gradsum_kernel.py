@@ -27,8 +27,8 @@ def test_fused_gradient_add_matches_torch_in_the_triton_interpreter():
 
 def test_row_sum_adds_its_parts_once_in_float32_on_the_torch_path():
     """CPU tensors take torch ops: a lone part over every row comes back as it is; parts on some rows add there,
-    rows no part covers are 0; more than MAX_PARTS fold in float32; the parts are never written; no part is
-    zeros."""
+    rows no part covers are 0; more than MAX_PARTS fold in float32 (later folds in place, on the rows their
+    parts cover); the parts are never written; no part is zeros."""
     torch.manual_seed(0)
     whole = torch.randn(1, 2, 6, 4).bfloat16()
     alone = gradsum.DeferredRowSum(whole.shape, "cpu")
@@ -36,7 +36,7 @@ def test_row_sum_adds_its_parts_once_in_float32_on_the_torch_path():
     assert alone.result(torch.bfloat16) is whole
 
     parts = [(slice(0, 6), torch.randn(1, 2, 6, 4).bfloat16()), (slice(3, 6), torch.randn(1, 2, 3, 4).bfloat16())]
-    parts += [(slice(1, 3), torch.randn(1, 2, 2, 4)) for _ in range(gradsum.MAX_PARTS + 1)]
+    parts += [(slice(1, 3), torch.randn(1, 2, 2, 4)) for _ in range(2 * gradsum.MAX_PARTS + 1)]  # folds in place
     kept = [p.clone() for _, p in parts]
     total = gradsum.DeferredRowSum((1, 2, 6, 4), "cpu")
     want = torch.zeros(1, 2, 6, 4, dtype=torch.float64)
