@@ -167,13 +167,32 @@ def position_sharded_balance(bounds: list[int], p: int) -> float:
     return max(work) / (sum(work) / p)
 
 
-def forward_kernel_calls(layout, causal: bool) -> int:
-    """Varlen calls of one forward over all ranks (the backward makes as many): one per chain's window group."""
+def plan_counts(layout, causal: bool) -> dict:
+    """What the step plans of one forward over all ranks hold (the backward makes as many calls): varlen calls
+    (one per chain's window group), pieces and their median rows."""
     from cpattn.cp.packed_plan import step_plan
     from cpattn.packed import kernel_calls
 
     plans = [step_plan(layout, r, s, causal) for r in range(layout.world) for s in range(layout.world)]
-    return sum(len(kernel_calls(c)) for plan in plans if plan is not None for c in plan.chains)
+    chains = [c for plan in plans if plan is not None for c in plan.chains]
+    rows = sorted(p.q1 - p.q0 for c in chains for p in c.pieces)
+    return {"forward_kernel_calls": sum(len(kernel_calls(c)) for c in chains), "pieces": len(rows),
+            "median_piece_rows": rows[len(rows) // 2] if rows else 0}
+
+
+def layout_row(case: Case, layout) -> dict:
+    """The case's layout and plans, counted without running anything."""
+    bounds = list(layout.bounds)
+    tokens = [layout.length(r) for r in range(case.p)]
+    row = {"documents": len(bounds) - 1, "document_lengths": [b - a for a, b in zip(bounds, bounds[1:])],
+           "split_documents": sum(layout.split), "split_group_sizes": sorted(len(g) for g in layout.groups.values()),
+           **plan_counts(layout, case.causal),
+           "counted_work_per_rank": [layout.counted_work(r, case.causal) for r in range(case.p)],
+           "work_max_over_mean": layout.balance(case.causal),
+           "position_sharded_work_max_over_mean": position_sharded_balance(bounds, case.p) if case.causal else None,
+           "tokens_per_rank": tokens, "tokens_max_over_mean": max(tokens) / (sum(tokens) / case.p)}
+    row.update(memory_and_traffic(case, layout))
+    return row
 
 
 def run_case(case: Case, args) -> dict:
@@ -181,18 +200,14 @@ def run_case(case: Case, args) -> dict:
            "seed": case.seed, "causal": case.causal, "heads": case.heads, "kv_heads": case.kv_heads, "D": case.d,
            "dtype": str(case.dtype).replace("torch.", "")}
     try:
+        if args.plans_only:
+            from cpattn.packed import packed_layout
+
+            row.update(layout_row(case, packed_layout(lognormal_bounds(case.s, case.mean, case.sigma, case.seed),
+                                                      case.p)))
+            return row
         whole, split, layout, positions = packed_split_case(case)
-        bounds = list(layout.bounds)
-        row["documents"] = len(bounds) - 1
-        row["document_lengths"] = [b - a for a, b in zip(bounds, bounds[1:])]
-        row["split_documents"] = sum(layout.split)
-        row["split_group_sizes"] = sorted(len(g) for g in layout.groups.values())
-        row["forward_kernel_calls"] = forward_kernel_calls(layout, case.causal)
-        row["counted_work_per_rank"] = [layout.counted_work(r, case.causal) for r in range(case.p)]
-        row["work_max_over_mean"] = layout.balance(case.causal)
-        row["position_sharded_work_max_over_mean"] = position_sharded_balance(bounds, case.p) if case.causal else None
-        row["tokens_per_rank"] = [layout.length(r) for r in range(case.p)]
-        row.update(memory_and_traffic(case, layout))
+        row.update(layout_row(case, layout))
         full = whole()
         row["max_diff_vs_whole"] = max((full.index_select(0, i).double() - part.double()).abs().max().item()
                                        for i, part in zip(positions, split()) if i.numel())
@@ -256,6 +271,10 @@ def summary_line(row: dict) -> str:
     head = f"S={row['S']} P={row['P']} mean={row['mean']} sigma={row['sigma']}"
     if "error" in row:
         return f"{head}: {row['error']}"
+    if "efficiency" not in row:  # --plans-only
+        return (f"{head}: {row['forward_kernel_calls']} forward calls, {row['pieces']} pieces (median "
+                f"{row['median_piece_rows']} rows), work max/mean {row['work_max_over_mean']:.3f}, K/V held "
+                f"{row['kv_held_max_over_allgather']:.3f} of all-gather")
     return (f"{head}: efficiency {row['efficiency']:.3f}, work max/mean {row['work_max_over_mean']:.3f} "
             f"(by position {row['position_sharded_work_max_over_mean'] or float('nan'):.3f}), K/V held "
             f"{row['kv_held_max_over_allgather']:.3f} of all-gather, dQ diff {row['max_diff_vs_whole']:.2e}")
@@ -305,6 +324,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="balanced rounds per timing")
     parser.add_argument("--profile", action="store_true", help="cProfile one split: where its host time goes")
+    parser.add_argument("--plans-only", action="store_true",
+                        help="count the layout and step plans (calls, pieces, balance, K/V held and sent); no timing")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized: S=384, P=4, mean 48, H=2, D=16, 2 rounds")
     common.add_output_arguments(parser)
     args = parser.parse_args(argv)

@@ -56,3 +56,24 @@ def test_recorded_balance_and_memory(result):
 def test_plot_written(result):
     out, _ = result
     assert (out / "packed_ring_cpu.png").stat().st_size > 0
+
+
+def test_plans_only_counts_without_timing(tmp_path):
+    """--plans-only: the layout's and plans' counts for the full-size stream, no kernel run, no timing; its
+    call count is one per step that computes (no window: one chain per step)."""
+    from cpattn.cp.packed_plan import step_plan
+    from cpattn.packed import packed_layout
+
+    done = subprocess.run([sys.executable, os.path.join("benchmarks", "packed_ring.py"), "--plans-only", "--quiet",
+                           "--no-plot", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (row,) = json.loads((tmp_path / "packed_ring_cpu.json").read_text())["cases"]
+    assert "efficiency" not in row and "whole" not in row
+    bounds = [0]
+    for n in row["document_lengths"]:
+        bounds.append(bounds[-1] + n)
+    layout = packed_layout(bounds, row["P"])
+    steps = sum(step_plan(layout, r, s, True) is not None for r in range(row["P"]) for s in range(row["P"]))
+    assert row["S"] == 131072 and row["forward_kernel_calls"] == steps
+    assert row["pieces"] >= steps and row["work_max_over_mean"] < 1.05 and row["kv_held_max_over_allgather"] < 1
