@@ -211,6 +211,12 @@ class _Loads:
         w = (self.work[rank] + work) / self.mean_work if self.mean_work else 0.0
         return max(t, w)
 
+    def share(self, n: int) -> float:
+        """A document of `n` tokens as a share of one rank's mean: the larger of its tokens' and its work's."""
+        t = n / self.mean_tokens if self.mean_tokens else 0.0
+        w = causal_work(n) / self.mean_work if self.mean_work else 0.0
+        return max(t, w)
+
     def place_whole(self, rank: int, n: int) -> None:
         self.tokens[rank] += n
         self.work[rank] += causal_work(n)
@@ -219,9 +225,7 @@ class _Loads:
 def _group_size(n: int, loads: _Loads, world: int, share: float) -> int:
     """Ranks a document of `n` tokens is split over: the fewest that keep each one's part within `share` of a
     rank's mean tokens and work (1: whole), at most `world` and at most n // 2 (every chunk a token)."""
-    need = max(n / (share * loads.mean_tokens) if loads.mean_tokens else 0.0,
-               causal_work(n) / (share * loads.mean_work) if loads.mean_work else 0.0)
-    return max(1, min(world, n // 2, math.ceil(need - 1e-9)))
+    return max(1, min(world, n // 2, math.ceil(loads.share(n) / share - 1e-9)))
 
 
 def _grouped(lengths: tuple[int, ...], world: int, share: float):
@@ -229,8 +233,7 @@ def _grouped(lengths: tuple[int, ...], world: int, share: float):
     of ranks whose larger normalised load stays smallest."""
     loads = _Loads(lengths, world)
     sizes = {d: _group_size(n, loads, world, share) for d, n in enumerate(lengths) if n}
-    part = lambda d: max(lengths[d] / (loads.mean_tokens or 1), causal_work(lengths[d]) / (loads.mean_work or 1))  # noqa: E731
-    order = sorted(sizes, key=lambda d: (-part(d) / sizes[d], d))
+    order = sorted(sizes, key=lambda d: (-loads.share(lengths[d]) / sizes[d], d))
     groups, chunks, owners = {}, {}, {}
     for doc in order:
         n, m = lengths[doc], sizes[doc]
