@@ -2,7 +2,8 @@
 part on its own row range, summed in float32 in the order given and stored in out's dtype.
 
 One program loads a tile of rows and, for each part, the rows of that part the tile meets (any strides: a
-kernel's gradient may be a transposed view), adds them in registers and stores the tile once. A row starts from
+kernel's gradient may be a transposed view), adds them in registers and stores the tile once. Where `out` is the
+first part (a fold in place), only the rows the other parts cover are read and written. A row starts from
 its first covering part as it is (so a sum of one part keeps its bits, -0.0 included) and from 0.0 where the
 first part does not cover it. Only `cpattn.ops.gradsum` calls this; it falls back to torch ops wherever Triton is
 missing.
@@ -44,12 +45,15 @@ def _add_parts(
     x2, st2, n2, x2_b, x2_h, x2_s, x2_d,
     x3, st3, n3, x3_b, x3_h, x3_s, x3_d,
     PARTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, OUT_BF16: tl.constexpr,
+    IN_PLACE: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h = bh // heads, bh % heads
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     in_tile = (s < rows)[:, None] & (d < dim)[None, :]
+    if IN_PLACE:  # out is the first part: rows no other part covers stay as they are, unread and unwritten
+        in_tile = in_tile & _covered(s, st1, n1, st2, n2, st3, n3, PARTS)[:, None]
     y, covered = _load_part(x0, b, h, s, d, in_tile, st0, n0, x0_b, x0_h, x0_s, x0_d)
     x = tl.where(covered, y, 0.0)  # the first part as it is, not 0.0 + part (keeps -0.0)
     if PARTS > 1:
@@ -65,6 +69,17 @@ def _add_parts(
         x = _bf16_round_nearest_even(x)
     tl.store(out + b * o_b + h * o_h + s[:, None] * o_s + d[None, :] * o_d, x.to(out.dtype.element_ty),
              mask=in_tile)
+
+
+@triton.jit
+def _covered(s, st1, n1, st2, n2, st3, n3, PARTS: tl.constexpr):
+    """Which rows `s` the parts after the first cover."""
+    hit = (s >= st1) & (s < st1 + n1)
+    if PARTS > 2:
+        hit = hit | ((s >= st2) & (s < st2 + n2))
+    if PARTS > 3:
+        hit = hit | ((s >= st3) & (s < st3 + n3))
+    return hit
 
 
 @triton.jit
@@ -93,4 +108,12 @@ def add_parts_into(out: torch.Tensor, parts: list[tuple[torch.Tensor, int]], til
     block_s = tile_rows(dim, tile_values)
     grid = (triton.cdiv(rows, block_s), batch * heads)
     _add_parts[grid](out, heads, rows, dim, *out.stride(), *args, PARTS=len(parts), BLOCK_S=block_s,
-                     BLOCK_D=triton.next_power_of_2(dim), OUT_BF16=out.dtype == torch.bfloat16, num_warps=warps)
+                     BLOCK_D=triton.next_power_of_2(dim), OUT_BF16=out.dtype == torch.bfloat16,
+                     IN_PLACE=len(parts) > 1 and _is_out(parts[0], out), num_warps=warps)
+
+
+def _is_out(part: tuple[torch.Tensor, int], out: torch.Tensor) -> bool:
+    """Whether the first part is `out` itself, every row (an in-place fold)."""
+    x, first = part
+    return (first == 0 and x.data_ptr() == out.data_ptr() and x.shape == out.shape
+            and x.stride() == out.stride() and x.dtype == out.dtype)

@@ -45,9 +45,12 @@ def case(total_dtype, part_dtype, out_dtype, dim, rows: slice, seed: int) -> str
     want.narrow(2, rows.start, n).add_(part)
     want = want.to(out_dtype)
     before = total.clone()
-    if total_dtype == out_dtype == torch.float32:  # in place, on the part's rows
+    if total_dtype == out_dtype == torch.float32 and seed % 2:  # in place, on a view of the part's rows
         view = total.narrow(2, rows.start, n)
         add_parts_into(view, [(view, 0), (part, 0)])
+        got = total
+    elif total_dtype == out_dtype == torch.float32:  # in place on the whole sum: only the part's rows touched
+        add_parts_into(total, [(total, 0), (part, rows.start)])
         got = total
     else:
         got = torch.empty(total.shape, dtype=out_dtype, device=DEVICE)
