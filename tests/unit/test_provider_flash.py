@@ -602,3 +602,33 @@ def test_declared_windows_and_softcaps_match_every_generation(generation):
         found = provider.capabilities("cuda")
         assert (found.window, found.softcap) == (declared.window, declared.softcap) == (True, True), generation
         assert found.sinks == (generation == "fa4"), generation  # native only where learnable_sink exists
+
+
+def test_fa4_varlen_backward_on_sm90_follows_the_kernel_signature():
+    """flash_attn_varlen's training calls on sm90 are refused only where the release's sm90 backward kernel takes
+    no cu_seqlens (FlashAttentionBackwardSm90.__call__ without mCuSeqlensQ/K), with the release named."""
+    from types import SimpleNamespace
+
+    from cpattn.providers.flash.fa4 import FlashAttention4, sm90_backward_takes_cu_seqlens
+
+    class Varlen:
+        def __call__(self, mQ, mK, mV, mdO, mLSE, mdPsum, mdQaccum, mdK, mdV, softmax_scale, mCuSeqlensQ=None,
+                     mCuSeqlensK=None, stream=None):
+            pass
+
+    class Dense:
+        def __call__(self, mQ, mK, mV, mdO, mLSE, mdPsum, mdQaccum, mdK, mdV, softmax_scale, stream=None):
+            pass
+
+    assert sm90_backward_takes_cu_seqlens(SimpleNamespace(FlashAttentionBackwardSm90=Varlen))
+    assert not sm90_backward_takes_cu_seqlens(SimpleNamespace(FlashAttentionBackwardSm90=Dense))
+    assert not sm90_backward_takes_cu_seqlens(SimpleNamespace())
+    fa4 = FlashAttention4.__new__(FlashAttention4)
+    fa4.varlen, fa4.version = True, "4.0.0b1"
+    call = SimpleNamespace(needs_grad=True, softcap=None)
+    for takes, refused in ((True, False), (False, True)):
+        fa4.sm90_varlen_backward = takes
+        reasons = [r for r in fa4.limits(call, (9, 0)) if "varlen backward" in r]
+        assert bool(reasons) == refused
+    assert "FlashAttention-4 4.0.0b1 has no varlen backward on Hopper" in reasons[0]
+    assert not [r for r in fa4.limits(call, (10, 0)) if "varlen backward" in r]  # sm100 has one

@@ -35,6 +35,7 @@ Head dims on sm90
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,7 @@ class FlashAttention4(Generation):
                                      ("q", "k", "v", *extra, "softmax_scale", "causal"), optional=("deterministic",),
                                      features=features)
         self._load_fast_paths(api)  # after the bindings: a release they refuse gets no fast-path warning
+        self.sm90_varlen_backward = sm90_backward_takes_cu_seqlens(api)
 
     def _load_fast_paths(self, api) -> None:
         """The sm90 fast paths for dense calls of a real library (never varlen, never a stand-in)."""
@@ -107,8 +109,9 @@ class FlashAttention4(Generation):
     def limits(self, call, compute_capability):
         out = []
         hopper = compute_capability[0] == 9
-        if hopper and self.varlen and call.needs_grad:
-            out.append("FlashAttention-4 has no varlen backward on Hopper (sm90); use FlashAttention-2 or -3")
+        if hopper and self.varlen and call.needs_grad and not self.sm90_varlen_backward:
+            out.append(f"FlashAttention-4 {self.version} has no varlen backward on Hopper (sm90): its sm90 backward "
+                       "kernel takes no cu_seqlens; use FlashAttention-2 or -3, or a release whose sm90 backward does")
         if hopper and call.needs_grad and torch.are_deterministic_algorithms_enabled():
             out.append("FlashAttention-4 has a deterministic backward only on sm100/sm110")
         if call.softcap is not None and call.needs_grad and _dedicated_hd256_backward(call, compute_capability):
@@ -210,6 +213,17 @@ class FlashAttention4(Generation):
             return FastPathStatus(loaded, f"{verdict.reason}, but flash_attn.cute.interface lacks {lacks} (the fast "
                                           "paths that read them are off)")
         return FastPathStatus(loaded, verdict.reason)
+
+
+def sm90_backward_takes_cu_seqlens(api) -> bool:
+    """Whether the library's sm90 backward kernel (flash_attn.cute's FlashAttentionBackwardSm90) takes
+    cu_seqlens, i.e. whether this release has a varlen backward on Hopper; False where it cannot be told."""
+    kernel = getattr(api, "FlashAttentionBackwardSm90", None)
+    try:
+        params = inspect.signature(kernel.__call__).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "mCuSeqlensQ" in params and "mCuSeqlensK" in params
 
 
 def _dedicated_hd256_backward(call, compute_capability) -> bool:
