@@ -317,7 +317,7 @@ def matrix_cases(world, providers, masks=False) -> list:
 
 def trains_here(name, dtype, head_dim) -> bool:
     """Whether the provider takes a call that needs gradients on this GPU (its capabilities are per device type,
-    not per architecture: FA4 has no varlen backward on sm90, for one)."""
+    not per architecture: an FA4 release without a varlen backward on sm90, for one)."""
     q, k, v = make_qkv(1, 8, 4, 64, 64, head_dim, dtype=dtype, device="cuda", requires_grad=True)
     return not cpattn.PROVIDERS[name].reasons(make_call(q, k, v, None, 0.0, True, None, True))
 

@@ -10,8 +10,8 @@ A stream of documents of lengths 0, 1, shorter than a shard, longer than S / W a
 than every document, a softcap, sinks, and a causal window with softcap and sinks. Each rank's shard comes from
 `shard_packed`; outputs and q/k/v/sink gradients are gathered (`gather_packed`; the sinks' shares summed) and
 compared with `documents_reference`, one float64 reference call per document. A provider that refuses the
-backward on this GPU (FlashAttention-4 has no varlen backward on sm90) runs the forward, and the refusal is
-recorded with it. Writes
+backward on this GPU (an FA4 release whose sm90 backward takes no cu_seqlens) runs the forward, and the refusal
+is recorded with it. Writes
 packed_check_<gpu><tag>.json and prints a summary; exit 1 on any failure.
 """
 

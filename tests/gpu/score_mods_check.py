@@ -10,7 +10,7 @@ and their combinations, with gradients of q, k, v and the sinks, against `cpattn
 on the same inputs. `flash` also runs the contract's forward (out and the log-sum-exp with the sinks) and its
 backward from the reference's (out, lse), what context-parallel schedules call, and a few extra calls: a window
 (0, 0), a window wider than the sequence, a rectangular band (q_len != kv_len), and `flash_varlen` with a batch
-row whose keys are all hidden, with sinks (forward: FA4 has no varlen backward on sm90).
+row whose keys are all hidden, with sinks (forward only).
 
 Each case is recorded with its max errors and its status: pass, fail (an error beyond the dtype's tolerance, or
 an exception from a provider that took the call), refused (the provider declines the call, with its reasons:
