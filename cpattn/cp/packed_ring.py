@@ -4,9 +4,10 @@ Every rank holds its shard of the stream in the document layout (cp/packed_layou
 computes its queries against the keys of rank s = r - i, which it receives straight from s, and sends its own
 keys straight to rank r + i. What a step computes and which keys it needs come from the step's plan
 (cp/packed_plan.py), the same on both ends since both read only the global document boundaries: a step whose
-plan is empty is skipped by both, nothing computed and nothing sent; otherwise only the range of keys the plan
-reads travels, as a view of the owner's shard (within its split documents). Every rank walks the
-same steps in the same order, skipped or not, so the transfers two ranks post always match.
+plan is empty is skipped by both, nothing computed and nothing sent; otherwise only the ranges of keys the plan
+reads travel, as views of the owner's shard (within its split documents), received one after another into one
+block. Every rank walks the same steps in the same order, skipped or not, so the transfers two ranks post always
+match.
 
 Forward: the next step's transfer starts before this step's kernels run (it overlaps them); each chain's
 (out, lse) merges into float32 rows (float64 for float64 inputs). K/V memory: the rank's own shard and two
@@ -17,8 +18,8 @@ kept for the backward.
 Backward, with the global (out, lse): the steps in reverse, starting on the kept block (so no transfer precedes
 the first kernel) and ending on the rank's own shard. Each step's dK/dV parts go straight back to their owner in
 the inputs' dtype, while the next step computes; the owner receives the parts for its own keys from the rank
-computing on them (r + i) and adds them, and its dQ parts, in float32, rounded once at the end (as the dense
-ring does, cp/ring.py). Per-chain gradients come from the kernel's backward given the global (out, lse), which is
+computing on them (r + i) and adds each range's rows where that range came from, and its dQ parts, in float32,
+rounded once at the end (as the dense ring does, cp/ring.py). Per-chain gradients come from the kernel's backward given the global (out, lse), which is
 exact: a block's probabilities are exp(score - global lse).
 
 Score modifications. A window is per document: the step plans cut every piece to its band and drop the pieces,
