@@ -244,13 +244,10 @@ def packed_ring_forward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, sink
 
 class _OwnGrads:
     """dK and dV of this rank's shard: its own step's parts, and the parts other ranks send back as they compute
-    on its keys. A step's incoming parts are collected at the next step, so the transfer overlaps its kernels.
-    They come as one part per key range a step read, many and small: each is added straight into a float32 sum
-    (`_RowSum`, one torch add on its rows), which costs the host a fraction of a Triton launch per part and the
-    GPU the same bytes as folding them."""
+    on its keys. A step's incoming parts are collected at the next step, so the transfer overlaps its kernels."""
 
     def __init__(self, k, v):
-        self.dk, self.dv = _RowSum(k), _RowSum(v)
+        self.dk, self.dv = _row_sum(k), _row_sum(v)
         self._like = k, v
         self._in_flight = None
 
