@@ -361,6 +361,29 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
+def profile_call(fn, cpu: bool = True, warm: bool = True):
+    """torch.profiler's trace of one call of `fn` on CUDA, synchronised (`warm`: after one call unprofiled), the
+    host's ops included unless `cpu` is False."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if warm:
+        fn()
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof
+
+
+def kernel_summary(events, top: int) -> dict:
+    """Kernel time of a profiler's `key_averages()`, and its `top` kernels by time."""
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    return {"kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+            "top_kernels": [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
+                            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]]}
+
+
 def gpu_idle(prof, top: int, exclude=None) -> dict:
     """From a torch.profiler trace: the time between the first kernel's start and the last one's end in which no
     kernel ran, and its largest gaps with the kernels on either side (the GPU waiting on the host, or launch

@@ -248,21 +248,12 @@ def host_profile(fn, device, top: int = 25) -> list[dict]:
 def gpu_profile(fn, top: int = 12) -> dict:
     """torch.profiler of one call of `fn`: kernel time, GPU idle time and gaps, and the host's CUDA runtime calls
     that wait (synchronisations, blocking copies)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    prof = common.profile_call(fn)
     averages = prof.key_averages()
-    kernels = [e for e in averages if e.device_type.name == "CUDA"]
     runtime = [e for e in averages if e.key.startswith("cuda") and e.device_type.name == "CPU"]
-    out = {"kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
-           "top_kernels": [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
-                           for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]],
-           "cuda_runtime_calls": [{"name": e.key, "count": e.count, "ms": e.cpu_time_total / 1e3}
-                                  for e in sorted(runtime, key=lambda e: -e.cpu_time_total)[:top]]}
+    out = common.kernel_summary(averages, top)
+    out["cuda_runtime_calls"] = [{"name": e.key, "count": e.count, "ms": e.cpu_time_total / 1e3}
+                                 for e in sorted(runtime, key=lambda e: -e.cpu_time_total)[:top]]
     out.update(common.gpu_idle(prof, top))
     return out
 

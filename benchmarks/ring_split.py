@@ -427,30 +427,19 @@ def sustained(case: Case, sampler: Sampler, rounds: int, calls: int, rest_s: flo
 
 
 def profile_split(case: Case, backward: bool, top: int = 15) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     whole, split, _ = ring_split_case(case, backward)
-    split()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        split()
-        torch.cuda.synchronize()
+    prof = common.profile_call(split)
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type.name == "CUDA"]
     cpu = [e for e in events if e.device_type.name == "CPU"]
-    row = {"split_host_ms": common.host_ms(split, case.device),
-           "kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
-           "kernel_launches": sum(e.count for e in kernels),
-           "top_kernels": [{"name": e.key[:90], "count": e.count, "ms": e.self_device_time_total / 1e3}
-                           for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]],
+    kernels = common.kernel_summary(events, top)
+    row = {"split_host_ms": common.host_ms(split, case.device), "kernel_ms": kernels["kernel_ms"],
+           "kernel_launches": sum(e.count for e in events if e.device_type.name == "CUDA"),
+           "top_kernels": kernels["top_kernels"],
            "top_host_ops": [{"name": e.key[:90], "count": e.count, "self_ms": e.self_cpu_time_total / 1e3}
                             for e in sorted(cpu, key=lambda e: -e.self_cpu_time_total)[:top]]}
     row.update(common.gpu_idle(prof, top))
-    with profile(activities=[ProfilerActivity.CUDA]) as whole_prof:
-        whole()
-        torch.cuda.synchronize()
-    row["whole_kernel_ms"] = sum(e.self_device_time_total for e in whole_prof.key_averages()
-                                 if e.device_type.name == "CUDA") / 1e3
+    whole_prof = common.profile_call(whole, cpu=False, warm=False)
+    row["whole_kernel_ms"] = common.kernel_summary(whole_prof.key_averages(), 0)["kernel_ms"]
     row["whole_gpu_span_ms"] = common.gpu_idle(whole_prof, 0).get("gpu_span_ms")
     return row
 

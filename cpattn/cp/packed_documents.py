@@ -137,7 +137,10 @@ def check_lengths(layout: DocumentLayout, lengths: dict[str, list[int]], topolog
     parts = 1 if topology is None else topology.ulysses_size
     ring_rank = 0 if topology is None else topology.ring_rank
     part = 0 if topology is None else topology.ulysses_rank
-    size = lambda r, u: (lambda a, b: b - a)(*layout.part(r, u, parts))  # noqa: E731
+    def size(rank: int, index: int) -> int:
+        a, b = layout.part(rank, index, parts)
+        return b - a
+
     want = {"ring": [size(r, part) for r in range(layout.world)],
             "ulysses": [size(ring_rank, u) for u in range(parts)]}
     for dim, have in lengths.items():

@@ -19,8 +19,8 @@ Backward, with the global (out, lse): the steps in reverse, starting on the kept
 the first kernel) and ending on the rank's own shard. Each step's dK/dV parts go straight back to their owner in
 the inputs' dtype, while the next step computes; the owner receives the parts for its own keys from the rank
 computing on them (r + i) and adds each range's rows where that range came from, and its dQ parts, in float32,
-rounded once at the end (as the dense ring does, cp/ring.py). Per-chain gradients come from the kernel's backward given the global (out, lse), which is
-exact: a block's probabilities are exp(score - global lse).
+rounded once at the end (as the dense ring does, cp/ring.py). Per-chain gradients come from the kernel's
+backward given the global (out, lse), which is exact: a block's probabilities are exp(score - global lse).
 
 Score modifications. A window is per document: the step plans cut every piece to its band and drop the pieces,
 and the steps, it does not reach (cp/packed_plan.py), so a skipped step sends nothing here too, and a step sends
