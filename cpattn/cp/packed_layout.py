@@ -18,9 +18,12 @@ as the balance needs:
   keys.
 * Documents are placed by decreasing part per rank, each on the group (or rank) whose larger normalised load
   (tokens over the mean, work over the mean) stays smallest: a greedy fill (longest processing time first) whose
-  excess over the mean stays within the largest part. Shares are tried coarsest first (GROUP_SHARES), the first
-  whose result keeps every rank within BALANCE_TARGET of the mean is taken; if none does, every document over
-  SPLIT_SHARE is split over all ranks and the others are kept whole (`_spread`).
+  excess over the mean stays within the largest part. Whole documents then move (or swap) off the most loaded
+  rank while that lowers it (`_rebalanced`), which undoes most of that excess. Shares are tried coarsest first
+  (GROUP_SHARES, from a whole rank's mean load down to an eighth), and the first whose result keeps every rank
+  within BALANCE_TARGET of the mean is taken; if none does, every document over SPLIT_SHARE is split over all
+  ranks and the others are kept whole (`_spread`). Coarse shares split only the documents that one rank could
+  not hold within its mean, over two or three ranks, so few pairs of ranks share a document.
 
 Why not split every document over all ranks (pure THD): a document split W ways sends its keys to every other
 rank and runs as 2W short pieces, which is all cost for documents far shorter than a shard: kernels work in
@@ -48,8 +51,11 @@ import torch
 from .layout import even_sizes
 
 SPLIT_SHARE = 0.125  # a document over this share of a rank's mean tokens or counted work is split over all ranks
-GROUP_SHARES = (0.25, 0.125)  # the groupings tried, coarsest first: a document's largest part per rank
+# The groupings tried, coarsest first: a document's largest part per rank, as a share of a rank's mean load.
+GROUP_SHARES = (1.0, 0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.125)
 BALANCE_TARGET = 1.05  # the largest rank's tokens and counted work over the mean that a grouping must keep
+REBALANCED = 1.02  # whole documents move off the most loaded rank until it is within this of the mean
+SWAP_PARTNERS = 3  # the least loaded ranks a document may be swapped with
 REGIONS = ("early", "late", "whole")  # a run's place in its document's split (whole: not split)
 
 
@@ -189,10 +195,10 @@ class DocumentLayout:
 
 def _assign(lengths: tuple[int, ...], world: int):
     """(split document -> its ranks in chunk order, split document -> chunk sizes, whole document -> rank): the
-    coarsest grouping in GROUP_SHARES that balances within BALANCE_TARGET, else every long document over all
-    ranks (see the module docstring)."""
+    coarsest grouping in GROUP_SHARES that, rebalanced, keeps every rank within BALANCE_TARGET, else every long
+    document over all ranks (see the module docstring)."""
     for share in GROUP_SHARES:
-        assigned = _grouped(lengths, world, share)
+        assigned = _rebalanced(lengths, world, _grouped(lengths, world, share))
         if _imbalance(lengths, world, assigned) <= BALANCE_TARGET:
             return assigned
     return _spread(lengths, world)
@@ -248,8 +254,8 @@ def _grouped(lengths: tuple[int, ...], world: int, share: float):
     return groups, chunks, owners
 
 
-def _imbalance(lengths: tuple[int, ...], world: int, assigned) -> float:
-    """The largest rank's larger normalised load (tokens or counted work over the mean) under `assigned`."""
+def _loads_of(lengths: tuple[int, ...], world: int, assigned) -> _Loads:
+    """Tokens and counted work per rank under `assigned`."""
     groups, chunks, owners = assigned
     loads = _Loads(lengths, world)
     for doc, rank in owners.items():
@@ -261,7 +267,83 @@ def _imbalance(lengths: tuple[int, ...], world: int, assigned) -> float:
             loads.tokens[r] += size
             loads.work[r] += _prefix_work(start, start + size)
             start += size
+    return loads
+
+
+def _imbalance(lengths: tuple[int, ...], world: int, assigned) -> float:
+    """The largest rank's larger normalised load (tokens or counted work over the mean) under `assigned`."""
+    loads = _loads_of(lengths, world, assigned)
     return max(loads.norm(r) for r in range(world))
+
+
+def _rebalanced(lengths: tuple[int, ...], world: int, assigned):
+    """`assigned` with whole documents moved off the most loaded rank until it is within REBALANCED (or no move
+    lowers it): the greedy fill places the largest parts first and can leave a rank over the mean by up to one
+    part, which coarse groupings make large; a rank's whole documents are the items that can still move.
+
+    Each round takes, on the most loaded rank, the move of one whole document to another rank that leaves the
+    larger of the two ranks' loads smallest, or if no move lowers it, the swap with a smaller document of one of
+    the SWAP_PARTNERS least loaded ranks. Every round lowers the pair's larger load, so the rounds end."""
+    groups, chunks, owners = assigned
+    owners = dict(owners)
+    loads = _loads_of(lengths, world, assigned)
+    held = [[] for _ in range(world)]
+    for doc, rank in owners.items():
+        held[rank].append(doc)
+    for _ in range(len(owners) + world):
+        top = max(range(world), key=lambda r: (loads.norm(r), -r))
+        if loads.norm(top) <= REBALANCED:
+            break
+        step = _best_move(lengths, loads, held, top) or _best_swap(lengths, loads, held, top)
+        if step is None:
+            break
+        doc, to, back = step
+        _transfer(lengths, loads, held, owners, doc, top, to)
+        if back is not None:
+            _transfer(lengths, loads, held, owners, back, to, top)
+    return groups, chunks, owners
+
+
+def _best_move(lengths, loads: _Loads, held: list[list[int]], top: int):
+    """(document, rank, None): the move of one of `top`'s whole documents that most lowers the larger load of
+    `top` and the rank it goes to, or None where none lowers it."""
+    best, worst = None, loads.norm(top)
+    for doc in held[top]:
+        n, w = lengths[doc], causal_work(lengths[doc])
+        for to in range(len(held)):
+            if to != top:
+                after = max(loads.norm(top, -n, -w), loads.norm(to, n, w))
+                if after < worst:
+                    best, worst = (doc, to, None), after
+    return best
+
+
+def _best_swap(lengths, loads: _Loads, held: list[list[int]], top: int):
+    """(document, rank, its document): the swap of one of `top`'s whole documents with a smaller one of one of the
+    SWAP_PARTNERS least loaded ranks that most lowers the larger load of the two, or None."""
+    partners = sorted((r for r in range(len(held)) if r != top), key=loads.norm)[:SWAP_PARTNERS]
+    best, worst = None, loads.norm(top)
+    for doc in held[top]:
+        n, w = lengths[doc], causal_work(lengths[doc])
+        for to in partners:
+            for back in held[to]:
+                dn, dw = lengths[back] - n, causal_work(lengths[back]) - w
+                if dn < 0 or dw < 0:
+                    after = max(loads.norm(top, dn, dw), loads.norm(to, -dn, -dw))
+                    if after < worst:
+                        best, worst = (doc, to, back), after
+    return best
+
+
+def _transfer(lengths, loads: _Loads, held: list[list[int]], owners: dict, doc: int, src: int, dst: int) -> None:
+    n, w = lengths[doc], causal_work(lengths[doc])
+    held[src].remove(doc)
+    held[dst].append(doc)
+    owners[doc] = dst
+    loads.tokens[src] -= n
+    loads.work[src] -= w
+    loads.tokens[dst] += n
+    loads.work[dst] += w
 
 
 def _spread(lengths: tuple[int, ...], world: int):
