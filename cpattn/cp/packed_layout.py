@@ -56,6 +56,7 @@ GROUP_SHARES = (1.0, 0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12
 BALANCE_TARGET = 1.05  # the largest rank's tokens and counted work over the mean that a grouping must keep
 REBALANCED = 1.02  # whole documents move off the most loaded rank until it is within this of the mean
 SWAP_PARTNERS = 3  # the least loaded ranks a document may be swapped with
+REBALANCE_ROUNDS = 4  # moves or swaps per rank, at most
 REGIONS = ("early", "late", "whole")  # a run's place in its document's split (whole: not split)
 
 
@@ -194,14 +195,60 @@ class DocumentLayout:
 
 
 def _assign(lengths: tuple[int, ...], world: int):
-    """(split document -> its ranks in chunk order, split document -> chunk sizes, whole document -> rank): the
-    coarsest grouping in GROUP_SHARES that, rebalanced, keeps every rank within BALANCE_TARGET, else every long
-    document over all ranks (see the module docstring)."""
+    """(split document -> its ranks in chunk order, split document -> chunk sizes, whole document -> rank): of the
+    groupings that keep every rank within BALANCE_TARGET (`_grown`, `_coarsest`), the one whose split documents
+    make the fewest pairs of ranks share a document, else every long document over all ranks (see the module
+    docstring)."""
+    grown = _grown(lengths, world)
+    if grown is not None and not grown[0]:  # nothing split: no grouping shares less
+        return grown
+    found = [a for a in (grown, _coarsest(lengths, world)) if a is not None]
+    if not found:
+        return _spread(lengths, world)
+    return min(found, key=lambda a: _sharing_cost(lengths, a))
+
+
+def _sharing_cost(lengths: tuple[int, ...], assigned) -> tuple[int, int]:
+    """(ordered pairs of ranks that share a split document, query rows those pairs attend across ranks): each such
+    pair is a ring step that runs a kernel call and sends keys."""
+    groups = assigned[0]
+    pairs = {(r, s) for group in groups.values() for r in group for s in group if r != s}
+    return len(pairs), sum(lengths[d] * (len(g) - 1) for d, g in groups.items())
+
+
+def _coarsest(lengths: tuple[int, ...], world: int):
+    """The coarsest grouping in GROUP_SHARES (one share for every document) that, rebalanced, keeps every rank
+    within BALANCE_TARGET, or None."""
+    loads = _Loads(lengths, world)
     for share in GROUP_SHARES:
-        assigned = _rebalanced(lengths, world, _grouped(lengths, world, share))
+        sizes = {d: _group_size(n, loads, world, share) for d, n in enumerate(lengths) if n}
+        assigned = _rebalanced(lengths, world, _grouped(lengths, world, sizes))
         if _imbalance(lengths, world, assigned) <= BALANCE_TARGET:
             return assigned
-    return _spread(lengths, world)
+    return None
+
+
+def _grown(lengths: tuple[int, ...], world: int):
+    """Groups grown one rank at a time where the balance needs it, or None: from the coarsest share (every
+    document that one rank could hold within its mean stays whole), while the most loaded rank is over
+    BALANCE_TARGET, the document with the largest part on it is split over one more rank, and the placement and
+    rebalancing run again."""
+    loads = _Loads(lengths, world)
+    sizes = {d: _group_size(n, loads, world, GROUP_SHARES[0]) for d, n in enumerate(lengths) if n}
+    for _ in range(world * world):
+        assigned = _rebalanced(lengths, world, _grouped(lengths, world, sizes))
+        after = _loads_of(lengths, world, assigned)
+        top = max(range(world), key=lambda r: (after.norm(r), -r))
+        if after.norm(top) <= BALANCE_TARGET:
+            return assigned
+        groups, _, owners = assigned
+        held = [d for d, r in owners.items() if r == top] + [d for d, g in groups.items() if top in g]
+        growable = [d for d in held if sizes[d] < min(world, lengths[d] // 2)]
+        if not growable:
+            return None
+        doc = max(growable, key=lambda d: (loads.share(lengths[d]) / sizes[d], -d))
+        sizes[doc] += 1
+    return None
 
 
 class _Loads:
@@ -216,6 +263,12 @@ class _Loads:
         t = (self.tokens[rank] + tokens) / self.mean_tokens if self.mean_tokens else 0.0
         w = (self.work[rank] + work) / self.mean_work if self.mean_work else 0.0
         return max(t, w)
+
+    def norms(self, rank: int, tokens: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+        """`norm` of `rank` for many changes at once."""
+        t = (self.tokens[rank] + tokens) / self.mean_tokens if self.mean_tokens else torch.zeros_like(tokens)
+        w = (self.work[rank] + work) / self.mean_work if self.mean_work else torch.zeros_like(work)
+        return torch.maximum(t, w)
 
     def share(self, n: int) -> float:
         """A document of `n` tokens as a share of one rank's mean: the larger of its tokens' and its work's."""
@@ -234,21 +287,21 @@ def _group_size(n: int, loads: _Loads, world: int, share: float) -> int:
     return max(1, min(world, n // 2, math.ceil(loads.share(n) / share - 1e-9)))
 
 
-def _grouped(lengths: tuple[int, ...], world: int, share: float):
-    """Each document over `_group_size` consecutive ranks (cyclically), largest parts first, each on the window
-    of ranks whose larger normalised load stays smallest."""
+def _grouped(lengths: tuple[int, ...], world: int, sizes: dict[int, int]):
+    """Each document over `sizes[doc]` consecutive ranks (cyclically), largest parts first, each on the window of
+    ranks whose larger normalised load stays smallest."""
     loads = _Loads(lengths, world)
-    sizes = {d: _group_size(n, loads, world, share) for d, n in enumerate(lengths) if n}
     order = sorted(sizes, key=lambda d: (-loads.share(lengths[d]) / sizes[d], d))
     groups, chunks, owners = {}, {}, {}
     for doc in order:
         n, m = lengths[doc], sizes[doc]
-        windows = [tuple((start + j) % world for j in range(m)) for start in range(world if m < world else 1)]
-        group = min(windows, key=lambda g: (max(loads.norm(r, n / m, causal_work(n) / m) for r in g), g[0]))
         if m == 1:
-            owners[doc] = group[0]
-            loads.place_whole(group[0], n)
+            work = causal_work(n)
+            owners[doc] = min(range(world), key=lambda r: (loads.norm(r, n, work), r))
+            loads.place_whole(owners[doc], n)
         else:
+            windows = [tuple((start + j) % world for j in range(m)) for start in range(world if m < world else 1)]
+            group = min(windows, key=lambda g: (max(loads.norm(r, n / m, causal_work(n) / m) for r in g), g[0]))
             groups[doc] = group
             chunks[doc] = _split_sizes(n, group, loads.tokens, loads.work)
     return groups, chunks, owners
@@ -290,7 +343,7 @@ def _rebalanced(lengths: tuple[int, ...], world: int, assigned):
     held = [[] for _ in range(world)]
     for doc, rank in owners.items():
         held[rank].append(doc)
-    for _ in range(len(owners) + world):
+    for _ in range(REBALANCE_ROUNDS * world):
         top = max(range(world), key=lambda r: (loads.norm(r), -r))
         if loads.norm(top) <= REBALANCED:
             break
@@ -319,19 +372,25 @@ def _best_move(lengths, loads: _Loads, held: list[list[int]], top: int):
 
 
 def _best_swap(lengths, loads: _Loads, held: list[list[int]], top: int):
-    """(document, rank, its document): the swap of one of `top`'s whole documents with a smaller one of one of the
-    SWAP_PARTNERS least loaded ranks that most lowers the larger load of the two, or None."""
+    """(document, rank, its document): the swap of one of `top`'s whole documents with a shorter one of one of the
+    SWAP_PARTNERS least loaded ranks that most lowers the larger load of the two, or None. Every pair of
+    documents is scored at once (thousands of short documents make millions of pairs), in float64, where counted
+    work is exact; ties go to the first pair, so every rank picks the same."""
     partners = sorted((r for r in range(len(held)) if r != top), key=loads.norm)[:SWAP_PARTNERS]
+    mine = torch.tensor([lengths[d] for d in held[top]], dtype=torch.float64)
     best, worst = None, loads.norm(top)
-    for doc in held[top]:
-        n, w = lengths[doc], causal_work(lengths[doc])
-        for to in partners:
-            for back in held[to]:
-                dn, dw = lengths[back] - n, causal_work(lengths[back]) - w
-                if dn < 0 or dw < 0:
-                    after = max(loads.norm(top, dn, dw), loads.norm(to, -dn, -dw))
-                    if after < worst:
-                        best, worst = (doc, to, back), after
+    for to in partners:
+        if not held[to] or not held[top]:
+            continue
+        theirs = torch.tensor([lengths[d] for d in held[to]], dtype=torch.float64)
+        dn = theirs[None, :] - mine[:, None]  # tokens `top` gains (negative: it gives more than it takes)
+        dw = (theirs * (theirs + 1) / 2)[None, :] - (mine * (mine + 1) / 2)[:, None]
+        after = torch.maximum(loads.norms(top, dn, dw), loads.norms(to, -dn, -dw))
+        after = torch.where(dn < 0, after, math.inf)
+        i = int(after.argmin())
+        if after.view(-1)[i].item() < worst:
+            worst = after.view(-1)[i].item()
+            best = (held[top][i // len(held[to])], to, held[to][i % len(held[to])])
     return best
 
 
