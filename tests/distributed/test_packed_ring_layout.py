@@ -351,3 +351,19 @@ def test_rebalancing_moves_whole_documents_off_the_most_loaded_rank():
     assert sorted(new_owners) == sorted(owners)
     after = _imbalance(lengths, 4, (new_groups, new_chunks, new_owners))
     assert before > 2 and after <= REBALANCED, (before, after)
+
+
+def test_the_grouping_that_shares_fewer_rank_pairs_is_taken():
+    """Two groupings are tried: groups grown one rank at a time where the balance needs it, and one share for
+    every document. Each wins on one of these mixes (8 ranks), and the layout takes the winner."""
+    from cpattn.cp.packed_layout import _coarsest, _grown, _sharing_cost
+
+    winners = set()
+    for mean, sigma in ((4096, 1.5), (2048, 1.5)):
+        bounds = lognormal_stream(0, 131072, mean, sigma)
+        lengths = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+        grown, coarsest = (_sharing_cost(lengths, f(lengths, 8))[0] for f in (_grown, _coarsest))
+        assert grown != coarsest, (mean, sigma, grown)
+        winners.add("grown" if grown < coarsest else "coarsest")
+        assert _sharing_pairs(packed_layout(bounds, 8)) == min(grown, coarsest)
+    assert winners == {"grown", "coarsest"}
