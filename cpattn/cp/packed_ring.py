@@ -209,7 +209,7 @@ def _exchange(spec: PackedRingSpec, channel, step: int, k: torch.Tensor, v: torc
         block = tuple(x.new_empty((in_plan.kv_len,) + x.shape[1:]) for x in (k, v))
         recv = [x[start:start + n] for x in block for start, _, n in in_plan.owner_rows(0, in_plan.kv_len)]
     if not send and not recv:
-        return None, None
+        return None, block  # nothing on the wire: the block, if any, came prebuilt
     return channel.send_recv(send, (me + step) % spec.world, recv, (me - step) % spec.world, "kv"), block
 
 
