@@ -77,3 +77,22 @@ def test_plans_only_counts_without_timing(tmp_path):
     steps = sum(step_plan(layout, r, s, True) is not None for r in range(row["P"]) for s in range(row["P"]))
     assert row["S"] == 131072 and row["forward_kernel_calls"] == steps
     assert row["pieces"] >= steps and row["work_max_over_mean"] < 1.05 and row["kv_held_max_over_allgather"] < 1
+
+
+def test_split_with_steps_that_receive_and_send_nothing():
+    """A document split over two of four ranks: the rank at the group's end receives its neighbour's keys at
+    step 1 and sends nothing to the next rank. The benchmark's prebuilt blocks must still reach that step."""
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import packed_ring
+    from cpattn.cp.packed_plan import step_plan
+
+    case = packed_ring.Case("native", 384, 4, 24, 1.0, 1, True, "cpu", 2, 2, 8)
+    whole, split, layout, positions = packed_ring.packed_split_case(case)
+    receive_only = [(me, s) for me in range(4) for s in range(1, 4)
+                    if step_plan(layout, me, (me - s) % 4, True) and not step_plan(layout, (me + s) % 4, me, True)]
+    assert receive_only
+    dq = whole()
+    for p, got in zip(positions, split()):
+        torch.testing.assert_close(got, dq.index_select(0, p), atol=1e-5, rtol=1e-5)
