@@ -57,6 +57,7 @@ BALANCE_TARGET = 1.05  # the largest rank's tokens and counted work over the mea
 REBALANCED = 1.02  # whole documents move off the most loaded rank until it is within this of the mean
 SWAP_PARTNERS = 3  # the least loaded ranks a document may be swapped with
 REBALANCE_ROUNDS = 4  # moves or swaps per rank, at most
+LOOKAHEAD = 3  # documents of the most loaded rank tried per growth step, in the look-ahead search
 REGIONS = ("early", "late", "whole")  # a run's place in its document's split (whole: not split)
 
 
@@ -196,13 +197,16 @@ class DocumentLayout:
 
 def _assign(lengths: tuple[int, ...], world: int):
     """(split document -> its ranks in chunk order, split document -> chunk sizes, whole document -> rank): of the
-    groupings that keep every rank within BALANCE_TARGET (`_grown`, `_coarsest`), the one whose split documents
-    make the fewest pairs of ranks share a document, else every long document over all ranks (see the module
-    docstring)."""
-    grown = _grown(lengths, world)
+    groupings that keep every rank within BALANCE_TARGET (`_grown` without and with a look ahead, `_coarsest`),
+    the one whose split documents make the fewest pairs of ranks share a document, else every long document over
+    all ranks (see the module docstring)."""
+    grown = _grown(lengths, world, 1, world * world)
     if grown is not None and not grown[0]:  # nothing split: no grouping shares less
         return grown
     found = [a for a in (grown, _coarsest(lengths, world)) if a is not None]
+    bound = min((_sharing_cost(lengths, a)[0] for a in found), default=world * world)
+    ahead = _grown(lengths, world, LOOKAHEAD, bound)
+    found += [ahead] if ahead is not None else []
     if not found:
         return _spread(lengths, world)
     return min(found, key=lambda a: _sharing_cost(lengths, a))
@@ -228,27 +232,39 @@ def _coarsest(lengths: tuple[int, ...], world: int):
     return None
 
 
-def _grown(lengths: tuple[int, ...], world: int):
+def _grown(lengths: tuple[int, ...], world: int, tries: int, bound: int):
     """Groups grown one rank at a time where the balance needs it, or None: from the coarsest share (every
     document that one rank could hold within its mean stays whole), while the most loaded rank is over
-    BALANCE_TARGET, the document with the largest part on it is split over one more rank, and the placement and
-    rebalancing run again."""
+    BALANCE_TARGET, one of the `tries` documents with the largest parts on it is split over one more rank (the
+    one whose placement and rebalancing leave the most loaded rank lowest). None once `bound` pairs of ranks share
+    a document: growing only adds pairs, and a grouping with that many is already known."""
     loads = _Loads(lengths, world)
     sizes = {d: _group_size(n, loads, world, GROUP_SHARES[0]) for d, n in enumerate(lengths) if n}
+    assigned, worst, top = _placed(lengths, world, sizes)
     for _ in range(world * world):
-        assigned = _rebalanced(lengths, world, _grouped(lengths, world, sizes))
-        after = _loads_of(lengths, world, assigned)
-        top = max(range(world), key=lambda r: (after.norm(r), -r))
-        if after.norm(top) <= BALANCE_TARGET:
+        if worst <= BALANCE_TARGET:
             return assigned
+        if _sharing_cost(lengths, assigned)[0] >= bound:
+            return None
         groups, _, owners = assigned
         held = [d for d, r in owners.items() if r == top] + [d for d, g in groups.items() if top in g]
-        growable = [d for d in held if sizes[d] < min(world, lengths[d] // 2)]
+        growable = sorted((d for d in held if sizes[d] < min(world, lengths[d] // 2)),
+                          key=lambda d: (-loads.share(lengths[d]) / sizes[d], d))[:tries]
         if not growable:
             return None
-        doc = max(growable, key=lambda d: (loads.share(lengths[d]) / sizes[d], -d))
-        sizes[doc] += 1
+        options = [{**sizes, doc: sizes[doc] + 1} for doc in growable]
+        placed = [_placed(lengths, world, option) for option in options]
+        i = min(range(len(options)), key=lambda j: placed[j][1])
+        sizes, (assigned, worst, top) = options[i], placed[i]
     return None
+
+
+def _placed(lengths: tuple[int, ...], world: int, sizes: dict[int, int]):
+    """(assignment, the largest normalised load, its rank) of the group sizes `sizes`, placed and rebalanced."""
+    assigned = _rebalanced(lengths, world, _grouped(lengths, world, sizes))
+    after = _loads_of(lengths, world, assigned)
+    top = max(range(world), key=lambda r: (after.norm(r), -r))
+    return assigned, after.norm(top), top
 
 
 class _Loads:
