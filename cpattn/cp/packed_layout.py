@@ -19,11 +19,15 @@ as the balance needs:
 * Documents are placed by decreasing part per rank, each on the group (or rank) whose larger normalised load
   (tokens over the mean, work over the mean) stays smallest: a greedy fill (longest processing time first) whose
   excess over the mean stays within the largest part. Whole documents then move (or swap) off the most loaded
-  rank while that lowers it (`_rebalanced`), which undoes most of that excess. Shares are tried coarsest first
-  (GROUP_SHARES, from a whole rank's mean load down to an eighth), and the first whose result keeps every rank
-  within BALANCE_TARGET of the mean is taken; if none does, every document over SPLIT_SHARE is split over all
-  ranks and the others are kept whole (`_spread`). Coarse shares split only the documents that one rank could
-  not hold within its mean, over two or three ranks, so few pairs of ranks share a document.
+  rank while that lowers it (`_rebalanced`), which undoes most of that excess.
+* Which documents to split, and over how many ranks: a grouping is valid when every rank stays within
+  BALANCE_TARGET of the mean, and the valid one whose split documents make the fewest pairs of ranks share a
+  document is taken (each such pair is a ring step that computes and sends). Three searches propose one: groups
+  grown one rank at a time from the coarsest share, each time for the largest part on the most loaded rank
+  (`_grown`), the same looking one step ahead over its LOOKAHEAD largest parts, and one share for every document,
+  coarsest first (GROUP_SHARES, `_coarsest`). If none is valid, every document over SPLIT_SHARE is split over all
+  ranks and the others are kept whole (`_spread`). On long-tailed mixes most documents stay whole and the few
+  long ones go over two or three ranks.
 
 Why not split every document over all ranks (pure THD): a document split W ways sends its keys to every other
 rank and runs as 2W short pieces, which is all cost for documents far shorter than a shard: kernels work in
@@ -352,7 +356,7 @@ def _rebalanced(lengths: tuple[int, ...], world: int, assigned):
 
     Each round takes, on the most loaded rank, the move of one whole document to another rank that leaves the
     larger of the two ranks' loads smallest, or if no move lowers it, the swap with a smaller document of one of
-    the SWAP_PARTNERS least loaded ranks. Every round lowers the pair's larger load, so the rounds end."""
+    the SWAP_PARTNERS least loaded ranks; at most REBALANCE_ROUNDS rounds per rank."""
     groups, chunks, owners = assigned
     owners = dict(owners)
     loads = _loads_of(lengths, world, assigned)
