@@ -204,11 +204,11 @@ def _assign(lengths: tuple[int, ...], world: int):
     groupings that keep every rank within BALANCE_TARGET (`_grown` without and with a look ahead, `_coarsest`),
     the one whose split documents make the fewest pairs of ranks share a document, else every long document over
     all ranks (see the module docstring)."""
-    grown = _grown(lengths, world, 1, world * world)
+    grown = _grown(lengths, world, 1)
     if grown is not None and not grown[0]:  # nothing split: no grouping shares less
         return grown
     found = [a for a in (grown, _coarsest(lengths, world)) if a is not None]
-    bound = min((_sharing_cost(lengths, a)[0] for a in found), default=world * world)
+    bound = min((_sharing_cost(lengths, a)[0] for a in found), default=math.inf)
     ahead = _grown(lengths, world, LOOKAHEAD, bound)
     found += [ahead] if ahead is not None else []
     if not found:
@@ -236,7 +236,7 @@ def _coarsest(lengths: tuple[int, ...], world: int):
     return None
 
 
-def _grown(lengths: tuple[int, ...], world: int, tries: int, bound: int):
+def _grown(lengths: tuple[int, ...], world: int, tries: int, bound: float = math.inf):
     """Groups grown one rank at a time where the balance needs it, or None: from the coarsest share (every
     document that one rank could hold within its mean stays whole), while the most loaded rank is over
     BALANCE_TARGET, one of the `tries` documents with the largest parts on it is split over one more rank (the
@@ -397,10 +397,12 @@ def _best_swap(lengths, loads: _Loads, held: list[list[int]], top: int):
     documents is scored at once (thousands of short documents make millions of pairs), in float64, where counted
     work is exact; ties go to the first pair, so every rank picks the same."""
     partners = sorted((r for r in range(len(held)) if r != top), key=loads.norm)[:SWAP_PARTNERS]
+    if not held[top]:
+        return None
     mine = torch.tensor([lengths[d] for d in held[top]], dtype=torch.float64)
     best, worst = None, loads.norm(top)
     for to in partners:
-        if not held[to] or not held[top]:
+        if not held[to]:
             continue
         theirs = torch.tensor([lengths[d] for d in held[to]], dtype=torch.float64)
         dn = theirs[None, :] - mine[:, None]  # tokens `top` gains (negative: it gives more than it takes)
