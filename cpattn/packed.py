@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .call import checked_sinks, checked_softcap, checked_window
-from .contract import AttentionCall, Provider, default_scale, normalize_lse, on_device
+from .contract import AttentionCall, Provider, default_scale, device_capability, normalize_lse, on_device
 from .cp.comm import all_gather_padded, gather_signatures
 from .cp.mesh import topology_from_mesh
 from .cp.packed_documents import run_packed_documents
@@ -74,11 +74,12 @@ def flash_varlen_attention(
     packed ring; see the module docstring); a shard made otherwise is caught where its length differs from the
     layout's, and cannot be told apart where it does not. The checks read cu_seqlens on the host (one device sync).
 
-    `window`, `softcap` and `sinks` ((Hq,) logits) apply per sequence as the module docstring says. A window or
-    sinks need self-attention sequences (cu_seqlens_q equal to cu_seqlens_k): they run the packed ring's kernels
-    (on one device its one step), and under context parallelism shards made by `shard_packed`
-    (sharding="documents"). Sinks are a replicated parameter there: each rank's gradient is its own rows' share,
-    summed by the usual gradient all-reduce. A softcap runs on every path.
+    `window`, `softcap` and `sinks` ((Hq,) logits) apply per sequence as the module docstring says; a window or
+    sinks need self-attention sequences (cu_seqlens_q equal to cu_seqlens_k). On one device they run the packed
+    ring's one step. Under context parallelism every sharding takes them: all-gather's varlen calls take the
+    window per document, and sinks where the library's kernels take them natively (FlashAttention-4); the packed
+    ring takes all three on every release. Sinks are a replicated parameter there: each rank's gradient is its
+    own rows' share, summed by the usual gradient all-reduce. A softcap runs on every path.
     """
     _check_packed_tensors(q, k, v)
     if sharding not in SHARDINGS:
@@ -128,8 +129,8 @@ def packed_attention(
     does not reach. A softcap needs a provider that applies one ('flash', 'flash_varlen', 'flex',
     '_native_math'); sinks join once per row, after the merge, with a gradient. Sinks are a parameter replicated
     on every rank: under context parallelism each rank's gradient is its own rows' share, and the usual gradient
-    all-reduce over the group sums the shares to the whole gradient. cp_strategy='allgather' takes the softcap
-    but refuses windows and sinks (use the ring).
+    all-reduce over the group sums the shares to the whole gradient. cp_strategy='allgather' takes the window
+    and softcap, and sinks where the varlen library's kernels take them natively (else use the ring).
     """
     _check_packed_tensors(q, k, v)
     state = current_state()
@@ -175,8 +176,7 @@ def block_kernel(provider: Provider, view: AttentionCall):
     refuse `view`): varlen calls on `flash_varlen`, the contract's forward/backward per group of documents on any
     other provider (with dense document masks where it takes boolean masks)."""
     if provider.name == "flash_varlen":
-        kernel = VarlenBlocks(provider, view)
-        return kernel, kernel.gathered, provider.reasons(view)
+        return VarlenBlocks(provider, view), GatheredVarlen(provider, view), provider.reasons(view)
     caps = provider.capabilities(view.device.type)
     masks = caps is not None and caps.bool_mask
     checked = view.replace(attn_mask=_mask_stand_in(view)) if masks else view
@@ -192,7 +192,7 @@ class VarlenBlocks:
     """The packed ring's kernel on `flash_varlen` (see cpattn/cp/packed_kernels.py): per chain, one varlen
     forward or backward per `kernel_calls` group of its pieces (without a window: the whole chain), on views of
     its rows and keys, with the group's cu_seqlens (pieces and the gaps between them), its window bottom-right
-    and the call's softcap. Also the all-gather schedule's varlen call (`gathered`)."""
+    and the call's softcap."""
 
     def __init__(self, provider: Provider, view: AttentionCall):
         self._provider, self._view = provider, view
@@ -253,10 +253,28 @@ class VarlenBlocks:
                                              deterministic_algorithms(), self._mods(window))
         return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
-    def gathered(self, qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as all-gather needs
+
+
+class GatheredVarlen:
+    """All-gather's varlen call on `flash_varlen` (cpattn/cp/packed.py's GatheredKernel): one library call with
+    its autograd, the call's window per sequence (bottom-right, as cp/packed.run_calls gives it), its softcap,
+    and its sinks where the generation takes them natively (with their gradient)."""
+
+    def __init__(self, provider: Provider, view: AttentionCall):
+        self._provider, self._view = provider, view
+
+    def takes_sinks(self) -> bool:
         view = self._view
-        return self._provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale,
-                                               view.is_causal, _softcap_mods(view))
+        capability = device_capability(view.device) if view.device.type == "cuda" else None
+        return self._provider.generation().native_sinks(view, capability)
+
+    def __call__(self, q, k, v, cu_q, cu_k, max_q, max_k, causal, window):
+        view = self._view
+        sinks = None if view.sinks is None else view.sinks.float().contiguous()  # keeps its graph
+        mods = NO_MODS
+        if window is not None or view.softcap is not None or sinks is not None:
+            mods = KernelMods(window=window, softcap=view.softcap, sinks=sinks)
+        return self._provider.packed_attention(q, k, v, Packing(cu_q, cu_k, max_q, max_k), view.scale, causal, mods)
 
 
 def _kernel_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -479,11 +497,7 @@ def _packed_under_cp(cp, provider, view: AttentionCall, cu_seqlens_q, cu_seqlens
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths)
     provider.require_available()
 
-    def kernel(qc, kc, vc, cu_q, cu_k, max_q, max_k):  # bottom-right causal, as the schedule needs
-        return provider.packed_attention(qc, kc, vc, Packing(cu_q, cu_k, max_q, max_k), view.scale, view.is_causal,
-                                         _softcap_mods(view))
-
-    return cp.run_packed(provider, view, kernel, cu_seqlens_q.tolist())
+    return cp.run_packed(provider, view, GatheredVarlen(provider, view), cu_seqlens_q.tolist())
 
 
 def _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal) -> None:

@@ -26,7 +26,7 @@ from .cross import cross_attention, cross_faults, cross_reasons, kv_replicated
 from .kernel_checks import kernel_reasons
 from .layout import LAYOUTS, local_positions
 from .mesh import Topology, topology_from_mesh
-from .packed import VarlenKernel, run_packed
+from .packed import GatheredKernel, run_packed
 from .prefix import replicated_reasons
 from .registry import AUTO_CANDIDATES, PREFIX_SCHEDULES, SCHEDULES, STRATEGIES, schedules_for
 from .schedule import Schedule, Suggest, with_example
@@ -138,7 +138,7 @@ class ContextParallel:
             call = call.replace(attn_mask=self._materialize(call, agreed.total))
         return schedule.run(self, provider, call, agreed)
 
-    def run_packed(self, provider: Provider, call: AttentionCall, kernel: VarlenKernel, bounds: list[int]):
+    def run_packed(self, provider: Provider, call: AttentionCall, kernel: GatheredKernel, bounds: list[int]):
         """Packed sequences with global document boundaries `bounds` (see cp/packed.py). `call` holds
         (1, H, S_local, D) views of the packed local q, k, v; all-gather on a 1-D mesh."""
         return run_packed(self, provider, call, kernel, bounds)

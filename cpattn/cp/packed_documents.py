@@ -12,9 +12,9 @@ dimension (cp/ulysses.py) around the packed ring over its ring dimension (`_hybr
 compared along both dimensions.
 
 Windows, softcaps and sinks run per document on the packed ring (cp/packed_ring.py: windows cut its pieces, a
-softcap goes to every kernel call, sinks join once in the final merge). All-gather over document shards takes a
-softcap (its varlen calls apply it); its calls span several documents at once with one window and return no
-log-sum-exp, so it refuses windows and sinks, naming the ring, rather than drop them.
+softcap goes to every kernel call, sinks join once in the final merge). All-gather over document shards runs
+cp/packed.py's varlen calls, which take windows and softcaps per document, and sinks where the kernel takes them
+natively; where it does not, sinks are refused, naming the ring, rather than dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..contract import AttentionCall, Provider
 from ..errors import RankMismatchError, UnsupportedInputError
 from .agreement import gather_names, provider_code
 from .comm import CommStats, all_gather_padded, all_reduce_sum, gather_signatures
-from .packed import VarlenKernel, check_bounds, gathered_mod_reasons, gathered_runs
+from .packed import GatheredKernel, check_bounds, gathered_mod_reasons, gathered_runs
 from .packed_kernels import BlockKernel
 from .packed_layout import DocumentLayout, document_layout
 from .packed_ring import PackedRingSpec, packed_ring_attention
@@ -49,9 +49,11 @@ def schedule_of(cp: Setup | None) -> str:
     return "allgather" if cp is not None and cp.strategy == "allgather" else "ring"
 
 
-def document_reasons(cp: Setup | None, call: AttentionCall, gathered: VarlenKernel | None) -> list[str]:
+def document_reasons(cp: Setup | None, call: AttentionCall, gathered: GatheredKernel | None) -> list[str]:
     """Why packed documents cannot run `call` with `cp` (whatever the provider)."""
-    out = gathered_mod_reasons(call, "cp_strategy='ring' or 'auto'") if schedule_of(cp) == "allgather" else []
+    out = []
+    if schedule_of(cp) == "allgather" and gathered is not None:
+        out = gathered_mod_reasons(call, gathered, "cp_strategy='ring' or 'auto'")
     if cp is None:
         return out
     if cp.topology.mesh_dims == 2:  # the hybrid schedule (attention_provider takes no other strategy here)
@@ -157,7 +159,7 @@ def _shd(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_packed_documents(cp: Setup | None, provider: Provider, call: AttentionCall, bounds: list[int],
-                         kernel: BlockKernel, gathered: VarlenKernel | None, reasons: list[str]) -> torch.Tensor:
+                         kernel: BlockKernel, gathered: GatheredKernel | None, reasons: list[str]) -> torch.Tensor:
     """This rank's packed output. `call` holds (1, H, S_local, D) views of the packed local q, k, v; `reasons`
     the provider's refusals; `kernel` runs the ring's chains, `gathered` (or None) all-gather's varlen calls."""
     reasons = reasons + document_reasons(cp, call, gathered)
@@ -225,7 +227,7 @@ def _lengths(layout: DocumentLayout) -> list[int]:
     return [layout.length(r) for r in range(layout.world)]
 
 
-def _gathered(kernel: VarlenKernel, cp: Setup, layout: DocumentLayout, call: AttentionCall,
+def _gathered(kernel: GatheredKernel, cp: Setup, layout: DocumentLayout, call: AttentionCall,
               bounds: list[int]) -> torch.Tensor:
     """cp/packed.py's varlen calls per run of local queries, against K/V gathered from the document shards."""
     keys, values = (_GatherDocuments.apply(_shd(x), cp, layout).contiguous() for x in (call.key, call.value))

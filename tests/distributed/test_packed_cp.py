@@ -66,11 +66,29 @@ def test_packed_under_ring_is_refused_on_every_rank(world):
         assert "cp_strategy='allgather'" in r.error and "document_mask" in r.error
 
 
-def test_query_runs_and_segments():
-    from cpattn.cp.packed import query_runs, run_segments
+def test_query_runs_and_calls():
+    from cpattn.cp.packed import RunCall, query_runs, run_calls
 
     assert query_runs([0, 1, 2, 9, 10]) == [(0, 0, 3), (3, 9, 11)]
     assert query_runs([]) == []
     # run [4, 12) of documents [0,5) [5,6) [6,17): rows 1 + 1 + 6, keys from 0 (causal: up to 12)
-    assert run_segments([0, 5, 6, 17], 4, 12, True) == ([0, 1, 2, 8], [0, 5, 6, 12], 0)
-    assert run_segments([0, 5, 6, 17], 4, 12, False) == ([0, 1, 2, 8], [0, 5, 6, 17], 0)
+    assert run_calls([0, 5, 6, 17], 4, 12, True) == [RunCall(4, 12, 0, (0, 1, 2, 8), (0, 5, 6, 12), True, None)]
+    assert run_calls([0, 5, 6, 17], 4, 12, False) == [RunCall(4, 12, 0, (0, 1, 2, 8), (0, 5, 6, 17), False, None)]
+
+
+def test_run_calls_with_windows():
+    """Keys cut to the band; a document the run's end cuts, without causal attention, gets its own call, its
+    window moved by how far its keys reach past its last query."""
+    from cpattn.cp.packed import RunCall, run_calls
+
+    # causal window 2: the first document's keys start 2 before the run; every segment ends where its keys end
+    assert run_calls([0, 5, 6, 17], 4, 12, True, (2, 5)) == [
+        RunCall(4, 12, 2, (0, 1, 2, 8), (0, 3, 4, 10), False, (2, 0))]
+    # two-sided (2, 3): document [6, 17) is cut at 12, its keys reach 15: window (2 + 3, 3 - 3)
+    assert run_calls([0, 5, 6, 17], 4, 12, False, (2, 3)) == [
+        RunCall(4, 6, 2, (0, 1, 2), (0, 3, 4), False, (2, 3)),
+        RunCall(6, 12, 6, (0, 6), (0, 9), False, (5, 0))]
+    # left unbounded, right 1: the cut document's keys reach 13, window (None, 0) is causal
+    assert run_calls([0, 17], 3, 12, False, (None, 1)) == [RunCall(3, 12, 0, (0, 9), (0, 13), True, None)]
+    # right unbounded: every key after the cut, window (4 + 5, None)
+    assert run_calls([0, 17], 3, 12, False, (4, None)) == [RunCall(3, 12, 0, (0, 9), (0, 17), False, (9, None))]

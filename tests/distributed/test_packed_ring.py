@@ -14,8 +14,10 @@ Windows, softcaps and sinks per document: against a float64 reference built one 
 (cp_harness.documents_reference: cpattn.reference_attention per document with its window, softcap and sinks),
 the sinks' gradient as the ranks' shares summed (the replicated parameter's all-reduce). Windows (0, 0), wider
 than every document, causal, two-sided non-causal; on a document longer than S/W, split over every rank; with
-GQA; and streams with windows, softcaps and sinks drawn by hypothesis. What is still refused is refused on every
-rank with a message that says what to use.
+GQA; and streams with windows, softcaps and sinks drawn by hypothesis. All-gather's varlen calls (cp/packed.py)
+take the same windows, on document shards and on shards by position, and sinks on the FlashAttention-4 stand-in
+(native sinks); on FlashAttention-2 they are refused. What is refused is refused on every rank with a message
+that says what to use.
 
 The hybrid schedule on 2-D meshes of every shape with W ranks (2 x 1, 1 x 2, 3 x 1, 1 x 3, 2 x 2): Ulysses over
 the mesh's Ulysses dimension around the packed ring, windows, softcaps and sinks, uneven head splits and
@@ -122,12 +124,32 @@ CASES = {
     "mixed-flash_varlen_attention-mods": PackedCase(MIXED, api="flash_varlen", window=(6, 0), softcap=5.0,
                                                     sinks=True, seed=36),
     "mixed-allgather-softcap": PackedCase(MIXED, api="flash_varlen", strategy="allgather", softcap=5.0, seed=37),
+    # all-gather's varlen calls with a window per document: on document shards and on shards by position; LONG's
+    # 48-token document is cut by every run of queries, so its non-causal windows take calls of their own
+    "mixed-allgather-window-causal": PackedCase(MIXED, api="flash_varlen", strategy="allgather", window=(3, 0),
+                                                seed=90),
+    "long-allgather-two-sided-softcap": PackedCase(LONG, api="flash_varlen", strategy="allgather", causal=False,
+                                                   window=(3, 7), softcap=4.0, seed=91),
+    "long-allgather-left-only": PackedCase(LONG, api="flash_varlen", strategy="allgather", causal=False,
+                                           window=(4, None), seed=92),
+    "long-allgather-right-only-sinks-fa4": PackedCase(LONG, api="flash_varlen", strategy="allgather",
+                                                      causal=False, window=(None, 2), sinks=True, library="fa4",
+                                                      seed=93),
+    "mixed-sequence-shards-window": PackedCase(MIXED, api="flash_varlen", shard="sequence", window=(3, 0),
+                                               seed=94),
+    "long-sequence-shards-two-sided-sinks-fa4": PackedCase(LONG, api="flash_varlen", shard="sequence",
+                                                           causal=False, window=(3, 7), softcap=4.0, sinks=True,
+                                                           heads=(4, 1, 8), library="fa4", seed=95),
     **{f"drawn{i}-mods-math": PackedCase(DRAWN[i], provider="_native_math", dtype="float64", seed=40 + i,
                                          causal=m["causal"], window=m["window"], softcap=m["softcap"],
                                          sinks=m["sinks"])
        for i, m in enumerate(DRAWN_MODS)},
     **{f"drawn{i}-mods-varlen": PackedCase(DRAWN[i], seed=50 + i, causal=m["causal"], window=m["window"],
                                            softcap=m["softcap"], sinks=m["sinks"])
+       for i, m in enumerate(DRAWN_MODS)},
+    **{f"drawn{i}-mods-allgather-fa4": PackedCase(DRAWN[i], api="flash_varlen", strategy="allgather", seed=60 + i,
+                                                  causal=m["causal"], window=m["window"], softcap=m["softcap"],
+                                                  sinks=m["sinks"], library="fa4")
        for i, m in enumerate(DRAWN_MODS)},
 }
 # the hybrid schedule on a 2-D (ring, ulysses) mesh of every shape with W ranks; run in the world of that W
@@ -154,9 +176,9 @@ def _mesh_size(case: PackedCase) -> int:
 
 REFUSALS = {
     "softcap-on-native": PackedCase(MIXED, provider="native", dtype="float64", softcap=20.0),
-    "allgather-window-and-sinks": PackedCase(MIXED, api="flash_varlen", strategy="allgather", window=(3, 0),
-                                             sinks=True),
-    "sequence-shards-window": PackedCase(MIXED, api="flash_varlen", shard="sequence", window=(3, 0)),
+    # FlashAttention-2's kernels take no sink logits: all-gather cannot join them
+    "allgather-sinks-fa2": PackedCase(MIXED, api="flash_varlen", strategy="allgather", window=(3, 0), sinks=True),
+    "sequence-shards-sinks-fa2": PackedCase(MIXED, api="flash_varlen", shard="sequence", sinks=True),
     "disagreeing-windows": PackedCase(MIXED, window=(3, 0), fault="window"),
     "ulysses": PackedCase(MIXED, strategy="ulysses"),
     "allgather-on-a-mask-provider": PackedCase(MIXED, provider="native", dtype="float64", strategy="allgather"),
@@ -225,7 +247,7 @@ def _expected_traffic(case: PackedCase, w: int, rank: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.strategy != "allgather"])
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.strategy != "allgather" and c.shard != "sequence"])
 def test_every_transfer_is_one_the_plans_need(world, name):
     w, results = world
     for rank, r in enumerate(results[name]):
@@ -275,11 +297,10 @@ def test_a_short_window_skips_steps_and_keys(world):
 
 @pytest.mark.parametrize("name,error,words", [
     ("softcap-on-native", "UnsupportedInputError", ["softcap=20.0 is not supported", "'_native_math'"]),
-    ("allgather-window-and-sinks", "UnsupportedInputError", [
-        "window=(3, 0) is not supported by all-gather over packed streams",
+    ("allgather-sinks-fa2", "UnsupportedInputError", [
         "sinks are not supported by all-gather over packed streams", "cp_strategy='ring' or 'auto'"]),
-    ("sequence-shards-window", "UnsupportedInputError", [
-        "window=(3, 0) is not supported by all-gather over packed streams", "sharding='documents'"]),
+    ("sequence-shards-sinks-fa2", "UnsupportedInputError", [
+        "sinks are not supported by all-gather over packed streams", "sharding='documents'"]),
     ("disagreeing-windows", "RankMismatchError", ["disagree on window left", "rank 0: 4"]),
     ("ulysses", "UnsupportedInputError", ["cp_strategy='ring' (or 'auto') or 'allgather', not 'ulysses'"]),
     ("allgather-on-a-mask-provider", "UnsupportedInputError", ["runs on varlen kernels only"]),
@@ -287,7 +308,7 @@ def test_a_short_window_skips_steps_and_keys(world):
 ])
 def test_refused_on_every_rank(world, name, error, words):
     w, results = world
-    if name in ("sequence-shards", "sequence-shards-window", "disagreeing-windows") and w == 1:
+    if name in ("sequence-shards", "sequence-shards-sinks-fa2", "disagreeing-windows") and w == 1:
         pytest.skip("one rank: every sharding is the whole stream, and no other rank to disagree with")
     for rank, r in enumerate(results[name]):
         assert r.get("exception", "").startswith(error), (rank, r)

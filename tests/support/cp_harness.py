@@ -566,6 +566,7 @@ class PackedCase:
     shard: str = "documents"  # fault cases: "sequence" shards with cpattn.shard_sequence instead
     fault: str | None = None  # "window": rank 0 passes another window
     mesh: tuple | None = None  # (ring, ulysses): a 2-D DeviceMesh, the hybrid schedule; None: the whole world 1-D
+    library: str = "fa2"  # the flash-attn stand-in the flash providers run on: "fa2", or "fa4" (native sinks)
 
 
 def _documents_problem(case: PackedCase):
@@ -623,6 +624,8 @@ def _run_documents_case(case: PackedCase, mesh) -> dict:
         if case.grad:
             out.backward(shard(dout).to(dtype))
     gather = lambda t: packed.gather_packed(t, cu, mesh).double()  # noqa: E731
+    if case.shard == "sequence":
+        gather = lambda t: cpattn.gather_sequence(t, mesh, 0).double()  # noqa: E731
     ref_out, ref_grads, ref_dsinks = documents_reference(q, k, v, dout, list(case.bounds), case.causal,
                                                          case.window, case.softcap, sinks)
     gathered = gather(out.detach())
@@ -632,11 +635,13 @@ def _run_documents_case(case: PackedCase, mesh) -> dict:
             errors[name] = (gather(local.grad) - ref).abs().max().item()
         if sink_leaf is not None:  # a replicated parameter: the ranks' shares, summed as the all-reduce does
             errors["dsinks"] = (_replicated_grad(sink_leaf.grad) - ref_dsinks).abs().max().item()
-    positions = gather(packed.packed_position_ids(cu, mesh).view(-1, 1)).view(-1).long()
-    starts = torch.tensor(case.bounds[:-1]).repeat_interleave(torch.tensor(case.bounds).diff())
-    errors["position_ids"] = float((positions != torch.arange(case.bounds[-1]) - starts).sum())
-    local_cu = packed.packed_cu_seqlens(cu, mesh)
-    errors["local_cu_seqlens_end"] = float(local_cu[-1].item() != ql.shape[0])
+    errors["position_ids"] = errors["local_cu_seqlens_end"] = 0.0
+    if case.shard == "documents":  # the document layout's helpers, on the shards it made
+        positions = packed.gather_packed(packed.packed_position_ids(cu, mesh).view(-1, 1), cu, mesh).view(-1)
+        starts = torch.tensor(case.bounds[:-1]).repeat_interleave(torch.tensor(case.bounds).diff())
+        errors["position_ids"] = float((positions.long() != torch.arange(case.bounds[-1]) - starts).sum())
+        local_cu = packed.packed_cu_seqlens(cu, mesh)
+        errors["local_cu_seqlens_end"] = float(local_cu[-1].item() != ql.shape[0])
     return {"errors": errors, "stats": dict(state.cp.stats), "forward_stats": forward_stats,
             "local_len": ql.shape[0]}
 
@@ -647,12 +652,12 @@ def packed_documents_rank(rank, world, cases):
     stats after the forward and after the backward, or the exception it raised."""
     import torch.distributed as dist
 
-    if any(c.provider in ("flash", "flash_varlen") for c in cases):
-        _install_standin("fa2")
-    meshes = {}
-    results = []
+    meshes, results, library = {}, [], None
     for case in cases:
         start = time.monotonic()
+        if case.provider in ("flash", "flash_varlen") and case.library != library:
+            library = case.library
+            _install_standin(library)
         if case.mesh and case.mesh not in meshes:  # made once per shape, by every rank in the same order
             from torch.distributed.device_mesh import init_device_mesh
             meshes[case.mesh] = init_device_mesh("cpu", case.mesh, mesh_dim_names=("ring", "ulysses"))
