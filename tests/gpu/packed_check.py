@@ -6,7 +6,8 @@ and under the packed ring (ranks over gloo on this GPU), forward and backward, a
 
 A stream of documents of lengths 0, 1, shorter than a shard, longer than S / W and crossing every shard boundary
 (bf16, Hq 8, Hkv 2, D 64; also Hq = Hkv = 4) runs `cpattn.packed_attention` (and, at W = 1,
-`cpattn.flash_varlen_attention`) with: nothing, a causal window, a two-sided window, (0, 0), a window wider
+`cpattn.flash_varlen_attention`; at W > 1 on `flash_varlen`, also `packed_attention` under cp_strategy="allgather")
+with: nothing, a causal window, a two-sided window, (0, 0), a window wider
 than every document, a softcap, sinks, and a causal window with softcap and sinks. Each rank's shard comes from
 `shard_packed`; outputs and q/k/v/sink gradients are gathered (`gather_packed`; the sinks' shares summed) and
 compared with `documents_reference`, one float64 reference call per document. A provider that refuses the
@@ -73,6 +74,8 @@ def _case(name: str, mods: dict, heads, api: str, mesh, provider: str, grad: boo
     kw = dict(is_causal=causal, window=mods.get("window"), softcap=mods.get("softcap"), sinks=sink_leaf)
     longest = max(b - a for a, b in zip(BOUNDS, BOUNDS[1:]))
     options = {} if mesh is None else dict(cp_mesh=mesh, cp_timeout=60)
+    if api == "allgather":  # the same document shards through all-gather's varlen calls
+        options["cp_strategy"] = "allgather"
     with cpattn.attention_provider(provider, **options):
         if api == "flash_varlen_attention":
             out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, **kw)
@@ -101,7 +104,9 @@ def _cases(mesh, provider: str) -> list[dict]:
     import cpattn
 
     # flash_varlen_attention always runs flash_varlen: checked once, with that provider, on one device
+    # and all-gather over document shards (cp_strategy="allgather") on the varlen kernels, under CP
     apis = ["packed_attention"] + (["flash_varlen_attention"] if mesh is None and provider == "flash_varlen" else [])
+    apis += ["allgather"] if mesh is not None and provider == "flash_varlen" else []
     out = []
     for heads in HEADS:
         for api in apis:
