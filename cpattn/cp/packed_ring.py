@@ -130,19 +130,27 @@ class _FusedRowMerge:
     """_RowMerge through cpattn.ops.merge.PartialAttention: the chains' results are kept and merged when the
     result is asked for, up to MAX_BLOCKS in one Triton launch on CUDA (_RowMerge's torch ops take about fifteen
     launches per chain, which a ring with many short steps pays on the host). For inputs below float64 (the
-    merge runs in float32, as _RowMerge's does for them)."""
+    merge runs in float32, as _RowMerge's does for them). Without sinks the result is written straight into the
+    packed (rows, heads, dim) layout, or is the one chain's kernel output where a single chain covers every row:
+    no transposing copy after the merge."""
 
     def __init__(self, rows: int, heads: int, value_dim: int, device):
-        self._shape = (rows, heads, value_dim)
+        self._shape, self._device = (rows, heads, value_dim), device
         self._acc = PartialAttention(1, heads, rows, value_dim, device)
 
     def add(self, start: int, out: torch.Tensor, lse: torch.Tensor) -> None:
         self._acc.add_rows(slice(start, start + out.shape[0]), out.transpose(0, 1).unsqueeze(0), lse.unsqueeze(0))
 
     def result(self, dtype: torch.dtype, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        merged, lse = self._acc.result(dtype if sinks is None else torch.float32)
-        if sinks is not None:
-            merged, lse = add_sinks(merged, lse, sinks)
+        if sinks is None:
+            lone = self._acc.lone_block()  # one chain over every row: its kernel's output, in this layout already
+            if lone is not None and lone[0].dtype == dtype and lone[0][0].transpose(0, 1).is_contiguous():
+                return lone[0][0].transpose(0, 1), lone[1][0].float()
+            out = torch.empty(self._shape, dtype=dtype, device=self._device)  # the merge writes here, no copy after
+            _, lse = self._acc.result(dtype, out=out.transpose(0, 1).unsqueeze(0))
+            return out, lse[0]
+        merged, lse = self._acc.result(torch.float32)
+        merged, lse = add_sinks(merged, lse, sinks)
         out = torch.empty(self._shape, dtype=dtype, device=merged.device)
         out.copy_(merged[0].transpose(0, 1))
         return out, lse[0].float()
@@ -162,7 +170,9 @@ class _FusedRowSum:
 
     def __init__(self, like: torch.Tensor):
         self._like = like
-        self._sum = DeferredRowSum((1, 1, like.shape[0], like[0].numel()), like.device, one_stream=True)
+        # the parts are new tensors (kernel outputs, received buffers) the ring never reads again
+        self._sum = DeferredRowSum((1, 1, like.shape[0], like[0].numel()), like.device, one_stream=True,
+                                   writable_parts=True)
 
     def add(self, start: int, part: torch.Tensor) -> None:
         self._sum.add(slice(start, start + part.shape[0]), part.reshape(1, 1, part.shape[0], -1))

@@ -50,11 +50,14 @@ class DeferredRowSum:
     the module docstring). Holding W parts costs about what a float32 sum and one part cost, up to W=4; a part arriving
     when MAX_PARTS are held first folds them into a float32 sum, so at most MAX_PARTS tensors are held."""
 
-    def __init__(self, shape: tuple, device, one_stream: bool = False) -> None:
+    def __init__(self, shape: tuple, device, one_stream: bool = False, writable_parts: bool = False) -> None:
         """`one_stream`: the caller makes every part, and asks for the result, on the stream current here (the
         packed ring runs on one stream), so no part needs the stream bookkeeping below, which costs host time on
-        every part."""
+        every part. `writable_parts`: the parts are the caller's to overwrite (new kernel outputs it never reads
+        again); then a part that covers every row in the result's dtype becomes the result, the other parts
+        added into it on the rows they cover (`_add_into_part`), instead of a pass over every row."""
         self._shape, self._device = tuple(shape), torch.device(device)
+        self._writable = writable_parts
         self._parts: list[tuple[torch.Tensor, int]] = []  # (part, first row), in the order added
         self._sum: torch.Tensor | None = None  # the float32 sum of the parts folded so far, once there is one
         # Parts may be made on other CUDA streams than this sum's home stream (a ring backward's steps take
@@ -81,11 +84,44 @@ class DeferredRowSum:
         if not self._parts:
             return torch.zeros(self._shape, dtype=dtype, device=self._device)
         part, first = self._parts[0]
-        if len(self._parts) > 1 or first != 0 or part.shape[2] != self._shape[2]:
+        whole = self._whole_part(dtype) if len(self._parts) > 1 else None
+        if whole is not None:
+            self._add_into_part(whole)
+        elif len(self._parts) > 1 or first != 0 or part.shape[2] != self._shape[2]:
             self._fold(dtype)
         else:
             self._read_here()
         return finish(self._parts[0][0], dtype)
+
+    def _whole_part(self, dtype: torch.dtype) -> int | None:
+        """The index of a part the sum may be made in (writable, every row, the result's dtype, no float32 sum
+        yet), else None."""
+        if not self._writable or self._sum is not None:
+            return None
+        for i, (part, first) in enumerate(self._parts):
+            if first == 0 and tuple(part.shape) == self._shape and part.dtype == dtype:
+                return i
+        return None
+
+    def _add_into_part(self, index: int) -> None:
+        """The sum made in part `index`: the other parts, in the order they came, added to it in float32 on the
+        rows they cover and rounded once; its other rows keep their bits. The same float32 adds as a fold that
+        starts from that part, reading and writing only the rows the others cover."""
+        self._read_here()
+        base = self._parts[index][0]
+        others = self._parts[:index] + self._parts[index + 1:]
+        lo = min(first for _, first in others)
+        hi = max(first + part.shape[2] for part, first in others)
+        rows = base.narrow(2, lo, hi - lo)
+        fused = _fused_add() if _fuse_on(base) else None
+        if fused is not None:
+            fused(rows, [(rows, 0)] + [(part, first - lo) for part, first in others])
+        else:
+            total = rows.float()
+            for part, first in others:
+                total.narrow(2, first - lo, part.shape[2]).add_(part)
+            rows.copy_(total)
+        self._parts, self._made = [(base, 0)], [self._made_here()]
 
     def _made_here(self) -> tuple | None:
         """(stream, event) where the current stream is not the home stream, else None."""

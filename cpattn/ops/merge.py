@@ -69,20 +69,32 @@ class PartialAttention:
         """The (out, lse) so far, both float32."""
         return self.result(torch.float32)
 
-    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out in `dtype`, lse float32): a lone block that covers every row as it is (cast where needed)."""
+    def result(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out in `dtype`, lse float32): a lone block that covers every row as it is (cast where needed). With
+        `out` (the result's shape and `dtype`, any strides, e.g. a transposed view of the caller's layout), the
+        merge writes there, so the caller needs no copy into its layout; a lone block is copied there."""
+        if out is not None and self.lone_block() is not None:
+            block, lse = self.lone_block()
+            out.copy_(block)
+            return out, lse.float()
         if not (len(self._blocks) == 1 and self._covers_all(self._blocks[0][0])):
-            self._fold(dtype)
-        _, out, lse = self._blocks[0]
-        return out.to(dtype), lse.float()
+            self._fold(dtype, out)
+        _, merged, lse = self._blocks[0]
+        return merged.to(dtype), lse.float()
+
+    def lone_block(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(out, lse) of the one block held where it covers every row (the result as it is), else None."""
+        if len(self._blocks) == 1 and self._covers_all(self._blocks[0][0]):
+            return self._blocks[0][1], self._blocks[0][2]
+        return None
 
     def _covers_all(self, rows: slice) -> bool:
         return rows.start == 0 and rows.stop == self._shape[2]
 
-    def _fold(self, dtype: torch.dtype) -> None:
-        """Merge the blocks held into new storage over every row, which becomes the one block held."""
+    def _fold(self, dtype: torch.dtype, into: torch.Tensor | None = None) -> None:
+        """Merge the blocks held into new storage over every row (or `into`), which becomes the one block held."""
         b, h, s, _ = self._shape
-        out = torch.empty(self._shape, dtype=dtype, device=self._device)
+        out = torch.empty(self._shape, dtype=dtype, device=self._device) if into is None else into
         lse = torch.empty(b, h, s, dtype=torch.float32, device=self._device)
         fused = _fused_merge() if self._blocks and _fuse_on(out) else None
         if fused is not None:

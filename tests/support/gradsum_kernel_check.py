@@ -1,6 +1,7 @@
 """Run by tests/unit/test_gradsum_kernel.py in a process with TRITON_INTERPRET=1: the Triton gradient sum on CPU
 tensors (Triton's interpreter) against torch ops, bit for bit, over dtypes, head dims, row ranges and strides,
-for two parts (in place and into new storage) and through `DeferredRowSum` for 3 to 2*MAX_PARTS+1; then ring backwards at
+for two parts (in place and into new storage) and through `DeferredRowSum` for 3 to 2*MAX_PARTS+1 (and, with
+writable parts, made in the part over every row); then ring backwards at
 2-4 gloo ranks with that kernel doing their sums, against float64. With --cuda on a GPU: the kernel cases, and
 DeferredRowSum over parts made late on other CUDA streams, with a control that must fail without DeferredRowSum's waits."""
 
@@ -95,6 +96,46 @@ def row_sum_case(n: int, out_dtype, dim, spans: tuple, seed: int) -> str | None:
     return None
 
 
+def writable_case(n: int, out_dtype, dim, whole_at: int, seed: int) -> str | None:
+    """None if `DeferredRowSum(writable_parts=True)` over `n` parts, part `whole_at` over every row in `out_dtype`
+    and the others on some rows, makes the sum in that part (its storage, no other), through the kernel with the
+    bits of its torch path, its rows no other part covers unchanged, within rounding of the float64 sum."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, s = 2, 3, 29
+    spans = (slice(14, 29), slice(3, 9), slice(20, 24))
+    made = [(spans[i % 3], _tensor((b, h, len(range(s)[spans[i % 3]]), dim), torch.bfloat16, g, i % 2 == 0))
+            for i in range(n - 1)]
+    whole = _tensor((b, h, s, dim), out_dtype, g, transposed=seed % 2 == 0)
+    made.insert(whole_at, (slice(0, s), whole))
+    sums = {}
+    for fused in (True, False):
+        gradsum._fuse_on = lambda part, fused=fused: fused
+        parts = [(rows, p.clone()) for rows, p in made]
+        total = gradsum.DeferredRowSum((b, h, s, dim), DEVICE, writable_parts=True)
+        for rows, part in parts:
+            total.add(rows, part)
+        sums[fused] = total.result(out_dtype)
+        base = parts[whole_at][1]
+        if sums[fused].data_ptr() != base.data_ptr() and base.is_contiguous():
+            return f"fused={fused}: the sum was not made in the whole part"
+    gradsum._fuse_on = lambda part: part.is_cuda
+    got, want = sums[True], sums[False]
+    as_bits = {2: torch.int16, 4: torch.int32}[out_dtype.itemsize]
+    if not torch.equal(got.view(as_bits), want.view(as_bits)):
+        return f"bits differ: max error {(got.double() - want.double()).abs().max().item():.2e}"
+    untouched = [r for r in range(s) if not any(r in range(s)[rows] for rows, _ in made if rows.stop - rows.start < s)]
+    if not torch.equal(got[:, :, untouched].contiguous().view(as_bits),
+                       whole[:, :, untouched].contiguous().view(as_bits)):
+        return "rows no other part covers changed"
+    exact = torch.zeros(b, h, s, dim, dtype=torch.float64, device=DEVICE)
+    for rows, part in made:
+        exact[:, :, rows] += part.double()
+    err = (got.double() - exact).abs().max().item()
+    if err > (1e-5 if out_dtype == torch.float32 else 2e-2) * max(1.0, exact.abs().max().item()):
+        return f"max error {err:.2e} against the float64 sum"
+    return None
+
+
 def cross_stream_case(n: int, out_dtype, seed: int, ordered: bool = True) -> str | None:
     """CUDA only: None if `DeferredRowSum` over `n` parts, each made on one of two side streams after ~10 ms of spinning
     there and added on that stream (as a ring backward's steps add theirs, cpattn/cp/streams.py), summed on the
@@ -146,6 +187,15 @@ def main() -> int:
         checked += 1
         if problem:
             failures.append(f"DeferredRowSum of {n} parts -> {out_dtype} D={dim} rows={span}: {problem}")
+    # DeferredRowSum(writable_parts=True), the packed ring's sums: made in the part over every row, 2 to MAX_PARTS
+    for i, (n, out_dtype, dim) in enumerate(itertools.product(range(2, gradsum.MAX_PARTS + 1),
+                                                              (torch.float32, torch.bfloat16), (8, 128))):
+        whole_at = i % n
+        problem = writable_case(n, out_dtype, dim, whole_at, seed=700 + i)
+        checked += 1
+        if problem:
+            failures.append(f"writable DeferredRowSum of {n} parts (whole part {whole_at}) -> {out_dtype} D={dim}: "
+                            f"{problem}")
     if CUDA:  # parts made on other streams (fold on a side stream from MAX_PARTS + 1 parts on)
         for i, (n, out_dtype) in enumerate(itertools.product((2, gradsum.MAX_PARTS + 1, 2 * gradsum.MAX_PARTS + 1),
                                                              (torch.float32, torch.bfloat16))):

@@ -122,9 +122,11 @@ def _merge_float64(blocks, shape):
     return sum(o * w[i].unsqueeze(-1) for i, o in enumerate(outs)), total
 
 
-def many_case(n: int, out_dtype: torch.dtype, dim: int, spans: tuple, in_place: bool, seed: int) -> str | None:
+def many_case(n: int, out_dtype: torch.dtype, dim: int, spans: tuple, in_place: bool, seed: int,
+              strided: bool = False) -> str | None:
     """None if the kernel's merge of `n` blocks (block i on rows spans[i]; some bf16 in a kernel's transposed
-    layout) matches the float64 merge; blocks are never written unless `in_place` writes into the first."""
+    layout) matches the float64 merge; blocks are never written unless `in_place` writes into the first.
+    `strided`: the result goes into a (B, H, S, D) view of (B, S, H, D) storage (the packed ring's layout)."""
     g = torch.Generator().manual_seed(seed)
     b, h, s = 2, 3, 29
     blocks = []
@@ -151,6 +153,8 @@ def many_case(n: int, out_dtype: torch.dtype, dim: int, spans: tuple, in_place: 
         got_out, got_lse = blocks[0][0], blocks[0][1]
     else:
         got_out = torch.empty(b, h, s, dim, dtype=out_dtype, device=DEVICE)
+        if strided:
+            got_out = torch.empty(b, s, h, dim, dtype=out_dtype, device=DEVICE).transpose(1, 2)
         got_lse = torch.empty(b, h, s, device=DEVICE)
     merge_blocks_into(got_out, got_lse, blocks)
     if not in_place and not all(torch.equal(o, bo) and torch.allclose(l, bl, rtol=0, atol=0, equal_nan=True)
@@ -215,6 +219,11 @@ def main() -> int:
         if problem:
             failures.append(f"{n} blocks -> {out_dtype}{' in place' if in_place else ''} D={dim} rows={span}: "
                             f"{problem}")
+    for i, (n, dim) in enumerate(itertools.product((2, 3), (8, 128))):  # into a transposed view
+        problem = many_case(n, torch.bfloat16, dim, spans[0], False, seed=1500 + i, strided=True)
+        checked += 1
+        if problem:
+            failures.append(f"{n} blocks -> a transposed bf16 view D={dim}: {problem}")
     if CUDA:
         print("\n".join(failures))
         print(f"checked {checked} kernel cases on {torch.cuda.get_device_name()}, {len(failures)} failed")

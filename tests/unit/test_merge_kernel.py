@@ -19,7 +19,7 @@ from helpers import run_in_triton_interpreter
 def test_fused_merge_matches_merge_two_in_the_triton_interpreter():
     proc = run_in_triton_interpreter("merge_kernel_check.py", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"checked 160 cases \(\d+ kernel merges in rings\), 0 failed", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"checked 164 cases \(\d+ kernel merges in rings\), 0 failed", proc.stdout), proc.stdout[-3000:]
 
 
 def test_cpu_tensors_take_the_torch_ops():
@@ -84,6 +84,49 @@ def test_accumulator_keeps_blocks_until_the_result_and_folds_every_max_blocks():
 
     out, lse = PartialAttention(1, 2, 6, 4, "cpu").value()
     assert out.shape == (1, 2, 6, 4) and not out.any() and torch.isneginf(lse).all() and lse.shape == (1, 2, 6)
+
+
+def test_result_written_into_the_callers_layout():
+    """`result(dtype, out=view)` merges straight into `view` (a transposed view of the caller's (S, H, D)
+    storage) the values `result(dtype)` gives; a lone block over every row is copied there. The packed ring's
+    merge returns its one chain's kernel output itself, and otherwise the storage the merge wrote."""
+    import torch
+
+    from cpattn.cp.packed_ring import _FusedRowMerge
+    from cpattn.ops.merge import PartialAttention
+
+    torch.manual_seed(0)
+    blocks = [(slice(0, 6), torch.randn(1, 2, 6, 4).bfloat16(), torch.randn(1, 2, 6)),
+              (slice(2, 5), torch.randn(1, 2, 3, 4).bfloat16(), torch.randn(1, 2, 3))]
+    results = []
+    for into in (False, True):
+        acc = PartialAttention(1, 2, 6, 4, "cpu")
+        for rows, o, l in blocks:
+            acc.add_rows(rows, o, l)
+        storage = torch.empty(6, 2, 4, dtype=torch.bfloat16)
+        out, lse = acc.result(torch.bfloat16, out=storage.transpose(0, 1).unsqueeze(0) if into else None)
+        if into:
+            assert out.data_ptr() == storage.data_ptr()
+        results.append((out.contiguous(), lse))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+    lone = PartialAttention(1, 2, 6, 4, "cpu")
+    lone.add(blocks[0][1], blocks[0][2])
+    storage = torch.empty(6, 2, 4, dtype=torch.bfloat16)
+    out, _ = lone.result(torch.bfloat16, out=storage.transpose(0, 1).unsqueeze(0))
+    assert torch.equal(storage.transpose(0, 1), blocks[0][1][0])
+
+    chain_out, chain_lse = torch.randn(6, 2, 4).bfloat16(), torch.randn(2, 6)  # a kernel's (rows, heads, dim)
+    merge = _FusedRowMerge(6, 2, 4, "cpu")
+    merge.add(0, chain_out, chain_lse)
+    out, lse = merge.result(torch.bfloat16)
+    assert out.data_ptr() == chain_out.data_ptr() and out.shape == (6, 2, 4) and torch.equal(lse, chain_lse)
+    merge = _FusedRowMerge(6, 2, 4, "cpu")
+    merge.add(0, chain_out, chain_lse)
+    merge.add(2, chain_out[2:5] * 0.5, chain_lse[:, 2:5])
+    out, lse = merge.result(torch.bfloat16)
+    assert out.shape == (6, 2, 4) and out.is_contiguous() and torch.equal(out[:2], chain_out[:2])
+    assert torch.equal(out[5:], chain_out[5:]) and not torch.equal(out[2:5], chain_out[2:5])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (dev extra pins it)")
