@@ -254,7 +254,6 @@ class VarlenBlocks:
         return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
 
-
 class GatheredVarlen:
     """All-gather's varlen call on `flash_varlen` (cpattn/cp/packed.py's GatheredKernel): one library call with
     its autograd, the call's window per sequence (bottom-right, as cp/packed.run_calls gives it), its softcap,

@@ -109,19 +109,7 @@ class DeferredRowSum:
         starts from that part, reading and writing only the rows the others cover."""
         self._read_here()
         base = self._parts[index][0]
-        others = self._parts[:index] + self._parts[index + 1:]
-        lo = min(first for _, first in others)
-        hi = max(first + part.shape[2] for part, first in others)
-        rows = base.narrow(2, lo, hi - lo)
-        fused = _fused_add() if _fuse_on(base) else None
-        if fused is not None:
-            fused(rows, [(rows, 0)] + [(part, first - lo) for part, first in others])
-        else:
-            total = rows.float()
-            for part, first in others:
-                total.narrow(2, first - lo, part.shape[2]).add_(part)
-            rows.copy_(total)
-        self._parts, self._made = [(base, 0)], [self._made_here()]
+        self._add_into(base, self._parts[:index] + self._parts[index + 1:], _fused_add() if _fuse_on(base) else None)
 
     def _made_here(self) -> tuple | None:
         """(stream, event) where the current stream is not the home stream, else None."""
@@ -172,13 +160,20 @@ class DeferredRowSum:
         """Add the parts after the float32 sum into it on the rows they cover (the same float32 adds, in the
         same order, as a fold into a new tensor): parts that cover a few rows each cost those rows, not the
         whole sum's."""
-        parts = self._parts[1:]
-        lo = min(first for _, first in parts)
-        hi = max(first + part.shape[2] for part, first in parts)
-        rows = self._sum.narrow(2, lo, hi - lo)
+        self._add_into(self._sum, self._parts[1:], fused)
+
+    def _add_into(self, base: torch.Tensor, others: list[tuple[torch.Tensor, int]], fused) -> None:
+        """`others` added to `base` in float32, in order, on the rows they cover (a float32 base in place;
+        another dtype rounded once); `base`, with every row, becomes the one part held."""
+        lo = min(first for _, first in others)
+        hi = max(first + part.shape[2] for part, first in others)
+        rows = base.narrow(2, lo, hi - lo)
         if fused is not None:
-            fused(rows, [(rows, 0)] + [(part, first - lo) for part, first in parts])
+            fused(rows, [(rows, 0)] + [(part, first - lo) for part, first in others])
         else:
-            for part, first in parts:
-                rows.narrow(2, first - lo, part.shape[2]).add_(part)
-        self._parts, self._made = [(self._sum, 0)], [self._made_here()]
+            total = rows.float()  # `rows` itself where base is float32
+            for part, first in others:
+                total.narrow(2, first - lo, part.shape[2]).add_(part)
+            if total is not rows:
+                rows.copy_(total)
+        self._parts, self._made = [(base, 0)], [self._made_here()]

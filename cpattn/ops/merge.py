@@ -73,11 +73,11 @@ class PartialAttention:
         """(out in `dtype`, lse float32): a lone block that covers every row as it is (cast where needed). With
         `out` (the result's shape and `dtype`, any strides, e.g. a transposed view of the caller's layout), the
         merge writes there, so the caller needs no copy into its layout; a lone block is copied there."""
-        if out is not None and self.lone_block() is not None:
-            block, lse = self.lone_block()
-            out.copy_(block)
-            return out, lse.float()
-        if not (len(self._blocks) == 1 and self._covers_all(self._blocks[0][0])):
+        lone = self.lone_block()
+        if out is not None and lone is not None:
+            out.copy_(lone[0])
+            return out, lone[1].float()
+        if lone is None:
             self._fold(dtype, out)
         _, merged, lse = self._blocks[0]
         return merged.to(dtype), lse.float()

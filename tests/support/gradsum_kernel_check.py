@@ -84,14 +84,29 @@ def row_sum_case(n: int, out_dtype, dim, spans: tuple, seed: int) -> str | None:
     if not all(torch.equal(p, q) and torch.equal(p.signbit(), q.signbit()) for (_, p), q in zip(parts, before)):
         return "a part changed"
     got, want = sums[True], sums[False]
-    as_bits = {2: torch.int16, 4: torch.int32}[out_dtype.itemsize]
-    if got.dtype != out_dtype or not torch.equal(got.view(as_bits), want.view(as_bits)):
+    if got.dtype != out_dtype:
+        return f"result in {got.dtype}, not {out_dtype}"
+    return _bits_problem(got, want) or _sum_problem(got, parts)
+
+
+def _as_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({2: torch.int16, 4: torch.int32}[x.dtype.itemsize])
+
+
+def _bits_problem(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None if the kernel's sum `got` has the bits of the torch path's `want`."""
+    if not torch.equal(_as_bits(got), _as_bits(want)):
         return f"bits differ: max error {(got.double() - want.double()).abs().max().item():.2e}"
-    exact = torch.zeros(b, h, s, dim, dtype=torch.float64, device=DEVICE)
+    return None
+
+
+def _sum_problem(got: torch.Tensor, parts: list) -> str | None:
+    """None if `got` is within rounding of the float64 sum of `parts` ((rows, part) pairs)."""
+    exact = torch.zeros(got.shape, dtype=torch.float64, device=DEVICE)
     for rows, part in parts:
         exact[:, :, rows] += part.double()
     err = (got.double() - exact).abs().max().item()
-    if err > (1e-5 if out_dtype == torch.float32 else 2e-2) * max(1.0, exact.abs().max().item()):
+    if err > (1e-5 if got.dtype == torch.float32 else 2e-2) * max(1.0, exact.abs().max().item()):
         return f"max error {err:.2e} against the float64 sum"
     return None
 
@@ -120,20 +135,13 @@ def writable_case(n: int, out_dtype, dim, whole_at: int, seed: int) -> str | Non
             return f"fused={fused}: the sum was not made in the whole part"
     gradsum._fuse_on = lambda part: part.is_cuda
     got, want = sums[True], sums[False]
-    as_bits = {2: torch.int16, 4: torch.int32}[out_dtype.itemsize]
-    if not torch.equal(got.view(as_bits), want.view(as_bits)):
-        return f"bits differ: max error {(got.double() - want.double()).abs().max().item():.2e}"
+    problem = _bits_problem(got, want)
+    if problem:
+        return problem
     untouched = [r for r in range(s) if not any(r in range(s)[rows] for rows, _ in made if rows.stop - rows.start < s)]
-    if not torch.equal(got[:, :, untouched].contiguous().view(as_bits),
-                       whole[:, :, untouched].contiguous().view(as_bits)):
+    if not torch.equal(_as_bits(got[:, :, untouched].contiguous()), _as_bits(whole[:, :, untouched].contiguous())):
         return "rows no other part covers changed"
-    exact = torch.zeros(b, h, s, dim, dtype=torch.float64, device=DEVICE)
-    for rows, part in made:
-        exact[:, :, rows] += part.double()
-    err = (got.double() - exact).abs().max().item()
-    if err > (1e-5 if out_dtype == torch.float32 else 2e-2) * max(1.0, exact.abs().max().item()):
-        return f"max error {err:.2e} against the float64 sum"
-    return None
+    return _sum_problem(got, made)
 
 
 def cross_stream_case(n: int, out_dtype, seed: int, ordered: bool = True) -> str | None:
