@@ -2,7 +2,7 @@
 and under the packed ring (ranks over gloo on this GPU), forward and backward, against float64.
 
     python tests/gpu/packed_check.py [--out benchmarks/results] [--tag TAG] [--worlds 1 2 3]
-                                     [--providers flash_varlen flash]
+                                     [--providers flash_varlen flash] [--apis allgather]
 
 A stream of documents of lengths 0, 1, shorter than a shard, longer than S / W and crossing every shard boundary
 (bf16, Hq 8, Hkv 2, D 64; also Hq = Hkv = 4) runs `cpattn.packed_attention` (and, at W = 1,
@@ -100,13 +100,14 @@ def _case(name: str, mods: dict, heads, api: str, mesh, provider: str, grad: boo
             "status": "pass" if ok else "fail"}
 
 
-def _cases(mesh, provider: str) -> list[dict]:
+def _cases(mesh, provider: str, only: list[str] | None = None) -> list[dict]:
     import cpattn
 
     # flash_varlen_attention always runs flash_varlen: checked once, with that provider, on one device
     # and all-gather over document shards (cp_strategy="allgather") on the varlen kernels, under CP
     apis = ["packed_attention"] + (["flash_varlen_attention"] if mesh is None and provider == "flash_varlen" else [])
     apis += ["allgather"] if mesh is not None and provider == "flash_varlen" else []
+    apis = [api for api in apis if only is None or api in only]
     out = []
     for heads in HEADS:
         for api in apis:
@@ -123,6 +124,9 @@ def _cases(mesh, provider: str) -> list[dict]:
                            "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
                 row["seconds"] = time.monotonic() - start
                 out.append(row)
+                # one line per case as it ends: a run cut short by a time limit still shows how far it got
+                print(f"{provider} W={1 if mesh is None else mesh.size()} {api} {heads} {name}: {row['status']} "
+                      f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
     return out
 
 
@@ -130,10 +134,10 @@ def ranked(rank, world, payload):
     import torch.distributed as dist
 
     global DEVICE
-    provider, DEVICE = payload
+    provider, DEVICE, only = payload
     if DEVICE == "cuda":
         torch.cuda.set_device(0)
-    return _cases(dist.group.WORLD, provider)
+    return _cases(dist.group.WORLD, provider, only)
 
 
 def main() -> None:
@@ -143,6 +147,8 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="*", default=[1, 2, 3])
     parser.add_argument("--providers", nargs="*", default=["flash_varlen", "flash"])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--apis", nargs="*", default=None,
+                        help="only these of packed_attention, flash_varlen_attention, allgather (default: all)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -152,9 +158,9 @@ def main() -> None:
     rows = []
     for provider, world in ((p, w) for p in args.providers for w in args.worlds):
         if world == 1:
-            rows += [dict(r, provider=provider) for r in _cases(None, provider)]
+            rows += [dict(r, provider=provider) for r in _cases(None, provider, args.apis)]
             continue
-        result = run_ranks(world, ranked, (provider, DEVICE), timeout=400)
+        result = run_ranks(world, ranked, (provider, DEVICE, args.apis), timeout=400)
         broken = [r for r in result.ranks if r.error or r.killed]
         if broken:
             rows.append({"provider": provider, "world": world, "status": "fail",
