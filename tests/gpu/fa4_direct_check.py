@@ -16,12 +16,17 @@ one rounding step of its dtype at its largest value; the library's own two runs'
 it. Cases: head dims 64 to 256, causal or not, lengths off the tile and unequal, bf16 views and fp16, and a dO of
 stride 0 (what `.sum()` hands back), which both make contiguous. Then the `flash` provider's training path through `attention_dispatch`
 against float64, counting the direct launches, and the host time per backward of both ways.
+Varlen (`--only varlen`, the `flash_varlen` generation's launches with cu_seqlens): forward out and lse, and backward
+dK and dV, bit for bit against `_flash_attn_fwd` / `_flash_attn_bwd` given the same cu_seqlens, dQ within one
+rounding step; packings with rows that see no key (key length 0), one-row documents and lengths off the tile; and
+the host time per call both ways.
 Exit 1 on any failure; writes fa4_direct_check<TAG>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -252,12 +257,97 @@ def backward_host_time(api, rows, n: int = 300) -> dict:
     return per_call_us(fns, n)
 
 
+def _packed_inputs(lengths_q, lengths_k, hq, hk, d, dtype, seed):
+    from cpattn.providers.flash.layout import Packing
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cu = lambda n: torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")  # noqa: E731
+    q = torch.randn(sum(lengths_q), hq, d, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(sum(lengths_k), hk, d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    return q, k, v, Packing(cu(lengths_q), cu(lengths_k), max(lengths_q), max(lengths_k))
+
+
+# (lengths_q, lengths_k, hq, hk, d): documents as the packed ring's chains hold them, rows without keys between
+# pieces (key length 0), one-row documents, lengths off the tile, a single long one
+VARLEN_SHAPES = [
+    ([2067, 2566, 4997, 300, 1], None, 16, 16, 128),
+    ([700, 37, 0, 1024, 5], [700, 37, 0, 1024, 5], 16, 16, 128),
+    ([640, 300, 333], [0, 300, 333], 16, 16, 128),
+    ([8192], None, 16, 16, 128),
+    ([513, 129, 1, 900], [1000, 129, 64, 3], 8, 8, 64),
+    ([777, 31], None, 8, 2, 64),
+]
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN where the other is NaN (rows without keys must come out alike either way)."""
+    nan = torch.isnan(a)
+    return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
+
+
+def varlen_cases(api, direct: Sm90Forward, kernels) -> list[dict]:
+    """The varlen launches (flash_varlen, a packed ring's chains) against the library's functions with the same
+    cu_seqlens: forward out and lse bit for bit, backward dK and dV bit for bit and dQ within one rounding step."""
+    rows = []
+    for i, (lengths_q, lengths_k, hq, hk, d) in enumerate(VARLEN_SHAPES):
+        for causal in (False, True):  # causal with unequal lengths: bottom-right in both
+            for dtype in (torch.bfloat16,) + ((torch.float16,) if i == 0 else ()):
+                q, k, v, packing = _packed_inputs(lengths_q, lengths_k or lengths_q, hq, hk, d, dtype, seed=40 + i)
+                row = {"lengths_q": lengths_q, "lengths_k": lengths_k or lengths_q, "heads": [hq, hk], "d": d,
+                       "causal": causal, "dtype": str(dtype)}
+                try:
+                    assert direct.can_launch_varlen(q, k, v, packing), "can_launch_varlen refused"
+                    want = api._flash_attn_fwd(q=q, k=k, v=v, **packing.kwargs(), causal=causal, return_lse=True)
+                    got = direct.launch_varlen(q, k, v, packing, None, causal)
+                    row["out_equal"], row["lse_equal"] = _same_bits(got[0], want[0]), _same_bits(got[1], want[1])
+                    row["ok"] = row["out_equal"] and row["lse_equal"]
+                    if hq == hk:
+                        dout = torch.randn_like(want[0])
+                        out, lse = want[0], want[1]
+                        assert kernels.can_launch_varlen_backward(q, k, v, packing), "refused the backward"
+                        lib = api._flash_attn_bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(),
+                                                  causal=causal)[:3]
+                        mine = kernels.launch_varlen_backward(q, k, v, out, dout, lse, packing, None, causal)
+                        step = lib[0].abs().max().item() * 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+                        row["dk_equal"], row["dv_equal"] = _same_bits(mine[1], lib[1]), _same_bits(mine[2], lib[2])
+                        row["dq_max_diff"], row["dq_step"] = (mine[0].float() - lib[0].float()).abs().max().item(), step
+                        row["ok"] = (row["ok"] and row["dk_equal"] and row["dv_equal"] and row["dq_max_diff"] <= step
+                                     and all(torch.isfinite(t).all().item() for t in mine))
+                except Exception as exc:  # noqa: BLE001
+                    row["ok"], row["error"] = False, f"{type(exc).__name__}: {str(exc)[:300]}"
+                rows.append(row)
+    return rows
+
+
+def varlen_host_time(api, direct: Sm90Forward, kernels, n: int = 300) -> dict:
+    """Median host time per varlen forward and backward, both ways (4 documents of 32 rows, H=16, D=64)."""
+    q, k, v, packing = _packed_inputs([32] * 4, [32] * 4, 16, 16, 64, torch.bfloat16, seed=3)
+    out, lse = api._flash_attn_fwd(q=q, k=k, v=v, **packing.kwargs(), causal=True, return_lse=True)[:2]
+    dout = torch.randn_like(out)
+    fns = {"library _flash_attn_fwd": lambda: api._flash_attn_fwd(q=q, k=k, v=v, **packing.kwargs(), causal=True,
+                                                                  return_lse=True),
+           "direct forward with can_launch_varlen": lambda: direct.can_launch_varlen(q, k, v, packing) and (
+                direct.launch_varlen(q, k, v, packing, None, True)),
+           "library _flash_attn_bwd": lambda: api._flash_attn_bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse,
+                                                                  **packing.kwargs(), causal=True),
+           "direct backward with can_launch_varlen_backward": lambda: kernels.can_launch_varlen_backward(
+                q, k, v, packing) and kernels.launch_varlen_backward(q, k, v, out, dout, lse, packing, None, True)}
+    for fn in fns.values():  # compiles, first allocations
+        fn()
+    return per_call_us(fns, n)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--tag", default="")
+    parser.add_argument("--only", choices=("varlen",), default=None,
+                        help="varlen: only the varlen launches (flash_varlen's generation)")
     args = parser.parse_args()
     import flash_attn.cute.interface as api
+
+    if args.only == "varlen":
+        return varlen_main(api, args)
 
     direct = Sm90Forward.load(api, cpattn.PROVIDERS["flash"].generation().version)
     status = cpattn.providers.flash.fast_path_status(cpattn.PROVIDERS["flash"])
@@ -291,6 +381,26 @@ def main() -> int:
     print(f"{len(checks) + 1 - len(failed)} of {len(checks) + 1} passed; host us per forward {result['host_us']}, "
           f"per backward {result['backward_host_us']}; "
           f"wrote {path}")
+    return 1 if failed else 0
+
+
+def varlen_main(api, args) -> int:
+    gen = cpattn.PROVIDERS["flash_varlen"].generation()
+    direct, kernels = gen._varlen_forward, gen._varlen_kernels
+    assert direct is not None and kernels is not None, f"varlen launches are off: {gen.fast_path_status()}"
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flash_varlen": gen.version,
+              "varlen": varlen_cases(api, direct, kernels)}
+    result["varlen_host_us"] = varlen_host_time(api, direct, kernels)
+    failed = [c for c in result["varlen"] if not c["ok"]]
+    result["checks"], result["failed"] = len(result["varlen"]), len(failed)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"fa4_direct_check{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    for c in failed:
+        print("FAILED", c)
+    print(f"{len(result['varlen']) - len(failed)} of {len(result['varlen'])} varlen cases passed; host us "
+          f"{result['varlen_host_us']}; wrote {path}")
     return 1 if failed else 0
 
 

@@ -3,12 +3,15 @@
 The kernel needs a Hopper GPU, so `StandInApi` (a stand-in, named as such) is the part of flash_attn.cute.interface
 the launch reads: its "compiled kernel" writes float64 attention into the output and log-sum-exp it is handed.
 What is tested is cpattn's side: which tensors the launch accepts, one compile per shape class, the arguments it
-compiles and calls with, and that the provider never takes the direct way for a stand-in library or varlen.
+compiles and calls with (varlen calls: the cu_seqlens in their slots), and that the provider never takes the direct
+way for a stand-in library.
 tests/gpu/fa4_direct_check.py compares the real kernel with the library's forward bit for bit on a GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import types
 from dataclasses import dataclass
@@ -153,7 +156,7 @@ def test_each_part_of_the_shape_class_gets_its_own_kernel():
     assert len(api.compiles) == len(variants) + 1
 
 
-def test_stand_in_and_varlen_generations_do_not_launch_directly(monkeypatch):
+def test_stand_in_generations_do_not_launch_directly(monkeypatch):
     from standins import flash_attn_standin as standin
     from test_provider_flash import install
 
@@ -162,7 +165,8 @@ def test_stand_in_and_varlen_generations_do_not_launch_directly(monkeypatch):
     install(monkeypatch, standin.fa4_modules())
     for name in ("flash", "flash_varlen"):
         gen = cpattn.PROVIDERS[name].generation()
-        assert gen.label == "flash-attn-4" and gen._direct_forward is None
+        assert gen.label == "flash-attn-4" and gen._direct_forward is None and gen._varlen_forward is None
+        assert gen._backward_kernels is None and gen._varlen_kernels is None
 
 
 def test_can_launch_refuses_empty_keys_without_dividing_by_zero_heads(monkeypatch):
@@ -179,3 +183,91 @@ def test_can_launch_refuses_empty_keys_without_dividing_by_zero_heads(monkeypatc
     wide = torch.zeros(1, 8, 4, 264, dtype=torch.bfloat16)
     assert not direct.can_launch(wide, wide, wide)  # head dim over 256
     assert not direct.can_launch(q, q, torch.zeros(1, 8, 4, 60, dtype=torch.bfloat16))  # value head dim off 8
+
+
+# -- varlen launches (packed documents, a packed ring's chains) ---------------------------------------------------
+
+
+class StandInVarlenApi(StandInApi):
+    """STAND-IN: StandInApi whose "kernel" also takes varlen calls: (total, H, D) tensors and cu_seqlens in the
+    slots after the scale, each sequence attended alone in float64, causal bottom-right as flash-attn aligns it."""
+
+    BIN_BATCH_SEARCH_THRESH = 4
+
+    @staticmethod
+    def to_cute_tensor(t, assumed_align=16, leading_dim=-1):
+        return ("cute", assumed_align, leading_dim, tuple(t.shape))
+
+    def _compile(self, kernel, *args, options):
+        dense = super()._compile(kernel, *args, options=options)  # records the compile
+        causal = kernel.options["is_causal"]
+
+        def launch(q, k, v, out, lse, scale, cu_q, cu_k, *rest):
+            if cu_q is None:
+                return dense(q, k, v, out, lse, scale, cu_q, cu_k, *rest)
+            self.launches.append((cu_q, cu_k) + rest)
+            for i in range(cu_q.shape[0] - 1):
+                (a, b), (c, d) = cu_q[i:i + 2].tolist(), cu_k[i:i + 2].tolist()
+                rep = q.shape[1] // k.shape[1]
+                qs, ks, vs = (t.double().transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d]))
+                ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+                scores = qs @ ks.transpose(-1, -2) * scale
+                if causal:  # bottom-right: the last query sees every key
+                    scores = scores.masked_fill(torch.ones(b - a, d - c, dtype=torch.bool).triu(d - c - (b - a) + 1),
+                                                -math.inf)
+                out[a:b] = (scores.softmax(-1) @ vs).nan_to_num().transpose(0, 1).to(out.dtype)
+                lse[:, a:b] = scores.logsumexp(-1)
+        self.kernels[-1] = launch
+        return launch
+
+
+def _packed(lengths_q, lengths_k, hq=4, hk=2, d=16, seed=0):
+    from cpattn.providers.flash.layout import Packing
+
+    g = torch.Generator().manual_seed(seed)
+    cu = lambda lengths: torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)  # noqa: E731
+    q = torch.randn(sum(lengths_q), hq, d, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(sum(lengths_k), hk, d, generator=g).to(torch.bfloat16) for _ in range(2))
+    return q, k, v, Packing(cu(lengths_q), cu(lengths_k), max(lengths_q), max(lengths_k))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_launch_passes_the_cu_seqlens_and_has_its_own_kernel(causal):
+    api = StandInVarlenApi()
+    direct = Sm90Forward(api)
+    q, k, v, packing = _packed([5, 3, 7], [5, 3, 9] if causal else [2, 6, 4])
+    out, lse = direct.launch_varlen(q, k, v, packing, None, causal)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (4, 15) and lse.dtype == torch.float32
+    cu_q, cu_k = packing.cu_seqlens_q.tolist(), packing.cu_seqlens_k.tolist()
+    for i in range(3):  # each sequence alone, against float64
+        qs, ks, vs = (t.double().transpose(0, 1).unsqueeze(0) for t in (q[cu_q[i]:cu_q[i + 1]],
+                                                                     k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]))
+        rows, keys = qs.shape[2], ks.shape[2]
+        mask = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows) if causal else None
+        want = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]].double(), want[0].transpose(0, 1), atol=1e-2, rtol=0)
+    kernel, args, _ = api.compiles[0]
+    assert kernel.args == ("bf16", 16, 16, 2) and kernel.options["is_causal"] is causal
+    # the cu_seqlens are compiled and passed where the library puts them: right after the scale
+    assert args[6] == ("cute", 4, 0, (4,)) and args[7] == ("cute", 4, 0, (4,)) and args[8:15] == (None,) * 7
+    assert api.launches[0][0] is packing.cu_seqlens_q and api.launches[0][1] is packing.cu_seqlens_k
+    direct.launch_varlen(*_packed([2, 2], [2, 2] if causal else [1, 3], seed=1), 0.5, causal)
+    assert len(api.compiles) == 1  # other lengths and counts: the same kernel
+    dense = _qkv(hk=2)
+    direct(*dense, None, causal, return_lse=True)
+    assert len(api.compiles) == 2  # a dense call of the same class is another kernel
+
+
+def test_can_launch_varlen_refuses_what_the_library_would_run_otherwise(monkeypatch):
+    monkeypatch.setattr(fa4_sm90_forward, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    direct = Sm90Forward(StandInVarlenApi())
+    q, k, v, packing = _packed([5, 3, 7], [5, 3, 7])
+    assert direct.can_launch_varlen(q, k, v, packing)  # the control
+    many = _packed([1] * 5, [1] * 5)  # more sequences than the library's plain scheduler takes
+    assert not direct.can_launch_varlen(*many)
+    int64 = dataclasses.replace(packing, cu_seqlens_q=packing.cu_seqlens_q.long())
+    assert not direct.can_launch_varlen(q, k, v, int64)
+    assert not direct.can_launch_varlen(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), packing)  # dense shapes
+    assert not direct.can_launch_varlen(q, k[:0], v[:0], packing)  # no keys: the library writes zeros itself
+    assert not Sm90Forward(StandInApi()).can_launch_varlen(q, k, v, packing)  # a release without the limit's name

@@ -304,3 +304,114 @@ def test_aligned_or_copy_copies_what_the_library_copies(make, copied):
     got = fa4_sm90_backward._aligned_or_copy(t)
     assert (got is not t) is copied
     assert torch.equal(got, t)
+
+
+class StandInVarlenLaunches(Sm90BackwardKernels):
+    """STAND-IN: Sm90BackwardKernels' own `launch_varlen_backward` over varlen launches done in float64 torch on
+    CPU, with the library's varlen accumulator layout: sequence i's rows start at row
+    (cu_q[i] + i * tile) // tile * tile of dpsum, lse_log2 and the accumulator (tiles of 4 rows here), so buffers
+    sized short of that layout fail here as they would corrupt memory on a GPU."""
+
+    def __init__(self):
+        super().__init__(api=None)
+        self.seen = []  # (launch, cu_seqlens_q it got)
+
+    def tile_config(self, head_dim, head_dim_v, causal):
+        return TileConfig()
+
+    @staticmethod
+    def _starts(cu_q, tile):
+        return [(a + i * tile) // tile * tile for i, a in enumerate(cu_q.tolist()[:-1])]
+
+    def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum, cu_seqlens_q=None):
+        self.seen.append(("preprocess", cu_seqlens_q))
+        cu, tile = cu_seqlens_q.tolist(), config.m_block_size
+        dpsum.fill_(float("nan"))
+        lse_log2.fill_(float("nan"))
+        accum.zero_()
+        for (a, b), start in zip(zip(cu, cu[1:]), self._starts(cu_seqlens_q, tile)):
+            dpsum[:, start:start + b - a] = (out[a:b].double() * dout[a:b].double()).sum(-1).transpose(0, 1)
+            lse_log2[:, start:start + b - a] = lse[:, a:b] * LOG2E
+
+    def main(self, config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, causal, packing=None):
+        self.seen.append(("main", packing.cu_seqlens_q))
+        cu_q, cu_k = packing.cu_seqlens_q.tolist(), packing.cu_seqlens_k.tolist()
+        tiles = accum.view(q.shape[1], -1, self.head_dim_rounded(config, q.shape[-1]))
+        for i, start in enumerate(self._starts(packing.cu_seqlens_q, config.m_block_size)):
+            (a, b), (c, d) = cu_q[i:i + 2], cu_k[i:i + 2]
+            qh, kh, vh, doh = (t.double().transpose(0, 1) for t in (q[a:b], k[c:d], v[c:d], dout[a:b]))
+            scores = qh @ kh.transpose(-1, -2) * scale
+            if causal:
+                scores = scores.masked_fill(torch.ones(b - a, d - c, dtype=torch.bool).triu(d - c - (b - a) + 1),
+                                            float("-inf"))
+            p = torch.exp2(scores * LOG2E - lse_log2[:, start:start + b - a, None].double())
+            ds = p * (doh @ vh.transpose(-1, -2) - dpsum[:, start:start + b - a, None].double())
+            assert start + b - a <= tiles.shape[1], "the accumulator is shorter than the library's layout"
+            tiles[:, start:start + b - a, :q.shape[-1]] += (ds @ kh).float()
+            dk[c:d] = (ds.transpose(-1, -2) @ qh * scale).transpose(0, 1)
+            dv[c:d] = (p.transpose(-1, -2) @ doh).transpose(0, 1)
+
+    def postprocess(self, config, accum, dq, scale, cu_seqlens_q=None):
+        self.seen.append(("postprocess", cu_seqlens_q))
+        cu = cu_seqlens_q.tolist()
+        tiles = accum.view(dq.shape[1], -1, self.head_dim_rounded(config, dq.shape[-1]))
+        for (a, b), start in zip(zip(cu, cu[1:]), self._starts(cu_seqlens_q, config.m_block_size)):
+            dq[a:b] = (tiles[:, start:start + b - a, :dq.shape[-1]] * scale).transpose(0, 1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_launch_varlen_backward_is_the_gradient_of_each_sequence(causal):
+    """A varlen call's backward through the three launches with cu_seqlens (sequences of 5, 1, 7 and 3 rows:
+    off the stand-in's 4-row tiles, so each one's rows start on a new tile), against float64 autograd."""
+    from cpattn.providers.flash.layout import Packing
+
+    g = torch.Generator().manual_seed(5)
+    lengths_q = [5, 1, 7, 3]
+    lengths_k = lengths_q if causal else [2, 6, 4, 9]
+    cu = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)  # noqa
+    h, d = 3, 16
+    q = torch.randn(sum(lengths_q), h, d, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(sum(lengths_k), h, d, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    outs, lses = [], []
+    cu_q, cu_k = cu(lengths_q).tolist(), cu(lengths_k).tolist()
+    for i in range(len(lengths_q)):
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]],
+                                                  v[cu_k[i]:cu_k[i + 1]]))
+        scores = qs @ ks.transpose(-1, -2) * d ** -0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+        lses.append(scores.logsumexp(-1))
+    out, lse = torch.cat(outs), torch.cat(lses, dim=-1)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(dout)
+    packing = Packing(cu(lengths_q), cu(lengths_k), max(lengths_q), max(lengths_k))
+    kernels = StandInVarlenLaunches()
+    dq, dk, dv = kernels.launch_varlen_backward(q.detach(), k.detach(), v.detach(), out.detach(), dout,
+                                                lse.detach().float(), packing, None, causal)
+    for got, want in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert [name for name, _ in kernels.seen] == ["preprocess", "main", "postprocess"]
+    assert all(torch.equal(cu_seen, packing.cu_seqlens_q) for _, cu_seen in kernels.seen)
+
+
+def test_launch_varlen_backward_takes_only_what_it_runs_as_the_library(monkeypatch):
+    from cpattn.providers.flash.layout import Packing
+
+    class Api:
+        BIN_BATCH_SEARCH_THRESH = 4
+
+    kernels = Sm90BackwardKernels(Api)
+    q = torch.zeros(8, 4, 64, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    assert not kernels.can_launch_varlen_backward(q, q, q, Packing(cu, cu, 5, 5))  # CPU tensors
+    monkeypatch.setattr(fa4_sm90_backward, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert kernels.can_launch_varlen_backward(q, q, q, Packing(cu, cu, 5, 5))  # the control
+    many = torch.tensor([0, 1, 2, 3, 4, 8], dtype=torch.int32)  # 5 sequences, the limit is 4
+    assert not kernels.can_launch_varlen_backward(q, q, q, Packing(many, many, 2, 2))
+    assert not kernels.can_launch_varlen_backward(q, q, q, Packing(cu.long(), cu.long(), 5, 5))
+    assert not kernels.can_launch_varlen_backward(q, torch.zeros(8, 2, 64, dtype=torch.bfloat16),
+                                                  torch.zeros(8, 2, 64, dtype=torch.bfloat16),
+                                                  Packing(cu, cu, 5, 5))  # grouped heads: dK/dV accumulators
+    assert not Sm90BackwardKernels(object()).can_launch_varlen_backward(q, q, q, Packing(cu, cu, 5, 5))

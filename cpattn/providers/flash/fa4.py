@@ -15,6 +15,7 @@ sm90 fast paths
     On Hopper, inside the checked release window (fa4_release_window, override CPATTN_FA4_FAST_PATHS), dense
     forwards launch the compiled forward kernel directly (fa4_sm90_forward), one call's backward launches the
     three backward kernels itself, and a ring rank keeps one dQ accumulator over its steps (fa4_sm90_backward).
+    Varlen calls (`flash_varlen`) launch the same kernels with their cu_seqlens, forward and backward.
     Both exist only for host time: the kernels and their arguments are the library's. `fast_path_status` says
     which path runs and why.
 
@@ -93,10 +94,21 @@ class FlashAttention4(Generation):
         self.fast_path_verdict = fa4_release_window.verdict(self.version)
         self._missing_fast_path_names = sorted(set(fa4_sm90_forward.missing_interface_names(api))
                                                | set(fa4_sm90_backward.missing_interface_names(api)))
-        dense_real = not self.varlen and not self.standin_devices
+        real = not self.standin_devices
+        dense_real = not self.varlen and real
         self._direct_forward = fa4_sm90_forward.Sm90Forward.load(api, self.version) if dense_real else None
         self._backward_kernels = (fa4_sm90_backward.Sm90BackwardKernels.load(api, self.version) if dense_real
                                   else None)
+        # varlen calls (flash_varlen: packed documents, a packed ring's chains) launch the same kernels with
+        # cu_seqlens; the dense paths above stay the `flash` provider's
+        varlen_real = self.varlen and real
+        self._varlen_forward = fa4_sm90_forward.Sm90Forward.load(api, self.version) if varlen_real else None
+        self._varlen_kernels = (fa4_sm90_backward.Sm90BackwardKernels.load(api, self.version) if varlen_real
+                                else None)
+        if self._varlen_forward is not None:
+            self.extra_notes = self.extra_notes + (
+                "on sm90, varlen forwards and backwards (Hq == Hkv for the backward; no window, softcap or sinks) "
+                "launch the library's compiled kernels directly, without its per-call Python",)
         if self._direct_forward is not None:
             self.extra_notes = self.extra_notes + (
                 "on sm90, dense forwards and one call's backward (Hq == Hkv) launch the library's compiled kernels "
@@ -162,6 +174,9 @@ class FlashAttention4(Generation):
                                            **self._mods(mods))[:2])
 
     def varlen_forward(self, q, k, v, packing, scale, causal, mods=NO_MODS):
+        direct = self._varlen_forward
+        if direct is not None and mods.plain and direct.can_launch_varlen(q, k, v, packing):
+            return direct.launch_varlen(q, k, v, packing, scale, causal)
         # the private forward, as `forward`: the public varlen function gives the LSE only through its autograd
         return tuple(self._private_forward(q=q, k=k, v=v, **packing.kwargs(), softmax_scale=scale, causal=causal,
                                            return_lse=True, **self._mods(mods))[:2])
@@ -194,6 +209,10 @@ class FlashAttention4(Generation):
         )
 
     def varlen_backward(self, dout, q, k, v, out, lse, packing, scale, causal, deterministic, mods=NO_MODS):
+        kernels = self._varlen_kernels
+        if (kernels is not None and not deterministic and mods.plain_scores
+                and kernels.can_launch_varlen_backward(q, k, v, packing)):
+            return kernels.launch_varlen_backward(q, k, v, out, dout, lse, packing, scale, causal)
         return tuple(self._private_backward(q=q, k=k, v=v, out=out, dout=dout, lse=lse, **packing.kwargs(),
                                             softmax_scale=scale, causal=causal, deterministic=deterministic,
                                             **self._mods(mods, sinks=False))[:3])
@@ -202,12 +221,11 @@ class FlashAttention4(Generation):
         """Which path this generation's dense sm90 calls take, and why (see `fast_path_status`)."""
         if self.standin_devices:
             return FastPathStatus(False, "the flash-attn-4 module is a test stand-in")
-        if self.varlen:
-            return FastPathStatus(False, "varlen calls always run the library's functions")
         verdict = self.fast_path_verdict
         if not verdict.enabled:
             return FastPathStatus(False, verdict.reason)
-        loaded = self._direct_forward is not None or self._backward_kernels is not None
+        loaded = any(path is not None for path in (self._direct_forward, self._backward_kernels,
+                                                   self._varlen_forward, self._varlen_kernels))
         if self._missing_fast_path_names:  # each fast path loads only where the interface has what it reads
             lacks = ", ".join(self._missing_fast_path_names)
             return FastPathStatus(loaded, f"{verdict.reason}, but flash_attn.cute.interface lacks {lacks} (the fast "

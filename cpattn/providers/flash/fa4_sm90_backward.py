@@ -13,6 +13,13 @@ One call's backward (`Sm90BackwardKernels.launch_backward`)
     `_flash_attn_bwd`'s per-call Python. dK and dV are the library's bits; dQ, summed by float32 atomic adds in
     both, differs only by the order of those adds (tests/gpu/fa4_direct_check.py checks both on a GPU).
 
+One varlen call's backward (`Sm90BackwardKernels.launch_varlen_backward`)
+    The same three launches with the call's cu_seqlens (flash_varlen: packed documents, each chain of a packed
+    ring). The accumulators are sized as the library sizes them for varlen: every sequence's rows start on a new
+    tile, so one tile of padding per sequence. Above the library's BIN_BATCH_SEARCH_THRESH sequences the library
+    adds a tile-count aid for its scheduler, which these launches do not build: such calls run the library's
+    function.
+
 One accumulator per ring rank (`SharedAccumulatorBackward`)
     A ring backward calls the kernel once per step, on the rank's query rows (or the later half of them under
     zigzag) against each KV block: through the library, every step pays the preprocess and the postprocess over
@@ -44,6 +51,7 @@ When
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -58,6 +66,8 @@ _HALF = (torch.float16, torch.bfloat16)
 INTERFACE_NAMES = ("_tile_size_bwd_sm90", "_bwd_preprocess", "_bwd_postprocess_convert", "_get_device_arch",
                    "FlashAttentionBackwardSm90", "to_cute_tensor", "get_broadcast_dims", "torch2cute_dtype_map",
                    "AuxData", "cute")
+# the varlen launches read this too: the sequence count above which the library adds a scheduler aid
+VARLEN_LIMIT_NAME = "BIN_BATCH_SEARCH_THRESH"
 
 
 def missing_interface_names(api: Any) -> list[str]:
@@ -112,39 +122,49 @@ class Sm90BackwardKernels:
         """The accumulator's columns per row, as the library sizes them."""
         return _round_up(head_dim, Sm90BackwardKernels._head_dim_multiple(config))
 
-    def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum) -> None:
-        """dpsum = rowsum(dout * out), lse_log2 = lse * log2(e), accum = 0; tensors in the library's layout."""
+    def preprocess(self, config, out, dout, lse, dpsum, lse_log2, accum, cu_seqlens_q=None) -> None:
+        """dpsum = rowsum(dout * out), lse_log2 = lse * log2(e), accum = 0; tensors in the library's layout
+        (varlen given `cu_seqlens_q`)."""
         api = self._api
-        api._bwd_preprocess(out, dout, dpsum, lse, lse_log2, accum, None, None, None,
+        api._bwd_preprocess(out, dout, dpsum, lse, lse_log2, accum, cu_seqlens_q, None, None,
                             api.torch2cute_dtype_map[out.dtype], out.shape[-1], out.shape[-1],
                             config.m_block_size, hdim_multiple_of=self._head_dim_multiple(config), fake_mode=False)
 
-    def main(self, config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale: float, causal: bool) -> None:
+    def main(self, config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale: float, causal: bool,
+             packing=None) -> None:
         """The main kernel: dK and dV of one block into `dk`, `dv`; its dQ added into `accum` (a view of the
-        shared one)."""
+        shared one). With `packing` (cu_seqlens and longest lengths) a varlen call on (total, H, D) tensors."""
         api = self._api
-        single_q = accum.shape[-1] // self.head_dim_rounded(config, q.shape[-1]) == config.m_block_size
-        single_k = _round_up(k.shape[1], config.n_block_size) == config.n_block_size
+        if packing is None:
+            single_q = accum.shape[-1] // self.head_dim_rounded(config, q.shape[-1]) == config.m_block_size
+            single_k = _round_up(k.shape[1], config.n_block_size) == config.n_block_size
+            cu_q = cu_k = None
+        else:  # the library's one-block flags read the longest sequences of a varlen call
+            single_q = _round_up(packing.max_seqlen_q, config.m_block_size) == config.m_block_size
+            single_k = _round_up(packing.max_seqlen_k, config.n_block_size) == config.n_block_size
+            cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
         # the tile configuration is part of the key: a kernel compiled for another tile would add into the
         # accumulator in another order than this rank's postprocess reads
         config_key = self._config_keys.get(id(config))
         if config_key is None:  # a configuration `tile_config` did not hand out
             config_key = _tile_config_key(config)
-        key = (config_key, q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k,
+        key = (config_key, q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k, packing is None,
                *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
         if key not in self._compiled:
             self._compiled[key] = self._compile(config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv,
-                                                scale)
+                                                scale, cu_q, cu_k)
         # after the tensors and the scale: the positional list `_flash_attn_bwd` of the checked releases passes
-        # for a dense call without window, softcap, score/mask mod or block sparsity (each None, aux data empty)
-        self._compiled[key](q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, None, None, None, None, None,
+        # for a call without window, softcap, score/mask mod or block sparsity (each None, aux data empty), the
+        # cu_seqlens first (None for a dense call)
+        self._compiled[key](q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, cu_q, cu_k, None, None, None,
                             None, None, None, None, api.AuxData(None, None), None, None)
 
-    def postprocess(self, config, accum, dq, scale: float) -> None:
-        """dq = the accumulator rounded to dq's dtype (the library applies the softmax scale here)."""
+    def postprocess(self, config, accum, dq, scale: float, cu_seqlens_q=None) -> None:
+        """dq = the accumulator rounded to dq's dtype (the library applies the softmax scale here); varlen given
+        `cu_seqlens_q`."""
         api = self._api
         threads = 128 if config.dQ_single_wg else config.num_wg * 128
-        api._bwd_postprocess_convert(accum, dq, scale, None, None, api._get_device_arch(),
+        api._bwd_postprocess_convert(accum, dq, scale, cu_seqlens_q, None, api._get_device_arch(),
                                      api.torch2cute_dtype_map[dq.dtype], dq.shape[-1], config.m_block_size,
                                      threads, config.AtomLayoutMdQ, config.dQ_swapAB, use_2cta_instrs=False,
                                      cluster_size=1, accum_order=None, cu_total_m_blocks=None, sink_tensors=None,
@@ -179,11 +199,48 @@ class Sm90BackwardKernels:
         self.postprocess(config, accum, dq, scale)
         return dq, dk, dv
 
+    def can_launch_varlen_backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
+        """Whether `launch_varlen_backward` runs this varlen call as `_flash_attn_bwd` does: (total, H, D)
+        tensors as `can_launch_backward` takes them, int32 cu_seqlens on their device, and no more sequences than
+        the library's limit for its plain scheduler (above it the library adds a tile-count aid)."""
+        limit = getattr(self._api, VARLEN_LIMIT_NAME, None)
+        cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
+        if not isinstance(limit, int) or q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+            return False
+        if not (cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == cu_k.device == q.device
+                and cu_q.shape == cu_k.shape and cu_q.shape[0] - 1 <= limit):
+            return False
+        return self.can_launch_backward(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+
+    def launch_varlen_backward(self, q, k, v, out, dout, lse, packing, scale: float | None, causal: bool):
+        """(dq, dk, dv) of one varlen call: the library's three launches with the cu_seqlens, on (total, H, D)
+        tensors and the varlen lse (H, total_q) float32, its accumulators sized as the library sizes them (each
+        sequence's rows start on a tile, so one tile of padding per sequence)."""
+        q, k, v, out, dout, lse = (_aligned_or_copy(t) for t in (q, k, v, out, dout, lse))
+        cu_q = packing.cu_seqlens_q.contiguous()
+        packing = dataclasses.replace(packing, cu_seqlens_q=cu_q, cu_seqlens_k=packing.cu_seqlens_k.contiguous())
+        total_q, heads, head_dim = q.shape
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        config = self.tile_config(head_dim, head_dim, causal)
+        tile = config.m_block_size
+        rows = (total_q + cu_q.shape[0] * tile - 1) // tile * tile
+        opts = {"dtype": torch.float32, "device": q.device}
+        accum = torch.empty(heads, rows * self.head_dim_rounded(config, head_dim), **opts)
+        dpsum, lse_log2 = torch.empty(heads, rows, **opts), torch.empty(heads, rows, **opts)
+        self.preprocess(config, out, dout, lse, dpsum, lse_log2, accum, cu_q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        self.main(config, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, causal, packing)
+        dq = torch.empty_like(q)
+        self.postprocess(config, accum, dq, scale, cu_q)
+        return dq, dk, dv
+
     @staticmethod
     def _head_dim_multiple(config) -> int:
         return 64 if config.dKV_swapAB else 32
 
-    def _compile(self, config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale):
+    def _compile(self, config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, cu_q=None,
+                 cu_k=None):
         api = self._api
         kernel = api.FlashAttentionBackwardSm90(
             api.torch2cute_dtype_map[q.dtype], q.shape[-1], v.shape[-1], 1, causal, is_local=False,
@@ -195,8 +252,9 @@ class Sm90BackwardKernels:
             score_mod=None, score_mod_bwd=None, mask_mod=None, has_aux_tensors=False, q_subtile_factor=2,
             dQ_single_wg=config.dQ_single_wg)
         tensors = [api.to_cute_tensor(t) for t in (q, k, v, dout, lse_log2, dpsum, accum, dk, dv)]
+        cu = [api.to_cute_tensor(t, assumed_align=4) if t is not None else None for t in (cu_q, cu_k)]
         stream = api.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return api.cute.compile(kernel, *tensors, scale, None, None, None, None, None, None, None, None, None,
+        return api.cute.compile(kernel, *tensors, scale, *cu, None, None, None, None, None, None, None,
                                 api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
 
 

@@ -7,7 +7,8 @@ Why
     kernel itself, once compiled, is a TVM-FFI function that takes torch tensors. At small shapes that Python
     costs more than the kernel, and a ring pays it once per step and rank. Here the kernel is compiled once per
     shape class, with the arguments and the tile the library itself would choose, and called directly;
-    everything the library would decide differently falls back to it.
+    everything the library would decide differently falls back to it. A packed-document ring pays it per chain
+    and rank too, so varlen calls (cu_seqlens) have the same launch.
 
 What is the same
     The kernel class (FlashAttentionForwardSm90), its constructor arguments, the tile (`_tile_size_fwd_sm90`)
@@ -20,7 +21,12 @@ When
     float16 or bfloat16 of one dtype, 4-D (B, S, H, D) with the last dim contiguous and every other stride (and
     the address) 16-byte aligned (the kernel assumes that; the library would copy otherwise), non-empty, Hq a
     multiple of Hkv, and head dims of 8 to 256 in steps of 8. `Sm90Forward.can_launch` checks that per call;
-    otherwise the provider calls `_flash_attn_fwd`.
+    otherwise the provider calls `_flash_attn_fwd`. Varlen calls (`launch_varlen`): 3-D (total, H, D) tensors of
+    the same layout, int32 cu_seqlens on the device, at most the library's BIN_BATCH_SEARCH_THRESH sequences
+    (above it the library builds a tile-count aid the launch here does not), no window, softcap or sinks
+    (`can_launch_varlen`). On sm90 the library's varlen forward picks the same tile as the dense one (its tile
+    heuristic reads no length there, and splits no keys), and the kernel takes the cu_seqlens in the slots a
+    dense call leaves None.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from . import fa4_release_window
 # What the launch below reads from flash_attn.cute.interface: without any of them the library's function runs.
 INTERFACE_NAMES = ("_tile_size_fwd_sm90", "FlashAttentionForwardSm90", "to_cute_tensor", "get_broadcast_dims",
                    "torch2cute_dtype_map", "AuxData", "cute")
+# the varlen launch reads this too: the sequence count above which the library adds a scheduler aid
+VARLEN_LIMIT_NAME = "BIN_BATCH_SEARCH_THRESH"
 _ALIGN_BYTES = 16
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -95,11 +103,47 @@ class Sm90Forward:
                None, api.AuxData(None, None), None, None)
         return out, lse
 
-    def _compile(self, q, k, v, out, lse, scale, causal):
-        """As `_flash_attn_fwd` compiles a dense sm90 call (see the module docstring)."""
+    def can_launch_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
+        """Whether `launch_varlen` runs this varlen call exactly as `_flash_attn_fwd` would (see the module
+        docstring): (total, H, D) tensors as `can_launch` takes them, int32 cu_seqlens on their device, and no
+        more sequences than the library's limit for its plain scheduler."""
+        limit = getattr(self._api, VARLEN_LIMIT_NAME, None)
+        cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
+        if not isinstance(limit, int) or q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+            return False
+        if not (cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == cu_k.device == q.device
+                and cu_q.shape == cu_k.shape and cu_q.stride(0) == cu_k.stride(0) == 1
+                and cu_q.data_ptr() % 4 == 0 and cu_k.data_ptr() % 4 == 0):
+            return False
+        return cu_q.shape[0] - 1 <= limit and self.can_launch(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+
+    def launch_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing, scale: float | None,
+                      causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32) of a varlen call `can_launch_varlen`
+        accepted; on the current CUDA device's current stream."""
+        api = self._api
+        total_q, heads, head_dim = q.shape
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+        out = torch.empty(total_q, heads, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
+        cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
+        key = ("varlen", q.dtype, head_dim, v.shape[-1], heads // k.shape[1], causal,
+               api.get_broadcast_dims(q), api.get_broadcast_dims(k), api.get_broadcast_dims(v))
+        kernel = self._compiled.get(key)
+        if kernel is None:
+            kernel = self._compiled[key] = self._compile(q, k, v, out, lse, scale, causal, (cu_q, cu_k))
+        # the dense list with the cu_seqlens in their slots (seqused, page table, window and sinks None)
+        kernel(q.detach(), k.detach(), v.detach(), out, lse, scale, cu_q, cu_k, None, None, None, None, None, None,
+               None, api.AuxData(None, None), None, None)
+        return out, lse
+
+    def _compile(self, q, k, v, out, lse, scale, causal, cu_seqlens=(None, None)):
+        """As `_flash_attn_fwd` compiles a dense sm90 call, or a varlen one given `cu_seqlens` (see the module
+        docstring)."""
         api = self._api
         head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-        per_kv_head = q.shape[2] // k.shape[2]
+        per_kv_head = q.shape[-2] // k.shape[-2]
         config = api._tile_size_fwd_sm90(head_dim, head_dim_v, causal, False)
         kernel = api.FlashAttentionForwardSm90(
             api.torch2cute_dtype_map[q.dtype], head_dim, head_dim_v, per_kv_head, is_causal=causal, is_local=False,
@@ -110,8 +154,10 @@ class Sm90Forward:
         tensors = [api.to_cute_tensor(t) for t in (q, k, v)]
         tensors.append(api.to_cute_tensor(out, assumed_align=_ALIGN_BYTES))
         tensors.append(api.to_cute_tensor(lse, assumed_align=4) if lse is not None else None)
+        cu_q, cu_k = (api.to_cute_tensor(t, assumed_align=4, leading_dim=0) if t is not None else None
+                      for t in cu_seqlens)
         stream = api.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return api.cute.compile(kernel, *tensors, scale, None, None, None, None, None, None, None, None, None,
+        return api.cute.compile(kernel, *tensors, scale, cu_q, cu_k, None, None, None, None, None, None, None,
                                 api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
 
 
