@@ -90,7 +90,7 @@ class FlashAttention4(Generation):
         self.sm90_varlen_backward = sm90_backward_takes_cu_seqlens(api)
 
     def _load_fast_paths(self, api) -> None:
-        """The sm90 fast paths for dense calls of a real library (never varlen, never a stand-in)."""
+        """The sm90 fast paths of a real library (never a stand-in): dense for `flash`, varlen for `flash_varlen`."""
         self.fast_path_verdict = fa4_release_window.verdict(self.version)
         self._missing_fast_path_names = sorted(set(fa4_sm90_forward.missing_interface_names(api))
                                                | set(fa4_sm90_backward.missing_interface_names(api)))

@@ -217,8 +217,10 @@ class Sm90BackwardKernels:
         tensors and the varlen lse (H, total_q) float32, its accumulators sized as the library sizes them (each
         sequence's rows start on a tile, so one tile of padding per sequence)."""
         q, k, v, out, dout, lse = (_aligned_or_copy(t) for t in (q, k, v, out, dout, lse))
-        cu_q = packing.cu_seqlens_q.contiguous()
-        packing = dataclasses.replace(packing, cu_seqlens_q=cu_q, cu_seqlens_k=packing.cu_seqlens_k.contiguous())
+        if not (packing.cu_seqlens_q.is_contiguous() and packing.cu_seqlens_k.is_contiguous()):
+            packing = dataclasses.replace(packing, cu_seqlens_q=packing.cu_seqlens_q.contiguous(),
+                                          cu_seqlens_k=packing.cu_seqlens_k.contiguous())
+        cu_q = packing.cu_seqlens_q
         total_q, heads, head_dim = q.shape
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)
