@@ -386,7 +386,8 @@ def main() -> int:
 def varlen_main(api, args) -> int:
     gen = cpattn.PROVIDERS["flash_varlen"].generation()
     direct, kernels = gen._varlen_forward, gen._varlen_kernels
-    assert direct is not None and kernels is not None, f"varlen launches are off: {gen.fast_path_status()}"
+    assert direct is not None and kernels is not None, (f"varlen launches are off: {gen.fast_path_status()} "
+                                                        "(CPATTN_FA4_FAST_PATHS=force runs them before they pass)")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flash_varlen": gen.version,
               "varlen": varlen_cases(api, direct, kernels)}
     result["varlen_host_us"] = varlen_host_time(api, direct, kernels)

@@ -192,3 +192,18 @@ def test_info_prints_the_fa4_path(monkeypatch):
     assert cpattn.info.fa4_path() == stand_in
     install(monkeypatch, {})
     assert cpattn.info.fa4_path() == "FA4 sm90 path: the library's functions: provider 'flash' is not available"
+
+
+@pytest.mark.parametrize("setting, listed, runs", [
+    ("", False, False),  # auto, a release whose varlen launches were never checked on a GPU
+    ("", True, True),
+    ("force", False, True),
+    ("off", True, False),
+])
+def test_varlen_launches_run_only_on_releases_that_passed_their_gpu_check(monkeypatch, setting, listed, runs):
+    monkeypatch.setenv(fa4_release_window.FAST_PATHS_ENV, setting)
+    monkeypatch.setattr(fa4_release_window, "VARLEN_CHECKED_RELEASES", (INSIDE,) if listed else ())
+    assert fa4_release_window.allows(INSIDE) is (setting != "off")  # the dense fast paths: the window alone
+    assert fa4_release_window.varlen_allows(INSIDE) is runs
+    if not runs and setting != "off":
+        assert "fa4_direct_check.py --only varlen" in fa4_release_window.varlen_reason(INSIDE)

@@ -15,7 +15,8 @@ sm90 fast paths
     On Hopper, inside the checked release window (fa4_release_window, override CPATTN_FA4_FAST_PATHS), dense
     forwards launch the compiled forward kernel directly (fa4_sm90_forward), one call's backward launches the
     three backward kernels itself, and a ring rank keeps one dQ accumulator over its steps (fa4_sm90_backward).
-    Varlen calls (`flash_varlen`) launch the same kernels with their cu_seqlens, forward and backward.
+    Varlen calls (`flash_varlen`) launch the same kernels with their cu_seqlens, forward and backward, on the
+    releases whose varlen launches passed their GPU check (fa4_release_window.VARLEN_CHECKED_RELEASES).
     Both exist only for host time: the kernels and their arguments are the library's. `fast_path_status` says
     which path runs and why.
 
@@ -101,7 +102,7 @@ class FlashAttention4(Generation):
                                   else None)
         # varlen calls (flash_varlen: packed documents, a packed ring's chains) launch the same kernels with
         # cu_seqlens; the dense paths above stay the `flash` provider's
-        varlen_real = self.varlen and real
+        varlen_real = self.varlen and real and fa4_release_window.varlen_allows(self.version)
         self._varlen_forward = fa4_sm90_forward.Sm90Forward.load(api, self.version) if varlen_real else None
         self._varlen_kernels = (fa4_sm90_backward.Sm90BackwardKernels.load(api, self.version) if varlen_real
                                 else None)
@@ -224,6 +225,8 @@ class FlashAttention4(Generation):
         verdict = self.fast_path_verdict
         if not verdict.enabled:
             return FastPathStatus(False, verdict.reason)
+        if self.varlen and self._varlen_forward is None:
+            return FastPathStatus(False, f"{verdict.reason}; varlen: {fa4_release_window.varlen_reason(self.version)}")
         loaded = any(path is not None for path in (self._direct_forward, self._backward_kernels,
                                                    self._varlen_forward, self._varlen_kernels))
         if self._missing_fast_path_names:  # each fast path loads only where the interface has what it reads

@@ -10,6 +10,9 @@ Why a window
     one warning per process says so, where an sm90 GPU is visible (elsewhere the fast paths never run anyway).
     Widening the window means running tests/gpu/fa4_direct_check.py on the new release first.
 
+The varlen launches (fa4_sm90_forward.launch_varlen, fa4_sm90_backward.launch_varlen_backward) have a list of
+    their own, VARLEN_CHECKED_RELEASES: under 'auto' they run only on a release that passed their GPU check.
+
 Override: the environment variable CPATTN_FA4_FAST_PATHS, read when the `flash` provider first loads FA4
     auto   (default; also when unset or empty) the fast paths run on releases inside the window only
     force  they run on any release that has every name they read (an unchecked release: no warning)
@@ -32,6 +35,10 @@ FAST_PATHS_ENV = "CPATTN_FA4_FAST_PATHS"
 SETTINGS = ("auto", "force", "off")
 FIRST_CHECKED_RELEASE = "4.0.0b36"
 LAST_CHECKED_RELEASE = "4.0.0b36"
+# The releases on which the varlen launches (flash_varlen's calls with cu_seqlens) passed
+# `tests/gpu/fa4_direct_check.py --only varlen` on a GPU. They are newer than the dense ones. Under 'auto' they
+# run only on these releases; 'force' runs them anyway, e.g. to run that check.
+VARLEN_CHECKED_RELEASES: tuple[str, ...] = ()
 
 _RELEASE = re.compile(
     r"^v?(?P<release>\d+(?:\.\d+)*)"
@@ -132,6 +139,24 @@ def allows(version: str) -> bool:
             RuntimeWarning, stacklevel=3,
         )
     return result.enabled
+
+
+def varlen_allows(version: str) -> bool:
+    """Whether the varlen launches may run on `version`: the fast paths may (`allows`), and the release is one of
+    VARLEN_CHECKED_RELEASES or CPATTN_FA4_FAST_PATHS is 'force'."""
+    if not allows(version):
+        return False
+    return verdict(version).setting == "force" or version in VARLEN_CHECKED_RELEASES
+
+
+def varlen_reason(version: str) -> str:
+    """Why the varlen launches run or not on `version` (after the fast paths' own verdict)."""
+    if verdict(version).setting == "force":
+        return f"{FAST_PATHS_ENV}=force"
+    if version in VARLEN_CHECKED_RELEASES:
+        return f"flash-attn-4 {version} passed the varlen check"
+    return (f"flash-attn-4 {version} has not passed the GPU check of the varlen launches "
+            f"(tests/gpu/fa4_direct_check.py --only varlen); {FAST_PATHS_ENV}=force runs them anyway")
 
 
 def sm90_visible() -> bool:
