@@ -36,9 +36,9 @@ SETTINGS = ("auto", "force", "off")
 FIRST_CHECKED_RELEASE = "4.0.0b36"
 LAST_CHECKED_RELEASE = "4.0.0b36"
 # The releases on which the varlen launches (flash_varlen's calls with cu_seqlens) passed
-# `tests/gpu/fa4_direct_check.py --only varlen` on a GPU. They are newer than the dense ones. Under 'auto' they
-# run only on these releases; 'force' runs them anyway, e.g. to run that check.
-VARLEN_CHECKED_RELEASES: tuple[str, ...] = ()
+# `tests/gpu/fa4_direct_check.py --only varlen` on a GPU (docs/packed-and-decode.md). Under 'auto' they run only on
+# these releases; 'force' runs them anyway, e.g. to run that check on a new release.
+VARLEN_CHECKED_RELEASES: tuple[str, ...] = ("4.0.0b36",)
 
 _RELEASE = re.compile(
     r"^v?(?P<release>\d+(?:\.\d+)*)"
