@@ -51,7 +51,6 @@ When
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -60,14 +59,13 @@ import torch
 from ...contract import (AttentionCall, Provider, SharedRowsBackward, device_capability, lse_for_kernel_backward,
                          on_device, rows_may_be_empty)
 from . import fa4_release_window
+from .fa4_sm90_forward import varlen_packing_fits
 
 _HALF = (torch.float16, torch.bfloat16)
 # What the launches below read from flash_attn.cute.interface: without any of them, the library's backward runs.
 INTERFACE_NAMES = ("_tile_size_bwd_sm90", "_bwd_preprocess", "_bwd_postprocess_convert", "_get_device_arch",
                    "FlashAttentionBackwardSm90", "to_cute_tensor", "get_broadcast_dims", "torch2cute_dtype_map",
                    "AuxData", "cute")
-# the varlen launches read this too: the sequence count above which the library adds a scheduler aid
-VARLEN_LIMIT_NAME = "BIN_BATCH_SEARCH_THRESH"
 
 
 def missing_interface_names(api: Any) -> list[str]:
@@ -201,26 +199,16 @@ class Sm90BackwardKernels:
 
     def can_launch_varlen_backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
         """Whether `launch_varlen_backward` runs this varlen call as `_flash_attn_bwd` does: (total, H, D)
-        tensors as `can_launch_backward` takes them, int32 cu_seqlens on their device, and no more sequences than
-        the library's limit for its plain scheduler (above it the library adds a tile-count aid)."""
-        limit = getattr(self._api, VARLEN_LIMIT_NAME, None)
-        cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
-        if not isinstance(limit, int) or q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-            return False
-        if not (cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == cu_k.device == q.device
-                and cu_q.shape == cu_k.shape and cu_q.shape[0] - 1 <= limit):
-            return False
-        return self.can_launch_backward(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+        tensors as `can_launch_backward` takes them, and a packing fa4_sm90_forward.varlen_packing_fits."""
+        return (varlen_packing_fits(self._api, q, k, v, packing)
+                and self.can_launch_backward(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)))
 
     def launch_varlen_backward(self, q, k, v, out, dout, lse, packing, scale: float | None, causal: bool):
         """(dq, dk, dv) of one varlen call: the library's three launches with the cu_seqlens, on (total, H, D)
         tensors and the varlen lse (H, total_q) float32, its accumulators sized as the library sizes them (each
         sequence's rows start on a tile, so one tile of padding per sequence)."""
         q, k, v, out, dout, lse = (_aligned_or_copy(t) for t in (q, k, v, out, dout, lse))
-        if not (packing.cu_seqlens_q.is_contiguous() and packing.cu_seqlens_k.is_contiguous()):
-            packing = dataclasses.replace(packing, cu_seqlens_q=packing.cu_seqlens_q.contiguous(),
-                                          cu_seqlens_k=packing.cu_seqlens_k.contiguous())
-        cu_q = packing.cu_seqlens_q
+        cu_q = packing.cu_seqlens_q  # contiguous: varlen_packing_fits
         total_q, heads, head_dim = q.shape
         if scale is None:
             scale = 1.0 / math.sqrt(head_dim)

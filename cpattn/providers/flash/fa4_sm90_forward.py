@@ -105,17 +105,9 @@ class Sm90Forward:
 
     def can_launch_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
         """Whether `launch_varlen` runs this varlen call exactly as `_flash_attn_fwd` would (see the module
-        docstring): (total, H, D) tensors as `can_launch` takes them, int32 cu_seqlens on their device, and no
-        more sequences than the library's limit for its plain scheduler."""
-        limit = getattr(self._api, VARLEN_LIMIT_NAME, None)
-        cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
-        if not isinstance(limit, int) or q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-            return False
-        if not (cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == cu_k.device == q.device
-                and cu_q.shape == cu_k.shape and cu_q.stride(0) == cu_k.stride(0) == 1
-                and cu_q.data_ptr() % 4 == 0 and cu_k.data_ptr() % 4 == 0):
-            return False
-        return cu_q.shape[0] - 1 <= limit and self.can_launch(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+        docstring): (total, H, D) tensors as `can_launch` takes them, and a packing `varlen_packing_fits`."""
+        return (varlen_packing_fits(self._api, q, k, v, packing)
+                and self.can_launch(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)))
 
     def launch_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing, scale: float | None,
                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +151,20 @@ class Sm90Forward:
         stream = api.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
         return api.cute.compile(kernel, *tensors, scale, cu_q, cu_k, None, None, None, None, None, None, None,
                                 api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
+
+
+def varlen_packing_fits(api: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
+    """What both varlen launches (forward here, backward in fa4_sm90_backward) ask of a call's shapes and
+    packing: 3-D (total, H, D) tensors, int32 cu_seqlens of one length on their device, contiguous and 4-byte
+    aligned (as the library compiles them), and no more sequences than `api`'s limit for its plain scheduler
+    (above it the library builds a tile-count aid these launches do not)."""
+    limit = getattr(api, VARLEN_LIMIT_NAME, None)
+    cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
+    if not isinstance(limit, int) or q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        return False
+    return (cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == cu_k.device == q.device
+            and cu_q.shape == cu_k.shape and cu_q.shape[0] - 1 <= limit
+            and cu_q.stride(0) == cu_k.stride(0) == 1 and cu_q.data_ptr() % 4 == 0 and cu_k.data_ptr() % 4 == 0)
 
 
 def _has_kernel_layout(t: torch.Tensor) -> bool:
