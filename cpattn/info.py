@@ -236,8 +236,9 @@ def support_matrix_markdown() -> str:
 
 
 def fa4_path() -> str:
-    """Which FlashAttention-4 path provider 'flash' takes on sm90 here, and why: its direct kernel launches or the
-    library's functions (see cpattn/providers/flash/fa4_release_window.py, CPATTN_FA4_FAST_PATHS)."""
+    """Which FlashAttention-4 path providers 'flash' and 'flash_varlen' take on sm90 here, and why: direct kernel
+    launches or the library's functions (see cpattn/providers/flash/fa4_release_window.py, CPATTN_FA4_FAST_PATHS)."""
     from .providers.flash import fast_path_status
 
-    return f"FA4 sm90 path: {fast_path_status(PROVIDERS['flash'])}"
+    return (f"FA4 sm90 path: {fast_path_status(PROVIDERS['flash'])}\n"
+            f"FA4 sm90 varlen path: {fast_path_status(PROVIDERS['flash_varlen'])}")

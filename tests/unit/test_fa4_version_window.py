@@ -188,10 +188,18 @@ def test_info_prints_the_fa4_path(monkeypatch):
     import cpattn.info
 
     install(monkeypatch, standin.fa4_modules())
-    stand_in = "FA4 sm90 path: the library's functions: the flash-attn-4 module is a test stand-in"
-    assert cpattn.info.fa4_path() == stand_in
+    stand_in = "the library's functions: the flash-attn-4 module is a test stand-in"
+    assert cpattn.info.fa4_path() == f"FA4 sm90 path: {stand_in}\nFA4 sm90 varlen path: {stand_in}"
     install(monkeypatch, {})
-    assert cpattn.info.fa4_path() == "FA4 sm90 path: the library's functions: provider 'flash' is not available"
+    assert cpattn.info.fa4_path() == (
+        "FA4 sm90 path: the library's functions: provider 'flash' is not available\n"
+        "FA4 sm90 varlen path: the library's functions: provider 'flash_varlen' is not available")
+
+
+def test_the_varlen_status_names_the_varlen_launches():
+    on = FastPathStatus(True, "checked", "varlen forward and backward")
+    assert str(on) == "direct kernel launches on sm90 (varlen forward and backward): checked"
+    assert "one dQ accumulator per ring rank" in str(FastPathStatus(True, "checked"))
 
 
 @pytest.mark.parametrize("setting, listed, runs", [

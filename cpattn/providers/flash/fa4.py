@@ -229,11 +229,12 @@ class FlashAttention4(Generation):
             return FastPathStatus(False, f"{verdict.reason}; varlen: {fa4_release_window.varlen_reason(self.version)}")
         loaded = any(path is not None for path in (self._direct_forward, self._backward_kernels,
                                                    self._varlen_forward, self._varlen_kernels))
+        launches = "varlen forward and backward" if self.varlen else FastPathStatus.launches
         if self._missing_fast_path_names:  # each fast path loads only where the interface has what it reads
             lacks = ", ".join(self._missing_fast_path_names)
             return FastPathStatus(loaded, f"{verdict.reason}, but flash_attn.cute.interface lacks {lacks} (the fast "
-                                          "paths that read them are off)")
-        return FastPathStatus(loaded, verdict.reason)
+                                          "paths that read them are off)", launches)
+        return FastPathStatus(loaded, verdict.reason, launches)
 
 
 def sm90_backward_takes_cu_seqlens(api) -> bool:
@@ -261,16 +262,17 @@ class FastPathStatus:
 
     active: bool
     reason: str
+    launches: str = "forward, one call's backward, one dQ accumulator per ring rank"  # what runs directly
 
     def __str__(self) -> str:
         if self.active:
-            return ("direct kernel launches on sm90 (forward, one call's backward, one dQ accumulator per ring "
-                    f"rank): {self.reason}")
+            return f"direct kernel launches on sm90 ({self.launches}): {self.reason}"
         return f"the library's functions: {self.reason}"
 
 
 def fast_path_status(provider) -> FastPathStatus:
-    """Which FA4 path the `flash` provider (a `Flash` adapter) runs on sm90 here, and why."""
+    """Which FA4 path a flash provider (`flash`: dense calls, `flash_varlen`: varlen calls) runs on sm90 here,
+    and why."""
     availability = provider.availability()
     if not availability.ok:
         return FastPathStatus(False, f"provider '{provider.name}' is not available")
