@@ -132,7 +132,8 @@ class _FusedRowMerge:
     launches per chain, which a ring with many short steps pays on the host). For inputs below float64 (the
     merge runs in float32, as _RowMerge's does for them). Without sinks the result is written straight into the
     packed (rows, heads, dim) layout, or is the one chain's kernel output where a single chain covers every row:
-    no transposing copy after the merge."""
+    no transposing copy after the merge. Where the first chain (the diagonal step's) covers every row and the
+    others some, the merge is written into that chain's output, on the rows the others cover only."""
 
     def __init__(self, rows: int, heads: int, value_dim: int, device):
         self._shape, self._device = (rows, heads, value_dim), device
@@ -146,6 +147,13 @@ class _FusedRowMerge:
             lone = self._acc.lone_block()  # one chain over every row: its kernel's output, in this layout already
             if lone is not None and lone[0].dtype == dtype and lone[0][0].transpose(0, 1).is_contiguous():
                 return lone[0][0].transpose(0, 1), lone[1][0].float()
+            first = self._acc.first_block()
+            if first is not None and first[0][0].transpose(0, 1).is_contiguous():
+                # a chain over every row (the diagonal step's) in this layout, the others on some rows: merged in
+                # its own storage (a kernel output the ring owns), on the rows the others cover
+                merged = self._acc.result_in_first(dtype)
+                if merged is not None:
+                    return merged[0][0].transpose(0, 1), merged[1][0]
             out = torch.empty(self._shape, dtype=dtype, device=self._device)  # the merge writes here, no copy after
             _, lse = self._acc.result(dtype, out=out.transpose(0, 1).unsqueeze(0))
             return out, lse[0]

@@ -82,6 +82,39 @@ class PartialAttention:
         _, merged, lse = self._blocks[0]
         return merged.to(dtype), lse.float()
 
+    def result_in_first(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(out, lse) merged into the first block's own storage, where that block covers every row, is in
+        `dtype` with a float32 lse, and the others fit one launch: only the rows from the others' first row to
+        their last are read and written (a packed ring whose diagonal chain covers the shard, and another chain
+        a few of its documents). A row the other blocks miss keeps the first block's values, as `lone_block`
+        does, so the result is the bits `result(dtype)` gives wherever the first block has out 0 on its rows of
+        lse -inf (the contract's empty rows). The caller must own the first block (a kernel's output it does
+        not keep elsewhere). None where this does not apply: nothing is changed then."""
+        if len(self._blocks) < 2 or len(self._blocks) > MAX_BLOCKS:
+            return None
+        rows0, out0, lse0 = self._blocks[0]
+        if not self._covers_all(rows0) or out0.dtype != dtype or lse0.dtype != torch.float32:
+            return None
+        others = self._blocks[1:]
+        hull = slice(min(r.start for r, _, _ in others), max(r.stop for r, _, _ in others))
+        dest, dest_lse = out0[:, :, hull], lse0[:, :, hull]
+        fused = _fused_merge() if _fuse_on(out0) else None
+        if fused is not None:  # the first block is the destination: each element is read before it is written
+            fused(dest, dest_lse, [(dest, dest_lse, 0)] + [(o, l, r.start - hull.start) for r, o, l in others])
+        else:  # merge_two from the first block's rows (it comes through as it is), rounded once
+            total, lse = dest.float(), dest_lse.clone()
+            for r, o, l in others:
+                part = slice(r.start - hull.start, r.stop - hull.start)
+                total[:, :, part], lse[:, :, part] = merge_two(total[:, :, part], lse[:, :, part], o, l)
+            dest.copy_(total)
+            dest_lse.copy_(lse)
+        self._blocks = [(rows0, out0, lse0)]
+        return out0, lse0
+
+    def first_block(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(out, lse) of the first block held, as it was added, or None before any."""
+        return (self._blocks[0][1], self._blocks[0][2]) if self._blocks else None
+
     def lone_block(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(out, lse) of the one block held where it covers every row (the result as it is), else None."""
         if len(self._blocks) == 1 and self._covers_all(self._blocks[0][0]):

@@ -1,7 +1,7 @@
 """Run by tests/unit/test_merge_kernel.py in a process with TRITON_INTERPRET=1: the Triton merge kernel on CPU
 tensors (Triton's interpreter) against `merge_two` for two blocks, over dtypes, head dims, row slices and poisoned
-rows, in place and into new storage; for three and four blocks against a float64 merge; then ring forwards whose
-merges it does. With --cuda (on a GPU): the kernel cases on CUDA tensors."""
+rows, in place and into new storage; for three and four blocks against a float64 merge; the merge into the first
+block's own storage against the merge into new storage, bit for bit; then ring forwards whose merges it does. With --cuda (on a GPU): the kernel cases on CUDA tensors."""
 
 from __future__ import annotations
 
@@ -194,6 +194,61 @@ def ring_case(world: int, total: int, layout: str, causal: bool, hq: int, hkv: i
     return None
 
 
+def first_case(spans: tuple, dim: int, seed: int) -> str | None:
+    """None if `PartialAttention.result_in_first` (the merge written into the first block, bf16 over every row in
+    the packed ring's transposed layout) gives the bits `result(bf16)` gives, and leaves the rows outside the
+    other blocks' span as they were."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, s = 1, 3, 29
+
+    def blocks():
+        g.manual_seed(seed)
+        first = torch.randn(b, s, h, dim, generator=g).to(device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
+        first_lse = (torch.randn(b, h, s, generator=g) * 4).to(DEVICE)
+        first_lse[0, 0, :3] = float("-inf")  # rows that see no key: out 0 there, as the contract has kernels give
+        first[0, 0, :3] = 0.0
+        first_lse[0, 2, 6] = float("-inf")  # one inside the others' rows, which a block covers
+        first[0, 2, 6] = 0.0
+        held = [(slice(0, s), first, first_lse)]
+        for i, rows in enumerate(spans):
+            k = rows.stop - rows.start
+            dtype = torch.bfloat16 if i % 2 == 0 else torch.float32
+            lse = (torch.randn(b, h, k, generator=g) * 4).to(DEVICE)
+            lse[0, 1, :1] = float("-inf")
+            held.append((rows, torch.randn(b, h, k, dim, generator=g).to(device=DEVICE, dtype=dtype), lse))
+        return held
+
+    def filled(held):
+        acc = cpattn.ops.merge.PartialAttention(b, h, s, dim, DEVICE)
+        for rows, o, l in held:
+            acc.add_rows(rows, o, l)
+        return acc
+
+    fuse_on = cpattn.ops.merge._fuse_on
+    cpattn.ops.merge._fuse_on = lambda acc_out: True  # the Triton merge on CPU tensors, under the interpreter
+    try:
+        want_out, want_lse = filled(blocks()).result(torch.bfloat16)
+        held = blocks()
+        before_out, before_lse = held[0][1].clone(), held[0][2].clone()
+        merged = filled(held).result_in_first(torch.bfloat16)
+    finally:
+        cpattn.ops.merge._fuse_on = fuse_on
+    if merged is None:
+        return "result_in_first did not apply"
+    got_out, got_lse = merged
+    if got_out.data_ptr() != held[0][1].data_ptr():
+        return "not written into the first block"
+    same = lambda x, y: bool(((x == y) | (x.isnan() & y.isnan())).all())  # noqa: E731
+    if not (same(got_out, want_out) and same(got_lse, want_lse)):
+        return "the merge in the first block differs from result(bf16)"
+    lo, hi = min(r.start for r in spans), max(r.stop for r in spans)
+    outside = [slice(0, lo), slice(hi, s)]
+    if not all(torch.equal(got_out[:, :, r], before_out[:, :, r]) and torch.equal(got_lse[:, :, r], before_lse[:, :, r])
+               for r in outside):
+        return "rows outside the other blocks changed"
+    return None
+
+
 def main() -> int:
     checked, failures = 0, []
     # In place (float32 accumulator), and into new storage: from a float32 or a kept bf16 first block, to
@@ -224,6 +279,14 @@ def main() -> int:
         checked += 1
         if problem:
             failures.append(f"{n} blocks -> a transposed bf16 view D={dim}: {problem}")
+    # Merged into the first block's own storage (the packed ring's diagonal chain): one and three other blocks,
+    # overlapping or with a gap between them.
+    for i, (span, dim) in enumerate(itertools.product(((slice(5, 12),), (slice(2, 9), slice(6, 14), slice(20, 27))),
+                                                      (8, 128))):
+        problem = first_case(span, dim, seed=1700 + i)
+        checked += 1
+        if problem:
+            failures.append(f"into the first block, others on {span} D={dim}: {problem}")
     if CUDA:
         print("\n".join(failures))
         print(f"checked {checked} kernel cases on {torch.cuda.get_device_name()}, {len(failures)} failed")
