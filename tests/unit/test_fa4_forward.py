@@ -262,9 +262,11 @@ def test_can_launch_varlen_refuses_what_the_library_would_run_otherwise(monkeypa
     monkeypatch.setattr(fa4_sm90_forward, "device_capability", lambda device: (9, 0))
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     direct = Sm90Forward(StandInVarlenApi())
-    q, k, v, packing = _packed([5, 3, 7], [5, 3, 7])
+    q, k, v, packing = _packed([5, 3, 7], [5, 3, 7], d=64)
     assert direct.can_launch_varlen(q, k, v, packing)  # the control
-    many = _packed([1] * 5, [1] * 5)  # more sequences than the library's plain scheduler takes
+    assert direct.can_launch_varlen(*_packed([5, 3, 7], [5, 3, 7], d=128))
+    assert not direct.can_launch_varlen(*_packed([5, 3, 7], [5, 3, 7], d=96))  # a head dim the GPU check lacks
+    many = _packed([1] * 5, [1] * 5, d=64)  # more sequences than the library's plain scheduler takes
     assert not direct.can_launch_varlen(*many)
     int64 = dataclasses.replace(packing, cu_seqlens_q=packing.cu_seqlens_q.long())
     assert not direct.can_launch_varlen(q, k, v, int64)

@@ -408,6 +408,8 @@ def test_launch_varlen_backward_takes_only_what_it_runs_as_the_library(monkeypat
     monkeypatch.setattr(fa4_sm90_backward, "device_capability", lambda device: (9, 0))
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert kernels.can_launch_varlen_backward(q, q, q, Packing(cu, cu, 5, 5))  # the control
+    wide = torch.zeros(8, 4, 256, dtype=torch.bfloat16)  # a head dim the varlen GPU check did not cover
+    assert not kernels.can_launch_varlen_backward(wide, wide, wide, Packing(cu, cu, 5, 5))
     many = torch.tensor([0, 1, 2, 3, 4, 8], dtype=torch.int32)  # 5 sequences, the limit is 4
     assert not kernels.can_launch_varlen_backward(q, q, q, Packing(many, many, 2, 2))
     assert not kernels.can_launch_varlen_backward(q, q, q, Packing(cu.long(), cu.long(), 5, 5))

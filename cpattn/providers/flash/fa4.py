@@ -108,8 +108,9 @@ class FlashAttention4(Generation):
                                 else None)
         if self._varlen_forward is not None:
             self.extra_notes = self.extra_notes + (
-                "on sm90, varlen forwards and backwards (Hq == Hkv for the backward; no window, softcap or sinks) "
-                "launch the library's compiled kernels directly, without its per-call Python",)
+                "on sm90, varlen forwards and backwards at head dims 64 and 128 (Hq == Hkv for the backward; no "
+                "window, softcap or sinks) launch the library's compiled kernels directly, without its per-call "
+                "Python",)
         if self._direct_forward is not None:
             self.extra_notes = self.extra_notes + (
                 "on sm90, dense forwards and one call's backward (Hq == Hkv) launch the library's compiled kernels "

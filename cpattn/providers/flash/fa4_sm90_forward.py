@@ -44,6 +44,9 @@ INTERFACE_NAMES = ("_tile_size_fwd_sm90", "FlashAttentionForwardSm90", "to_cute_
                    "torch2cute_dtype_map", "AuxData", "cute")
 # the varlen launch reads this too: the sequence count above which the library adds a scheduler aid
 VARLEN_LIMIT_NAME = "BIN_BATCH_SEARCH_THRESH"
+# The head dims the varlen launches' GPU check covered (tests/gpu/fa4_direct_check.py --only varlen); calls at
+# other head dims run the library's functions until a run of that check covers them.
+VARLEN_CHECKED_HEAD_DIMS = (64, 128)
 _ALIGN_BYTES = 16
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -155,12 +158,14 @@ class Sm90Forward:
 
 def varlen_packing_fits(api: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
     """What both varlen launches (forward here, backward in fa4_sm90_backward) ask of a call's shapes and
-    packing: 3-D (total, H, D) tensors, int32 cu_seqlens of one length on their device, contiguous and 4-byte
+    packing: 3-D (total, H, D) tensors at head dims VARLEN_CHECKED_HEAD_DIMS, int32 cu_seqlens of one length on their device, contiguous and 4-byte
     aligned (as the library compiles them), and no more sequences than `api`'s limit for its plain scheduler
     (above it the library builds a tile-count aid these launches do not)."""
     limit = getattr(api, VARLEN_LIMIT_NAME, None)
     cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
     if not isinstance(limit, int) or q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        return False
+    if q.shape[-1] not in VARLEN_CHECKED_HEAD_DIMS or v.shape[-1] not in VARLEN_CHECKED_HEAD_DIMS:
         return False
     return (cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == cu_k.device == q.device
             and cu_q.shape == cu_k.shape and cu_q.shape[0] - 1 <= limit
