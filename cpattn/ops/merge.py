@@ -97,17 +97,8 @@ class PartialAttention:
             return None
         others = self._blocks[1:]
         hull = slice(min(r.start for r, _, _ in others), max(r.stop for r, _, _ in others))
-        dest, dest_lse = out0[:, :, hull], lse0[:, :, hull]
-        fused = _fused_merge() if _fuse_on(out0) else None
-        if fused is not None:  # the first block is the destination: each element is read before it is written
-            fused(dest, dest_lse, [(dest, dest_lse, 0)] + [(o, l, r.start - hull.start) for r, o, l in others])
-        else:  # merge_two from the first block's rows (it comes through as it is), rounded once
-            total, lse = dest.float(), dest_lse.clone()
-            for r, o, l in others:
-                part = slice(r.start - hull.start, r.stop - hull.start)
-                total[:, :, part], lse[:, :, part] = merge_two(total[:, :, part], lse[:, :, part], o, l)
-            dest.copy_(total)
-            dest_lse.copy_(lse)
+        dest, dest_lse = out0[:, :, hull], lse0[:, :, hull]  # the first block is its own destination
+        _merge_into(dest, dest_lse, [(dest, dest_lse, 0)] + [(o, l, r.start - hull.start) for r, o, l in others])
         self._blocks = [(rows0, out0, lse0)]
         return out0, lse0
 
@@ -129,16 +120,25 @@ class PartialAttention:
         b, h, s, _ = self._shape
         out = torch.empty(self._shape, dtype=dtype, device=self._device) if into is None else into
         lse = torch.empty(b, h, s, dtype=torch.float32, device=self._device)
-        fused = _fused_merge() if self._blocks and _fuse_on(out) else None
-        if fused is not None:
-            fused(out, lse, [(o, l, rows.start) for rows, o, l in self._blocks])
-        else:  # merge_two from out 0, lse -inf (exact: the first block comes through as it is)
-            total = torch.zeros(self._shape, dtype=torch.float32, device=self._device)
-            lse.fill_(float("-inf"))
-            for rows, o, l in self._blocks:
-                total[:, :, rows], lse[:, :, rows] = merge_two(total[:, :, rows], lse[:, :, rows], o, l)
-            out.copy_(total)
+        _merge_into(out, lse, [(o, l, rows.start) for rows, o, l in self._blocks])
         self._blocks = [(slice(0, s), out, lse)]
+
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+    """(out, lse) <- the merge of `blocks` (out_b, lse_b, first row in `out`), rounded once into out's dtype:
+    the Triton merge where it runs (`out` may be the first block itself), else merge_two from out 0, lse -inf
+    (exact: the first block comes through as it is), in new float32 storage copied back at the end."""
+    fused = _fused_merge() if blocks and _fuse_on(out) else None
+    if fused is not None:
+        fused(out, lse, blocks)
+        return
+    total = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    total_lse = torch.full(lse.shape, float("-inf"), dtype=torch.float32, device=lse.device)
+    for o, l, first in blocks:
+        rows = slice(first, first + o.shape[2])
+        total[:, :, rows], total_lse[:, :, rows] = merge_two(total[:, :, rows], total_lse[:, :, rows], o, l)
+    out.copy_(total)
+    lse.copy_(total_lse)
 
 
 def merge_two(

@@ -374,15 +374,19 @@ def main() -> int:
     if result["compiled"] != result["shape_classes"]:
         failed.append({"compiled": result["compiled"], "shape_classes": result["shape_classes"]})
     result["checks"], result["failed"] = len(checks) + 1, len(failed)
+    return _report(result, failed, args, f"{len(checks) + 1 - len(failed)} of {len(checks) + 1} passed; host us "
+                                         f"per forward {result['host_us']}, per backward {result['backward_host_us']}")
+
+
+def _report(result: dict, failed: list, args, summary: str) -> int:
+    """Writes fa4_direct_check<TAG>.json, prints the failures and `summary`; the exit status."""
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"fa4_direct_check{args.tag}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     for c in failed:
         print("FAILED", c)
-    print(f"{len(checks) + 1 - len(failed)} of {len(checks) + 1} passed; host us per forward {result['host_us']}, "
-          f"per backward {result['backward_host_us']}; "
-          f"wrote {path}")
+    print(f"{summary}; wrote {path}")
     return 1 if failed else 0
 
 
@@ -396,15 +400,8 @@ def varlen_main(api, args) -> int:
     result["varlen_host_us"] = varlen_host_time(api, direct, kernels)
     failed = [c for c in result["varlen"] if not c["ok"]]
     result["checks"], result["failed"] = len(result["varlen"]), len(failed)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"fa4_direct_check{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    for c in failed:
-        print("FAILED", c)
-    print(f"{len(result['varlen']) - len(failed)} of {len(result['varlen'])} varlen cases passed; host us "
-          f"{result['varlen_host_us']}; wrote {path}")
-    return 1 if failed else 0
+    return _report(result, failed, args, f"{len(result['varlen']) - len(failed)} of {len(result['varlen'])} varlen "
+                                         f"cases passed; host us {result['varlen_host_us']}")
 
 
 if __name__ == "__main__":

@@ -97,13 +97,7 @@ class Sm90Forward:
         lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device) if return_lse else None
         key = (q.dtype, head_dim, head_dim_v, heads // k.shape[2], causal, return_lse,
                api.get_broadcast_dims(q), api.get_broadcast_dims(k), api.get_broadcast_dims(v))
-        kernel = self._compiled.get(key)
-        if kernel is None:
-            kernel = self._compiled[key] = self._compile(q, k, v, out, lse, scale, causal)
-        # after (q, k, v, out, lse, scale): the positional list `_flash_attn_fwd` of the checked releases passes
-        # for a dense call without the features the module docstring names (each None, the aux data empty)
-        kernel(q.detach(), k.detach(), v.detach(), out, lse, scale, None, None, None, None, None, None, None, None,
-               None, api.AuxData(None, None), None, None)
+        self._launch(key, q, k, v, out, lse, scale, causal)
         return out, lse
 
     def can_launch_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
@@ -122,16 +116,21 @@ class Sm90Forward:
             scale = 1.0 / math.sqrt(head_dim)
         out = torch.empty(total_q, heads, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
-        cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
         key = ("varlen", q.dtype, head_dim, v.shape[-1], heads // k.shape[1], causal,
                api.get_broadcast_dims(q), api.get_broadcast_dims(k), api.get_broadcast_dims(v))
+        self._launch(key, q, k, v, out, lse, scale, causal, packing.cu_seqlens_q, packing.cu_seqlens_k)
+        return out, lse
+
+    def _launch(self, key, q, k, v, out, lse, scale, causal, cu_q=None, cu_k=None) -> None:
+        """The kernel of shape class `key` (compiled on first use) on these tensors; cu_seqlens for varlen."""
         kernel = self._compiled.get(key)
         if kernel is None:
             kernel = self._compiled[key] = self._compile(q, k, v, out, lse, scale, causal, (cu_q, cu_k))
-        # the dense list with the cu_seqlens in their slots (seqused, page table, window and sinks None)
+        # after (q, k, v, out, lse, scale): the positional list `_flash_attn_fwd` of the checked releases passes
+        # for a call without the features the module docstring names (each None, the aux data empty), the
+        # cu_seqlens first (None for a dense call)
         kernel(q.detach(), k.detach(), v.detach(), out, lse, scale, cu_q, cu_k, None, None, None, None, None, None,
-               None, api.AuxData(None, None), None, None)
-        return out, lse
+               None, self._api.AuxData(None, None), None, None)
 
     def _compile(self, q, k, v, out, lse, scale, causal, cu_seqlens=(None, None)):
         """As `_flash_attn_fwd` compiles a dense sm90 call, or a varlen one given `cu_seqlens` (see the module
@@ -158,9 +157,9 @@ class Sm90Forward:
 
 def varlen_packing_fits(api: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing) -> bool:
     """What both varlen launches (forward here, backward in fa4_sm90_backward) ask of a call's shapes and
-    packing: 3-D (total, H, D) tensors at head dims VARLEN_CHECKED_HEAD_DIMS, int32 cu_seqlens of one length on their device, contiguous and 4-byte
-    aligned (as the library compiles them), and no more sequences than `api`'s limit for its plain scheduler
-    (above it the library builds a tile-count aid these launches do not)."""
+    packing: 3-D (total, H, D) tensors at head dims VARLEN_CHECKED_HEAD_DIMS, int32 cu_seqlens of one length on
+    their device, contiguous and 4-byte aligned (as the library compiles them), and no more sequences than
+    `api`'s limit for its plain scheduler (above it the library builds a tile-count aid these launches do not)."""
     limit = getattr(api, VARLEN_LIMIT_NAME, None)
     cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
     if not isinstance(limit, int) or q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
