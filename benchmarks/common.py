@@ -298,6 +298,51 @@ def bench_interleaved(fns: dict, device, warmup_ms: float = 100, budget_ms: floa
     return out
 
 
+def bench_queued(fns: dict, rounds: int = 3, calls: int = 15) -> dict:
+    """GPU time of each function with the host ahead of the GPU, as inside a model, where earlier layers' kernels
+    keep the GPU busy while the host issues this call: before every timed call the GPU is held by a spin kernel
+    (torch.cuda._sleep) longer than the host takes to issue the whole call, so the call's kernels are queued by
+    the time the start event fires and no launch waits on the host. An L2 flush comes just before the start event,
+    as in do_bench. Functions take turns (`turn_orders`), `calls` calls per turn; per function the median of every
+    call and the median of each round. Host-bound idle time is what this leaves out of `bench`'s timings."""
+    items = list(fns.items())
+    cache = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    cycles = _spin_cycles(1.3 * max(host_ms(fn, "cuda") for _, fn in items) + 1.0)
+    times = {name: [] for name, _ in items}
+    for order in turn_orders(len(items), rounds):
+        for name, fn in (items[j] for j in order):
+            recorded = []
+            for _ in range(calls):
+                torch.cuda._sleep(cycles)
+                cache.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                recorded.append((start, end))
+            sync("cuda")
+            times[name].append([s.elapsed_time(e) for s, e in recorded])
+    out = {}
+    for name, per_round in times.items():
+        every = [t for r in per_round for t in r]
+        out[name] = {"median_ms": statistics.median(every),
+                     "round_medians_ms": [statistics.median(r) for r in per_round],
+                     "p20_ms": statistics.quantiles(every, n=5)[0], "p80_ms": statistics.quantiles(every, n=5)[3]}
+    return out
+
+
+def _spin_cycles(ms: float) -> int:
+    """torch.cuda._sleep's cycle count that holds this GPU for about `ms` (measured: clocks differ by GPU)."""
+    probe = 1 << 20
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(probe)  # the first spin pays its launch setup
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    sync("cuda")
+    return int(probe * ms / max(start.elapsed_time(end), 1e-3))
+
+
 def capture_graph(fn, warmups: int = 3):
     """(CUDA graph of one call of `fn`, what that call returned): `fn` runs `warmups` times on a side stream
     first, where capture wants its lazy setup (compilation, workspaces) done."""

@@ -10,7 +10,9 @@ cpattn/cp/packed_layout.py). `split`: every rank's packed ring, forward and back
 after another on this device, each receiving the other ranks' key blocks from a loopback channel (the ranges
 its step plans name, as the network would bring them). `whole`: one varlen kernel call over the whole stream,
 forward and backward, with the stream's cu_seqlens. Efficiency = whole time / split time: what P devices can
-reach before any communication. `max_diff_vs_whole`: every rank's dQ against the whole call's (a loopback
+reach before any communication. On CUDA both are also timed with the host ahead of the GPU (`efficiency_queued`,
+common.bench_queued), as inside a model: the split issues many more launches than one call, and timed alone its
+GPU can wait on the host. `max_diff_vs_whole`: every rank's dQ against the whole call's (a loopback
 brings no other rank's dK/dV parts, so of the split's gradients only dQ is meaningful).
 
 Each case also records, without timing anything: the largest rank's counted causal work (per query token, the
@@ -215,6 +217,10 @@ def run_case(case: Case, args) -> dict:
                                          cpu_seconds=0.02 if args.smoke else 0.2)
         row["whole"], row["split"] = times["whole"], times["split"]
         row["efficiency"] = row["whole"]["median_ms"] / row["split"]["median_ms"]
+        if case.device == "cuda":  # the same with the host ahead of the GPU, as inside a model
+            queued = common.bench_queued({"whole": whole, "split": split}, args.rounds)
+            row["whole_queued"], row["split_queued"] = queued["whole"], queued["split"]
+            row["efficiency_queued"] = queued["whole"]["median_ms"] / queued["split"]["median_ms"]
         row["split_host_ms"] = common.host_ms(split, case.device, repeats=2 if args.smoke else 5)
         if args.profile:
             row["split_host_profile"] = host_profile(split, case.device)
@@ -266,7 +272,8 @@ def summary_line(row: dict) -> str:
         return (f"{head}: {row['forward_kernel_calls']} forward calls, {row['pieces']} pieces (median "
                 f"{row['median_piece_rows']} rows), work max/mean {row['work_max_over_mean']:.3f}, K/V held "
                 f"{row['kv_held_max_over_allgather']:.3f} of all-gather")
-    return (f"{head}: efficiency {row['efficiency']:.3f}, work max/mean {row['work_max_over_mean']:.3f} "
+    queued = f" (host ahead: {row['efficiency_queued']:.3f})" if "efficiency_queued" in row else ""
+    return (f"{head}: efficiency {row['efficiency']:.3f}{queued}, work max/mean {row['work_max_over_mean']:.3f} "
             f"(by position {row['position_sharded_work_max_over_mean'] or float('nan'):.3f}), K/V held "
             f"{row['kv_held_max_over_allgather']:.3f} of all-gather, dQ diff {row['max_diff_vs_whole']:.2e}")
 
