@@ -62,6 +62,8 @@ REBALANCED = 1.02  # whole documents move off the most loaded rank until it is w
 SWAP_PARTNERS = 3  # the least loaded ranks a document may be swapped with
 REBALANCE_ROUNDS = 4  # moves or swaps per rank, at most
 LOOKAHEAD = 3  # documents of the most loaded rank tried per growth step, in the look-ahead search
+CHUNK_TILE = 128  # early chunks of split documents are multiples of this (see _split_sizes): the row tiles of
+# FA4's sm90 backward (64 or 128 rows)
 REGIONS = ("early", "late", "whole")  # a run's place in its document's split (whole: not split)
 
 
@@ -450,15 +452,25 @@ def _spread(lengths: tuple[int, ...], world: int):
 
 def _split_sizes(n: int, group: tuple[int, ...], tokens: list[int], load: list[int]) -> tuple[int, ...]:
     """2m chunk sizes of a document of `n` tokens over the m ranks `group` (rank group[j] holds chunks j and
-    2m-1-j): equal, the remainder one per chunk to the ranks holding the fewest tokens (early chunks first, then
-    late); updates `tokens` and `load` (counted work) per rank."""
+    2m-1-j): near-equal, the remainder one per chunk to the ranks holding the fewest tokens (early chunks first,
+    then late); updates `tokens` and `load` (counted work) per rank.
+
+    Where a chunk holds at least CHUNK_TILE tokens, the early chunks are a multiple of CHUNK_TILE (the nearest
+    to an equal share) and the late chunks share the rest: a rank's late chunk then starts a whole number of
+    tiles into its run of the document, so a kernel's row tiles over the late chunk alone (a ring step's) are
+    tiles of the rank's whole run too (its diagonal step's), and the backward's steps can add into one dQ
+    accumulator (providers/flash/fa4_sm90_backward.py). Every rank still holds the same tokens of the document;
+    its counted work moves by under 2 CHUNK_TILE rows' worth per rank of the group, a small part of a rank's
+    load."""
     m = len(group)
     base, extra = divmod(n, 2 * m)
-    sizes = [base] * (2 * m)
+    early = base if base < CHUNK_TILE else (n + m * CHUNK_TILE) // (2 * m * CHUNK_TILE) * CHUNK_TILE  # nearest
+    late, extra = divmod(n - m * early, m) if early != base else (base, extra)
+    sizes = [early] * m + [late] * m
     order = sorted(range(m), key=lambda j: (tokens[group[j]], load[group[j]], group[j]))
     for i in range(extra):
         j = order[i % m]
-        sizes[j if i < m else 2 * m - 1 - j] += 1
+        sizes[j if i < m and early == base else 2 * m - 1 - j] += 1
     start = 0
     for c, size in enumerate(sizes):
         r = group[c if c < m else 2 * m - 1 - c]
