@@ -122,7 +122,7 @@ def packed_split_case(case: Case):
             if s != r and step_plan(layout, r, s, case.causal) is not None:
                 blocks(r, s)
 
-    def split():
+    def split(kernel=kernel):
         grads = []
         for r in range(case.p):
             spec = PackedRingSpec(Group(None, r, case.p, "loopback"), layout, case.causal, None, CommStats(),
@@ -132,7 +132,25 @@ def packed_split_case(case: Case):
             grads.append(packed_ring_backward(kernel, spec, lq, lk, lv, ldo, out, lse, last)[0])
         return grads
 
+    split.per_chain_dq = lambda: split(PerChainDq(kernel))  # the same, each chain with its own dQ
     return whole, split, layout, positions
+
+
+class PerChainDq:
+    """A packed ring kernel without one dQ accumulator per rank (`shared_rows` None): every chain runs its whole
+    backward and the rank sums the chains' dQ, as where the kernel keeps no accumulator."""
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+
+    def forward(self, *args):
+        return self._kernel.forward(*args)
+
+    def backward(self, *args):
+        return self._kernel.backward(*args)
+
+    def shared_rows(self, *args):
+        return None
 
 
 def memory_and_traffic(case: Case, layout) -> dict:
@@ -213,14 +231,25 @@ def run_case(case: Case, args) -> dict:
         full = whole()
         row["max_diff_vs_whole"] = max((full.index_select(0, i).double() - part.double()).abs().max().item()
                                        for i, part in zip(positions, split()) if i.numel())
-        times = common.bench_alternating({"whole": whole, "split": split}, case.device, args.rounds,
-                                         cpu_seconds=0.02 if args.smoke else 0.2)
-        row["whole"], row["split"] = times["whole"], times["split"]
+        fns = {"whole": whole, "split": split}
+        if args.per_chain_dq:
+            fns["split_per_chain_dq"] = split.per_chain_dq
+            row["per_chain_dq_max_diff_vs_whole"] = max(
+                (full.index_select(0, i).double() - part.double()).abs().max().item()
+                for i, part in zip(positions, split.per_chain_dq()) if i.numel())
+        times = common.bench_alternating(fns, case.device, args.rounds, cpu_seconds=0.02 if args.smoke else 0.2)
+        row.update(times)
         row["efficiency"] = row["whole"]["median_ms"] / row["split"]["median_ms"]
+        if args.per_chain_dq:
+            row["efficiency_per_chain_dq"] = row["whole"]["median_ms"] / row["split_per_chain_dq"]["median_ms"]
         if case.device == "cuda":  # the same with the host ahead of the GPU, as inside a model
-            queued = common.bench_queued({"whole": whole, "split": split}, args.rounds)
-            row["whole_queued"], row["split_queued"] = queued["whole"], queued["split"]
+            queued = common.bench_queued(fns, args.rounds)
+            for name, t in queued.items():
+                row[f"{name}_queued"] = t
             row["efficiency_queued"] = queued["whole"]["median_ms"] / queued["split"]["median_ms"]
+            if args.per_chain_dq:
+                row["efficiency_per_chain_dq_queued"] = (queued["whole"]["median_ms"]
+                                                         / queued["split_per_chain_dq"]["median_ms"])
         row["split_host_ms"] = common.host_ms(split, case.device, repeats=2 if args.smoke else 5)
         if args.profile:
             row["split_host_profile"] = host_profile(split, case.device)
@@ -273,6 +302,9 @@ def summary_line(row: dict) -> str:
                 f"{row['median_piece_rows']} rows), work max/mean {row['work_max_over_mean']:.3f}, K/V held "
                 f"{row['kv_held_max_over_allgather']:.3f} of all-gather")
     queued = f" (host ahead: {row['efficiency_queued']:.3f})" if "efficiency_queued" in row else ""
+    if "efficiency_per_chain_dq" in row:
+        queued += f", per-chain dQ {row['efficiency_per_chain_dq']:.3f}"
+        queued += f" ({row['efficiency_per_chain_dq_queued']:.3f})" if "efficiency_per_chain_dq_queued" in row else ""
     return (f"{head}: efficiency {row['efficiency']:.3f}{queued}, work max/mean {row['work_max_over_mean']:.3f} "
             f"(by position {row['position_sharded_work_max_over_mean'] or float('nan'):.3f}), K/V held "
             f"{row['kv_held_max_over_allgather']:.3f} of all-gather, dQ diff {row['max_diff_vs_whole']:.2e}")
@@ -322,6 +354,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="balanced rounds per timing")
     parser.add_argument("--profile", action="store_true", help="cProfile one split: where its host time goes")
+    parser.add_argument("--per-chain-dq", action="store_true",
+                        help="also time the split without one dQ accumulator per rank (each chain's own dQ, summed)")
     parser.add_argument("--plans-only", action="store_true",
                         help="count the layout and step plans (calls, pieces, balance, K/V held and sent); no timing")
     parser.add_argument("--smoke", action="store_true", help="CPU-sized: S=384, P=4, mean 48, H=2, D=16, 2 rounds")

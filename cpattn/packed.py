@@ -24,6 +24,7 @@ after another, their boundaries in int32 cu_seqlens.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from typing import Any
 
@@ -254,6 +255,91 @@ class VarlenBlocks:
         return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
 
+    def shared_rows(self, dout, q, out, lse, frame: Chain) -> "SharedVarlenRows | None":
+        """The backward's steps adding into one dQ accumulator over this rank's rows, `frame` the diagonal step's
+        chain over every row (BlockKernel.shared_rows), where the generation keeps one
+        (`Generation.shared_varlen_backward`) and the call has plain scores, Hq == Hkv and unpadded head dims."""
+        view, multiple = self._view, self._multiple(True)
+        calls = kernel_calls(frame)
+        if (frame.q0 != 0 or frame.q1 != q.shape[0] or len(calls) != 1 or calls[0][1] is not None
+                or view.softcap is not None or view.q_heads != view.kv_heads or q.shape[-1] % multiple
+                or out.shape[-1] != q.shape[-1]):
+            return None
+        gen = self._provider.generation()
+        with torch.no_grad(), on_device(q.device):
+            acc = gen.shared_varlen_backward(dout.to(q.dtype), q, out.to(q.dtype), _kernel_lse(lse),
+                                             self._packing(frame, q.device), view.scale, frame.causal)
+        return None if acc is None else SharedVarlenRows(acc, frame, self._packing(frame, q.device))
+
+
+class SharedVarlenRows:
+    """A packed ring rank's backward steps on one dQ accumulator (a SharedVarlenAccumulator over the diagonal
+    step's chain, the frame): each chain whose rows fit the frame's sequences in whole tiles (`shared_sequences`)
+    adds into it; the others return None and run their own backward."""
+
+    def __init__(self, acc, frame: Chain, frame_packing: Packing):
+        self._acc, self._frame, self._frame_packing = acc, frame, frame_packing
+        self.added = False
+
+    def backward(self, k, v, chain: Chain) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """(dk, dv) of `chain` against its keys `k`, `v` (the chain's), its dQ added into the accumulator; None
+        where its rows do not fit the frame's sequences, or it runs as more than one call or with a window."""
+        calls = kernel_calls(chain)
+        if len(calls) != 1 or calls[0][1] is not None:
+            return None
+        if chain is self._frame:
+            packing, gaps = self._frame_packing, False
+        else:
+            sequences = shared_sequences(self._frame, chain, self._acc.tile)
+            if sequences is None:
+                return None
+            packing, gaps = _shared_packing(sequences, k.device), sequences[-1]
+        with torch.no_grad(), on_device(k.device):
+            dk, dv = self._acc.add(k, v, packing, calls[0][0].causal, gaps)
+        self.added = True
+        return dk, dv
+
+    def dq(self) -> torch.Tensor:
+        """dQ of every row of the rank, (rows, Hq, D), from every chain that was added."""
+        with torch.no_grad(), on_device(self._frame_packing.cu_seqlens_q.device):
+            return self._acc.dq()
+
+
+@functools.lru_cache(maxsize=4096)
+def shared_sequences(frame: Chain, chain: Chain, tile: int):
+    """(cu_q, used_q, cu_k, used_k, keys in gaps) of `chain` as a call on the rank's rows with `frame`'s sequence
+    count (fa4_sm90_backward.SharedVarlenAccumulator): each piece is the sequence of the frame sequence holding
+    its rows, by a start and a length (seqused), its keys likewise in the chain's key view; the other sequences
+    are empty. None where a piece's rows start off a whole tile of their frame sequence, end off one before its
+    end, or share a frame sequence with another piece. `keys in gaps`: keys of the view no piece reads."""
+    starts = frame.sequences[0]  # frame.q0 == 0: rows of the rank
+    n = len(starts) - 1
+    cu_q, used_q, cu_k, used_k = list(starts[:-1]), [0] * n, [0] * n, [0] * n
+    last, key = -1, 0
+    for p in chain.pieces:
+        a, b = chain.q0 + p.q0, chain.q0 + p.q1
+        i = bisect.bisect_right(starts, a) - 1
+        if i <= last or i >= n:
+            return None
+        s, e = starts[i], starts[i + 1]
+        if b > e or (a - s) % tile or (b != e and (b - s) % tile):
+            return None
+        cu_k[last + 1:i] = [key] * (i - last - 1)  # empty sequences between: keys stay increasing
+        cu_q[i], used_q[i], cu_k[i], used_k[i] = a, b - a, p.k0, p.k1 - p.k0
+        last, key = i, p.k1
+    cu_k[last + 1:] = [key] * (n - last - 1)
+    gaps = sum(used_k) != chain.k1 - chain.k0
+    return (tuple(cu_q) + (starts[-1],), tuple(used_q), tuple(cu_k) + (key,), tuple(used_k), gaps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_packing(sequences, device) -> Packing:
+    """`shared_sequences` on `device`, made once (as `_chain_packing`)."""
+    cu_q, used_q, cu_k, used_k, _ = sequences
+    made = [_int32_on(x, device) for x in (cu_q, cu_k, used_q, used_k)]
+    return Packing(made[0], made[1], max(used_q), max(used_k), seqused_q=made[2], seqused_k=made[3])
+
+
 class GatheredVarlen:
     """All-gather's varlen call on `flash_varlen` (cpattn/cp/packed.py's GatheredKernel): one library call with
     its autograd, the call's window per sequence (bottom-right, as cp/packed.run_calls gives it), its softcap,
@@ -345,14 +431,15 @@ def _chain_packing(chain: Chain, device) -> Packing:
     memory without waiting: a blocking copy would wait for the GPU to drain in the middle of a ring step."""
     cu_q, cu_k = chain.sequences
     longest = lambda cu: max(b - a for a, b in zip(cu, cu[1:]))  # noqa: E731
+    return Packing(_int32_on(cu_q, device), _int32_on(cu_k, device), longest(cu_q), longest(cu_k))
 
-    def on_device(cu):
-        host = torch.tensor(cu, dtype=torch.int32)
-        if torch.device(device).type != "cuda":
-            return host.to(device)
-        return host.pin_memory().to(device, non_blocking=True)
 
-    return Packing(on_device(cu_q), on_device(cu_k), longest(cu_q), longest(cu_k))
+def _int32_on(values, device) -> torch.Tensor:
+    """int32 `values` on `device`; on CUDA copied from pinned memory without waiting."""
+    host = torch.tensor(values, dtype=torch.int32)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 # -- the document sharding's helpers ------------------------------------------------------------------------------

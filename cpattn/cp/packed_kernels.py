@@ -6,7 +6,8 @@ k and v the chain's keys of the step's key block, lse (heads, rows) float32 in t
 pieces included (out 0, lse -inf: they merge as nothing), and its (dq, dk, dv) over all its rows and keys.
 
 Two implementations: a varlen kernel, one call per chain with the chain's `sequences` (made by the packed API,
-cpattn/packed.py, which knows the provider), and `ProviderBlocks`, for any provider of the contract: one
+cpattn/packed.py, which knows the provider; on FA4's sm90 kernels its backward steps can add into one dQ
+accumulator per rank, `shared_rows`), and `ProviderBlocks`, for any provider of the contract: one
 `forward`/`backward` per group of pieces, with the group's dense document mask where the provider takes masks.
 
 Score modifications: a piece's band (`Piece.window`) is its own, in its top-left coordinates; the call's softcap
@@ -35,6 +36,25 @@ class BlockKernel(Protocol):
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, chain: Chain) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) of the chain, in the inputs' dtype, given its rows' global dout, out and lse."""
+
+    def shared_rows(self, dout: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                    frame: Chain) -> "SharedRows | None":
+        """One dQ accumulator over all of a rank's rows (q, dout, out, lse: the rank's), `frame` the diagonal
+        step's chain, for the chains of every step that can add into it; None where the kernel keeps none."""
+
+
+class SharedRows(Protocol):
+    """A rank's backward steps adding into one dQ accumulator (`BlockKernel.shared_rows`)."""
+
+    added: bool  # whether any chain was added
+
+    def backward(self, k: torch.Tensor, v: torch.Tensor,
+                 chain: Chain) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """(dk, dv) of `chain` against its keys, its dQ added into the accumulator, or None: then the chain runs
+        `BlockKernel.backward`."""
+
+    def dq(self) -> torch.Tensor:
+        """(rows, Hq, D) dQ of every row of the rank from the chains added, in the inputs' dtype."""
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +94,9 @@ class ProviderBlocks:
             out[group.q0:group.q1] = _shd(out_g)
             lse[:, group.q0:group.q1] = lse_g[0]
         return out, lse
+
+    def shared_rows(self, dout, q, out, lse, frame):
+        return None  # the contract's backward returns each block's dQ
 
     def backward(self, dout, q, k, v, out, lse, chain):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -305,6 +305,7 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
     me, world = spec.rank, spec.world
     channel = spec.channel()
     dq = _row_sum(q)
+    shared = _shared_rows(kernel, spec, q, dout, out, lse)
     own = _OwnGrads(k, v)
     block = last_block
     for step in range(world - 1, -1, -1):
@@ -315,9 +316,13 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
             kb, vb = _own_block(plan, k, v) if step == 0 else block
             for c in plan.chains:
                 rows = slice(c.q0, c.q1)
-                dq_c, dk_c, dv_c = kernel.backward(dout[rows], q[rows], kb[c.k0:c.k1], vb[c.k0:c.k1], out[rows],
-                                                   lse[:, rows], c)
-                dq.add(c.q0, dq_c)
+                grads = shared.backward(kb[c.k0:c.k1], vb[c.k0:c.k1], c) if shared is not None else None
+                if grads is None:
+                    dq_c, dk_c, dv_c = kernel.backward(dout[rows], q[rows], kb[c.k0:c.k1], vb[c.k0:c.k1],
+                                                       out[rows], lse[:, rows], c)
+                    dq.add(c.q0, dq_c)
+                else:  # dQ went into the rank's accumulator
+                    dk_c, dv_c = grads
                 if step == 0:
                     own.add(plan.kv[0][0] + c.k0, dk_c, dv_c)
                 else:  # sent in the inputs' dtype, summed in float32 by the owner
@@ -333,7 +338,19 @@ def packed_ring_backward(kernel: BlockKernel, spec: PackedRingSpec, q, k, v, dou
             pending.wait()
         block = arriving
     own.collect()
+    if shared is not None and shared.added:
+        dq.add(0, shared.dq())
     return dq.result(q.dtype), own.dk.result(k.dtype), own.dv.result(v.dtype)
+
+
+def _shared_rows(kernel: BlockKernel, spec: PackedRingSpec, q, dout, out, lse):
+    """The kernel's one dQ accumulator over this rank's rows (BlockKernel.shared_rows), framed by the diagonal
+    step's chain where that is one chain over every row, else None. Inputs below float64 only: float64 runs
+    sum in float64 (_RowSum)."""
+    plan = spec.plan(spec.rank, spec.rank)
+    if q.dtype == torch.float64 or plan is None or len(plan.chains) != 1:
+        return None
+    return kernel.shared_rows(dout, q, out, lse, plan.chains[0])
 
 
 def _bhsd(x: torch.Tensor) -> torch.Tensor:

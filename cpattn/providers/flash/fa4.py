@@ -219,6 +219,10 @@ class FlashAttention4(Generation):
                                             softmax_scale=scale, causal=causal, deterministic=deterministic,
                                             **self._mods(mods, sinks=False))[:3])
 
+    def shared_varlen_backward(self, dout, q, out, lse, frame, scale, causal):
+        return fa4_sm90_backward.shared_varlen_accumulator(self._varlen_kernels, q, dout, out, lse, frame, scale,
+                                                           causal)
+
     def fast_path_status(self) -> "FastPathStatus":
         """Which path this generation's dense sm90 calls take, and why (see `fast_path_status`)."""
         if self.standin_devices:

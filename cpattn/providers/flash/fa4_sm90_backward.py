@@ -141,20 +141,21 @@ class Sm90BackwardKernels:
             single_q = _round_up(packing.max_seqlen_q, config.m_block_size) == config.m_block_size
             single_k = _round_up(packing.max_seqlen_k, config.n_block_size) == config.n_block_size
             cu_q, cu_k = packing.cu_seqlens_q, packing.cu_seqlens_k
+        used_q, used_k = (None, None) if packing is None else (packing.seqused_q, packing.seqused_k)
         # the tile configuration is part of the key: a kernel compiled for another tile would add into the
         # accumulator in another order than this rank's postprocess reads
         config_key = self._config_keys.get(id(config))
         if config_key is None:  # a configuration `tile_config` did not hand out
             config_key = _tile_config_key(config)
         key = (config_key, q.dtype, q.shape[-1], v.shape[-1], causal, single_q, single_k, packing is None,
-               *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
+               used_q is None, used_k is None, *(tuple(api.get_broadcast_dims(t)) for t in (q, k, v, dout)))
         if key not in self._compiled:
             self._compiled[key] = self._compile(config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv,
-                                                scale, cu_q, cu_k)
+                                                scale, cu_q, cu_k, used_q, used_k)
         # after the tensors and the scale: the positional list `_flash_attn_bwd` of the checked releases passes
         # for a call without window, softcap, score/mask mod or block sparsity (each None, aux data empty), the
-        # cu_seqlens first (None for a dense call)
-        self._compiled[key](q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, cu_q, cu_k, None, None, None,
+        # cu_seqlens and the seqused lengths first (None for a dense call)
+        self._compiled[key](q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, cu_q, cu_k, used_q, used_k, None,
                             None, None, None, None, api.AuxData(None, None), None, None)
 
     def postprocess(self, config, accum, dq, scale: float, cu_seqlens_q=None) -> None:
@@ -230,7 +231,7 @@ class Sm90BackwardKernels:
         return 64 if config.dKV_swapAB else 32
 
     def _compile(self, config, causal, q, k, v, dout, lse_log2, dpsum, accum, dk, dv, scale, cu_q=None,
-                 cu_k=None):
+                 cu_k=None, used_q=None, used_k=None):
         api = self._api
         kernel = api.FlashAttentionBackwardSm90(
             api.torch2cute_dtype_map[q.dtype], q.shape[-1], v.shape[-1], 1, causal, is_local=False,
@@ -242,9 +243,10 @@ class Sm90BackwardKernels:
             score_mod=None, score_mod_bwd=None, mask_mod=None, has_aux_tensors=False, q_subtile_factor=2,
             dQ_single_wg=config.dQ_single_wg)
         tensors = [api.to_cute_tensor(t) for t in (q, k, v, dout, lse_log2, dpsum, accum, dk, dv)]
-        cu = [api.to_cute_tensor(t, assumed_align=4) if t is not None else None for t in (cu_q, cu_k)]
+        cu = [api.to_cute_tensor(t, assumed_align=4) if t is not None else None
+              for t in (cu_q, cu_k, used_q, used_k)]
         stream = api.cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return api.cute.compile(kernel, *tensors, scale, *cu, None, None, None, None, None, None, None,
+        return api.cute.compile(kernel, *tensors, scale, *cu, None, None, None, None, None,
                                 api.AuxData(None, None), None, None, stream, options="--enable-tvm-ffi")
 
 
@@ -296,6 +298,61 @@ class SharedAccumulatorBackward(SharedRowsBackward):
             return dq if dq.dtype == dtype else dq.to(dtype)
         self._dq.add(slice(0, self._q_len), dq)
         return super().dq(dtype)
+
+
+class SharedVarlenAccumulator:
+    """One dQ accumulator over a packed ring rank's rows, for every step's varlen call (see the module docstring).
+
+    The frame is the rank's diagonal call: every row, one sequence per document the rank holds (its `Packing`).
+    The preprocess runs once over it, the postprocess once, and each step's main kernel adds into the frame's
+    accumulator through a packing of its own with the frame's sequence count (`add`): its sequence i is rows of
+    the frame's sequence i, named by a start (cu_seqlens) and a length (seqused), and keys of its own. The kernel
+    finds sequence i's rows in the accumulator at (cu_seqlens_q[i] + i * tile) // tile * tile, the frame's place
+    for them only where the rows start a whole number of tiles into frame sequence i; the kernel adds whole tiles,
+    so they must also end on a tile boundary of it or at its end (past its end the frame's rows are padding,
+    whose log-sum-exp of +inf makes every probability 0). The caller builds such packings (cpattn/packed.py);
+    every call runs on the frame's tile configuration, `tile` rows."""
+
+    def __init__(self, kernels: Sm90BackwardKernels, q, dout, out, lse, frame, scale: float | None, causal: bool):
+        self._kernels, self._frame = kernels, frame
+        self._q, self._dout = _aligned_or_copy(q), _aligned_or_copy(dout)
+        total_q, heads, head_dim = q.shape
+        self._scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        self._config = kernels.tile_config(head_dim, head_dim, causal)
+        self.tile = self._config.m_block_size
+        rows = (total_q + frame.cu_seqlens_q.shape[0] * self.tile - 1) // self.tile * self.tile
+        opts = {"dtype": torch.float32, "device": q.device}
+        self._accum = torch.empty(heads, rows * kernels.head_dim_rounded(self._config, head_dim), **opts)
+        self._dpsum, self._lse_log2 = torch.empty(heads, rows, **opts), torch.empty(heads, rows, **opts)
+        kernels.preprocess(self._config, _aligned_or_copy(out), self._dout, _aligned_or_copy(lse), self._dpsum,
+                           self._lse_log2, self._accum, frame.cu_seqlens_q)
+
+    def add(self, k, v, packing, causal: bool, keys_in_gaps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dk, dv) of one call on the frame's rows (through `packing`, see the class docstring) against `k`, `v`;
+        its dQ added into the accumulator. `keys_in_gaps`: keys no sequence reads, whose dK/dV rows the kernel
+        never writes (they are zeroed here)."""
+        k, v = _aligned_or_copy(k), _aligned_or_copy(v)
+        make = torch.zeros_like if keys_in_gaps else torch.empty_like
+        dk, dv = make(k), make(v)
+        self._kernels.main(self._config, self._q, k, v, self._dout, self._lse_log2, self._dpsum, self._accum, dk,
+                           dv, self._scale, causal, packing)
+        return dk, dv
+
+    def dq(self) -> torch.Tensor:
+        """dQ of every frame row, from what every `add` added, rounded once to the inputs' dtype."""
+        dq = torch.empty_like(self._q)
+        self._kernels.postprocess(self._config, self._accum, dq, self._scale, self._frame.cu_seqlens_q)
+        return dq
+
+
+def shared_varlen_accumulator(kernels: Sm90BackwardKernels | None, q, dout, out, lse, frame, scale,
+                              causal: bool) -> SharedVarlenAccumulator | None:
+    """A SharedVarlenAccumulator over `frame` where its launches run as the library's would (an sm90 GPU, the
+    checked window's launches: `can_launch_varlen_backward`, no deterministic algorithms), else None."""
+    if (kernels is None or torch.are_deterministic_algorithms_enabled()
+            or not kernels.can_launch_varlen_backward(q, q, q, frame)):
+        return None
+    return SharedVarlenAccumulator(kernels, q, dout, out, lse, frame, scale, causal)
 
 
 def _plain_scores(call: AttentionCall) -> bool:

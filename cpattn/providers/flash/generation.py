@@ -135,6 +135,12 @@ class Generation:
         (fa4_sm90_backward), or None: then each ring step runs the whole backward."""
         return None
 
+    def shared_varlen_backward(self, dout, q, out, lse, frame: Packing, scale, causal):
+        """One dQ accumulator over a packed ring rank's rows, `frame` its sequences
+        (fa4_sm90_backward.SharedVarlenAccumulator), or None: then each step's varlen call runs its whole
+        backward."""
+        return None
+
     # `mods` (score_mods.KernelMods): the call's window, softcap and sinks as the kernels take them. The backward
     # kernels are handed the log-sum-exp with the sinks, which is all their q/k/v gradients need of them.
     def forward(self, q, k, v, scale, causal, mods: KernelMods = NO_MODS):

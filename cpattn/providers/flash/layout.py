@@ -44,12 +44,17 @@ def from_kernel_layout(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Packing:
-    """cu_seqlens and maximum lengths of a varlen call (int32 tensors on the inputs' device)."""
+    """cu_seqlens and maximum lengths of a varlen call (int32 tensors on the inputs' device). With `seqused_q` /
+    `seqused_k` (the library's seqused arguments, one length per sequence), sequence i is the rows (keys) from
+    cu_seqlens[i] on, that many of them: sequences then need not tile the tensor (the launches of
+    fa4_sm90_backward.SharedVarlenAccumulator take them; the library's functions are never given them here)."""
 
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
     max_seqlen_q: int
     max_seqlen_k: int
+    seqused_q: "torch.Tensor | None" = None
+    seqused_k: "torch.Tensor | None" = None
 
     def kwargs(self) -> dict:
         return dict(zip(VARLEN_ARGS, (self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)))
