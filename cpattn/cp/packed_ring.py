@@ -19,7 +19,9 @@ Backward, with the global (out, lse): the steps in reverse, starting on the kept
 the first kernel) and ending on the rank's own shard. Each step's dK/dV parts go straight back to their owner in
 the inputs' dtype, while the next step computes; the owner receives the parts for its own keys from the rank
 computing on them (r + i) and adds each range's rows where that range came from, and its dQ parts, in float32,
-rounded once at the end (as the dense ring does, cp/ring.py). Per-chain gradients come from the kernel's
+rounded once at the end (as the dense ring does, cp/ring.py); where the kernel keeps one dQ accumulator over
+the rank's rows (`BlockKernel.shared_rows`, FA4's sm90 varlen kernels), the chains that fit it add into it
+instead and their dQ is rounded once, with no dQ parts to sum. Per-chain gradients come from the kernel's
 backward given the global (out, lse), which is exact: a block's probabilities are exp(score - global lse).
 
 Score modifications. A window is per document: the step plans cut every piece to its band and drop the pieces,

@@ -28,6 +28,16 @@ One accumulator per ring rank (`SharedAccumulatorBackward`)
     when dQ is asked for: less work per step, no dQ parts to keep and sum, one rounding of dQ. The float32
     accumulator is held across the steps, so with few steps it can take more memory than the per-step parts.
 
+One accumulator per packed ring rank (`SharedVarlenAccumulator`)
+    The same for varlen calls: the packed ring's steps each call the kernel on some of a rank's rows (the late
+    chunk of a split document, or whole documents) against another rank's keys. The frame is the rank's
+    diagonal call, one sequence per document; every other step's call is given the frame's sequence count, its
+    sequence i being rows of frame sequence i by a start and a length (the library's seqused), so the kernel
+    finds them in the accumulator where the frame's preprocess put their statistics. That holds for rows that
+    start a whole number of tiles into their frame sequence and end on a tile boundary of it or at its end; the
+    packed layout makes a rank's early chunks whole tiles so that its late chunks start on one
+    (cp/packed_layout.CHUNK_TILE). Calls whose rows do not fit run their own backward.
+
 The tile
     The accumulator is stored tile by tile in the order of the kernel's tile, so every block of a rank must use
     the same tile. The library picks one tile for causal blocks and another (with dQ stored swapped) for the
