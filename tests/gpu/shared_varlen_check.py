@@ -1,7 +1,10 @@
 """On an sm90 GPU with flash-attn-4: the packed ring's one dQ accumulator per rank (cpattn/packed.py's
 SharedVarlenRows over fa4_sm90_backward.SharedVarlenAccumulator) against each chain's own varlen backward.
 
-    python tests/gpu/shared_varlen_check.py [--out DIR] [--tag TAG]
+    CPATTN_FA4_FAST_PATHS=force python tests/gpu/shared_varlen_check.py [--out DIR] [--tag TAG]
+
+(force: the accumulator runs by default only on releases in fa4_release_window.SHARED_VARLEN_CHECKED_RELEASES,
+which this check is for.)
 
 Streams of log-normal document lengths sharded by documents (cpattn.packed.packed_layout), bf16, causal. For
 every rank, its packed ring forward (the other ranks' key blocks from a loopback, as benchmarks/packed_ring.py

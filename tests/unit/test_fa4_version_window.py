@@ -215,3 +215,30 @@ def test_varlen_launches_run_only_on_releases_that_passed_their_gpu_check(monkey
     assert fa4_release_window.varlen_allows(INSIDE) is runs
     if not runs and setting != "off":
         assert "fa4_direct_check.py --only varlen" in fa4_release_window.varlen_reason(INSIDE)
+
+
+@pytest.mark.parametrize("setting, varlen_listed, shared_listed, runs", [
+    ("", True, False, False),  # auto: the varlen launches were checked, the shared accumulator was not
+    ("", True, True, True),
+    ("", False, True, False),  # no varlen launches, no accumulator over them
+    ("force", False, False, True),
+    ("off", True, True, False),
+])
+def test_the_packed_rings_shared_accumulator_runs_only_on_releases_that_passed_its_check(
+        monkeypatch, setting, varlen_listed, shared_listed, runs):
+    monkeypatch.setenv(fa4_release_window.FAST_PATHS_ENV, setting)
+    monkeypatch.setattr(fa4_release_window, "VARLEN_CHECKED_RELEASES", (INSIDE,) if varlen_listed else ())
+    monkeypatch.setattr(fa4_release_window, "SHARED_VARLEN_CHECKED_RELEASES", (INSIDE,) if shared_listed else ())
+    assert fa4_release_window.shared_varlen_allows(INSIDE) is runs
+    if not runs and setting == "" and varlen_listed:
+        assert "shared_varlen_check.py" in fa4_release_window.shared_varlen_reason(INSIDE)
+
+
+def test_the_generation_keeps_no_shared_accumulator_where_its_release_is_unchecked():
+    """A generation whose accumulator is off hands the packed ring None before touching any tensor (each chain
+    then runs its own backward)."""
+    from cpattn.providers.flash.fa4 import FlashAttention4
+
+    gen = FlashAttention4.__new__(FlashAttention4)
+    gen._shared_varlen, gen._varlen_kernels = False, object()
+    assert gen.shared_varlen_backward(None, None, None, None, None, None, True) is None

@@ -106,6 +106,8 @@ class FlashAttention4(Generation):
         self._varlen_forward = fa4_sm90_forward.Sm90Forward.load(api, self.version) if varlen_real else None
         self._varlen_kernels = (fa4_sm90_backward.Sm90BackwardKernels.load(api, self.version) if varlen_real
                                 else None)
+        self._shared_varlen = (self._varlen_kernels is not None
+                               and fa4_release_window.shared_varlen_allows(self.version))
         if self._varlen_forward is not None:
             self.extra_notes = self.extra_notes + (
                 "on sm90, varlen forwards and backwards at head dims 64 and 128 (Hq == Hkv for the backward; no "
@@ -220,6 +222,8 @@ class FlashAttention4(Generation):
                                             **self._mods(mods, sinks=False))[:3])
 
     def shared_varlen_backward(self, dout, q, out, lse, frame, scale, causal):
+        if not self._shared_varlen:  # off until its GPU check passes on this release (fa4_release_window)
+            return None
         return fa4_sm90_backward.shared_varlen_accumulator(self._varlen_kernels, q, dout, out, lse, frame, scale,
                                                            causal)
 
@@ -234,7 +238,11 @@ class FlashAttention4(Generation):
             return FastPathStatus(False, f"{verdict.reason}; varlen: {fa4_release_window.varlen_reason(self.version)}")
         loaded = any(path is not None for path in (self._direct_forward, self._backward_kernels,
                                                    self._varlen_forward, self._varlen_kernels))
-        launches = "varlen forward and backward" if self.varlen else FastPathStatus.launches
+        launches = FastPathStatus.launches
+        if self.varlen:
+            shared = fa4_release_window.shared_varlen_reason(self.version)
+            launches = ("varlen forward and backward; packed ring's dQ accumulator per rank: "
+                        + ("on" if self._shared_varlen else "off") + f" ({shared})")
         if self._missing_fast_path_names:  # each fast path loads only where the interface has what it reads
             lacks = ", ".join(self._missing_fast_path_names)
             return FastPathStatus(loaded, f"{verdict.reason}, but flash_attn.cute.interface lacks {lacks} (the fast "

@@ -11,7 +11,8 @@ Why a window
     Widening the window means running tests/gpu/fa4_direct_check.py on the new release first.
 
 The varlen launches (fa4_sm90_forward.launch_varlen, fa4_sm90_backward.launch_varlen_backward) have a list of
-    their own, VARLEN_CHECKED_RELEASES: under 'auto' they run only on a release that passed their GPU check.
+    their own, VARLEN_CHECKED_RELEASES: under 'auto' they run only on a release that passed their GPU check. So
+    does the packed ring's one dQ accumulator per rank (SHARED_VARLEN_CHECKED_RELEASES).
 
 Override: the environment variable CPATTN_FA4_FAST_PATHS, read when the `flash` provider first loads FA4
     auto   (default; also when unset or empty) the fast paths run on releases inside the window only
@@ -39,6 +40,10 @@ LAST_CHECKED_RELEASE = "4.0.0b36"
 # `tests/gpu/fa4_direct_check.py --only varlen` on a GPU (docs/packed-and-decode.md). Under 'auto' they run only on
 # these releases; 'force' runs them anyway, e.g. to run that check on a new release.
 VARLEN_CHECKED_RELEASES: tuple[str, ...] = ("4.0.0b36",)
+# The releases on which the packed ring's one dQ accumulator per rank (fa4_sm90_backward.SharedVarlenAccumulator:
+# the varlen main kernel with seqused lengths, adding into the diagonal call's accumulator) passed
+# `tests/gpu/shared_varlen_check.py`. None yet: under 'auto' each chain runs its own varlen backward.
+SHARED_VARLEN_CHECKED_RELEASES: tuple[str, ...] = ()
 
 _RELEASE = re.compile(
     r"^v?(?P<release>\d+(?:\.\d+)*)"
@@ -157,6 +162,25 @@ def varlen_reason(version: str) -> str:
         return f"flash-attn-4 {version} passed the varlen check"
     return (f"flash-attn-4 {version} has not passed the GPU check of the varlen launches "
             f"(tests/gpu/fa4_direct_check.py --only varlen); {FAST_PATHS_ENV}=force runs them anyway")
+
+
+def shared_varlen_allows(version: str) -> bool:
+    """Whether the packed ring's one dQ accumulator per rank may run on `version`: the varlen launches may
+    (`varlen_allows`), and the release is one of SHARED_VARLEN_CHECKED_RELEASES or CPATTN_FA4_FAST_PATHS is
+    'force'."""
+    if not varlen_allows(version):
+        return False
+    return verdict(version).setting == "force" or version in SHARED_VARLEN_CHECKED_RELEASES
+
+
+def shared_varlen_reason(version: str) -> str:
+    """Why the packed ring's one dQ accumulator per rank runs or not on `version` (the varlen launches run)."""
+    if verdict(version).setting == "force":
+        return f"{FAST_PATHS_ENV}=force"
+    if version in SHARED_VARLEN_CHECKED_RELEASES:
+        return f"flash-attn-4 {version} passed the shared accumulator's check"
+    return (f"flash-attn-4 {version} has not passed the GPU check of the packed ring's shared dQ accumulator "
+            f"(tests/gpu/shared_varlen_check.py); {FAST_PATHS_ENV}=force runs it anyway")
 
 
 def sm90_visible() -> bool:
