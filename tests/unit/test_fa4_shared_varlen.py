@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cpattn.cp.comm import CommStats
 from cpattn.cp.mesh import Group
@@ -156,41 +158,59 @@ def test_every_step_adds_into_one_accumulator(world):
     preprocess and one postprocess per rank."""
     layout = packed_layout(_bounds(ALIGNED), world)
     assert layout.groups  # something is split
-    h, d, scale = 2, 16, 0.25
-    shared_suffixes = refused = 0
-    for r in range(world):
-        n = layout.length(r)
-        q, dout, out = _rank_tensors(n, h, d, seed=r)
-        lse = torch.randn(h, n, dtype=torch.float64).float() + 3.0
-        frame = step_plan(layout, r, r, True).chains[0]
-        kernels = StandInTileLaunches()
-        packing = _chain_packing(frame, "cpu")
-        rows = SharedVarlenRows(SharedVarlenAccumulator(kernels, q, dout, out, lse, packing, scale, True), frame,
-                                packing)
-        want_dq = torch.zeros(n, h, d, dtype=torch.float64)
-        for s in range(world):
-            plan = step_plan(layout, r, s, True)
-            if plan is None:
+    counts = [_check_rank(layout, r, 2, 16, 0.25) for r in range(world)]
+    assert sum(c[2] for c in counts)  # late chunks alone against another rank's keys were among them
+    assert (sum(c[1] for c in counts) > 0) == (world == 3)  # W = 3 splits documents into chunks under a tile
+
+
+def _check_rank(layout, r, h, d, scale):
+    """Rank `r`'s chains of every step through one accumulator (float32 row statistics, as the library keeps
+    them): the added chains' dK/dV and the rank's dQ against the formulas, refusals only on split documents with
+    chunks under a tile. Returns (added, refused, late chunks alone that were added)."""
+    n = layout.length(r)
+    q, dout, out = _rank_tensors(n, h, d, seed=r)
+    lse = torch.randn(h, n, dtype=torch.float64).float() + 3.0
+    frame = step_plan(layout, r, r, True).chains[0]
+    packing = _chain_packing(frame, "cpu")
+    kernels = StandInTileLaunches()
+    rows = SharedVarlenRows(SharedVarlenAccumulator(kernels, q, dout, out, lse, packing, scale, True), frame,
+                            packing)
+    want_dq = torch.zeros(n, h, d, dtype=torch.float64)
+    added = refused = suffixes = 0
+    for s in range(layout.world):
+        plan = step_plan(layout, r, s, True)
+        if plan is None:
+            continue
+        kb, vb = (torch.cat([x[a:b] for a, b in plan.kv]) for x in _rank_tensors(layout.length(s), h, d, 100 + s)[:2])
+        for c in plan.chains:
+            grads = rows.backward(kb[c.k0:c.k1], vb[c.k0:c.k1], c)
+            if grads is None:  # only where a split document's chunks are under a tile
+                runs = [x for x in layout.runs[r] if x.local < c.q1 and x.local_stop > c.q0]
+                assert any(x.region != "whole" and x.size < CHUNK_TILE for x in runs), (r, s, c)
+                refused += 1
                 continue
-            kb, vb = _rank_tensors(layout.length(s), h, d, seed=100 + s)[:2]
-            kb, vb = (torch.cat([x[a:b] for a, b in plan.kv]) for x in (kb, vb))
-            for c in plan.chains:
-                grads = rows.backward(kb[c.k0:c.k1], vb[c.k0:c.k1], c)
-                if grads is None:  # only where a split document's chunks are under a tile (W = 3 here)
-                    runs = [x for x in layout.runs[r] if x.local < c.q1 and x.local_stop > c.q0]
-                    assert any(x.region != "whole" and x.size < CHUNK_TILE for x in runs), (r, s, c)
-                    refused += 1
-                    continue
-                shared_suffixes += s != r and c.q0 > 0
-                dq_c, dk_c, dv_c = _chain_reference(dout, q, kb, vb, out, lse, c, scale)
-                # float32 row statistics, as the library keeps them
-                torch.testing.assert_close(grads[0].double(), dk_c, atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(grads[1].double(), dv_c, atol=1e-4, rtol=1e-4)
-                want_dq[c.q0:c.q1] += dq_c
-        torch.testing.assert_close(rows.dq().double(), want_dq, atol=1e-5, rtol=1e-5)  # a float32 accumulator
-        assert kernels.preprocess_calls == 1 and kernels.postprocess_calls == 1
-    assert shared_suffixes  # late chunks alone against another rank's keys were among them
-    assert (refused > 0) == (world == 3)
+            added, suffixes = added + 1, suffixes + (s != r and c.q0 > 0)
+            dq_c, dk_c, dv_c = _chain_reference(dout, q, kb, vb, out, lse, c, scale)
+            torch.testing.assert_close(grads[0].double(), dk_c, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(grads[1].double(), dv_c, atol=1e-4, rtol=1e-4)
+            want_dq[c.q0:c.q1] += dq_c
+    torch.testing.assert_close(rows.dq().double(), want_dq, atol=1e-5, rtol=1e-5)  # a float32 accumulator
+    assert (kernels.preprocess_calls, kernels.postprocess_calls) == (1, 1)
+    return added, refused, suffixes
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.one_of(st.integers(1, 200), st.integers(600, 2400)), min_size=2, max_size=9),
+       world=st.integers(2, 4))
+def test_drawn_mixes_add_what_fits_and_refuse_the_rest(lengths, world):
+    """Hypothesis-drawn mixes of short and long documents over 2 to 4 ranks: whatever chains the accumulator
+    takes give each chain's own dK/dV and their dQ sum (the stand-in's whole tiles would corrupt any that do not
+    fit); the diagonal step is always taken."""
+    layout = packed_layout(_bounds(lengths), world)
+    for r in range(world):
+        if layout.length(r) and step_plan(layout, r, r, True) is not None:
+            added, _, _ = _check_rank(layout, r, 1, 8, 0.3)
+            assert added >= 1
 
 
 def test_rows_off_the_frames_tiles_are_refused():
