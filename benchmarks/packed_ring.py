@@ -191,7 +191,7 @@ def plan_counts(layout, causal: bool) -> dict:
     """What the step plans of one forward over all ranks hold (the backward makes as many calls): varlen calls
     (one per chain's window group), pieces and their median rows."""
     from cpattn.cp.packed_plan import step_plan
-    from cpattn.packed import kernel_calls
+    from cpattn.packed_varlen import kernel_calls
 
     plans = [step_plan(layout, r, s, causal) for r in range(layout.world) for s in range(layout.world)]
     chains = [c for plan in plans if plan is not None for c in plan.chains]

@@ -5,8 +5,8 @@ k and v the chain's keys of the step's key block, lse (heads, rows) float32 in t
 -inf on rows that see no key). A kernel returns the chain's (out, lse) over all its rows, rows between its
 pieces included (out 0, lse -inf: they merge as nothing), and its (dq, dk, dv) over all its rows and keys.
 
-Two implementations: a varlen kernel, one call per chain with the chain's `sequences` (made by the packed API,
-cpattn/packed.py, which knows the provider; on FA4's sm90 kernels its backward steps can add into one dQ
+Two implementations: a varlen kernel, one call per chain with the chain's `sequences` (cpattn/packed_varlen.py,
+which the packed API builds, knowing the provider; on FA4's sm90 kernels its backward steps can add into one dQ
 accumulator per rank, `shared_rows`), and `ProviderBlocks`, for any provider of the contract: one
 `forward`/`backward` per group of pieces, with the group's dense document mask where the provider takes masks.
 

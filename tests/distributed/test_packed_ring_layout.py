@@ -178,9 +178,9 @@ def _bottom_right_allows(rows: int, keys: int, causal: bool, window, i: int, j: 
 @settings(max_examples=30, deadline=None)
 @given(lengths_st, st.integers(1, 4), st.booleans(), windows_st)
 def test_each_varlen_call_holds_its_pieces_bands(lengths, world, causal, window):
-    """cpattn.packed.kernel_calls: one window_size per call, which, aligned bottom-right per sequence as the
+    """cpattn.packed_varlen.kernel_calls: one window_size per call, which, aligned bottom-right per sequence as the
     kernels align it, allows exactly each piece's pairs; the calls cover the chain's pieces in order."""
-    from cpattn.packed import kernel_calls
+    from cpattn.packed_varlen import kernel_calls
 
     layout = packed_layout(_bounds(lengths), world)
     for me in range(world):
@@ -202,7 +202,7 @@ def test_each_varlen_call_holds_its_pieces_bands(lengths, world, causal, window)
 def test_a_window_joins_short_documents_into_the_long_ones_call():
     """On one device, causal window (4, 0): documents up to 5 tokens are causal only, the longer ones windowed;
     one window_size holds them all, so the step is one varlen call."""
-    from cpattn.packed import kernel_calls
+    from cpattn.packed_varlen import kernel_calls
 
     layout = packed_layout(_bounds([3, 12, 1, 5, 9]), 1)
     plan = step_plan(layout, 0, 0, True, (4, 0))

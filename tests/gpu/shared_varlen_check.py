@@ -1,5 +1,5 @@
-"""On an sm90 GPU with flash-attn-4: the packed ring's one dQ accumulator per rank (cpattn/packed.py's
-SharedVarlenRows over fa4_sm90_backward.SharedVarlenAccumulator) against each chain's own varlen backward.
+"""On an sm90 GPU with flash-attn-4: the packed ring's one dQ accumulator per rank (SharedVarlenRows of
+cpattn/packed_varlen.py over fa4_sm90_backward.SharedVarlenAccumulator) against each chain's own varlen backward.
 
     CPATTN_FA4_FAST_PATHS=force python tests/gpu/shared_varlen_check.py [--out DIR] [--tag TAG]
 

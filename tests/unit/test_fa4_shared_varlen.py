@@ -1,5 +1,5 @@
-"""One dQ accumulator over a packed ring rank's rows (fa4_sm90_backward.SharedVarlenAccumulator, cpattn/packed.py's
-SharedVarlenRows and shared_sequences), on CPU.
+"""One dQ accumulator over a packed ring rank's rows (fa4_sm90_backward.SharedVarlenAccumulator, and
+SharedVarlenRows and shared_sequences of cpattn/packed_varlen.py), on CPU.
 
 FA4's kernels need a Hopper GPU, so `StandInTileLaunches` (a stand-in, named as such) does what the three launches
 do to their tensors, in float64 torch, with the library's varlen layout and its whole tiles: sequence i's rows sit
@@ -29,7 +29,8 @@ from cpattn.cp.packed_kernels import ProviderBlocks
 from cpattn.cp.packed_layout import CHUNK_TILE
 from cpattn.cp.packed_plan import step_plan
 from cpattn.cp.packed_ring import PackedRingSpec, packed_ring_backward, packed_ring_forward
-from cpattn.packed import SharedVarlenRows, _chain_packing, packed_layout, packed_view, shared_sequences
+from cpattn.packed import packed_layout, packed_view
+from cpattn.packed_varlen import SharedVarlenRows, _chain_packing, shared_sequences
 from cpattn.providers import get_provider
 from cpattn.providers.flash.fa4_sm90_backward import SharedVarlenAccumulator, Sm90BackwardKernels
 

@@ -320,7 +320,7 @@ class SharedVarlenAccumulator:
     finds sequence i's rows in the accumulator at (cu_seqlens_q[i] + i * tile) // tile * tile, the frame's place
     for them only where the rows start a whole number of tiles into frame sequence i; the kernel adds whole tiles,
     so they must also end on a tile boundary of it or at its end (past its end the frame's rows are padding,
-    whose log-sum-exp of +inf makes every probability 0). The caller builds such packings (cpattn/packed.py);
+    whose log-sum-exp of +inf makes every probability 0). The caller builds such packings (cpattn/packed_varlen.py);
     every call runs on the frame's tile configuration, `tile` rows."""
 
     def __init__(self, kernels: Sm90BackwardKernels, q, dout, out, lse, frame, scale: float | None, causal: bool):
