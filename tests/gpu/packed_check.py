@@ -2,11 +2,12 @@
 and under the packed ring (ranks over gloo on this GPU), forward and backward, against float64.
 
     python tests/gpu/packed_check.py [--out benchmarks/results] [--tag TAG] [--worlds 1 2 3]
-                                     [--providers flash_varlen flash] [--apis allgather]
+                                     [--providers flash_varlen flash] [--apis allgather] [--meshes 2x2]
 
 A stream of documents of lengths 0, 1, shorter than a shard, longer than S / W and crossing every shard boundary
 (bf16, Hq 8, Hkv 2, D 64; also Hq = Hkv = 4) runs `cpattn.packed_attention` (and, at W = 1,
-`cpattn.flash_varlen_attention`; at W > 1 on `flash_varlen`, also `packed_attention` under cp_strategy="allgather")
+`cpattn.flash_varlen_attention`; at W > 1 on `flash_varlen`, also `packed_attention` under cp_strategy="allgather";
+with --meshes, `packed_attention` on 2-D (ring, ulysses) meshes: the hybrid schedule)
 with: nothing, a causal window, a two-sided window, (0, 0), a window wider
 than every document, a softcap, sinks, and a causal window with softcap and sinks. Each rank's shard comes from
 `shard_packed`; outputs and q/k/v/sink gradients are gathered (`gather_packed`; the sinks' shares summed) and
@@ -106,7 +107,8 @@ def _cases(mesh, provider: str, only: list[str] | None = None) -> list[dict]:
     # flash_varlen_attention always runs flash_varlen: checked once, with that provider, on one device
     # and all-gather over document shards (cp_strategy="allgather") on the varlen kernels, under CP
     apis = ["packed_attention"] + (["flash_varlen_attention"] if mesh is None and provider == "flash_varlen" else [])
-    apis += ["allgather"] if mesh is not None and provider == "flash_varlen" else []
+    flat = mesh is not None and getattr(mesh, "ndim", 1) == 1  # all-gather runs on a 1-D mesh only
+    apis += ["allgather"] if flat and provider == "flash_varlen" else []
     apis = [api for api in apis if only is None or api in only]
     out = []
     for heads in HEADS:
@@ -125,7 +127,8 @@ def _cases(mesh, provider: str, only: list[str] | None = None) -> list[dict]:
                 row["seconds"] = time.monotonic() - start
                 out.append(row)
                 # one line per case as it ends: a run cut short by a time limit still shows how far it got
-                print(f"{provider} W={1 if mesh is None else mesh.size()} {api} {heads} {name}: {row['status']} "
+                shape = "1" if mesh is None else "x".join(map(str, getattr(mesh, "shape", (mesh.size(),))))
+                print(f"{provider} W={shape} {api} {heads} {name}: {row['status']} "
                       f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
     return out
 
@@ -134,10 +137,15 @@ def ranked(rank, world, payload):
     import torch.distributed as dist
 
     global DEVICE
-    provider, DEVICE, only = payload
+    provider, DEVICE, only, shape = payload
     if DEVICE == "cuda":
         torch.cuda.set_device(0)
-    return _cases(dist.group.WORLD, provider, only)
+    mesh = dist.group.WORLD
+    if shape is not None:  # the hybrid schedule: a (ring, ulysses) mesh of gloo groups (tensors stay on DEVICE)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("ring", "ulysses"))
+    return _cases(mesh, provider, only)
 
 
 def main() -> None:
@@ -149,6 +157,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--apis", nargs="*", default=None,
                         help="only these of packed_attention, flash_varlen_attention, allgather (default: all)")
+    parser.add_argument("--meshes", nargs="*", default=[],
+                        help="2-D (ring x ulysses) meshes for the hybrid schedule, e.g. 2x2 (after the worlds)")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -156,17 +166,20 @@ def main() -> None:
     from reliability_helpers import run_ranks
 
     rows = []
-    for provider, world in ((p, w) for p in args.providers for w in args.worlds):
-        if world == 1:
+    shapes = [None] * len(args.worlds) + [tuple(int(n) for n in m.split("x")) for m in args.meshes]
+    worlds = list(args.worlds) + [r * u for r, u in shapes[len(args.worlds):]]
+    for provider, world, shape in ((p, w, m) for p in args.providers for w, m in zip(worlds, shapes)):
+        if world == 1 and shape is None:
             rows += [dict(r, provider=provider) for r in _cases(None, provider, args.apis)]
             continue
-        result = run_ranks(world, ranked, (provider, DEVICE, args.apis), timeout=400)
+        result = run_ranks(world, ranked, (provider, DEVICE, args.apis, shape), timeout=400)
         broken = [r for r in result.ranks if r.error or r.killed]
+        mesh = {} if shape is None else {"mesh": "x".join(map(str, shape))}
         if broken:
-            rows.append({"provider": provider, "world": world, "status": "fail",
+            rows.append({"provider": provider, "world": world, **mesh, "status": "fail",
                          "error": "; ".join(f"rank {r.rank}: {r.error or 'killed'}" for r in broken)[:800]})
         else:
-            rows += [dict(r, world=world, provider=provider) for r in result[0].value]
+            rows += [dict(r, world=world, provider=provider, **mesh) for r in result[0].value]
     label = device_name(DEVICE)
     fails = [r for r in rows if r["status"] != "pass"]
     path = write_results(results_path("packed_check", label, args.out, args.tag),
