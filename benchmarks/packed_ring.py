@@ -243,13 +243,7 @@ def run_case(case: Case, args) -> dict:
         if args.per_chain_dq:
             row["efficiency_per_chain_dq"] = row["whole"]["median_ms"] / row["split_per_chain_dq"]["median_ms"]
         if case.device == "cuda":  # the same with the host ahead of the GPU, as inside a model
-            queued = common.bench_queued(fns, args.rounds)
-            for name, t in queued.items():
-                row[f"{name}_queued"] = t
-            row["efficiency_queued"] = queued["whole"]["median_ms"] / queued["split"]["median_ms"]
-            if args.per_chain_dq:
-                row["efficiency_per_chain_dq_queued"] = (queued["whole"]["median_ms"]
-                                                         / queued["split_per_chain_dq"]["median_ms"])
+            row.update(queued_row(fns, args.rounds))
         row["split_host_ms"] = common.host_ms(split, case.device, repeats=2 if args.smoke else 5)
         if args.profile:
             row["split_host_profile"] = host_profile(split, case.device)
@@ -257,6 +251,21 @@ def run_case(case: Case, args) -> dict:
                 row["split_gpu_profile"] = gpu_profile(split)
     except Exception as exc:  # recorded; the suite goes on with the next case
         row["error"] = common.error_text(exc)
+    return row
+
+
+def queued_row(fns: dict, rounds: int) -> dict:
+    """`common.bench_queued` of the case's functions and their efficiencies, or the error it raised (recorded
+    beside the isolated timings, which it leaves as they are)."""
+    try:
+        queued = common.bench_queued(fns, rounds)
+    except Exception as exc:
+        return {"queued_error": common.error_text(exc)}
+    row = {f"{name}_queued": t for name, t in queued.items()}
+    for name in queued:
+        if name != "whole":
+            key = "efficiency_queued" if name == "split" else f"efficiency_{name[len('split_'):]}_queued"
+            row[key] = queued["whole"]["median_ms"] / queued[name]["median_ms"]
     return row
 
 
