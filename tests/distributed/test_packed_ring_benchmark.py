@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("packed_ring")
     done = subprocess.run([sys.executable, os.path.join("benchmarks", "packed_ring.py"), "--smoke", "--quiet",
-                           "--device", "cpu", "--parts", "2", "4", "--out", str(out)],
+                           "--device", "cpu", "--parts", "2", "4", "--per-chain-dq", "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return out, json.loads((out / "packed_ring_cpu.json").read_text())
@@ -33,6 +33,11 @@ def test_every_case_ran_and_the_split_computes_the_whole_call(result):
         assert r["max_diff_vs_whole"] < 1e-4, r  # float32 dQ of every rank
         assert r["efficiency"] == pytest.approx(r["whole"]["median_ms"] / r["split"]["median_ms"])
         assert r["split_host_ms"] > 0
+        # --per-chain-dq: the split without one dQ accumulator per rank, timed in the same rounds, same dQ
+        assert r["per_chain_dq_max_diff_vs_whole"] < 1e-4, r
+        assert r["efficiency_per_chain_dq"] == pytest.approx(
+            r["whole"]["median_ms"] / r["split_per_chain_dq"]["median_ms"])
+        assert len(r["split_per_chain_dq"]["round_medians_ms"]) == len(r["split"]["round_medians_ms"])
 
 
 def test_recorded_balance_and_memory(result):
