@@ -242,3 +242,26 @@ def test_the_generation_keeps_no_shared_accumulator_where_its_release_is_uncheck
     gen = FlashAttention4.__new__(FlashAttention4)
     gen._shared_varlen, gen._varlen_kernels = False, object()
     assert gen.shared_varlen_backward(None, None, None, None, None, None, True) is None
+
+
+@pytest.mark.parametrize("shared_listed", [False, True])
+def test_the_varlen_status_says_whether_the_shared_accumulator_runs(monkeypatch, shared_listed):
+    """`python -m cpattn info`'s varlen line names the packed ring's accumulator: off, with the check to run,
+    on an unchecked release; on where the release passed it."""
+    from cpattn.providers.flash.fa4 import FlashAttention4
+
+    monkeypatch.setenv(fa4_release_window.FAST_PATHS_ENV, "")
+    monkeypatch.setattr(fa4_release_window, "VARLEN_CHECKED_RELEASES", (INSIDE,))
+    monkeypatch.setattr(fa4_release_window, "SHARED_VARLEN_CHECKED_RELEASES", (INSIDE,) if shared_listed else ())
+    gen = FlashAttention4.__new__(FlashAttention4)  # the attributes _load_fast_paths sets on a real library
+    gen.version, gen.varlen, gen.standin_devices, gen._missing_fast_path_names = INSIDE, True, (), []
+    gen.fast_path_verdict = fa4_release_window.verdict(INSIDE)
+    gen._direct_forward = gen._backward_kernels = None
+    gen._varlen_forward = gen._varlen_kernels = object()
+    gen._shared_varlen = fa4_release_window.shared_varlen_allows(INSIDE)
+    text = str(gen.fast_path_status())
+    assert "varlen forward and backward" in text
+    if shared_listed:
+        assert "dQ accumulator per rank: on" in text
+    else:
+        assert "dQ accumulator per rank: off" in text and "shared_varlen_check.py" in text
