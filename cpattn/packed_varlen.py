@@ -93,11 +93,11 @@ class VarlenBlocks:
                 or view.softcap is not None or view.q_heads != view.kv_heads or q.shape[-1] % multiple
                 or out.shape[-1] != q.shape[-1]):
             return None
-        gen = self._provider.generation()
+        gen, packing = self._provider.generation(), self._packing(frame, q.device)
         with torch.no_grad(), on_device(q.device):
-            acc = gen.shared_varlen_backward(dout.to(q.dtype), q, out.to(q.dtype), _kernel_lse(lse),
-                                             self._packing(frame, q.device), view.scale, frame.causal)
-        return None if acc is None else SharedVarlenRows(acc, frame, self._packing(frame, q.device))
+            acc = gen.shared_varlen_backward(dout.to(q.dtype), q, out.to(q.dtype), _kernel_lse(lse), packing,
+                                             view.scale, frame.causal)
+        return None if acc is None else SharedVarlenRows(acc, frame, packing)
 
 
 class SharedVarlenRows:

@@ -149,38 +149,41 @@ def allows(version: str) -> bool:
 def varlen_allows(version: str) -> bool:
     """Whether the varlen launches may run on `version`: the fast paths may (`allows`), and the release is one of
     VARLEN_CHECKED_RELEASES or CPATTN_FA4_FAST_PATHS is 'force'."""
-    if not allows(version):
-        return False
-    return verdict(version).setting == "force" or version in VARLEN_CHECKED_RELEASES
+    return allows(version) and _checked_or_forced(version, VARLEN_CHECKED_RELEASES)
 
 
 def varlen_reason(version: str) -> str:
     """Why the varlen launches run or not on `version` (after the fast paths' own verdict)."""
-    if verdict(version).setting == "force":
-        return f"{FAST_PATHS_ENV}=force"
-    if version in VARLEN_CHECKED_RELEASES:
-        return f"flash-attn-4 {version} passed the varlen check"
-    return (f"flash-attn-4 {version} has not passed the GPU check of the varlen launches "
-            f"(tests/gpu/fa4_direct_check.py --only varlen); {FAST_PATHS_ENV}=force runs them anyway")
+    return _checked_reason(version, VARLEN_CHECKED_RELEASES, "the varlen check",
+                           "the varlen launches (tests/gpu/fa4_direct_check.py --only varlen)", "them")
 
 
 def shared_varlen_allows(version: str) -> bool:
     """Whether the packed ring's one dQ accumulator per rank may run on `version`: the varlen launches may
     (`varlen_allows`), and the release is one of SHARED_VARLEN_CHECKED_RELEASES or CPATTN_FA4_FAST_PATHS is
     'force'."""
-    if not varlen_allows(version):
-        return False
-    return verdict(version).setting == "force" or version in SHARED_VARLEN_CHECKED_RELEASES
+    return varlen_allows(version) and _checked_or_forced(version, SHARED_VARLEN_CHECKED_RELEASES)
 
 
 def shared_varlen_reason(version: str) -> str:
     """Why the packed ring's one dQ accumulator per rank runs or not on `version` (the varlen launches run)."""
+    return _checked_reason(version, SHARED_VARLEN_CHECKED_RELEASES, "the shared accumulator's check",
+                           "the packed ring's shared dQ accumulator (tests/gpu/shared_varlen_check.py)", "it")
+
+
+def _checked_or_forced(version: str, checked: tuple[str, ...]) -> bool:
+    """A path with a GPU check of its own: on a release in `checked`, or everywhere under 'force'."""
+    return verdict(version).setting == "force" or version in checked
+
+
+def _checked_reason(version: str, checked: tuple[str, ...], check: str, path: str, pronoun: str) -> str:
+    """Why such a path runs or not on `version`: 'force', `check` passed, or the GPU check of `path` to run."""
     if verdict(version).setting == "force":
         return f"{FAST_PATHS_ENV}=force"
-    if version in SHARED_VARLEN_CHECKED_RELEASES:
-        return f"flash-attn-4 {version} passed the shared accumulator's check"
-    return (f"flash-attn-4 {version} has not passed the GPU check of the packed ring's shared dQ accumulator "
-            f"(tests/gpu/shared_varlen_check.py); {FAST_PATHS_ENV}=force runs it anyway")
+    if version in checked:
+        return f"flash-attn-4 {version} passed {check}"
+    return (f"flash-attn-4 {version} has not passed the GPU check of {path}; {FAST_PATHS_ENV}=force runs "
+            f"{pronoun} anyway")
 
 
 def sm90_visible() -> bool:
