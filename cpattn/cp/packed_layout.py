@@ -465,13 +465,14 @@ def _split_sizes(n: int, group: tuple[int, ...], tokens: list[int], load: list[i
     packed ring benchmark's mixes)."""
     m = len(group)
     base, extra = divmod(n, 2 * m)
-    early = base if base < CHUNK_TILE else (n + m * CHUNK_TILE) // (2 * m * CHUNK_TILE) * CHUNK_TILE  # nearest
-    late, extra = divmod(n - m * early, m) if early != base else (base, extra)
+    whole_tiles = base >= CHUNK_TILE  # early chunks in whole tiles, the remainder to the late ones
+    early = (n + m * CHUNK_TILE) // (2 * m * CHUNK_TILE) * CHUNK_TILE if whole_tiles else base  # the nearest
+    late, extra = divmod(n - m * early, m) if whole_tiles else (base, extra)
     sizes = [early] * m + [late] * m
     order = sorted(range(m), key=lambda j: (tokens[group[j]], load[group[j]], group[j]))
     for i in range(extra):
         j = order[i % m]
-        sizes[j if i < m and early == base else 2 * m - 1 - j] += 1
+        sizes[j if i < m and not whole_tiles else 2 * m - 1 - j] += 1
     start = 0
     for c, size in enumerate(sizes):
         r = group[c if c < m else 2 * m - 1 - c]

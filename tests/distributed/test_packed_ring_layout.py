@@ -306,6 +306,8 @@ def test_early_chunks_are_whole_tiles():
             early, late = layout.runs_of_doc(r, doc)
             assert early.size % CHUNK_TILE == 0 and abs(early.size - n / (2 * m)) <= CHUNK_TILE / 2
             assert late.local == early.local_stop and abs(late.size - early.size) <= CHUNK_TILE + 1
+    exact = packed_layout([0, 1, 1026], 2)  # an equal share (256.25) whose nearest whole tile is the share itself
+    assert [run.size for r in range(2) for run in exact.runs[r] if run.region == "early"] == [256, 256]
     small = packed_layout([0, 1000], 4)  # chunks of 125 tokens: under a tile, left equal
     assert sorted(run.size for r in range(4) for run in small.runs[r]) == [125] * 8
 
