@@ -32,7 +32,7 @@ from .call import checked_sinks, checked_softcap, checked_window
 from .contract import AttentionCall, Provider, default_scale
 from .cp.comm import all_gather_padded, gather_signatures
 from .cp.mesh import topology_from_mesh
-from .cp.packed_documents import run_packed_documents
+from .cp.packed_documents import positions_error, positions_match, run_packed_documents
 from .cp.packed_kernels import ProviderBlocks
 from .cp.packed_layout import DocumentLayout, document_layout
 from .state import current_state
@@ -60,6 +60,7 @@ def flash_varlen_attention(
     window: "tuple[int | None, int | None] | None" = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over packed sequences on the `flash_varlen` provider, with autograd.
 
@@ -78,6 +79,9 @@ def flash_varlen_attention(
     window per document, and sinks where the library's kernels take them natively (FlashAttention-4); the packed
     ring takes all three on every release. Sinks are a replicated parameter there: each rank's gradient is its
     own rows' share, summed by the usual gradient all-reduce. A softcap runs on every path.
+
+    `position_ids` ((total_q,) integers, optional) are checked as `packed_attention` checks them: under
+    sharding="documents" against the document layout, on one device against cu_seqlens_q.
     """
     _check_packed_tensors(q, k, v)
     if sharding not in SHARDINGS:
@@ -85,14 +89,20 @@ def flash_varlen_attention(
     cp = current_state().cp
     provider = get_provider("flash_varlen")
     view = with_mods(packed_view(q, k, v, is_causal, scale), window, softcap, sinks)
+    positions = _checked_positions(position_ids, q)
     if cp is not None and sharding == "documents":
         _check_self_attention(q, k, cu_seqlens_q, cu_seqlens_k)
         bounds = _checked_bounds(cu_seqlens_q, max_seqlen_q, max_seqlen_k, q.device)
-        return _documents(cp, provider, view, bounds)
+        return _documents(cp, provider, view, bounds, positions)
     if cp is not None and cp.world_size > 1:
+        if positions is not None:
+            raise InvalidArgumentError("position_ids are checked against the document layout only: pass "
+                                       "sharding='documents' (shards made by shard_packed), or leave them out")
         return _packed_under_cp(cp, provider, view, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal)
     provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
+    if not positions_match(None, cu_seqlens_q.tolist(), positions, q.shape[0]):
+        raise positions_error(None)
     if view.window is not None or view.sinks is not None:  # per document: the packed ring's one step
         _check_documents_for_mods(view, cu_seqlens_q, cu_seqlens_k)
         return _documents(None, provider, view, cu_seqlens_q.tolist())
@@ -114,6 +124,7 @@ def packed_attention(
     window: "tuple[int | None, int | None] | None" = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self-attention within each document of a packed stream, on the current provider, with autograd.
 
@@ -129,6 +140,11 @@ def packed_attention(
     on every rank: under context parallelism each rank's gradient is its own rows' share, and the usual gradient
     all-reduce over the group sums the shares to the whole gradient. cp_strategy='allgather' takes the window
     and softcap, and sinks where the varlen library's kernels take them natively (else use the ring).
+
+    `position_ids` ((tokens,) integers, optional): the local tokens' positions within their documents as the
+    model used them (for RoPE). Where given they must be the layout's (`packed_position_ids`; on one device 0 at
+    each document's start): else every rank raises, since a shard made otherwise gives wrong attention even
+    where its length is the layout's, and the lengths are all the check has without them.
     """
     _check_packed_tensors(q, k, v)
     state = current_state()
@@ -136,7 +152,7 @@ def packed_attention(
     view = with_mods(packed_view(q, k, v, is_causal, scale), window, softcap, sinks)
     if state.cp is None and bounds[-1] != q.shape[0]:
         raise InvalidArgumentError(f"cu_seqlens end at {bounds[-1]} but q holds {q.shape[0]} tokens")
-    return _documents(state.cp, state.provider, view, bounds)
+    return _documents(state.cp, state.provider, view, bounds, _checked_positions(position_ids, q))
 
 
 def with_mods(view: AttentionCall, window, softcap, sinks) -> AttentionCall:
@@ -162,11 +178,27 @@ def _check_documents_for_mods(view: AttentionCall, cu_seqlens_q, cu_seqlens_k) -
             "window or sinks use cpattn.attention_dispatch per sequence on provider 'flash' or 'native'"])
 
 
-def _documents(cp, provider: Provider, view: AttentionCall, bounds: list[int]) -> torch.Tensor:
+def _documents(cp, provider: Provider, view: AttentionCall, bounds: list[int],
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """A stream sharded by documents (or whole, without `cp`) through the packed schedules."""
     provider.require_available()
     kernel, gathered, reasons = block_kernel(provider, view)
-    return run_packed_documents(cp, provider, view, bounds, kernel, gathered, reasons)
+    return run_packed_documents(cp, provider, view, bounds, kernel, gathered, reasons, position_ids)
+
+
+def _checked_positions(position_ids: Any, q: torch.Tensor) -> torch.Tensor | None:
+    """`position_ids` as given, checked for what it is (its values are checked against the layout later, on
+    every rank alike)."""
+    if position_ids is None:
+        return None
+    if not isinstance(position_ids, torch.Tensor) or (position_ids.dtype.is_floating_point or position_ids.dtype.is_complex
+            or position_ids.dtype == torch.bool or position_ids.dim() != 1):
+        shown = f"{position_ids.dtype} of shape {tuple(position_ids.shape)}" if isinstance(
+            position_ids, torch.Tensor) else type(position_ids).__name__
+        raise InvalidArgumentError(f"position_ids must be a 1-D integer tensor (one per local token), got {shown}")
+    if position_ids.device != q.device:
+        raise InvalidArgumentError(f"position_ids are on {position_ids.device} but q is on {q.device}")
+    return position_ids
 
 
 def block_kernel(provider: Provider, view: AttentionCall):

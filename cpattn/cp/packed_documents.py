@@ -2,10 +2,10 @@
 
 Order of events, the same on every rank: every local reason to refuse is collected; one small all-gather
 compares an integer signature of the call (provider, schedule, dtype, heads, dims, causal, scale, gradients,
-window, softcap, sinks, the document boundaries' checksum, whether the rank refused, its local length); any
-difference or refusal raises
-the same error everywhere before data moves; each rank's local length must be what the document layout gives
-it. Then cp_strategy picks the schedule: 'ring' or 'auto' the packed ring (cp/packed_ring.py), 'allgather' the
+window, softcap, sinks, the document boundaries' checksum, whether the rank refused, its local length, whether
+its position ids, where given, are the layout's); any difference or refusal raises the same error everywhere
+before data moves; each rank's local length must be what the document layout gives it. Position ids catch a
+shard made otherwise whose length happens to be the layout's: the lengths alone cannot tell it apart. Then cp_strategy picks the schedule: 'ring' or 'auto' the packed ring (cp/packed_ring.py), 'allgather' the
 gathered varlen calls of cp/packed.py over the same shards (varlen kernels only). With no group (one device)
 the packed ring runs its one step. On a 2-D mesh the hybrid schedule: Ulysses over the mesh's Ulysses
 dimension (cp/ulysses.py) around the packed ring over its ring dimension (`_hybrid`); the signatures are
@@ -19,13 +19,14 @@ natively; where it does not, sinks are refused, naming the ring, rather than dro
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 
 import torch
 
 from ..contract import AttentionCall, Provider
-from ..errors import RankMismatchError, UnsupportedInputError
+from ..errors import InvalidArgumentError, RankMismatchError, UnsupportedInputError
 from .agreement import gather_names, provider_code
 from .comm import CommStats, all_gather_padded, all_reduce_sum, gather_signatures
 from .packed import GatheredKernel, check_bounds, gathered_mod_reasons, gathered_runs
@@ -40,9 +41,11 @@ _DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64:
 FIELDS = ("provider", "schedule", "dtype", "query heads", "key/value heads", "head dim", "value head dim",
           "is_causal", "scale", "requires grad", "window left", "window right", "softcap", "sinks",
           "number of cu_seqlens entries", "cu_seqlens (checksum)")
-_REFUSED, _LENGTH = len(FIELDS), len(FIELDS) + 1
+_REFUSED, _LENGTH, _POSITIONS = len(FIELDS), len(FIELDS) + 1, len(FIELDS) + 2
 SHARD_HINT = ("shard q, k and v with cpattn.packed.shard_packed(x, cu_seqlens, cp_mesh) and pass the global "
               "cu_seqlens")
+POSITIONS_HINT = ("the position ids of such a shard are cpattn.packed.packed_position_ids(cu_seqlens, cp_mesh) "
+                  "(shard_packed of the stream's per-document positions)")
 
 
 def schedule_of(cp: Setup | None) -> str:
@@ -80,17 +83,57 @@ def _window_sides(window) -> list[int]:
     return [-1 if side is None else int(side) for side in window]
 
 
-def _signature(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[int], refused: bool) -> list[int]:
+def _signature(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[int], refused: bool,
+               positions_ok: bool) -> list[int]:
     digest = zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds))
     softcap = 0 if call.softcap is None else _float_bits(call.softcap)
     return [provider_code(provider), SCHEDULES.index(schedule_of(cp)), _DTYPES.get(call.dtype, 0), call.q_heads,
             call.kv_heads, call.head_dim, call.value_dim, int(call.is_causal), _float_bits(call.scale),
             int(call.needs_grad), *_window_sides(call.window), softcap, int(call.sinks is not None),
-            len(bounds), digest, int(refused), call.q_len]
+            len(bounds), digest, int(refused), call.q_len, int(positions_ok)]
+
+
+def positions_match(cp: Setup | None, bounds: list[int], position_ids: torch.Tensor | None, q_len: int) -> bool:
+    """Whether `position_ids` (this rank's tokens' positions within their documents, as the model used them) are
+    what the document layout of `bounds` gives this rank's part; True where none are given, and where the local
+    length is not the layout's (the length check then says so, more plainly)."""
+    if position_ids is None:
+        return True
+    t = None if cp is None else cp.topology
+    where = (0, 0, 1) if t is None else (t.ring_rank, t.ulysses_rank, t.ulysses_size)
+    expected = _layout_positions(tuple(bounds), 1 if t is None else t.ring_size, *where, position_ids.device)
+    if expected.numel() != q_len:
+        return True
+    return position_ids.numel() == q_len and bool(torch.equal(position_ids.reshape(-1).long(), expected))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout_positions(bounds: tuple[int, ...], world: int, rank: int, index: int, parts: int,
+                      device: torch.device) -> torch.Tensor:
+    """Per-document positions of the `index`-th of `parts` parts of `rank`'s shard, on `device` (made once per
+    stream: every layer of a model checks the same ones)."""
+    layout = document_layout(bounds, world)
+    a, b = layout.part(rank, index, parts)
+    return torch.tensor(layout.position_ids(rank)[a:b], dtype=torch.long, device=device)
+
+
+def positions_error(wrong: list[int] | None, dim: str | None = None) -> InvalidArgumentError:
+    """The error for position ids that are not the layout's: of the ranks `wrong`, or on one device (None)."""
+    if wrong is None:
+        return InvalidArgumentError(
+            "position_ids are not each token's position within its document of these cu_seqlens (0 at every "
+            "document's start, then one more per token): the documents the model's positions describe are not "
+            "those the attention runs over (cpattn.packed.packed_position_ids(cu_seqlens, None) gives them)")
+    where = "" if dim is None else f" (along the mesh's {dim} dimension)"
+    return InvalidArgumentError(
+        f"position_ids of rank(s) {wrong}{where} are not their tokens' positions within their documents in the "
+        "document layout of these cu_seqlens: the local tokens were sharded otherwise (another layout, or another "
+        f"order), and attention over them would be wrong even where their lengths match. {SHARD_HINT}; "
+        f"{POSITIONS_HINT}")
 
 
 def agree_documents_call(cp: Setup, provider: Provider, call: AttentionCall, bounds: list[int],
-                         refused: bool) -> dict[str, list[int]]:
+                         refused: bool, positions_ok: bool = True) -> dict[str, list[int]]:
     """Every rank makes the same packed call (else the same error on every rank); returns, per dimension of the
     mesh ("ring", and "ulysses" on a 2-D mesh), the local lengths of the ranks of this rank's group along it.
 
@@ -102,10 +145,13 @@ def agree_documents_call(cp: Setup, provider: Provider, call: AttentionCall, bou
     for dim, group in (("ring", cp.topology.ring), ("ulysses", cp.topology.ulysses)):
         if group is None:
             continue
-        signature = _signature(cp, provider, call, bounds, refused) + [int(problem is not None)]
+        signature = _signature(cp, provider, call, bounds, refused, positions_ok) + [int(problem is not None)]
         table = gather_signatures(signature, group, cp.timeout, call.device)
         if problem is None:
             problem = _disagreement(table, provider, call, group, cp, refused)
+        wrong = [r for r, ok in enumerate(table[:, _POSITIONS].tolist()) if not ok]
+        if problem is None and wrong:
+            problem = positions_error(wrong, dim)
         if problem is None and any(table[:, -1].tolist()):
             problem = RankMismatchError(
                 "another rank of the context-parallel mesh cannot run this packed call (its ring group disagrees "
@@ -159,14 +205,19 @@ def _shd(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_packed_documents(cp: Setup | None, provider: Provider, call: AttentionCall, bounds: list[int],
-                         kernel: BlockKernel, gathered: GatheredKernel | None, reasons: list[str]) -> torch.Tensor:
+                         kernel: BlockKernel, gathered: GatheredKernel | None, reasons: list[str],
+                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's packed output. `call` holds (1, H, S_local, D) views of the packed local q, k, v; `reasons`
-    the provider's refusals; `kernel` runs the ring's chains, `gathered` (or None) all-gather's varlen calls."""
+    the provider's refusals; `kernel` runs the ring's chains, `gathered` (or None) all-gather's varlen calls;
+    `position_ids` (or None) the local tokens' positions within their documents, checked against the layout."""
     reasons = reasons + document_reasons(cp, call, gathered)
     world = 1 if cp is None else cp.topology.ring_size
+    positions_ok = positions_match(cp, bounds, position_ids, call.q_len)
     lengths = {"ring": [call.q_len]}
     if cp is not None:
-        lengths = agree_documents_call(cp, provider, call, bounds, refused=bool(reasons))
+        lengths = agree_documents_call(cp, provider, call, bounds, refused=bool(reasons), positions_ok=positions_ok)
+    elif not positions_ok:
+        raise positions_error(None)
     if reasons:
         raise UnsupportedInputError(f"packed documents on provider '{provider.name}'", reasons)
     layout = document_layout(tuple(bounds), world)

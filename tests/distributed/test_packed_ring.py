@@ -102,6 +102,8 @@ CASES = {
     "mixed-native": PackedCase(MIXED, causal=False, provider="native", dtype="float64"),
     "mixed-flash-per-document": PackedCase(MIXED, provider="flash"),
     "mixed-flash_varlen_attention": PackedCase(MIXED, api="flash_varlen", seed=1),
+    "mixed-varlen-causal-positions": PackedCase(MIXED, positions=True, seed=4),
+    "long-flash_varlen_attention-positions": PackedCase(LONG, api="flash_varlen", positions=True, seed=5),
     "mixed-allgather": PackedCase(MIXED, api="flash_varlen", strategy="allgather", seed=2),
     "mixed-ring-mha": PackedCase(MIXED, strategy="ring", heads=(2, 2, 8), seed=3),
     "tiny-varlen-causal": PackedCase(TINY),
@@ -184,6 +186,10 @@ REFUSALS = {
     "allgather-on-a-mask-provider": PackedCase(MIXED, provider="native", dtype="float64", strategy="allgather"),
     # shard_sequence's shards: their lengths differ from the document layout's here at every W > 1
     "sequence-shards": PackedCase((0, 7, 13, 41, 44, 47), shard="sequence"),
+    # rank 0's tokens in another order, the layout's lengths: only their position ids can tell
+    "reversed-shard-positions": PackedCase(MIXED, fault="reversed", positions=True),
+    "reversed-shard-positions-flash_varlen": PackedCase(LONG, api="flash_varlen", fault="reversed", positions=True),
+    "sequence-shards-positions": PackedCase(MIXED, api="flash_varlen", shard="sequence", positions=True),
 }
 
 
@@ -305,11 +311,18 @@ def test_a_short_window_skips_steps_and_keys(world):
     ("ulysses", "UnsupportedInputError", ["cp_strategy='ring' (or 'auto') or 'allgather', not 'ulysses'"]),
     ("allgather-on-a-mask-provider", "UnsupportedInputError", ["runs on varlen kernels only"]),
     ("sequence-shards", "RankMismatchError", ["do not match the document layout", "shard_packed"]),
+    ("reversed-shard-positions", "InvalidArgumentError", ["position_ids", "packed_position_ids"]),
+    ("reversed-shard-positions-flash_varlen", "InvalidArgumentError", ["position_ids", "packed_position_ids"]),
+    ("sequence-shards-positions", "InvalidArgumentError", ["checked against the document layout only",
+                                                           "sharding='documents'"]),
 ])
 def test_refused_on_every_rank(world, name, error, words):
     w, results = world
-    if name in ("sequence-shards", "sequence-shards-sinks-fa2", "disagreeing-windows") and w == 1:
+    if name in ("sequence-shards", "sequence-shards-sinks-fa2", "sequence-shards-positions",
+                "disagreeing-windows") and w == 1:
         pytest.skip("one rank: every sharding is the whole stream, and no other rank to disagree with")
+    if name.startswith("reversed-") and w > 1:  # only rank 0's shard is wrong: every rank names it
+        words = words + ["rank(s) [0]"]
     for rank, r in enumerate(results[name]):
         assert r.get("exception", "").startswith(error), (rank, r)
         for word in words:

@@ -564,7 +564,8 @@ class PackedCase:
     softcap: float | None = None
     sinks: bool = False  # (query heads,) sink logits, a parameter replicated on every rank
     shard: str = "documents"  # fault cases: "sequence" shards with cpattn.shard_sequence instead
-    fault: str | None = None  # "window": rank 0 passes another window
+    fault: str | None = None  # "window": rank 0 passes another window; "reversed": rank 0 reverses its tokens
+    positions: bool = False  # pass position_ids: the layout's (packed_position_ids), reversed with the tokens
     mesh: tuple | None = None  # (ring, ulysses): a 2-D DeviceMesh, the hybrid schedule; None: the whole world 1-D
     library: str = "fa2"  # the flash-attn stand-in the flash providers run on: "fa2", or "fa4" (native sinks)
 
@@ -610,10 +611,16 @@ def _run_documents_case(case: PackedCase, mesh) -> dict:
     shard = lambda t: packed.shard_packed(t, cu, mesh)  # noqa: E731
     if case.shard == "sequence":
         shard = lambda t: cpattn.shard_sequence(t, mesh, 0)  # noqa: E731
+    if case.fault == "reversed" and dist.get_rank() == 0:  # the layout's lengths, another order: its positions too
+        shard = lambda t, made=shard: made(t).flip(0)  # noqa: E731
     ql, kl, vl = (shard(t).to(dtype).requires_grad_(case.grad) for t in (q, k, v))
+    positions = None
+    if case.positions:
+        starts = torch.tensor(case.bounds[:-1]).repeat_interleave(torch.tensor(case.bounds).diff())
+        positions = shard(torch.arange(case.bounds[-1]) - starts)  # what a model sharding its tokens alike uses
     longest = max(b - a for a, b in zip(case.bounds, case.bounds[1:]))
     with cpattn.attention_provider(case.provider, cp_mesh=mesh, cp_strategy=case.strategy, cp_timeout=20) as state:
-        mods = dict(window=window, softcap=case.softcap, sinks=sink_leaf)
+        mods = dict(window=window, softcap=case.softcap, sinks=sink_leaf, position_ids=positions)
         if case.api == "flash_varlen":
             sharding = "sequence" if case.shard == "sequence" else "documents"
             out = cpattn.flash_varlen_attention(ql, kl, vl, cu, cu, longest, longest, is_causal=case.causal,

@@ -160,3 +160,53 @@ def test_malformed_modifications_are_refused(kwargs, words):
     with cpattn.attention_provider("_native_math"):
         with pytest.raises(cpattn.InvalidArgumentError, match=words):
             packed.packed_attention(x, x, x, torch.tensor([0, 6], dtype=torch.int32), **kwargs)
+
+
+def _document_positions(bounds) -> torch.Tensor:
+    starts = torch.tensor(bounds[:-1]).repeat_interleave(torch.tensor(bounds).diff())
+    return torch.arange(bounds[-1]) - starts
+
+
+def test_position_ids_of_the_documents_run_and_change_nothing(flash_standin):
+    """Each token's position within its document passes the check (packed_position_ids gives the same), and the
+    result is the call's without them."""
+    q, k, v, _, _ = _problem(3, torch.bfloat16)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    cu = torch.tensor(BOUNDS, dtype=torch.int32)
+    positions = _document_positions(BOUNDS)
+    assert torch.equal(packed.packed_position_ids(cu, None), positions)
+    with cpattn.attention_provider("_native_math"):
+        plain = packed.packed_attention(q, k, v, cu, is_causal=True)
+        checked = packed.packed_attention(q, k, v, cu, is_causal=True, position_ids=positions.int())
+    assert torch.equal(plain, checked)
+    longest = max(b - a for a, b in zip(BOUNDS, BOUNDS[1:]))
+    varlen = cpattn.flash_varlen_attention(q, k, v, cu, cu, longest, longest, is_causal=True, position_ids=positions)
+    assert torch.equal(varlen, cpattn.flash_varlen_attention(q, k, v, cu, cu, longest, longest, is_causal=True))
+
+
+def test_position_ids_of_other_documents_are_refused(flash_standin):
+    """Positions that restart elsewhere than cu_seqlens' documents: the model and the attention disagree."""
+    x = torch.randn(BOUNDS[-1], 2, 8, dtype=torch.bfloat16)
+    cu = torch.tensor(BOUNDS, dtype=torch.int32)
+    shifted = _document_positions([0, 2, 34, 35, 42, 54, 60])
+    words = r"position_ids are not each token's position within its document.*packed_position_ids"
+    with cpattn.attention_provider("_native_math"):
+        with pytest.raises(cpattn.InvalidArgumentError, match=words):
+            packed.packed_attention(x, x, x, cu, position_ids=shifted)
+    with pytest.raises(cpattn.InvalidArgumentError, match=words):
+        cpattn.flash_varlen_attention(x, x, x, cu, cu, 30, 30, position_ids=shifted)
+    with pytest.raises(cpattn.InvalidArgumentError, match=words):  # the per-document path (a window) checks too
+        cpattn.flash_varlen_attention(x, x, x, cu, cu, 30, 30, window=(2, 0), position_ids=shifted)
+
+
+@pytest.mark.parametrize("positions,words", [
+    (torch.arange(60.0), "1-D integer tensor"),
+    (torch.arange(60)[None], r"1-D integer tensor.*shape \(1, 60\)"),
+    (torch.ones(60, dtype=torch.bool), "1-D integer tensor"),
+    ([0] * 60, "got list"),
+])
+def test_malformed_position_ids_are_refused(positions, words):
+    x = torch.randn(60, 2, 8, dtype=torch.float64)
+    with cpattn.attention_provider("_native_math"):
+        with pytest.raises(cpattn.InvalidArgumentError, match=words):
+            packed.packed_attention(x, x, x, torch.tensor(BOUNDS, dtype=torch.int32), position_ids=positions)
