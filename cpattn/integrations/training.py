@@ -15,11 +15,16 @@ import torch.nn.functional as F
 from ..cp import shard_sequence
 from ..cp.mesh import topology_from_mesh
 from ..errors import InvalidArgumentError
+from ..packed import packed_position_ids, shard_packed
 from ..state import current_state
 
-__all__ = ["IGNORE_INDEX", "all_reduce_grads", "cp_loss", "shard_batch"]
+__all__ = ["DOCUMENTS", "IGNORE_INDEX", "PACKED_KEYS", "all_reduce_grads", "cp_loss", "shard_batch"]
 
 IGNORE_INDEX = -100  # labels that carry no loss, as transformers' losses and F.cross_entropy use it
+DOCUMENTS = "documents"  # shard_batch's layout for one packed stream sharded by documents (cpattn.packed)
+# transformers' packed-sequence arguments (DataCollatorWithFlattening(return_flash_attn_kwargs=True) makes them,
+# models pass them on to attention): under a mesh they mark a batch sharded by documents
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 _DECODER_ONLY_SEQUENCE_KEYS = ("input_ids", "inputs_embeds", "token_type_ids")
 _DECODER_SEQUENCE_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
@@ -43,10 +48,23 @@ def shard_batch(batch: Mapping[str, Any], mesh, *, seq_dim: int = 1, layout: str
     Encoder-decoder batches (``decoder_input_ids`` or ``decoder_inputs_embeds`` present): the decoder's tensors
     (those, ``decoder_attention_mask``, ``decoder_position_ids``, ``labels``, not shifted) are sharded; the
     encoder's inputs stay whole; such models' own losses are this rank's mean, so take `cp_loss` of the logits.
-    Other entries pass through unchanged.
+    Other entries pass through unchanged, except transformers' packed-sequence arguments (``cu_seq_lens_q`` and
+    the like), which are dropped: in these layouts the documents come from the position ids.
+
+    ``layout="documents"``: one packed stream (a batch of one row, documents one after another, as
+    transformers' ``DataCollatorWithFlattening`` makes it) sharded by documents (`cpattn.packed.shard_packed`),
+    so that every layer's attention runs the packed ring: balanced causal work, and steps whose keys share no
+    document with the local queries skipped. The documents are ``cu_seq_lens_q`` where the batch has it, else
+    where a position id does not follow its predecessor by one (transformers' rule), else the whole row. The
+    batch comes back with this rank's tokens, their positions within their documents (given position ids must
+    be those), labels shifted on the whole stream as above, and the stream's global ``cu_seq_lens_q``/``_k`` and
+    ``max_length_q``/``_k``, which the model passes on to attention and which mark the batch as sharded by
+    documents. A padding mask is refused: a packed stream holds no padding.
     """
     layout = layout or _active_layout()
-    out = dict(batch)
+    if layout == DOCUMENTS:
+        return _shard_documents(batch, mesh, seq_dim, ignore_index)
+    out = {k: v for k, v in batch.items() if k not in PACKED_KEYS}
     if any(k in batch for k in _DECODER_SEQUENCE_KEYS):
         keys, mask_key, positions_key = _DECODER_SEQUENCE_KEYS, "decoder_attention_mask", "decoder_position_ids"
     else:
@@ -70,6 +88,70 @@ def shard_batch(batch: Mapping[str, Any], mesh, *, seq_dim: int = 1, layout: str
     if "num_items_in_batch" in out:
         out["shift_labels"] = out["labels"]
     return out
+
+
+def _shard_documents(batch: Mapping[str, Any], mesh, seq_dim: int, ignore_index: int) -> dict:
+    """shard_batch's layout="documents" (see there)."""
+    if any(k in batch for k in _DECODER_SEQUENCE_KEYS):
+        raise InvalidArgumentError("layout='documents' shards the packed stream of a decoder-only model; shard an "
+                                   "encoder-decoder batch with layout='zigzag' or 'contiguous'")
+    rows, length, device = _batch_shape(batch, _DECODER_ONLY_SEQUENCE_KEYS, seq_dim)
+    if rows != 1:
+        raise InvalidArgumentError(
+            f"layout='documents' shards one packed stream: a batch of one row holding the documents one after "
+            f"another (transformers' DataCollatorWithFlattening makes it), got {rows} rows")
+    bounds = _stream_bounds(batch, length)
+    positions = packed_position_ids(bounds, None).to(device)[None]  # the whole stream's, per document
+    given = batch.get("position_ids")
+    if isinstance(given, torch.Tensor) and not torch.equal(given.reshape(1, -1).long(), positions):
+        raise InvalidArgumentError(
+            "position_ids are not each token's position within its document of cu_seq_lens_q (0 at every "
+            "document's start, then one more per token): under layout='documents' the attention runs over those "
+            "documents, and RoPE must see the same; pass the collator's position ids, or none")
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not (mask.dim() == 2 and bool(mask.all())):
+        raise InvalidArgumentError(
+            "layout='documents' takes no padding or 4-D attention_mask: a packed stream holds its documents "
+            "whole; leave the padding out of the stream (or make it a document of its own, its labels "
+            f"{ignore_index})")
+    out = {k: v for k, v in batch.items() if k not in PACKED_KEYS}
+    if batch.get("labels") is not None:
+        out["labels"] = shifted = _shift_left(batch["labels"], seq_dim, ignore_index)
+        out["num_items_in_batch"] = (shifted != ignore_index).sum()
+    out["position_ids"] = positions
+    for name in (*_DECODER_ONLY_SEQUENCE_KEYS, "position_ids", "labels"):
+        if isinstance(out.get(name), torch.Tensor):
+            out[name] = shard_packed(out[name], bounds, mesh, 1 if name == "position_ids" else seq_dim)
+    # all ones: transformers must not read this rank's positions (pieces of documents) as its own packing; the
+    # documents reach attention as cu_seq_lens_q
+    out["attention_mask"] = torch.ones(1, out["position_ids"].shape[1], dtype=torch.long, device=device)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    if "num_items_in_batch" in out:
+        out["shift_labels"] = out["labels"]
+    return out
+
+
+def _stream_bounds(batch: Mapping[str, Any], length: int) -> list[int]:
+    """The packed row's document boundaries: cu_seq_lens_q, else from the position ids, else the whole row."""
+    cu_q, cu_k = batch.get("cu_seq_lens_q"), batch.get("cu_seq_lens_k")
+    if cu_q is not None:
+        bounds = [int(b) for b in (cu_q.tolist() if isinstance(cu_q, torch.Tensor) else cu_q)]
+        other = None if cu_k is None else [int(b) for b in (cu_k.tolist() if isinstance(cu_k, torch.Tensor) else cu_k)]
+        if other is not None and other != bounds:
+            raise InvalidArgumentError("layout='documents' is self-attention within each document: cu_seq_lens_k "
+                                       "must equal cu_seq_lens_q")
+    elif isinstance(batch.get("position_ids"), torch.Tensor):
+        ids = batch["position_ids"].reshape(-1).long()
+        starts = torch.nonzero(ids.diff() != 1).reshape(-1) + 1
+        bounds = [0, *starts.tolist(), ids.numel()]
+    else:
+        bounds = [0, length]
+    if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise InvalidArgumentError(f"cu_seq_lens_q {bounds} must start at 0, never decrease and end at the row's "
+                                   f"{length} tokens")
+    return bounds
 
 
 def _active_layout() -> str:

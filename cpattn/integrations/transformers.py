@@ -81,11 +81,12 @@ from ..cp.comm import all_gather_padded, gather_signatures
 from ..cp.layout import shard_positions
 from ..dispatch import attention_dispatch
 from ..errors import CpattnError, InvalidArgumentError, UnsupportedInputError
+from ..packed import packed_attention
 from ..state import STATE_VAR, current_state
-from .training import IGNORE_INDEX, all_reduce_grads, cp_loss, shard_batch
+from .training import DOCUMENTS, IGNORE_INDEX, all_reduce_grads, cp_loss, shard_batch
 
 __all__ = [
-    "IGNORE_INDEX", "NAME", "ShardedMask", "TESTED_VERSION", "all_reduce_grads", "cp_loss", "cpattn_attention_forward",
+    "DOCUMENTS", "IGNORE_INDEX", "NAME", "ShardedMask", "TESTED_VERSION", "all_reduce_grads", "cp_loss", "cpattn_attention_forward",
     "cpattn_mask", "layer_name", "register", "shard_batch",
 ]
 
@@ -146,7 +147,10 @@ def cpattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 def _attention(module, layer: str, query, key, value, attention_mask, call: "_Call", kwargs) -> tuple:
     cp = _sharding()
     try:
-        if cp is None:
+        if kwargs.get("cu_seq_lens_q") is not None and (cp is not None or attention_mask is None):
+            # packed documents: sharded by them under a mesh; on one device where no mask tensor holds them
+            out = _documents(query, key, value, attention_mask, call, kwargs)
+        elif cp is None:
             out = _one_device(query, key, value, attention_mask, call)
         elif _keys_whole_on_every_rank(module, query, key, call.causal):
             out = _whole_keys(query, key, value, attention_mask, call)
@@ -323,6 +327,66 @@ def _sharded(cp, query, key, value, mask, call: _Call, position_ids) -> torch.Te
         attn_mask = _mask_mod(padding, documents, query.shape[0])
     return attention_dispatch(query, key, value, attn_mask, call.dropout_p, is_causal, call.scale,
                               _enable_gqa(query, key), window=window, softcap=call.softcap, sinks=call.sinks)
+
+
+def _documents(query, key, value, mask, call: _Call, kwargs) -> torch.Tensor:
+    """A layer's attention over one packed stream sharded by documents (shard_batch(..., layout="documents")):
+    `cpattn.packed.packed_attention` on this rank's tokens and the stream's global cu_seq_lens_q, the layer's
+    causal flag, window, softcap and sinks per document, its position ids checked against the document layout
+    on every rank (a batch sharded otherwise is refused, not attended wrongly)."""
+    reasons = _documents_refusals(query, key, call, kwargs)
+    if reasons:
+        raise UnsupportedInputError("a stream sharded by documents (cu_seq_lens_q under a mesh)", reasons)
+    is_causal, window = _documents_mask_args(mask, call)
+    positions = kwargs.get("position_ids")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, head dim)
+    out = packed_attention(q, k, v, kwargs["cu_seq_lens_q"].to(torch.int32), is_causal=is_causal, scale=call.scale,
+                           window=window, softcap=call.softcap, sinks=call.sinks,
+                           position_ids=None if positions is None else positions.reshape(-1))
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def _documents_refusals(query, key, call: _Call, kwargs) -> list[str]:
+    """What a layer asks that the packed schedules cannot give it (the same on every rank: the model's code
+    and the batch's shape decide)."""
+    out, cu_q, cu_k = [], kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
+    positions = kwargs.get("position_ids")
+    if query.shape[0] != 1:
+        out.append(f"{query.shape[0]} rows: a stream sharded by documents is one packed row (shard_batch(batch, "
+                   "mesh, layout='documents'))")
+    if query.shape[-2] != key.shape[-2]:
+        out.append(f"{key.shape[-2]} keys for {query.shape[-2]} queries: a stream sharded by documents is "
+                   "self-attention without a KV cache; pass use_cache=False")
+    if not isinstance(cu_q, torch.Tensor) or cu_q.dtype.is_floating_point:
+        out.append("cu_seq_lens_q must be an integer tensor (shard_batch(..., layout='documents') makes it)")
+    elif cu_k is not None and not torch.equal(cu_k.to(cu_q.device, cu_q.dtype), cu_q):
+        out.append("cu_seq_lens_k differs from cu_seq_lens_q: packed documents under a mesh are self-attention")
+    if call.dropout_p:
+        out.append(f"attention dropout {call.dropout_p}: the packed schedules take none; set the model's "
+                   "attention dropout to 0, or shard by position (shard_batch's default layout)")
+    if call.position_bias is not None:
+        out.append(_POSITION_BIAS)
+    if positions is not None and (positions.dim() != 2 or positions.shape[0] != 1):
+        out.append(f"position_ids of shape {tuple(positions.shape)}: a stream sharded by documents reads one "
+                   "row of positions (1, tokens)")
+    return out
+
+
+def _documents_mask_args(mask, call: _Call):
+    """(is_causal, window) of a layer over packed documents, from the mask cpattn's mask function built."""
+    if isinstance(mask, ShardedMask):
+        if mask.refused:
+            raise InvalidArgumentError(mask.refused)
+        if mask.key_padding is not None:
+            raise InvalidArgumentError("a padding mask over a stream sharded by documents: a packed stream holds "
+                                       "its documents whole; leave the padding out (shard_batch(..., "
+                                       "layout='documents') refuses it)")
+        return mask.causal, mask.window
+    if mask is None:
+        return call.causal, call.causal_window
+    raise InvalidArgumentError("a tensor attention mask over a stream sharded by documents: the documents come "
+                               "from cu_seq_lens_q; pass a 2-D attention_mask of ones, as shard_batch(..., "
+                               "layout='documents') does")
 
 
 def _sharded_mask_args(mask, call: _Call):

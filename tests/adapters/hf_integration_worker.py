@@ -1,7 +1,9 @@
 """Run under torchrun by tests/adapters/test_hf_integration_cp.py: transformers models on attn_implementation="cpattn",
 context-parallel over every rank, against the same model on one device with its own attention.
 
-    torchrun --standalone --nproc-per-node W tests/adapters/hf_integration_worker.py OUT.json
+    torchrun --standalone --nproc-per-node W tests/adapters/hf_integration_worker.py OUT.json [WORD]
+
+(WORD: only the cases whose names hold it.)
 
 Each case builds, on every rank, the same random-weight model twice (cpattn, and the model's own "sdpa" or
 "eager"), runs the whole batch through the reference on one device (logits, mean loss, gradients), then the
@@ -48,6 +50,10 @@ CASES = {  # name: (model, batch kind, cp_strategy[, cp_layout])
     "llama-packed-ring-contiguous": ("llama", "packed", "ring", "contiguous"),
     # gradient checkpointing, the backward (and so the recomputation) outside the attention_provider block
     "llama-checkpointing-ring": ("llama", "plain", "ring", "zigzag", True),
+    # one packed row sharded by documents (shard_batch(..., layout="documents")): the packed ring in every layer
+    "llama-collated-documents": ("llama", "collated", "auto", "documents"),
+    "gemma2-documents-documents": ("gemma2", "documents", "auto", "documents"),
+    "gpt_oss-collated-documents": ("gpt_oss", "collated", "ring", "documents"),
 }
 REFUSALS = {  # name: (model, what is wrong); run on more than one rank only
     "refuse-t5-position_bias": ("t5", None),
@@ -55,6 +61,8 @@ REFUSALS = {  # name: (model, what is wrong); run on more than one rank only
     "refuse-llama-forgotten_positions": ("llama", "positions"),
     "refuse-llama-no_attention_mask": ("llama", "mask"),
     "refuse-llama-local_4d_mask": ("llama", "local_mask"),
+    # a collated row sharded by position, its cu_seq_lens_q put back: the attention would take it as documents
+    "refuse-llama-documents_by_position": ("llama", "documents_by_position"),
 }
 
 
@@ -67,20 +75,47 @@ def reference(model, batch: dict, causal_lm: bool):
     return logits.detach(), loss.detach(), grads
 
 
+def reference_per_document(model, batch: dict):
+    """One packed row's logits, mean loss and gradients with every document run on its own: what packing means
+    (transformers' own packed masks are not always it: gpt-oss builds its masks without the position ids, so its
+    packed row attends across documents on one device)."""
+    model.zero_grad()
+    logits, total, count, start = [], 0.0, 0, 0
+    for n in hf_models.DOCUMENTS:
+        ids, labels = (batch[k][:, start:start + n] for k in ("input_ids", "labels"))
+        start += n
+        out = model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False).logits
+        targets = labels[:, 1:]
+        total = total + torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), targets.flatten(),
+                                                          ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+        logits.append(out.detach())
+    # the whole row's last-token shift also drops each document's last target (the next document's first
+    # token, its label ignored), so the per-document count is the row's
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat(logits, dim=1), loss.detach(), grads
+
+
 def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", checkpointing: bool = False, *,
              mesh) -> dict:
     causal_lm = model_name not in hf_models.ENCODER_DECODER
     full = hf_models.batch(model_name, kind)
     ref_model = hf_models.build(model_name, hf_models.reference_implementation(model_name))
-    ref_logits, ref_loss, ref_grads = reference(ref_model, full, causal_lm)
+    if kind in ("documents", "collated"):
+        ref_logits, ref_loss, ref_grads = reference_per_document(ref_model, full)
+    else:
+        ref_logits, ref_loss, ref_grads = reference(ref_model, full, causal_lm)
 
     model = hf_models.build(model_name, "cpattn")
     if checkpointing:  # recomputes each layer in the backward; the tiny models have no dropout to train
         model.train()
         model.gradient_checkpointing_enable()
-    with cpattn.attention_provider(PROVIDER, cp_mesh=mesh, cp_strategy=strategy, cp_layout=layout,
-                                   cp_timeout=30) as state:
-        batch = shard_batch(full, mesh)  # in the block's layout
+    documents = layout == "documents"  # a layout of shard_batch's only: the block's stays the default
+    with cpattn.attention_provider(PROVIDER, cp_mesh=mesh, cp_strategy=strategy,
+                                   cp_layout="zigzag" if documents else layout, cp_timeout=30) as state:
+        batch = shard_batch(full, mesh, layout="documents") if documents else shard_batch(full, mesh)
         out = model(**batch, use_cache=False)
         loss = cp_loss(out.logits, batch["labels"], mesh)
         if not checkpointing:
@@ -91,7 +126,10 @@ def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", 
     all_reduce_grads(model, mesh)
     global_loss = loss.detach().clone()
     dist.all_reduce(global_loss, group=mesh.get_group())
-    logits = cpattn.gather_sequence(out.logits.detach(), mesh, 1, layout)
+    if documents:
+        logits = cpattn.packed.gather_packed(out.logits.detach(), batch["cu_seq_lens_q"], mesh, 1)
+    else:
+        logits = cpattn.gather_sequence(out.logits.detach(), mesh, 1, layout)
     if kind == "padded":  # padding rows carry no loss and feed no other token: compare the real tokens
         real = full["attention_mask"].bool()
         logits_err = (logits - ref_logits)[real].abs().max().item()
@@ -113,7 +151,11 @@ def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", 
 
 def run_refusal(model_name: str, fault: str | None, *, mesh) -> dict:
     model = hf_models.build(model_name, "cpattn")
-    batch = shard_batch(hf_models.batch(model_name), mesh)
+    if fault == "documents_by_position":
+        full = hf_models.batch(model_name, "collated")
+        batch = {**shard_batch(full, mesh), **{k: full[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k")}}
+    else:
+        batch = shard_batch(hf_models.batch(model_name), mesh)
     batch.pop("labels", None)
     provider = "native" if model_name == "t5" else PROVIDER  # T5's learned bias needs gradients through the mask
     if fault == "positions":
@@ -136,10 +178,11 @@ def main() -> int:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
+    word = sys.argv[2] if len(sys.argv) > 2 else ""
     jobs = [(name, functools.partial(run_case, *spec, mesh=mesh)) for name, spec in CASES.items()]
     if world > 1:
         jobs += [(name, functools.partial(run_refusal, *spec, mesh=mesh)) for name, spec in REFUSALS.items()]
-    return finish(run_jobs(jobs), out_path)
+    return finish(run_jobs([(name, job) for name, job in jobs if word in name]), out_path)
 
 
 if __name__ == "__main__":

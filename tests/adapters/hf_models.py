@@ -75,9 +75,14 @@ def build(name: str, attn_implementation: str, seed: int = 0):
     return model
 
 
+DOCUMENTS = [2, 23, 1, 6]  # a 'documents' row: one document longer than the stream over 2 or 3 ranks, one token
+
+
 def batch(name: str, kind: str = "plain", rows: int = 2, seq: int = SEQ, seed: int = 1) -> dict:
-    """A full batch: 'plain' (no mask), 'padded' (right padding, its labels ignored) or 'packed' (one row of
-    documents, position ids restarting at 0 per document, the first label of each ignored)."""
+    """A full batch: 'plain' (no mask), 'padded' (right padding, its labels ignored), 'packed' (one row of
+    documents, position ids restarting at 0 per document, the first label of each ignored), 'documents' (one
+    row of DOCUMENTS, as 'packed') or 'collated' ('documents' with the cu_seq_lens_q/k and max_length_q/k that
+    transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds)."""
     gen = torch.Generator().manual_seed(seed)
     if name in ENCODER_DECODER:
         return _seq2seq_batch(name, rows, seq, gen)
@@ -94,6 +99,14 @@ def batch(name: str, kind: str = "plain", rows: int = 2, seq: int = SEQ, seed: i
         out = {"input_ids": ids[:1], "labels": ids[:1].clone(),
                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
         out["labels"][0, torch.tensor([0, 7, 12])] = -100  # a document's first token is no one's target
+    elif kind in ("documents", "collated"):
+        ids = torch.randint(3, VOCAB, (1, sum(DOCUMENTS)), generator=gen)
+        starts = torch.tensor([0, *DOCUMENTS[:-1]]).cumsum(0)
+        out = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.cat([torch.arange(n) for n in DOCUMENTS])[None]}
+        out["labels"][0, starts] = -100
+        if kind == "collated":
+            cu = torch.tensor([0, *DOCUMENTS]).cumsum(0).to(torch.int32)
+            out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(DOCUMENTS), max_length_k=max(DOCUMENTS))
     return out
 
 

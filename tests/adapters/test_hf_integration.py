@@ -190,3 +190,54 @@ def test_cp_loss_without_a_mesh_is_the_mean_token_loss():
     labels[0, :3] = -100
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     assert torch.allclose(hf.cp_loss(logits, labels), expected)
+
+
+def _per_document_logits(model, batch: dict) -> torch.Tensor:
+    """Every document of a packed row run on its own: what packing means."""
+    out, start = [], 0
+    for n in hf_models.DOCUMENTS:
+        out.append(model(input_ids=batch["input_ids"][:, start:start + n], position_ids=torch.arange(n)[None],
+                         use_cache=False).logits)
+        start += n
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_oss", "gemma2"])
+def test_collated_packed_row_attends_within_documents(name):
+    """DataCollatorWithFlattening's cu_seq_lens_q reach attention; where no mask tensor holds the documents
+    (gpt-oss builds its masks without the position ids, so transformers' own packed row attends across them)
+    cpattn runs the packed schedules over those documents: the logits of each document run alone."""
+    batch = hf_models.batch(name, "collated")
+    with torch.no_grad(), cpattn.attention_provider(PROVIDER):
+        want = _per_document_logits(hf_models.build(name, "cpattn"), batch)
+        got = hf_models.build(name, "cpattn")(**{k: v for k, v in batch.items() if k != "labels"},
+                                               use_cache=False).logits
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda b: {**b, "input_ids": b["input_ids"].expand(2, -1)}, "one packed stream: a batch of one row"),
+    (lambda b: {**b, "attention_mask": torch.ones_like(b["input_ids"]).index_fill(1, torch.tensor([3]), 0)},
+     "takes no padding"),
+    (lambda b: {**b, "position_ids": b["position_ids"] + 1}, "position_ids are not each token's position"),
+    (lambda b: {**b, "cu_seq_lens_k": torch.tensor([0, 32], dtype=torch.int32)}, "must equal cu_seq_lens_q"),
+    (lambda b: {**b, "cu_seq_lens_q": torch.tensor([0, 5, 31]), "cu_seq_lens_k": None}, "end at the row's 32"),
+    (lambda b: {"decoder_input_ids": b["input_ids"], "input_ids": b["input_ids"]}, "decoder-only"),
+])
+def test_shard_batch_by_documents_refuses_what_it_cannot_shard(change, words):
+    with pytest.raises(cpattn.InvalidArgumentError, match=words):
+        hf.shard_batch(change(hf_models.batch("llama", "collated")), None, layout="documents")
+
+
+@pytest.mark.parametrize("kind", ["documents", "collated"])
+def test_shard_batch_by_documents_reads_the_documents(kind):
+    """From cu_seq_lens_q, else from where the position ids restart; one rank's shard of them is the whole row
+    (the layout's helpers take no mesh as one rank), labels shifted, the marks attention reads."""
+    full = hf_models.batch("llama", kind)
+    batch = hf.shard_batch(full, None, layout="documents")
+    cu = torch.tensor([0, *hf_models.DOCUMENTS]).cumsum(0)
+    assert torch.equal(batch["cu_seq_lens_q"], cu.int()) and torch.equal(batch["cu_seq_lens_k"], cu.int())
+    assert batch["max_length_q"] == batch["max_length_k"] == max(hf_models.DOCUMENTS)
+    assert torch.equal(batch["position_ids"], full["position_ids"]) and batch["attention_mask"].all()
+    assert torch.equal(batch["labels"][0, :-1], full["labels"][0, 1:]) and batch["labels"][0, -1] == -100
+    assert batch["num_items_in_batch"] == (full["labels"][0, 1:] != -100).sum()
