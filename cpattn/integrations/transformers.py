@@ -32,6 +32,11 @@ Under a mesh (rules every rank applies alike, so every rank raises the same erro
   that are 0..n-1 on every rank (what a model makes when none are passed) or the same on every rank.
 * Documents: a position id that does not follow its predecessor by one starts a new document (transformers'
   packed-sequence rule), read from the gathered ids, for every model that passes position ids to attention.
+* A packed row sharded by documents (``shard_batch(batch, mesh, layout="documents")``): the global
+  ``cu_seq_lens_q`` it adds reach every layer, which then runs `cpattn.packed.packed_attention` (the packed
+  ring) with the layer's causal flag, window, softcap and sinks; its position ids are checked against the
+  document layout on every rank. On one device ``cu_seq_lens_q`` with no mask tensor run the same way (gpt-oss
+  builds its masks without position ids, so its own packed row attends across documents).
 * Masks: a 2-D attention_mask is this rank's shard (shard_batch shards it and passes all ones where the batch
   has none, so that transformers never reads a shard's positions as packed sequences). A 4-D mask is this
   rank's query rows by all keys in global order, and is the whole mask, as SDPA takes it (no causal flag or
