@@ -164,11 +164,14 @@ HYBRID = {
                                             heads=(6, 3, 8), mesh=(r, u), seed=70 + 10 * r + u)
        for shapes in MESHES.values() for r, u in shapes},
     "hybrid-2x2-varlen-causal-mha": PackedCase(DRAWN[0], heads=(4, 4, 16), mesh=(2, 2), seed=80),
+    "hybrid-2x2-positions": PackedCase(LONG, mesh=(2, 2), positions=True, seed=81),
 }
 HYBRID_REFUSALS = {
     "hybrid-2x2-ring": PackedCase(MIXED, strategy="ring", mesh=(2, 2)),
     "hybrid-2x2-allgather": PackedCase(MIXED, api="flash_varlen", strategy="allgather", mesh=(2, 2)),
     "hybrid-2x2-heads": PackedCase(MIXED, heads=(1, 1, 16), mesh=(2, 2)),
+    # rank 0's part in another order: the ranks outside both its groups learn of it through their own groups
+    "hybrid-2x2-reversed-positions": PackedCase(LONG, mesh=(2, 2), fault="reversed", positions=True),
 }
 
 
@@ -333,12 +336,18 @@ def test_refused_on_every_rank(world, name, error, words):
     ("hybrid-2x2-ring", "InvalidArgumentError", ["cp_strategy='ring' runs on a 1-D mesh", "runs 'hybrid'"]),
     ("hybrid-2x2-allgather", "InvalidArgumentError", ["cp_strategy='allgather' runs on a 1-D mesh"]),
     ("hybrid-2x2-heads", "UnsupportedInputError", ["Ulysses over 2 ranks needs at least 2 query heads, got 1"]),
+    ("hybrid-2x2-reversed-positions", "InvalidArgumentError", ["position_ids of rank(s) [0]", "packed_position_ids"]),
 ])
 def test_hybrid_refused_on_every_rank(world, name, error, words):
     w, results = world
     if w != 4:
         pytest.skip("the 2 x 2 mesh runs in the world of 4 ranks")
-    for rank, r in enumerate(results[name]):
-        assert r.get("exception", "").startswith(error), (rank, r)
+    errors = [r.get("exception", "") for r in results[name]]
+    if name == "hybrid-2x2-reversed-positions":  # the ranks that share a group with rank 0 say why, the other
+        # (outside both of rank 0's groups) that another rank refused
+        assert sum(e.startswith("InvalidArgumentError") for e in errors) == 3, errors
+        errors = [e for e in errors if e.startswith("InvalidArgumentError")]
+    for rank, e in enumerate(errors):
+        assert e.startswith(error), (rank, e)
         for word in words:
-            assert word in r["exception"], (rank, r["exception"])
+            assert word in e, (rank, e)
