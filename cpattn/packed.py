@@ -131,7 +131,8 @@ def packed_attention(
     q: (tokens, Hq, D), k and v: (tokens, Hkv, D), Hq a multiple of Hkv; `cu_seqlens`: int32 boundaries of the
     whole stream's documents. Under `attention_provider(p, cp_mesh=mesh)` q, k, v are this rank's shard made by
     `shard_packed` (cp_strategy 'auto' or 'ring': the packed ring; 'allgather' on `flash_varlen` only); on one
-    device, the whole stream. Returns (tokens, Hq, Dv). The checks read cu_seqlens on the host (one device sync).
+    device, the whole stream. Returns (tokens, Hq, Dv). The checks read cu_seqlens on the host: on q's device
+    that is one device sync, on the CPU none.
 
     `window` (left, right), `softcap` and `sinks` ((Hq,) logits) apply per document (see the module docstring):
     a window counts positions within each document; the ring skips the pieces of documents, and the steps, it
@@ -317,11 +318,12 @@ def _bounds_of(cu: Any) -> list[int]:
 
 
 def _checked_bounds(cu: Any, max_q: Any, max_k: Any, device) -> list[int]:
-    """The global boundaries of a packed call, checked (and the maximum lengths against them, where given)."""
+    """The global boundaries of a packed call, checked (and the maximum lengths against them, where given). They
+    are read on the host: on q's device or on the CPU, where reading them costs no device sync."""
     if not isinstance(cu, torch.Tensor):
         raise InvalidArgumentError(f"cu_seqlens must be an int32 torch.Tensor, got {type(cu).__name__}")
-    lengths = _check_cu_seqlens("cu_seqlens", cu, int(cu[-1]) if cu.numel() else 0, "the whole packed stream",
-                                device)
+    on = cu.device if cu.device.type == "cpu" else device
+    lengths = _check_cu_seqlens("cu_seqlens", cu, int(cu[-1]) if cu.numel() else 0, "the whole packed stream", on)
     for name, value in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)):
         if value is not None:
             _check_max_seqlen(name, value, lengths)

@@ -340,32 +340,88 @@ def _documents(query, key, value, mask, call: _Call, kwargs) -> torch.Tensor:
     causal flag, window, softcap and sinks per document, its position ids checked against the document layout
     on every rank (a batch sharded otherwise is refused, not attended wrongly)."""
     reasons = _documents_refusals(query, key, call, kwargs)
+    stream = None if reasons else _LAST_STREAM.get(kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k"),
+                                                   kwargs.get("position_ids"))
+    if stream is not None and not stream.self_attention:
+        reasons.append("cu_seq_lens_k differs from cu_seq_lens_q: packed documents are self-attention")
     if reasons:
         raise UnsupportedInputError("a stream sharded by documents (cu_seq_lens_q under a mesh)", reasons)
     is_causal, window = _documents_mask_args(mask, call)
-    positions = kwargs.get("position_ids")
+    positions = stream.unchecked_positions
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, head dim)
-    out = packed_attention(q, k, v, kwargs["cu_seq_lens_q"].to(torch.int32), is_causal=is_causal, scale=call.scale,
-                           window=window, softcap=call.softcap, sinks=call.sinks,
+    out = packed_attention(q, k, v, stream.cu_seqlens, is_causal=is_causal, scale=call.scale, window=window,
+                           softcap=call.softcap, sinks=call.sinks,
                            position_ids=None if positions is None else positions.reshape(-1))
+    if positions is not None:
+        _LAST_STREAM.checked()
     return out.transpose(0, 1).unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """A forward's packed stream as its layers' attention takes it: the boundaries on the host (int32, CPU:
+    packed_attention reads them there without a device sync), whether cu_seq_lens_k agrees, and the position
+    ids still to check (None once a layer's check passed on every rank)."""
+
+    cu_seqlens: torch.Tensor
+    self_attention: bool
+    unchecked_positions: torch.Tensor | None
+
+
+class _LastStream:
+    """The last forward's `_Stream`: every layer gets the same cu_seq_lens_q and position ids, so their host
+    copy is made, and the position ids checked, once per forward rather than once per layer (each is a device
+    sync). Every rank runs the same model code, so the cache hits and misses alike on every rank; a layer that
+    misses (new tensors, or tensors changed in place) reads and checks again."""
+
+    def __init__(self):
+        self._key: tuple = ()
+        self._cu: torch.Tensor | None = None
+        self._same_k = True
+        self._checked = False
+
+    def get(self, cu_q: torch.Tensor, cu_k, positions) -> _Stream:
+        key = (*(_identity(t) for t in (cu_q, cu_k, positions)), id(current_state().cp))  # the layout: its mesh
+        if not (self._key and self._key[-1] == key[-1] and all(_same(a, b) for a, b in zip(self._key[:-1], key))):
+            bounds = cu_q.tolist()
+            self._cu = torch.tensor(bounds, dtype=torch.int32)
+            self._same_k = cu_k is None or cu_k.tolist() == bounds
+            self._key, self._checked = key, False
+        return _Stream(self._cu, self._same_k, None if self._checked else positions)
+
+    def checked(self) -> None:
+        """The position ids of the last `get` passed the layout's check on every rank."""
+        self._checked = True
+
+
+def _identity(t) -> tuple:
+    """What tells a tensor apart from another, or the same tensor changed in place: (a weak reference, its
+    version counter); (None, None) for no tensor."""
+    return (weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else (None, None)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    (ref_a, version_a), (ref_b, version_b) = a, b
+    if ref_a is None or ref_b is None:
+        return ref_a is ref_b
+    return ref_a() is not None and ref_a() is ref_b() and version_a == version_b
+
+
+_LAST_STREAM = _LastStream()
 
 
 def _documents_refusals(query, key, call: _Call, kwargs) -> list[str]:
     """What a layer asks that the packed schedules cannot give it (the same on every rank: the model's code
     and the batch's shape decide)."""
-    out, cu_q, cu_k = [], kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
-    positions = kwargs.get("position_ids")
+    out, cu_q, positions = [], kwargs["cu_seq_lens_q"], kwargs.get("position_ids")
     if query.shape[0] != 1:
         out.append(f"{query.shape[0]} rows: a stream sharded by documents is one packed row (shard_batch(batch, "
                    "mesh, layout='documents'))")
     if query.shape[-2] != key.shape[-2]:
         out.append(f"{key.shape[-2]} keys for {query.shape[-2]} queries: a stream sharded by documents is "
                    "self-attention without a KV cache; pass use_cache=False")
-    if not isinstance(cu_q, torch.Tensor) or cu_q.dtype.is_floating_point:
-        out.append("cu_seq_lens_q must be an integer tensor (shard_batch(..., layout='documents') makes it)")
-    elif cu_k is not None and not torch.equal(cu_k.to(cu_q.device, cu_q.dtype), cu_q):
-        out.append("cu_seq_lens_k differs from cu_seq_lens_q: packed documents under a mesh are self-attention")
+    if not isinstance(cu_q, torch.Tensor) or cu_q.dtype.is_floating_point or cu_q.dim() != 1:
+        out.append("cu_seq_lens_q must be a 1-D integer tensor (shard_batch(..., layout='documents') makes it)")
     if call.dropout_p:
         out.append(f"attention dropout {call.dropout_p}: the packed schedules take none; set the model's "
                    "attention dropout to 0, or shard by position (shard_batch's default layout)")

@@ -241,3 +241,29 @@ def test_shard_batch_by_documents_reads_the_documents(kind):
     assert torch.equal(batch["position_ids"], full["position_ids"]) and batch["attention_mask"].all()
     assert torch.equal(batch["labels"][0, :-1], full["labels"][0, 1:]) and batch["labels"][0, -1] == -100
     assert batch["num_items_in_batch"] == (full["labels"][0, 1:] != -100).sum()
+
+
+def test_the_stream_is_read_and_its_positions_checked_once_per_forward(monkeypatch):
+    """Every layer gets the same cu_seq_lens_q and position ids: the first layer reads them (device syncs on a
+    GPU) and checks the positions; the others take the host copy. New or changed tensors are read and checked
+    again, so positions changed in place to wrong ones are still refused."""
+    given = []
+    real = hf.packed_attention
+
+    def recording(q, k, v, cu_seqlens, **kwargs):
+        given.append((cu_seqlens.device.type, kwargs["position_ids"] is not None))
+        return real(q, k, v, cu_seqlens, **kwargs)
+    monkeypatch.setattr(hf, "packed_attention", recording)
+    batch = hf.shard_batch(hf_models.batch("llama", "collated"), None, layout="documents")  # all-ones mask
+    batch = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
+    model = hf_models.build("llama", "cpattn")
+    with torch.no_grad(), cpattn.attention_provider(PROVIDER):
+        model(**batch, use_cache=False)
+        model(**batch, use_cache=False)
+        assert given == [("cpu", True), ("cpu", False), ("cpu", False), ("cpu", False)], given
+        batch["position_ids"] = batch["position_ids"].clone()
+        model(**batch, use_cache=False)
+        assert given[4:] == [("cpu", True), ("cpu", False)], given
+        batch["position_ids"][0, 3] += 1  # the same tensor, changed in place: its version tells
+        with pytest.raises(cpattn.InvalidArgumentError, match="position_ids are not each token's position"):
+            model(**batch, use_cache=False)
