@@ -3,6 +3,7 @@
     torchrun --standalone --nproc-per-node 2 launch/finetune_hf.py --cp 2    # gloo on CPU, NCCL on GPUs
     python launch/finetune_hf.py --cp 2                                      # same, spawning the ranks itself
     python launch/finetune_hf.py --cp 2 --model mistral --steps 50          # another tiny architecture
+    python launch/finetune_hf.py --cp 4 --packed --model gpt_oss            # one packed row, by documents
     torchrun --nproc-per-node 8 launch/finetune_hf.py --cp 8 --pretrained /path/to/checkpoint --seq 32768
 
 The model is a tiny random-weight one built from a config (nothing is downloaded) unless --pretrained names a
@@ -14,9 +15,14 @@ written as on one device (see cpattn.integrations.transformers):
         model(**batch).loss.backward()            # this rank's share of the mean loss
     all_reduce_grads(model, mesh)                 # SUM over the mesh: the gradients of one process
 
+With --packed, each step's batch is one row of documents of random lengths (as transformers'
+DataCollatorWithFlattening packs them: position ids restarting at 0, cu_seq_lens_q, each document's first label
+ignored), sharded with shard_batch(full_batch, mesh, layout="documents"): every layer runs the packed ring.
+
 With --check, every rank also trains a copy of the model on the whole batch with its own attention (one
-device) in lockstep, and the summary gives the largest difference of the two loss curves. Rank 0 shows a
-progress bar and prints one summary line at the end.
+device) in lockstep, and the summary gives the largest difference of the two loss curves (with --packed the
+copy runs each document on its own: what packing means, which some models' own packed masks are not).
+Rank 0 shows a progress bar and prints one summary line at the end.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (any length)")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--packed", action="store_true", help="one row of --batch x --seq tokens in documents of random "
+                   "lengths, sharded by documents")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="train a one-device copy in lockstep and compare losses")
@@ -110,11 +118,32 @@ class RepeatData:
         return {"input_ids": ids, "labels": ids.clone()}
 
 
+class PackedData(RepeatData):
+    """One row of documents of random lengths (2 to 2 --seq tokens), --batch x --seq tokens in all, each a
+    repeated segment, packed as DataCollatorWithFlattening(return_flash_attn_kwargs=True) packs them."""
+
+    def next_batch(self) -> dict:
+        total, lengths = self.seq * self.batch, []
+        while sum(lengths) < total:
+            lengths.append(min(total - sum(lengths), int(torch.randint(2, 2 * self.seq + 1, (1,), generator=self.gen))))
+        ids, labels = [], []
+        for n in lengths:
+            period = int(torch.randint(max(1, n // 8), max(2, n // 3 + 1), (1,), generator=self.gen))
+            doc = torch.randint(0, self.vocab, (period,), generator=self.gen).repeat(n // period + 1)[:n]
+            ids.append(doc)
+            labels.append(torch.cat([torch.tensor([IGNORE]), doc[1:]]))  # a document's first token: no target
+        cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        return {"input_ids": torch.cat(ids)[None].to(self.device), "labels": torch.cat(labels)[None].to(self.device),
+                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(self.device),
+                "cu_seq_lens_q": cu.to(self.device), "cu_seq_lens_k": cu.to(self.device),
+                "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+
 def train_step(model, opt, full: dict, mesh, args) -> float:
     """One step under the mesh; returns the global mean loss."""
     opt.zero_grad(set_to_none=True)
     with cpattn.attention_provider(args.provider, cp_mesh=mesh, cp_strategy=args.schedule):
-        batch = shard_batch(full, mesh)
+        batch = shard_batch(full, mesh, layout="documents" if args.packed else None)
         loss = model(**batch, use_cache=False).loss  # this rank's share: local sum over the global count
         loss.backward()
     all_reduce_grads(model, mesh)
@@ -126,10 +155,23 @@ def train_step(model, opt, full: dict, mesh, args) -> float:
 
 def reference_step(model, opt, full: dict) -> float:
     opt.zero_grad(set_to_none=True)
-    loss = model(**full, use_cache=False).loss
+    loss = model(**full, use_cache=False).loss if "cu_seq_lens_q" not in full else per_document_loss(model, full)
     loss.backward()
     opt.step()
     return loss.item()
+
+
+def per_document_loss(model, full: dict) -> torch.Tensor:
+    """The packed row's mean token loss with every document run on its own."""
+    bounds = full["cu_seq_lens_q"].tolist()
+    total, count = 0.0, 0
+    for a, b in zip(bounds, bounds[1:]):
+        logits = model(input_ids=full["input_ids"][:, a:b], use_cache=False).logits[:, :-1]
+        targets = full["labels"][:, a + 1:b]
+        total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                          ignore_index=IGNORE, reduction="sum")
+        count += int((targets != IGNORE).sum())
+    return total / count
 
 
 def main(argv=None) -> int:
@@ -140,7 +182,8 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     reference = one_device_copy(model) if args.check else None
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=args.lr) if reference is not None else None
-    data = RepeatData(model.config.vocab_size, args.seq, args.batch, args.seed, device)
+    data = (PackedData if args.packed else RepeatData)(model.config.vocab_size, args.seq, args.batch, args.seed,
+                                                        device)
 
     from tqdm import tqdm
 
@@ -158,8 +201,9 @@ def main(argv=None) -> int:
         name = args.pretrained or f"{args.model} (tiny)"
         params = sum(p.numel() for p in model.parameters())
         parity = f"; max |loss - one device| {max(diffs):.1e}" if diffs else ""
+        shape = f"1x{args.batch * args.seq} packed" if args.packed else f"{args.batch}x{args.seq}"
         print(f"finetune_hf: {name}, {params / 1e6:.2f}M params, cp={world} ({dist.get_backend()} on {device.type}), "
-              f"provider={args.provider}, {args.steps} steps of {args.batch}x{args.seq} tokens, "
+              f"provider={args.provider}, {args.steps} steps of {shape} tokens, "
               f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {elapsed / args.steps * 1e3:.0f} ms/step{parity}",
               flush=True)
     dist.barrier()  # every rank is done with every collective before any leaves (see spawn.exit_rank)
