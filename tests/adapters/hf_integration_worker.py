@@ -54,7 +54,10 @@ CASES = {  # name: (model, batch kind, cp_strategy[, cp_layout])
     "llama-collated-documents": ("llama", "collated", "auto", "documents"),
     "gemma2-documents-documents": ("gemma2", "documents", "auto", "documents"),
     "gpt_oss-collated-documents": ("gpt_oss", "collated", "ring", "documents"),
+    # on a 2 x 2 (ring, ulysses) mesh: the hybrid schedule around the packed ring; run where W = 4 only
+    "llama-collated-documents-2x2": ("llama", "collated", "auto", "documents", False, (2, 2)),
 }
+MESH_SHAPES = {name: spec[5] for name, spec in CASES.items() if len(spec) > 5}
 REFUSALS = {  # name: (model, what is wrong); run on more than one rank only
     "refuse-t5-position_bias": ("t5", None),
     "refuse-bart-positions_from_length": ("bart", None),
@@ -98,8 +101,10 @@ def reference_per_document(model, batch: dict):
     return torch.cat(logits, dim=1), loss.detach(), grads
 
 
-def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", checkpointing: bool = False, *,
-             mesh) -> dict:
+def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", checkpointing: bool = False,
+             shape: tuple | None = None, *, mesh) -> dict:
+    if shape is not None:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("ring", "ulysses"))
     causal_lm = model_name not in hf_models.ENCODER_DECODER
     full = hf_models.batch(model_name, kind)
     ref_model = hf_models.build(model_name, hf_models.reference_implementation(model_name))
@@ -125,7 +130,7 @@ def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", 
         assert state.cp.world_size == 1 or state.cp.stats["calls"] == 4, "2 layers, forward and recomputed"
     all_reduce_grads(model, mesh)
     global_loss = loss.detach().clone()
-    dist.all_reduce(global_loss, group=mesh.get_group())
+    dist.all_reduce(global_loss)  # over the world: every rank's share
     if documents:
         logits = cpattn.packed.gather_packed(out.logits.detach(), batch["cu_seq_lens_q"], mesh, 1)
     else:
@@ -144,7 +149,7 @@ def run_case(model_name: str, kind: str, strategy: str, layout: str = "zigzag", 
     }
     if causal_lm:  # transformers' own causal-LM loss on a shard_batch batch is this rank's share
         own = out.loss.detach().clone()
-        dist.all_reduce(own, group=mesh.get_group())
+        dist.all_reduce(own)
         result["model_loss_err"] = abs(own.item() - ref_loss.item())
     return result
 
@@ -179,7 +184,8 @@ def main() -> int:
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     word = sys.argv[2] if len(sys.argv) > 2 else ""
-    jobs = [(name, functools.partial(run_case, *spec, mesh=mesh)) for name, spec in CASES.items()]
+    jobs = [(name, functools.partial(run_case, *spec, mesh=mesh)) for name, spec in CASES.items()
+            if name not in MESH_SHAPES or MESH_SHAPES[name][0] * MESH_SHAPES[name][1] == world]
     if world > 1:
         jobs += [(name, functools.partial(run_refusal, *spec, mesh=mesh)) for name, spec in REFUSALS.items()]
     return finish(run_jobs([(name, job) for name, job in jobs if word in name]), out_path)

@@ -7,7 +7,7 @@ whole on every rank) included.
 One packed row sharded by documents (shard_batch(..., layout="documents"), the packed ring in every layer) at
 W = 1 to 4 (W = 4 runs only those cases), against every document run on its own on one device: Llama (GQA),
 Gemma 2 (windows on alternate layers, softcap) and gpt-oss (windows, sinks; its own packed masks attend across
-documents, so its packed row on one device is no reference).
+documents, so its packed row on one device is no reference); Llama also on a 2 x 2 mesh (the hybrid schedule).
 
 One torchrun job per world size runs every case (tests/adapters/hf_integration_worker.py); refusals (T5's
 relative position bias, forgotten position ids, a mask transformers would read from one shard's positions, a
@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="transformers is not installed (the dev extra pins it)")
 
-from hf_integration_worker import CASES, REFUSALS  # noqa: E402
+from hf_integration_worker import CASES, MESH_SHAPES, REFUSALS  # noqa: E402
 from launch_util import TORCHRUN, run  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +57,8 @@ RUNS = [(w, c) for w in WORLDS for c in CASES] + [(w, c) for w in DOCUMENT_WORLD
 def test_training_step_matches_one_device(results, world, case):
     if world == 1 and "checkpointing" in case:
         pytest.skip("on one rank a recomputation runs on the provider active at backward time (documented)")
+    if case in MESH_SHAPES and MESH_SHAPES[case][0] * MESH_SHAPES[case][1] != world:
+        pytest.skip(f"the {MESH_SHAPES[case]} mesh runs in the world of its size")
     r = results(world)[case]
     assert r["rank_errors"] == [None] * world, r.get("traceback") or r["rank_errors"]
     if world > 1:
