@@ -54,6 +54,7 @@ CASES = {  # name: (model, batch kind, cp_strategy[, cp_layout])
     "llama-collated-documents": ("llama", "collated", "auto", "documents"),
     "gemma2-documents-documents": ("gemma2", "documents", "auto", "documents"),
     "gpt_oss-collated-documents": ("gpt_oss", "collated", "ring", "documents"),
+    "llama-collated-documents-checkpointing": ("llama", "collated", "auto", "documents", True),
     # on a 2 x 2 (ring, ulysses) mesh: the hybrid schedule around the packed ring; run where W = 4 only
     "llama-collated-documents-2x2": ("llama", "collated", "auto", "documents", False, (2, 2)),
 }
