@@ -192,8 +192,9 @@ def _checked_positions(position_ids: Any, q: torch.Tensor) -> torch.Tensor | Non
     every rank alike)."""
     if position_ids is None:
         return None
-    if not isinstance(position_ids, torch.Tensor) or (position_ids.dtype.is_floating_point or position_ids.dtype.is_complex
-            or position_ids.dtype == torch.bool or position_ids.dim() != 1):
+    integral = isinstance(position_ids, torch.Tensor) and not (
+        position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool)
+    if not integral or position_ids.dim() != 1:
         shown = f"{position_ids.dtype} of shape {tuple(position_ids.shape)}" if isinstance(
             position_ids, torch.Tensor) else type(position_ids).__name__
         raise InvalidArgumentError(f"position_ids must be a 1-D integer tensor (one per local token), got {shown}")

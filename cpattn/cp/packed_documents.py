@@ -5,8 +5,9 @@ compares an integer signature of the call (provider, schedule, dtype, heads, dim
 window, softcap, sinks, the document boundaries' checksum, whether the rank refused, its local length, whether
 its position ids, where given, are the layout's); any difference or refusal raises the same error everywhere
 before data moves; each rank's local length must be what the document layout gives it. Position ids catch a
-shard made otherwise whose length happens to be the layout's: the lengths alone cannot tell it apart. Then cp_strategy picks the schedule: 'ring' or 'auto' the packed ring (cp/packed_ring.py), 'allgather' the
-gathered varlen calls of cp/packed.py over the same shards (varlen kernels only). With no group (one device)
+shard made otherwise whose length happens to be the layout's: the lengths alone cannot tell it apart. Then
+cp_strategy picks the schedule: 'ring' or 'auto' the packed ring (cp/packed_ring.py), 'allgather' the gathered
+varlen calls of cp/packed.py over the same shards (varlen kernels only). With no group (one device)
 the packed ring runs its one step. On a 2-D mesh the hybrid schedule: Ulysses over the mesh's Ulysses
 dimension (cp/ulysses.py) around the packed ring over its ring dimension (`_hybrid`); the signatures are
 compared along both dimensions.

@@ -91,8 +91,8 @@ from ..state import STATE_VAR, current_state
 from .training import DOCUMENTS, IGNORE_INDEX, all_reduce_grads, cp_loss, shard_batch
 
 __all__ = [
-    "DOCUMENTS", "IGNORE_INDEX", "NAME", "ShardedMask", "TESTED_VERSION", "all_reduce_grads", "cp_loss", "cpattn_attention_forward",
-    "cpattn_mask", "layer_name", "register", "shard_batch",
+    "DOCUMENTS", "IGNORE_INDEX", "NAME", "ShardedMask", "TESTED_VERSION", "all_reduce_grads", "cp_loss",
+    "cpattn_attention_forward", "cpattn_mask", "layer_name", "register", "shard_batch",
 ]
 
 NAME = "cpattn"
@@ -345,7 +345,7 @@ def _documents(query, key, value, mask, call: _Call, kwargs) -> torch.Tensor:
     if stream is not None and not stream.self_attention:
         reasons.append("cu_seq_lens_k differs from cu_seq_lens_q: packed documents are self-attention")
     if reasons:
-        raise UnsupportedInputError("a stream sharded by documents (cu_seq_lens_q under a mesh)", reasons)
+        raise UnsupportedInputError("packed documents (cu_seq_lens_q)", reasons)
     is_causal, window = _documents_mask_args(mask, call)
     positions = stream.unchecked_positions
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, head dim)

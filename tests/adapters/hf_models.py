@@ -102,7 +102,8 @@ def batch(name: str, kind: str = "plain", rows: int = 2, seq: int = SEQ, seed: i
     elif kind in ("documents", "collated"):
         ids = torch.randint(3, VOCAB, (1, sum(DOCUMENTS)), generator=gen)
         starts = torch.tensor([0, *DOCUMENTS[:-1]]).cumsum(0)
-        out = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.cat([torch.arange(n) for n in DOCUMENTS])[None]}
+        positions = torch.cat([torch.arange(n) for n in DOCUMENTS])[None]
+        out = {"input_ids": ids, "labels": ids.clone(), "position_ids": positions}
         out["labels"][0, starts] = -100
         if kind == "collated":
             cu = torch.tensor([0, *DOCUMENTS]).cumsum(0).to(torch.int32)
