@@ -392,3 +392,30 @@ def test_the_grouping_that_shares_fewer_rank_pairs_is_taken():
         winners.append(winner)
         assert _sharing_pairs(packed_layout(bounds, 8)) == pairs[winner]
     assert winners == ["ahead", "coarsest", "ahead"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=lengths_st, world=st.integers(1, 4), parts=st.integers(1, 2), data=st.data())
+def test_the_position_check_takes_the_layouts_positions_and_nothing_else(lengths, world, parts, data):
+    """`positions_match` for any rank's part of any stream: the layout's per-document positions pass; the same
+    tokens in another order fail wherever that changes a position; positions of another length pass (the length
+    check speaks for them)."""
+    from types import SimpleNamespace
+
+    from cpattn.cp.packed_documents import positions_match
+
+    bounds = _bounds(lengths)
+    layout = packed_layout(bounds, world)
+    rank, index = data.draw(st.integers(0, world - 1)), data.draw(st.integers(0, parts - 1))
+    topology = SimpleNamespace(ring_rank=rank, ulysses_rank=index, ulysses_size=parts, ring_size=world)
+    cp = SimpleNamespace(topology=topology)
+    a, b = layout.part(rank, index, parts)
+    mine = torch.tensor(layout.position_ids(rank)[a:b])
+    assert positions_match(cp, bounds, mine, b - a)
+    assert positions_match(cp, bounds, mine.int(), b - a)
+    if b - a:
+        order = torch.tensor(data.draw(st.permutations(range(b - a))))
+        assert positions_match(cp, bounds, mine[order], b - a) == torch.equal(mine[order], mine)
+    assert positions_match(cp, bounds, torch.zeros(b - a + 1, dtype=torch.long), b - a + 1)
+    if world == 1 and parts == 1:
+        assert positions_match(None, bounds, mine, b - a)
