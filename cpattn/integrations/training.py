@@ -59,7 +59,8 @@ def shard_batch(batch: Mapping[str, Any], mesh, *, seq_dim: int = 1, layout: str
     batch comes back with this rank's tokens, their positions within their documents (given position ids must
     be those), labels shifted on the whole stream as above, and the stream's global ``cu_seq_lens_q``/``_k`` and
     ``max_length_q``/``_k``, which the model passes on to attention and which mark the batch as sharded by
-    documents. A padding mask is refused: a packed stream holds no padding.
+    documents. A padding mask is refused: a packed stream holds no padding. With `mesh` None the shard is the
+    whole row (one process), ready for a model on one device.
     """
     layout = layout or _active_layout()
     if layout == DOCUMENTS:
