@@ -80,8 +80,9 @@ def flash_varlen_attention(
     ring takes all three on every release. Sinks are a replicated parameter there: each rank's gradient is its
     own rows' share, summed by the usual gradient all-reduce. A softcap runs on every path.
 
-    `position_ids` ((total_q,) integers, optional) are checked as `packed_attention` checks them: under
-    sharding="documents" against the document layout, on one device against cu_seqlens_q.
+    `position_ids` ((total_q,) integers, optional): the local tokens' positions within their documents, checked
+    as `packed_attention` checks them: under sharding="documents" against the document layout, under
+    sharding="sequence" against cp_layout's shards, on one device against cu_seqlens_q.
     """
     _check_packed_tensors(q, k, v)
     if sharding not in SHARDINGS:
@@ -95,10 +96,8 @@ def flash_varlen_attention(
         bounds = _checked_bounds(cu_seqlens_q, max_seqlen_q, max_seqlen_k, q.device)
         return _documents(cp, provider, view, bounds, positions)
     if cp is not None and cp.world_size > 1:
-        if positions is not None:
-            raise InvalidArgumentError("position_ids are checked against the document layout only: pass "
-                                       "sharding='documents' (shards made by shard_packed), or leave them out")
-        return _packed_under_cp(cp, provider, view, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _packed_under_cp(cp, provider, view, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                positions)
     _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal)
     provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
     if not positions_match(None, cu_seqlens_q.tolist(), positions, q.shape[0]):
@@ -350,7 +349,7 @@ def packed_view(q, k, v, is_causal, scale) -> AttentionCall:
 
 
 def _packed_under_cp(cp, provider, view: AttentionCall, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                     max_seqlen_k) -> torch.Tensor:
+                     max_seqlen_k, position_ids=None) -> torch.Tensor:
     """`view`: this rank's shard of one packed stream; cu_seqlens: that stream's global boundaries (see
     cpattn/cp/packed.py for the schedule)."""
     q, k = view.query, view.key
@@ -362,7 +361,7 @@ def _packed_under_cp(cp, provider, view: AttentionCall, cu_seqlens_q, cu_seqlens
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, lengths)
     provider.require_available()
 
-    return cp.run_packed(provider, view, GatheredVarlen(provider, view), cu_seqlens_q.tolist())
+    return cp.run_packed(provider, view, GatheredVarlen(provider, view), cu_seqlens_q.tolist(), position_ids)
 
 
 def _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal) -> None:

@@ -138,10 +138,12 @@ class ContextParallel:
             call = call.replace(attn_mask=self._materialize(call, agreed.total))
         return schedule.run(self, provider, call, agreed)
 
-    def run_packed(self, provider: Provider, call: AttentionCall, kernel: GatheredKernel, bounds: list[int]):
+    def run_packed(self, provider: Provider, call: AttentionCall, kernel: GatheredKernel, bounds: list[int],
+                   position_ids=None):
         """Packed sequences with global document boundaries `bounds` (see cp/packed.py). `call` holds
-        (1, H, S_local, D) views of the packed local q, k, v; all-gather on a 1-D mesh."""
-        return run_packed(self, provider, call, kernel, bounds)
+        (1, H, S_local, D) views of the packed local q, k, v; all-gather on a 1-D mesh; `position_ids` (or None)
+        the local tokens' positions within their documents, checked against the layout."""
+        return run_packed(self, provider, call, kernel, bounds, position_ids)
 
     def _materialize(self, call: AttentionCall, total: int) -> torch.Tensor:
         """A mask_mod as this rank's (local query rows x all keys) bool mask, in global positions: the form

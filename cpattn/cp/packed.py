@@ -42,6 +42,7 @@ from ..errors import InvalidArgumentError, UnsupportedInputError
 from ..ops.window import window_band
 from .agreement import agree, agree_documents
 from .allgather import AllGatherSpec, GatherSequence, allgather_spec
+from .layout import local_positions
 from .schedule import Setup
 
 class GatheredKernel(Protocol):
@@ -62,11 +63,13 @@ SCHEDULE = "allgather"  # the schedule packed streams run, as the agreement chec
 
 
 def run_packed(cp: Setup, provider: Provider, call: AttentionCall, kernel: GatheredKernel,
-               bounds: list[int]) -> torch.Tensor:
-    """Check every rank agrees (the call, then the document boundaries), then `packed_attention`."""
+               bounds: list[int], position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Check every rank agrees (the call, then the document boundaries), then `packed_attention`. Position ids,
+    where given, must be the local tokens' positions within their documents in cp.layout's shards: a rank whose
+    ids are not refuses the call, and so every rank raises."""
     reasons = provider.reasons(call) + packed_reasons(cp, cp.strategy) + gathered_mod_reasons(
         call, kernel, "shard the stream with cpattn.packed.shard_packed and pass sharding='documents' (the packed "
-        "ring)")
+        "ring)") + _positions_reasons(cp, bounds, position_ids, call.q_len)
     total = agree(cp, provider, call, SCHEDULE, refused=bool(reasons)).total
     if reasons:
         raise UnsupportedInputError(f"packed sequences on provider '{provider.name}' under context "
@@ -75,6 +78,26 @@ def run_packed(cp: Setup, provider: Provider, call: AttentionCall, kernel: Gathe
     check_bounds(bounds, total)
     cp.stats["calls"] += 1
     return packed_attention(kernel, call, bounds, allgather_spec(cp, total, call.device))
+
+
+def _positions_reasons(cp: Setup, bounds: list[int], position_ids: torch.Tensor | None, q_len: int) -> list[str]:
+    """Why `position_ids` cannot be this rank's tokens in cp.layout's shards of the stream `bounds` (none where
+    the local length is not the layout's: the agreement says that)."""
+    if position_ids is None:
+        return []
+    t = cp.topology
+    rows = local_positions(bounds[-1], t.ring_size, t.ulysses_size, t.ring_rank, t.ulysses_rank, cp.layout)
+    if rows.numel() != q_len:
+        return []
+    starts = torch.tensor(bounds[1:-1], dtype=torch.long)
+    documents = torch.bucketize(rows, starts, right=True)
+    expected = rows - torch.tensor(bounds[:-1], dtype=torch.long)[documents]
+    if position_ids.numel() == q_len and torch.equal(position_ids.reshape(-1).long().cpu(), expected):
+        return []
+    return [f"position_ids are not this rank's tokens' positions within their documents in cp_layout="
+            f"'{cp.layout}' shards of these cu_seqlens: the local tokens were sharded otherwise (another layout, "
+            "or another order), and attention over them would be wrong even where their lengths match. Shard "
+            f"with cpattn.shard_sequence(x, cp_mesh, 0, '{cp.layout}')"]
 
 
 def packed_reasons(cp: Setup, strategy: str) -> list[str]:

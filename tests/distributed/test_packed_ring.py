@@ -139,6 +139,8 @@ CASES = {
                                                       seed=93),
     "mixed-sequence-shards-window": PackedCase(MIXED, api="flash_varlen", shard="sequence", window=(3, 0),
                                                seed=94),
+    "mixed-sequence-shards-positions": PackedCase(MIXED, api="flash_varlen", shard="sequence", positions=True,
+                                                  seed=96),
     "long-sequence-shards-two-sided-sinks-fa4": PackedCase(LONG, api="flash_varlen", shard="sequence",
                                                            causal=False, window=(3, 7), softcap=4.0, sinks=True,
                                                            heads=(4, 1, 8), library="fa4", seed=95),
@@ -192,7 +194,9 @@ REFUSALS = {
     # rank 0's tokens in another order, the layout's lengths: only their position ids can tell
     "reversed-shard-positions": PackedCase(MIXED, fault="reversed", positions=True),
     "reversed-shard-positions-flash_varlen": PackedCase(LONG, api="flash_varlen", fault="reversed", positions=True),
-    "sequence-shards-positions": PackedCase(MIXED, api="flash_varlen", shard="sequence", positions=True),
+    # rank 0's shard by position in another order, the layout's lengths: only their position ids can tell
+    "sequence-shards-reversed-positions": PackedCase(MIXED, api="flash_varlen", shard="sequence", fault="reversed",
+                                                     positions=True),
 }
 
 
@@ -316,19 +320,21 @@ def test_a_short_window_skips_steps_and_keys(world):
     ("sequence-shards", "RankMismatchError", ["do not match the document layout", "shard_packed"]),
     ("reversed-shard-positions", "InvalidArgumentError", ["position_ids", "packed_position_ids"]),
     ("reversed-shard-positions-flash_varlen", "InvalidArgumentError", ["position_ids", "packed_position_ids"]),
-    ("sequence-shards-positions", "InvalidArgumentError", ["checked against the document layout only",
-                                                           "sharding='documents'"]),
+    ("sequence-shards-reversed-positions", "UnsupportedInputError", ["rank(s) [0] refused this call"]),
 ])
 def test_refused_on_every_rank(world, name, error, words):
     w, results = world
-    if name in ("sequence-shards", "sequence-shards-sinks-fa2", "sequence-shards-positions",
+    if name in ("sequence-shards", "sequence-shards-sinks-fa2", "sequence-shards-reversed-positions",
                 "disagreeing-windows") and w == 1:
         pytest.skip("one rank: every sharding is the whole stream, and no other rank to disagree with")
     if name.startswith("reversed-") and w > 1:  # only rank 0's shard is wrong: every rank names it
         words = words + ["rank(s) [0]"]
     for rank, r in enumerate(results[name]):
         assert r.get("exception", "").startswith(error), (rank, r)
-        for word in words:
+        expected = words
+        if name == "sequence-shards-reversed-positions" and rank == 0:  # the rank that refused says why
+            expected = ["position_ids are not this rank's tokens' positions", "cp_layout='zigzag'", "shard_sequence"]
+        for word in expected:
             assert word in r["exception"], (rank, r["exception"])
 
 
