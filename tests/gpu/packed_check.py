@@ -10,7 +10,8 @@ A stream of documents of lengths 0, 1, shorter than a shard, longer than S / W a
 with --meshes, `packed_attention` on 2-D (ring, ulysses) meshes: the hybrid schedule)
 with: nothing, a causal window, a two-sided window, (0, 0), a window wider
 than every document, a softcap, sinks, and a causal window with softcap and sinks. Each rank's shard comes from
-`shard_packed`; outputs and q/k/v/sink gradients are gathered (`gather_packed`; the sinks' shares summed) and
+`shard_packed`, its position ids (checked against the layout) from `packed_position_ids`; outputs and q/k/v/sink
+gradients are gathered (`gather_packed`; the sinks' shares summed) and
 compared with `documents_reference`, one float64 reference call per document. A provider that refuses the
 backward on this GPU (an FA4 release whose sm90 backward takes no cu_seqlens) runs the forward, and the refusal
 is recorded with it. Writes
@@ -72,7 +73,9 @@ def _case(name: str, mods: dict, heads, api: str, mesh, provider: str, grad: boo
     to_gpu = lambda t: shard(t.to(DEVICE).to(torch.bfloat16)).detach().requires_grad_(grad)  # noqa: E731
     ql, kl, vl = (to_gpu(t) for t in (q, k, v))
     sink_leaf = None if sinks is None else sinks.to(DEVICE).float().requires_grad_(grad)
-    kw = dict(is_causal=causal, window=mods.get("window"), softcap=mods.get("softcap"), sinks=sink_leaf)
+    positions = cpattn.packed.packed_position_ids(cu, None if world == 1 else mesh, DEVICE)  # checked on DEVICE
+    kw = dict(is_causal=causal, window=mods.get("window"), softcap=mods.get("softcap"), sinks=sink_leaf,
+              position_ids=positions)
     longest = max(b - a for a, b in zip(BOUNDS, BOUNDS[1:]))
     options = {} if mesh is None else dict(cp_mesh=mesh, cp_timeout=60)
     if api == "allgather":  # the same document shards through all-gather's varlen calls
