@@ -100,8 +100,8 @@ def flash_varlen_attention(
                                 positions)
     _check_sequences(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal)
     provider.require_available()  # a missing library is ProviderUnavailableError, as for any provider
-    if not positions_match(None, cu_seqlens_q.tolist(), positions, q.shape[0]):
-        raise positions_error(None)
+    if positions is not None and not positions_match(None, cu_seqlens_q.tolist(), positions, q.shape[0]):
+        raise positions_error(None)  # (read only where given: cu_seqlens on the GPU cost a sync to read)
     if view.window is not None or view.sinks is not None:  # per document: the packed ring's one step
         _check_documents_for_mods(view, cu_seqlens_q, cu_seqlens_k)
         return _documents(None, provider, view, cu_seqlens_q.tolist())

@@ -82,7 +82,6 @@ class VarlenBlocks:
                                              deterministic_algorithms(), self._mods(window))
         return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
 
-
     def shared_rows(self, dout, q, out, lse, frame: Chain) -> "SharedVarlenRows | None":
         """The backward's steps adding into one dQ accumulator over this rank's rows, `frame` the diagonal step's
         chain over every row (BlockKernel.shared_rows), where the generation keeps one

@@ -340,74 +340,67 @@ def _documents(query, key, value, mask, call: _Call, kwargs) -> torch.Tensor:
     causal flag, window, softcap and sinks per document, its position ids checked against the document layout
     on every rank (a batch sharded otherwise is refused, not attended wrongly)."""
     reasons = _documents_refusals(query, key, call, kwargs)
-    stream = None if reasons else _LAST_STREAM.get(kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k"),
-                                                   kwargs.get("position_ids"))
+    cu_q, cu_k, positions = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k"), kwargs.get("position_ids")
+    stream = None if reasons else _LAST_STREAM.get(current_state().cp, (cu_q, cu_k, positions),
+                                                   lambda: _Stream(cu_q, cu_k))
     if stream is not None and not stream.self_attention:
         reasons.append("cu_seq_lens_k differs from cu_seq_lens_q: packed documents are self-attention")
     if reasons:
         raise UnsupportedInputError("packed documents (cu_seq_lens_q)", reasons)
     is_causal, window = _documents_mask_args(mask, call)
-    positions = stream.unchecked_positions
+    positions = None if stream.positions_checked else positions
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, head dim)
     out = packed_attention(q, k, v, stream.cu_seqlens, is_causal=is_causal, scale=call.scale, window=window,
                            softcap=call.softcap, sinks=call.sinks,
                            position_ids=None if positions is None else positions.reshape(-1))
-    if positions is not None:
-        _LAST_STREAM.checked()
+    stream.positions_checked = True  # reached only where every rank's check passed (or none was given)
     return out.transpose(0, 1).unsqueeze(0)
 
 
-@dataclass(frozen=True)
-class _Stream:
-    """A forward's packed stream as its layers' attention takes it: the boundaries on the host (int32, CPU:
-    packed_attention reads them there without a device sync), whether cu_seq_lens_k agrees, and the position
-    ids still to check (None once a layer's check passed on every rank)."""
-
-    cu_seqlens: torch.Tensor
-    self_attention: bool
-    unchecked_positions: torch.Tensor | None
-
-
-class _LastStream:
-    """The last forward's `_Stream`: every layer gets the same cu_seq_lens_q and position ids, so their host
-    copy is made, and the position ids checked, once per forward rather than once per layer (each is a device
-    sync). Every rank runs the same model code, so the cache hits and misses alike on every rank; a layer that
-    misses (new tensors, or tensors changed in place) reads and checks again."""
+class _PerForward:
+    """A value made from tensors that every layer of a forward gets alike (position ids, cu_seq_lens_q), made
+    once per forward: again only where one of them is another tensor, or was changed in place (its version
+    counter), or the ContextParallel differs. Every rank runs the same model code, so the cache hits and misses
+    alike on every rank."""
 
     def __init__(self):
-        self._key: tuple = ()
-        self._cu: torch.Tensor | None = None
-        self._same_k = True
-        self._checked = False
+        self._key: tuple | None = None
+        self._value = None
 
-    def get(self, cu_q: torch.Tensor, cu_k, positions) -> _Stream:
-        key = (*(_identity(t) for t in (cu_q, cu_k, positions)), id(current_state().cp))  # the layout: its mesh
-        if not (self._key and self._key[-1] == key[-1] and all(_same(a, b) for a, b in zip(self._key[:-1], key))):
-            bounds = cu_q.tolist()
-            self._cu = torch.tensor(bounds, dtype=torch.int32)
-            self._same_k = cu_k is None or cu_k.tolist() == bounds
-            self._key, self._checked = key, False
-        return _Stream(self._cu, self._same_k, None if self._checked else positions)
-
-    def checked(self) -> None:
-        """The position ids of the last `get` passed the layout's check on every rank."""
-        self._checked = True
+    def get(self, cp, tensors: tuple, compute):
+        key = (id(cp), *((weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else (None, None)
+                         for t in tensors))
+        if not _same_key(self._key, key):
+            self._value = compute()
+            self._key = key
+        return self._value
 
 
-def _identity(t) -> tuple:
-    """What tells a tensor apart from another, or the same tensor changed in place: (a weak reference, its
-    version counter); (None, None) for no tensor."""
-    return (weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else (None, None)
+def _same_key(old: tuple | None, new: tuple) -> bool:
+    return old is not None and old[0] == new[0] and all(_same_tensor(a, b) for a, b in zip(old[1:], new[1:]))
 
 
-def _same(a: tuple, b: tuple) -> bool:
+def _same_tensor(a: tuple, b: tuple) -> bool:
+    """Whether two (weak reference, version) keys are the same tensor unchanged, or both no tensor."""
     (ref_a, version_a), (ref_b, version_b) = a, b
     if ref_a is None or ref_b is None:
         return ref_a is ref_b
     return ref_a() is not None and ref_a() is ref_b() and version_a == version_b
 
 
-_LAST_STREAM = _LastStream()
+class _Stream:
+    """A forward's packed stream as its layers' attention takes it: the boundaries on the host (int32, CPU:
+    packed_attention reads them there without a device sync), whether cu_seq_lens_k agrees, and whether a
+    layer's check of the position ids has passed on every rank (the later layers then pass none to check)."""
+
+    def __init__(self, cu_q: torch.Tensor, cu_k):
+        bounds = cu_q.tolist()
+        self.cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+        self.self_attention = cu_k is None or cu_k.tolist() == bounds
+        self.positions_checked = False
+
+
+_LAST_STREAM = _PerForward()  # every layer gets the same cu_seq_lens_q and position ids: read and checked once
 
 
 def _documents_refusals(query, key, call: _Call, kwargs) -> list[str]:
@@ -500,27 +493,11 @@ class _Positions:
     documents: torch.Tensor | None  # (B or 1, S) document index of every global position, None for one per row
 
 
-class _LastGathered:
-    """The position ids of the last forward, gathered: every layer gets the same tensor, so it is gathered once.
-    Every rank runs the same model code, so the cache hits and misses alike on every rank."""
-
-    def __init__(self):
-        self._key = None
-        self._value = None
-
-    def get(self, cp, position_ids: torch.Tensor, compute) -> _Positions:
-        ref = self._key[0]() if self._key else None
-        if ref is not position_ids or self._key[1:] != (position_ids._version, id(cp)):
-            self._value = compute()
-            self._key = (weakref.ref(position_ids), position_ids._version, id(cp))
-        return self._value
-
-
-_LAST_POSITIONS = _LastGathered()
+_LAST_POSITIONS = _PerForward()  # the position ids of the last forward, gathered
 
 
 def _global_positions(cp, position_ids: torch.Tensor) -> _Positions:
-    return _LAST_POSITIONS.get(cp, position_ids, lambda: _positions_of(cp, position_ids))
+    return _LAST_POSITIONS.get(cp, (position_ids,), lambda: _positions_of(cp, position_ids))
 
 
 def _positions_of(cp, position_ids: torch.Tensor) -> _Positions:
